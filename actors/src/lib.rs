@@ -1,0 +1,2 @@
+//! hipvisor: a supervised multi-GPU runtime.
+pub use hipvisor_core as core;

@@ -1,0 +1,588 @@
+//! Simulated GPUs: a faithful model of a GPU runtime in host memory.
+//!
+//! - Each device has a memory capacity and real byte storage. An allocation larger than the
+//!   free memory fails with `hipErrorOutOfMemory` (transient); one larger than the total can
+//!   never succeed and is an invalid request.
+//! - Built-in kernels ([`crate::kernels`]) run on the CPU, so results can be verified.
+//! - **Stickiness as on real hardware.** A [`SimHost`] stands for one process's GPU runtime.
+//!   A sticky fault poisons the host: from then on every op on every device of that host
+//!   fails with the fault's code, until the host is replaced (as HIP keeps one error state
+//!   per process). Hosts are instances, so parallel tests do not poison each other.
+//! - A sticky fault of a launch is **asynchronous**: the launch returns success, and the
+//!   error surfaces in the next synchronizing op of that device (synchronize, copy from
+//!   device, mem-info), which poisons the host. Injected transient or invalid codes fail the
+//!   op before any side effect.
+//! - Faults come from the run's [`FaultInjector`]; the built-in `fault_illegal_address`
+//!   kernel faults like its GPU counterpart.
+//!
+//! Decisions: allocations of zero bytes are rejected (`hipMalloc(0)` returns a null pointer
+//! that no later op could use); dynamic shared memory above 64 KiB fails with
+//! `hipErrorLaunchOutOfResources`, as on a GPU without opt-in.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+
+use crate::backend::{Backend, BackendKind, DeviceContext, Origin};
+use crate::config::{ConfigError, SimConfig};
+use crate::error::{Api, ErrorClass, GpuError, InvalidReason, classify, hip};
+use crate::fault_plan::{FaultAction, FaultInjector, compile_plan};
+use crate::kernels::{self, BuiltinKernel, reference};
+use crate::op::{BufferHandle, DeviceInfo, KernelArg, MemInfo, ModuleHandle, ModuleSource, Op, OpKind, Payload, Reply};
+
+/// Dynamic shared memory a simulated launch may ask for.
+pub const MAX_SHARED_MEM_BYTES: u32 = 64 * 1024;
+
+static NEXT_HOST_ID: AtomicU64 = AtomicU64::new(1);
+
+/// One simulated process's GPU runtime: the scope of a sticky fault.
+#[derive(Debug)]
+pub struct SimHost {
+    id: u64,
+    poison: AtomicI32,
+}
+
+impl SimHost {
+    /// A healthy host.
+    pub fn new() -> Arc<SimHost> {
+        Arc::new(SimHost {
+            id: NEXT_HOST_ID.fetch_add(1, Ordering::Relaxed),
+            poison: AtomicI32::new(0),
+        })
+    }
+
+    /// The host's unique id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The sticky code that poisoned the host, if any.
+    pub fn poisoned(&self) -> Option<i32> {
+        match self.poison.load(Ordering::Acquire) {
+            0 => None,
+            code => Some(code),
+        }
+    }
+
+    fn poison(&self, code: i32) {
+        // The first fault decides; later ones keep the first code.
+        let _ = self
+            .poison
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
+    }
+}
+
+/// The simulated backend: `devices` GPUs of `memory_bytes` each on one [`SimHost`].
+#[derive(Debug, Clone)]
+pub struct SimBackend {
+    devices: u32,
+    memory_bytes: u64,
+    host: Arc<SimHost>,
+    faults: Arc<FaultInjector>,
+    crash_allowed: bool,
+}
+
+impl SimBackend {
+    /// A backend for `[sim]` settings on a fresh host, with a fresh fault injector.
+    /// `crash_allowed` says whether ops run in a process of their own, where the fault plan's
+    /// `crash = true` may end it.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the bad `[sim]` key.
+    pub fn from_config(config: &SimConfig, crash_allowed: bool) -> Result<SimBackend, ConfigError> {
+        config.validate(crash_allowed)?;
+        let rules = compile_plan(&config.faults, config.devices, crash_allowed)?;
+        let faults = Arc::new(FaultInjector::new(rules, config.devices, config.seed));
+        Ok(SimBackend::with_injector(
+            config.devices,
+            config.memory_bytes,
+            faults,
+            crash_allowed,
+        ))
+    }
+
+    /// A backend with a fault injector shared with other hosts of the same run.
+    pub fn with_injector(
+        devices: u32,
+        memory_bytes: u64,
+        faults: Arc<FaultInjector>,
+        crash_allowed: bool,
+    ) -> SimBackend {
+        SimBackend {
+            devices,
+            memory_bytes,
+            host: SimHost::new(),
+            faults,
+            crash_allowed,
+        }
+    }
+
+    /// `devices` fault-free devices of `memory_bytes` each.
+    pub fn new(devices: u32, memory_bytes: u64) -> SimBackend {
+        SimBackend::with_injector(devices, memory_bytes, Arc::new(FaultInjector::none()), false)
+    }
+
+    /// The same devices and fault plan on a fresh host (what a new process would see).
+    pub fn on_new_host(&self) -> SimBackend {
+        SimBackend {
+            host: SimHost::new(),
+            ..self.clone()
+        }
+    }
+
+    /// The host the backend's devices live on.
+    pub fn host(&self) -> &Arc<SimHost> {
+        &self.host
+    }
+
+    /// The run's fault injector.
+    pub fn faults(&self) -> &Arc<FaultInjector> {
+        &self.faults
+    }
+
+    fn info(&self, device: u32) -> DeviceInfo {
+        DeviceInfo {
+            index: device,
+            name: format!("Simulated GPU {device}"),
+            total_memory: self.memory_bytes,
+            arch: "sim".into(),
+        }
+    }
+}
+
+impl Backend for SimBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Sim
+    }
+
+    fn device_count(&self) -> Result<u32, GpuError> {
+        Ok(self.devices)
+    }
+
+    fn device_info(&self, device: u32) -> Result<DeviceInfo, GpuError> {
+        if device >= self.devices {
+            return Err(GpuError::invalid(
+                OpKind::DeviceInfo,
+                device,
+                InvalidReason::DeviceOutOfRange {
+                    device,
+                    count: self.devices,
+                },
+            ));
+        }
+        Ok(self.info(device))
+    }
+
+    fn open(&self, device: u32, epoch: u64) -> Result<Box<dyn DeviceContext>, GpuError> {
+        let info = self.device_info(device)?;
+        if let Some(code) = self.host.poisoned() {
+            return Err(GpuError::api_with(
+                Api::Sim,
+                code,
+                OpKind::DeviceInfo,
+                device,
+                "host is poisoned",
+            ));
+        }
+        Ok(Box::new(SimDevice {
+            info,
+            epoch,
+            host: self.host.clone(),
+            faults: self.faults.clone(),
+            crash_allowed: self.crash_allowed,
+            buffers: HashMap::new(),
+            used: 0,
+            modules: HashMap::new(),
+            next_id: 1,
+            pending_sticky: None,
+        }))
+    }
+}
+
+/// One simulated device's context.
+#[derive(Debug)]
+pub struct SimDevice {
+    info: DeviceInfo,
+    epoch: u64,
+    host: Arc<SimHost>,
+    faults: Arc<FaultInjector>,
+    crash_allowed: bool,
+    buffers: HashMap<u64, Vec<u8>>,
+    used: u64,
+    modules: HashMap<u64, Vec<BuiltinKernel>>,
+    next_id: u64,
+    pending_sticky: Option<i32>,
+}
+
+impl SimDevice {
+    fn dev(&self) -> u32 {
+        self.info.index
+    }
+
+    fn api(&self, code: i32, op: OpKind) -> GpuError {
+        GpuError::api(Api::Sim, code, op, self.dev())
+    }
+
+    fn invalid(&self, op: OpKind, reason: InvalidReason) -> GpuError {
+        GpuError::invalid(op, self.dev(), reason)
+    }
+
+    /// Checks a handle against this context; returns the buffer's bytes.
+    fn check(&self, op: OpKind, h: &BufferHandle) -> Result<&Vec<u8>, GpuError> {
+        if h.device != self.dev() {
+            return Err(self.invalid(
+                op,
+                InvalidReason::WrongDevice {
+                    handle_device: h.device,
+                },
+            ));
+        }
+        if h.epoch < self.epoch {
+            return Err(self.invalid(
+                op,
+                InvalidReason::BufferLost {
+                    handle_epoch: h.epoch,
+                    device_epoch: self.epoch,
+                },
+            ));
+        }
+        let buf = match self.buffers.get(&h.id) {
+            Some(b) if h.epoch == self.epoch => b,
+            _ => return Err(self.invalid(op, InvalidReason::UnknownBuffer { id: h.id })),
+        };
+        if buf.len() as u64 != h.len {
+            return Err(self.invalid(
+                op,
+                InvalidReason::HandleMismatch {
+                    id: h.id,
+                    handle_len: h.len,
+                    actual_len: buf.len() as u64,
+                },
+            ));
+        }
+        Ok(buf)
+    }
+
+    fn check_range(&self, op: OpKind, h: &BufferHandle, offset: u64, len: u64) -> Result<(), GpuError> {
+        let buf = self.check(op, h)?;
+        let end = offset.checked_add(len);
+        if end.is_none_or(|e| e > buf.len() as u64) {
+            return Err(self.invalid(
+                op,
+                InvalidReason::OutOfBounds {
+                    offset,
+                    len,
+                    buffer_len: buf.len() as u64,
+                },
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks a launch before anything runs; returns the kernel and its element count.
+    fn check_launch(&self, op: &Op) -> Result<(BuiltinKernel, u64), GpuError> {
+        let Op::Launch {
+            module,
+            function,
+            grid,
+            block,
+            shared_mem_bytes,
+            args,
+        } = op
+        else {
+            unreachable!("check_launch is only called for launches")
+        };
+        let kind = OpKind::Launch;
+        if module.device != self.dev() {
+            return Err(self.invalid(
+                kind,
+                InvalidReason::WrongDevice {
+                    handle_device: module.device,
+                },
+            ));
+        }
+        let kernels = self
+            .modules
+            .get(&module.id)
+            .ok_or_else(|| self.invalid(kind, InvalidReason::UnknownModule { id: module.id }))?;
+        let kernel = kernels
+            .iter()
+            .copied()
+            .find(|k| k.name() == function)
+            .ok_or_else(|| self.invalid(kind, InvalidReason::UnknownKernel { name: function.clone() }))?;
+        kernels::check_launch_dims(*grid, *block).map_err(|r| self.invalid(kind, r))?;
+        let n = kernel.check_args(args).map_err(|r| self.invalid(kind, r))?;
+        for b in kernels::buffer_args(args) {
+            self.check(kind, b)?;
+        }
+        if *shared_mem_bytes > MAX_SHARED_MEM_BYTES {
+            return Err(GpuError::api_with(
+                Api::Sim,
+                hip::LAUNCH_OUT_OF_RESOURCES,
+                kind,
+                self.dev(),
+                format!("{shared_mem_bytes} bytes of shared memory requested, {MAX_SHARED_MEM_BYTES} available"),
+            ));
+        }
+        let threads = grid.volume() * block.volume();
+        Ok((kernel, n.min(threads)))
+    }
+
+    /// The runtime's own checks, before the GPU is touched.
+    fn validate(&self, op: &Op) -> Result<Option<(BuiltinKernel, u64)>, GpuError> {
+        let kind = op.kind();
+        match op {
+            Op::Alloc { bytes } => {
+                if *bytes == 0 {
+                    return Err(self.invalid(kind, InvalidReason::ZeroSizeAllocation));
+                }
+                if *bytes > self.info.total_memory {
+                    return Err(self.invalid(
+                        kind,
+                        InvalidReason::ExceedsDeviceMemory {
+                            requested: *bytes,
+                            total: self.info.total_memory,
+                        },
+                    ));
+                }
+            }
+            Op::Free { buffer } => {
+                self.check(kind, buffer)?;
+            }
+            Op::CopyToDevice { dst, offset, data } => self.check_range(kind, dst, *offset, data.len() as u64)?,
+            Op::CopyFromDevice { src, offset, len } => self.check_range(kind, src, *offset, *len)?,
+            Op::CopyDeviceToDevice {
+                src,
+                src_offset,
+                dst,
+                dst_offset,
+                len,
+            } => {
+                self.check_range(kind, src, *src_offset, *len)?;
+                self.check_range(kind, dst, *dst_offset, *len)?;
+                let overlap = src.id == dst.id && *src_offset < dst_offset + len && *dst_offset < src_offset + len;
+                if overlap && *len > 0 {
+                    return Err(self.invalid(kind, InvalidReason::OverlappingCopy));
+                }
+            }
+            Op::Memset {
+                buffer, offset, len, ..
+            } => self.check_range(kind, buffer, *offset, *len)?,
+            Op::LoadModule { source } => {
+                self.parse_module(source)?;
+            }
+            Op::Launch { .. } => return self.check_launch(op).map(Some),
+            Op::Synchronize | Op::MemInfo | Op::DeviceInfo => {}
+        }
+        Ok(None)
+    }
+
+    fn parse_module(&self, source: &ModuleSource) -> Result<Vec<BuiltinKernel>, GpuError> {
+        match source {
+            ModuleSource::Builtin => Ok(BuiltinKernel::ALL.to_vec()),
+            ModuleSource::Image(image) => {
+                kernels::parse_sim_module(image.as_bytes()).map_err(|r| self.invalid(OpKind::LoadModule, r))
+            }
+        }
+    }
+
+    fn new_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    fn run(&mut self, op: &Op, launch: Option<(BuiltinKernel, u64)>) -> Result<Reply, GpuError> {
+        Ok(match op {
+            Op::Alloc { bytes } => {
+                let free = self.info.total_memory - self.used;
+                if *bytes > free {
+                    return Err(GpuError::api_with(
+                        Api::Sim,
+                        hip::OUT_OF_MEMORY,
+                        OpKind::Alloc,
+                        self.dev(),
+                        format!("{bytes} bytes requested, {free} free"),
+                    ));
+                }
+                let id = self.new_id();
+                self.buffers.insert(id, vec![0; *bytes as usize]);
+                self.used += bytes;
+                Reply::Buffer(BufferHandle {
+                    device: self.dev(),
+                    epoch: self.epoch,
+                    id,
+                    len: *bytes,
+                })
+            }
+            Op::Free { buffer } => {
+                if let Some(b) = self.buffers.remove(&buffer.id) {
+                    self.used -= b.len() as u64;
+                }
+                Reply::Done
+            }
+            Op::CopyToDevice { dst, offset, data } => {
+                let buf = self.buffers.get_mut(&dst.id).expect("validated");
+                let o = *offset as usize;
+                buf[o..o + data.len()].copy_from_slice(data.as_bytes());
+                Reply::Done
+            }
+            Op::CopyFromDevice { src, offset, len } => {
+                let buf = &self.buffers[&src.id];
+                let o = *offset as usize;
+                Reply::Data(Payload::from(&buf[o..o + *len as usize]))
+            }
+            Op::CopyDeviceToDevice {
+                src,
+                src_offset,
+                dst,
+                dst_offset,
+                len,
+            } => {
+                let (s, l) = (*src_offset as usize, *len as usize);
+                let bytes = self.buffers[&src.id][s..s + l].to_vec();
+                let d = *dst_offset as usize;
+                self.buffers.get_mut(&dst.id).expect("validated")[d..d + l].copy_from_slice(&bytes);
+                Reply::Done
+            }
+            Op::Memset {
+                buffer,
+                offset,
+                len,
+                value,
+            } => {
+                let o = *offset as usize;
+                self.buffers.get_mut(&buffer.id).expect("validated")[o..o + *len as usize].fill(*value);
+                Reply::Done
+            }
+            Op::LoadModule { source } => {
+                let kernels = self.parse_module(source)?;
+                let id = self.new_id();
+                self.modules.insert(id, kernels);
+                Reply::Module(ModuleHandle { device: self.dev(), id })
+            }
+            Op::Launch { args, .. } => {
+                let (kernel, n) = launch.expect("validated launch");
+                self.run_kernel(kernel, args, n as usize);
+                Reply::Done
+            }
+            Op::Synchronize => Reply::Done,
+            Op::MemInfo => Reply::MemInfo(MemInfo {
+                free: self.info.total_memory - self.used,
+                total: self.info.total_memory,
+            }),
+            Op::DeviceInfo => Reply::DeviceInfo(self.info.clone()),
+        })
+    }
+
+    fn f32s(&self, arg: &KernelArg, n: usize) -> Vec<f32> {
+        match arg {
+            KernelArg::Buffer(b) => kernels::f32s(&self.buffers[&b.id][..n * 4]),
+            _ => unreachable!("signature checked"),
+        }
+    }
+
+    fn write(&mut self, arg: &KernelArg, bytes: &[u8]) {
+        if let KernelArg::Buffer(b) = arg {
+            self.buffers.get_mut(&b.id).expect("validated")[..bytes.len()].copy_from_slice(bytes);
+        }
+    }
+
+    fn run_kernel(&mut self, kernel: BuiltinKernel, args: &[KernelArg], n: usize) {
+        use KernelArg::{F32, U32};
+        match (kernel, args) {
+            (BuiltinKernel::Fill, [out, U32(value), _]) => {
+                let mut v = vec![0u32; n];
+                reference::fill(&mut v, *value);
+                self.write(out, &kernels::u32_bytes(&v));
+            }
+            (BuiltinKernel::VectorAdd, [a, b, out, _]) => {
+                let sum = reference::vector_add(&self.f32s(a, n), &self.f32s(b, n));
+                self.write(out, &kernels::f32_bytes(&sum));
+            }
+            (BuiltinKernel::Saxpy, [F32(a), x, y, _]) => {
+                let xs = self.f32s(x, n);
+                let mut ys = self.f32s(y, n);
+                reference::saxpy(*a, &xs, &mut ys);
+                self.write(y, &kernels::f32_bytes(&ys));
+            }
+            (BuiltinKernel::Scale, [x, F32(factor), _]) => {
+                let mut xs = self.f32s(x, n);
+                reference::scale(&mut xs, *factor);
+                self.write(x, &kernels::f32_bytes(&xs));
+            }
+            (BuiltinKernel::Checksum, [KernelArg::Buffer(data), _, out]) => {
+                let sum = reference::checksum(&kernels::u32s(&self.buffers[&data.id][..n * 4]));
+                if let KernelArg::Buffer(o) = out {
+                    let cell = &mut self.buffers.get_mut(&o.id).expect("validated")[..8];
+                    let old = u64::from_le_bytes(cell.try_into().expect("8 bytes"));
+                    cell.copy_from_slice(&old.wrapping_add(sum).to_le_bytes());
+                }
+            }
+            (BuiltinKernel::FaultIllegalAddress, []) => {
+                // The write through a bad pointer faults on the device; the error surfaces
+                // asynchronously, like the GPU's.
+                self.pending_sticky.get_or_insert(hip::ILLEGAL_ADDRESS);
+            }
+            (k, a) => unreachable!("arguments of {} were checked: {a:?}", k.name()),
+        }
+    }
+}
+
+impl DeviceContext for SimDevice {
+    fn device(&self) -> u32 {
+        self.dev()
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    fn execute(&mut self, op: &Op, origin: Origin) -> Result<Reply, GpuError> {
+        let kind = op.kind();
+        let launch = self.validate(op)?;
+        if let Some(code) = self.host.poisoned() {
+            return Err(self.api(code, kind));
+        }
+        match self.faults.decide(self.dev(), op, origin) {
+            None => {}
+            Some(FaultAction::Hang(d)) => std::thread::sleep(d),
+            Some(FaultAction::Crash) if self.crash_allowed => std::process::abort(),
+            Some(FaultAction::Crash) => {
+                return Err(GpuError::api_with(
+                    Api::Sim,
+                    hip::NOT_SUPPORTED,
+                    kind,
+                    self.dev(),
+                    "the fault plan's crash = true needs process isolation",
+                ));
+            }
+            Some(FaultAction::Code(code)) if classify(Api::Sim, code) == ErrorClass::Sticky => {
+                if kind == OpKind::Launch {
+                    self.pending_sticky.get_or_insert(code);
+                    return Ok(Reply::Done);
+                }
+                self.host.poison(code);
+                return Err(self.api(code, kind));
+            }
+            Some(FaultAction::Code(code)) => return Err(self.api(code, kind)),
+        }
+        if kind.is_synchronizing()
+            && let Some(code) = self.pending_sticky.take()
+        {
+            self.host.poison(code);
+            return Err(self.api(code, kind));
+        }
+        self.run(op, launch)
+    }
+
+    fn restore_module(&mut self, module: ModuleHandle, source: &ModuleSource) -> Result<(), GpuError> {
+        if let Some(code) = self.host.poisoned() {
+            return Err(self.api(code, OpKind::LoadModule));
+        }
+        let kernels = self.parse_module(source)?;
+        self.modules.insert(module.id, kernels);
+        self.next_id = self.next_id.max(module.id + 1);
+        Ok(())
+    }
+}

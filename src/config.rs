@@ -1,0 +1,555 @@
+//! Configuration: serde types with defaults, validation that names the bad key, and loading
+//! from a TOML file, then the environment, then command-line overrides.
+//!
+//! Environment variables use the prefix `HIPVISOR_` and `__` between levels:
+//! `HIPVISOR_RETRY__MAX_RETRIES=5` sets `retry.max_retries`. A `HIPVISOR_*` variable that
+//! names no key is an error (a typo must not be silently ignored). `sim.faults` cannot be
+//! set from the environment (it is a list of tables).
+//!
+//! `config/default.toml` documents every key with its default value.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+use crate::backend::BackendKind;
+use crate::breaker::BreakerConfig;
+use crate::fault_plan::{FaultSpec, compile_plan};
+use crate::op::OpKind;
+use crate::retry::RetryConfig;
+
+/// The prefix of environment overrides.
+pub const ENV_PREFIX: &str = "HIPVISOR";
+
+/// A configuration error. Every variant names what was wrong and where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A key has a bad value (or is unknown).
+    #[error("config key `{key}`: {reason}")]
+    Invalid {
+        /// The dotted key (`retry.per_op.launch.max_retries`).
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The config file could not be read or parsed.
+    #[error("config file {}: {reason}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// An environment variable names no config key, or has a bad value.
+    #[error("environment variable {var}: {reason}")]
+    Env {
+        /// The variable.
+        var: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    /// An invalid value of `key`.
+    pub fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The dotted key the error is about, where there is one.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Invalid { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+}
+
+/// Where a device's context lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Isolation {
+    /// On a dedicated OS thread inside the application process (lowest latency; a sticky
+    /// fault cannot be recovered without restarting the application).
+    #[default]
+    Thread,
+    /// In a worker process of its own, restarted on sticky faults.
+    Process,
+}
+
+impl Isolation {
+    /// The name in `snake_case`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isolation::Thread => "thread",
+            Isolation::Process => "process",
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// `[runtime]`: backend, devices, isolation, capacity, deadlines.
+    pub runtime: RuntimeSection,
+    /// `[retry]`: retry policy, per-op overrides, budget.
+    pub retry: RetryConfig,
+    /// `[supervisor]`: restarts and quarantine.
+    pub supervisor: SupervisorConfig,
+    /// `[breaker]`: the per-device circuit breaker.
+    pub breaker: BreakerConfig,
+    /// `[telemetry]`: the metrics endpoint.
+    pub telemetry: TelemetryConfig,
+    /// `[sim]`: the simulated backend and its fault plan.
+    pub sim: SimConfig,
+}
+
+/// `[runtime]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeSection {
+    /// `sim`, `hip` or `cuda`. Default `sim`.
+    pub backend: BackendKind,
+    /// Use the first N devices of the backend; 0 = all. Default 0.
+    pub devices: u32,
+    /// `thread` or `process`. Default `thread`.
+    pub isolation: Isolation,
+    /// Ops in flight per device before `submit` waits (`try_submit` fails with `Busy`).
+    /// Default 1024.
+    pub in_flight: u32,
+    /// Deadline of one op, retries included, in milliseconds. Default 30000.
+    pub op_deadline_ms: u64,
+    /// How long shutdown waits for ops in flight, in milliseconds. Default 5000.
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for RuntimeSection {
+    fn default() -> Self {
+        RuntimeSection {
+            backend: BackendKind::Sim,
+            devices: 0,
+            isolation: Isolation::Thread,
+            in_flight: 1024,
+            op_deadline_ms: 30_000,
+            shutdown_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// `[supervisor]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisorConfig {
+    /// Restarts allowed per device within `restart_window_ms` before it is `failed`.
+    /// Default 5.
+    pub max_restarts: u32,
+    /// The window of `max_restarts`, in milliseconds. Default 60000.
+    pub restart_window_ms: u64,
+    /// Backoff before the first restart, in milliseconds. Default 50.
+    pub restart_backoff_min_ms: u64,
+    /// Cap on the backoff between restarts, in milliseconds. Default 5000.
+    pub restart_backoff_max_ms: u64,
+    /// Random factor of the restart backoff (0.2 = ±20 %). Default 0.2.
+    pub restart_backoff_jitter: f64,
+    /// Quiet time after which the restart backoff starts again from its minimum, in
+    /// milliseconds. Default 60000.
+    pub restart_backoff_reset_ms: u64,
+    /// A kernel that is a suspect in this many sticky faults within
+    /// `quarantine_window_ms` is quarantined. Default 2.
+    pub quarantine_after: u32,
+    /// The window of `quarantine_after`, in milliseconds. Default 600000.
+    pub quarantine_window_ms: u64,
+    /// How often a lost device is probed for its return, in milliseconds. Default 500.
+    pub lost_probe_interval_ms: u64,
+    /// Keep a warm standby worker per device (process isolation). Default false.
+    pub standby: bool,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        SupervisorConfig {
+            max_restarts: 5,
+            restart_window_ms: 60_000,
+            restart_backoff_min_ms: 50,
+            restart_backoff_max_ms: 5_000,
+            restart_backoff_jitter: 0.2,
+            restart_backoff_reset_ms: 60_000,
+            quarantine_after: 2,
+            quarantine_window_ms: 600_000,
+            lost_probe_interval_ms: 500,
+            standby: false,
+        }
+    }
+}
+
+/// `[telemetry]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Address of the metrics endpoint (`127.0.0.1:9464`; port 0 picks one). No endpoint
+    /// is started unless this is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// How often device actors flush their local counters to the metrics actor, in
+    /// milliseconds. Default 250.
+    pub flush_interval_ms: u64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            listen: None,
+            flush_interval_ms: 250,
+        }
+    }
+}
+
+/// `[sim]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimConfig {
+    /// Number of simulated devices. Default 4.
+    pub devices: u32,
+    /// Memory of each device in bytes. Default 17179869184 (16 GiB).
+    pub memory_bytes: u64,
+    /// Seed of the fault plan's random streams. Default 0.
+    pub seed: u64,
+    /// The fault plan.
+    pub faults: Vec<FaultSpec>,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            devices: 4,
+            memory_bytes: 16 << 30,
+            seed: 0,
+            faults: Vec::new(),
+        }
+    }
+}
+
+/// The most simulated devices.
+pub const MAX_SIM_DEVICES: u32 = 1024;
+
+impl SimConfig {
+    /// Checks `[sim]`; `crash_allowed` says whether ops run in processes of their own.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the key.
+    pub fn validate(&self, crash_allowed: bool) -> Result<(), ConfigError> {
+        if self.devices == 0 || self.devices > MAX_SIM_DEVICES {
+            return Err(ConfigError::invalid(
+                "sim.devices",
+                format!("must be from 1 to {MAX_SIM_DEVICES}, got {}", self.devices),
+            ));
+        }
+        if self.memory_bytes == 0 || usize::try_from(self.memory_bytes).is_err() {
+            return Err(ConfigError::invalid(
+                "sim.memory_bytes",
+                format!("must be from 1 to {}, got {}", usize::MAX, self.memory_bytes),
+            ));
+        }
+        compile_plan(&self.faults, self.devices, crash_allowed).map(|_| ())
+    }
+}
+
+fn positive(key: &str, v: u64) -> Result<(), ConfigError> {
+    if v == 0 {
+        return Err(ConfigError::invalid(key, "must be greater than 0"));
+    }
+    Ok(())
+}
+
+impl RuntimeConfig {
+    /// Checks every section, naming the first bad key.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the key and the reason.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let r = &self.runtime;
+        positive("runtime.in_flight", u64::from(r.in_flight))?;
+        positive("runtime.op_deadline_ms", r.op_deadline_ms)?;
+        self.retry.validate()?;
+        let s = &self.supervisor;
+        positive("supervisor.restart_window_ms", s.restart_window_ms)?;
+        positive("supervisor.quarantine_after", u64::from(s.quarantine_after))?;
+        positive("supervisor.lost_probe_interval_ms", s.lost_probe_interval_ms)?;
+        if s.restart_backoff_max_ms < s.restart_backoff_min_ms {
+            return Err(ConfigError::invalid(
+                "supervisor.restart_backoff_max_ms",
+                format!(
+                    "the cap ({} ms) must not be below restart_backoff_min_ms ({} ms)",
+                    s.restart_backoff_max_ms, s.restart_backoff_min_ms
+                ),
+            ));
+        }
+        if !(0.0..=1.0).contains(&s.restart_backoff_jitter) {
+            return Err(ConfigError::invalid(
+                "supervisor.restart_backoff_jitter",
+                format!("must be from 0 to 1, got {}", s.restart_backoff_jitter),
+            ));
+        }
+        self.breaker.validate()?;
+        positive("telemetry.flush_interval_ms", self.telemetry.flush_interval_ms)?;
+        if let Some(addr) = &self.telemetry.listen
+            && addr.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(ConfigError::invalid(
+                "telemetry.listen",
+                format!("`{addr}` is not an address like 127.0.0.1:9464"),
+            ));
+        }
+        if r.backend == BackendKind::Sim && r.devices > self.sim.devices {
+            return Err(ConfigError::invalid(
+                "runtime.devices",
+                format!(
+                    "{} devices asked for, the simulator has {} (sim.devices)",
+                    r.devices, self.sim.devices
+                ),
+            ));
+        }
+        self.sim.validate(r.isolation == Isolation::Process)
+    }
+
+    /// The configuration as TOML (what `hipvisor config` prints).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the config serializes to TOML")
+    }
+
+    /// Loads `path` (if any), then the process environment, then `overrides`, and validates.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, variable or key that is wrong.
+    pub fn load(path: Option<&Path>, overrides: &[(String, String)]) -> Result<RuntimeConfig, ConfigError> {
+        ConfigLoader::new()
+            .file(path)
+            .env(std::env::vars())
+            .overrides(overrides)
+            .load()
+    }
+}
+
+/// Loads a [`RuntimeConfig`] from its layers: built-in defaults < file < environment <
+/// overrides (command-line flags).
+#[derive(Debug, Default, Clone)]
+pub struct ConfigLoader {
+    file: Option<PathBuf>,
+    text: Option<String>,
+    env: Vec<(String, String)>,
+    overrides: Vec<(String, String)>,
+}
+
+impl ConfigLoader {
+    /// A loader with defaults only.
+    pub fn new() -> ConfigLoader {
+        ConfigLoader::default()
+    }
+
+    /// Reads this TOML file (none: defaults only).
+    pub fn file(mut self, path: Option<&Path>) -> ConfigLoader {
+        self.file = path.map(Path::to_path_buf);
+        self
+    }
+
+    /// Uses this TOML text instead of a file.
+    pub fn toml(mut self, text: impl Into<String>) -> ConfigLoader {
+        self.text = Some(text.into());
+        self
+    }
+
+    /// The environment to read `HIPVISOR_*` variables from (others are ignored).
+    pub fn env(mut self, vars: impl IntoIterator<Item = (String, String)>) -> ConfigLoader {
+        let prefix = format!("{ENV_PREFIX}_");
+        self.env = vars.into_iter().filter(|(k, _)| k.starts_with(&prefix)).collect();
+        self
+    }
+
+    /// Overrides by dotted key (`sim.seed` = `"7"`): values are parsed like environment
+    /// values.
+    pub fn overrides(mut self, overrides: &[(String, String)]) -> ConfigLoader {
+        self.overrides = overrides.to_vec();
+        self
+    }
+
+    /// Builds and validates the configuration.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, variable or key that is wrong.
+    pub fn load(self) -> Result<RuntimeConfig, ConfigError> {
+        use config::{Config, Environment, File, FileFormat};
+        let mut builder = Config::builder();
+        if let Some(text) = &self.text {
+            builder = builder.add_source(File::from_str(text, FileFormat::Toml));
+        } else if let Some(path) = &self.file {
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            // Parse once with the toml crate for messages with line numbers and key names.
+            toml::from_str::<toml::Table>(&text).map_err(|e| ConfigError::File {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            builder = builder.add_source(File::from_str(&text, FileFormat::Toml));
+        }
+        for (var, _) in &self.env {
+            check_env_var(var)?;
+        }
+        builder = builder.add_source(
+            Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(self.env.iter().cloned().collect())),
+        );
+        for (key, value) in &self.overrides {
+            builder = builder
+                .set_override(key.as_str(), parse_scalar(value))
+                .map_err(|e| ConfigError::invalid(key.clone(), e.to_string()))?;
+        }
+        let built = builder.build().map_err(|e| self.source_error(e))?;
+        let config: RuntimeConfig = serde_path_to_error::deserialize(built).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            let key = if path == "." || path.is_empty() {
+                "(top level)".to_string()
+            } else {
+                path
+            };
+            self.env_error(&key, &inner)
+                .unwrap_or_else(|| ConfigError::invalid(key, inner))
+        })?;
+        config
+            .validate()
+            .map_err(|e| match e.key().and_then(|k| self.env_error(k, &e.to_string())) {
+                Some(env) => env,
+                None => e,
+            })?;
+        Ok(config)
+    }
+
+    fn source_error(&self, e: config::ConfigError) -> ConfigError {
+        match &self.file {
+            Some(path) => ConfigError::File {
+                path: path.clone(),
+                reason: e.to_string(),
+            },
+            None => ConfigError::invalid("(config)", e.to_string()),
+        }
+    }
+
+    /// The error restated for the environment variable that set `key`, if one did.
+    fn env_error(&self, key: &str, reason: &str) -> Option<ConfigError> {
+        let var = self
+            .env
+            .iter()
+            .map(|(v, _)| v)
+            .find(|v| env_key(v).is_some_and(|k| key.starts_with(&k)))?;
+        Some(ConfigError::Env {
+            var: var.clone(),
+            reason: reason.to_string(),
+        })
+    }
+}
+
+/// A command-line or environment value as the most specific scalar it parses as.
+fn parse_scalar(v: &str) -> config::Value {
+    if let Ok(b) = v.parse::<bool>() {
+        return b.into();
+    }
+    if let Ok(i) = v.parse::<i64>() {
+        return i.into();
+    }
+    if let Ok(u) = v.parse::<u64>() {
+        return u.to_string().into();
+    }
+    if let Ok(f) = v.parse::<f64>() {
+        return f.into();
+    }
+    v.into()
+}
+
+/// The dotted key an environment variable sets (`HIPVISOR_RETRY__MAX_RETRIES` →
+/// `retry.max_retries`).
+fn env_key(var: &str) -> Option<String> {
+    let rest = var.strip_prefix(ENV_PREFIX)?.strip_prefix('_')?;
+    Some(rest.to_lowercase().split("__").collect::<Vec<_>>().join("."))
+}
+
+fn check_env_var(var: &str) -> Result<(), ConfigError> {
+    let unknown = |reason: String| {
+        Err(ConfigError::Env {
+            var: var.to_string(),
+            reason,
+        })
+    };
+    let Some(key) = env_key(var) else {
+        return unknown("not a configuration variable".into());
+    };
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.first() == Some(&"sim") && parts.get(1) == Some(&"faults") {
+        return unknown("sim.faults cannot be set from the environment; use the config file".into());
+    }
+    if let ["retry", "per_op", op, field] = parts.as_slice() {
+        if OpKind::from_name(op).is_none() {
+            return unknown(format!("`{op}` is not an op kind (in `{key}`)"));
+        }
+        return if known_key(&["retry", field]) && *field != "per_op" && *field != "budget" {
+            Ok(())
+        } else {
+            unknown(format!("`{key}` is not a configuration key"))
+        };
+    }
+    if known_key(&parts) {
+        Ok(())
+    } else {
+        unknown(format!(
+            "`{key}` is not a configuration key (use {ENV_PREFIX}_SECTION__KEY, e.g. {ENV_PREFIX}_RETRY__MAX_RETRIES)"
+        ))
+    }
+}
+
+/// Whether `parts` names a leaf key of the configuration.
+fn known_key(parts: &[&str]) -> bool {
+    let mut defaults = RuntimeConfig::default();
+    defaults.telemetry.listen = Some(String::new());
+    let table = toml::Value::try_from(&defaults).expect("the default config serializes");
+    let mut node = &table;
+    for p in parts {
+        match node.get(p) {
+            Some(next) => node = next,
+            None => return false,
+        }
+    }
+    !node.is_table()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        RuntimeConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn env_keys_map_to_dotted_keys() {
+        assert_eq!(
+            env_key("HIPVISOR_RETRY__MAX_RETRIES").as_deref(),
+            Some("retry.max_retries")
+        );
+        assert!(check_env_var("HIPVISOR_RETRY__MAX_RETRIES").is_ok());
+        assert!(check_env_var("HIPVISOR_RETRY__PER_OP__LAUNCH__MAX_RETRIES").is_ok());
+        assert!(check_env_var("HIPVISOR_RETRY__PER_OP__LUNCH__MAX_RETRIES").is_err());
+        assert!(check_env_var("HIPVISOR_RETRY__MAX_RETRIEZ").is_err());
+        assert!(check_env_var("HIPVISOR_RETRY").is_err());
+        assert!(check_env_var("HIPVISOR_TELEMETRY__LISTEN").is_ok());
+        assert!(check_env_var("HIPVISOR_SIM__FAULTS").is_err());
+    }
+}

@@ -1,0 +1,381 @@
+//! The built-in kernels: their signatures, argument checks and CPU reference implementations.
+//!
+//! Every backend offers the same kernels (the simulator runs these CPU implementations; the
+//! GPU backends compile the GPU source of the same kernels), so results can be verified
+//! against [`reference`]. Element `i` is processed by the thread with linear global index
+//! `i`; a launch with fewer threads than `n` processes only the first `threads` elements, as
+//! a GPU kernel would.
+//!
+//! | kernel | parameters | effect |
+//! | --- | --- | --- |
+//! | `fill` | `out: buffer(u32), value: u32, n: u32` | `out[i] = value` |
+//! | `vector_add` | `a: buffer(f32), b: buffer(f32), out: buffer(f32), n: u32` | `out[i] = a[i] + b[i]` |
+//! | `saxpy` | `a: f32, x: buffer(f32), y: buffer(f32), n: u32` | `y[i] = fma(a, x[i], y[i])` |
+//! | `scale` | `x: buffer(f32), factor: f32, n: u32` | `x[i] = x[i] * factor` |
+//! | `checksum` | `data: buffer(u32), n: u32, out: buffer(u64)` | `out[0] += Σ data[i]` (wrapping) |
+//! | `fault_illegal_address` | none | writes through a bad pointer: a sticky fault |
+//!
+//! Tolerance: `fill`, `vector_add`, `scale` and `checksum` are exact. `saxpy` is defined
+//! with a fused multiply-add (`f32::mul_add`, one rounding), which GPU `fmaf` matches
+//! bit for bit; a GPU compiler that does not fuse differs by at most
+//! [`SAXPY_TOLERANCE_ULPS`] units in the last place, so results are compared with
+//! [`within_ulps`].
+
+use crate::error::InvalidReason;
+use crate::op::{ArgType, BufferHandle, Dim3, KernelArg};
+
+/// The first line of a simulator module image; the following lines name built-in kernels,
+/// one per line.
+pub const SIM_MODULE_MAGIC: &str = "hipvisor-sim-module v1";
+
+/// How far apart (in units in the last place) a `saxpy` result may be from
+/// [`reference::saxpy`].
+pub const SAXPY_TOLERANCE_ULPS: u32 = 1;
+
+/// The most threads in one block.
+pub const MAX_THREADS_PER_BLOCK: u64 = 1024;
+
+/// A built-in kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BuiltinKernel {
+    /// `out[i] = value`
+    Fill,
+    /// `out[i] = a[i] + b[i]`
+    VectorAdd,
+    /// `y[i] = fma(a, x[i], y[i])`
+    Saxpy,
+    /// `x[i] *= factor`
+    Scale,
+    /// `out[0] += Σ data[i]`
+    Checksum,
+    /// Writes through a bad pointer (test-only): a sticky fault.
+    FaultIllegalAddress,
+}
+
+/// A kernel parameter: its name, its type and, for buffers, the size of one element.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Param {
+    /// The parameter's name.
+    pub name: &'static str,
+    /// Its type.
+    pub ty: ArgType,
+    /// For buffers: bytes per element, and whether the buffer holds `n` elements (else one).
+    pub elem: Option<(u64, bool)>,
+}
+
+const fn buf(name: &'static str, elem: u64, per_n: bool) -> Param {
+    Param {
+        name,
+        ty: ArgType::Buffer,
+        elem: Some((elem, per_n)),
+    }
+}
+
+const fn scalar(name: &'static str, ty: ArgType) -> Param {
+    Param { name, ty, elem: None }
+}
+
+impl BuiltinKernel {
+    /// Every built-in kernel.
+    pub const ALL: [BuiltinKernel; 6] = [
+        BuiltinKernel::Fill,
+        BuiltinKernel::VectorAdd,
+        BuiltinKernel::Saxpy,
+        BuiltinKernel::Scale,
+        BuiltinKernel::Checksum,
+        BuiltinKernel::FaultIllegalAddress,
+    ];
+
+    /// The kernel's function name.
+    pub fn name(self) -> &'static str {
+        match self {
+            BuiltinKernel::Fill => "fill",
+            BuiltinKernel::VectorAdd => "vector_add",
+            BuiltinKernel::Saxpy => "saxpy",
+            BuiltinKernel::Scale => "scale",
+            BuiltinKernel::Checksum => "checksum",
+            BuiltinKernel::FaultIllegalAddress => "fault_illegal_address",
+        }
+    }
+
+    /// Looks a kernel up by function name.
+    pub fn from_name(name: &str) -> Option<BuiltinKernel> {
+        BuiltinKernel::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// The kernel's parameters, in order.
+    pub fn params(self) -> &'static [Param] {
+        use ArgType::*;
+        const FILL: &[Param] = &[buf("out", 4, true), scalar("value", U32), scalar("n", U32)];
+        const VECTOR_ADD: &[Param] = &[
+            buf("a", 4, true),
+            buf("b", 4, true),
+            buf("out", 4, true),
+            scalar("n", U32),
+        ];
+        const SAXPY: &[Param] = &[scalar("a", F32), buf("x", 4, true), buf("y", 4, true), scalar("n", U32)];
+        const SCALE: &[Param] = &[buf("x", 4, true), scalar("factor", F32), scalar("n", U32)];
+        const CHECKSUM: &[Param] = &[buf("data", 4, true), scalar("n", U32), buf("out", 8, false)];
+        match self {
+            BuiltinKernel::Fill => FILL,
+            BuiltinKernel::VectorAdd => VECTOR_ADD,
+            BuiltinKernel::Saxpy => SAXPY,
+            BuiltinKernel::Scale => SCALE,
+            BuiltinKernel::Checksum => CHECKSUM,
+            BuiltinKernel::FaultIllegalAddress => &[],
+        }
+    }
+
+    /// Checks `args` against the kernel's parameters before anything is launched: count,
+    /// types, and that every buffer holds the elements the kernel will touch. Returns the
+    /// element count `n` (0 for kernels without one).
+    ///
+    /// # Errors
+    /// [`InvalidReason::BadArguments`] naming the parameter.
+    pub fn check_args(self, args: &[KernelArg]) -> Result<u64, InvalidReason> {
+        let params = self.params();
+        let bad = |reason: String| InvalidReason::BadArguments {
+            kernel: self.name().to_string(),
+            reason,
+        };
+        if args.len() != params.len() {
+            return Err(bad(format!(
+                "expected {} arguments ({}), got {}",
+                params.len(),
+                params
+                    .iter()
+                    .map(|p| format!("{}: {}", p.name, p.ty))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                args.len()
+            )));
+        }
+        for (p, a) in params.iter().zip(args) {
+            if a.arg_type() != p.ty {
+                return Err(bad(format!("parameter `{}` is {}, got {}", p.name, p.ty, a.arg_type())));
+            }
+        }
+        let n = params
+            .iter()
+            .zip(args)
+            .find_map(|(p, a)| match (p.name, a) {
+                ("n", KernelArg::U32(n)) => Some(u64::from(*n)),
+                _ => None,
+            })
+            .unwrap_or(0);
+        for (p, a) in params.iter().zip(args) {
+            if let (Some((elem, per_n)), KernelArg::Buffer(b)) = (p.elem, a) {
+                let need = if per_n { n * elem } else { elem };
+                if b.len < need {
+                    return Err(bad(format!(
+                        "buffer `{}` holds {} bytes, the kernel touches {need}",
+                        p.name, b.len
+                    )));
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// Checks grid and block dimensions (limits common to current AMD and NVIDIA GPUs).
+///
+/// # Errors
+/// [`InvalidReason::BadLaunchConfig`] saying which dimension is wrong.
+pub fn check_launch_dims(grid: Dim3, block: Dim3) -> Result<(), InvalidReason> {
+    let bad = |reason: String| Err(InvalidReason::BadLaunchConfig { reason });
+    if grid.x == 0 || grid.y == 0 || grid.z == 0 || block.x == 0 || block.y == 0 || block.z == 0 {
+        return bad(format!("zero dimension in grid {grid:?} or block {block:?}"));
+    }
+    if block.volume() > MAX_THREADS_PER_BLOCK {
+        return bad(format!(
+            "block of {} threads exceeds {MAX_THREADS_PER_BLOCK}",
+            block.volume()
+        ));
+    }
+    if block.z > 64 {
+        return bad(format!("block z = {} exceeds 64", block.z));
+    }
+    if grid.x > i32::MAX as u32 || grid.y > 65535 || grid.z > 65535 {
+        return bad(format!("grid {grid:?} exceeds (2^31-1, 65535, 65535)"));
+    }
+    Ok(())
+}
+
+/// The buffers a launch's arguments name, in order.
+pub fn buffer_args(args: &[KernelArg]) -> impl Iterator<Item = &BufferHandle> {
+    args.iter().filter_map(|a| match a {
+        KernelArg::Buffer(b) => Some(b),
+        _ => None,
+    })
+}
+
+/// Parses a simulator module image into its kernels.
+///
+/// # Errors
+/// [`InvalidReason::BadModuleImage`] when the magic line is missing, the image is not
+/// UTF-8, or a line names no built-in kernel.
+pub fn parse_sim_module(image: &[u8]) -> Result<Vec<BuiltinKernel>, InvalidReason> {
+    let bad = |reason: String| InvalidReason::BadModuleImage { reason };
+    let text = std::str::from_utf8(image).map_err(|_| bad("not UTF-8 text".into()))?;
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    if lines.next() != Some(SIM_MODULE_MAGIC) {
+        return Err(bad(format!("first line must be `{SIM_MODULE_MAGIC}`")));
+    }
+    lines
+        .map(|name| BuiltinKernel::from_name(name).ok_or_else(|| bad(format!("unknown kernel `{name}`"))))
+        .collect()
+}
+
+/// A simulator module image naming `kernels`.
+pub fn sim_module_image(kernels: &[BuiltinKernel]) -> Vec<u8> {
+    let mut s = String::from(SIM_MODULE_MAGIC);
+    for k in kernels {
+        s.push('\n');
+        s.push_str(k.name());
+    }
+    s.into_bytes()
+}
+
+/// `true` when `a` and `b` are at most `ulps` units in the last place apart (and both NaN,
+/// or equal, count as equal).
+pub fn within_ulps(a: f32, b: f32, ulps: u32) -> bool {
+    if a == b || (a.is_nan() && b.is_nan()) {
+        return true;
+    }
+    if a.is_sign_positive() != b.is_sign_positive() {
+        return false;
+    }
+    a.to_bits().abs_diff(b.to_bits()) <= ulps
+}
+
+/// CPU reference implementations, used by the simulator and to verify GPU results.
+pub mod reference {
+    /// `out[i] = value`
+    pub fn fill(out: &mut [u32], value: u32) {
+        out.fill(value);
+    }
+
+    /// `out[i] = a[i] + b[i]`
+    pub fn vector_add(a: &[f32], b: &[f32]) -> Vec<f32> {
+        a.iter().zip(b).map(|(x, y)| x + y).collect()
+    }
+
+    /// `y[i] = fma(a, x[i], y[i])`
+    pub fn saxpy(a: f32, x: &[f32], y: &mut [f32]) {
+        for (yi, xi) in y.iter_mut().zip(x) {
+            *yi = a.mul_add(*xi, *yi);
+        }
+    }
+
+    /// `x[i] *= factor`
+    pub fn scale(x: &mut [f32], factor: f32) {
+        for v in x {
+            *v *= factor;
+        }
+    }
+
+    /// `Σ data[i]`, wrapping in `u64`.
+    pub fn checksum(data: &[u32]) -> u64 {
+        data.iter().fold(0u64, |acc, v| acc.wrapping_add(u64::from(*v)))
+    }
+}
+
+/// Little-endian `f32` values of a byte slice (trailing bytes ignored).
+pub fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// Little-endian `u32` values of a byte slice (trailing bytes ignored).
+pub fn u32s(bytes: &[u8]) -> Vec<u32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// The little-endian bytes of `f32` values.
+pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// The little-endian bytes of `u32` values.
+pub fn u32_bytes(values: &[u32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(id: u64, len: u64) -> KernelArg {
+        KernelArg::Buffer(BufferHandle {
+            device: 0,
+            epoch: 0,
+            id,
+            len,
+        })
+    }
+
+    #[test]
+    fn argument_count_type_and_size_are_checked() {
+        let k = BuiltinKernel::VectorAdd;
+        assert_eq!(k.check_args(&[b(1, 16), b(2, 16), b(3, 16), KernelArg::U32(4)]), Ok(4));
+        let e = k.check_args(&[b(1, 16), b(2, 16)]).unwrap_err();
+        assert!(e.to_string().contains("expected 4 arguments"), "{e}");
+        let e = k
+            .check_args(&[b(1, 16), KernelArg::F32(1.0), b(3, 16), KernelArg::U32(4)])
+            .unwrap_err();
+        assert!(e.to_string().contains("parameter `b` is buffer, got f32"), "{e}");
+        let e = k
+            .check_args(&[b(1, 16), b(2, 8), b(3, 16), KernelArg::U32(4)])
+            .unwrap_err();
+        assert!(e.to_string().contains("buffer `b` holds 8 bytes"), "{e}");
+        assert!(
+            BuiltinKernel::Checksum
+                .check_args(&[b(1, 4), KernelArg::U32(1), b(2, 4)])
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn launch_dimensions_are_checked() {
+        assert!(check_launch_dims(Dim3::x(4), Dim3::x(256)).is_ok());
+        assert!(check_launch_dims(Dim3::x(0), Dim3::x(256)).is_err());
+        assert!(check_launch_dims(Dim3::x(1), Dim3::x(2048)).is_err());
+        assert!(check_launch_dims(Dim3 { x: 1, y: 70000, z: 1 }, Dim3::x(1)).is_err());
+    }
+
+    #[test]
+    fn sim_module_images_parse() {
+        let img = sim_module_image(&[BuiltinKernel::Saxpy, BuiltinKernel::Fill]);
+        assert_eq!(
+            parse_sim_module(&img).unwrap(),
+            vec![BuiltinKernel::Saxpy, BuiltinKernel::Fill]
+        );
+        assert!(parse_sim_module(b"garbage").is_err());
+        assert!(parse_sim_module(format!("{SIM_MODULE_MAGIC}\nnope").as_bytes()).is_err());
+        assert!(parse_sim_module(&[0xff, 0xfe]).is_err());
+    }
+
+    #[test]
+    fn ulps_comparison() {
+        assert!(within_ulps(1.0, 1.0, 0));
+        assert!(within_ulps(1.0, f32::from_bits(1.0f32.to_bits() + 1), 1));
+        assert!(!within_ulps(1.0, f32::from_bits(1.0f32.to_bits() + 2), 1));
+        assert!(!within_ulps(1.0, -1.0, 5));
+    }
+
+    #[test]
+    fn saxpy_uses_one_rounding() {
+        // a*x + y rounded once differs from two roundings for these values.
+        let (a, x, y) = (1.0000001f32, 1.0000001f32, -1.0000002f32);
+        let mut out = [y];
+        reference::saxpy(a, &[x], &mut out);
+        assert_eq!(out[0], a.mul_add(x, y));
+        assert_ne!(out[0], a * x + y);
+    }
+}

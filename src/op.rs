@@ -1,0 +1,522 @@
+//! The operation protocol: what a device is asked to do ([`Op`]) and what it answers
+//! ([`Reply`]).
+//!
+//! Everything here is plain serde data with opaque handles, because operations cross thread,
+//! process and (later) machine boundaries. Bulk host bytes travel in a [`Payload`], whose
+//! representation a transport may replace (shared memory) without changing [`Op`]'s shape.
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt;
+use std::sync::Arc;
+
+/// The kind of an operation: the key of per-operation retry policies and of metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpKind {
+    /// [`Op::Alloc`]
+    Alloc,
+    /// [`Op::Free`]
+    Free,
+    /// [`Op::CopyToDevice`]
+    CopyToDevice,
+    /// [`Op::CopyFromDevice`]
+    CopyFromDevice,
+    /// [`Op::CopyDeviceToDevice`]
+    CopyDeviceToDevice,
+    /// [`Op::Memset`]
+    Memset,
+    /// [`Op::LoadModule`]
+    LoadModule,
+    /// [`Op::Launch`]
+    Launch,
+    /// [`Op::Synchronize`]
+    Synchronize,
+    /// [`Op::MemInfo`]
+    MemInfo,
+    /// [`Op::DeviceInfo`]
+    DeviceInfo,
+}
+
+impl OpKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [OpKind; 11] = [
+        OpKind::Alloc,
+        OpKind::Free,
+        OpKind::CopyToDevice,
+        OpKind::CopyFromDevice,
+        OpKind::CopyDeviceToDevice,
+        OpKind::Memset,
+        OpKind::LoadModule,
+        OpKind::Launch,
+        OpKind::Synchronize,
+        OpKind::MemInfo,
+        OpKind::DeviceInfo,
+    ];
+
+    /// The kind's name in `snake_case` (config keys, metric labels).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpKind::Alloc => "alloc",
+            OpKind::Free => "free",
+            OpKind::CopyToDevice => "copy_to_device",
+            OpKind::CopyFromDevice => "copy_from_device",
+            OpKind::CopyDeviceToDevice => "copy_device_to_device",
+            OpKind::Memset => "memset",
+            OpKind::LoadModule => "load_module",
+            OpKind::Launch => "launch",
+            OpKind::Synchronize => "synchronize",
+            OpKind::MemInfo => "mem_info",
+            OpKind::DeviceInfo => "device_info",
+        }
+    }
+
+    /// Parses a `snake_case` name.
+    pub fn from_name(name: &str) -> Option<OpKind> {
+        OpKind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+
+    /// Whether executing the operation twice has the same effect as executing it once.
+    ///
+    /// The runtime may transparently resubmit an idempotent op whose first execution is in
+    /// doubt (it may or may not have run). Copies, memset, synchronize and the queries are
+    /// idempotent (a device-to-device copy is, because source and destination may not
+    /// overlap). `Alloc` (a second buffer would leak), `Free` (a double free), `LoadModule`
+    /// (a second module) and `Launch` (kernels may update memory in place, as `saxpy` does)
+    /// are not.
+    pub fn is_idempotent(self) -> bool {
+        !matches!(self, OpKind::Alloc | OpKind::Free | OpKind::LoadModule | OpKind::Launch)
+    }
+
+    /// Whether the operation waits for the device's earlier work, so that an asynchronous
+    /// fault of an earlier launch surfaces in it (as `hipDeviceSynchronize`, a blocking
+    /// device-to-host copy or `hipMemGetInfo` do).
+    pub fn is_synchronizing(self) -> bool {
+        matches!(self, OpKind::Synchronize | OpKind::CopyFromDevice | OpKind::MemInfo)
+    }
+}
+
+impl fmt::Display for OpKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A device buffer. Opaque: only the device that made it can use it, and only in the
+/// context (epoch) that made it; after a device restart it fails with `BufferLost`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct BufferHandle {
+    /// The device that owns the buffer.
+    pub device: u32,
+    /// The device context (epoch) the buffer lives in.
+    pub epoch: u64,
+    /// The buffer's id within that context.
+    pub id: u64,
+    /// The buffer's length in bytes.
+    pub len: u64,
+}
+
+/// A loaded kernel module. Opaque, like [`BufferHandle`]. Unlike buffers, modules survive a
+/// device restart: the runtime reloads them into the new context under the same id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ModuleHandle {
+    /// The device the module is loaded on.
+    pub device: u32,
+    /// The module's id on that device.
+    pub id: u64,
+}
+
+/// Grid or block dimensions of a launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Dim3 {
+    /// x extent.
+    pub x: u32,
+    /// y extent.
+    pub y: u32,
+    /// z extent.
+    pub z: u32,
+}
+
+impl Dim3 {
+    /// A one-dimensional extent `(x, 1, 1)`.
+    pub const fn x(x: u32) -> Dim3 {
+        Dim3 { x, y: 1, z: 1 }
+    }
+
+    /// The number of elements `x * y * z` (no overflow: computed in `u64`).
+    pub fn volume(self) -> u64 {
+        u64::from(self.x) * u64::from(self.y) * u64::from(self.z)
+    }
+}
+
+/// One argument of a kernel launch.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KernelArg {
+    /// A device buffer, passed as a device pointer.
+    Buffer(BufferHandle),
+    /// A 32-bit unsigned integer.
+    U32(u32),
+    /// A 32-bit signed integer.
+    I32(i32),
+    /// A 64-bit unsigned integer.
+    U64(u64),
+    /// A 64-bit signed integer.
+    I64(i64),
+    /// A 32-bit float.
+    F32(f32),
+    /// A 64-bit float.
+    F64(f64),
+}
+
+impl KernelArg {
+    /// The argument's type, for signature checks and error messages.
+    pub fn arg_type(&self) -> ArgType {
+        match self {
+            KernelArg::Buffer(_) => ArgType::Buffer,
+            KernelArg::U32(_) => ArgType::U32,
+            KernelArg::I32(_) => ArgType::I32,
+            KernelArg::U64(_) => ArgType::U64,
+            KernelArg::I64(_) => ArgType::I64,
+            KernelArg::F32(_) => ArgType::F32,
+            KernelArg::F64(_) => ArgType::F64,
+        }
+    }
+}
+
+/// The type of a kernel parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArgType {
+    /// A device pointer.
+    Buffer,
+    /// `u32`
+    U32,
+    /// `i32`
+    I32,
+    /// `u64`
+    U64,
+    /// `i64`
+    I64,
+    /// `f32`
+    F32,
+    /// `f64`
+    F64,
+}
+
+impl fmt::Display for ArgType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ArgType::Buffer => "buffer",
+            ArgType::U32 => "u32",
+            ArgType::I32 => "i32",
+            ArgType::U64 => "u64",
+            ArgType::I64 => "i64",
+            ArgType::F32 => "f32",
+            ArgType::F64 => "f64",
+        })
+    }
+}
+
+/// Bulk host bytes (copy data, module images).
+///
+/// Cheap to clone (shared), so an op can be resubmitted on retry without copying its data.
+/// The representation is private: a transport can carry the bytes out of band (shared memory)
+/// without changing the shape of [`Op`]. On the wire it is a plain byte string.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Payload {
+    bytes: Arc<[u8]>,
+}
+
+impl Payload {
+    /// Wraps bytes.
+    pub fn new(bytes: impl Into<Arc<[u8]>>) -> Payload {
+        Payload { bytes: bytes.into() }
+    }
+
+    /// The bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The length in bytes.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// `true` for an empty payload.
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// The bytes as a vector (copies).
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.bytes.to_vec()
+    }
+}
+
+impl From<Vec<u8>> for Payload {
+    fn from(v: Vec<u8>) -> Payload {
+        Payload::new(v)
+    }
+}
+
+impl From<&[u8]> for Payload {
+    fn from(v: &[u8]) -> Payload {
+        Payload::new(v)
+    }
+}
+
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Payload({} bytes)", self.bytes.len())
+    }
+}
+
+impl Serialize for Payload {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.bytes)
+    }
+}
+
+impl<'de> Deserialize<'de> for Payload {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Payload, D::Error> {
+        let buf = serde_bytes::ByteBuf::deserialize(d)?;
+        Ok(Payload::new(buf.into_vec()))
+    }
+}
+
+/// What a kernel module is made of.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModuleSource {
+    /// The runtime's built-in kernels (`fill`, `vector_add`, `saxpy`, `scale`, `checksum`,
+    /// `fault_illegal_address`), prepared for the device present.
+    Builtin,
+    /// A module image: a HIP code object, CUDA PTX or cubin, or a simulator module (see
+    /// [`crate::kernels::SIM_MODULE_MAGIC`]).
+    Image(Payload),
+}
+
+/// An operation for one device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    /// Allocate `bytes` of device memory.
+    Alloc {
+        /// Size in bytes (greater than zero).
+        bytes: u64,
+    },
+    /// Free a buffer.
+    Free {
+        /// The buffer.
+        buffer: BufferHandle,
+    },
+    /// Copy host bytes into a buffer at `offset`.
+    CopyToDevice {
+        /// Destination buffer.
+        dst: BufferHandle,
+        /// Byte offset in the destination.
+        offset: u64,
+        /// The bytes.
+        data: Payload,
+    },
+    /// Copy `len` bytes at `offset` of a buffer to the host (answered with [`Reply::Data`]).
+    CopyFromDevice {
+        /// Source buffer.
+        src: BufferHandle,
+        /// Byte offset in the source.
+        offset: u64,
+        /// Number of bytes.
+        len: u64,
+    },
+    /// Copy between two buffers of the same device. The ranges may not overlap.
+    CopyDeviceToDevice {
+        /// Source buffer.
+        src: BufferHandle,
+        /// Byte offset in the source.
+        src_offset: u64,
+        /// Destination buffer.
+        dst: BufferHandle,
+        /// Byte offset in the destination.
+        dst_offset: u64,
+        /// Number of bytes.
+        len: u64,
+    },
+    /// Set `len` bytes at `offset` of a buffer to `value`.
+    Memset {
+        /// The buffer.
+        buffer: BufferHandle,
+        /// Byte offset.
+        offset: u64,
+        /// Number of bytes.
+        len: u64,
+        /// The byte value.
+        value: u8,
+    },
+    /// Load a kernel module (answered with [`Reply::Module`]).
+    LoadModule {
+        /// What to load.
+        source: ModuleSource,
+    },
+    /// Launch a kernel of a loaded module. Asynchronous on a GPU: a fault of the kernel
+    /// surfaces in the next synchronizing op.
+    Launch {
+        /// The module.
+        module: ModuleHandle,
+        /// The kernel's name in the module.
+        function: String,
+        /// Grid dimensions (in blocks).
+        grid: Dim3,
+        /// Block dimensions (in threads).
+        block: Dim3,
+        /// Dynamic shared memory per block, in bytes.
+        shared_mem_bytes: u32,
+        /// The kernel's arguments, in order.
+        args: Vec<KernelArg>,
+    },
+    /// Wait until all earlier work of the device has finished.
+    Synchronize,
+    /// Free and total device memory (answered with [`Reply::MemInfo`]).
+    MemInfo,
+    /// The device's description (answered with [`Reply::DeviceInfo`]).
+    DeviceInfo,
+}
+
+impl Op {
+    /// The operation's kind.
+    pub fn kind(&self) -> OpKind {
+        match self {
+            Op::Alloc { .. } => OpKind::Alloc,
+            Op::Free { .. } => OpKind::Free,
+            Op::CopyToDevice { .. } => OpKind::CopyToDevice,
+            Op::CopyFromDevice { .. } => OpKind::CopyFromDevice,
+            Op::CopyDeviceToDevice { .. } => OpKind::CopyDeviceToDevice,
+            Op::Memset { .. } => OpKind::Memset,
+            Op::LoadModule { .. } => OpKind::LoadModule,
+            Op::Launch { .. } => OpKind::Launch,
+            Op::Synchronize => OpKind::Synchronize,
+            Op::MemInfo => OpKind::MemInfo,
+            Op::DeviceInfo => OpKind::DeviceInfo,
+        }
+    }
+
+    /// The kernel name, for launches.
+    pub fn kernel(&self) -> Option<&str> {
+        match self {
+            Op::Launch { function, .. } => Some(function),
+            _ => None,
+        }
+    }
+
+    /// Every buffer the op touches (for stale-handle checks and buffer affinity).
+    pub fn buffers(&self) -> Vec<BufferHandle> {
+        match self {
+            Op::Free { buffer } | Op::Memset { buffer, .. } => vec![*buffer],
+            Op::CopyToDevice { dst, .. } => vec![*dst],
+            Op::CopyFromDevice { src, .. } => vec![*src],
+            Op::CopyDeviceToDevice { src, dst, .. } => vec![*src, *dst],
+            Op::Launch { args, .. } => args
+                .iter()
+                .filter_map(|a| match a {
+                    KernelArg::Buffer(b) => Some(*b),
+                    _ => None,
+                })
+                .collect(),
+            Op::Alloc { .. } | Op::LoadModule { .. } | Op::Synchronize | Op::MemInfo | Op::DeviceInfo => Vec::new(),
+        }
+    }
+
+    /// The module the op uses, for launches.
+    pub fn module(&self) -> Option<ModuleHandle> {
+        match self {
+            Op::Launch { module, .. } => Some(*module),
+            _ => None,
+        }
+    }
+}
+
+/// Free and total memory of a device, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemInfo {
+    /// Free bytes.
+    pub free: u64,
+    /// Total bytes.
+    pub total: u64,
+}
+
+/// A device's description.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// The device's index in its backend.
+    pub index: u32,
+    /// Its name (`NVIDIA H200`, `simulated GPU 0`).
+    pub name: String,
+    /// Total memory in bytes.
+    pub total_memory: u64,
+    /// The architecture the runtime compiles kernels for (`sm_90`, `gfx90a`, `sim`).
+    pub arch: String,
+}
+
+/// The successful answer to an [`Op`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    /// The op completed and returns nothing (free, copy to device, memset, launch, ...).
+    Done,
+    /// A new buffer (for [`Op::Alloc`]).
+    Buffer(BufferHandle),
+    /// Bytes read from the device (for [`Op::CopyFromDevice`]).
+    Data(Payload),
+    /// A loaded module (for [`Op::LoadModule`]).
+    Module(ModuleHandle),
+    /// Memory figures (for [`Op::MemInfo`]).
+    MemInfo(MemInfo),
+    /// The device's description (for [`Op::DeviceInfo`]).
+    DeviceInfo(DeviceInfo),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_names_round_trip() {
+        for k in OpKind::ALL {
+            assert_eq!(OpKind::from_name(k.as_str()), Some(k));
+        }
+        assert_eq!(OpKind::from_name("lunch"), None);
+    }
+
+    #[test]
+    fn idempotence_is_stated_per_kind() {
+        assert!(!OpKind::Alloc.is_idempotent());
+        assert!(!OpKind::Launch.is_idempotent());
+        assert!(!OpKind::Free.is_idempotent());
+        assert!(OpKind::CopyToDevice.is_idempotent());
+        assert!(OpKind::MemInfo.is_idempotent());
+    }
+
+    #[test]
+    fn ops_cross_a_serde_boundary() {
+        let b = BufferHandle {
+            device: 1,
+            epoch: 2,
+            id: 3,
+            len: 16,
+        };
+        let op = Op::CopyToDevice {
+            dst: b,
+            offset: 4,
+            data: Payload::from(vec![1, 2, 3]),
+        };
+        let text = toml::to_string(&Holder { op: op.clone() }).unwrap();
+        let back: Holder = toml::from_str(&text).unwrap();
+        assert_eq!(back.op, op);
+        assert_eq!(op.buffers(), vec![b]);
+    }
+
+    #[derive(Serialize, Deserialize)]
+    struct Holder {
+        op: Op,
+    }
+}

@@ -1,0 +1,656 @@
+//! The simulated backend: bytes, kernels, memory, bad input, fault plans and stickiness.
+
+use hipvisor_core::config::SimConfig;
+use hipvisor_core::error::hip;
+use hipvisor_core::fault_plan::FaultSpec;
+use hipvisor_core::kernels::{self, BuiltinKernel, SAXPY_TOLERANCE_ULPS, f32_bytes, f32s, reference, u32_bytes, u32s};
+use hipvisor_core::{
+    Api, Backend, BufferHandle, DeviceContext, Dim3, ErrorClass, GpuError, InvalidReason, KernelArg, ModuleHandle,
+    ModuleSource, Op, OpKind, Origin, Reply, SimBackend,
+};
+
+const APP: Origin = Origin::Application;
+
+fn alloc(dev: &mut dyn DeviceContext, bytes: u64) -> BufferHandle {
+    match dev.execute(&Op::Alloc { bytes }, APP).unwrap() {
+        Reply::Buffer(b) => b,
+        r => panic!("unexpected {r:?}"),
+    }
+}
+
+fn upload(dev: &mut dyn DeviceContext, dst: BufferHandle, bytes: Vec<u8>) {
+    dev.execute(
+        &Op::CopyToDevice {
+            dst,
+            offset: 0,
+            data: bytes.into(),
+        },
+        APP,
+    )
+    .unwrap();
+}
+
+fn download(dev: &mut dyn DeviceContext, src: BufferHandle) -> Result<Vec<u8>, GpuError> {
+    match dev.execute(
+        &Op::CopyFromDevice {
+            src,
+            offset: 0,
+            len: src.len,
+        },
+        APP,
+    )? {
+        Reply::Data(d) => Ok(d.to_vec()),
+        r => panic!("unexpected {r:?}"),
+    }
+}
+
+fn builtin(dev: &mut dyn DeviceContext) -> ModuleHandle {
+    match dev
+        .execute(
+            &Op::LoadModule {
+                source: ModuleSource::Builtin,
+            },
+            APP,
+        )
+        .unwrap()
+    {
+        Reply::Module(m) => m,
+        r => panic!("unexpected {r:?}"),
+    }
+}
+
+fn launch(module: ModuleHandle, function: &str, n: u32, args: Vec<KernelArg>) -> Op {
+    Op::Launch {
+        module,
+        function: function.into(),
+        grid: Dim3::x(n.div_ceil(128).max(1)),
+        block: Dim3::x(128),
+        shared_mem_bytes: 0,
+        args,
+    }
+}
+
+fn invalid_reason(e: GpuError) -> InvalidReason {
+    match e {
+        GpuError::Invalid { reason, .. } => reason,
+        other => panic!("expected an invalid request, got {other}"),
+    }
+}
+
+fn code(e: &GpuError) -> i32 {
+    e.code().expect("an API error").1
+}
+
+fn sim_with(devices: u32, memory: u64, faults: Vec<FaultSpec>) -> SimBackend {
+    let cfg = SimConfig {
+        devices,
+        memory_bytes: memory,
+        seed: 11,
+        faults,
+    };
+    SimBackend::from_config(&cfg, false).unwrap()
+}
+
+#[test]
+fn bytes_round_trip_with_offsets_memset_and_device_copies() {
+    let backend = SimBackend::new(1, 1 << 20);
+    let mut dev = backend.open(0, 0).unwrap();
+    let a = alloc(&mut *dev, 64);
+    let b = alloc(&mut *dev, 64);
+    let data: Vec<u8> = (0..64).collect();
+    upload(&mut *dev, a, data.clone());
+    assert_eq!(download(&mut *dev, a).unwrap(), data);
+    dev.execute(
+        &Op::Memset {
+            buffer: b,
+            offset: 8,
+            len: 8,
+            value: 0xAB,
+        },
+        APP,
+    )
+    .unwrap();
+    dev.execute(
+        &Op::CopyDeviceToDevice {
+            src: a,
+            src_offset: 0,
+            dst: b,
+            dst_offset: 32,
+            len: 16,
+        },
+        APP,
+    )
+    .unwrap();
+    let got = download(&mut *dev, b).unwrap();
+    assert_eq!(&got[8..16], &[0xAB; 8]);
+    assert_eq!(&got[32..48], &data[0..16]);
+    assert_eq!(&got[0..8], &[0; 8]);
+    let Reply::Data(part) = dev
+        .execute(
+            &Op::CopyFromDevice {
+                src: a,
+                offset: 60,
+                len: 4,
+            },
+            APP,
+        )
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(part.as_bytes(), &[60, 61, 62, 63]);
+}
+
+#[test]
+fn every_kernel_computes_its_reference_result() {
+    let backend = SimBackend::new(1, 1 << 24);
+    let mut dev = backend.open(0, 0).unwrap();
+    let m = builtin(&mut *dev);
+    let n = 1000u32;
+    let xs: Vec<f32> = (0..n).map(|i| i as f32 * 0.37 - 11.0).collect();
+    let ys: Vec<f32> = (0..n).map(|i| 1.0 / (i as f32 + 1.0)).collect();
+    let (bx, by, bo) = (
+        alloc(&mut *dev, 4 * n as u64),
+        alloc(&mut *dev, 4 * n as u64),
+        alloc(&mut *dev, 4 * n as u64),
+    );
+    upload(&mut *dev, bx, f32_bytes(&xs));
+    upload(&mut *dev, by, f32_bytes(&ys));
+    use KernelArg::{Buffer as B, F32, U32};
+
+    dev.execute(&launch(m, "vector_add", n, vec![B(bx), B(by), B(bo), U32(n)]), APP)
+        .unwrap();
+    assert_eq!(f32s(&download(&mut *dev, bo).unwrap()), reference::vector_add(&xs, &ys));
+
+    dev.execute(&launch(m, "saxpy", n, vec![F32(2.5), B(bx), B(by), U32(n)]), APP)
+        .unwrap();
+    let mut want = ys.clone();
+    reference::saxpy(2.5, &xs, &mut want);
+    let got = f32s(&download(&mut *dev, by).unwrap());
+    assert!(
+        got.iter()
+            .zip(&want)
+            .all(|(g, w)| kernels::within_ulps(*g, *w, SAXPY_TOLERANCE_ULPS))
+    );
+
+    dev.execute(&launch(m, "scale", n, vec![B(bx), F32(-2.0), U32(n)]), APP)
+        .unwrap();
+    let want: Vec<f32> = xs.iter().map(|x| x * -2.0).collect();
+    assert_eq!(f32s(&download(&mut *dev, bx).unwrap()), want);
+
+    dev.execute(&launch(m, "fill", n, vec![B(bo), U32(0xDEAD_BEEF), U32(n)]), APP)
+        .unwrap();
+    assert!(
+        u32s(&download(&mut *dev, bo).unwrap())
+            .iter()
+            .all(|v| *v == 0xDEAD_BEEF)
+    );
+
+    let words: Vec<u32> = (0..n).map(|i| i.wrapping_mul(2_654_435_761)).collect();
+    upload(&mut *dev, bo, u32_bytes(&words));
+    let sum = alloc(&mut *dev, 8);
+    dev.execute(&launch(m, "checksum", n, vec![B(bo), U32(n), B(sum)]), APP)
+        .unwrap();
+    let got = u64::from_le_bytes(download(&mut *dev, sum).unwrap().try_into().unwrap());
+    assert_eq!(got, reference::checksum(&words));
+}
+
+#[test]
+fn a_launch_with_fewer_threads_than_elements_processes_only_those() {
+    let backend = SimBackend::new(1, 1 << 20);
+    let mut dev = backend.open(0, 0).unwrap();
+    let m = builtin(&mut *dev);
+    let b = alloc(&mut *dev, 4 * 300);
+    let op = Op::Launch {
+        module: m,
+        function: "fill".into(),
+        grid: Dim3::x(2),
+        block: Dim3::x(100),
+        shared_mem_bytes: 0,
+        args: vec![KernelArg::Buffer(b), KernelArg::U32(7), KernelArg::U32(300)],
+    };
+    dev.execute(&op, APP).unwrap();
+    let v = u32s(&download(&mut *dev, b).unwrap());
+    assert!(v[..200].iter().all(|x| *x == 7) && v[200..].iter().all(|x| *x == 0));
+}
+
+#[test]
+fn memory_is_accounted_and_oom_is_transient_but_too_big_is_invalid() {
+    let backend = SimBackend::new(1, 1000);
+    let mut dev = backend.open(0, 0).unwrap();
+    let a = alloc(&mut *dev, 600);
+    let Reply::MemInfo(mi) = dev.execute(&Op::MemInfo, APP).unwrap() else {
+        panic!()
+    };
+    assert_eq!((mi.free, mi.total), (400, 1000));
+    let oom = dev.execute(&Op::Alloc { bytes: 500 }, APP).unwrap_err();
+    assert_eq!(code(&oom), hip::OUT_OF_MEMORY);
+    assert_eq!(oom.class(), ErrorClass::Transient);
+    let too_big = dev.execute(&Op::Alloc { bytes: 1001 }, APP).unwrap_err();
+    assert!(matches!(
+        invalid_reason(too_big),
+        InvalidReason::ExceedsDeviceMemory {
+            requested: 1001,
+            total: 1000
+        }
+    ));
+    dev.execute(&Op::Free { buffer: a }, APP).unwrap();
+    alloc(&mut *dev, 500);
+    let zero = dev.execute(&Op::Alloc { bytes: 0 }, APP).unwrap_err();
+    assert_eq!(invalid_reason(zero), InvalidReason::ZeroSizeAllocation);
+}
+
+#[test]
+fn bad_requests_are_rejected_with_what_was_wrong() {
+    let backend = SimBackend::new(2, 1 << 20);
+    let mut dev = backend.open(0, 3).unwrap();
+    let mut other = backend.open(1, 3).unwrap();
+    let a = alloc(&mut *dev, 16);
+    let foreign = alloc(&mut *other, 16);
+    let m = builtin(&mut *dev);
+    type Check = fn(&InvalidReason) -> bool;
+    let cases: Vec<(Op, Check)> = vec![
+        (
+            Op::CopyFromDevice {
+                src: a,
+                offset: 8,
+                len: 16,
+            },
+            |r| matches!(r, InvalidReason::OutOfBounds { .. }),
+        ),
+        (
+            Op::CopyFromDevice {
+                src: a,
+                offset: u64::MAX,
+                len: 2,
+            },
+            |r| matches!(r, InvalidReason::OutOfBounds { .. }),
+        ),
+        (
+            Op::CopyToDevice {
+                dst: a,
+                offset: 10,
+                data: vec![0; 8].into(),
+            },
+            |r| matches!(r, InvalidReason::OutOfBounds { .. }),
+        ),
+        (
+            Op::Memset {
+                buffer: a,
+                offset: 0,
+                len: 17,
+                value: 1,
+            },
+            |r| matches!(r, InvalidReason::OutOfBounds { .. }),
+        ),
+        (
+            Op::CopyDeviceToDevice {
+                src: a,
+                src_offset: 0,
+                dst: a,
+                dst_offset: 4,
+                len: 8,
+            },
+            |r| *r == InvalidReason::OverlappingCopy,
+        ),
+        (Op::Free { buffer: foreign }, |r| {
+            *r == InvalidReason::WrongDevice { handle_device: 1 }
+        }),
+        (
+            Op::Free {
+                buffer: BufferHandle { epoch: 2, ..a },
+            },
+            |r| {
+                *r == InvalidReason::BufferLost {
+                    handle_epoch: 2,
+                    device_epoch: 3,
+                }
+            },
+        ),
+        (
+            Op::Free {
+                buffer: BufferHandle { id: 999, ..a },
+            },
+            |r| *r == InvalidReason::UnknownBuffer { id: 999 },
+        ),
+        (
+            Op::Free {
+                buffer: BufferHandle { len: 32, ..a },
+            },
+            |r| matches!(r, InvalidReason::HandleMismatch { .. }),
+        ),
+        (
+            launch(m, "nope", 4, vec![]),
+            |r| matches!(r, InvalidReason::UnknownKernel { name } if name == "nope"),
+        ),
+        (launch(ModuleHandle { device: 0, id: 77 }, "fill", 4, vec![]), |r| {
+            *r == InvalidReason::UnknownModule { id: 77 }
+        }),
+        (launch(m, "fill", 4, vec![KernelArg::Buffer(a)]), |r| {
+            matches!(r, InvalidReason::BadArguments { .. })
+        }),
+        (
+            launch(
+                m,
+                "fill",
+                5,
+                vec![KernelArg::Buffer(a), KernelArg::U32(1), KernelArg::U32(5)],
+            ),
+            |r| matches!(r, InvalidReason::BadArguments { .. }),
+        ),
+        (
+            Op::Launch {
+                module: m,
+                function: "fill".into(),
+                grid: Dim3::x(1),
+                block: Dim3::x(4096),
+                shared_mem_bytes: 0,
+                args: vec![KernelArg::Buffer(a), KernelArg::U32(1), KernelArg::U32(4)],
+            },
+            |r| matches!(r, InvalidReason::BadLaunchConfig { .. }),
+        ),
+        (
+            Op::LoadModule {
+                source: ModuleSource::Image(b"\x7fELF".to_vec().into()),
+            },
+            |r| matches!(r, InvalidReason::BadModuleImage { .. }),
+        ),
+    ];
+    for (op, check) in cases {
+        let e = dev.execute(&op, APP).unwrap_err();
+        assert_eq!(e.class(), ErrorClass::InvalidRequest, "{op:?}: {e}");
+        let reason = invalid_reason(e);
+        assert!(check(&reason), "{op:?}: unexpected {reason:?}");
+    }
+    // Nothing else broke: the buffer still works.
+    upload(&mut *dev, a, vec![5; 16]);
+    assert_eq!(download(&mut *dev, a).unwrap(), vec![5; 16]);
+    assert!(matches!(
+        invalid_reason(backend.device_info(2).unwrap_err()),
+        InvalidReason::DeviceOutOfRange { device: 2, count: 2 }
+    ));
+}
+
+#[test]
+fn user_modules_name_builtin_kernels() {
+    let backend = SimBackend::new(1, 1 << 20);
+    let mut dev = backend.open(0, 0).unwrap();
+    let image = kernels::sim_module_image(&[BuiltinKernel::Fill]);
+    let Reply::Module(m) = dev
+        .execute(
+            &Op::LoadModule {
+                source: ModuleSource::Image(image.into()),
+            },
+            APP,
+        )
+        .unwrap()
+    else {
+        panic!()
+    };
+    let b = alloc(&mut *dev, 16);
+    dev.execute(
+        &launch(
+            m,
+            "fill",
+            4,
+            vec![KernelArg::Buffer(b), KernelArg::U32(1), KernelArg::U32(4)],
+        ),
+        APP,
+    )
+    .unwrap();
+    let e = dev.execute(&launch(m, "scale", 4, vec![]), APP).unwrap_err();
+    assert!(matches!(invalid_reason(e), InvalidReason::UnknownKernel { .. }));
+}
+
+fn fault(f: impl FnOnce(&mut FaultSpec)) -> FaultSpec {
+    let mut s = FaultSpec::default();
+    f(&mut s);
+    s
+}
+
+#[test]
+fn sticky_fault_of_a_launch_surfaces_at_the_next_synchronizing_op_and_poisons_the_host() {
+    let backend = sim_with(3, 1 << 20, vec![]);
+    let mut d0 = backend.open(0, 0).unwrap();
+    let mut d1 = backend.open(1, 0).unwrap();
+    let m = builtin(&mut *d0);
+    let b = alloc(&mut *d0, 16);
+    // The faulting launch itself returns success, as on a GPU.
+    d0.execute(&launch(m, "fault_illegal_address", 1, vec![]), APP).unwrap();
+    // Non-synchronizing work still queues.
+    d0.execute(
+        &Op::Memset {
+            buffer: b,
+            offset: 0,
+            len: 4,
+            value: 1,
+        },
+        APP,
+    )
+    .unwrap();
+    assert_eq!(backend.host().poisoned(), None);
+    let e = d0.execute(&Op::Synchronize, APP).unwrap_err();
+    assert_eq!((code(&e), e.class()), (hip::ILLEGAL_ADDRESS, ErrorClass::Sticky));
+    assert_eq!(e.code(), Some((Api::Sim, 700)));
+    assert_eq!(backend.host().poisoned(), Some(700));
+    // Every op on every device of the host now fails with the same code, runtime ops too.
+    assert_eq!(code(&d1.execute(&Op::MemInfo, Origin::Runtime).unwrap_err()), 700);
+    assert_eq!(code(&d1.execute(&Op::Alloc { bytes: 4 }, APP).unwrap_err()), 700);
+    assert_eq!(code(&d0.execute(&Op::DeviceInfo, APP).unwrap_err()), 700);
+    assert!(backend.open(2, 0).is_err(), "a poisoned host cannot open contexts");
+    // A new host (a new process) is healthy at once, and other hosts were never affected.
+    let fresh = backend.on_new_host();
+    let mut d1b = fresh.open(1, 1).unwrap();
+    assert!(d1b.execute(&Op::MemInfo, APP).is_ok());
+    let unrelated = SimBackend::new(1, 1 << 20);
+    assert!(unrelated.open(0, 0).unwrap().execute(&Op::MemInfo, APP).is_ok());
+}
+
+#[test]
+fn injected_sticky_code_on_a_launch_is_asynchronous_and_on_other_ops_immediate() {
+    let backend = sim_with(
+        1,
+        1 << 20,
+        vec![fault(|s| {
+            s.op = "launch".into();
+            s.kernel = Some("scale".into());
+            s.nth = Some(1);
+            s.code = Some(719);
+        })],
+    );
+    let mut d = backend.open(0, 0).unwrap();
+    let m = builtin(&mut *d);
+    let b = alloc(&mut *d, 16);
+    upload(&mut *d, b, f32_bytes(&[1.0; 4]));
+    d.execute(
+        &launch(
+            m,
+            "scale",
+            4,
+            vec![KernelArg::Buffer(b), KernelArg::F32(2.0), KernelArg::U32(4)],
+        ),
+        APP,
+    )
+    .unwrap();
+    let e = download(&mut *d, b).unwrap_err();
+    assert_eq!(code(&e), 719);
+    assert_eq!(e.op(), OpKind::CopyFromDevice);
+
+    let backend = sim_with(
+        2,
+        1 << 20,
+        vec![fault(|s| {
+            s.op = "alloc".into();
+            s.nth = Some(2);
+            s.code = Some(700);
+        })],
+    );
+    let mut d = backend.open(0, 0).unwrap();
+    alloc(&mut *d, 4);
+    let e = d.execute(&Op::Alloc { bytes: 4 }, APP).unwrap_err();
+    assert_eq!(code(&e), 700);
+    assert_eq!(backend.host().poisoned(), Some(700));
+}
+
+#[test]
+fn injected_transient_and_invalid_codes_fire_before_any_side_effect() {
+    let backend = sim_with(
+        1,
+        1000,
+        vec![
+            fault(|s| {
+                s.op = "alloc".into();
+                s.nth = Some(1);
+                s.code = Some(2);
+            }),
+            fault(|s| {
+                s.op = "copy_to_device".into();
+                s.nth = Some(1);
+                s.code = Some(1);
+            }),
+        ],
+    );
+    let mut d = backend.open(0, 0).unwrap();
+    let e = d.execute(&Op::Alloc { bytes: 100 }, APP).unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Transient);
+    let Reply::MemInfo(mi) = d.execute(&Op::MemInfo, APP).unwrap() else {
+        panic!()
+    };
+    assert_eq!(mi.free, 1000, "the failed alloc took no memory");
+    let b = alloc(&mut *d, 4);
+    let e = d
+        .execute(
+            &Op::CopyToDevice {
+                dst: b,
+                offset: 0,
+                data: vec![9; 4].into(),
+            },
+            APP,
+        )
+        .unwrap_err();
+    assert_eq!(e.class(), ErrorClass::InvalidRequest);
+    assert_eq!(
+        download(&mut *d, b).unwrap(),
+        vec![0; 4],
+        "the failed copy wrote nothing"
+    );
+    assert_eq!(backend.host().poisoned(), None);
+}
+
+#[test]
+fn nth_is_not_rearmed_by_a_new_host_and_runtime_ops_are_never_faulted() {
+    let backend = sim_with(
+        1,
+        1 << 20,
+        vec![fault(|s| {
+            s.op = "mem_info".into();
+            s.nth = Some(2);
+            s.code = Some(700);
+        })],
+    );
+    let mut d = backend.open(0, 0).unwrap();
+    for _ in 0..5 {
+        d.execute(&Op::MemInfo, Origin::Runtime).unwrap();
+    }
+    d.execute(&Op::MemInfo, APP).unwrap();
+    assert_eq!(code(&d.execute(&Op::MemInfo, APP).unwrap_err()), 700);
+    let replaced = backend.on_new_host();
+    let mut d = replaced.open(0, 1).unwrap();
+    for _ in 0..10 {
+        d.execute(&Op::MemInfo, APP).unwrap();
+    }
+}
+
+#[test]
+fn the_same_seed_gives_the_same_faults() {
+    let plan = || {
+        vec![fault(|s| {
+            s.probability = Some(0.2);
+            s.code = Some(600);
+        })]
+    };
+    let outcomes = |seed: u64, device: u32| {
+        let cfg = SimConfig {
+            devices: 2,
+            memory_bytes: 1 << 20,
+            seed,
+            faults: plan(),
+        };
+        let backend = SimBackend::from_config(&cfg, false).unwrap();
+        let mut d = backend.open(device, 0).unwrap();
+        (0..300)
+            .map(|_| d.execute(&Op::MemInfo, APP).is_err())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(outcomes(1, 0), outcomes(1, 0));
+    assert_ne!(outcomes(1, 0), outcomes(2, 0));
+    assert_ne!(outcomes(1, 0), outcomes(1, 1));
+}
+
+#[test]
+fn a_lost_device_returns_after_the_duration() {
+    let backend = sim_with(
+        2,
+        1 << 20,
+        vec![fault(|s| {
+            s.device = Some(1);
+            s.after = Some(2);
+            s.code = Some(100);
+            s.duration_ms = Some(50);
+        })],
+    );
+    let mut d = backend.open(1, 0).unwrap();
+    d.execute(&Op::MemInfo, APP).unwrap();
+    let e = d.execute(&Op::MemInfo, APP).unwrap_err();
+    assert_eq!(e.class(), ErrorClass::DeviceLost);
+    assert_eq!(
+        backend.host().poisoned(),
+        None,
+        "a lost device does not poison the host"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if d.execute(&Op::MemInfo, APP).is_ok() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "device 1 never came back");
+        std::thread::yield_now();
+    }
+    let mut d0 = backend.open(0, 0).unwrap();
+    d0.execute(&Op::MemInfo, APP).unwrap();
+}
+
+#[test]
+fn crash_faults_are_refused_outside_process_isolation() {
+    let cfg = SimConfig {
+        faults: vec![fault(|s| {
+            s.nth = Some(1);
+            s.crash = Some(true);
+        })],
+        ..SimConfig::default()
+    };
+    let e = SimBackend::from_config(&cfg, false).unwrap_err();
+    assert_eq!(e.key(), Some("sim.faults[0].crash"));
+}
+
+#[test]
+fn restored_modules_keep_their_ids() {
+    let backend = SimBackend::new(1, 1 << 20);
+    let mut d = backend.open(0, 0).unwrap();
+    let m = builtin(&mut *d);
+    let mut d2 = backend.on_new_host().open(0, 1).unwrap();
+    d2.restore_module(m, &ModuleSource::Builtin).unwrap();
+    let b = alloc(&mut *d2, 16);
+    d2.execute(
+        &launch(
+            m,
+            "fill",
+            4,
+            vec![KernelArg::Buffer(b), KernelArg::U32(3), KernelArg::U32(4)],
+        ),
+        APP,
+    )
+    .unwrap();
+    let m2 = builtin(&mut *d2);
+    assert_ne!(m2.id, m.id);
+}
