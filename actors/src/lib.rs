@@ -1,2 +1,56 @@
-//! hipvisor: a supervised multi-GPU runtime.
+//! # hipvisor
+//!
+//! A supervised multi-GPU runtime. One actor per GPU owns that GPU's context (on a dedicated
+//! OS thread) and executes operations; a supervisor retries transient errors with backoff,
+//! takes poisoned and lost devices out of service, quarantines kernels that keep faulting and
+//! restarts what fails; a metrics actor aggregates counters and records OpenTelemetry
+//! instruments. Every submitted op ends in exactly one answer: a [`Reply`] or a typed
+//! [`RuntimeError`].
+//!
+//! ```
+//! use hipvisor::{Runtime, ModuleSource, KernelArg, RuntimeConfig};
+//! use hipvisor::core::kernels::{f32_bytes, f32s};
+//!
+//! # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let runtime = Runtime::builder().config(RuntimeConfig::default()).start().await?;
+//! let gpu = runtime.device(0)?;
+//! let x = gpu.alloc(16).await?;
+//! gpu.copy_to_device(x, 0, f32_bytes(&[1.0, 2.0, 3.0, 4.0])).await?;
+//! let module = gpu.load_module(ModuleSource::Builtin).await?;
+//! gpu.launch(module, "scale", 1, 64, vec![KernelArg::Buffer(x), KernelArg::F32(2.0), KernelArg::U32(4)]).await?;
+//! let out = gpu.copy_from_device(x, 0, 16).await?;
+//! assert_eq!(f32s(out.as_bytes()), vec![2.0, 4.0, 6.0, 8.0]);
+//! let metrics = runtime.shutdown().await;
+//! assert_eq!(metrics.ops_succeeded, 5);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Application actors message a device's actor ([`Runtime::device_ref`]) with
+//! [`DeviceMsg::Submit`] through `ractor::call!`.
+
+#![forbid(unsafe_code)]
+
+mod device;
+mod error;
+mod executor;
+mod job;
+pub mod metrics;
+mod runtime;
+mod state;
+mod supervisor;
+
+pub use device::{DeviceActor, DeviceHandle, DeviceMsg};
+pub use error::{OpResult, RuntimeError};
+pub use metrics::Snapshot;
+pub use runtime::{Runtime, RuntimeBuilder, StartError, make_backend};
+pub use state::{DeviceState, DeviceStateChange};
+pub use supervisor::{Supervisor, SupervisorMsg};
+
+/// The synchronous core: error taxonomy, retry policy, breaker, op protocol, backends, config.
 pub use hipvisor_core as core;
+pub use hipvisor_core::{
+    BackendKind, BufferHandle, ConfigError, DeviceInfo, Dim3, ErrorClass, GpuError, InvalidReason, KernelArg, MemInfo,
+    ModuleHandle, ModuleSource, Op, OpKind, Payload, Reply, RetryConfig, RuntimeConfig,
+};

@@ -1,0 +1,423 @@
+//! `hipvisor run`: the main job.
+//!
+//! Several application actors each repeat: alloc, upload random data, launch `vector_add`
+//! or `saxpy`, download, verify against a CPU result, free. They message the device actors
+//! with `DeviceMsg::Submit` through `ractor`'s call, as an application's own actors would.
+//! `--ops N` counts device operations submitted (a started iteration is finished, so the
+//! count can exceed N by less than one iteration per actor).
+//!
+//! The exit status is 0 if and only if no reply is missing, no result is wrong and the
+//! metrics' op counts equal what the actors observed. Ops that failed with a typed error are
+//! reported, not fatal.
+
+use std::collections::{BTreeMap, HashMap};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use hipvisor::core::kernels::{self, SAXPY_TOLERANCE_ULPS, f32_bytes, f32s, reference};
+use hipvisor::{BufferHandle, DeviceMsg, Dim3, KernelArg, ModuleHandle, ModuleSource, Op, OpResult, Reply, Runtime};
+use indicatif::{ProgressBar, ProgressStyle};
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorProcessingErr, ActorRef, MessagingErr};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+use crate::CommonArgs;
+
+/// Flags of `hipvisor run`.
+#[derive(Args, Debug)]
+pub(crate) struct RunArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Device operations to submit.
+    #[arg(long, default_value_t = 10_000)]
+    ops: u64,
+    /// Application actors.
+    #[arg(long, default_value_t = 8)]
+    actors: u32,
+    /// Print one JSON object on stdout (and nothing else).
+    #[arg(long)]
+    json: bool,
+}
+
+/// What the application actors observed.
+#[derive(Default)]
+struct Observed {
+    succeeded: u64,
+    failed: u64,
+    missing: u64,
+    wrong: u64,
+    by_class: BTreeMap<&'static str, u64>,
+    latencies_us: Vec<f64>,
+}
+
+struct Job {
+    runtime: Arc<Runtime>,
+    budget: u64,
+    submitted: AtomicU64,
+    observed: Mutex<Observed>,
+    progress: ProgressBar,
+    reply_timeout: Duration,
+}
+
+impl Job {
+    fn record(&self, f: impl FnOnce(&mut Observed)) {
+        f(&mut self.observed.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// Submits one op to `device`'s actor and waits for its answer. `None` is a missing
+    /// reply: no answer within the deadline (plus a margin), or a reply port dropped unanswered.
+    async fn op(&self, device: u32, op: Op) -> Option<OpResult> {
+        self.submitted.fetch_add(1, Ordering::Relaxed);
+        self.progress.inc(1);
+        let started = Instant::now();
+        let result = match self.runtime.device_ref(device) {
+            Ok(actor) => match actor
+                .call(|reply| DeviceMsg::Submit { op, reply }, Some(self.reply_timeout))
+                .await
+            {
+                Ok(CallResult::Success(r)) => Some(r),
+                Ok(CallResult::Timeout | CallResult::SenderError) => None,
+                // The actor is being restarted: use the typed path, which does not need it.
+                Err(MessagingErr::SendErr(DeviceMsg::Submit { op, .. })) => Some(self.direct(device, op).await),
+                Err(_) => None,
+            },
+            Err(_) => Some(self.direct(device, op).await),
+        };
+        let elapsed_us = started.elapsed().as_secs_f64() * 1e6;
+        self.record(|o| match &result {
+            None => o.missing += 1,
+            Some(Ok(_)) => {
+                o.succeeded += 1;
+                o.latencies_us.push(elapsed_us);
+            }
+            Some(Err(e)) => {
+                o.failed += 1;
+                *o.by_class.entry(e.label()).or_default() += 1;
+                o.latencies_us.push(elapsed_us);
+            }
+        });
+        result
+    }
+
+    async fn direct(&self, device: u32, op: Op) -> OpResult {
+        match self.runtime.device(device) {
+            Ok(h) => h.submit(op).await,
+            Err(e) => Err(e),
+        }
+    }
+
+    fn exhausted(&self) -> bool {
+        self.submitted.load(Ordering::Relaxed) >= self.budget
+    }
+}
+
+/// One application actor.
+struct AppActor;
+
+struct AppState {
+    job: Arc<Job>,
+    rng: SmallRng,
+    modules: HashMap<u32, ModuleHandle>,
+}
+
+struct Step;
+
+impl Actor for AppActor {
+    type Msg = Step;
+    type State = AppState;
+    type Arguments = (Arc<Job>, u64);
+
+    async fn pre_start(
+        &self,
+        me: ActorRef<Step>,
+        (job, seed): (Arc<Job>, u64),
+    ) -> Result<AppState, ActorProcessingErr> {
+        me.cast(Step)?;
+        Ok(AppState {
+            job,
+            rng: SmallRng::seed_from_u64(seed),
+            modules: HashMap::new(),
+        })
+    }
+
+    async fn handle(&self, me: ActorRef<Step>, _: Step, st: &mut AppState) -> Result<(), ActorProcessingErr> {
+        if st.job.exhausted() || !iteration(st).await {
+            me.stop(None);
+        } else {
+            me.cast(Step)?;
+        }
+        Ok(())
+    }
+}
+
+/// One iteration; `false` when no device can take work any more.
+async fn iteration(st: &mut AppState) -> bool {
+    let job = st.job.clone();
+    let Ok(device) = job.runtime.any().map(|h| h.index()) else {
+        return false;
+    };
+    let module = match st.modules.get(&device) {
+        Some(m) => *m,
+        None => match job
+            .op(
+                device,
+                Op::LoadModule {
+                    source: ModuleSource::Builtin,
+                },
+            )
+            .await
+        {
+            Some(Ok(Reply::Module(m))) => {
+                st.modules.insert(m.device, m);
+                if m.device != device {
+                    return true;
+                }
+                m
+            }
+            _ => return true,
+        },
+    };
+    let n: u32 = st.rng.random_range(256..4096);
+    let saxpy = st.rng.random_bool(0.5);
+    let xs: Vec<f32> = (0..n).map(|_| st.rng.random_range(-100.0..100.0)).collect();
+    let ys: Vec<f32> = (0..n).map(|_| st.rng.random_range(-100.0..100.0)).collect();
+    let a_coef: f32 = st.rng.random_range(-4.0..4.0);
+    let bytes = 4 * u64::from(n);
+    let mut buffers: Vec<BufferHandle> = Vec::new();
+    let verified = async {
+        let count = if saxpy { 2 } else { 3 };
+        for _ in 0..count {
+            match job.op(device, Op::Alloc { bytes }).await {
+                Some(Ok(Reply::Buffer(b))) => buffers.push(b),
+                _ => return,
+            }
+        }
+        if buffers.iter().any(|b| b.device != device) {
+            return; // an alloc moved to another device (this one was lost): start over
+        }
+        for (b, data) in buffers.iter().zip([&xs, &ys]) {
+            let op = Op::CopyToDevice {
+                dst: *b,
+                offset: 0,
+                data: f32_bytes(data).into(),
+            };
+            if !matches!(job.op(device, op).await, Some(Ok(_))) {
+                return;
+            }
+        }
+        let (function, args, result) = if saxpy {
+            let args = vec![
+                KernelArg::F32(a_coef),
+                KernelArg::Buffer(buffers[0]),
+                KernelArg::Buffer(buffers[1]),
+                KernelArg::U32(n),
+            ];
+            ("saxpy", args, buffers[1])
+        } else {
+            let args = vec![
+                KernelArg::Buffer(buffers[0]),
+                KernelArg::Buffer(buffers[1]),
+                KernelArg::Buffer(buffers[2]),
+                KernelArg::U32(n),
+            ];
+            ("vector_add", args, buffers[2])
+        };
+        let launch = Op::Launch {
+            module,
+            function: function.into(),
+            grid: Dim3::x(n.div_ceil(256)),
+            block: Dim3::x(256),
+            shared_mem_bytes: 0,
+            args,
+        };
+        if !matches!(job.op(device, launch).await, Some(Ok(_))) {
+            return;
+        }
+        let got = match job
+            .op(
+                device,
+                Op::CopyFromDevice {
+                    src: result,
+                    offset: 0,
+                    len: bytes,
+                },
+            )
+            .await
+        {
+            Some(Ok(Reply::Data(d))) => f32s(d.as_bytes()),
+            _ => return,
+        };
+        let ok = if saxpy {
+            let mut want = ys.clone();
+            reference::saxpy(a_coef, &xs, &mut want);
+            got.len() == want.len()
+                && got
+                    .iter()
+                    .zip(&want)
+                    .all(|(g, w)| kernels::within_ulps(*g, *w, SAXPY_TOLERANCE_ULPS))
+        } else {
+            got == reference::vector_add(&xs, &ys)
+        };
+        if !ok {
+            job.record(|o| o.wrong += 1);
+        }
+    };
+    verified.await;
+    for b in buffers {
+        job.op(b.device, Op::Free { buffer: b }).await;
+    }
+    true
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+/// Runs the job; see the module docs for the exit status.
+pub(crate) fn main(args: RunArgs) -> ExitCode {
+    let config = match args.common.load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("hipvisor: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("hipvisor: cannot start tokio: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(run(args, config))
+}
+
+async fn run(args: RunArgs, config: hipvisor::RuntimeConfig) -> ExitCode {
+    let seed = config.sim.seed;
+    let isolation = config.runtime.isolation;
+    let reply_timeout = Duration::from_millis(config.runtime.op_deadline_ms) + Duration::from_secs(5);
+    let runtime = match Runtime::builder().config(config).start().await {
+        Ok(r) => Arc::new(r),
+        Err(e) => {
+            eprintln!("hipvisor: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let progress = ProgressBar::new(args.ops);
+    progress.set_style(
+        ProgressStyle::with_template("{spinner} {pos}/{len} ops [{bar:40}] {per_sec} {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let job = Arc::new(Job {
+        runtime: runtime.clone(),
+        budget: args.ops,
+        submitted: AtomicU64::new(0),
+        observed: Mutex::new(Observed::default()),
+        progress: progress.clone(),
+        reply_timeout,
+    });
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for i in 0..args.actors.max(1) {
+        let worker_seed = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(u64::from(i));
+        match Actor::spawn(None, AppActor, (job.clone(), worker_seed)).await {
+            Ok((_, h)) => handles.push(h),
+            Err(e) => {
+                eprintln!("hipvisor: cannot start an application actor: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    for h in handles {
+        let _ = h.await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    progress.finish_and_clear();
+    let (backend, devices) = (runtime.backend(), runtime.device_count());
+    drop(runtime);
+    finish(args.json, job, backend, isolation, devices, elapsed).await
+}
+
+async fn finish(
+    json_out: bool,
+    job: Arc<Job>,
+    backend: hipvisor::BackendKind,
+    isolation: hipvisor::core::config::Isolation,
+    devices: u32,
+    elapsed: f64,
+) -> ExitCode {
+    let Ok(job) = Arc::try_unwrap(job) else {
+        eprintln!("hipvisor: internal error: the job is still shared");
+        return ExitCode::FAILURE;
+    };
+    let runtime = match Arc::try_unwrap(job.runtime) {
+        Ok(r) => r,
+        Err(_) => {
+            eprintln!("hipvisor: internal error: the runtime is still shared");
+            return ExitCode::FAILURE;
+        }
+    };
+    let snapshot = runtime.shutdown().await;
+    let mut o = job.observed.into_inner().unwrap_or_else(|p| p.into_inner());
+    o.latencies_us.sort_by(f64::total_cmp);
+    let submitted = job.submitted.load(Ordering::Relaxed);
+    let answered = o.succeeded + o.failed;
+    let consistent = snapshot.ops_total == answered && snapshot.ops_succeeded == o.succeeded;
+    let class = |k: &str| o.by_class.get(k).copied().unwrap_or(0);
+    let report = json!({
+        "backend": backend.as_str(),
+        "isolation": isolation.as_str(),
+        "devices": devices,
+        "ops": {
+            "submitted": submitted,
+            "succeeded": o.succeeded,
+            "failed": o.failed,
+            "missing_replies": o.missing,
+            "wrong_results": o.wrong,
+        },
+        "failures_by_class": {
+            "transient": class("transient"),
+            "invalid_request": class("invalid_request"),
+            "sticky": class("sticky"),
+            "device_lost": class("device_lost"),
+            "other": class("other"),
+        },
+        "retries": {
+            "attempts": snapshot.retries.attempts,
+            "succeeded": snapshot.retries.succeeded,
+            "exhausted": snapshot.retries.exhausted,
+        },
+        "restarts": snapshot.restarts,
+        "devices_final": snapshot.devices.iter().map(|d| json!({"id": d.id, "state": d.state.as_str()})).collect::<Vec<_>>(),
+        "latency_us": {"p50": percentile(&o.latencies_us, 0.5), "p99": percentile(&o.latencies_us, 0.99)},
+        "throughput_ops_per_s": if elapsed > 0.0 { submitted as f64 / elapsed } else { 0.0 },
+        "elapsed_s": elapsed,
+        "metrics_consistent": consistent,
+    });
+    if json_out {
+        println!("{report}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+    }
+    if !consistent {
+        eprintln!(
+            "hipvisor: metrics disagree with what the application observed: metrics {} answered / {} succeeded, \
+             observed {answered} / {}",
+            snapshot.ops_total, snapshot.ops_succeeded, o.succeeded
+        );
+    }
+    if o.missing > 0 || o.wrong > 0 || !consistent {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}

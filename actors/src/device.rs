@@ -1,0 +1,490 @@
+//! One device: its shared core ([`DeviceCore`]), its actor ([`DeviceActor`]) and the typed
+//! handle for plain async code ([`DeviceHandle`]).
+//!
+//! The actor never awaits the GPU: a `Submit` is admitted (state, quarantine, breaker,
+//! in-flight bound) and handed with its reply port to the device's executor, which answers
+//! the caller directly. Only when the in-flight bound is reached does a `Submit` wait — in
+//! a task of its own, so the actor keeps serving.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use hipvisor_core::{
+    BreakerConfig, BufferHandle, CircuitBreaker, DeviceInfo, Dim3, KernelArg, MemInfo, ModuleHandle, ModuleSource, Op,
+    OpKind, Origin, Payload, Reply,
+};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::error::{OpResult, RuntimeError};
+use crate::job::{Job, ReplySlot};
+use crate::metrics::{DeviceCounters, MetricsEvent};
+use crate::runtime::Shared;
+use crate::state::{AtomicState, DeviceState};
+
+/// What travels to an executor.
+pub(crate) enum Work {
+    Job(Box<Job>),
+    /// Wakes an executor so it sees its stop flag.
+    Wake,
+}
+
+/// The op an executor is running now, for the watchdog.
+pub(crate) struct Current {
+    pub(crate) slot: ReplySlot,
+    pub(crate) deadline: Instant,
+    pub(crate) op: OpKind,
+}
+
+/// What every part of the runtime shares about one device.
+pub(crate) struct DeviceCore {
+    pub(crate) index: u32,
+    pub(crate) state: AtomicState,
+    pub(crate) reason: Mutex<Option<String>>,
+    pub(crate) epoch: AtomicU64,
+    pub(crate) capacity: u32,
+    pub(crate) permits: Arc<Semaphore>,
+    pub(crate) jobs: (Sender<Work>, Receiver<Work>),
+    pub(crate) priority: (Sender<Work>, Receiver<Work>),
+    pub(crate) counters: Arc<DeviceCounters>,
+    pub(crate) breaker: Option<Mutex<CircuitBreaker>>,
+    pub(crate) quarantined: RwLock<HashSet<(u64, String)>>,
+    /// Modules loaded on the device (id → source), reloaded into a new context.
+    pub(crate) modules: Mutex<BTreeMap<u64, ModuleSource>>,
+    pub(crate) current: Mutex<Option<Current>>,
+    /// First attempts submitted, read by the supervisor's retry budget.
+    pub(crate) requests: AtomicU64,
+    /// Stop flag of the executor running now.
+    pub(crate) executor_stop: Mutex<Arc<AtomicBool>>,
+    pub(crate) deadline: Duration,
+    pub(crate) actor: RwLock<Option<ActorRef<DeviceMsg>>>,
+}
+
+impl DeviceCore {
+    pub(crate) fn new(index: u32, capacity: u32, deadline: Duration, breaker: &BreakerConfig) -> DeviceCore {
+        DeviceCore {
+            index,
+            state: AtomicState::new(DeviceState::Ready),
+            reason: Mutex::new(None),
+            epoch: AtomicU64::new(0),
+            capacity,
+            permits: Arc::new(Semaphore::new(capacity as usize)),
+            jobs: crossbeam_channel::unbounded(),
+            priority: crossbeam_channel::unbounded(),
+            counters: Arc::new(DeviceCounters::default()),
+            breaker: breaker
+                .enabled
+                .then(|| Mutex::new(CircuitBreaker::new(breaker.clone()))),
+            quarantined: RwLock::new(HashSet::new()),
+            modules: Mutex::new(BTreeMap::new()),
+            current: Mutex::new(None),
+            requests: AtomicU64::new(0),
+            executor_stop: Mutex::new(Arc::new(AtomicBool::new(false))),
+            deadline,
+            actor: RwLock::new(None),
+        }
+    }
+
+    /// Ops in flight (admitted and not yet answered).
+    pub(crate) fn in_flight(&self) -> u32 {
+        self.capacity - self.permits.available_permits() as u32
+    }
+
+    pub(crate) fn reason(&self) -> Option<String> {
+        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn is_quarantined(&self, op: &Op) -> Option<RuntimeError> {
+        let Op::Launch { module, function, .. } = op else {
+            return None;
+        };
+        let q = self.quarantined.read().unwrap_or_else(|p| p.into_inner());
+        q.contains(&(module.id, function.clone()))
+            .then(|| RuntimeError::Quarantined {
+                device: self.index,
+                module: module.id,
+                function: function.clone(),
+            })
+    }
+
+    /// The answer for an op that reaches a device that has failed.
+    pub(crate) fn failed_error(&self, may_have_executed: bool) -> RuntimeError {
+        RuntimeError::DeviceFailed {
+            device: self.index,
+            reason: self.reason().unwrap_or_else(|| "device failed".into()),
+            may_have_executed,
+        }
+    }
+
+    /// Admission of an application op: quarantine and breaker.
+    pub(crate) fn admit(&self, op: &Op, shared: &Shared) -> Result<(), RuntimeError> {
+        if let Some(e) = self.is_quarantined(op) {
+            return Err(e);
+        }
+        let Some(breaker) = &self.breaker else { return Ok(()) };
+        let (admission, transition) = breaker.lock().unwrap_or_else(|p| p.into_inner()).admit(Instant::now());
+        if let Some(t) = transition {
+            shared.metrics_event(MetricsEvent::Breaker {
+                device: self.index,
+                state: t.to,
+            });
+        }
+        match admission {
+            hipvisor_core::Admission::Allowed | hipvisor_core::Admission::Probe => Ok(()),
+            hipvisor_core::Admission::Rejected { retry_after } => Err(RuntimeError::CircuitOpen {
+                device: self.index,
+                retry_after_ms: retry_after.as_millis() as u64,
+            }),
+        }
+    }
+
+    /// Records the result of an application op in the breaker.
+    pub(crate) fn breaker_result(&self, ok: bool, shared: &Shared) {
+        let Some(breaker) = &self.breaker else { return };
+        let now = Instant::now();
+        let t = {
+            let mut b = breaker.lock().unwrap_or_else(|p| p.into_inner());
+            if ok {
+                b.record_success(now)
+            } else {
+                b.record_failure(now)
+            }
+        };
+        if let Some(t) = t {
+            shared.metrics_event(MetricsEvent::Breaker {
+                device: self.index,
+                state: t.to,
+            });
+        }
+    }
+
+    pub(crate) fn breaker_state(&self) -> hipvisor_core::BreakerState {
+        match &self.breaker {
+            Some(b) => b.lock().unwrap_or_else(|p| p.into_inner()).state(Instant::now()),
+            None => hipvisor_core::BreakerState::Closed,
+        }
+    }
+
+    /// Queues a job for the executor.
+    pub(crate) fn enqueue(&self, job: Job) {
+        let lane = if job.origin == Origin::Runtime {
+            &self.priority.0
+        } else {
+            &self.jobs.0
+        };
+        // The core owns both ends of its channels, so sending cannot fail.
+        let _ = lane.send(Work::Job(Box::new(job)));
+    }
+
+    /// Answers every queued job with `error(job)` (a failed device, shutdown).
+    pub(crate) fn drain(&self, error: impl Fn(&Job) -> RuntimeError) {
+        for rx in [&self.priority.1, &self.jobs.1] {
+            while let Ok(w) = rx.try_recv() {
+                if let Work::Job(job) = w {
+                    let e = error(&job);
+                    job.answer(Err(e), &self.counters);
+                }
+            }
+        }
+    }
+
+    /// A new job for `op` answering through `port`.
+    pub(crate) fn job(
+        &self,
+        op: Op,
+        origin: Origin,
+        port: RpcReplyPort<OpResult>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Job {
+        let slot = ReplySlot::new(port, op.kind(), origin, self.counters.clone());
+        Job {
+            op,
+            origin,
+            slot,
+            attempts: 0,
+            backoff: None,
+            deadline: Instant::now() + self.deadline,
+            _permit: permit,
+            device: self.index,
+        }
+    }
+}
+
+/// Messages of a [`DeviceActor`]. Plain data and a reply port: no hand-written `Message`
+/// impl, so the type can later travel through `ractor_cluster`.
+#[derive(Debug)]
+pub enum DeviceMsg {
+    /// Executes an op; waits for an in-flight slot when the device is at its bound.
+    Submit {
+        /// The op.
+        op: Op,
+        /// Where the answer goes.
+        reply: RpcReplyPort<OpResult>,
+    },
+    /// Executes an op, or answers `Busy` at once when the device is at its bound.
+    TrySubmit {
+        /// The op.
+        op: Op,
+        /// Where the answer goes.
+        reply: RpcReplyPort<OpResult>,
+    },
+    /// Asks for the device's state.
+    State(RpcReplyPort<DeviceState>),
+    /// Fault injection for tests and chaos runs: the actor panics with this message, and
+    /// its supervisor restarts it.
+    Crash(String),
+}
+
+/// The actor of one device. Its state is built in `pre_start`, so a restart starts clean;
+/// the device's executor and queue are not the actor's to lose, so ops in flight survive
+/// an actor restart.
+pub struct DeviceActor;
+
+/// Arguments of a [`DeviceActor`].
+pub struct DeviceActorArgs {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) device: u32,
+}
+
+/// State of a [`DeviceActor`].
+pub struct DeviceActorState {
+    shared: Arc<Shared>,
+    device: u32,
+}
+
+impl Actor for DeviceActor {
+    type Msg = DeviceMsg;
+    type State = DeviceActorState;
+    type Arguments = DeviceActorArgs;
+
+    async fn pre_start(
+        &self,
+        me: ActorRef<DeviceMsg>,
+        args: DeviceActorArgs,
+    ) -> Result<DeviceActorState, ActorProcessingErr> {
+        let core = &args.shared.cores[args.device as usize];
+        *core.actor.write().unwrap_or_else(|p| p.into_inner()) = Some(me);
+        Ok(DeviceActorState {
+            shared: args.shared,
+            device: args.device,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _me: ActorRef<DeviceMsg>,
+        msg: DeviceMsg,
+        st: &mut DeviceActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            DeviceMsg::Submit { op, reply } => {
+                if let Some((op, reply)) = st.shared.submit_now(st.device, op, reply, false) {
+                    // At the bound: wait for a slot in a task, so the actor keeps serving.
+                    let shared = st.shared.clone();
+                    let device = st.device;
+                    tokio::spawn(async move { shared.submit(device, op, reply, true).await });
+                }
+            }
+            DeviceMsg::TrySubmit { op, reply } => {
+                if let Some((_, reply)) = st.shared.submit_now(st.device, op, reply, true) {
+                    let capacity = st.shared.cores[st.device as usize].capacity;
+                    let _ = reply.send(Err(RuntimeError::Busy {
+                        device: st.device,
+                        capacity,
+                    }));
+                }
+            }
+            DeviceMsg::State(reply) => {
+                let _ = reply.send(st.shared.cores[st.device as usize].state.get());
+            }
+            DeviceMsg::Crash(why) => panic!("device actor {} crashed on request: {why}", st.device),
+        }
+        Ok(())
+    }
+}
+
+/// A typed handle to one device, for plain async code. Cheap to clone.
+///
+/// Every method submits one op and waits for its answer: a result, or a typed
+/// [`RuntimeError`] that says what happened.
+#[derive(Clone)]
+pub struct DeviceHandle {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) device: u32,
+}
+
+macro_rules! expect_reply {
+    ($result:expr, $pat:pat => $out:expr) => {
+        match $result? {
+            $pat => Ok($out),
+            other => unreachable!("the device answered {other:?}"),
+        }
+    };
+}
+
+impl DeviceHandle {
+    /// The device index.
+    pub fn index(&self) -> u32 {
+        self.device
+    }
+
+    /// The device's state now.
+    pub fn state(&self) -> DeviceState {
+        self.shared.cores[self.device as usize].state.get()
+    }
+
+    /// Ops in flight on the device now.
+    pub fn in_flight(&self) -> u32 {
+        self.shared.cores[self.device as usize].in_flight()
+    }
+
+    /// Submits an op, waiting for an in-flight slot if the device is at its bound.
+    ///
+    /// # Errors
+    /// The op's typed error.
+    pub async fn submit(&self, op: Op) -> OpResult {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.shared.submit(self.device, op, tx.into(), true).await;
+        rx.await.unwrap_or(Err(RuntimeError::ShuttingDown))
+    }
+
+    /// Submits an op, failing with [`RuntimeError::Busy`] when the device is at its bound.
+    ///
+    /// # Errors
+    /// The op's typed error, or `Busy`.
+    pub async fn try_submit(&self, op: Op) -> OpResult {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.shared.submit(self.device, op, tx.into(), false).await;
+        rx.await.unwrap_or(Err(RuntimeError::ShuttingDown))
+    }
+
+    /// Allocates `bytes` of device memory.
+    ///
+    /// # Errors
+    /// The op's typed error (out of memory after retries, more than the device has, ...).
+    pub async fn alloc(&self, bytes: u64) -> Result<BufferHandle, RuntimeError> {
+        expect_reply!(self.submit(Op::Alloc { bytes }).await, Reply::Buffer(b) => b)
+    }
+
+    /// Frees a buffer.
+    ///
+    /// # Errors
+    /// The op's typed error (unknown or stale handle, ...).
+    pub async fn free(&self, buffer: BufferHandle) -> Result<(), RuntimeError> {
+        expect_reply!(self.submit(Op::Free { buffer }).await, Reply::Done => ())
+    }
+
+    /// Copies host bytes into `dst` at `offset`.
+    ///
+    /// # Errors
+    /// The op's typed error (out of bounds, stale handle, ...).
+    pub async fn copy_to_device(
+        &self,
+        dst: BufferHandle,
+        offset: u64,
+        data: impl Into<Payload>,
+    ) -> Result<(), RuntimeError> {
+        let op = Op::CopyToDevice {
+            dst,
+            offset,
+            data: data.into(),
+        };
+        expect_reply!(self.submit(op).await, Reply::Done => ())
+    }
+
+    /// Copies `len` bytes at `offset` of `src` to the host.
+    ///
+    /// # Errors
+    /// The op's typed error (out of bounds, stale handle, ...).
+    pub async fn copy_from_device(&self, src: BufferHandle, offset: u64, len: u64) -> Result<Payload, RuntimeError> {
+        expect_reply!(self.submit(Op::CopyFromDevice { src, offset, len }).await, Reply::Data(d) => d)
+    }
+
+    /// Copies between two buffers of this device.
+    ///
+    /// # Errors
+    /// The op's typed error (out of bounds, overlap, ...).
+    pub async fn copy_device_to_device(
+        &self,
+        src: BufferHandle,
+        src_offset: u64,
+        dst: BufferHandle,
+        dst_offset: u64,
+        len: u64,
+    ) -> Result<(), RuntimeError> {
+        let op = Op::CopyDeviceToDevice {
+            src,
+            src_offset,
+            dst,
+            dst_offset,
+            len,
+        };
+        expect_reply!(self.submit(op).await, Reply::Done => ())
+    }
+
+    /// Sets `len` bytes at `offset` of `buffer` to `value`.
+    ///
+    /// # Errors
+    /// The op's typed error.
+    pub async fn memset(&self, buffer: BufferHandle, offset: u64, len: u64, value: u8) -> Result<(), RuntimeError> {
+        expect_reply!(self.submit(Op::Memset { buffer, offset, len, value }).await, Reply::Done => ())
+    }
+
+    /// Loads a kernel module.
+    ///
+    /// # Errors
+    /// The op's typed error (bad image, ...).
+    pub async fn load_module(&self, source: ModuleSource) -> Result<ModuleHandle, RuntimeError> {
+        expect_reply!(self.submit(Op::LoadModule { source }).await, Reply::Module(m) => m)
+    }
+
+    /// Launches `function` of `module` with one-dimensional `grid` × `block`.
+    ///
+    /// # Errors
+    /// The op's typed error (unknown kernel, bad arguments, quarantined, ...).
+    pub async fn launch(
+        &self,
+        module: ModuleHandle,
+        function: &str,
+        grid: u32,
+        block: u32,
+        args: Vec<KernelArg>,
+    ) -> Result<(), RuntimeError> {
+        let op = Op::Launch {
+            module,
+            function: function.to_string(),
+            grid: Dim3::x(grid),
+            block: Dim3::x(block),
+            shared_mem_bytes: 0,
+            args,
+        };
+        expect_reply!(self.submit(op).await, Reply::Done => ())
+    }
+
+    /// Waits for the device's earlier work.
+    ///
+    /// # Errors
+    /// The op's typed error (a sticky fault of an earlier launch surfaces here).
+    pub async fn synchronize(&self) -> Result<(), RuntimeError> {
+        expect_reply!(self.submit(Op::Synchronize).await, Reply::Done => ())
+    }
+
+    /// Free and total memory.
+    ///
+    /// # Errors
+    /// The op's typed error.
+    pub async fn mem_info(&self) -> Result<MemInfo, RuntimeError> {
+        expect_reply!(self.submit(Op::MemInfo).await, Reply::MemInfo(m) => m)
+    }
+
+    /// The device's description.
+    ///
+    /// # Errors
+    /// The op's typed error.
+    pub async fn device_info(&self) -> Result<DeviceInfo, RuntimeError> {
+        expect_reply!(self.submit(Op::DeviceInfo).await, Reply::DeviceInfo(i) => i)
+    }
+}

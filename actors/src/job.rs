@@ -1,0 +1,122 @@
+//! A job is one op on its way through the runtime: the op, its take-once reply slot, its
+//! deadline, its attempts and its in-flight permit (kept across retries).
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use hipvisor_core::{Backoff, Op, OpKind, Origin};
+use ractor::RpcReplyPort;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::error::{OpResult, RuntimeError};
+use crate::metrics::{DeviceCounters, Outcome};
+
+struct SlotInner {
+    port: Mutex<Option<(RpcReplyPort<OpResult>, Arc<DeviceCounters>)>>,
+    op: OpKind,
+    origin: Origin,
+    submitted: Instant,
+}
+
+impl Drop for SlotInner {
+    /// A slot dropped unanswered answers itself: the caller gets a typed error, never a
+    /// hang. (This happens when a task holding a job is dropped: a runtime shutting down.)
+    fn drop(&mut self) {
+        let taken = self
+            .port
+            .get_mut()
+            .map(Option::take)
+            .unwrap_or_else(|p| p.into_inner().take());
+        if let Some((port, counters)) = taken {
+            let result = Err(RuntimeError::ShuttingDown);
+            if self.origin == Origin::Application {
+                counters.answered(self.op, Outcome::of(&result), self.submitted.elapsed(), 0, false);
+            }
+            let _ = port.send(result);
+        }
+    }
+}
+
+/// The take-once answer of one op. Clones share the slot: the first answer wins, later ones
+/// are discarded and counted as late completions.
+#[derive(Clone)]
+pub(crate) struct ReplySlot(Arc<SlotInner>);
+
+impl ReplySlot {
+    pub(crate) fn new(port: RpcReplyPort<OpResult>, op: OpKind, origin: Origin, counters: Arc<DeviceCounters>) -> Self {
+        ReplySlot(Arc::new(SlotInner {
+            port: Mutex::new(Some((port, counters))),
+            op,
+            origin,
+            submitted: Instant::now(),
+        }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(RpcReplyPort<OpResult>, Arc<DeviceCounters>)>> {
+        self.0.port.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the op has been answered already.
+    pub(crate) fn is_answered(&self) -> bool {
+        self.lock().is_none()
+    }
+
+    /// Counts further answers under `counters` (the op moved to another device).
+    pub(crate) fn retarget(&self, counters: Arc<DeviceCounters>) {
+        if let Some((_, c)) = self.lock().as_mut() {
+            *c = counters;
+        }
+    }
+
+    /// Answers the op (counted in its device's metrics); `false` when it was answered
+    /// already, in which case `late` is counted as a late completion.
+    pub(crate) fn answer(&self, result: OpResult, attempts: u32, late: &DeviceCounters) -> bool {
+        let Some((port, counters)) = self.lock().take() else {
+            late.late_completion();
+            return false;
+        };
+        if self.0.origin == Origin::Application {
+            let exhausted = matches!(
+                result,
+                Err(RuntimeError::RetriesExhausted { .. } | RuntimeError::RetryBudgetExhausted { .. })
+            );
+            counters.answered(
+                self.0.op,
+                Outcome::of(&result),
+                self.0.submitted.elapsed(),
+                attempts,
+                exhausted,
+            );
+        }
+        // The caller may have gone away (dropped its receiver): the answer is still counted.
+        let _ = port.send(result);
+        true
+    }
+}
+
+/// One op in flight.
+pub(crate) struct Job {
+    pub(crate) op: Op,
+    pub(crate) origin: Origin,
+    pub(crate) slot: ReplySlot,
+    /// Executions so far.
+    pub(crate) attempts: u32,
+    /// Created at the first transient failure.
+    pub(crate) backoff: Option<Backoff>,
+    pub(crate) deadline: Instant,
+    /// The in-flight slot, held until the op is answered (across retries).
+    pub(crate) _permit: Option<OwnedSemaphorePermit>,
+    /// The device the op runs on (it may move when its device is lost).
+    pub(crate) device: u32,
+}
+
+impl Job {
+    /// Answers the job.
+    pub(crate) fn answer(self, result: OpResult, late: &DeviceCounters) -> bool {
+        self.slot.answer(result, self.attempts, late)
+    }
+
+    pub(crate) fn kind(&self) -> OpKind {
+        self.op.kind()
+    }
+}

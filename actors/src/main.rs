@@ -1,0 +1,136 @@
+//! The `hipvisor` command line: `run` (the main job), `devices`, `config`.
+//!
+//! Logs and progress go to stderr; with `--json`, stdout carries exactly one JSON object.
+
+mod cli;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use hipvisor::core::config::{ConfigLoader, Isolation};
+use hipvisor::{BackendKind, RuntimeConfig};
+
+/// A supervised multi-GPU runtime.
+#[derive(Parser)]
+#[command(name = "hipvisor", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the main job: application actors allocate, upload, launch, download and verify.
+    Run(cli::run::RunArgs),
+    /// List the backend's devices.
+    Devices(CommonArgs),
+    /// Print the effective configuration (file, environment, flags) as TOML.
+    Config(CommonArgs),
+}
+
+/// Flags shared by every command; each overrides the configuration.
+#[derive(Args, Clone, Debug)]
+pub(crate) struct CommonArgs {
+    /// Config file (default: config/default.toml if present, else built-in defaults).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Backend: sim, hip or cuda.
+    #[arg(long, value_enum)]
+    backend: Option<BackendArg>,
+    /// Number of simulated devices, or the first N real devices.
+    #[arg(long)]
+    devices: Option<u32>,
+    /// Isolation: thread or process.
+    #[arg(long, value_enum)]
+    isolation: Option<IsolationArg>,
+    /// Seed of the simulator's fault plan (overrides sim.seed).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum BackendArg {
+    Sim,
+    Hip,
+    Cuda,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum IsolationArg {
+    Thread,
+    Process,
+}
+
+impl CommonArgs {
+    /// Loads the configuration: file, then environment, then these flags.
+    pub(crate) fn load(&self) -> Result<RuntimeConfig, String> {
+        let default = PathBuf::from("config/default.toml");
+        let path = self.config.clone().or_else(|| default.exists().then_some(default));
+        let mut overrides = Vec::new();
+        let backend = self.backend.map(|b| match b {
+            BackendArg::Sim => BackendKind::Sim,
+            BackendArg::Hip => BackendKind::Hip,
+            BackendArg::Cuda => BackendKind::Cuda,
+        });
+        if let Some(b) = backend {
+            overrides.push(("runtime.backend".to_string(), b.as_str().to_string()));
+        }
+        if let Some(i) = self.isolation {
+            let i = match i {
+                IsolationArg::Thread => Isolation::Thread,
+                IsolationArg::Process => Isolation::Process,
+            };
+            overrides.push(("runtime.isolation".to_string(), i.as_str().to_string()));
+        }
+        if let Some(s) = self.seed {
+            overrides.push(("sim.seed".to_string(), s.to_string()));
+        }
+        let mut loader = ConfigLoader::new()
+            .file(path.as_deref())
+            .env(std::env::vars())
+            .overrides(&overrides);
+        if let Some(n) = self.devices {
+            // For the simulator, --devices is the number of simulated devices; for real
+            // backends, the first N devices.
+            let probe = loader.clone().load().map_err(|e| e.to_string())?;
+            let key = if probe.runtime.backend == BackendKind::Sim {
+                "sim.devices"
+            } else {
+                "runtime.devices"
+            };
+            overrides.push((key.to_string(), n.to_string()));
+            loader = loader.overrides(&overrides);
+        }
+        loader.load().map_err(|e| e.to_string())
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match cli.command {
+        Command::Run(args) => cli::run::main(args),
+        Command::Devices(args) => cli::devices(&args),
+        Command::Config(args) => match args.load() {
+            Ok(c) => {
+                print!("{}", c.to_toml());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("hipvisor: {e}");
+                ExitCode::from(2)
+            }
+        },
+    }
+}

@@ -1,0 +1,590 @@
+//! Metrics: local per-device counters on the hot path, and the [`MetricsActor`] that
+//! aggregates their deltas, answers [`Snapshot`] requests and records OpenTelemetry
+//! instruments.
+//!
+//! The hot path sends no message per op: whoever answers an op bumps atomic counters of its
+//! device ([`DeviceCounters`]); the runtime flushes their deltas to the metrics actor every
+//! `telemetry.flush_interval_ms` and at shutdown. State changes, restarts, breaker changes and
+//! quarantines are sent at once.
+//!
+//! OpenTelemetry instruments (names per ARCHITECTURE.md; the Prometheus exporter adds
+//! `_total` to counters and unit suffixes): `gpu.retry.attempts`, `gpu.retry.success`,
+//! `gpu.retry.failed` (counters), `gpu.retry.attempt` (histogram: which attempt succeeded),
+//! `gpu.ops{device,op,outcome}` (counter), `gpu.op.duration` (histogram, seconds),
+//! `gpu.device.restarts` (counter), `gpu.device.state{device,state}` (gauge, 1 for the
+//! current state, 0 for the others). Op durations are kept in fixed buckets locally and
+//! recorded at each bucket's upper bound, so bucket counts are exact and sums approximate.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use hipvisor_core::{BreakerState, ErrorClass, OpKind};
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde::{Deserialize, Serialize};
+
+use crate::error::OpResult;
+use crate::state::DeviceState;
+
+/// The outcome of an answered op, as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The op succeeded.
+    Success,
+    /// Failed with a transient error (retries exhausted or not allowed).
+    Transient,
+    /// Failed as an invalid request.
+    InvalidRequest,
+    /// Failed with a sticky fault.
+    Sticky,
+    /// Failed because the device is lost.
+    DeviceLost,
+    /// Another typed runtime outcome (deadline, busy, breaker, quarantine, restart, ...).
+    Other,
+}
+
+impl Outcome {
+    /// Every outcome.
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Success,
+        Outcome::Transient,
+        Outcome::InvalidRequest,
+        Outcome::Sticky,
+        Outcome::DeviceLost,
+        Outcome::Other,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Transient => "transient",
+            Outcome::InvalidRequest => "invalid_request",
+            Outcome::Sticky => "sticky",
+            Outcome::DeviceLost => "device_lost",
+            Outcome::Other => "other",
+        }
+    }
+
+    /// The outcome of a result.
+    pub fn of(result: &OpResult) -> Outcome {
+        match result {
+            Ok(_) => Outcome::Success,
+            Err(e) => match e.class() {
+                Some(ErrorClass::Transient) => Outcome::Transient,
+                Some(ErrorClass::InvalidRequest) => Outcome::InvalidRequest,
+                Some(ErrorClass::Sticky) => Outcome::Sticky,
+                Some(ErrorClass::DeviceLost) => Outcome::DeviceLost,
+                None => Outcome::Other,
+            },
+        }
+    }
+}
+
+/// Upper bounds (seconds) of the op-duration buckets: 1 µs to 10 s.
+pub const DURATION_BUCKETS: [f64; 22] = [
+    1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+];
+const NB: usize = DURATION_BUCKETS.len() + 1;
+/// Attempt numbers kept apart in the "which attempt succeeded" histogram (higher ones are
+/// counted in the last slot).
+pub const MAX_TRACKED_ATTEMPT: usize = 32;
+const KINDS: usize = OpKind::ALL.len();
+const OUTCOMES: usize = Outcome::ALL.len();
+
+fn bucket_of(d: Duration) -> usize {
+    let s = d.as_secs_f64();
+    DURATION_BUCKETS.iter().position(|b| s <= *b).unwrap_or(NB - 1)
+}
+
+/// One device's counters, bumped by whoever answers an op; swapped out by the flush.
+#[derive(Debug)]
+pub struct DeviceCounters {
+    ops: [[AtomicU64; OUTCOMES]; KINDS],
+    durations: [[AtomicU64; NB]; KINDS],
+    duration_ns: [AtomicU64; KINDS],
+    success_attempt: [AtomicU64; MAX_TRACKED_ATTEMPT + 1],
+    retry_attempts: AtomicU64,
+    retry_success: AtomicU64,
+    retry_exhausted: AtomicU64,
+    late: AtomicU64,
+}
+
+impl Default for DeviceCounters {
+    fn default() -> Self {
+        DeviceCounters {
+            ops: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
+            durations: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
+            duration_ns: std::array::from_fn(|_| AtomicU64::new(0)),
+            success_attempt: std::array::from_fn(|_| AtomicU64::new(0)),
+            retry_attempts: AtomicU64::new(0),
+            retry_success: AtomicU64::new(0),
+            retry_exhausted: AtomicU64::new(0),
+            late: AtomicU64::new(0),
+        }
+    }
+}
+
+impl DeviceCounters {
+    /// Counts an answered application op: its outcome, duration and attempts.
+    pub fn answered(&self, op: OpKind, outcome: Outcome, elapsed: Duration, attempts: u32, exhausted: bool) {
+        let k = op as usize;
+        self.ops[k][outcome as usize].fetch_add(1, Ordering::Relaxed);
+        self.durations[k][bucket_of(elapsed)].fetch_add(1, Ordering::Relaxed);
+        self.duration_ns[k].fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+        if outcome == Outcome::Success {
+            let slot = (attempts.max(1) as usize).min(MAX_TRACKED_ATTEMPT);
+            self.success_attempt[slot].fetch_add(1, Ordering::Relaxed);
+            if attempts > 1 {
+                self.retry_success.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if exhausted {
+            self.retry_exhausted.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a retry (a re-execution scheduled after a transient error).
+    pub fn retried(&self) {
+        self.retry_attempts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a completion that arrived after its op had been answered (deadline, shutdown).
+    pub fn late_completion(&self) {
+        self.late.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes the counts since the last call.
+    pub fn take(&self) -> CounterDelta {
+        let take = |a: &AtomicU64| a.swap(0, Ordering::Relaxed);
+        CounterDelta {
+            ops: std::array::from_fn(|k| std::array::from_fn(|o| take(&self.ops[k][o]))),
+            durations: std::array::from_fn(|k| std::array::from_fn(|b| take(&self.durations[k][b]))),
+            duration_ns: std::array::from_fn(|k| take(&self.duration_ns[k])),
+            success_attempt: std::array::from_fn(|a| take(&self.success_attempt[a])),
+            retry_attempts: take(&self.retry_attempts),
+            retry_success: take(&self.retry_success),
+            retry_exhausted: take(&self.retry_exhausted),
+            late: take(&self.late),
+        }
+    }
+}
+
+/// Counts taken from a [`DeviceCounters`].
+#[derive(Debug, Clone)]
+pub struct CounterDelta {
+    ops: [[u64; OUTCOMES]; KINDS],
+    durations: [[u64; NB]; KINDS],
+    duration_ns: [u64; KINDS],
+    success_attempt: [u64; MAX_TRACKED_ATTEMPT + 1],
+    retry_attempts: u64,
+    retry_success: u64,
+    retry_exhausted: u64,
+    late: u64,
+}
+
+impl CounterDelta {
+    fn is_empty(&self) -> bool {
+        self.ops.iter().flatten().all(|c| *c == 0) && self.retry_attempts == 0 && self.late == 0
+    }
+}
+
+/// Ops counted for one (device, op kind, outcome).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpCount {
+    /// The device.
+    pub device: u32,
+    /// The op kind.
+    pub op: OpKind,
+    /// The outcome.
+    pub outcome: Outcome,
+    /// How many.
+    pub count: u64,
+}
+
+/// Retry statistics.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryStats {
+    /// Retries made (re-executions after a transient error).
+    pub attempts: u64,
+    /// Ops that succeeded after at least one retry.
+    pub succeeded: u64,
+    /// Ops whose retries (or retry budget) ran out.
+    pub exhausted: u64,
+    /// Successful ops by the attempt that succeeded (1 = first try).
+    pub success_by_attempt: BTreeMap<u32, u64>,
+}
+
+/// One device in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceSnapshot {
+    /// The device index.
+    pub id: u32,
+    /// Its state.
+    pub state: DeviceState,
+    /// Why it is in that state (for lost and failed devices).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Restarts so far.
+    pub restarts: u64,
+    /// Its circuit breaker's state.
+    pub breaker: BreakerState,
+}
+
+/// A quarantined kernel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineEntry {
+    /// The device.
+    pub device: u32,
+    /// The module id.
+    pub module: u64,
+    /// The kernel.
+    pub function: String,
+}
+
+/// Op durations of one kind.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DurationStats {
+    /// Ops measured.
+    pub count: u64,
+    /// Sum of their durations in seconds.
+    pub sum_seconds: f64,
+    /// Cumulative counts per bucket upper bound ([`DURATION_BUCKETS`], then +Inf).
+    pub buckets: Vec<u64>,
+}
+
+/// The metrics actor's aggregate: what the runtime has done so far.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Answered application ops.
+    pub ops_total: u64,
+    /// Of which succeeded.
+    pub ops_succeeded: u64,
+    /// Of which failed (with a typed error).
+    pub ops_failed: u64,
+    /// Answered ops by outcome.
+    pub ops_by_outcome: BTreeMap<Outcome, u64>,
+    /// Answered ops by device, kind and outcome.
+    pub ops: Vec<OpCount>,
+    /// Retry statistics.
+    pub retries: RetryStats,
+    /// Device restarts (all devices).
+    pub restarts: u64,
+    /// Sticky faults (one per fault event, not per failed op).
+    pub sticky_faults: u64,
+    /// Completions that arrived after their op had been answered.
+    pub late_completions: u64,
+    /// Circuit breaker state changes.
+    pub breaker_transitions: u64,
+    /// Quarantined kernels.
+    pub quarantined: Vec<QuarantineEntry>,
+    /// The devices.
+    pub devices: Vec<DeviceSnapshot>,
+    /// Op durations by kind.
+    pub durations: BTreeMap<OpKind, DurationStats>,
+}
+
+/// Events the runtime sends the metrics actor at once.
+#[derive(Debug, Clone)]
+pub enum MetricsEvent {
+    /// A device changed state.
+    State {
+        /// The device.
+        device: u32,
+        /// The new state.
+        state: DeviceState,
+        /// Why.
+        reason: Option<String>,
+    },
+    /// A device was restarted.
+    Restart {
+        /// The device.
+        device: u32,
+    },
+    /// A sticky fault (one event, however many ops it failed).
+    StickyFault {
+        /// The device where it surfaced.
+        device: u32,
+    },
+    /// A breaker changed state.
+    Breaker {
+        /// The device.
+        device: u32,
+        /// The new state.
+        state: BreakerState,
+    },
+    /// A kernel was quarantined.
+    Quarantined(QuarantineEntry),
+}
+
+/// Messages of the [`MetricsActor`].
+#[derive(Debug)]
+pub enum MetricsMsg {
+    /// Counts flushed from a device.
+    Delta(u32, Box<CounterDelta>),
+    /// An event.
+    Event(MetricsEvent),
+    /// Asks for the aggregate so far.
+    Snapshot(RpcReplyPort<Snapshot>),
+}
+
+/// The OpenTelemetry instruments.
+struct Instruments {
+    retry_attempts: Counter<u64>,
+    retry_success: Counter<u64>,
+    retry_failed: Counter<u64>,
+    retry_attempt: Histogram<u64>,
+    ops: Counter<u64>,
+    duration: Histogram<f64>,
+    restarts: Counter<u64>,
+    state: Gauge<i64>,
+}
+
+impl Instruments {
+    fn new(meter: &Meter, max_retries: u32) -> Instruments {
+        Instruments {
+            retry_attempts: meter
+                .u64_counter("gpu.retry.attempts")
+                .with_description("Retries of GPU operations after transient errors")
+                .build(),
+            retry_success: meter
+                .u64_counter("gpu.retry.success")
+                .with_description("GPU operations that succeeded after at least one retry")
+                .build(),
+            retry_failed: meter
+                .u64_counter("gpu.retry.failed")
+                .with_description("GPU operations whose retries or retry budget ran out")
+                .build(),
+            retry_attempt: meter
+                .u64_histogram("gpu.retry.attempt")
+                .with_description("The attempt on which a GPU operation succeeded (1 = first try)")
+                .with_boundaries((1..=max_retries + 1).map(f64::from).collect())
+                .build(),
+            ops: meter
+                .u64_counter("gpu.ops")
+                .with_description("GPU operations answered, by device, op kind and outcome")
+                .build(),
+            duration: meter
+                .f64_histogram("gpu.op.duration")
+                .with_unit("s")
+                .with_description("Time from submission to answer of GPU operations")
+                .with_boundaries(DURATION_BUCKETS.to_vec())
+                .build(),
+            restarts: meter
+                .u64_counter("gpu.device.restarts")
+                .with_description("Device restarts (new context or worker)")
+                .build(),
+            state: meter
+                .i64_gauge("gpu.device.state")
+                .with_description("1 for the device's current state, 0 for the others")
+                .build(),
+        }
+    }
+}
+
+/// Arguments of the [`MetricsActor`].
+pub struct MetricsArgs {
+    /// The meter to record instruments on.
+    pub meter: Meter,
+    /// Number of devices.
+    pub devices: u32,
+    /// The retry policy's `max_retries` (bounds of the attempt histogram).
+    pub max_retries: u32,
+}
+
+/// The metrics actor's state.
+pub struct MetricsState {
+    snapshot: Snapshot,
+    ops: BTreeMap<(u32, OpKind, Outcome), u64>,
+    instruments: Instruments,
+}
+
+/// Aggregates the runtime's counters and events; answers [`MetricsMsg::Snapshot`].
+pub struct MetricsActor;
+
+impl Actor for MetricsActor {
+    type Msg = MetricsMsg;
+    type State = MetricsState;
+    type Arguments = MetricsArgs;
+
+    async fn pre_start(
+        &self,
+        _me: ActorRef<MetricsMsg>,
+        args: MetricsArgs,
+    ) -> Result<MetricsState, ActorProcessingErr> {
+        let devices = (0..args.devices)
+            .map(|id| DeviceSnapshot {
+                id,
+                state: DeviceState::Ready,
+                reason: None,
+                restarts: 0,
+                breaker: BreakerState::Closed,
+            })
+            .collect();
+        let instruments = Instruments::new(&args.meter, args.max_retries);
+        for d in 0..args.devices {
+            record_state(&instruments, d, DeviceState::Ready);
+        }
+        Ok(MetricsState {
+            snapshot: Snapshot {
+                devices,
+                ..Snapshot::default()
+            },
+            ops: BTreeMap::new(),
+            instruments,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _me: ActorRef<MetricsMsg>,
+        msg: MetricsMsg,
+        st: &mut MetricsState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            MetricsMsg::Delta(device, delta) => st.apply(device, &delta),
+            MetricsMsg::Event(e) => st.event(e),
+            MetricsMsg::Snapshot(port) => {
+                let mut s = st.snapshot.clone();
+                s.ops = st
+                    .ops
+                    .iter()
+                    .map(|(&(device, op, outcome), &count)| OpCount {
+                        device,
+                        op,
+                        outcome,
+                        count,
+                    })
+                    .collect();
+                let _ = port.send(s);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn record_state(ins: &Instruments, device: u32, state: DeviceState) {
+    for s in DeviceState::ALL {
+        let attrs = [
+            KeyValue::new("device", i64::from(device)),
+            KeyValue::new("state", s.as_str()),
+        ];
+        ins.state.record(i64::from(s == state), &attrs);
+    }
+}
+
+impl MetricsState {
+    fn apply(&mut self, device: u32, d: &CounterDelta) {
+        if d.is_empty() {
+            return;
+        }
+        let s = &mut self.snapshot;
+        let ins = &self.instruments;
+        let dev = KeyValue::new("device", i64::from(device));
+        for (k, op) in OpKind::ALL.iter().enumerate() {
+            for (o, outcome) in Outcome::ALL.iter().enumerate() {
+                let n = d.ops[k][o];
+                if n == 0 {
+                    continue;
+                }
+                *self.ops.entry((device, *op, *outcome)).or_default() += n;
+                *s.ops_by_outcome.entry(*outcome).or_default() += n;
+                s.ops_total += n;
+                if *outcome == Outcome::Success {
+                    s.ops_succeeded += n;
+                } else {
+                    s.ops_failed += n;
+                }
+                ins.ops.add(
+                    n,
+                    &[
+                        dev.clone(),
+                        KeyValue::new("op", op.as_str()),
+                        KeyValue::new("outcome", outcome.as_str()),
+                    ],
+                );
+            }
+            let count: u64 = d.durations[k].iter().sum();
+            if count > 0 {
+                let stats = s.durations.entry(*op).or_insert_with(|| DurationStats {
+                    buckets: vec![0; NB],
+                    ..DurationStats::default()
+                });
+                stats.count += count;
+                stats.sum_seconds += d.duration_ns[k] as f64 / 1e9;
+                let mut cumulative = 0;
+                let attrs = [dev.clone(), KeyValue::new("op", op.as_str())];
+                for (b, n) in d.durations[k].iter().enumerate() {
+                    cumulative += n;
+                    stats.buckets[b] += cumulative;
+                    let value = DURATION_BUCKETS
+                        .get(b)
+                        .copied()
+                        .unwrap_or(2.0 * DURATION_BUCKETS[NB - 2]);
+                    for _ in 0..*n {
+                        ins.duration.record(value, &attrs);
+                    }
+                }
+            }
+        }
+        for (attempt, n) in d.success_attempt.iter().enumerate() {
+            if *n > 0 {
+                *s.retries.success_by_attempt.entry(attempt as u32).or_default() += n;
+                for _ in 0..*n {
+                    ins.retry_attempt.record(attempt as u64, std::slice::from_ref(&dev));
+                }
+            }
+        }
+        s.retries.attempts += d.retry_attempts;
+        s.retries.succeeded += d.retry_success;
+        s.retries.exhausted += d.retry_exhausted;
+        s.late_completions += d.late;
+        let attrs = std::slice::from_ref(&dev);
+        if d.retry_attempts > 0 {
+            ins.retry_attempts.add(d.retry_attempts, attrs);
+        }
+        if d.retry_success > 0 {
+            ins.retry_success.add(d.retry_success, attrs);
+        }
+        if d.retry_exhausted > 0 {
+            ins.retry_failed.add(d.retry_exhausted, attrs);
+        }
+    }
+
+    fn device(&mut self, id: u32) -> Option<&mut DeviceSnapshot> {
+        self.snapshot.devices.get_mut(id as usize)
+    }
+
+    fn event(&mut self, e: MetricsEvent) {
+        match e {
+            MetricsEvent::State { device, state, reason } => {
+                record_state(&self.instruments, device, state);
+                if let Some(d) = self.device(device) {
+                    d.state = state;
+                    d.reason = reason;
+                }
+            }
+            MetricsEvent::Restart { device } => {
+                self.snapshot.restarts += 1;
+                self.instruments
+                    .restarts
+                    .add(1, &[KeyValue::new("device", i64::from(device))]);
+                if let Some(d) = self.device(device) {
+                    d.restarts += 1;
+                }
+            }
+            MetricsEvent::StickyFault { .. } => self.snapshot.sticky_faults += 1,
+            MetricsEvent::Breaker { device, state } => {
+                self.snapshot.breaker_transitions += 1;
+                if let Some(d) = self.device(device) {
+                    d.breaker = state;
+                }
+            }
+            MetricsEvent::Quarantined(q) => self.snapshot.quarantined.push(q),
+        }
+    }
+}

@@ -1,0 +1,646 @@
+//! The runtime facade: [`Runtime`], [`RuntimeBuilder`], and the state its parts share.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hipvisor_core::config::Isolation;
+use hipvisor_core::{
+    Backend, BackendKind, ConfigError, GpuError, MemInfo, Op, Origin, Reply, RuntimeConfig, SimBackend,
+};
+use opentelemetry::metrics::Meter;
+use ractor::{Actor, ActorRef, RpcReplyPort};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+
+use crate::device::{DeviceActor, DeviceCore, DeviceHandle, DeviceMsg, Work};
+use crate::error::{OpResult, RuntimeError};
+use crate::executor;
+use crate::job::Job;
+use crate::metrics::{MetricsActor, MetricsArgs, MetricsEvent, MetricsMsg, Snapshot};
+use crate::state::{DeviceState, DeviceStateChange};
+use crate::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
+
+/// Why the runtime could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The backend could not be used (no driver, no device, ...).
+    #[error("backend {backend}: {error}")]
+    Backend {
+        /// The backend.
+        backend: BackendKind,
+        /// What failed.
+        error: GpuError,
+    },
+    /// The backend is not part of this build, or the isolation is not available.
+    #[error("{0}")]
+    Unsupported(String),
+    /// An actor or thread could not be started.
+    #[error("could not start {what}: {why}")]
+    Spawn {
+        /// What.
+        what: String,
+        /// Why.
+        why: String,
+    },
+}
+
+/// What every part of the runtime shares.
+pub(crate) struct Shared {
+    pub(crate) cores: Vec<Arc<DeviceCore>>,
+    pub(crate) backend: Arc<dyn Backend>,
+    pub(crate) config: RuntimeConfig,
+    pub(crate) closing: AtomicBool,
+    pub(crate) states: broadcast::Sender<DeviceStateChange>,
+    pub(crate) metrics: ActorRef<MetricsMsg>,
+    pub(crate) supervisor: Mutex<Option<ActorRef<SupervisorMsg>>>,
+}
+
+impl Shared {
+    pub(crate) fn metrics_event(&self, e: MetricsEvent) {
+        let _ = self.metrics.cast(MetricsMsg::Event(e));
+    }
+
+    /// Sends a report to the supervisor; if it is gone, answers the op itself.
+    pub(crate) fn report(&self, msg: SupervisorMsg) {
+        let sup = self.supervisor.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let undelivered = match sup {
+            Some(s) => match s.cast(msg) {
+                Ok(()) => None,
+                Err(ractor::MessagingErr::SendErr(m)) => Some(m),
+                Err(_) => None,
+            },
+            None => Some(msg),
+        };
+        if let Some(SupervisorMsg::Failed(f)) = undelivered {
+            let core = &self.cores[f.device as usize];
+            f.job.answer(Err(RuntimeError::Gpu(f.error)), &core.counters);
+        }
+    }
+
+    /// Changes a device's state, telling subscribers and the metrics actor.
+    pub(crate) fn set_state(&self, device: u32, to: DeviceState, reason: Option<String>) {
+        let core = &self.cores[device as usize];
+        *core.reason.lock().unwrap_or_else(|p| p.into_inner()) = reason.clone();
+        let from = core.state.set(to);
+        if from == to {
+            return;
+        }
+        tracing::info!(
+            device,
+            from = from.as_str(),
+            to = to.as_str(),
+            reason = reason.as_deref().unwrap_or(""),
+            "device state"
+        );
+        self.metrics_event(MetricsEvent::State {
+            device,
+            state: to,
+            reason: reason.clone(),
+        });
+        let _ = self.states.send(DeviceStateChange {
+            device,
+            from,
+            to,
+            reason,
+        });
+    }
+
+    /// The least-loaded ready device other than `except`.
+    pub(crate) fn least_loaded(&self, except: Option<u32>) -> Option<u32> {
+        self.cores
+            .iter()
+            .filter(|c| c.state.get() == DeviceState::Ready && Some(c.index) != except)
+            .min_by_key(|c| c.in_flight())
+            .map(|c| c.index)
+    }
+
+    /// Whether an op may run on another device than the one it was sent to: it uses no
+    /// buffer or module of its device, and its answer does not describe the device.
+    pub(crate) fn movable(op: &Op) -> bool {
+        matches!(op, Op::Alloc { .. } | Op::LoadModule { .. })
+    }
+
+    /// Admits and queues an op if it can be done without waiting; otherwise gives it back
+    /// (the device is at its in-flight bound).
+    pub(crate) fn submit_now(
+        self: &Arc<Self>,
+        device: u32,
+        op: Op,
+        reply: RpcReplyPort<OpResult>,
+        busy_is_final: bool,
+    ) -> Option<(Op, RpcReplyPort<OpResult>)> {
+        match self.route(device, &op) {
+            Err(e) => {
+                self.answer_unqueued(device, op, reply, e);
+                None
+            }
+            Ok(target) => {
+                let core = &self.cores[target as usize];
+                match core.permits.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        self.admit_and_queue(target, op, reply, permit);
+                        None
+                    }
+                    Err(_) if busy_is_final => {
+                        let _ = reply.send(Err(RuntimeError::Busy {
+                            device: target,
+                            capacity: core.capacity,
+                        }));
+                        None
+                    }
+                    Err(_) => Some((op, reply)),
+                }
+            }
+        }
+    }
+
+    /// Admits and queues an op, waiting for an in-flight slot if `wait`.
+    pub(crate) async fn submit(self: &Arc<Self>, device: u32, op: Op, reply: RpcReplyPort<OpResult>, wait: bool) {
+        let Some((op, reply)) = self.submit_now(device, op, reply, !wait) else {
+            return;
+        };
+        let target = match self.route(device, &op) {
+            Ok(t) => t,
+            Err(e) => return self.answer_unqueued(device, op, reply, e),
+        };
+        let permit = match self.cores[target as usize].permits.clone().acquire_owned().await {
+            Ok(p) => p,
+            Err(_) => return self.answer_unqueued(device, op, reply, RuntimeError::ShuttingDown),
+        };
+        if self.closing.load(Ordering::Acquire) {
+            return self.answer_unqueued(device, op, reply, RuntimeError::ShuttingDown);
+        }
+        self.admit_and_queue(target, op, reply, permit);
+    }
+
+    /// Where an op sent to `device` goes: the device itself, another one if it is lost and
+    /// the op may move, or an immediate typed error.
+    fn route(&self, device: u32, op: &Op) -> Result<u32, RuntimeError> {
+        if self.closing.load(Ordering::Acquire) {
+            return Err(RuntimeError::ShuttingDown);
+        }
+        let count = self.cores.len() as u32;
+        let core = self
+            .cores
+            .get(device as usize)
+            .ok_or(RuntimeError::NoSuchDevice { device, count })?;
+        match core.state.get() {
+            DeviceState::Ready | DeviceState::Restarting => Ok(device),
+            DeviceState::Failed => Err(core.failed_error(false)),
+            DeviceState::Lost => match Self::movable(op).then(|| self.least_loaded(Some(device))).flatten() {
+                Some(other) => Ok(other),
+                None => Err(RuntimeError::DeviceLost {
+                    device,
+                    may_have_executed: false,
+                }),
+            },
+        }
+    }
+
+    fn answer_unqueued(&self, device: u32, op: Op, reply: RpcReplyPort<OpResult>, e: RuntimeError) {
+        let core = &self.cores[(device as usize).min(self.cores.len() - 1)];
+        let job = core.job(op, Origin::Application, reply, None);
+        job.answer(Err(e), &core.counters);
+    }
+
+    fn admit_and_queue(
+        &self,
+        device: u32,
+        op: Op,
+        reply: RpcReplyPort<OpResult>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        let core = &self.cores[device as usize];
+        match core.admit(&op, self) {
+            Err(e) => {
+                let job = core.job(op, Origin::Application, reply, None);
+                job.answer(Err(e), &core.counters);
+            }
+            Ok(()) => {
+                core.requests.fetch_add(1, Ordering::Relaxed);
+                core.enqueue(core.job(op, Origin::Application, reply, Some(permit)));
+            }
+        }
+    }
+
+    /// Queues a job again (a retry after its backoff, or a move to another device).
+    pub(crate) fn resubmit(&self, mut job: Job) {
+        if self.closing.load(Ordering::Acquire) {
+            let core = &self.cores[job.device as usize];
+            job.answer(Err(RuntimeError::ShuttingDown), &core.counters);
+            return;
+        }
+        let core = &self.cores[job.device as usize];
+        match core.state.get() {
+            DeviceState::Failed => {
+                let e = core.failed_error(false);
+                job.answer(Err(e), &core.counters);
+            }
+            DeviceState::Lost => match Self::movable(&job.op)
+                .then(|| self.least_loaded(Some(job.device)))
+                .flatten()
+            {
+                Some(other) => {
+                    job.device = other;
+                    let to = &self.cores[other as usize];
+                    job.slot.retarget(to.counters.clone());
+                    to.enqueue(job);
+                }
+                None => {
+                    let device = job.device;
+                    job.answer(
+                        Err(RuntimeError::DeviceLost {
+                            device,
+                            may_have_executed: false,
+                        }),
+                        &core.counters,
+                    );
+                }
+            },
+            DeviceState::Ready | DeviceState::Restarting => core.enqueue(job),
+        }
+    }
+
+    /// Runs an op of the runtime's own on the device's priority lane (never faulted by the
+    /// simulator's plan, never waiting behind the in-flight bound).
+    pub(crate) async fn runtime_op(&self, device: u32, op: Op) -> OpResult {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let core = &self.cores[device as usize];
+        core.enqueue(core.job(op, Origin::Runtime, tx.into(), None));
+        rx.await.unwrap_or(Err(RuntimeError::ShuttingDown))
+    }
+
+    /// Free and total memory, through the priority lane.
+    pub(crate) async fn mem_info(&self, device: u32) -> Result<MemInfo, RuntimeError> {
+        match self.runtime_op(device, Op::MemInfo).await? {
+            Reply::MemInfo(m) => Ok(m),
+            other => unreachable!("mem-info answered {other:?}"),
+        }
+    }
+
+    fn flush(&self) {
+        for core in &self.cores {
+            let _ = self
+                .metrics
+                .cast(MetricsMsg::Delta(core.index, Box::new(core.counters.take())));
+        }
+    }
+
+    /// The watchdog's check: answers an op running past its deadline (a hung kernel) and,
+    /// while the executor is stuck, the queued ops whose deadlines have passed.
+    fn watch(&self) {
+        let now = Instant::now();
+        for core in &self.cores {
+            let overdue = {
+                let cur = core.current.lock().unwrap_or_else(|p| p.into_inner());
+                match cur.as_ref() {
+                    Some(c) if now >= c.deadline && !c.slot.is_answered() => Some((c.slot.clone(), c.op)),
+                    _ => None,
+                }
+            };
+            let Some((slot, op)) = overdue else { continue };
+            let deadline_ms = core.deadline.as_millis() as u64;
+            tracing::warn!(
+                device = core.index,
+                op = op.as_str(),
+                deadline_ms,
+                "op hung past its deadline"
+            );
+            let e = RuntimeError::DeadlineExceeded {
+                device: core.index,
+                op,
+                deadline_ms,
+                may_have_executed: true,
+            };
+            slot.answer(Err(e), 1, &core.counters);
+            // The executor is stuck: answer what is overdue in its queues, keep the rest.
+            let mut keep = Vec::new();
+            for rx in [&core.priority.1, &core.jobs.1] {
+                while let Ok(w) = rx.try_recv() {
+                    if let Work::Job(job) = w {
+                        if now >= job.deadline {
+                            let e = RuntimeError::DeadlineExceeded {
+                                device: core.index,
+                                op: job.kind(),
+                                deadline_ms,
+                                may_have_executed: false,
+                            };
+                            job.answer(Err(e), &core.counters);
+                        } else {
+                            keep.push(*job);
+                        }
+                    }
+                }
+            }
+            for job in keep {
+                core.enqueue(job);
+            }
+        }
+    }
+}
+
+/// Builds a [`Runtime`].
+#[derive(Default)]
+pub struct RuntimeBuilder {
+    config: Option<RuntimeConfig>,
+    backend: Option<Arc<dyn Backend>>,
+    meter: Option<Meter>,
+}
+
+impl RuntimeBuilder {
+    /// Uses this configuration (default: built-in defaults).
+    pub fn config(mut self, config: RuntimeConfig) -> Self {
+        self.config = Some(config);
+        self
+    }
+
+    /// Uses this backend instead of the one `runtime.backend` names (tests, embedding).
+    pub fn backend(mut self, backend: Arc<dyn Backend>) -> Self {
+        self.backend = Some(backend);
+        self
+    }
+
+    /// Records metrics on this meter (default: the global meter provider's `hipvisor` meter).
+    pub fn meter(mut self, meter: Meter) -> Self {
+        self.meter = Some(meter);
+        self
+    }
+
+    /// Starts the runtime: metrics actor, supervisor, one device actor and executor per
+    /// device. Must be called inside a multi-thread tokio runtime.
+    ///
+    /// # Errors
+    /// [`StartError`] saying what could not start.
+    pub async fn start(self) -> Result<Runtime, StartError> {
+        let config = self.config.unwrap_or_default();
+        config.validate()?;
+        if config.runtime.isolation == Isolation::Process {
+            return Err(StartError::Unsupported(
+                "runtime.isolation = \"process\" is not available in this build yet; use \"thread\"".into(),
+            ));
+        }
+        let backend = match self.backend {
+            Some(b) => b,
+            None => make_backend(&config)?,
+        };
+        let available = backend.device_count().map_err(|error| StartError::Backend {
+            backend: backend.kind(),
+            error,
+        })?;
+        let devices = match config.runtime.devices {
+            0 => available,
+            n if n <= available => n,
+            n => {
+                return Err(StartError::Config(ConfigError::invalid(
+                    "runtime.devices",
+                    format!("{n} devices asked for, the {} backend has {available}", backend.kind()),
+                )));
+            }
+        };
+        if devices == 0 {
+            return Err(StartError::Unsupported(format!(
+                "the {} backend has no device",
+                backend.kind()
+            )));
+        }
+        let meter = self.meter.unwrap_or_else(|| opentelemetry::global::meter("hipvisor"));
+        let spawn_err = |what: &str| {
+            let what = what.to_string();
+            move |e: ractor::SpawnErr| StartError::Spawn {
+                what,
+                why: e.to_string(),
+            }
+        };
+        let (metrics, _) = Actor::spawn(
+            None,
+            MetricsActor,
+            MetricsArgs {
+                meter,
+                devices,
+                max_retries: config.retry.max_retries,
+            },
+        )
+        .await
+        .map_err(spawn_err("the metrics actor"))?;
+        let deadline = Duration::from_millis(config.runtime.op_deadline_ms);
+        let cores = (0..devices)
+            .map(|i| Arc::new(DeviceCore::new(i, config.runtime.in_flight, deadline, &config.breaker)))
+            .collect();
+        let (states, _) = broadcast::channel(1024);
+        let shared = Arc::new(Shared {
+            cores,
+            backend,
+            config: config.clone(),
+            closing: AtomicBool::new(false),
+            states,
+            metrics: metrics.clone(),
+            supervisor: Mutex::new(None),
+        });
+        let (supervisor, _) = Actor::spawn(None, Supervisor, SupervisorArgs { shared: shared.clone() })
+            .await
+            .map_err(spawn_err("the supervisor"))?;
+        *shared.supervisor.lock().unwrap_or_else(|p| p.into_inner()) = Some(supervisor.clone());
+        for d in 0..devices {
+            executor::spawn(shared.clone(), d, 0).map_err(|e| StartError::Spawn {
+                what: format!("the executor of device {d}"),
+                why: e.to_string(),
+            })?;
+        }
+        let mut tasks = Vec::new();
+        let flush_every = Duration::from_millis(config.telemetry.flush_interval_ms);
+        let s = shared.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(flush_every);
+            loop {
+                tick.tick().await;
+                s.flush();
+            }
+        }));
+        let watch_every = (deadline / 4).clamp(Duration::from_millis(1), Duration::from_millis(100));
+        let s = shared.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(watch_every);
+            loop {
+                tick.tick().await;
+                s.watch();
+            }
+        }));
+        Ok(Runtime {
+            shared,
+            supervisor,
+            tasks: Mutex::new(tasks),
+        })
+    }
+}
+
+/// The backend `runtime.backend` names, set up from the configuration.
+///
+/// # Errors
+/// [`StartError::Unsupported`] for a backend not compiled into this build;
+/// [`StartError::Config`] for a bad `[sim]` section.
+pub fn make_backend(config: &RuntimeConfig) -> Result<Arc<dyn Backend>, StartError> {
+    match config.runtime.backend {
+        BackendKind::Sim => {
+            let crash_allowed = config.runtime.isolation == Isolation::Process;
+            Ok(Arc::new(SimBackend::from_config(&config.sim, crash_allowed)?))
+        }
+        other => Err(StartError::Unsupported(format!(
+            "backend `{other}` is not part of this build (build with `--features {other}`)"
+        ))),
+    }
+}
+
+/// The supervised multi-GPU runtime. See the crate docs for an example.
+pub struct Runtime {
+    shared: Arc<Shared>,
+    supervisor: ActorRef<SupervisorMsg>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Runtime {
+    /// A builder.
+    pub fn builder() -> RuntimeBuilder {
+        RuntimeBuilder::default()
+    }
+
+    /// The configuration the runtime runs with.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.shared.config
+    }
+
+    /// The backend's kind.
+    pub fn backend(&self) -> BackendKind {
+        self.shared.backend.kind()
+    }
+
+    /// Number of devices.
+    pub fn device_count(&self) -> u32 {
+        self.shared.cores.len() as u32
+    }
+
+    /// A typed handle to device `index`.
+    ///
+    /// # Errors
+    /// [`RuntimeError::NoSuchDevice`] for an index out of range.
+    pub fn device(&self, index: u32) -> Result<DeviceHandle, RuntimeError> {
+        if index as usize >= self.shared.cores.len() {
+            return Err(RuntimeError::NoSuchDevice {
+                device: index,
+                count: self.device_count(),
+            });
+        }
+        Ok(DeviceHandle {
+            shared: self.shared.clone(),
+            device: index,
+        })
+    }
+
+    /// A handle to the least-loaded ready device.
+    ///
+    /// # Errors
+    /// [`RuntimeError::NoReadyDevice`] when no device is ready.
+    pub fn any(&self) -> Result<DeviceHandle, RuntimeError> {
+        let device = self.shared.least_loaded(None).ok_or(RuntimeError::NoReadyDevice)?;
+        Ok(DeviceHandle {
+            shared: self.shared.clone(),
+            device,
+        })
+    }
+
+    /// The actor of device `index`, for application actors that `call!` it with
+    /// [`DeviceMsg::Submit`]. After an actor restart this returns the new actor.
+    ///
+    /// # Errors
+    /// [`RuntimeError::NoSuchDevice`] for an index out of range; `DeviceFailed` while the
+    /// actor is being restarted.
+    pub fn device_ref(&self, index: u32) -> Result<ActorRef<DeviceMsg>, RuntimeError> {
+        let core = self
+            .shared
+            .cores
+            .get(index as usize)
+            .ok_or(RuntimeError::NoSuchDevice {
+                device: index,
+                count: self.device_count(),
+            })?;
+        core.actor
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(RuntimeError::DeviceRestarted {
+                device: index,
+                may_have_executed: false,
+            })
+    }
+
+    /// The state of every device now.
+    pub fn states(&self) -> Vec<DeviceState> {
+        self.shared.cores.iter().map(|c| c.state.get()).collect()
+    }
+
+    /// Subscribes to device state changes from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<DeviceStateChange> {
+        self.shared.states.subscribe()
+    }
+
+    /// The metrics aggregate so far (counters flushed first).
+    ///
+    /// # Errors
+    /// [`RuntimeError::ShuttingDown`] once the metrics actor has stopped.
+    pub async fn snapshot(&self) -> Result<Snapshot, RuntimeError> {
+        self.shared.flush();
+        let mut s = ractor::call!(self.shared.metrics, MetricsMsg::Snapshot).map_err(|_| RuntimeError::ShuttingDown)?;
+        for d in &mut s.devices {
+            d.breaker = self.shared.cores[d.id as usize].breaker_state();
+        }
+        Ok(s)
+    }
+
+    /// Stops accepting work, waits (up to `runtime.shutdown_timeout_ms`) for the ops in
+    /// flight, answers whatever is left with [`RuntimeError::ShuttingDown`], flushes the
+    /// metrics and stops every actor and executor. Returns the final metrics.
+    pub async fn shutdown(self) -> Snapshot {
+        let shared = self.shared.clone();
+        shared.closing.store(true, Ordering::Release);
+        let until = Instant::now() + Duration::from_millis(shared.config.runtime.shutdown_timeout_ms);
+        while shared.cores.iter().any(|c| c.in_flight() > 0) && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        for core in &shared.cores {
+            core.executor_stop
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .store(true, Ordering::Release);
+            let _ = core.priority.0.send(Work::Wake);
+            core.drain(|_| RuntimeError::ShuttingDown);
+        }
+        let _ = self.supervisor.cast(SupervisorMsg::Shutdown);
+        for t in self.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            t.abort();
+        }
+        let snapshot = self.snapshot().await.unwrap_or_default();
+        let _ = self.supervisor.stop_and_wait(None, Some(Duration::from_secs(5))).await;
+        shared.metrics.stop(None);
+        snapshot
+    }
+}
+
+impl Shared {
+    /// Device actor restart helper used by the supervisor.
+    pub(crate) async fn spawn_device_actor(
+        self: &Arc<Self>,
+        device: u32,
+        supervisor: ractor::ActorCell,
+    ) -> Result<ActorRef<DeviceMsg>, ractor::SpawnErr> {
+        let args = crate::device::DeviceActorArgs {
+            shared: self.clone(),
+            device,
+        };
+        let (actor, _) = Actor::spawn_linked(None, DeviceActor, args, supervisor).await?;
+        Ok(actor)
+    }
+}

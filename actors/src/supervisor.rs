@@ -1,0 +1,516 @@
+//! The supervisor: decides what happens to a failed op and to a failing device.
+//!
+//! It is not on the happy path. Executors report `{op, error, attempt}`; the supervisor
+//! decides by the error's class and the op's retry policy:
+//!
+//! - **Transient**: retry after the backoff, on a tokio timer (never a blocking sleep), while
+//!   the policy, the device's retry budget and the op's deadline allow; else answer
+//!   `RetriesExhausted` / `RetryBudgetExhausted` / `DeadlineExceeded`. An `Alloc` that ran out
+//!   of memory is resubmitted only once mem-info shows the bytes free (polled at each backoff
+//!   step), or when the backoff runs out (a last attempt).
+//! - **InvalidRequest**: answer at once.
+//! - **Sticky**: one fault is one event — the first sticky error of a device epoch decides;
+//!   ops that fail behind it are answered `DeviceFailed` and not counted as faults. The
+//!   kernels launched since the device's last successful synchronizing op are suspects; one
+//!   that is a suspect in `quarantine_after` faults within the window is quarantined. In thread
+//!   isolation the poisoned GPU runtime is the whole process's (every device of the host), so
+//!   every device goes to `Failed`, with a reason that says process isolation would have
+//!   restarted it.
+//! - **DeviceLost**: the device goes to `Lost`; ops that may move (alloc, module load) move to
+//!   a ready device, others are answered `DeviceLost`; a probe every
+//!   `lost_probe_interval_ms` brings the device back when it answers again.
+//!
+//! Restarts (a panicking device actor, a panicking executor) follow the restart intensity:
+//! at most `max_restarts` per `restart_window_ms`, with a backoff between restarts; beyond
+//! it the device is `Failed`. Ractor's default supervision (stop when a child stops) is
+//! overridden.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hipvisor_core::config::Isolation;
+use hipvisor_core::{ErrorClass, GpuError, Op, RetryBudget, RetryPolicy};
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+use crate::error::RuntimeError;
+use crate::executor;
+use crate::job::Job;
+use crate::metrics::{MetricsEvent, QuarantineEntry};
+use crate::runtime::Shared;
+use crate::state::DeviceState;
+
+/// A failed op, as an executor reports it.
+pub struct Failure {
+    pub(crate) device: u32,
+    pub(crate) epoch: u64,
+    pub(crate) job: Job,
+    pub(crate) error: GpuError,
+    /// For sticky faults: the kernels (module id, function) launched since the device's
+    /// last successful synchronizing op.
+    pub(crate) suspects: Vec<(u64, String)>,
+}
+
+/// Messages of the [`Supervisor`].
+pub enum SupervisorMsg {
+    /// An op failed.
+    Failed(Box<Failure>),
+    /// A device's executor ended abnormally.
+    ExecutorDied {
+        /// The device.
+        device: u32,
+        /// The executor's epoch.
+        epoch: u64,
+        /// Why.
+        reason: String,
+    },
+    /// A device's context could not be opened.
+    OpenFailed {
+        /// The device.
+        device: u32,
+        /// The epoch it was opened for.
+        epoch: u64,
+        /// The error.
+        error: GpuError,
+    },
+    /// A lost device answered its probe.
+    DeviceReturned(u32),
+    /// The restart backoff of a device's executor has passed.
+    RestartExecutor(u32),
+    /// The restart backoff of a device's actor has passed.
+    RestartActor(u32),
+    /// The runtime is shutting down: restart nothing more.
+    Shutdown,
+}
+
+struct DeviceSupervision {
+    budget: RetryBudget,
+    requests_seen: u64,
+    restarts: VecDeque<Instant>,
+    next_backoff: Duration,
+    last_restart: Option<Instant>,
+    suspect_faults: HashMap<(u64, String), VecDeque<Instant>>,
+    probing: bool,
+}
+
+/// Arguments of the [`Supervisor`].
+pub struct SupervisorArgs {
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// State of the [`Supervisor`].
+pub struct SupervisorState {
+    shared: Arc<Shared>,
+    policy: RetryPolicy,
+    devices: Vec<DeviceSupervision>,
+    children: HashMap<ActorId, u32>,
+    rng: SmallRng,
+    shutting_down: bool,
+}
+
+/// The supervisor actor. See the module docs.
+pub struct Supervisor;
+
+impl Actor for Supervisor {
+    type Msg = SupervisorMsg;
+    type State = SupervisorState;
+    type Arguments = SupervisorArgs;
+
+    async fn pre_start(
+        &self,
+        me: ActorRef<SupervisorMsg>,
+        args: SupervisorArgs,
+    ) -> Result<SupervisorState, ActorProcessingErr> {
+        let shared = args.shared;
+        let cfg = &shared.config;
+        let policy = RetryPolicy::new(cfg.retry.clone())?;
+        let now = Instant::now();
+        let min_backoff = Duration::from_millis(cfg.supervisor.restart_backoff_min_ms);
+        let devices = shared
+            .cores
+            .iter()
+            .map(|_| DeviceSupervision {
+                budget: RetryBudget::new(&cfg.retry.budget, now),
+                requests_seen: 0,
+                restarts: VecDeque::new(),
+                next_backoff: min_backoff,
+                last_restart: None,
+                suspect_faults: HashMap::new(),
+                probing: false,
+            })
+            .collect();
+        let mut children = HashMap::new();
+        for d in 0..shared.cores.len() as u32 {
+            let actor = shared.spawn_device_actor(d, me.get_cell()).await?;
+            children.insert(actor.get_id(), d);
+        }
+        Ok(SupervisorState {
+            shared,
+            policy,
+            devices,
+            children,
+            rng: SmallRng::from_os_rng(),
+            shutting_down: false,
+        })
+    }
+
+    async fn handle(
+        &self,
+        me: ActorRef<SupervisorMsg>,
+        msg: SupervisorMsg,
+        st: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SupervisorMsg::Failed(f) => st.failed(&me, *f),
+            SupervisorMsg::ExecutorDied { device, epoch, reason } => {
+                if st.shared.cores[device as usize]
+                    .epoch
+                    .load(std::sync::atomic::Ordering::Acquire)
+                    == epoch
+                {
+                    st.restart(&me, device, reason, SupervisorMsg::RestartExecutor(device));
+                }
+            }
+            SupervisorMsg::OpenFailed {
+                device,
+                epoch: _,
+                error,
+            } => {
+                let reason = format!("could not open a context: {error}");
+                let to = if error.class() == ErrorClass::DeviceLost {
+                    DeviceState::Lost
+                } else {
+                    DeviceState::Failed
+                };
+                st.shared.set_state(device, to, Some(reason));
+                if to == DeviceState::Lost {
+                    st.probe(&me, device);
+                } else {
+                    let core = &st.shared.cores[device as usize];
+                    core.drain(|_| core.failed_error(false));
+                }
+            }
+            SupervisorMsg::DeviceReturned(device) => {
+                st.devices[device as usize].probing = false;
+                if st.shared.cores[device as usize].state.get() == DeviceState::Lost {
+                    st.shared.set_state(device, DeviceState::Ready, None);
+                }
+            }
+            SupervisorMsg::RestartExecutor(device) => {
+                if st.shutting_down || st.shared.cores[device as usize].state.get() == DeviceState::Failed {
+                    return Ok(());
+                }
+                let epoch = st.shared.cores[device as usize]
+                    .epoch
+                    .load(std::sync::atomic::Ordering::Acquire)
+                    + 1;
+                match executor::spawn(st.shared.clone(), device, epoch) {
+                    Ok(()) => {
+                        st.shared.metrics_event(MetricsEvent::Restart { device });
+                        st.shared.set_state(device, DeviceState::Ready, None);
+                    }
+                    Err(e) => st.fail(device, format!("could not start an executor thread: {e}")),
+                }
+            }
+            SupervisorMsg::RestartActor(device) => {
+                if st.shutting_down || st.shared.cores[device as usize].state.get() == DeviceState::Failed {
+                    return Ok(());
+                }
+                let actor = st.shared.spawn_device_actor(device, me.get_cell()).await?;
+                st.children.insert(actor.get_id(), device);
+                st.shared.metrics_event(MetricsEvent::Restart { device });
+                st.shared.set_state(device, DeviceState::Ready, None);
+            }
+            SupervisorMsg::Shutdown => st.shutting_down = true,
+        }
+        Ok(())
+    }
+
+    /// Overrides ractor's default (stop the supervisor when a child stops): a device actor
+    /// that fails is restarted, within the restart intensity.
+    async fn handle_supervisor_evt(
+        &self,
+        me: ActorRef<SupervisorMsg>,
+        evt: SupervisionEvent,
+        st: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let SupervisionEvent::ActorFailed(cell, err) = evt
+            && let Some(device) = st.children.remove(&cell.get_id())
+        {
+            *st.shared.cores[device as usize]
+                .actor
+                .write()
+                .unwrap_or_else(|p| p.into_inner()) = None;
+            if !st.shutting_down {
+                st.restart(
+                    &me,
+                    device,
+                    format!("device actor failed: {err}"),
+                    SupervisorMsg::RestartActor(device),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl SupervisorState {
+    fn failed(&mut self, me: &ActorRef<SupervisorMsg>, f: Failure) {
+        let core = self.shared.cores[f.device as usize].clone();
+        if f.job.slot.is_answered() {
+            core.counters.late_completion();
+            return;
+        }
+        let class = f.error.class();
+        if f.job.origin == hipvisor_core::Origin::Application && class != ErrorClass::InvalidRequest {
+            core.breaker_result(false, &self.shared);
+        }
+        tracing::debug!(device = f.device, op = f.job.kind().as_str(), attempt = f.job.attempts, error = %f.error, "op failed");
+        match class {
+            ErrorClass::InvalidRequest => {
+                f.job.answer(Err(RuntimeError::Gpu(f.error)), &core.counters);
+            }
+            ErrorClass::Transient => self.retry(f.job, f.error),
+            ErrorClass::Sticky => self.sticky(f),
+            ErrorClass::DeviceLost => {
+                if core.state.get() == DeviceState::Ready {
+                    self.shared
+                        .set_state(f.device, DeviceState::Lost, Some(format!("device lost: {}", f.error)));
+                    self.probe(me, f.device);
+                }
+                let mut job = f.job;
+                if job.origin == hipvisor_core::Origin::Runtime || !Shared::movable(&job.op) {
+                    let device = job.device;
+                    job.answer(
+                        Err(RuntimeError::DeviceLost {
+                            device,
+                            may_have_executed: false,
+                        }),
+                        &core.counters,
+                    );
+                } else {
+                    job.backoff = None;
+                    self.shared.resubmit(job);
+                }
+            }
+        }
+    }
+
+    fn retry(&mut self, mut job: Job, error: GpuError) {
+        let core = self.shared.cores[job.device as usize].clone();
+        let now = Instant::now();
+        let deadline_exceeded = |job: &Job| RuntimeError::DeadlineExceeded {
+            device: job.device,
+            op: job.kind(),
+            deadline_ms: core.deadline.as_millis() as u64,
+            may_have_executed: false,
+        };
+        let kind = job.kind();
+        let backoff = job.backoff.get_or_insert_with(|| self.policy.backoff(kind));
+        let Some(delay) = backoff.next_delay(&mut self.rng) else {
+            let attempts = job.attempts;
+            job.answer(
+                Err(RuntimeError::RetriesExhausted {
+                    attempts,
+                    last_error: error,
+                }),
+                &core.counters,
+            );
+            return;
+        };
+        if job.origin == hipvisor_core::Origin::Application {
+            let dev = &mut self.devices[job.device as usize];
+            let requests = core.requests.load(std::sync::atomic::Ordering::Relaxed);
+            for _ in dev.requests_seen..requests {
+                dev.budget.deposit(now);
+            }
+            dev.requests_seen = requests;
+            if !dev.budget.try_withdraw(now) {
+                let (device, attempts) = (job.device, job.attempts);
+                job.answer(
+                    Err(RuntimeError::RetryBudgetExhausted {
+                        device,
+                        attempts,
+                        last_error: error,
+                    }),
+                    &core.counters,
+                );
+                return;
+            }
+        }
+        if now + delay >= job.deadline {
+            let e = deadline_exceeded(&job);
+            job.answer(Err(e), &core.counters);
+            return;
+        }
+        tracing::debug!(
+            device = job.device,
+            op = kind.as_str(),
+            attempt = job.attempts,
+            delay_ms = delay.as_millis() as u64,
+            "retry"
+        );
+        let shared = self.shared.clone();
+        let oom_bytes = match (&job.op, error.is_out_of_memory()) {
+            (Op::Alloc { bytes }, true) => Some(*bytes),
+            _ => None,
+        };
+        let mut rng = SmallRng::from_rng(&mut self.rng);
+        tokio::spawn(async move {
+            let mut delay = delay;
+            loop {
+                tokio::time::sleep(delay).await;
+                let Some(bytes) = oom_bytes else { break };
+                // OOM gating: resubmit once the bytes are free, or when the backoff runs out.
+                match shared.mem_info(job.device).await {
+                    Ok(m) if m.free >= bytes => break,
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+                match job.backoff.as_mut().and_then(|b| b.next_delay(&mut rng)) {
+                    Some(d) if Instant::now() + d < job.deadline => delay = d,
+                    Some(_) => {
+                        let core = &shared.cores[job.device as usize];
+                        let e = RuntimeError::DeadlineExceeded {
+                            device: job.device,
+                            op: job.kind(),
+                            deadline_ms: core.deadline.as_millis() as u64,
+                            may_have_executed: false,
+                        };
+                        job.answer(Err(e), &core.counters);
+                        return;
+                    }
+                    None => break,
+                }
+            }
+            shared.cores[job.device as usize].counters.retried();
+            shared.resubmit(job);
+        });
+    }
+
+    fn sticky(&mut self, f: Failure) {
+        let core = self.shared.cores[f.device as usize].clone();
+        if core.state.get() == DeviceState::Failed || f.epoch < core.epoch.load(std::sync::atomic::Ordering::Acquire) {
+            // An op that failed behind the fault that decided: not a new fault.
+            f.job.answer(Err(core.failed_error(true)), &core.counters);
+            return;
+        }
+        self.shared
+            .metrics_event(MetricsEvent::StickyFault { device: f.device });
+        tracing::error!(device = f.device, error = %f.error, "sticky fault");
+        self.quarantine(f.device, &f.suspects);
+        let reason = format!(
+            "sticky fault {} ({}) on device {} poisoned this process's GPU runtime; thread isolation cannot \
+             recover it in-process (process isolation would have restarted the device)",
+            f.error.code_name(),
+            f.error.code().map_or(0, |(_, c)| c),
+            f.device
+        );
+        f.job.answer(Err(RuntimeError::Gpu(f.error)), &core.counters);
+        debug_assert_eq!(self.shared.config.runtime.isolation, Isolation::Thread);
+        for d in 0..self.shared.cores.len() as u32 {
+            self.fail(d, reason.clone());
+        }
+    }
+
+    fn quarantine(&mut self, device: u32, suspects: &[(u64, String)]) {
+        let cfg = &self.shared.config.supervisor;
+        let window = Duration::from_millis(cfg.quarantine_window_ms);
+        let now = Instant::now();
+        let dev = &mut self.devices[device as usize];
+        for key in suspects {
+            let faults = dev.suspect_faults.entry(key.clone()).or_default();
+            faults.push_back(now);
+            while faults.front().is_some_and(|t| now.duration_since(*t) > window) {
+                faults.pop_front();
+            }
+            if faults.len() as u32 >= cfg.quarantine_after {
+                let core = &self.shared.cores[device as usize];
+                let newly = core
+                    .quarantined
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key.clone());
+                if newly {
+                    tracing::warn!(device, module = key.0, function = %key.1, "kernel quarantined");
+                    self.shared.metrics_event(MetricsEvent::Quarantined(QuarantineEntry {
+                        device,
+                        module: key.0,
+                        function: key.1.clone(),
+                    }));
+                }
+            }
+        }
+    }
+
+    /// Puts a device out of service and answers everything queued for it.
+    fn fail(&mut self, device: u32, reason: String) {
+        self.shared.set_state(device, DeviceState::Failed, Some(reason));
+        let core = &self.shared.cores[device as usize];
+        core.drain(|_| core.failed_error(false));
+    }
+
+    /// Schedules a restart of a device part (`then`) after the restart backoff, or fails
+    /// the device when the restart intensity is exceeded.
+    fn restart(&mut self, me: &ActorRef<SupervisorMsg>, device: u32, reason: String, then: SupervisorMsg) {
+        let cfg = self.shared.config.supervisor.clone();
+        let now = Instant::now();
+        let window = Duration::from_millis(cfg.restart_window_ms);
+        let dev = &mut self.devices[device as usize];
+        while dev.restarts.front().is_some_and(|t| now.duration_since(*t) > window) {
+            dev.restarts.pop_front();
+        }
+        if dev.restarts.len() as u32 >= cfg.max_restarts {
+            let why = format!(
+                "restart intensity exceeded: {} restarts within {} ms (last: {reason})",
+                dev.restarts.len() + 1,
+                cfg.restart_window_ms
+            );
+            self.fail(device, why);
+            return;
+        }
+        if dev
+            .last_restart
+            .is_some_and(|t| now.duration_since(t) > Duration::from_millis(cfg.restart_backoff_reset_ms))
+        {
+            dev.next_backoff = Duration::from_millis(cfg.restart_backoff_min_ms);
+        }
+        let base = dev.next_backoff;
+        let factor = 1.0 + cfg.restart_backoff_jitter * (2.0 * self.rng.random::<f64>() - 1.0);
+        let delay = base.mul_f64(factor.max(0.0));
+        dev.next_backoff = (base * 2).min(Duration::from_millis(cfg.restart_backoff_max_ms));
+        dev.restarts.push_back(now);
+        dev.last_restart = Some(now);
+        tracing::warn!(device, reason = %reason, delay_ms = delay.as_millis() as u64, "restarting device");
+        self.shared.set_state(device, DeviceState::Restarting, Some(reason));
+        me.send_after(delay, move || then);
+    }
+
+    /// Probes a lost device until it answers.
+    fn probe(&mut self, me: &ActorRef<SupervisorMsg>, device: u32) {
+        let dev = &mut self.devices[device as usize];
+        if dev.probing {
+            return;
+        }
+        dev.probing = true;
+        let shared = self.shared.clone();
+        let me = me.clone();
+        let every = Duration::from_millis(shared.config.supervisor.lost_probe_interval_ms);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let core = &shared.cores[device as usize];
+                if shared.closing.load(std::sync::atomic::Ordering::Acquire) || core.state.get() != DeviceState::Lost {
+                    let _ = me.cast(SupervisorMsg::DeviceReturned(device));
+                    return;
+                }
+                if shared.runtime_op(device, Op::MemInfo).await.is_ok() {
+                    let _ = me.cast(SupervisorMsg::DeviceReturned(device));
+                    return;
+                }
+            }
+        });
+    }
+}
