@@ -19,7 +19,12 @@
 //!   one number per matching op and rule.
 //! - The plan's state belongs to the run (a [`FaultInjector`] shared by every simulated host
 //!   of the run): replacing a host, or a worker process, re-arms nothing.
-//! - Ops issued by the runtime itself are never faulted, and not counted.
+//! - Ops issued by the runtime itself are never faulted, and not counted — with one
+//!   exception: a device that a `DeviceLost`-class code (100, 3, 4, 35) made disappear is
+//!   gone for everyone. When such a rule fires with `duration_ms`, the device is absent for
+//!   that long after the rule first fired; with `after` and no duration, for the rest of the
+//!   run. While absent, every op on it fails with the rule's code, health probes included,
+//!   so the runtime sees it return only when it really does.
 //! - When several rules fire on one op, the first in the file wins.
 
 use rand::{Rng, SeedableRng};
@@ -30,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use crate::backend::Origin;
 use crate::config::ConfigError;
+use crate::error::{Api, ErrorClass, classify};
 use crate::op::{Op, OpKind};
 
 /// One `[[sim.faults]]` entry as written in the config.
@@ -259,6 +265,8 @@ struct RuleState {
 struct DeviceState {
     rng: ChaCha8Rng,
     rules: Vec<RuleState>,
+    /// The device is gone until then (`None` in the tuple: for good), failing with the code.
+    absent: Option<(Option<Instant>, i32)>,
 }
 
 /// The run's fault plan with its state: decides, op by op, whether a fault fires.
@@ -280,6 +288,7 @@ impl FaultInjector {
                 Mutex::new(DeviceState {
                     rng,
                     rules: vec![RuleState::default(); rules.len()],
+                    absent: None,
                 })
             })
             .collect();
@@ -302,13 +311,26 @@ impl FaultInjector {
     /// Decides whether `op` on `device` faults, and how. Counts the op for every rule it
     /// matches. Runtime-issued ops are neither faulted nor counted.
     pub fn decide(&self, device: u32, op: &Op, origin: Origin) -> Option<FaultAction> {
-        if self.rules.is_empty() || origin == Origin::Runtime {
+        if self.rules.is_empty() {
             return None;
         }
         let slot = self.devices.get(device as usize)?;
         let mut state = slot.lock().unwrap_or_else(|p| p.into_inner());
-        let DeviceState { rng, rules: states } = &mut *state;
         let now = Instant::now();
+        match state.absent {
+            Some((None, code)) => return Some(FaultAction::Code(code)),
+            Some((Some(until), code)) if now < until => return Some(FaultAction::Code(code)),
+            Some(_) => state.absent = None,
+            None => {}
+        }
+        if origin == Origin::Runtime {
+            return None;
+        }
+        let DeviceState {
+            rng,
+            rules: states,
+            absent,
+        } = &mut *state;
         let kind = op.kind();
         let mut fired = None;
         for (rule, st) in self.rules.iter().zip(states.iter_mut()) {
@@ -329,8 +351,17 @@ impl FaultInjector {
                 _ => false,
             };
             if hit && !expired && fired.is_none() {
-                st.first_fired.get_or_insert(now);
+                let first = *st.first_fired.get_or_insert(now);
                 fired = Some(rule.action);
+                if let FaultAction::Code(code) = rule.action
+                    && classify(Api::Sim, code) == ErrorClass::DeviceLost
+                {
+                    match (rule.duration, rule.trigger) {
+                        (Some(d), _) => *absent = Some((Some(first + d), code)),
+                        (None, Trigger::After(_)) => *absent = Some((None, code)),
+                        _ => {}
+                    }
+                }
             }
         }
         fired
@@ -462,6 +493,30 @@ mod tests {
         assert_ne!(draw(5, 0), draw(6, 0));
         let hits = draw(5, 0).iter().filter(|h| **h).count();
         assert!((30..=90).contains(&hits), "{hits} hits of 200 at p = 0.3");
+    }
+
+    #[test]
+    fn a_lost_device_is_lost_for_runtime_ops_too_until_it_returns() {
+        let rule = spec(|s| {
+            s.nth = None;
+            s.after = Some(2);
+            s.code = Some(100);
+            s.duration_ms = Some(60_000)
+        })
+        .compile(0, 1, false)
+        .unwrap();
+        let inj = FaultInjector::new(vec![rule], 1, 1);
+        assert_eq!(inj.decide(0, &Op::MemInfo, Origin::Runtime), None, "not gone yet");
+        assert_eq!(inj.decide(0, &Op::MemInfo, Origin::Application), None);
+        assert_eq!(
+            inj.decide(0, &Op::MemInfo, Origin::Application),
+            Some(FaultAction::Code(100))
+        );
+        assert_eq!(
+            inj.decide(0, &Op::MemInfo, Origin::Runtime),
+            Some(FaultAction::Code(100)),
+            "probes see it gone"
+        );
     }
 
     #[test]

@@ -44,6 +44,9 @@ pub(crate) struct ReplySlot(Arc<SlotInner>);
 
 impl ReplySlot {
     pub(crate) fn new(port: RpcReplyPort<OpResult>, op: OpKind, origin: Origin, counters: Arc<DeviceCounters>) -> Self {
+        if origin == Origin::Application {
+            counters.opened();
+        }
         ReplySlot(Arc::new(SlotInner {
             port: Mutex::new(Some((port, counters))),
             op,
@@ -64,6 +67,9 @@ impl ReplySlot {
     /// Counts further answers under `counters` (the op moved to another device).
     pub(crate) fn retarget(&self, counters: Arc<DeviceCounters>) {
         if let Some((_, c)) = self.lock().as_mut() {
+            if self.0.origin == Origin::Application {
+                c.moved_to(&counters);
+            }
             *c = counters;
         }
     }

@@ -16,7 +16,7 @@
 //! recorded at each bucket's upper bound, so bucket counts are exact and sums approximate.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use hipvisor_core::{BreakerState, ErrorClass, OpKind};
@@ -111,7 +111,10 @@ pub struct DeviceCounters {
     retry_attempts: AtomicU64,
     retry_success: AtomicU64,
     retry_exhausted: AtomicU64,
+    oom_waits: AtomicU64,
     late: AtomicU64,
+    /// Application ops accepted and not yet answered (a gauge: never taken).
+    outstanding: AtomicI64,
 }
 
 impl Default for DeviceCounters {
@@ -124,12 +127,30 @@ impl Default for DeviceCounters {
             retry_attempts: AtomicU64::new(0),
             retry_success: AtomicU64::new(0),
             retry_exhausted: AtomicU64::new(0),
+            oom_waits: AtomicU64::new(0),
             late: AtomicU64::new(0),
+            outstanding: AtomicI64::new(0),
         }
     }
 }
 
 impl DeviceCounters {
+    /// Counts an application op that will be answered (and counted) through these counters.
+    pub fn opened(&self) {
+        self.outstanding.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Moves an unanswered op to other counters (it moved to another device).
+    pub fn moved_to(&self, other: &DeviceCounters) {
+        other.outstanding.fetch_add(1, Ordering::AcqRel);
+        self.outstanding.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Application ops accepted and not answered yet.
+    pub fn outstanding(&self) -> i64 {
+        self.outstanding.load(Ordering::Acquire)
+    }
+
     /// Counts an answered application op: its outcome, duration and attempts.
     pub fn answered(&self, op: OpKind, outcome: Outcome, elapsed: Duration, attempts: u32, exhausted: bool) {
         let k = op as usize;
@@ -146,11 +167,18 @@ impl DeviceCounters {
         if exhausted {
             self.retry_exhausted.fetch_add(1, Ordering::Relaxed);
         }
+        self.outstanding.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Counts a retry (a re-execution scheduled after a transient error).
     pub fn retried(&self) {
         self.retry_attempts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a backoff step in which an out-of-memory `Alloc` was held back because
+    /// mem-info did not show its bytes free.
+    pub fn oom_wait(&self) {
+        self.oom_waits.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a completion that arrived after its op had been answered (deadline, shutdown).
@@ -169,6 +197,7 @@ impl DeviceCounters {
             retry_attempts: take(&self.retry_attempts),
             retry_success: take(&self.retry_success),
             retry_exhausted: take(&self.retry_exhausted),
+            oom_waits: take(&self.oom_waits),
             late: take(&self.late),
         }
     }
@@ -184,12 +213,13 @@ pub struct CounterDelta {
     retry_attempts: u64,
     retry_success: u64,
     retry_exhausted: u64,
+    oom_waits: u64,
     late: u64,
 }
 
 impl CounterDelta {
     fn is_empty(&self) -> bool {
-        self.ops.iter().flatten().all(|c| *c == 0) && self.retry_attempts == 0 && self.late == 0
+        self.ops.iter().flatten().all(|c| *c == 0) && self.retry_attempts == 0 && self.late == 0 && self.oom_waits == 0
     }
 }
 
@@ -215,6 +245,9 @@ pub struct RetryStats {
     pub succeeded: u64,
     /// Ops whose retries (or retry budget) ran out.
     pub exhausted: u64,
+    /// Backoff steps in which an out-of-memory `Alloc` was held back because mem-info did
+    /// not show its bytes free.
+    pub oom_waits: u64,
     /// Successful ops by the attempt that succeeded (1 = first try).
     pub success_by_attempt: BTreeMap<u32, u64>,
 }
@@ -542,6 +575,7 @@ impl MetricsState {
         s.retries.attempts += d.retry_attempts;
         s.retries.succeeded += d.retry_success;
         s.retries.exhausted += d.retry_exhausted;
+        s.retries.oom_waits += d.oom_waits;
         s.late_completions += d.late;
         let attrs = std::slice::from_ref(&dev);
         if d.retry_attempts > 0 {

@@ -58,9 +58,24 @@ pub(crate) struct Shared {
     pub(crate) states: broadcast::Sender<DeviceStateChange>,
     pub(crate) metrics: ActorRef<MetricsMsg>,
     pub(crate) supervisor: Mutex<Option<ActorRef<SupervisorMsg>>>,
+    /// Tasks holding jobs between attempts (backoff timers), aborted at shutdown.
+    pub(crate) retry_tasks: Mutex<tokio::task::JoinSet<()>>,
 }
 
 impl Shared {
+    /// Runs a task that holds a job between attempts; shutdown aborts it (the job's slot
+    /// then answers `ShuttingDown`).
+    pub(crate) fn spawn_retry(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut set = self.retry_tasks.lock().unwrap_or_else(|p| p.into_inner());
+        while set.try_join_next().is_some() {}
+        set.spawn(f);
+    }
+
+    /// Application ops accepted and not answered yet, on every device.
+    pub(crate) fn outstanding(&self) -> i64 {
+        self.cores.iter().map(|c| c.counters.outstanding()).sum()
+    }
+
     pub(crate) fn metrics_event(&self, e: MetricsEvent) {
         let _ = self.metrics.cast(MetricsMsg::Event(e));
     }
@@ -147,10 +162,11 @@ impl Shared {
                         None
                     }
                     Err(_) if busy_is_final => {
-                        let _ = reply.send(Err(RuntimeError::Busy {
+                        let busy = RuntimeError::Busy {
                             device: target,
                             capacity: core.capacity,
-                        }));
+                        };
+                        self.answer_unqueued(target, op, reply, busy);
                         None
                     }
                     Err(_) => Some((op, reply)),
@@ -440,6 +456,7 @@ impl RuntimeBuilder {
             states,
             metrics: metrics.clone(),
             supervisor: Mutex::new(None),
+            retry_tasks: Mutex::new(tokio::task::JoinSet::new()),
         });
         let (supervisor, _) = Actor::spawn(None, Supervisor, SupervisorArgs { shared: shared.clone() })
             .await
@@ -601,13 +618,14 @@ impl Runtime {
     }
 
     /// Stops accepting work, waits (up to `runtime.shutdown_timeout_ms`) for the ops in
-    /// flight, answers whatever is left with [`RuntimeError::ShuttingDown`], flushes the
-    /// metrics and stops every actor and executor. Returns the final metrics.
+    /// flight, answers whatever is left with [`RuntimeError::ShuttingDown`] (an op still
+    /// executing may have run), flushes the metrics and stops every actor and executor.
+    /// Returns the final metrics, which count every answered op.
     pub async fn shutdown(self) -> Snapshot {
         let shared = self.shared.clone();
         shared.closing.store(true, Ordering::Release);
         let until = Instant::now() + Duration::from_millis(shared.config.runtime.shutdown_timeout_ms);
-        while shared.cores.iter().any(|c| c.in_flight() > 0) && Instant::now() < until {
+        while shared.outstanding() > 0 && Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         for core in &shared.cores {
@@ -616,9 +634,30 @@ impl Runtime {
                 .unwrap_or_else(|p| p.into_inner())
                 .store(true, Ordering::Release);
             let _ = core.priority.0.send(Work::Wake);
-            core.drain(|_| RuntimeError::ShuttingDown);
         }
-        let _ = self.supervisor.cast(SupervisorMsg::Shutdown);
+        shared.retry_tasks.lock().unwrap_or_else(|p| p.into_inner()).abort_all();
+        // Answer what is left: queued ops, and ops still executing (a hung kernel).
+        let give_up = Instant::now() + Duration::from_secs(2);
+        loop {
+            for core in &shared.cores {
+                core.drain(|_| RuntimeError::ShuttingDown);
+                let current = core
+                    .current
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                    .map(|c| c.slot.clone());
+                if let Some(slot) = current {
+                    slot.answer(Err(RuntimeError::ShuttingDown), 1, &core.counters);
+                }
+            }
+            if shared.outstanding() <= 0 || Instant::now() >= give_up {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Failures reported before this point are decided first (ractor handles messages in order).
+        let _ = ractor::call!(self.supervisor, SupervisorMsg::Shutdown);
         for t in self.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
             t.abort();
         }

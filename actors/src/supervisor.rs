@@ -81,8 +81,8 @@ pub enum SupervisorMsg {
     RestartExecutor(u32),
     /// The restart backoff of a device's actor has passed.
     RestartActor(u32),
-    /// The runtime is shutting down: restart nothing more.
-    Shutdown,
+    /// The runtime is shutting down: restart nothing more, answer failures at once.
+    Shutdown(ractor::RpcReplyPort<()>),
 }
 
 struct DeviceSupervision {
@@ -223,7 +223,10 @@ impl Actor for Supervisor {
                 st.shared.metrics_event(MetricsEvent::Restart { device });
                 st.shared.set_state(device, DeviceState::Ready, None);
             }
-            SupervisorMsg::Shutdown => st.shutting_down = true,
+            SupervisorMsg::Shutdown(reply) => {
+                st.shutting_down = true;
+                let _ = reply.send(());
+            }
         }
         Ok(())
     }
@@ -261,6 +264,10 @@ impl SupervisorState {
         let core = self.shared.cores[f.device as usize].clone();
         if f.job.slot.is_answered() {
             core.counters.late_completion();
+            return;
+        }
+        if self.shutting_down {
+            f.job.answer(Err(RuntimeError::ShuttingDown), &core.counters);
             return;
         }
         let class = f.error.class();
@@ -358,7 +365,7 @@ impl SupervisorState {
             _ => None,
         };
         let mut rng = SmallRng::from_rng(&mut self.rng);
-        tokio::spawn(async move {
+        self.shared.clone().spawn_retry(async move {
             let mut delay = delay;
             loop {
                 tokio::time::sleep(delay).await;
@@ -366,7 +373,7 @@ impl SupervisorState {
                 // OOM gating: resubmit once the bytes are free, or when the backoff runs out.
                 match shared.mem_info(job.device).await {
                     Ok(m) if m.free >= bytes => break,
-                    Ok(_) => {}
+                    Ok(_) => shared.cores[job.device as usize].counters.oom_wait(),
                     Err(_) => break,
                 }
                 match job.backoff.as_mut().and_then(|b| b.next_delay(&mut rng)) {

@@ -1,0 +1,127 @@
+//! The `hipvisor` command line, run as a user would.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn hipvisor(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hipvisor"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("hipvisor runs")
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.trim().lines().count(),
+        1,
+        "stdout carries exactly one JSON object: {stdout}"
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+fn temp_config(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("hipvisor-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn run_without_faults_has_no_failures() {
+    let out = hipvisor(&["run", "--ops", "3000", "--json"]);
+    let v = json(&out);
+    assert!(out.status.success(), "{v}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(v["backend"], "sim");
+    assert_eq!(v["isolation"], "thread");
+    assert!(v["ops"]["submitted"].as_u64().unwrap() >= 3000);
+    assert_eq!(v["ops"]["failed"], 0);
+    assert_eq!(v["ops"]["missing_replies"], 0);
+    assert_eq!(v["ops"]["wrong_results"], 0);
+    assert_eq!(v["ops"]["submitted"], v["ops"]["succeeded"]);
+    assert_eq!(v["devices_final"].as_array().unwrap().len(), 4);
+    assert!(
+        v["devices_final"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["state"] == "ready")
+    );
+    assert_eq!(v["metrics_consistent"], true);
+}
+
+#[test]
+fn run_with_two_percent_transient_faults_retries_and_loses_nothing() {
+    let path = temp_config(
+        "transient.toml",
+        "[sim]\nseed = 3\n[[sim.faults]]\nop = \"any\"\nprobability = 0.02\ncode = 2\n",
+    );
+    let out = hipvisor(&["run", "--ops", "3000", "--json", "--config", path.to_str().unwrap()]);
+    let v = json(&out);
+    assert!(out.status.success(), "{v}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(v["retries"]["attempts"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["retries"]["succeeded"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["ops"]["missing_replies"], 0);
+    assert_eq!(v["ops"]["wrong_results"], 0);
+}
+
+#[test]
+fn run_with_a_sticky_fault_reports_failed_devices_and_still_loses_nothing() {
+    let path = temp_config(
+        "sticky.toml",
+        "[[sim.faults]]\nop = \"launch\"\ndevice = 1\nnth = 5\ncode = 700\n",
+    );
+    let out = hipvisor(&["run", "--ops", "2000", "--json", "--config", path.to_str().unwrap()]);
+    let v = json(&out);
+    assert!(out.status.success(), "typed failures are not fatal: {v}");
+    assert_eq!(v["failures_by_class"]["sticky"], 1);
+    assert_eq!(v["ops"]["missing_replies"], 0);
+    assert!(
+        v["devices_final"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["state"] == "failed")
+    );
+}
+
+#[test]
+fn flags_override_the_config() {
+    let out = hipvisor(&["config", "--devices", "2", "--seed", "99"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("devices = 2"), "{text}");
+    assert!(text.contains("seed = 99"), "{text}");
+    let out = hipvisor(&["run", "--ops", "200", "--devices", "2", "--json"]);
+    assert_eq!(json(&out)["devices"], 2);
+}
+
+#[test]
+fn devices_lists_the_simulated_gpus() {
+    let out = hipvisor(&["devices", "--devices", "3"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().count(), 3, "{text}");
+    assert!(text.contains("Simulated GPU 2"), "{text}");
+}
+
+#[test]
+fn bad_config_is_a_clear_error() {
+    let path = temp_config("bad.toml", "[retry]\nbackoff_multiplier = 0.5\n");
+    let out = hipvisor(&["run", "--config", path.to_str().unwrap(), "--json"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("retry.backoff_multiplier"), "{err}");
+    assert!(out.stdout.is_empty());
+    let out = Command::new(env!("CARGO_BIN_EXE_hipvisor"))
+        .args(["config"])
+        .env("HIPVISOR_RETRY__MAX_RETRIEZ", "3")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("HIPVISOR_RETRY__MAX_RETRIEZ"));
+}

@@ -1,0 +1,194 @@
+//! End-to-end: sticky faults in thread isolation, quarantine, lost devices, panicking device
+//! actors and restart intensity, on simulated devices.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{answered, config, eventually, fault, start};
+use hipvisor::{DeviceMsg, DeviceState, ErrorClass, KernelArg, ModuleSource, Op, OpResult, RuntimeError};
+
+const T: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sticky_fault_in_thread_isolation_fails_every_device_counts_one_fault_and_answers_everything() {
+    let mut c = config(4);
+    c.sim.memory_bytes = 64 << 20;
+    let rt = start(c).await;
+    let gpu1 = rt.device(1).unwrap();
+    let module = gpu1.load_module(ModuleSource::Builtin).await.unwrap();
+    // Keep every device busy with work in flight.
+    let mut tasks = Vec::new();
+    for d in 0..4 {
+        let gpu = rt.device(d).unwrap();
+        tasks.push(tokio::spawn(async move {
+            let mut results: Vec<OpResult> = Vec::new();
+            for _ in 0..50 {
+                results.push(gpu.submit(Op::Alloc { bytes: 1024 }).await);
+                results.push(gpu.submit(Op::MemInfo).await);
+            }
+            results
+        }));
+    }
+    gpu1.launch(module, "fault_illegal_address", 1, 1, vec![])
+        .await
+        .unwrap();
+    // The fault surfaces at the next synchronizing op of device 1 — this synchronize, or a
+    // mem-info of the busy tasks: exactly one op reports it.
+    let mut results = vec![answered(T, gpu1.synchronize()).await.map(|()| hipvisor::Reply::Done)];
+    for t in tasks {
+        results.extend(answered(T, t).await.unwrap());
+    }
+    let (mut sticky, mut others) = (0, 0);
+    for r in results {
+        match r {
+            Ok(_) => {}
+            Err(RuntimeError::Gpu(e)) => {
+                assert_eq!(
+                    (e.class(), e.code().unwrap().1, e.device()),
+                    (ErrorClass::Sticky, 700, 1)
+                );
+                sticky += 1;
+            }
+            Err(RuntimeError::DeviceFailed { reason, .. }) => {
+                assert!(reason.contains("process isolation would have restarted"), "{reason}");
+                others += 1;
+            }
+            Err(e) => panic!("ops behind the fault are answered DeviceFailed, got {e:?}"),
+        }
+    }
+    assert_eq!(sticky, 1, "exactly one op reports the fault");
+    assert!(others > 0, "some ops ran into the fault");
+    assert!(
+        rt.states().iter().all(|s| *s == DeviceState::Failed),
+        "{:?}",
+        rt.states()
+    );
+    assert!(matches!(
+        rt.device(2).unwrap().mem_info().await,
+        Err(RuntimeError::DeviceFailed {
+            may_have_executed: false,
+            ..
+        })
+    ));
+    assert!(matches!(rt.any(), Err(RuntimeError::NoReadyDevice)));
+    let s = rt.shutdown().await;
+    assert_eq!(s.sticky_faults, 1, "one fault, however many ops it failed");
+    assert_eq!(s.ops_by_outcome.get(&hipvisor::metrics::Outcome::Sticky), Some(&1));
+    assert!(
+        s.devices
+            .iter()
+            .all(|d| d.state == DeviceState::Failed && d.reason.is_some())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guilty_kernel_is_quarantined_and_not_the_innocent_one() {
+    let mut c = config(2);
+    // Thread isolation survives one sticky fault per process: quarantine after one.
+    c.supervisor.quarantine_after = 1;
+    let rt = start(c).await;
+    let gpu = rt.device(0).unwrap();
+    let m = gpu.load_module(ModuleSource::Builtin).await.unwrap();
+    let b = gpu.alloc(16).await.unwrap();
+    let fill = vec![KernelArg::Buffer(b), KernelArg::U32(1), KernelArg::U32(4)];
+    gpu.launch(m, "fill", 1, 4, fill.clone()).await.unwrap();
+    gpu.synchronize().await.unwrap(); // fill is cleared of suspicion here
+    gpu.launch(m, "fault_illegal_address", 1, 1, vec![]).await.unwrap();
+    assert!(gpu.synchronize().await.is_err());
+    let s = rt.shutdown().await;
+    let q: Vec<_> = s
+        .quarantined
+        .iter()
+        .map(|q| (q.device, q.module, q.function.as_str()))
+        .collect();
+    assert_eq!(q, vec![(0, m.id, "fault_illegal_address")]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_device_sheds_movable_work_and_returns() {
+    let mut c = config(3);
+    c.sim.faults.push(fault(|f| {
+        f.device = Some(1);
+        f.after = Some(2);
+        f.code = Some(100);
+        f.duration_ms = Some(300);
+    }));
+    let rt = start(c).await;
+    let mut changes = rt.subscribe();
+    let gpu1 = rt.device(1).unwrap();
+    let kept = gpu1.alloc(64).await.unwrap();
+    // The second op of device 1 finds it gone: the alloc moves to another device.
+    let moved = answered(T, gpu1.alloc(64)).await.unwrap();
+    assert_ne!(moved.device, 1);
+    assert_eq!(rt.states()[1], DeviceState::Lost);
+    // Work bound to device 1 (its buffer) cannot move.
+    assert!(matches!(
+        gpu1.memset(kept, 0, 64, 1).await,
+        Err(RuntimeError::DeviceLost { device: 1, .. })
+    ));
+    // New movable work goes elsewhere while it is lost.
+    let b = gpu1.alloc(8).await.unwrap();
+    assert_ne!(b.device, 1);
+    // The probe brings it back once the fault's duration is over.
+    eventually(T, "device 1 returns", || async { rt.states()[1] == DeviceState::Ready }).await;
+    gpu1.memset(kept, 0, 64, 1).await.unwrap();
+    let first = changes.recv().await.unwrap();
+    assert_eq!(
+        (first.device, first.from, first.to),
+        (1, DeviceState::Ready, DeviceState::Lost)
+    );
+    let second = changes.recv().await.unwrap();
+    assert_eq!((second.device, second.to), (1, DeviceState::Ready));
+    let s = rt.shutdown().await;
+    assert_eq!(s.devices[1].state, DeviceState::Ready);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_device_actor_is_restarted() {
+    let rt = start(config(2)).await;
+    let before = rt.device_ref(0).unwrap();
+    before.cast(DeviceMsg::Crash("test".into())).unwrap();
+    eventually(T, "a new device actor", || async {
+        rt.device_ref(0).is_ok_and(|a| a.get_id() != before.get_id()) && rt.states()[0] == DeviceState::Ready
+    })
+    .await;
+    let actor = rt.device_ref(0).unwrap();
+    let r = ractor::call!(actor, |reply| DeviceMsg::Submit { op: Op::MemInfo, reply }).unwrap();
+    assert!(r.is_ok());
+    // The other device never noticed.
+    assert_eq!(rt.states()[1], DeviceState::Ready);
+    let s = rt.shutdown().await;
+    assert_eq!((s.restarts, s.devices[0].restarts), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exceeding_the_restart_intensity_fails_the_device() {
+    let mut c = config(1);
+    c.supervisor.max_restarts = 2;
+    let rt = start(c).await;
+    for round in 0..3 {
+        let actor = loop {
+            if let Ok(a) = rt.device_ref(0)
+                && rt.states()[0] == DeviceState::Ready
+            {
+                break a;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        actor.cast(DeviceMsg::Crash(format!("round {round}"))).unwrap();
+        eventually(T, "the actor is gone", || async {
+            rt.device_ref(0).map(|a| a.get_id()).ok() != Some(actor.get_id())
+        })
+        .await;
+        if round < 2 {
+            eventually(T, "restarted", || async { rt.device_ref(0).is_ok() }).await;
+        }
+    }
+    eventually(T, "device 0 fails", || async { rt.states()[0] == DeviceState::Failed }).await;
+    match rt.device(0).unwrap().mem_info().await {
+        Err(RuntimeError::DeviceFailed { reason, .. }) => assert!(reason.contains("restart intensity"), "{reason}"),
+        other => panic!("expected DeviceFailed, got {other:?}"),
+    }
+    assert_eq!(rt.shutdown().await.restarts, 2);
+}

@@ -1,0 +1,283 @@
+//! End-to-end: retries, exhaustion, invalid requests, per-op overrides, OOM gating, the retry
+//! budget and the circuit breaker, on simulated devices.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{answered, config, eventually, fault, start};
+use hipvisor::core::BreakerState;
+use hipvisor::core::retry::{RetryBudgetConfig, RetryOverride};
+use hipvisor::{ErrorClass, InvalidReason, OpKind, RuntimeError};
+
+const T: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_faults_are_retried_then_succeed_with_exact_attempt_counts() {
+    let mut c = config(2);
+    // The first two memsets of device 0 fail with hipErrorNotReady.
+    for nth in [1, 2] {
+        c.sim.faults.push(fault(|f| {
+            f.op = "memset".into();
+            f.device = Some(0);
+            f.nth = Some(nth);
+            f.code = Some(600);
+        }));
+    }
+    let rt = start(c).await;
+    let gpu = rt.device(0).unwrap();
+    let b = gpu.alloc(64).await.unwrap();
+    answered(T, gpu.memset(b, 0, 64, 7)).await.unwrap();
+    let data = gpu.copy_from_device(b, 0, 64).await.unwrap();
+    assert_eq!(data.as_bytes(), &[7; 64]);
+    let s = rt.shutdown().await;
+    assert_eq!(s.retries.attempts, 2);
+    assert_eq!(s.retries.succeeded, 1);
+    assert_eq!(s.retries.exhausted, 0);
+    assert_eq!(s.retries.success_by_attempt.get(&3), Some(&1), "{:?}", s.retries);
+    assert_eq!(
+        s.retries.success_by_attempt.get(&1),
+        Some(&2),
+        "alloc and copy succeeded first time"
+    );
+    assert_eq!((s.ops_total, s.ops_succeeded), (3, 3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhaustion_gives_retries_exhausted_with_the_attempt_count() {
+    let mut c = config(1);
+    c.retry.max_retries = 2;
+    c.sim.faults.push(fault(|f| {
+        f.op = "memset".into();
+        f.after = Some(1);
+        f.code = Some(600);
+    }));
+    let rt = start(c).await;
+    let gpu = rt.device(0).unwrap();
+    let b = gpu.alloc(8).await.unwrap();
+    match answered(T, gpu.memset(b, 0, 8, 1)).await {
+        Err(RuntimeError::RetriesExhausted { attempts, last_error }) => {
+            assert_eq!(attempts, 3);
+            assert_eq!(last_error.code().unwrap().1, 600);
+            assert_eq!(last_error.op(), OpKind::Memset);
+        }
+        other => panic!("expected RetriesExhausted, got {other:?}"),
+    }
+    let s = rt.shutdown().await;
+    assert_eq!((s.retries.attempts, s.retries.exhausted), (2, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_requests_are_never_retried() {
+    let mut c = config(1);
+    c.sim.faults.push(fault(|f| {
+        f.op = "memset".into();
+        f.nth = Some(1);
+        f.code = Some(1);
+    }));
+    let rt = start(c).await;
+    let gpu = rt.device(0).unwrap();
+    let b = gpu.alloc(8).await.unwrap();
+    match gpu.memset(b, 0, 8, 1).await {
+        Err(RuntimeError::Gpu(e)) => assert_eq!((e.class(), e.code().unwrap().1), (ErrorClass::InvalidRequest, 1)),
+        other => panic!("expected an invalid request, got {other:?}"),
+    }
+    // The runtime's own checks: out of bounds, unknown kernel, a device out of range.
+    match gpu.copy_from_device(b, 4, 8).await {
+        Err(RuntimeError::Gpu(e)) => assert!(matches!(
+            e,
+            hipvisor::GpuError::Invalid {
+                reason: InvalidReason::OutOfBounds { .. },
+                ..
+            }
+        )),
+        other => panic!("expected out of bounds, got {other:?}"),
+    }
+    assert!(matches!(
+        rt.device(5),
+        Err(RuntimeError::NoSuchDevice { device: 5, count: 1 })
+    ));
+    // Nothing else broke.
+    gpu.memset(b, 0, 8, 2).await.unwrap();
+    let s = rt.shutdown().await;
+    assert_eq!(s.retries.attempts, 0);
+    assert_eq!(
+        s.ops_by_outcome.get(&hipvisor::metrics::Outcome::InvalidRequest),
+        Some(&2)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_op_override_is_honoured() {
+    let mut c = config(1);
+    c.retry.max_retries = 3;
+    c.retry.per_op.insert(
+        OpKind::Memset,
+        RetryOverride {
+            max_retries: Some(0),
+            ..Default::default()
+        },
+    );
+    for op in ["memset", "copy_to_device"] {
+        c.sim.faults.push(fault(|f| {
+            f.op = op.into();
+            f.after = Some(1);
+            f.code = Some(600);
+        }));
+    }
+    let rt = start(c).await;
+    let gpu = rt.device(0).unwrap();
+    let b = gpu.alloc(8).await.unwrap();
+    assert!(matches!(
+        gpu.memset(b, 0, 8, 1).await,
+        Err(RuntimeError::RetriesExhausted { attempts: 1, .. })
+    ));
+    assert!(matches!(
+        gpu.copy_to_device(b, 0, vec![1u8; 8]).await,
+        Err(RuntimeError::RetriesExhausted { attempts: 4, .. })
+    ));
+    let s = rt.shutdown().await;
+    assert_eq!(s.retries.attempts, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_out_of_memory_alloc_waits_for_free_memory() {
+    let mut c = config(1);
+    c.sim.memory_bytes = 1000;
+    c.retry.max_retries = 50;
+    c.retry.initial_delay_ms = 5;
+    c.retry.max_delay_ms = 5;
+    let rt = start(c).await;
+    let gpu = rt.device(0).unwrap();
+    let a = gpu.alloc(600).await.unwrap();
+    let waiting = tokio::spawn({
+        let gpu = gpu.clone();
+        async move { gpu.alloc(600).await }
+    });
+    // The second alloc is held back (mem-info shows too little free) rather than re-executed.
+    eventually(T, "the alloc waits for memory", || async {
+        rt.snapshot().await.unwrap().retries.oom_waits >= 3
+    })
+    .await;
+    assert!(!waiting.is_finished());
+    gpu.free(a).await.unwrap();
+    let b = answered(T, waiting).await.unwrap().unwrap();
+    assert_eq!(b.len, 600);
+    let s = rt.shutdown().await;
+    assert_eq!(s.retries.attempts, 1, "one re-execution, once memory was free");
+    assert_eq!(s.retries.success_by_attempt.get(&2), Some(&1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alloc_that_can_never_fit_is_invalid_not_retried() {
+    let rt = start(config(1)).await;
+    let gpu = rt.device(0).unwrap();
+    match gpu.alloc(2 << 20).await {
+        Err(RuntimeError::Gpu(e)) => assert_eq!(e.class(), ErrorClass::InvalidRequest),
+        other => panic!("expected an invalid request, got {other:?}"),
+    }
+    assert_eq!(rt.shutdown().await.retries.attempts, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_budget_stops_a_retry_storm() {
+    let mut c = config(1);
+    c.retry.max_retries = 5;
+    // One retry per request in the window, no floor.
+    c.retry.budget = RetryBudgetConfig {
+        ratio: 1.0,
+        min_per_sec: 0,
+        ttl_ms: 60_000,
+    };
+    c.sim.faults.push(fault(|f| {
+        f.op = "memset".into();
+        f.after = Some(1);
+        f.code = Some(600);
+    }));
+    let rt = start(c).await;
+    let gpu = rt.device(0).unwrap();
+    let b = gpu.alloc(8).await.unwrap();
+    // Requests so far: the alloc and this memset = 2 retries in the budget.
+    assert!(matches!(
+        answered(T, gpu.memset(b, 0, 8, 1)).await,
+        Err(RuntimeError::RetryBudgetExhausted { attempts: 3, .. })
+    ));
+    // One more request, one more retry: not the five the policy would allow.
+    assert!(matches!(
+        answered(T, gpu.memset(b, 0, 8, 1)).await,
+        Err(RuntimeError::RetryBudgetExhausted { attempts: 2, .. })
+    ));
+    let s = rt.shutdown().await;
+    assert_eq!((s.retries.attempts, s.retries.exhausted), (3, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_budget_answers_retry_budget_exhausted() {
+    let mut c = config(1);
+    c.retry.max_retries = 5;
+    c.retry.budget = RetryBudgetConfig {
+        ratio: 0.0,
+        min_per_sec: 0,
+        ttl_ms: 1000,
+    };
+    c.sim.faults.push(fault(|f| {
+        f.op = "memset".into();
+        f.after = Some(1);
+        f.code = Some(600);
+    }));
+    let rt = start(c).await;
+    let gpu = rt.device(0).unwrap();
+    let b = gpu.alloc(8).await.unwrap();
+    assert!(matches!(
+        gpu.memset(b, 0, 8, 1).await,
+        Err(RuntimeError::RetryBudgetExhausted {
+            device: 0,
+            attempts: 1,
+            ..
+        })
+    ));
+    let s = rt.shutdown().await;
+    assert_eq!((s.retries.attempts, s.retries.exhausted), (0, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_breaker_opens_admits_a_probe_and_closes() {
+    let mut c = config(1);
+    c.retry.max_retries = 0;
+    c.breaker.enabled = true;
+    c.breaker.consecutive_failures = 3;
+    c.breaker.open_ms = 100;
+    c.breaker.half_open_probes = 1;
+    // Memsets fail for 300 ms from the first failure, then work again.
+    c.sim.faults.push(fault(|f| {
+        f.op = "memset".into();
+        f.after = Some(1);
+        f.code = Some(600);
+        f.duration_ms = Some(300);
+    }));
+    let rt = start(c).await;
+    let gpu = rt.device(0).unwrap();
+    let b = gpu.alloc(8).await.unwrap();
+    for _ in 0..3 {
+        assert!(matches!(
+            gpu.memset(b, 0, 8, 1).await,
+            Err(RuntimeError::RetriesExhausted { .. })
+        ));
+    }
+    assert!(matches!(
+        gpu.memset(b, 0, 8, 1).await,
+        Err(RuntimeError::CircuitOpen { device: 0, .. })
+    ));
+    assert_eq!(rt.snapshot().await.unwrap().devices[0].breaker, BreakerState::Open);
+    // Keep trying: probes fail while the fault lasts (the breaker opens again), then one
+    // succeeds and the breaker closes.
+    eventually(T, "a probe succeeds", || async { gpu.memset(b, 0, 8, 1).await.is_ok() }).await;
+    gpu.memset(b, 0, 8, 1).await.unwrap();
+    let s = rt.shutdown().await;
+    assert_eq!(s.devices[0].breaker, BreakerState::Closed);
+    assert!(
+        s.breaker_transitions >= 3,
+        "closed→open→half_open→closed: {}",
+        s.breaker_transitions
+    );
+}
