@@ -18,7 +18,7 @@ async fn a_hung_op_is_answered_at_its_deadline_and_its_late_completion_is_counte
     c.sim.faults.push(fault(|f| {
         f.op = "memset".into();
         f.nth = Some(1);
-        f.hang_ms = Some(1_000);
+        f.hang_ms = Some(2_000);
     }));
     let rt = start(c).await;
     let gpu = rt.device(0).unwrap();
@@ -27,12 +27,13 @@ async fn a_hung_op_is_answered_at_its_deadline_and_its_late_completion_is_counte
         let gpu = gpu.clone();
         async move { gpu.memset(b, 0, 8, 1).await }
     });
+    eventually(T, "the memset is in flight", || async { gpu.in_flight() == 1 }).await;
     // Queued behind the hung op: answered at its own deadline too.
     let behind = tokio::spawn({
         let gpu = gpu.clone();
         async move { gpu.mem_info().await }
     });
-    match answered(Duration::from_millis(900), hung).await.unwrap() {
+    match answered(T, hung).await.unwrap() {
         Err(RuntimeError::DeadlineExceeded {
             op,
             may_have_executed: true,
@@ -44,7 +45,7 @@ async fn a_hung_op_is_answered_at_its_deadline_and_its_late_completion_is_counte
         other => panic!("expected DeadlineExceeded, got {other:?}"),
     }
     assert!(matches!(
-        answered(Duration::from_millis(900), behind).await.unwrap(),
+        answered(T, behind).await.unwrap(),
         Err(RuntimeError::DeadlineExceeded {
             may_have_executed: false,
             ..
@@ -63,10 +64,11 @@ async fn a_hung_op_is_answered_at_its_deadline_and_its_late_completion_is_counte
 async fn backpressure_busy_for_try_submit_and_waiting_for_submit() {
     let mut c = config(1);
     c.runtime.in_flight = 2;
+    // Long enough that both ops are in flight together even on a starved machine.
     c.sim.faults.push(fault(|f| {
         f.op = "memset".into();
         f.nth = Some(1);
-        f.hang_ms = Some(300);
+        f.hang_ms = Some(5_000);
     }));
     let rt = start(c).await;
     let gpu = rt.device(0).unwrap();
@@ -75,6 +77,8 @@ async fn backpressure_busy_for_try_submit_and_waiting_for_submit() {
         let gpu = gpu.clone();
         async move { gpu.memset(b, 0, 8, 1).await }
     });
+    // The hanging memset first, so the mem-info queues behind it.
+    eventually(T, "the memset is in flight", || async { gpu.in_flight() == 1 }).await;
     let second = tokio::spawn({
         let gpu = gpu.clone();
         async move { gpu.mem_info().await }
@@ -260,7 +264,7 @@ proptest! {
                 total += answered(Duration::from_secs(60), t).await.unwrap();
             }
             let s = runtime.shutdown().await;
-            assert_eq!(s.ops_total, total, "the metrics count every answer once");
+            assert_eq!(s.ops_total, total, "the metrics count every answer once: {s:#?}");
         });
     }
 }

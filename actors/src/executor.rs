@@ -24,7 +24,14 @@ use crate::supervisor::{Failure, SupervisorMsg};
 ///
 /// # Errors
 /// The OS could not start a thread.
-pub(crate) fn spawn(shared: Arc<Shared>, device: u32, epoch: u64) -> std::io::Result<()> {
+/// `opened`, if given, receives the result of opening the context (the runtime's start
+/// waits for it).
+pub(crate) fn spawn(
+    shared: Arc<Shared>,
+    device: u32,
+    epoch: u64,
+    opened: Option<tokio::sync::oneshot::Sender<()>>,
+) -> std::io::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     {
         let core = &shared.cores[device as usize];
@@ -35,19 +42,34 @@ pub(crate) fn spawn(shared: Arc<Shared>, device: u32, epoch: u64) -> std::io::Re
     }
     std::thread::Builder::new()
         .name(format!("hipvisor-gpu{device}"))
-        .spawn(move || run(shared, device, epoch, stop))
+        .spawn(move || run(shared, device, epoch, stop, opened))
         .map(|_| ())
 }
 
-fn run(shared: Arc<Shared>, device: u32, epoch: u64, stop: Arc<AtomicBool>) {
+fn run(
+    shared: Arc<Shared>,
+    device: u32,
+    epoch: u64,
+    stop: Arc<AtomicBool>,
+    opened: Option<tokio::sync::oneshot::Sender<()>>,
+) {
     let backend: Arc<dyn Backend> = shared.backend.clone();
-    let mut ctx = match open(&shared, &*backend, device, epoch) {
-        Ok(ctx) => ctx,
+    let result = open(&shared, &*backend, device, epoch);
+    // The supervisor hears of the outcome before whoever waits for `opened` goes on.
+    let ctx = match result {
+        Ok(ctx) => {
+            shared.report(SupervisorMsg::Opened { device, epoch });
+            Some(ctx)
+        }
         Err(error) => {
             shared.report(SupervisorMsg::OpenFailed { device, epoch, error });
-            return;
+            None
         }
     };
+    if let Some(tx) = opened {
+        let _ = tx.send(());
+    }
+    let Some(mut ctx) = ctx else { return };
     let core = &shared.cores[device as usize];
     let mut suspects: Vec<(u64, String)> = Vec::new();
     while !stop.load(Ordering::Acquire) {

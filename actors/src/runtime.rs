@@ -60,6 +60,7 @@ pub(crate) struct Shared {
     pub(crate) supervisor: Mutex<Option<ActorRef<SupervisorMsg>>>,
     /// Tasks holding jobs between attempts (backoff timers), aborted at shutdown.
     pub(crate) retry_tasks: Mutex<tokio::task::JoinSet<()>>,
+    flushing: Mutex<()>,
 }
 
 impl Shared {
@@ -299,7 +300,11 @@ impl Shared {
         }
     }
 
+    /// Sends every device's counts since the last flush to the metrics actor. Flushes are
+    /// serialized: a delta taken by one flush is in the actor's mailbox before a later flush
+    /// (and the snapshot request that follows it) can go on, so a snapshot never misses one.
     fn flush(&self) {
+        let _one_at_a_time = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
         for core in &self.cores {
             let _ = self
                 .metrics
@@ -457,17 +462,27 @@ impl RuntimeBuilder {
             metrics: metrics.clone(),
             supervisor: Mutex::new(None),
             retry_tasks: Mutex::new(tokio::task::JoinSet::new()),
+            flushing: Mutex::new(()),
         });
         let (supervisor, _) = Actor::spawn(None, Supervisor, SupervisorArgs { shared: shared.clone() })
             .await
             .map_err(spawn_err("the supervisor"))?;
         *shared.supervisor.lock().unwrap_or_else(|p| p.into_inner()) = Some(supervisor.clone());
+        // Start every executor and wait until each has opened its context (or failed to),
+        // and the supervisor has settled the device states.
+        let mut opened = Vec::new();
         for d in 0..devices {
-            executor::spawn(shared.clone(), d, 0).map_err(|e| StartError::Spawn {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            executor::spawn(shared.clone(), d, 0, Some(tx)).map_err(|e| StartError::Spawn {
                 what: format!("the executor of device {d}"),
                 why: e.to_string(),
             })?;
+            opened.push(rx);
         }
+        for rx in opened {
+            let _ = rx.await;
+        }
+        let _ = ractor::call!(supervisor, SupervisorMsg::Barrier);
         let mut tasks = Vec::new();
         let flush_every = Duration::from_millis(config.telemetry.flush_interval_ms);
         let s = shared.clone();

@@ -66,6 +66,13 @@ pub enum SupervisorMsg {
         /// Why.
         reason: String,
     },
+    /// A device's context was opened.
+    Opened {
+        /// The device.
+        device: u32,
+        /// The epoch it was opened for.
+        epoch: u64,
+    },
     /// A device's context could not be opened.
     OpenFailed {
         /// The device.
@@ -77,8 +84,11 @@ pub enum SupervisorMsg {
     },
     /// A lost device answered its probe.
     DeviceReturned(u32),
-    /// The restart backoff of a device's executor has passed.
-    RestartExecutor(u32),
+    /// The restart backoff of a device's executor has passed (`true`: a restart, counted in
+    /// the metrics; `false`: another attempt to open a lost device).
+    RestartExecutor(u32, bool),
+    /// Answers once every message sent before it has been handled.
+    Barrier(ractor::RpcReplyPort<()>),
     /// The restart backoff of a device's actor has passed.
     RestartActor(u32),
     /// The runtime is shutting down: restart nothing more, answer failures at once.
@@ -170,35 +180,41 @@ impl Actor for Supervisor {
                     .load(std::sync::atomic::Ordering::Acquire)
                     == epoch
                 {
-                    st.restart(&me, device, reason, SupervisorMsg::RestartExecutor(device));
+                    st.restart(&me, device, reason, SupervisorMsg::RestartExecutor(device, true));
+                }
+            }
+            SupervisorMsg::Opened { device, epoch } => {
+                let core = &st.shared.cores[device as usize];
+                let current = core.epoch.load(std::sync::atomic::Ordering::Acquire) == epoch;
+                if current && matches!(core.state.get(), DeviceState::Restarting | DeviceState::Lost) {
+                    st.shared.set_state(device, DeviceState::Ready, None);
                 }
             }
             SupervisorMsg::OpenFailed {
                 device,
                 epoch: _,
                 error,
-            } => {
-                let reason = format!("could not open a context: {error}");
-                let to = if error.class() == ErrorClass::DeviceLost {
-                    DeviceState::Lost
-                } else {
-                    DeviceState::Failed
-                };
-                st.shared.set_state(device, to, Some(reason));
-                if to == DeviceState::Lost {
-                    st.probe(&me, device);
-                } else {
-                    let core = &st.shared.cores[device as usize];
-                    core.drain(|_| core.failed_error(false));
+            } => match error.class() {
+                // A sticky code here: the process's GPU runtime is poisoned.
+                ErrorClass::Sticky => st.process_poisoned(device, &error),
+                ErrorClass::DeviceLost => {
+                    let reason = format!("could not open a context: {error}");
+                    st.shared.set_state(device, DeviceState::Lost, Some(reason));
+                    // No context, so no probe can run: try to open it again later.
+                    let every = Duration::from_millis(st.shared.config.supervisor.lost_probe_interval_ms);
+                    if !st.shutting_down {
+                        me.send_after(every, move || SupervisorMsg::RestartExecutor(device, false));
+                    }
                 }
-            }
+                _ => st.fail(device, format!("could not open a context: {error}")),
+            },
             SupervisorMsg::DeviceReturned(device) => {
                 st.devices[device as usize].probing = false;
                 if st.shared.cores[device as usize].state.get() == DeviceState::Lost {
                     st.shared.set_state(device, DeviceState::Ready, None);
                 }
             }
-            SupervisorMsg::RestartExecutor(device) => {
+            SupervisorMsg::RestartExecutor(device, counted) => {
                 if st.shutting_down || st.shared.cores[device as usize].state.get() == DeviceState::Failed {
                     return Ok(());
                 }
@@ -206,13 +222,15 @@ impl Actor for Supervisor {
                     .epoch
                     .load(std::sync::atomic::Ordering::Acquire)
                     + 1;
-                match executor::spawn(st.shared.clone(), device, epoch) {
-                    Ok(()) => {
-                        st.shared.metrics_event(MetricsEvent::Restart { device });
-                        st.shared.set_state(device, DeviceState::Ready, None);
-                    }
+                match executor::spawn(st.shared.clone(), device, epoch, None) {
+                    // The executor reports `Opened` (→ ready) or `OpenFailed`.
+                    Ok(()) if counted => st.shared.metrics_event(MetricsEvent::Restart { device }),
+                    Ok(()) => {}
                     Err(e) => st.fail(device, format!("could not start an executor thread: {e}")),
                 }
+            }
+            SupervisorMsg::Barrier(reply) => {
+                let _ = reply.send(());
             }
             SupervisorMsg::RestartActor(device) => {
                 if st.shutting_down || st.shared.cores[device as usize].state.get() == DeviceState::Failed {
@@ -408,15 +426,21 @@ impl SupervisorState {
             .metrics_event(MetricsEvent::StickyFault { device: f.device });
         tracing::error!(device = f.device, error = %f.error, "sticky fault");
         self.quarantine(f.device, &f.suspects);
-        let reason = format!(
-            "sticky fault {} ({}) on device {} poisoned this process's GPU runtime; thread isolation cannot \
-             recover it in-process (process isolation would have restarted the device)",
-            f.error.code_name(),
-            f.error.code().map_or(0, |(_, c)| c),
-            f.device
-        );
+        let error = f.error.clone();
         f.job.answer(Err(RuntimeError::Gpu(f.error)), &core.counters);
+        self.process_poisoned(f.device, &error);
+    }
+
+    /// A sticky fault poisoned the GPU runtime of this process (thread isolation): every
+    /// device of the process is out of service.
+    fn process_poisoned(&mut self, device: u32, error: &GpuError) {
         debug_assert_eq!(self.shared.config.runtime.isolation, Isolation::Thread);
+        let reason = format!(
+            "sticky fault {} ({}) on device {device} poisoned this process's GPU runtime; thread isolation cannot \
+             recover it in-process (process isolation would have restarted the device)",
+            error.code_name(),
+            error.code().map_or(0, |(_, c)| c),
+        );
         for d in 0..self.shared.cores.len() as u32 {
             self.fail(d, reason.clone());
         }
