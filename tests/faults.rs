@@ -168,14 +168,11 @@ async fn exceeding_the_restart_intensity_fails_the_device() {
     c.supervisor.max_restarts = 2;
     let rt = start(c).await;
     for round in 0..3 {
-        let actor = loop {
-            if let Ok(a) = rt.device_ref(0)
-                && rt.states()[0] == DeviceState::Ready
-            {
-                break a;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        };
+        eventually(T, "device 0 ready with an actor", || async {
+            rt.device_ref(0).is_ok() && rt.states()[0] == DeviceState::Ready
+        })
+        .await;
+        let actor = rt.device_ref(0).unwrap();
         actor.cast(DeviceMsg::Crash(format!("round {round}"))).unwrap();
         eventually(T, "the actor is gone", || async {
             rt.device_ref(0).map(|a| a.get_id()).ok() != Some(actor.get_id())

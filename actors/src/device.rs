@@ -110,6 +110,16 @@ impl DeviceCore {
             })
     }
 
+    /// The answer for an op whose deadline passed on this device.
+    pub(crate) fn deadline_exceeded(&self, op: OpKind, may_have_executed: bool) -> RuntimeError {
+        RuntimeError::DeadlineExceeded {
+            device: self.index,
+            op,
+            deadline_ms: self.deadline.as_millis() as u64,
+            may_have_executed,
+        }
+    }
+
     /// The answer for an op that reaches a device that has failed.
     pub(crate) fn failed_error(&self, may_have_executed: bool) -> RuntimeError {
         RuntimeError::DeviceFailed {

@@ -125,12 +125,7 @@ fn execute(
         return true;
     }
     if Instant::now() >= job.deadline {
-        let e = RuntimeError::DeadlineExceeded {
-            device: core.index,
-            op: job.kind(),
-            deadline_ms: core.deadline.as_millis() as u64,
-            may_have_executed: false,
-        };
+        let e = core.deadline_exceeded(job.kind(), false);
         job.answer(Err(e), &core.counters);
         return true;
     }

@@ -332,25 +332,14 @@ impl Shared {
                 deadline_ms,
                 "op hung past its deadline"
             );
-            let e = RuntimeError::DeadlineExceeded {
-                device: core.index,
-                op,
-                deadline_ms,
-                may_have_executed: true,
-            };
-            slot.answer(Err(e), 1, &core.counters);
+            slot.answer(Err(core.deadline_exceeded(op, true)), 1, &core.counters);
             // The executor is stuck: answer what is overdue in its queues, keep the rest.
             let mut keep = Vec::new();
             for rx in [&core.priority.1, &core.jobs.1] {
                 while let Ok(w) = rx.try_recv() {
                     if let Work::Job(job) = w {
                         if now >= job.deadline {
-                            let e = RuntimeError::DeadlineExceeded {
-                                device: core.index,
-                                op: job.kind(),
-                                deadline_ms,
-                                may_have_executed: false,
-                            };
+                            let e = core.deadline_exceeded(job.kind(), false);
                             job.answer(Err(e), &core.counters);
                         } else {
                             keep.push(*job);

@@ -326,12 +326,6 @@ impl SupervisorState {
     fn retry(&mut self, mut job: Job, error: GpuError) {
         let core = self.shared.cores[job.device as usize].clone();
         let now = Instant::now();
-        let deadline_exceeded = |job: &Job| RuntimeError::DeadlineExceeded {
-            device: job.device,
-            op: job.kind(),
-            deadline_ms: core.deadline.as_millis() as u64,
-            may_have_executed: false,
-        };
         let kind = job.kind();
         let backoff = job.backoff.get_or_insert_with(|| self.policy.backoff(kind));
         let Some(delay) = backoff.next_delay(&mut self.rng) else {
@@ -366,7 +360,7 @@ impl SupervisorState {
             }
         }
         if now + delay >= job.deadline {
-            let e = deadline_exceeded(&job);
+            let e = core.deadline_exceeded(job.kind(), false);
             job.answer(Err(e), &core.counters);
             return;
         }
@@ -398,12 +392,7 @@ impl SupervisorState {
                     Some(d) if Instant::now() + d < job.deadline => delay = d,
                     Some(_) => {
                         let core = &shared.cores[job.device as usize];
-                        let e = RuntimeError::DeadlineExceeded {
-                            device: job.device,
-                            op: job.kind(),
-                            deadline_ms: core.deadline.as_millis() as u64,
-                            may_have_executed: false,
-                        };
+                        let e = core.deadline_exceeded(job.kind(), false);
                         job.answer(Err(e), &core.counters);
                         return;
                     }
