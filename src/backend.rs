@@ -12,6 +12,7 @@ use crate::error::GpuError;
 use crate::op::{DeviceInfo, ModuleHandle, ModuleSource, Op, Reply};
 
 pub mod sim;
+pub(crate) mod table;
 
 /// Which GPU API a backend drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]

@@ -19,10 +19,10 @@
 //! that no later op could use); dynamic shared memory above 64 KiB fails with
 //! `hipErrorLaunchOutOfResources`, as on a GPU without opt-in.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
+use crate::backend::table::Tables;
 use crate::backend::{Backend, BackendKind, DeviceContext, Origin};
 use crate::config::{ConfigError, SimConfig};
 use crate::error::{Api, ErrorClass, GpuError, InvalidReason, classify, hip};
@@ -186,14 +186,11 @@ impl Backend for SimBackend {
         }
         Ok(Box::new(SimDevice {
             info,
-            epoch,
             host: self.host.clone(),
             faults: self.faults.clone(),
             crash_allowed: self.crash_allowed,
-            buffers: HashMap::new(),
+            t: Tables::new(device, epoch),
             used: 0,
-            modules: HashMap::new(),
-            next_id: 1,
             pending_sticky: None,
         }))
     }
@@ -203,14 +200,11 @@ impl Backend for SimBackend {
 #[derive(Debug)]
 pub struct SimDevice {
     info: DeviceInfo,
-    epoch: u64,
     host: Arc<SimHost>,
     faults: Arc<FaultInjector>,
     crash_allowed: bool,
-    buffers: HashMap<u64, Vec<u8>>,
+    t: Tables<Vec<u8>, Vec<BuiltinKernel>>,
     used: u64,
-    modules: HashMap<u64, Vec<BuiltinKernel>>,
-    next_id: u64,
     pending_sticky: Option<i32>,
 }
 
@@ -223,63 +217,8 @@ impl SimDevice {
         GpuError::api(Api::Sim, code, op, self.dev())
     }
 
-    fn invalid(&self, op: OpKind, reason: InvalidReason) -> GpuError {
-        GpuError::invalid(op, self.dev(), reason)
-    }
-
-    /// Checks a handle against this context; returns the buffer's bytes.
-    fn check(&self, op: OpKind, h: &BufferHandle) -> Result<&Vec<u8>, GpuError> {
-        if h.device != self.dev() {
-            return Err(self.invalid(
-                op,
-                InvalidReason::WrongDevice {
-                    handle_device: h.device,
-                },
-            ));
-        }
-        if h.epoch < self.epoch {
-            return Err(self.invalid(
-                op,
-                InvalidReason::BufferLost {
-                    handle_epoch: h.epoch,
-                    device_epoch: self.epoch,
-                },
-            ));
-        }
-        let buf = match self.buffers.get(&h.id) {
-            Some(b) if h.epoch == self.epoch => b,
-            _ => return Err(self.invalid(op, InvalidReason::UnknownBuffer { id: h.id })),
-        };
-        if buf.len() as u64 != h.len {
-            return Err(self.invalid(
-                op,
-                InvalidReason::HandleMismatch {
-                    id: h.id,
-                    handle_len: h.len,
-                    actual_len: buf.len() as u64,
-                },
-            ));
-        }
-        Ok(buf)
-    }
-
-    fn check_range(&self, op: OpKind, h: &BufferHandle, offset: u64, len: u64) -> Result<(), GpuError> {
-        let buf = self.check(op, h)?;
-        let end = offset.checked_add(len);
-        if end.is_none_or(|e| e > buf.len() as u64) {
-            return Err(self.invalid(
-                op,
-                InvalidReason::OutOfBounds {
-                    offset,
-                    len,
-                    buffer_len: buf.len() as u64,
-                },
-            ));
-        }
-        Ok(())
-    }
-
-    /// Checks a launch before anything runs; returns the kernel and its element count.
+    /// Checks a launch's kernel, arguments and resources; returns the kernel and how many
+    /// elements it processes. (Handles and dimensions are checked by the tables.)
     fn check_launch(&self, op: &Op) -> Result<(BuiltinKernel, u64), GpuError> {
         let Op::Launch {
             module,
@@ -293,28 +232,17 @@ impl SimDevice {
             unreachable!("check_launch is only called for launches")
         };
         let kind = OpKind::Launch;
-        if module.device != self.dev() {
-            return Err(self.invalid(
-                kind,
-                InvalidReason::WrongDevice {
-                    handle_device: module.device,
-                },
-            ));
-        }
-        let kernels = self
-            .modules
-            .get(&module.id)
-            .ok_or_else(|| self.invalid(kind, InvalidReason::UnknownModule { id: module.id }))?;
-        let kernel = kernels
+        let kernel = self
+            .t
+            .module(kind, module)?
             .iter()
             .copied()
             .find(|k| k.name() == function)
-            .ok_or_else(|| self.invalid(kind, InvalidReason::UnknownKernel { name: function.clone() }))?;
-        kernels::check_launch_dims(*grid, *block).map_err(|r| self.invalid(kind, r))?;
-        let n = kernel.check_args(args).map_err(|r| self.invalid(kind, r))?;
-        for b in kernels::buffer_args(args) {
-            self.check(kind, b)?;
-        }
+            .ok_or_else(|| {
+                self.t
+                    .invalid(kind, InvalidReason::UnknownKernel { name: function.clone() })
+            })?;
+        let n = kernel.check_args(args).map_err(|r| self.t.invalid(kind, r))?;
         if *shared_mem_bytes > MAX_SHARED_MEM_BYTES {
             return Err(GpuError::api_with(
                 Api::Sim,
@@ -330,66 +258,21 @@ impl SimDevice {
 
     /// The runtime's own checks, before the GPU is touched.
     fn validate(&self, op: &Op) -> Result<Option<(BuiltinKernel, u64)>, GpuError> {
-        let kind = op.kind();
+        self.t.validate(op, self.info.total_memory)?;
         match op {
-            Op::Alloc { bytes } => {
-                if *bytes == 0 {
-                    return Err(self.invalid(kind, InvalidReason::ZeroSizeAllocation));
-                }
-                if *bytes > self.info.total_memory {
-                    return Err(self.invalid(
-                        kind,
-                        InvalidReason::ExceedsDeviceMemory {
-                            requested: *bytes,
-                            total: self.info.total_memory,
-                        },
-                    ));
-                }
-            }
-            Op::Free { buffer } => {
-                self.check(kind, buffer)?;
-            }
-            Op::CopyToDevice { dst, offset, data } => self.check_range(kind, dst, *offset, data.len() as u64)?,
-            Op::CopyFromDevice { src, offset, len } => self.check_range(kind, src, *offset, *len)?,
-            Op::CopyDeviceToDevice {
-                src,
-                src_offset,
-                dst,
-                dst_offset,
-                len,
-            } => {
-                self.check_range(kind, src, *src_offset, *len)?;
-                self.check_range(kind, dst, *dst_offset, *len)?;
-                let overlap = src.id == dst.id && *src_offset < dst_offset + len && *dst_offset < src_offset + len;
-                if overlap && *len > 0 {
-                    return Err(self.invalid(kind, InvalidReason::OverlappingCopy));
-                }
-            }
-            Op::Memset {
-                buffer, offset, len, ..
-            } => self.check_range(kind, buffer, *offset, *len)?,
-            Op::LoadModule { source } => {
-                self.parse_module(source)?;
-            }
-            Op::Launch { .. } => return self.check_launch(op).map(Some),
-            Op::Synchronize | Op::MemInfo | Op::DeviceInfo => {}
+            Op::LoadModule { source } => self.parse_module(source).map(|_| None),
+            Op::Launch { .. } => self.check_launch(op).map(Some),
+            _ => Ok(None),
         }
-        Ok(None)
     }
 
     fn parse_module(&self, source: &ModuleSource) -> Result<Vec<BuiltinKernel>, GpuError> {
         match source {
             ModuleSource::Builtin => Ok(BuiltinKernel::ALL.to_vec()),
             ModuleSource::Image(image) => {
-                kernels::parse_sim_module(image.as_bytes()).map_err(|r| self.invalid(OpKind::LoadModule, r))
+                kernels::parse_sim_module(image.as_bytes()).map_err(|r| self.t.invalid(OpKind::LoadModule, r))
             }
         }
-    }
-
-    fn new_id(&mut self) -> u64 {
-        let id = self.next_id;
-        self.next_id += 1;
-        id
     }
 
     fn run(&mut self, op: &Op, launch: Option<(BuiltinKernel, u64)>) -> Result<Reply, GpuError> {
@@ -405,30 +288,30 @@ impl SimDevice {
                         format!("{bytes} bytes requested, {free} free"),
                     ));
                 }
-                let id = self.new_id();
-                self.buffers.insert(id, vec![0; *bytes as usize]);
+                let id = self.t.new_id();
+                self.t.buffers.insert(id, vec![0; *bytes as usize]);
                 self.used += bytes;
                 Reply::Buffer(BufferHandle {
                     device: self.dev(),
-                    epoch: self.epoch,
+                    epoch: self.t.epoch,
                     id,
                     len: *bytes,
                 })
             }
             Op::Free { buffer } => {
-                if let Some(b) = self.buffers.remove(&buffer.id) {
+                if let Some(b) = self.t.buffers.remove(&buffer.id) {
                     self.used -= b.len() as u64;
                 }
                 Reply::Done
             }
             Op::CopyToDevice { dst, offset, data } => {
-                let buf = self.buffers.get_mut(&dst.id).expect("validated");
+                let buf = self.t.buffers.get_mut(&dst.id).expect("validated");
                 let o = *offset as usize;
                 buf[o..o + data.len()].copy_from_slice(data.as_bytes());
                 Reply::Done
             }
             Op::CopyFromDevice { src, offset, len } => {
-                let buf = &self.buffers[&src.id];
+                let buf = &self.t.buffers[&src.id];
                 let o = *offset as usize;
                 Reply::Data(Payload::from(&buf[o..o + *len as usize]))
             }
@@ -440,9 +323,9 @@ impl SimDevice {
                 len,
             } => {
                 let (s, l) = (*src_offset as usize, *len as usize);
-                let bytes = self.buffers[&src.id][s..s + l].to_vec();
+                let bytes = self.t.buffers[&src.id][s..s + l].to_vec();
                 let d = *dst_offset as usize;
-                self.buffers.get_mut(&dst.id).expect("validated")[d..d + l].copy_from_slice(&bytes);
+                self.t.buffers.get_mut(&dst.id).expect("validated")[d..d + l].copy_from_slice(&bytes);
                 Reply::Done
             }
             Op::Memset {
@@ -452,13 +335,13 @@ impl SimDevice {
                 value,
             } => {
                 let o = *offset as usize;
-                self.buffers.get_mut(&buffer.id).expect("validated")[o..o + *len as usize].fill(*value);
+                self.t.buffers.get_mut(&buffer.id).expect("validated")[o..o + *len as usize].fill(*value);
                 Reply::Done
             }
             Op::LoadModule { source } => {
                 let kernels = self.parse_module(source)?;
-                let id = self.new_id();
-                self.modules.insert(id, kernels);
+                let id = self.t.new_id();
+                self.t.modules.insert(id, kernels);
                 Reply::Module(ModuleHandle { device: self.dev(), id })
             }
             Op::Launch { args, .. } => {
@@ -477,14 +360,14 @@ impl SimDevice {
 
     fn f32s(&self, arg: &KernelArg, n: usize) -> Vec<f32> {
         match arg {
-            KernelArg::Buffer(b) => kernels::f32s(&self.buffers[&b.id][..n * 4]),
+            KernelArg::Buffer(b) => kernels::f32s(&self.t.buffers[&b.id][..n * 4]),
             _ => unreachable!("signature checked"),
         }
     }
 
     fn write(&mut self, arg: &KernelArg, bytes: &[u8]) {
         if let KernelArg::Buffer(b) = arg {
-            self.buffers.get_mut(&b.id).expect("validated")[..bytes.len()].copy_from_slice(bytes);
+            self.t.buffers.get_mut(&b.id).expect("validated")[..bytes.len()].copy_from_slice(bytes);
         }
     }
 
@@ -512,9 +395,9 @@ impl SimDevice {
                 self.write(x, &kernels::f32_bytes(&xs));
             }
             (BuiltinKernel::Checksum, [KernelArg::Buffer(data), _, out]) => {
-                let sum = reference::checksum(&kernels::u32s(&self.buffers[&data.id][..n * 4]));
+                let sum = reference::checksum(&kernels::u32s(&self.t.buffers[&data.id][..n * 4]));
                 if let KernelArg::Buffer(o) = out {
-                    let cell = &mut self.buffers.get_mut(&o.id).expect("validated")[..8];
+                    let cell = &mut self.t.buffers.get_mut(&o.id).expect("validated")[..8];
                     let old = u64::from_le_bytes(cell.try_into().expect("8 bytes"));
                     cell.copy_from_slice(&old.wrapping_add(sum).to_le_bytes());
                 }
@@ -535,7 +418,7 @@ impl DeviceContext for SimDevice {
     }
 
     fn epoch(&self) -> u64 {
-        self.epoch
+        self.t.epoch
     }
 
     fn execute(&mut self, op: &Op, origin: Origin) -> Result<Reply, GpuError> {
@@ -581,8 +464,8 @@ impl DeviceContext for SimDevice {
             return Err(self.api(code, OpKind::LoadModule));
         }
         let kernels = self.parse_module(source)?;
-        self.modules.insert(module.id, kernels);
-        self.next_id = self.next_id.max(module.id + 1);
+        self.t.modules.insert(module.id, kernels);
+        self.t.reserve_id(module.id);
         Ok(())
     }
 }
