@@ -11,6 +11,12 @@ use std::fmt;
 use crate::error::GpuError;
 use crate::op::{DeviceInfo, ModuleHandle, ModuleSource, Op, Reply};
 
+#[cfg(any(feature = "hip", feature = "cuda", test))]
+pub(crate) mod args;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(feature = "hip")]
+pub mod hip;
 pub mod sim;
 pub(crate) mod table;
 

@@ -510,6 +510,11 @@ pub fn make_backend(config: &RuntimeConfig) -> Result<Arc<dyn Backend>, StartErr
             let crash_allowed = config.runtime.isolation == Isolation::Process;
             Ok(Arc::new(SimBackend::from_config(&config.sim, crash_allowed)?))
         }
+        #[cfg(feature = "hip")]
+        BackendKind::Hip => Ok(Arc::new(hipvisor_core::backend::hip::HipBackend::new())),
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => Ok(Arc::new(hipvisor_core::backend::cuda::CudaBackend::new())),
+        #[allow(unreachable_patterns)]
         other => Err(StartError::Unsupported(format!(
             "backend `{other}` is not part of this build (build with `--features {other}`)"
         ))),

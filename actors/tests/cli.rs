@@ -125,3 +125,36 @@ fn bad_config_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("HIPVISOR_RETRY__MAX_RETRIEZ"));
 }
+
+#[cfg(feature = "hip")]
+#[test]
+fn devices_on_hip_without_a_gpu_fails_with_a_clear_message() {
+    if std::path::Path::new("/dev/kfd").exists() {
+        eprintln!("skipped: this machine has an AMD GPU driver (/dev/kfd)");
+        return;
+    }
+    let out = hipvisor(&["devices", "--backend", "hip"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "a clear error, not a panic (101): {err}");
+    assert!(err.contains("no HIP device was found"), "{err}");
+    assert!(
+        err.contains("hipErrorNoDevice") || err.contains("hipError"),
+        "the code's name: {err}"
+    );
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn devices_on_cuda_without_a_driver_fails_with_a_clear_message() {
+    if hipvisor::core::backend::cuda::driver_present() {
+        eprintln!("skipped: this machine has a CUDA driver");
+        return;
+    }
+    let out = hipvisor(&["devices", "--backend", "cuda"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "a clear error, not a panic (101): {err}");
+    assert!(err.contains("CUDA driver library not found"), "{err}");
+    let out = hipvisor(&["run", "--backend", "cuda", "--json", "--ops", "10"]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stdout.is_empty());
+}
