@@ -85,6 +85,13 @@ pub trait Backend: Send + Sync {
     /// # Errors
     /// Driver errors; a device that is gone.
     fn open(&self, device: u32, epoch: u64) -> Result<Box<dyn DeviceContext>, GpuError>;
+
+    /// The run's fault plan, for backends that have one (the simulator). In process
+    /// isolation the host decides each op's fault with it and sends the decision along, so
+    /// the plan's state (counts, random streams) outlives worker processes.
+    fn fault_injector(&self) -> Option<std::sync::Arc<crate::fault_plan::FaultInjector>> {
+        None
+    }
 }
 
 /// One device's context: executes ops one at a time, blocking the calling thread.
@@ -100,6 +107,21 @@ pub trait DeviceContext: Send {
     /// # Errors
     /// A [`GpuError`] whose class says what the runtime should do.
     fn execute(&mut self, op: &Op, origin: Origin) -> Result<Reply, GpuError>;
+
+    /// Executes one op with a fault decided elsewhere (by the host's plan, in process
+    /// isolation). Backends without fault injection ignore `fault`.
+    ///
+    /// # Errors
+    /// As [`DeviceContext::execute`].
+    fn execute_planned(
+        &mut self,
+        op: &Op,
+        origin: Origin,
+        fault: Option<crate::fault_plan::FaultAction>,
+    ) -> Result<Reply, GpuError> {
+        let _ = fault;
+        self.execute(op, origin)
+    }
 
     /// Loads a module under an id it had in an earlier context of this device (module
     /// handles survive restarts). Later loads get ids above it.

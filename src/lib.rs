@@ -30,6 +30,7 @@ pub mod breaker;
 pub mod config;
 pub mod error;
 pub mod fault_plan;
+pub mod ipc;
 pub mod kernels;
 pub mod op;
 pub mod retry;

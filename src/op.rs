@@ -220,37 +220,78 @@ impl fmt::Display for ArgType {
 /// Bulk host bytes (copy data, module images).
 ///
 /// Cheap to clone (shared), so an op can be resubmitted on retry without copying its data.
-/// The representation is private: a transport can carry the bytes out of band (shared memory)
-/// without changing the shape of [`Op`]. On the wire it is a plain byte string.
-#[derive(Clone, PartialEq, Eq, Default)]
+/// The representation is private: bytes on the heap, or a shared-memory region that a worker
+/// process maps directly (see [`crate::ipc::Region`]), without changing the shape of
+/// [`Op`]. On the wire (serde) it is a plain byte string.
+#[derive(Clone)]
 pub struct Payload {
-    bytes: Arc<[u8]>,
+    repr: Repr,
 }
+
+#[derive(Clone)]
+enum Repr {
+    Heap(Arc<[u8]>),
+    Shared(Arc<crate::ipc::Region>),
+}
+
+impl Default for Payload {
+    fn default() -> Self {
+        Payload::new(Vec::new())
+    }
+}
+
+impl PartialEq for Payload {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for Payload {}
 
 impl Payload {
     /// Wraps bytes.
     pub fn new(bytes: impl Into<Arc<[u8]>>) -> Payload {
-        Payload { bytes: bytes.into() }
+        Payload {
+            repr: Repr::Heap(bytes.into()),
+        }
+    }
+
+    /// Wraps a shared-memory region (its whole length).
+    pub fn shared(region: Arc<crate::ipc::Region>) -> Payload {
+        Payload {
+            repr: Repr::Shared(region),
+        }
+    }
+
+    /// The region behind the payload, if it lives in shared memory.
+    pub fn region(&self) -> Option<&Arc<crate::ipc::Region>> {
+        match &self.repr {
+            Repr::Shared(r) => Some(r),
+            Repr::Heap(_) => None,
+        }
     }
 
     /// The bytes.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes
+        match &self.repr {
+            Repr::Heap(b) => b,
+            Repr::Shared(r) => r.as_slice(),
+        }
     }
 
     /// The length in bytes.
     pub fn len(&self) -> usize {
-        self.bytes.len()
+        self.as_bytes().len()
     }
 
     /// `true` for an empty payload.
     pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
+        self.len() == 0
     }
 
     /// The bytes as a vector (copies).
     pub fn to_vec(&self) -> Vec<u8> {
-        self.bytes.to_vec()
+        self.as_bytes().to_vec()
     }
 }
 
@@ -268,13 +309,14 @@ impl From<&[u8]> for Payload {
 
 impl fmt::Debug for Payload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Payload({} bytes)", self.bytes.len())
+        let place = if self.region().is_some() { "shared" } else { "heap" };
+        write!(f, "Payload({} bytes, {place})", self.len())
     }
 }
 
 impl Serialize for Payload {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(&self.bytes)
+        s.serialize_bytes(self.as_bytes())
     }
 }
 

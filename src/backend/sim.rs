@@ -173,6 +173,10 @@ impl Backend for SimBackend {
         Ok(self.info(device))
     }
 
+    fn fault_injector(&self) -> Option<Arc<FaultInjector>> {
+        Some(self.faults.clone())
+    }
+
     fn open(&self, device: u32, epoch: u64) -> Result<Box<dyn DeviceContext>, GpuError> {
         let info = self.device_info(device)?;
         if let Some(code) = self.host.poisoned() {
@@ -264,6 +268,49 @@ impl SimDevice {
             Op::Launch { .. } => self.check_launch(op).map(Some),
             _ => Ok(None),
         }
+    }
+
+    /// Runs a validated op with the fault the plan decided for it.
+    fn run_with_fault(
+        &mut self,
+        op: &Op,
+        launch: Option<(BuiltinKernel, u64)>,
+        fault: Option<FaultAction>,
+    ) -> Result<Reply, GpuError> {
+        let kind = op.kind();
+        if let Some(code) = self.host.poisoned() {
+            return Err(self.api(code, kind));
+        }
+        match fault {
+            None => {}
+            Some(FaultAction::Hang(d)) => std::thread::sleep(d),
+            Some(FaultAction::Crash) if self.crash_allowed => std::process::abort(),
+            Some(FaultAction::Crash) => {
+                return Err(GpuError::api_with(
+                    Api::Sim,
+                    hip::NOT_SUPPORTED,
+                    kind,
+                    self.dev(),
+                    "the fault plan's crash = true needs process isolation",
+                ));
+            }
+            Some(FaultAction::Code(code)) if classify(Api::Sim, code) == ErrorClass::Sticky => {
+                if kind == OpKind::Launch {
+                    self.pending_sticky.get_or_insert(code);
+                    return Ok(Reply::Done);
+                }
+                self.host.poison(code);
+                return Err(self.api(code, kind));
+            }
+            Some(FaultAction::Code(code)) => return Err(self.api(code, kind)),
+        }
+        if kind.is_synchronizing()
+            && let Some(code) = self.pending_sticky.take()
+        {
+            self.host.poison(code);
+            return Err(self.api(code, kind));
+        }
+        self.run(op, launch)
     }
 
     fn parse_module(&self, source: &ModuleSource) -> Result<Vec<BuiltinKernel>, GpuError> {
@@ -422,41 +469,14 @@ impl DeviceContext for SimDevice {
     }
 
     fn execute(&mut self, op: &Op, origin: Origin) -> Result<Reply, GpuError> {
-        let kind = op.kind();
         let launch = self.validate(op)?;
-        if let Some(code) = self.host.poisoned() {
-            return Err(self.api(code, kind));
-        }
-        match self.faults.decide(self.dev(), op, origin) {
-            None => {}
-            Some(FaultAction::Hang(d)) => std::thread::sleep(d),
-            Some(FaultAction::Crash) if self.crash_allowed => std::process::abort(),
-            Some(FaultAction::Crash) => {
-                return Err(GpuError::api_with(
-                    Api::Sim,
-                    hip::NOT_SUPPORTED,
-                    kind,
-                    self.dev(),
-                    "the fault plan's crash = true needs process isolation",
-                ));
-            }
-            Some(FaultAction::Code(code)) if classify(Api::Sim, code) == ErrorClass::Sticky => {
-                if kind == OpKind::Launch {
-                    self.pending_sticky.get_or_insert(code);
-                    return Ok(Reply::Done);
-                }
-                self.host.poison(code);
-                return Err(self.api(code, kind));
-            }
-            Some(FaultAction::Code(code)) => return Err(self.api(code, kind)),
-        }
-        if kind.is_synchronizing()
-            && let Some(code) = self.pending_sticky.take()
-        {
-            self.host.poison(code);
-            return Err(self.api(code, kind));
-        }
-        self.run(op, launch)
+        let fault = self.faults.decide(self.dev(), op, origin);
+        self.run_with_fault(op, launch, fault)
+    }
+
+    fn execute_planned(&mut self, op: &Op, _origin: Origin, fault: Option<FaultAction>) -> Result<Reply, GpuError> {
+        let launch = self.validate(op)?;
+        self.run_with_fault(op, launch, fault)
     }
 
     fn restore_module(&mut self, module: ModuleHandle, source: &ModuleSource) -> Result<(), GpuError> {

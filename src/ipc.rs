@@ -1,0 +1,612 @@
+//! The host ↔ worker protocol (process isolation): framed, versioned messages over a Unix
+//! `SOCK_SEQPACKET` socket pair, file descriptors passed with `SCM_RIGHTS`, and shared
+//! memory (`memfd_create`, so a small `/dev/shm` does not matter) for bulk bytes and for the
+//! control page in which the worker publishes which request it has started.
+//!
+//! A frame is one datagram: `b"HV"`, the protocol version (u16 LE), then a postcard-encoded
+//! message. Datagrams keep frame boundaries, so a frame is never split or merged, and the
+//! descriptors sent with a frame arrive with it. Frames are small (at most [`MAX_FRAME`]);
+//! bytes above [`INLINE_LIMIT`] travel in shared-memory regions instead. Malformed frames
+//! (bad magic, version, truncated or undecodable body, oversized) are typed
+//! [`IpcError`]s, never panics.
+//!
+//! `unsafe` for mapping memory and setting up the worker process lives in this module (and
+//! the backend files) only; each block says why it is sound.
+#![allow(unsafe_code)]
+
+use std::io::{IoSlice, IoSliceMut};
+use std::num::NonZeroUsize;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
+use nix::sys::socket::{
+    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg, sendmsg, socketpair,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{BackendKind, Origin};
+use crate::error::GpuError;
+use crate::fault_plan::FaultAction;
+use crate::op::{DeviceInfo, ModuleHandle, ModuleSource, Op, Reply};
+
+/// The protocol version; host and worker must agree.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// The most bytes in one frame.
+pub const MAX_FRAME: usize = 128 * 1024;
+/// Payloads above this many bytes travel in shared memory.
+pub const INLINE_LIMIT: usize = 32 * 1024;
+/// The descriptor number of the worker's socket in the worker process.
+pub const WORKER_FD: RawFd = 3;
+/// The environment switch that makes a process a worker: the value is its socket's
+/// descriptor number. (Not `HIPVISOR_*`: that prefix is configuration.)
+pub const WORKER_ENV: &str = "HV_WORKER_FD";
+const MAGIC: &[u8; 2] = b"HV";
+const MAX_FDS: usize = 4;
+
+/// An IPC failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IpcError {
+    /// The peer closed the connection (a worker that died, a host that went away).
+    #[error("the peer closed the connection")]
+    Closed,
+    /// A frame that is not a valid message.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// The peer speaks another protocol version.
+    #[error("protocol version {got}, expected {PROTOCOL_VERSION}")]
+    Version {
+        /// The version received.
+        got: u16,
+    },
+    /// A system call failed.
+    #[error("{call}: {errno}")]
+    Os {
+        /// The call.
+        call: &'static str,
+        /// The error.
+        errno: nix::errno::Errno,
+    },
+}
+
+fn os(call: &'static str) -> impl FnOnce(nix::errno::Errno) -> IpcError {
+    move |errno| IpcError::Os { call, errno }
+}
+
+/// A fault the host's plan decided for a request (process isolation: the plan's state lives
+/// in the host, so a restarted worker re-arms nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireFault {
+    /// Fail with this HIP code.
+    Code(i32),
+    /// Hang this long (ms), then complete.
+    HangMs(u64),
+    /// The worker process dies.
+    Crash,
+}
+
+impl From<FaultAction> for WireFault {
+    fn from(a: FaultAction) -> Self {
+        match a {
+            FaultAction::Code(c) => WireFault::Code(c),
+            FaultAction::Hang(d) => WireFault::HangMs(d.as_millis() as u64),
+            FaultAction::Crash => WireFault::Crash,
+        }
+    }
+}
+
+impl From<WireFault> for FaultAction {
+    fn from(w: WireFault) -> Self {
+        match w {
+            WireFault::Code(c) => FaultAction::Code(c),
+            WireFault::HangMs(ms) => FaultAction::Hang(std::time::Duration::from_millis(ms)),
+            WireFault::Crash => FaultAction::Crash,
+        }
+    }
+}
+
+/// What the worker must open.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The host's protocol version.
+    pub version: u16,
+    /// The backend.
+    pub backend: BackendKind,
+    /// The device index.
+    pub device: u32,
+    /// The epoch of the new context.
+    pub epoch: u64,
+    /// For the simulator: device count and memory per device.
+    pub sim: Option<(u32, u64)>,
+}
+
+/// Where a request's bulk bytes are: the shared-memory region sent with the frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionRef {
+    /// Length of the region in bytes.
+    pub len: u64,
+}
+
+/// One op for the worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    /// The request id (increasing per worker).
+    pub id: u64,
+    /// The op; a payload above [`INLINE_LIMIT`] is taken out and sent as `input`.
+    pub op: Op,
+    /// Who issued it.
+    pub origin: Origin,
+    /// The fault the host's plan decided, if any.
+    pub fault: Option<WireFault>,
+    /// The op's payload, in the region sent with the frame.
+    pub input: Option<RegionRef>,
+    /// For a large copy from the device: the region (sent with the frame) to write into.
+    pub output: Option<RegionRef>,
+}
+
+/// A message from the host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ToWorker {
+    /// Opens the device (first message; the control page comes with it).
+    Hello(Hello),
+    /// Reloads a module under its old id (after a restart); a large image comes in a region.
+    Restore {
+        /// The module.
+        module: ModuleHandle,
+        /// Its source (a large image travels in `input`).
+        source: ModuleSource,
+        /// The image's region, if any.
+        input: Option<RegionRef>,
+    },
+    /// Executes an op.
+    Request(Request),
+    /// Exits.
+    Shutdown,
+}
+
+/// A message from the worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum FromWorker {
+    /// The device is open.
+    Ready {
+        /// The worker's protocol version.
+        version: u16,
+        /// The device.
+        info: DeviceInfo,
+    },
+    /// The device could not be opened, or a restore failed.
+    Failed(GpuError),
+    /// A module was restored.
+    Restored,
+    /// The answer to a request; a large `Reply::Data` was written to the output region
+    /// and comes back empty, with `output_len` bytes written.
+    Response {
+        /// The request id.
+        id: u64,
+        /// The result.
+        result: Result<Reply, GpuError>,
+        /// Bytes written to the output region.
+        output_len: Option<u64>,
+    },
+    /// The worker could not understand a message.
+    Malformed(String),
+}
+
+/// Encodes a message into one frame.
+///
+/// # Errors
+/// [`IpcError::Malformed`] if the encoding is larger than [`MAX_FRAME`].
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, IpcError> {
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    let body = postcard::to_stdvec(msg).map_err(|e| IpcError::Malformed(format!("cannot encode: {e}")))?;
+    out.extend_from_slice(&body);
+    if out.len() > MAX_FRAME {
+        return Err(IpcError::Malformed(format!(
+            "frame of {} bytes exceeds {MAX_FRAME}",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
+/// Decodes one frame. Total: any byte string gives a message or a typed error.
+///
+/// # Errors
+/// [`IpcError::Malformed`] or [`IpcError::Version`].
+pub fn decode<T: for<'de> Deserialize<'de>>(frame: &[u8]) -> Result<T, IpcError> {
+    if frame.len() < 4 {
+        return Err(IpcError::Malformed(format!(
+            "{} bytes, shorter than a header",
+            frame.len()
+        )));
+    }
+    if frame.len() > MAX_FRAME {
+        return Err(IpcError::Malformed(format!(
+            "frame of {} bytes exceeds {MAX_FRAME}",
+            frame.len()
+        )));
+    }
+    if &frame[..2] != MAGIC {
+        return Err(IpcError::Malformed("bad magic".into()));
+    }
+    let version = u16::from_le_bytes([frame[2], frame[3]]);
+    if version != PROTOCOL_VERSION {
+        return Err(IpcError::Version { got: version });
+    }
+    let (msg, rest) = postcard::take_from_bytes(&frame[4..]).map_err(|e| IpcError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(IpcError::Malformed(format!("{} trailing bytes", rest.len())));
+    }
+    Ok(msg)
+}
+
+/// One end of a host ↔ worker connection.
+#[derive(Debug)]
+pub struct Channel {
+    fd: OwnedFd,
+    buf: Vec<u8>,
+}
+
+impl Channel {
+    /// A connected pair (host end, worker end), both close-on-exec.
+    ///
+    /// # Errors
+    /// [`IpcError::Os`].
+    pub fn pair() -> Result<(Channel, Channel), IpcError> {
+        let (a, b) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+            .map_err(os("socketpair"))?;
+        Ok((Channel::from_fd(a), Channel::from_fd(b)))
+    }
+
+    /// Wraps a connected `SOCK_SEQPACKET` socket.
+    pub fn from_fd(fd: OwnedFd) -> Channel {
+        Channel {
+            fd,
+            buf: vec![0; MAX_FRAME + 1],
+        }
+    }
+
+    /// The worker's end of the connection, inherited as descriptor `fd`.
+    ///
+    /// # Errors
+    /// [`IpcError::Os`] if `fd` is not a socket.
+    pub fn inherited(fd: RawFd) -> Result<Channel, IpcError> {
+        // SAFETY: the host placed a socket at `fd` for this process (see `spawn_worker`) and
+        // nothing else owns it; checking it is a socket guards against a stray variable.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        nix::sys::socket::getsockopt(&owned, nix::sys::socket::sockopt::SockType).map_err(os("getsockopt"))?;
+        Ok(Channel::from_fd(owned))
+    }
+
+    /// Sends a message with descriptors attached.
+    ///
+    /// # Errors
+    /// [`IpcError`] if it cannot be encoded or sent; `Closed` if the peer is gone.
+    pub fn send<T: Serialize>(&self, msg: &T, fds: &[RawFd]) -> Result<(), IpcError> {
+        let frame = encode(msg)?;
+        self.send_frame(&frame, fds)
+    }
+
+    /// Sends raw bytes as one frame (tests send malformed frames with this).
+    ///
+    /// # Errors
+    /// [`IpcError::Os`], or `Closed` if the peer is gone.
+    pub fn send_frame(&self, frame: &[u8], fds: &[RawFd]) -> Result<(), IpcError> {
+        let iov = [IoSlice::new(frame)];
+        let cmsg = [ControlMessage::ScmRights(fds)];
+        let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
+        match sendmsg::<()>(self.fd.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(_) => Ok(()),
+            Err(nix::errno::Errno::EPIPE | nix::errno::Errno::ECONNRESET) => Err(IpcError::Closed),
+            Err(e) => Err(IpcError::Os {
+                call: "sendmsg",
+                errno: e,
+            }),
+        }
+    }
+
+    /// Receives one message and the descriptors sent with it (blocking).
+    ///
+    /// # Errors
+    /// `Closed` at end of file; `Malformed` / `Version` for a bad frame; `Os`.
+    pub fn recv<T: for<'de> Deserialize<'de>>(&mut self) -> Result<(T, Vec<OwnedFd>), IpcError> {
+        let (len, fds) = self.recv_frame()?;
+        Ok((decode(&self.buf[..len])?, fds))
+    }
+
+    fn recv_frame(&mut self) -> Result<(usize, Vec<OwnedFd>), IpcError> {
+        let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+        let fd = self.fd.as_raw_fd();
+        let mut iov = [IoSliceMut::new(&mut self.buf)];
+        let msg = loop {
+            match recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::ECONNRESET) => return Err(IpcError::Closed),
+                Err(e) => {
+                    return Err(IpcError::Os {
+                        call: "recvmsg",
+                        errno: e,
+                    });
+                }
+                Ok(m) => break m,
+            }
+        };
+        let mut fds = Vec::new();
+        for c in msg.cmsgs().map_err(os("recvmsg"))? {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                for r in raw {
+                    // SAFETY: the kernel just installed these descriptors in this process
+                    // for this message; nothing else owns them.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(r) });
+                }
+            }
+        }
+        let truncated = msg.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+        let len = msg.bytes;
+        if len == 0 && fds.is_empty() {
+            return Err(IpcError::Closed);
+        }
+        if truncated {
+            return Err(IpcError::Malformed(format!(
+                "frame larger than {MAX_FRAME} bytes or too many descriptors"
+            )));
+        }
+        Ok((len, fds))
+    }
+}
+
+/// A shared-memory region: a memfd mapped read-write into this process.
+#[derive(Debug)]
+pub struct Region {
+    fd: OwnedFd,
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value; access goes through
+// `&self`/`&mut self` like a `Vec<u8>`, so moving or sharing the handle across threads is as
+// safe as for a byte buffer (concurrent writers in another process are the protocol's
+// business: a region is written by one side, then handed over with a message).
+unsafe impl Send for Region {}
+// SAFETY: as above; `&Region` only gives read access.
+unsafe impl Sync for Region {}
+
+impl Region {
+    /// A new zero-filled region of `len` bytes (at least one page is mapped).
+    ///
+    /// # Errors
+    /// [`IpcError::Os`].
+    pub fn new(len: usize) -> Result<Region, IpcError> {
+        let fd = nix::sys::memfd::memfd_create(c"hipvisor", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .map_err(os("memfd_create"))?;
+        nix::unistd::ftruncate(&fd, len.max(1) as i64).map_err(os("ftruncate"))?;
+        Region::map(fd, len)
+    }
+
+    /// Maps a region received from the peer.
+    ///
+    /// # Errors
+    /// [`IpcError::Malformed`] if the descriptor is smaller than `len`; [`IpcError::Os`].
+    pub fn map(fd: OwnedFd, len: usize) -> Result<Region, IpcError> {
+        let size = nix::sys::stat::fstat(&fd).map_err(os("fstat"))?.st_size as usize;
+        if size < len.max(1) {
+            return Err(IpcError::Malformed(format!("region of {size} bytes, {len} announced")));
+        }
+        let length = NonZeroUsize::new(len.max(1)).expect("at least one byte");
+        // SAFETY: maps `length` bytes of a memfd we hold; the file is at least that long
+        // (checked above), so every mapped page is backed; the mapping is unmapped once,
+        // in `drop`.
+        let ptr = unsafe {
+            mmap(
+                None,
+                length,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                fd.as_fd(),
+                0,
+            )
+        }
+        .map_err(os("mmap"))?;
+        Ok(Region {
+            fd,
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    /// The region's length.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// `true` for an empty region.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The descriptor, to send to the peer.
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` maps at least `len` bytes for the life of `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The bytes, writable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and `&mut self` makes this the only reference in this process.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the mapping made in `map`, once; no slice outlives `self`.
+        let _ = unsafe { munmap(self.ptr.cast(), self.len.max(1)) };
+    }
+}
+
+/// The control page: the worker publishes the id of the request it has started, so after a
+/// crash the host knows whether the op in flight may have executed.
+#[derive(Debug)]
+pub struct ControlPage {
+    region: Region,
+}
+
+impl ControlPage {
+    /// A new page (host side).
+    ///
+    /// # Errors
+    /// [`IpcError::Os`].
+    pub fn new() -> Result<ControlPage, IpcError> {
+        Ok(ControlPage {
+            region: Region::new(64)?,
+        })
+    }
+
+    /// The page received from the host (worker side).
+    ///
+    /// # Errors
+    /// As [`Region::map`].
+    pub fn map(fd: OwnedFd) -> Result<ControlPage, IpcError> {
+        Ok(ControlPage {
+            region: Region::map(fd, 64)?,
+        })
+    }
+
+    fn started_cell(&self) -> &AtomicU64 {
+        // SAFETY: the region is at least 64 bytes, page-aligned (so 8-byte aligned), lives as
+        // long as `self`, and is only ever accessed through this atomic by both processes.
+        unsafe { &*self.region.ptr.as_ptr().cast::<AtomicU64>() }
+    }
+
+    /// Records that request `id` has started.
+    pub fn set_started(&self, id: u64) {
+        self.started_cell().store(id, Ordering::Release);
+    }
+
+    /// The last request the worker started.
+    pub fn started(&self) -> u64 {
+        self.started_cell().load(Ordering::Acquire)
+    }
+
+    /// The descriptor, to send to the worker.
+    pub fn raw_fd(&self) -> RawFd {
+        self.region.raw_fd()
+    }
+}
+
+/// Starts a worker process running `command` with `channel` as its descriptor
+/// [`WORKER_FD`]. The worker dies with the thread that spawned it (`PR_SET_PDEATHSIG`), so
+/// call this from a long-lived thread.
+///
+/// # Errors
+/// The OS error of the spawn.
+pub fn spawn_worker(mut command: Command, channel: Channel) -> std::io::Result<Child> {
+    let fd = channel.fd.as_raw_fd();
+    command.env(WORKER_ENV, WORKER_FD.to_string());
+    // SAFETY: the closure runs in the child between fork and exec and only makes
+    // async-signal-safe system calls (dup2, prctl) on descriptors it owns; `fd` stays open
+    // in the parent until the spawn returns (the channel is dropped afterwards).
+    unsafe {
+        command.pre_exec(move || {
+            if nix::libc::dup2(fd, WORKER_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGKILL) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn();
+    drop(channel);
+    child
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn messages_round_trip() {
+        let m = ToWorker::Request(Request {
+            id: 9,
+            op: Op::MemInfo,
+            origin: Origin::Runtime,
+            fault: Some(WireFault::Code(700)),
+            input: None,
+            output: Some(RegionRef { len: 4096 }),
+        });
+        assert_eq!(decode::<ToWorker>(&encode(&m).unwrap()).unwrap(), m);
+    }
+
+    #[test]
+    fn malformed_frames_are_typed_errors() {
+        let good = encode(&ToWorker::Shutdown).unwrap();
+        assert!(matches!(decode::<ToWorker>(b""), Err(IpcError::Malformed(_))));
+        assert!(matches!(
+            decode::<ToWorker>(b"XX\x01\x00\x03"),
+            Err(IpcError::Malformed(_))
+        ));
+        let mut v2 = good.clone();
+        v2[2] = 2;
+        assert!(matches!(decode::<ToWorker>(&v2), Err(IpcError::Version { got: 2 })));
+        let mut trailing = good.clone();
+        trailing.push(0);
+        assert!(matches!(decode::<ToWorker>(&trailing), Err(IpcError::Malformed(_))));
+        assert!(matches!(decode::<ToWorker>(&good[..4]), Err(IpcError::Malformed(_))));
+    }
+
+    #[test]
+    fn frames_and_descriptors_cross_a_socket_pair() {
+        let (a, mut b) = Channel::pair().unwrap();
+        let mut region = Region::new(10_000).unwrap();
+        region.as_mut_slice()[9_999] = 42;
+        a.send(&ToWorker::Shutdown, &[region.raw_fd()]).unwrap();
+        let (msg, fds): (ToWorker, _) = b.recv().unwrap();
+        assert_eq!(msg, ToWorker::Shutdown);
+        let mapped = Region::map(fds.into_iter().next().unwrap(), 10_000).unwrap();
+        assert_eq!(mapped.as_slice()[9_999], 42, "both processes' mappings share the bytes");
+        a.send_frame(b"garbage", &[]).unwrap();
+        assert!(matches!(b.recv::<ToWorker>(), Err(IpcError::Malformed(_))));
+        drop(a);
+        assert!(matches!(b.recv::<ToWorker>(), Err(IpcError::Closed)));
+    }
+
+    #[test]
+    fn the_control_page_is_shared() {
+        let host = ControlPage::new().unwrap();
+        let fd = nix::unistd::dup(host.region.fd.as_fd()).unwrap();
+        let worker = ControlPage::map(fd).unwrap();
+        worker.set_started(17);
+        assert_eq!(host.started(), 17);
+    }
+
+    proptest! {
+        #[test]
+        fn the_decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode::<ToWorker>(&bytes);
+            let _ = decode::<FromWorker>(&bytes);
+        }
+
+        #[test]
+        fn valid_headers_with_random_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut frame = b"HV".to_vec();
+            frame.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+            frame.extend_from_slice(&body);
+            let _ = decode::<ToWorker>(&frame);
+            let _ = decode::<FromWorker>(&frame);
+        }
+    }
+}
