@@ -453,6 +453,17 @@ pub enum GpuError {
         /// Extra context (the call that failed, a driver message); may be empty.
         message: String,
     },
+    /// The worker process that owns the device could not be started or spoken to
+    /// (process isolation). Class `DeviceLost`: the runtime keeps trying to open it.
+    #[error("{op} on device {device}: worker unavailable: {reason}")]
+    WorkerUnavailable {
+        /// The operation.
+        op: OpKind,
+        /// The device.
+        device: u32,
+        /// What went wrong.
+        reason: String,
+    },
     /// The runtime's own checks rejected the request before the GPU was touched.
     #[error("{op} on device {device}: invalid request: {reason}")]
     Invalid {
@@ -498,6 +509,7 @@ impl GpuError {
         match self {
             GpuError::Api { api, code, .. } => classify(*api, *code),
             GpuError::Invalid { .. } => ErrorClass::InvalidRequest,
+            GpuError::WorkerUnavailable { .. } => ErrorClass::DeviceLost,
         }
     }
 
@@ -519,14 +531,16 @@ impl GpuError {
     /// The operation that failed.
     pub fn op(&self) -> OpKind {
         match self {
-            GpuError::Api { op, .. } | GpuError::Invalid { op, .. } => *op,
+            GpuError::Api { op, .. } | GpuError::Invalid { op, .. } | GpuError::WorkerUnavailable { op, .. } => *op,
         }
     }
 
     /// The device the operation ran on.
     pub fn device(&self) -> u32 {
         match self {
-            GpuError::Api { device, .. } | GpuError::Invalid { device, .. } => *device,
+            GpuError::Api { device, .. }
+            | GpuError::Invalid { device, .. }
+            | GpuError::WorkerUnavailable { device, .. } => *device,
         }
     }
 
@@ -534,7 +548,7 @@ impl GpuError {
     pub fn code(&self) -> Option<(Api, i32)> {
         match self {
             GpuError::Api { api, code, .. } => Some((*api, *code)),
-            GpuError::Invalid { .. } => None,
+            GpuError::Invalid { .. } | GpuError::WorkerUnavailable { .. } => None,
         }
     }
 
@@ -543,6 +557,7 @@ impl GpuError {
         match self {
             GpuError::Api { api, code, .. } => code_name(*api, *code),
             GpuError::Invalid { .. } => "invalid_request",
+            GpuError::WorkerUnavailable { .. } => "worker_unavailable",
         }
     }
 }

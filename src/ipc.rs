@@ -505,6 +505,16 @@ impl ControlPage {
     }
 }
 
+/// Sends SIGKILL to a worker process (a hung op, shutdown). Errors (already gone) are
+/// ignored.
+pub fn kill(pid: u32) {
+    if let Ok(pid) = i32::try_from(pid)
+        && pid > 0
+    {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
 /// Starts a worker process running `command` with `channel` as its descriptor
 /// [`WORKER_FD`]. The worker dies with the thread that spawned it (`PR_SET_PDEATHSIG`), so
 /// call this from a long-lived thread.

@@ -61,6 +61,8 @@ pub(crate) struct DeviceCore {
     pub(crate) executor_stop: Mutex<Arc<AtomicBool>>,
     pub(crate) deadline: Duration,
     pub(crate) actor: RwLock<Option<ActorRef<DeviceMsg>>>,
+    /// The worker process of process isolation (0: none).
+    pub(crate) worker_pid: std::sync::atomic::AtomicI32,
 }
 
 impl DeviceCore {
@@ -85,6 +87,7 @@ impl DeviceCore {
             executor_stop: Mutex::new(Arc::new(AtomicBool::new(false))),
             deadline,
             actor: RwLock::new(None),
+            worker_pid: std::sync::atomic::AtomicI32::new(0),
         }
     }
 
@@ -108,6 +111,15 @@ impl DeviceCore {
                 module: module.id,
                 function: function.clone(),
             })
+    }
+
+    /// Kills the device's worker process, if it has one (a hung op, shutdown). Its executor
+    /// sees the connection close and the supervisor restarts the device.
+    pub(crate) fn kill_worker(&self) {
+        let pid = self.worker_pid.load(std::sync::atomic::Ordering::Acquire);
+        if pid > 0 {
+            hipvisor_core::ipc::kill(pid as u32);
+        }
     }
 
     /// The answer for an op whose deadline passed on this device.

@@ -1,9 +1,13 @@
-//! The executor of one device in thread isolation: a dedicated OS thread that owns the
-//! device context and runs the blocking backend calls, one op at a time.
+//! The executor of one device: a dedicated OS thread that takes the device's jobs one at a
+//! time and runs them on an [`Engine`] — the device context itself on this thread (thread
+//! isolation), or a worker process that owns it (process isolation).
 //!
 //! It answers successful ops straight to the caller's reply slot; a failed op goes to the
 //! supervisor with its error (and, for sticky faults, the kernels suspected of it). If the
 //! supervisor is gone, the executor answers the error itself: every op gets one answer.
+//! When the engine dies (a panicking backend, a worker that exits) or is poisoned (a sticky
+//! fault in a worker), the executor answers the op in flight, reports to the supervisor and
+//! ends; the supervisor starts a new one (a new epoch) under the restart intensity.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -11,21 +15,58 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use crossbeam_channel::select;
-use hipvisor_core::{Backend, DeviceContext, ErrorClass, GpuError, ModuleHandle, Op, Origin, Reply};
+use hipvisor_core::config::Isolation;
+use hipvisor_core::{DeviceContext, ErrorClass, GpuError, ModuleHandle, Op, Origin, Reply};
 
 use crate::device::{Current, DeviceCore, Work};
 use crate::error::RuntimeError;
 use crate::job::Job;
+use crate::process::WorkerEngine;
 use crate::runtime::Shared;
 use crate::state::DeviceState;
 use crate::supervisor::{Failure, SupervisorMsg};
 
-/// Starts the executor thread of `device` for a new context of `epoch`.
+/// What running one op on an engine gave.
+pub(crate) enum Exec {
+    /// The op ran (or was rejected) and this is its result.
+    Done(Result<Reply, GpuError>),
+    /// The engine died under the op; `may_have_executed` says whether the op had started.
+    Died { may_have_executed: bool, reason: String },
+}
+
+/// Where a device's ops run.
+pub(crate) trait Engine {
+    /// Runs one op.
+    fn run(&mut self, op: &Op, origin: Origin) -> Exec;
+    /// Whether the engine is unusable after `error` (a worker poisoned by a sticky fault).
+    fn poisoned_by(&self, error: &GpuError) -> bool;
+}
+
+/// Thread isolation: the context lives on this thread.
+struct ThreadEngine(Box<dyn DeviceContext>);
+
+impl Engine for ThreadEngine {
+    fn run(&mut self, op: &Op, origin: Origin) -> Exec {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| self.0.execute(op, origin))) {
+            Ok(r) => Exec::Done(r),
+            Err(panic) => Exec::Died {
+                may_have_executed: true,
+                reason: format!("backend panicked: {}", panic_message(&*panic)),
+            },
+        }
+    }
+
+    fn poisoned_by(&self, _: &GpuError) -> bool {
+        // A sticky fault poisons the whole process here; the supervisor fails every device.
+        false
+    }
+}
+
+/// Starts the executor thread of `device` for a new context of `epoch`. `opened`, if given,
+/// is signalled once the context is open (or failed to open) and the supervisor told.
 ///
 /// # Errors
 /// The OS could not start a thread.
-/// `opened`, if given, receives the result of opening the context (the runtime's start
-/// waits for it).
 pub(crate) fn spawn(
     shared: Arc<Shared>,
     device: u32,
@@ -46,6 +87,24 @@ pub(crate) fn spawn(
         .map(|_| ())
 }
 
+fn open(shared: &Arc<Shared>, device: u32, epoch: u64) -> Result<Box<dyn Engine>, GpuError> {
+    let modules = shared.cores[device as usize]
+        .modules
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    match shared.config.runtime.isolation {
+        Isolation::Thread => {
+            let mut ctx = shared.backend.open(device, epoch)?;
+            for (id, source) in &modules {
+                ctx.restore_module(ModuleHandle { device, id: *id }, source)?;
+            }
+            Ok(Box::new(ThreadEngine(ctx)))
+        }
+        Isolation::Process => Ok(Box::new(WorkerEngine::start(shared, device, epoch, &modules)?)),
+    }
+}
+
 fn run(
     shared: Arc<Shared>,
     device: u32,
@@ -53,13 +112,11 @@ fn run(
     stop: Arc<AtomicBool>,
     opened: Option<tokio::sync::oneshot::Sender<()>>,
 ) {
-    let backend: Arc<dyn Backend> = shared.backend.clone();
-    let result = open(&shared, &*backend, device, epoch);
     // The supervisor hears of the outcome before whoever waits for `opened` goes on.
-    let ctx = match result {
-        Ok(ctx) => {
+    let engine = match open(&shared, device, epoch) {
+        Ok(e) => {
             shared.report(SupervisorMsg::Opened { device, epoch });
-            Some(ctx)
+            Some(e)
         }
         Err(error) => {
             shared.report(SupervisorMsg::OpenFailed { device, epoch, error });
@@ -69,7 +126,7 @@ fn run(
     if let Some(tx) = opened {
         let _ = tx.send(());
     }
-    let Some(mut ctx) = ctx else { return };
+    let Some(mut engine) = engine else { return };
     let core = &shared.cores[device as usize];
     let mut suspects: Vec<(u64, String)> = Vec::new();
     while !stop.load(Ordering::Acquire) {
@@ -87,31 +144,17 @@ fn run(
             core.enqueue(*job);
             break;
         }
-        if !execute(&shared, core, &mut *ctx, *job, &mut suspects, epoch) {
+        if !execute(&shared, core, &mut *engine, *job, &mut suspects, epoch) {
             break;
         }
     }
 }
 
-/// Opens the context and reloads the device's modules into it.
-fn open(shared: &Shared, backend: &dyn Backend, device: u32, epoch: u64) -> Result<Box<dyn DeviceContext>, GpuError> {
-    let mut ctx = backend.open(device, epoch)?;
-    let modules = shared.cores[device as usize]
-        .modules
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    for (id, source) in &modules {
-        ctx.restore_module(ModuleHandle { device, id: *id }, source)?;
-    }
-    Ok(ctx)
-}
-
-/// Runs one job; `false` when the executor must end (its context is no longer usable).
+/// Runs one job; `false` when the executor must end (its engine died or is poisoned).
 fn execute(
     shared: &Shared,
     core: &DeviceCore,
-    ctx: &mut dyn DeviceContext,
+    engine: &mut dyn Engine,
     mut job: Job,
     suspects: &mut Vec<(u64, String)>,
     epoch: u64,
@@ -139,10 +182,10 @@ fn execute(
         deadline: job.deadline,
         op: job.kind(),
     });
-    let result = std::panic::catch_unwind(AssertUnwindSafe(|| ctx.execute(&job.op, job.origin)));
+    let result = engine.run(&job.op, job.origin);
     *core.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
     match result {
-        Ok(Ok(reply)) => {
+        Exec::Done(Ok(reply)) => {
             track_success(core, &job.op, &reply, suspects);
             if job.origin == Origin::Application {
                 core.breaker_result(true, shared);
@@ -150,7 +193,8 @@ fn execute(
             job.answer(Ok(reply), &core.counters);
             true
         }
-        Ok(Err(error)) => {
+        Exec::Done(Err(error)) => {
+            let poisoned = engine.poisoned_by(&error);
             let suspected = if error.class() == ErrorClass::Sticky {
                 let mut s = std::mem::take(suspects);
                 if let Op::Launch { module, function, .. } = &job.op {
@@ -167,21 +211,29 @@ fn execute(
                 error,
                 suspects: suspected,
             })));
-            true
+            !poisoned
         }
-        Err(panic) => {
-            let why = panic_message(&*panic);
-            job.answer(
-                Err(RuntimeError::DeviceRestarted {
+        Exec::Died {
+            may_have_executed,
+            reason,
+        } => {
+            // An op that certainly did not start, is idempotent and touches no buffer of the
+            // dying context runs again on the next one; any other is answered.
+            let retry_transparently = !may_have_executed && job.kind().is_idempotent() && job.op.buffers().is_empty();
+            if retry_transparently && job.origin == Origin::Application {
+                job.attempts -= 1;
+                core.enqueue(job);
+            } else {
+                let e = RuntimeError::DeviceRestarted {
                     device: core.index,
-                    may_have_executed: true,
-                }),
-                &core.counters,
-            );
+                    may_have_executed,
+                };
+                job.answer(Err(e), &core.counters);
+            }
             shared.report(SupervisorMsg::ExecutorDied {
                 device: core.index,
                 epoch,
-                reason: format!("backend panicked: {why}"),
+                reason,
             });
             false
         }

@@ -37,6 +37,7 @@ mod error;
 mod executor;
 mod job;
 pub mod metrics;
+mod process;
 mod runtime;
 mod state;
 mod supervisor;

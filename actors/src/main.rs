@@ -117,6 +117,10 @@ fn init_logging() {
 }
 
 fn main() -> ExitCode {
+    // In process isolation the runtime starts this same program as each device's worker.
+    if let Some(code) = hipvisor::core::worker::run_if_worker() {
+        return code;
+    }
     let cli = Cli::parse();
     init_logging();
     match cli.command {

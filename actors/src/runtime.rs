@@ -61,6 +61,8 @@ pub(crate) struct Shared {
     /// Tasks holding jobs between attempts (backoff timers), aborted at shutdown.
     pub(crate) retry_tasks: Mutex<tokio::task::JoinSet<()>>,
     flushing: Mutex<()>,
+    /// The program started as a device's worker (process isolation).
+    pub(crate) worker_program: std::path::PathBuf,
 }
 
 impl Shared {
@@ -333,6 +335,11 @@ impl Shared {
                 "op hung past its deadline"
             );
             slot.answer(Err(core.deadline_exceeded(op, true)), 1, &core.counters);
+            if self.config.runtime.isolation == Isolation::Process {
+                // A hung kernel: kill the worker; the supervisor restarts the device.
+                core.kill_worker();
+                continue;
+            }
             // The executor is stuck: answer what is overdue in its queues, keep the rest.
             let mut keep = Vec::new();
             for rx in [&core.priority.1, &core.jobs.1] {
@@ -360,6 +367,7 @@ pub struct RuntimeBuilder {
     config: Option<RuntimeConfig>,
     backend: Option<Arc<dyn Backend>>,
     meter: Option<Meter>,
+    worker: Option<std::path::PathBuf>,
 }
 
 impl RuntimeBuilder {
@@ -372,6 +380,15 @@ impl RuntimeBuilder {
     /// Uses this backend instead of the one `runtime.backend` names (tests, embedding).
     pub fn backend(mut self, backend: Arc<dyn Backend>) -> Self {
         self.backend = Some(backend);
+        self
+    }
+
+    /// The program to start as a device's worker in process isolation: the
+    /// `hipvisor-worker` binary, or any binary whose `main` begins with
+    /// `hipvisor::core::worker::run_if_worker()`. Default: this executable (which must then
+    /// begin its `main` that way, as the `hipvisor` command line does).
+    pub fn worker(mut self, program: impl Into<std::path::PathBuf>) -> Self {
+        self.worker = Some(program.into());
         self
     }
 
@@ -389,11 +406,13 @@ impl RuntimeBuilder {
     pub async fn start(self) -> Result<Runtime, StartError> {
         let config = self.config.unwrap_or_default();
         config.validate()?;
-        if config.runtime.isolation == Isolation::Process {
-            return Err(StartError::Unsupported(
-                "runtime.isolation = \"process\" is not available in this build yet; use \"thread\"".into(),
-            ));
-        }
+        let worker_program = match self.worker {
+            Some(p) => p,
+            None => std::env::current_exe().map_err(|e| StartError::Spawn {
+                what: "the worker program (this executable)".into(),
+                why: e.to_string(),
+            })?,
+        };
         let backend = match self.backend {
             Some(b) => b,
             None => make_backend(&config)?,
@@ -452,6 +471,7 @@ impl RuntimeBuilder {
             supervisor: Mutex::new(None),
             retry_tasks: Mutex::new(tokio::task::JoinSet::new()),
             flushing: Mutex::new(()),
+            worker_program,
         });
         let (supervisor, _) = Actor::spawn(None, Supervisor, SupervisorArgs { shared: shared.clone() })
             .await
@@ -603,6 +623,17 @@ impl Runtime {
             })
     }
 
+    /// The process id of device `index`'s worker (process isolation), if one is running.
+    pub fn worker_pid(&self, index: u32) -> Option<u32> {
+        let pid = self
+            .shared
+            .cores
+            .get(index as usize)?
+            .worker_pid
+            .load(Ordering::Acquire);
+        u32::try_from(pid).ok().filter(|p| *p > 0)
+    }
+
     /// The state of every device now.
     pub fn states(&self) -> Vec<DeviceState> {
         self.shared.cores.iter().map(|c| c.state.get()).collect()
@@ -637,6 +668,8 @@ impl Runtime {
         while shared.outstanding() > 0 && Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        // From here the supervisor restarts nothing and answers failures with ShuttingDown.
+        let _ = ractor::call!(self.supervisor, SupervisorMsg::Shutdown);
         for core in &shared.cores {
             core.executor_stop
                 .lock()
@@ -645,6 +678,10 @@ impl Runtime {
             let _ = core.priority.0.send(Work::Wake);
         }
         shared.retry_tasks.lock().unwrap_or_else(|p| p.into_inner()).abort_all();
+        // Workers stuck in an op will not see the stop flag: end them.
+        for core in &shared.cores {
+            core.kill_worker();
+        }
         // Answer what is left: queued ops, and ops still executing (a hung kernel).
         let give_up = Instant::now() + Duration::from_secs(2);
         loop {
@@ -666,7 +703,7 @@ impl Runtime {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         // Failures reported before this point are decided first (ractor handles messages in order).
-        let _ = ractor::call!(self.supervisor, SupervisorMsg::Shutdown);
+        let _ = ractor::call!(self.supervisor, SupervisorMsg::Barrier);
         for t in self.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
             t.abort();
         }

@@ -175,6 +175,9 @@ impl Actor for Supervisor {
         match msg {
             SupervisorMsg::Failed(f) => st.failed(&me, *f),
             SupervisorMsg::ExecutorDied { device, epoch, reason } => {
+                if st.shutting_down {
+                    return Ok(());
+                }
                 if st.shared.cores[device as usize]
                     .epoch
                     .load(std::sync::atomic::Ordering::Acquire)
@@ -196,7 +199,14 @@ impl Actor for Supervisor {
                 error,
             } => match error.class() {
                 // A sticky code here: the process's GPU runtime is poisoned.
-                ErrorClass::Sticky => st.process_poisoned(device, &error),
+                // A sticky code here: the GPU runtime that tried to open it is poisoned.
+                ErrorClass::Sticky if st.shared.config.runtime.isolation == Isolation::Thread => {
+                    st.process_poisoned(device, &error)
+                }
+                ErrorClass::Sticky => {
+                    let reason = format!("a new worker could not open the device: {error}");
+                    st.restart(&me, device, reason, SupervisorMsg::RestartExecutor(device, true));
+                }
                 ErrorClass::DeviceLost => {
                     let reason = format!("could not open a context: {error}");
                     st.shared.set_state(device, DeviceState::Lost, Some(reason));
@@ -298,7 +308,7 @@ impl SupervisorState {
                 f.job.answer(Err(RuntimeError::Gpu(f.error)), &core.counters);
             }
             ErrorClass::Transient => self.retry(f.job, f.error),
-            ErrorClass::Sticky => self.sticky(f),
+            ErrorClass::Sticky => self.sticky(me, f),
             ErrorClass::DeviceLost => {
                 if core.state.get() == DeviceState::Ready {
                     self.shared
@@ -404,7 +414,7 @@ impl SupervisorState {
         });
     }
 
-    fn sticky(&mut self, f: Failure) {
+    fn sticky(&mut self, me: &ActorRef<SupervisorMsg>, f: Failure) {
         let core = self.shared.cores[f.device as usize].clone();
         if core.state.get() == DeviceState::Failed || f.epoch < core.epoch.load(std::sync::atomic::Ordering::Acquire) {
             // An op that failed behind the fault that decided: not a new fault.
@@ -417,13 +427,23 @@ impl SupervisorState {
         self.quarantine(f.device, &f.suspects);
         let error = f.error.clone();
         f.job.answer(Err(RuntimeError::Gpu(f.error)), &core.counters);
-        self.process_poisoned(f.device, &error);
+        match self.shared.config.runtime.isolation {
+            Isolation::Thread => self.process_poisoned(f.device, &error),
+            Isolation::Process => {
+                // The worker is poisoned and its executor has ended: a new worker, a new epoch.
+                let reason = format!(
+                    "sticky fault {} ({})",
+                    error.code_name(),
+                    error.code().map_or(0, |(_, c)| c)
+                );
+                self.restart(me, f.device, reason, SupervisorMsg::RestartExecutor(f.device, true));
+            }
+        }
     }
 
     /// A sticky fault poisoned the GPU runtime of this process (thread isolation): every
     /// device of the process is out of service.
     fn process_poisoned(&mut self, device: u32, error: &GpuError) {
-        debug_assert_eq!(self.shared.config.runtime.isolation, Isolation::Thread);
         let reason = format!(
             "sticky fault {} ({}) on device {device} poisoned this process's GPU runtime; thread isolation cannot \
              recover it in-process (process isolation would have restarted the device)",

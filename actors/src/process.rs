@@ -1,0 +1,323 @@
+//! Process isolation: the engine that runs a device's ops in a worker process.
+//!
+//! The executor thread (long-lived: the worker's parent-death signal is tied to it) spawns
+//! the worker, hands it the control page, reloads every module the device had, runs a health
+//! probe (mem-info, alloc + memset + copy back + free, a small kernel + synchronize), and only
+//! then readmits work. Each op is a request; faults of the simulator's plan are decided here,
+//! in the host, so a restarted worker re-arms nothing. Bulk bytes travel in shared memory.
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use hipvisor_core::ipc::{
+    self, Channel, ControlPage, FromWorker, Hello, IpcError, Region, RegionRef, Request, ToWorker,
+};
+use hipvisor_core::{
+    Api, BackendKind, ErrorClass, GpuError, InvalidReason, KernelArg, ModuleHandle, ModuleSource, Op, OpKind, Origin,
+    Payload, Reply,
+};
+
+use crate::executor::{Engine, Exec};
+use crate::runtime::Shared;
+
+/// A device's worker process and its connection.
+pub(crate) struct WorkerEngine {
+    shared: Arc<Shared>,
+    device: u32,
+    child: Child,
+    channel: Channel,
+    control: ControlPage,
+    next_id: u64,
+}
+
+fn ipc_error(device: u32, e: impl std::fmt::Display) -> GpuError {
+    GpuError::WorkerUnavailable {
+        op: OpKind::DeviceInfo,
+        device,
+        reason: e.to_string(),
+    }
+}
+
+impl WorkerEngine {
+    /// Spawns and prepares a worker for `device` at `epoch`, reloading `modules`.
+    pub(crate) fn start(
+        shared: &Arc<Shared>,
+        device: u32,
+        epoch: u64,
+        modules: &BTreeMap<u64, ModuleSource>,
+    ) -> Result<WorkerEngine, GpuError> {
+        let (host_end, worker_end) = Channel::pair().map_err(|e| ipc_error(device, e))?;
+        let mut command = Command::new(&shared.worker_program);
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        let child = ipc::spawn_worker(command, worker_end).map_err(|e| {
+            ipc_error(
+                device,
+                format!("cannot start worker {}: {e}", shared.worker_program.display()),
+            )
+        })?;
+        shared.cores[device as usize]
+            .worker_pid
+            .store(child.id() as i32, Ordering::Release);
+        let control = ControlPage::new().map_err(|e| ipc_error(device, e))?;
+        let mut w = WorkerEngine {
+            shared: shared.clone(),
+            device,
+            child,
+            channel: host_end,
+            control,
+            next_id: 1,
+        };
+        let sim = (shared.backend.kind() == BackendKind::Sim)
+            .then(|| (shared.config.sim.devices, shared.config.sim.memory_bytes));
+        let hello = Hello {
+            version: ipc::PROTOCOL_VERSION,
+            backend: shared.backend.kind(),
+            device,
+            epoch,
+            sim,
+        };
+        w.channel
+            .send(&ToWorker::Hello(hello), &[w.control.raw_fd()])
+            .map_err(|e| ipc_error(device, e))?;
+        match w.channel.recv::<FromWorker>().map_err(|e| ipc_error(device, e))?.0 {
+            FromWorker::Ready { .. } => {}
+            FromWorker::Failed(e) => return Err(e),
+            other => return Err(ipc_error(device, format!("unexpected answer to Hello: {other:?}"))),
+        }
+        for (id, source) in modules {
+            w.restore(ModuleHandle { device, id: *id }, source)?;
+        }
+        w.health_probe()?;
+        Ok(w)
+    }
+
+    fn restore(&mut self, module: ModuleHandle, source: &ModuleSource) -> Result<(), GpuError> {
+        let (source, region) = split_module(source).map_err(|e| ipc_error(self.device, e))?;
+        let input = region.as_ref().map(|r| RegionRef { len: r.len() as u64 });
+        let fds: Vec<_> = region.iter().map(|r| r.raw_fd()).collect();
+        self.channel
+            .send(&ToWorker::Restore { module, source, input }, &fds)
+            .map_err(|e| ipc_error(self.device, e))?;
+        match self
+            .channel
+            .recv::<FromWorker>()
+            .map_err(|e| ipc_error(self.device, e))?
+            .0
+        {
+            FromWorker::Restored => Ok(()),
+            FromWorker::Failed(e) => Err(e),
+            other => Err(ipc_error(
+                self.device,
+                format!("unexpected answer to Restore: {other:?}"),
+            )),
+        }
+    }
+
+    /// A small kernel, a copy and mem-info, as the runtime's own (never faulted) ops.
+    fn health_probe(&mut self) -> Result<(), GpuError> {
+        let mut call = |op: Op| match self.run(&op, Origin::Runtime) {
+            Exec::Done(r) => r,
+            Exec::Died { reason, .. } => Err(ipc_error(
+                self.device,
+                format!("worker died during the health probe: {reason}"),
+            )),
+        };
+        call(Op::MemInfo)?;
+        let Reply::Buffer(b) = call(Op::Alloc { bytes: 256 })? else {
+            unreachable!("alloc answers a buffer")
+        };
+        call(Op::Memset {
+            buffer: b,
+            offset: 0,
+            len: 256,
+            value: 0x5a,
+        })?;
+        let Reply::Data(d) = call(Op::CopyFromDevice {
+            src: b,
+            offset: 0,
+            len: 256,
+        })?
+        else {
+            unreachable!()
+        };
+        if d.as_bytes() != [0x5a; 256] {
+            return Err(ipc_error(self.device, "health probe: the copy came back wrong"));
+        }
+        let Reply::Module(m) = call(Op::LoadModule {
+            source: ModuleSource::Builtin,
+        })?
+        else {
+            unreachable!()
+        };
+        let fill = Op::Launch {
+            module: m,
+            function: "fill".into(),
+            grid: hipvisor_core::Dim3::x(1),
+            block: hipvisor_core::Dim3::x(64),
+            shared_mem_bytes: 0,
+            args: vec![KernelArg::Buffer(b), KernelArg::U32(7), KernelArg::U32(64)],
+        };
+        call(fill)?;
+        call(Op::Synchronize)?;
+        call(Op::Free { buffer: b })?;
+        Ok(())
+    }
+
+    /// How the worker ended (after its connection closed).
+    fn exit_reason(&mut self) -> String {
+        match self.child.wait() {
+            Ok(status) => format!("worker exited ({status})"),
+            Err(e) => format!("worker lost ({e})"),
+        }
+    }
+}
+
+/// A module source with a large image moved into a region.
+fn split_module(source: &ModuleSource) -> Result<(ModuleSource, Option<Arc<Region>>), IpcError> {
+    match source {
+        ModuleSource::Image(p) if p.len() > ipc::INLINE_LIMIT => {
+            Ok((ModuleSource::Image(Payload::default()), Some(region_of(p)?)))
+        }
+        other => Ok((other.clone(), None)),
+    }
+}
+
+/// The payload's bytes in shared memory: its own region, or a copy in a new one.
+fn region_of(p: &Payload) -> Result<Arc<Region>, IpcError> {
+    if let Some(r) = p.region() {
+        return Ok(r.clone());
+    }
+    let mut r = Region::new(p.len())?;
+    r.as_mut_slice().copy_from_slice(p.as_bytes());
+    Ok(Arc::new(r))
+}
+
+impl Engine for WorkerEngine {
+    fn run(&mut self, op: &Op, origin: Origin) -> Exec {
+        let id = self.next_id;
+        self.next_id += 1;
+        let fault = self
+            .shared
+            .backend
+            .fault_injector()
+            .and_then(|f| f.decide(self.device, op, origin))
+            .map(Into::into);
+        // Bulk bytes go in shared memory; the op travels without them.
+        let mut sent = op.clone();
+        let mut regions: Vec<Arc<Region>> = Vec::new();
+        let mut input = None;
+        let mut output: Option<Region> = None;
+        let prepared: Result<(), IpcError> = (|| {
+            match &mut sent {
+                Op::CopyToDevice { data, .. } if data.len() > ipc::INLINE_LIMIT => {
+                    let r = region_of(data)?;
+                    input = Some(RegionRef { len: r.len() as u64 });
+                    regions.push(r);
+                    *data = Payload::default();
+                }
+                Op::LoadModule { source } => {
+                    let (s, r) = split_module(source)?;
+                    *source = s;
+                    if let Some(r) = r {
+                        input = Some(RegionRef { len: r.len() as u64 });
+                        regions.push(r);
+                    }
+                }
+                Op::CopyFromDevice { len, .. } if *len as usize > ipc::INLINE_LIMIT => {
+                    output = Some(Region::new(*len as usize)?);
+                }
+                _ => {}
+            }
+            Ok(())
+        })();
+        if let Err(e) = prepared {
+            // Host memory for the transfer could not be had: out of memory, transient.
+            let msg = format!("cannot prepare shared memory: {e}");
+            let code = hipvisor_core::error::hip::OUT_OF_MEMORY;
+            return Exec::Done(Err(GpuError::api_with(Api::Hip, code, op.kind(), self.device, msg)));
+        }
+        let mut fds: Vec<_> = regions.iter().map(|r| r.raw_fd()).collect();
+        fds.extend(output.iter().map(|r| r.raw_fd()));
+        let out_ref = output.as_ref().map(|r| RegionRef { len: r.len() as u64 });
+        let request = Request {
+            id,
+            op: sent,
+            origin,
+            fault,
+            input,
+            output: out_ref,
+        };
+        let died = |w: &mut WorkerEngine, why: String| Exec::Died {
+            may_have_executed: w.control.started() >= id,
+            reason: format!("{why}; {}", w.exit_reason()),
+        };
+        if let Err(e) = self.channel.send(&ToWorker::Request(request), &fds) {
+            return died(self, format!("cannot send to the worker: {e}"));
+        }
+        match self.channel.recv::<FromWorker>() {
+            Ok((
+                FromWorker::Response {
+                    id: got,
+                    result,
+                    output_len,
+                },
+                _,
+            )) if got == id => {
+                let result = match (result, output, output_len) {
+                    (Ok(Reply::Data(_)), Some(region), Some(n)) if n as usize == region.len() => {
+                        Ok(Reply::Data(Payload::shared(Arc::new(region))))
+                    }
+                    (Ok(Reply::Data(_)), Some(region), Some(n)) => {
+                        Ok(Reply::Data(Payload::from(&region.as_slice()[..n as usize])))
+                    }
+                    (r, _, _) => r,
+                };
+                Exec::Done(result)
+            }
+            Ok((FromWorker::Malformed(why), _)) => {
+                // The worker did not understand us: a bug on one side. Answer the op and go on.
+                let reason = InvalidReason::BadArguments {
+                    kernel: String::new(),
+                    reason: format!("worker rejected the request: {why}"),
+                };
+                Exec::Done(Err(GpuError::invalid(op.kind(), self.device, reason)))
+            }
+            Ok((other, _)) => {
+                let _ = self.child.kill();
+                died(self, format!("unexpected message from the worker: {other:?}"))
+            }
+            Err(IpcError::Closed) => died(self, "the worker's connection closed".into()),
+            Err(e) => {
+                let _ = self.child.kill();
+                died(self, format!("bad frame from the worker: {e}"))
+            }
+        }
+    }
+
+    fn poisoned_by(&self, error: &GpuError) -> bool {
+        // A sticky fault poisons the worker's context; only a new process recovers.
+        error.class() == ErrorClass::Sticky
+    }
+}
+
+impl Drop for WorkerEngine {
+    /// Stops the worker: asks it to exit, then kills it (a poisoned or hung one may not
+    /// answer), and reaps it so no zombie is left.
+    fn drop(&mut self) {
+        let _ = self.channel.send(&ToWorker::Shutdown, &[]);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let pid = self.child.id() as i32;
+        let _ = self.shared.cores[self.device as usize].worker_pid.compare_exchange(
+            pid,
+            0,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+}

@@ -1,0 +1,224 @@
+//! The device worker (process isolation): a process that owns exactly one device and serves
+//! ops for it over the [`crate::ipc`] protocol. No tokio, no actors: one blocking loop.
+//!
+//! A process becomes a worker when its environment has [`ipc::WORKER_ENV`] (set by the
+//! host when it spawns one). Two ways to provide the worker program:
+//! - the `hipvisor-worker` binary of this crate;
+//! - any binary whose `main` starts with [`run_if_worker`] (the `hipvisor` command line
+//!   does this, so it is its own worker): `if let Some(code) = hipvisor_core::worker::run_if_worker() { return code; }`.
+//!
+//! The worker dies with its host: the host sets `PR_SET_PDEATHSIG` when it spawns it, and
+//! the worker exits when its socket reaches end of file.
+
+use std::os::fd::OwnedFd;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use crate::backend::sim::SimBackend;
+use crate::backend::{Backend, BackendKind, DeviceContext};
+use crate::error::{GpuError, InvalidReason};
+use crate::fault_plan::FaultInjector;
+use crate::ipc::{self, Channel, ControlPage, FromWorker, IpcError, Region, Request, ToWorker};
+use crate::op::{ModuleSource, Op, OpKind, Payload, Reply};
+
+/// Runs the worker loop if this process was started as a worker; returns its exit code.
+/// Returns `None` in any other process.
+pub fn run_if_worker() -> Option<ExitCode> {
+    let fd: i32 = std::env::var(ipc::WORKER_ENV).ok()?.parse().ok()?;
+    Some(match Channel::inherited(fd).and_then(serve) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hipvisor worker: {e}");
+            ExitCode::FAILURE
+        }
+    })
+}
+
+fn backend_for(hello: &ipc::Hello) -> Result<Box<dyn Backend>, GpuError> {
+    match hello.backend {
+        BackendKind::Sim => {
+            let (devices, memory) = hello.sim.unwrap_or((hello.device + 1, 16 << 30));
+            // A fresh simulated host: this process's GPU runtime. Faults are decided by the
+            // host's plan and arrive with each request.
+            Ok(Box::new(SimBackend::with_injector(
+                devices,
+                memory,
+                Arc::new(FaultInjector::none()),
+                true,
+            )))
+        }
+        #[cfg(feature = "hip")]
+        BackendKind::Hip => Ok(Box::new(crate::backend::hip::HipBackend::new())),
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => Ok(Box::new(crate::backend::cuda::CudaBackend::new())),
+        #[allow(unreachable_patterns)]
+        other => Err(GpuError::invalid(
+            OpKind::DeviceInfo,
+            hello.device,
+            InvalidReason::BadModuleImage {
+                reason: format!("backend `{other}` is not part of this worker build"),
+            },
+        )),
+    }
+}
+
+/// Serves one device until the host says `Shutdown` or goes away.
+///
+/// # Errors
+/// An [`IpcError`] that ends the connection.
+pub fn serve(mut channel: Channel) -> Result<(), IpcError> {
+    if nix::unistd::getppid() == nix::unistd::Pid::from_raw(1) {
+        return Err(IpcError::Closed); // the host died before we started
+    }
+    let (hello, fds) = match channel.recv::<ToWorker>() {
+        Ok((ToWorker::Hello(h), fds)) => (h, fds),
+        Ok((other, _)) => {
+            let msg = format!("expected Hello, got {other:?}");
+            channel.send(&FromWorker::Malformed(msg.clone()), &[])?;
+            return Err(IpcError::Malformed(msg));
+        }
+        Err(e @ (IpcError::Malformed(_) | IpcError::Version { .. })) => {
+            channel.send(&FromWorker::Malformed(e.to_string()), &[])?;
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
+    if hello.version != ipc::PROTOCOL_VERSION {
+        let msg = format!(
+            "protocol version {}, this worker speaks {}",
+            hello.version,
+            ipc::PROTOCOL_VERSION
+        );
+        channel.send(&FromWorker::Malformed(msg.clone()), &[])?;
+        return Err(IpcError::Malformed(msg));
+    }
+    let control = match fds.into_iter().next() {
+        Some(fd) => ControlPage::map(fd)?,
+        None => return Err(IpcError::Malformed("Hello came without the control page".into())),
+    };
+    let opened = backend_for(&hello).and_then(|b| b.open(hello.device, hello.epoch));
+    let mut ctx = match opened {
+        Ok(ctx) => ctx,
+        Err(e) => {
+            channel.send(&FromWorker::Failed(e), &[])?;
+            return Ok(());
+        }
+    };
+    let info = match ctx.execute(&Op::DeviceInfo, crate::backend::Origin::Runtime) {
+        Ok(Reply::DeviceInfo(i)) => i,
+        Ok(other) => unreachable!("device info answered {other:?}"),
+        Err(e) => {
+            channel.send(&FromWorker::Failed(e), &[])?;
+            return Ok(());
+        }
+    };
+    channel.send(
+        &FromWorker::Ready {
+            version: ipc::PROTOCOL_VERSION,
+            info,
+        },
+        &[],
+    )?;
+    loop {
+        let (msg, fds) = match channel.recv::<ToWorker>() {
+            Ok(m) => m,
+            Err(IpcError::Closed) => return Ok(()),
+            Err(e @ (IpcError::Malformed(_) | IpcError::Version { .. })) => {
+                channel.send(&FromWorker::Malformed(e.to_string()), &[])?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        match msg {
+            ToWorker::Shutdown => return Ok(()),
+            ToWorker::Hello(_) => channel.send(&FromWorker::Malformed("a second Hello".into()), &[])?,
+            ToWorker::Restore { module, source, input } => {
+                let source = match with_region(source, input, fds) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        channel.send(&FromWorker::Malformed(e.to_string()), &[])?;
+                        continue;
+                    }
+                };
+                let reply = match ctx.restore_module(module, &source) {
+                    Ok(()) => FromWorker::Restored,
+                    Err(e) => FromWorker::Failed(e),
+                };
+                channel.send(&reply, &[])?;
+            }
+            ToWorker::Request(req) => {
+                let reply = match execute(&mut *ctx, &control, req, fds) {
+                    Ok(r) => r,
+                    Err(e) => FromWorker::Malformed(e.to_string()),
+                };
+                channel.send(&reply, &[])?;
+            }
+        }
+    }
+}
+
+/// A module source whose image travelled in a region: the image, mapped.
+fn with_region(
+    source: ModuleSource,
+    input: Option<ipc::RegionRef>,
+    fds: Vec<OwnedFd>,
+) -> Result<ModuleSource, IpcError> {
+    match (input, fds.into_iter().next()) {
+        (None, _) => Ok(source),
+        (Some(r), Some(fd)) => Ok(ModuleSource::Image(Payload::shared(Arc::new(Region::map(
+            fd,
+            r.len as usize,
+        )?)))),
+        (Some(_), None) => Err(IpcError::Malformed(
+            "a region was announced but no descriptor came".into(),
+        )),
+    }
+}
+
+fn execute(
+    ctx: &mut dyn DeviceContext,
+    control: &ControlPage,
+    req: Request,
+    fds: Vec<OwnedFd>,
+) -> Result<FromWorker, IpcError> {
+    let mut fds = fds.into_iter();
+    let mut op = req.op;
+    if let Some(r) = req.input {
+        let fd = fds
+            .next()
+            .ok_or_else(|| IpcError::Malformed("input region announced, no descriptor".into()))?;
+        let payload = Payload::shared(Arc::new(Region::map(fd, r.len as usize)?));
+        match &mut op {
+            Op::CopyToDevice { data, .. } => *data = payload,
+            Op::LoadModule { source } => *source = ModuleSource::Image(payload),
+            _ => {
+                return Err(IpcError::Malformed(
+                    "an input region for an op without a payload".into(),
+                ));
+            }
+        }
+    }
+    let mut output = match req.output {
+        Some(r) => {
+            let fd = fds
+                .next()
+                .ok_or_else(|| IpcError::Malformed("output region announced, no descriptor".into()))?;
+            Some(Region::map(fd, r.len as usize)?)
+        }
+        None => None,
+    };
+    control.set_started(req.id);
+    let result = ctx.execute_planned(&op, req.origin, req.fault.map(Into::into));
+    let (result, output_len) = match (result, output.as_mut()) {
+        (Ok(Reply::Data(d)), Some(out)) if d.len() <= out.len() => {
+            out.as_mut_slice()[..d.len()].copy_from_slice(d.as_bytes());
+            (Ok(Reply::Data(Payload::default())), Some(d.len() as u64))
+        }
+        (r, _) => (r, None),
+    };
+    Ok(FromWorker::Response {
+        id: req.id,
+        result,
+        output_len,
+    })
+}
