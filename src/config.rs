@@ -72,11 +72,13 @@ impl ConfigError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Isolation {
-    /// On a dedicated OS thread inside the application process (lowest latency; a sticky
-    /// fault cannot be recovered without restarting the application).
-    #[default]
+    /// On a dedicated OS thread inside the application process: the lowest latency, but a
+    /// sticky fault poisons the process's GPU runtime, so every device fails until the
+    /// application restarts, and a hung kernel cannot be interrupted.
     Thread,
-    /// In a worker process of its own, restarted on sticky faults.
+    /// In a worker process of its own (the default): a sticky fault, a crash or a hung
+    /// kernel restarts that device's worker only.
+    #[default]
     Process,
 }
 
@@ -116,7 +118,7 @@ pub struct RuntimeSection {
     pub backend: BackendKind,
     /// Use the first N devices of the backend; 0 = all. Default 0.
     pub devices: u32,
-    /// `thread` or `process`. Default `thread`.
+    /// `process` or `thread`. Default `process`.
     pub isolation: Isolation,
     /// Ops in flight per device before `submit` waits (`try_submit` fails with `Busy`).
     /// Default 1024.
@@ -132,7 +134,7 @@ impl Default for RuntimeSection {
         RuntimeSection {
             backend: BackendKind::Sim,
             devices: 0,
-            isolation: Isolation::Thread,
+            isolation: Isolation::Process,
             in_flight: 1024,
             op_deadline_ms: 30_000,
             shutdown_timeout_ms: 5_000,

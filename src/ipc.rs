@@ -284,6 +284,16 @@ impl Channel {
         Ok(Channel::from_fd(owned))
     }
 
+    /// Sets how long [`Channel::recv`] waits (`None`: forever); a receive that times out is
+    /// an [`IpcError::Os`] with `EAGAIN`.
+    ///
+    /// # Errors
+    /// [`IpcError::Os`].
+    pub fn set_timeout(&self, timeout: Option<std::time::Duration>) -> Result<(), IpcError> {
+        let tv = nix::sys::time::TimeVal::from(libc_timeval(timeout.unwrap_or_default()));
+        nix::sys::socket::setsockopt(&self.fd, nix::sys::socket::sockopt::ReceiveTimeout, &tv).map_err(os("setsockopt"))
+    }
+
     /// Sends a message with descriptors attached.
     ///
     /// # Errors
@@ -358,6 +368,13 @@ impl Channel {
             )));
         }
         Ok((len, fds))
+    }
+}
+
+fn libc_timeval(d: std::time::Duration) -> nix::libc::timeval {
+    nix::libc::timeval {
+        tv_sec: d.as_secs() as nix::libc::time_t,
+        tv_usec: d.subsec_micros() as nix::libc::suseconds_t,
     }
 }
 

@@ -223,7 +223,7 @@ fn fault_plan_errors_are_named() {
     assert_eq!(key_of(load_toml(two_actions)), "sim.faults[0].hang_ms");
     let no_trigger = "[[sim.faults]]\ncode = 2";
     assert_eq!(key_of(load_toml(no_trigger)), "sim.faults[0].probability");
-    let crash_in_thread = "[[sim.faults]]\nnth = 1\ncrash = true";
+    let crash_in_thread = "[runtime]\nisolation = \"thread\"\n[[sim.faults]]\nnth = 1\ncrash = true";
     let e = load_toml(crash_in_thread).unwrap_err();
     assert_eq!(e.key(), Some("sim.faults[0].crash"));
     assert!(e.to_string().contains("process"), "{e}");

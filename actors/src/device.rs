@@ -328,6 +328,36 @@ impl Actor for DeviceActor {
     }
 }
 
+/// Host memory for a copy to the device, in shared memory: filled in place, then frozen
+/// into a [`Payload`] that reaches the device without another copy — in process isolation
+/// the worker maps the same memory.
+#[derive(Debug)]
+pub struct HostBuffer {
+    region: hipvisor_core::ipc::Region,
+}
+
+impl HostBuffer {
+    /// The bytes, to fill.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        self.region.as_mut_slice()
+    }
+
+    /// The length in bytes.
+    pub fn len(&self) -> usize {
+        self.region.len()
+    }
+
+    /// `true` for an empty buffer.
+    pub fn is_empty(&self) -> bool {
+        self.region.is_empty()
+    }
+
+    /// The filled buffer as a payload for [`DeviceHandle::copy_to_device`].
+    pub fn freeze(self) -> Payload {
+        Payload::shared(Arc::new(self.region))
+    }
+}
+
 /// A typed handle to one device, for plain async code. Cheap to clone.
 ///
 /// Every method submits one op and waits for its answer: a result, or a typed
@@ -361,6 +391,27 @@ impl DeviceHandle {
     /// Ops in flight on the device now.
     pub fn in_flight(&self) -> u32 {
         self.shared.cores[self.device as usize].in_flight()
+    }
+
+    /// A host buffer of `len` bytes in shared memory, for copies to the device without an
+    /// extra copy.
+    ///
+    /// # Errors
+    /// A transient out-of-memory error when the host has no memory for it.
+    pub fn host_buffer(&self, len: usize) -> Result<HostBuffer, RuntimeError> {
+        hipvisor_core::ipc::Region::new(len)
+            .map(|region| HostBuffer { region })
+            .map_err(|e| {
+                let code = hipvisor_core::error::hip::OUT_OF_MEMORY;
+                let msg = format!("cannot allocate a {len}-byte host buffer: {e}");
+                RuntimeError::Gpu(hipvisor_core::GpuError::api_with(
+                    hipvisor_core::Api::Hip,
+                    code,
+                    OpKind::Alloc,
+                    self.device,
+                    msg,
+                ))
+            })
     }
 
     /// Submits an op, waiting for an in-flight slot if the device is at its bound.

@@ -9,11 +9,16 @@
 //!
 //! ```
 //! use hipvisor::{Runtime, ModuleSource, KernelArg, RuntimeConfig};
+//! use hipvisor::core::config::Isolation;
 //! use hipvisor::core::kernels::{f32_bytes, f32s};
 //!
 //! # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let runtime = Runtime::builder().config(RuntimeConfig::default()).start().await?;
+//! let mut config = RuntimeConfig::default();
+//! // Device contexts on threads of this process. The default, process isolation, runs them
+//! // in worker processes (see `RuntimeBuilder::worker`).
+//! config.runtime.isolation = Isolation::Thread;
+//! let runtime = Runtime::builder().config(config).start().await?;
 //! let gpu = runtime.device(0)?;
 //! let x = gpu.alloc(16).await?;
 //! gpu.copy_to_device(x, 0, f32_bytes(&[1.0, 2.0, 3.0, 4.0])).await?;
@@ -42,7 +47,7 @@ mod runtime;
 mod state;
 mod supervisor;
 
-pub use device::{DeviceActor, DeviceHandle, DeviceMsg};
+pub use device::{DeviceActor, DeviceHandle, DeviceMsg, HostBuffer};
 pub use error::{OpResult, RuntimeError};
 pub use metrics::Snapshot;
 pub use runtime::{Runtime, RuntimeBuilder, StartError, make_backend};

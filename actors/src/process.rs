@@ -22,6 +22,10 @@ use hipvisor_core::{
 use crate::executor::{Engine, Exec};
 use crate::runtime::Shared;
 
+/// How long a new worker may take to open its device (cuInit and a context take a few
+/// hundred milliseconds on a real GPU).
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A device's worker process and its connection.
 pub(crate) struct WorkerEngine {
     shared: Arc<Shared>,
@@ -84,7 +88,19 @@ impl WorkerEngine {
         w.channel
             .send(&ToWorker::Hello(hello), &[w.control.raw_fd()])
             .map_err(|e| ipc_error(device, e))?;
-        match w.channel.recv::<FromWorker>().map_err(|e| ipc_error(device, e))?.0 {
+        // A program that is not a worker never answers: do not wait for it forever.
+        w.channel
+            .set_timeout(Some(HANDSHAKE_TIMEOUT))
+            .map_err(|e| ipc_error(device, e))?;
+        let answer = w.channel.recv::<FromWorker>().map_err(|e| {
+            let program = shared.worker_program.display();
+            ipc_error(
+                device,
+                format!("no answer from worker {program} ({e}); is it a hipvisor worker?"),
+            )
+        })?;
+        w.channel.set_timeout(None).map_err(|e| ipc_error(device, e))?;
+        match answer.0 {
             FromWorker::Ready { .. } => {}
             FromWorker::Failed(e) => return Err(e),
             other => return Err(ipc_error(device, format!("unexpected answer to Hello: {other:?}"))),

@@ -406,6 +406,16 @@ impl RuntimeBuilder {
     pub async fn start(self) -> Result<Runtime, StartError> {
         let config = self.config.unwrap_or_default();
         config.validate()?;
+        if std::env::var_os(hipvisor_core::ipc::WORKER_ENV).is_some() {
+            // This process was started as a worker but did not become one: starting a
+            // runtime here would spawn workers of workers.
+            return Err(StartError::Unsupported(format!(
+                "this process was started as a hipvisor worker ({} is set) but its main did not call \
+                 hipvisor::core::worker::run_if_worker(); call it first in main, or point \
+                 RuntimeBuilder::worker at the hipvisor-worker binary",
+                hipvisor_core::ipc::WORKER_ENV
+            )));
+        }
         let worker_program = match self.worker {
             Some(p) => p,
             None => std::env::current_exe().map_err(|e| StartError::Spawn {

@@ -36,7 +36,7 @@ fn run_without_faults_has_no_failures() {
     let v = json(&out);
     assert!(out.status.success(), "{v}\n{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(v["backend"], "sim");
-    assert_eq!(v["isolation"], "thread");
+    assert_eq!(v["isolation"], "process", "the default");
     assert!(v["ops"]["submitted"].as_u64().unwrap() >= 3000);
     assert_eq!(v["ops"]["failed"], 0);
     assert_eq!(v["ops"]["missing_replies"], 0);
@@ -74,9 +74,20 @@ fn run_with_a_sticky_fault_reports_failed_devices_and_still_loses_nothing() {
         "sticky.toml",
         "[[sim.faults]]\nop = \"launch\"\ndevice = 1\nnth = 5\ncode = 700\n",
     );
-    let out = hipvisor(&["run", "--ops", "2000", "--json", "--config", path.to_str().unwrap()]);
+    let args = [
+        "run",
+        "--ops",
+        "2000",
+        "--json",
+        "--isolation",
+        "thread",
+        "--config",
+        path.to_str().unwrap(),
+    ];
+    let out = hipvisor(&args);
     let v = json(&out);
     assert!(out.status.success(), "typed failures are not fatal: {v}");
+    assert_eq!(v["isolation"], "thread");
     assert_eq!(v["failures_by_class"]["sticky"], 1);
     assert_eq!(v["ops"]["missing_replies"], 0);
     assert!(
@@ -157,4 +168,92 @@ fn devices_on_cuda_without_a_driver_fails_with_a_clear_message() {
     let out = hipvisor(&["run", "--backend", "cuda", "--json", "--ops", "10"]);
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn run_in_process_isolation_recovers_from_sticky_faults_and_crashes() {
+    let path = temp_config(
+        "process.toml",
+        "[runtime]\nisolation = \"process\"\n\
+         [[sim.faults]]\nop = \"launch\"\ndevice = 1\nnth = 20\ncode = 700\n\
+         [[sim.faults]]\nop = \"launch\"\ndevice = 2\nnth = 30\ncode = 719\n\
+         [[sim.faults]]\ndevice = 3\nnth = 200\ncrash = true\n",
+    );
+    let out = hipvisor(&["run", "--ops", "4000", "--json", "--config", path.to_str().unwrap()]);
+    let v = json(&out);
+    assert!(out.status.success(), "{v}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(v["isolation"], "process");
+    assert!(
+        v["restarts"].as_u64().unwrap() >= 3,
+        "two sticky faults and a crash: {v}"
+    );
+    assert_eq!(v["failures_by_class"]["sticky"], 2, "{v}");
+    assert_eq!(v["ops"]["missing_replies"], 0);
+    assert_eq!(v["ops"]["wrong_results"], 0);
+    assert!(
+        v["devices_final"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["state"] == "ready"),
+        "{v}"
+    );
+}
+
+/// The children of `pid` (its worker processes).
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat"))
+            && let Some(rest) = stat.rsplit(')').next()
+            && rest.split_whitespace().nth(1) == Some(&pid.to_string())
+        {
+            out.push(child);
+        }
+    }
+    out
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| !s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+}
+
+fn poll(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn killing_the_host_leaves_no_worker_behind() {
+    let mut host = Command::new(env!("CARGO_BIN_EXE_hipvisor"))
+        .args([
+            "run",
+            "--ops",
+            "100000000",
+            "--json",
+            "--isolation",
+            "process",
+            "--devices",
+            "2",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut workers = Vec::new();
+    poll("two workers", || {
+        workers = children(host.id());
+        workers.len() == 2
+    });
+    host.kill().unwrap();
+    host.wait().unwrap();
+    poll("the workers die with their host", || workers.iter().all(|w| !alive(*w)));
 }

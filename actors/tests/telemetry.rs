@@ -37,6 +37,7 @@ async fn instruments_are_recorded_on_the_application_meter_and_match_the_snapsho
         .with_reader(PeriodicReader::builder(exporter.clone()).build())
         .build();
     let mut c = RuntimeConfig::default();
+    c.runtime.isolation = hipvisor::core::config::Isolation::Thread;
     c.sim.devices = 2;
     c.sim.memory_bytes = 1 << 20;
     c.retry.initial_delay_ms = 1;

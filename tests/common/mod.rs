@@ -12,6 +12,8 @@ use hipvisor::{Runtime, RuntimeConfig};
 /// no breaker (tests that want one turn it on).
 pub fn config(devices: u32) -> RuntimeConfig {
     let mut c = RuntimeConfig::default();
+    // Thread isolation unless a test asks for processes (tests/process.rs).
+    c.runtime.isolation = hipvisor::core::config::Isolation::Thread;
     c.sim.devices = devices;
     c.sim.memory_bytes = 1 << 20;
     c.sim.seed = 7;

@@ -1,0 +1,343 @@
+//! End-to-end: process isolation on simulated devices in worker processes (`hipvisor-worker`).
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{answered, config, eventually, fault};
+use hipvisor::core::config::Isolation;
+use hipvisor::core::ipc::{self, Channel, ControlPage, FromWorker, Hello, Request, ToWorker};
+use hipvisor::{
+    BackendKind, DeviceState, ErrorClass, InvalidReason, KernelArg, ModuleSource, Op, Runtime, RuntimeConfig,
+    RuntimeError,
+};
+
+const T: Duration = Duration::from_secs(30);
+const WORKER: &str = env!("CARGO_BIN_EXE_hipvisor-worker");
+
+fn process_config(devices: u32) -> RuntimeConfig {
+    let mut c = config(devices);
+    c.runtime.isolation = Isolation::Process;
+    c
+}
+
+async fn start_process(c: RuntimeConfig) -> Runtime {
+    Runtime::builder()
+        .config(c)
+        .worker(WORKER)
+        .start()
+        .await
+        .expect("runtime starts")
+}
+
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sticky_fault_restarts_only_its_device() {
+    let rt = start_process(process_config(4)).await;
+    let pids: Vec<u32> = (0..4).map(|d| rt.worker_pid(d).expect("a worker per device")).collect();
+    let gpu1 = rt.device(1).unwrap();
+    let module = gpu1.load_module(ModuleSource::Builtin).await.unwrap();
+    let old = gpu1.alloc(64).await.unwrap();
+    // The other devices keep serving while device 1 faults.
+    let others: Vec<_> = [0u32, 2, 3]
+        .into_iter()
+        .map(|d| {
+            let gpu = rt.device(d).unwrap();
+            tokio::spawn(async move {
+                for _ in 0..100 {
+                    let b = gpu.alloc(256).await?;
+                    gpu.memset(b, 0, 256, 1).await?;
+                    gpu.free(b).await?;
+                }
+                Ok::<_, RuntimeError>(())
+            })
+        })
+        .collect();
+    gpu1.launch(module, "fault_illegal_address", 1, 1, vec![])
+        .await
+        .unwrap();
+    match answered(T, gpu1.synchronize()).await {
+        Err(RuntimeError::Gpu(e)) => assert_eq!((e.class(), e.code().unwrap().1), (ErrorClass::Sticky, 700)),
+        other => panic!("the fault surfaces at the synchronize: {other:?}"),
+    }
+    for t in others {
+        answered(T, t)
+            .await
+            .unwrap()
+            .expect("devices 0, 2, 3 serve without an error");
+    }
+    eventually(T, "device 1 restarted", || async {
+        rt.states()[1] == DeviceState::Ready && rt.worker_pid(1) != Some(pids[1])
+    })
+    .await;
+    assert!(!alive(pids[1]) || rt.worker_pid(1) != Some(pids[1]), "a new worker");
+    for d in [0, 2, 3] {
+        assert_eq!(
+            rt.worker_pid(d),
+            Some(pids[d as usize]),
+            "device {d}'s worker was not touched"
+        );
+    }
+    // After the restart: old buffers are lost (typed), new work succeeds, modules are back.
+    match gpu1.memset(old, 0, 64, 1).await {
+        Err(RuntimeError::Gpu(hipvisor::GpuError::Invalid {
+            reason: InvalidReason::BufferLost { .. },
+            ..
+        })) => {}
+        other => panic!("expected BufferLost, got {other:?}"),
+    }
+    let b = gpu1.alloc(16).await.unwrap();
+    gpu1.launch(
+        module,
+        "fill",
+        1,
+        4,
+        vec![KernelArg::Buffer(b), KernelArg::U32(9), KernelArg::U32(4)],
+    )
+    .await
+    .unwrap();
+    let data = gpu1.copy_from_device(b, 0, 16).await.unwrap();
+    assert_eq!(hipvisor::core::kernels::u32s(data.as_bytes()), vec![9; 4]);
+    let s = rt.shutdown().await;
+    assert_eq!((s.sticky_faults, s.restarts, s.devices[1].restarts), (1, 1, 1));
+    assert!(s.devices.iter().all(|d| d.state == DeviceState::Ready));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_op_is_answered_and_replaced() {
+    let mut c = process_config(2);
+    c.sim.faults.push(fault(|f| {
+        f.op = "memset".into();
+        f.device = Some(0);
+        f.nth = Some(1);
+        f.hang_ms = Some(20_000);
+    }));
+    let rt = start_process(c).await;
+    let gpu = rt.device(0).unwrap();
+    let b = gpu.alloc(64).await.unwrap();
+    let pid = rt.worker_pid(0).unwrap();
+    let op = tokio::spawn({
+        let gpu = gpu.clone();
+        async move { gpu.memset(b, 0, 64, 1).await }
+    });
+    eventually(T, "the memset is in flight", || async { gpu.in_flight() == 1 }).await;
+    tokio::task::yield_now().await;
+    ipc::kill(pid);
+    match answered(T, op).await.unwrap() {
+        Err(RuntimeError::DeviceRestarted {
+            device: 0,
+            may_have_executed,
+        }) => {
+            // The worker published that it had started the memset.
+            assert!(may_have_executed);
+        }
+        other => panic!("expected DeviceRestarted, got {other:?}"),
+    }
+    eventually(T, "device 0 is back", || async {
+        rt.states()[0] == DeviceState::Ready && rt.worker_pid(0) != Some(pid)
+    })
+    .await;
+    gpu.mem_info().await.unwrap();
+    let s = rt.shutdown().await;
+    assert_eq!(s.restarts, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_op_is_answered_at_its_deadline_and_the_worker_restarted() {
+    let mut c = process_config(1);
+    c.runtime.op_deadline_ms = 300;
+    c.sim.faults.push(fault(|f| {
+        f.op = "memset".into();
+        f.nth = Some(1);
+        f.hang_ms = Some(30_000);
+    }));
+    let rt = start_process(c).await;
+    let gpu = rt.device(0).unwrap();
+    let b = gpu.alloc(64).await.unwrap();
+    let pid = rt.worker_pid(0).unwrap();
+    match answered(T, gpu.memset(b, 0, 64, 1)).await {
+        Err(RuntimeError::DeadlineExceeded {
+            may_have_executed: true,
+            ..
+        }) => {}
+        other => panic!("expected DeadlineExceeded, got {other:?}"),
+    }
+    eventually(T, "the watchdog replaced the worker", || async {
+        rt.states()[0] == DeviceState::Ready && rt.worker_pid(0).is_some_and(|p| p != pid)
+    })
+    .await;
+    assert!(!alive(pid), "the hung worker was killed");
+    gpu.mem_info().await.unwrap();
+    assert_eq!(rt.shutdown().await.restarts, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_storm_ends_in_failed() {
+    let mut c = process_config(2);
+    c.supervisor.max_restarts = 2;
+    // Every worker of device 0 crashes on its first application op.
+    c.sim.faults.push(fault(|f| {
+        f.op = "mem_info".into();
+        f.device = Some(0);
+        f.after = Some(1);
+        f.crash = Some(true);
+    }));
+    let rt = start_process(c).await;
+    let gpu = rt.device(0).unwrap();
+    for _ in 0..20 {
+        let _ = answered(T, gpu.mem_info()).await;
+        if rt.states()[0] == DeviceState::Failed {
+            break;
+        }
+    }
+    eventually(T, "device 0 failed", || async { rt.states()[0] == DeviceState::Failed }).await;
+    match gpu.mem_info().await {
+        Err(RuntimeError::DeviceFailed { reason, .. }) => assert!(reason.contains("restart intensity"), "{reason}"),
+        other => panic!("expected DeviceFailed, got {other:?}"),
+    }
+    rt.device(1).unwrap().mem_info().await.unwrap();
+    let s = rt.shutdown().await;
+    assert_eq!(s.devices[0].restarts, 2);
+    assert_eq!(s.devices[1].state, DeviceState::Ready);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_copies_travel_through_shared_memory_and_host_buffers_are_zero_copy() {
+    let mut c = process_config(1);
+    c.sim.memory_bytes = 64 << 20;
+    let rt = start_process(c).await;
+    let gpu = rt.device(0).unwrap();
+    let n = 3 << 20;
+    let b = gpu.alloc(n as u64).await.unwrap();
+    let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+    gpu.copy_to_device(b, 0, data.clone()).await.unwrap();
+    let back = gpu.copy_from_device(b, 0, n as u64).await.unwrap();
+    assert!(back.region().is_some(), "a large result comes back in shared memory");
+    assert_eq!(back.as_bytes(), &data[..]);
+    let mut host = gpu.host_buffer(n).unwrap();
+    host.as_mut_slice().fill(7);
+    let payload = host.freeze();
+    gpu.copy_to_device(b, 0, payload).await.unwrap();
+    assert!(
+        gpu.copy_from_device(b, 0, n as u64)
+            .await
+            .unwrap()
+            .as_bytes()
+            .iter()
+            .all(|x| *x == 7)
+    );
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_every_worker() {
+    let rt = start_process(process_config(3)).await;
+    let pids: Vec<u32> = (0..3).map(|d| rt.worker_pid(d).unwrap()).collect();
+    assert!(pids.iter().all(|p| alive(*p)));
+    rt.shutdown().await;
+    eventually(T, "no worker left", || async { pids.iter().all(|p| !alive(*p)) }).await;
+}
+
+#[test]
+fn the_worker_rejects_malformed_frames_and_keeps_serving() {
+    let (mut host, worker_end) = Channel::pair().unwrap();
+    let mut child = ipc::spawn_worker(Command::new(WORKER), worker_end).unwrap();
+    let control = ControlPage::new().unwrap();
+    let hello = Hello {
+        version: ipc::PROTOCOL_VERSION,
+        backend: BackendKind::Sim,
+        device: 0,
+        epoch: 0,
+        sim: Some((1, 1 << 20)),
+    };
+    host.send(&ToWorker::Hello(hello), &[control.raw_fd()]).unwrap();
+    assert!(matches!(host.recv::<FromWorker>().unwrap().0, FromWorker::Ready { .. }));
+    for garbage in [
+        &b"HV"[..],
+        b"XX\x01\x00\x00",
+        b"HV\x01\x00\xff\xff\xff\xff\xff",
+        b"HV\x09\x00\x00",
+    ] {
+        host.send_frame(garbage, &[]).unwrap();
+        match host.recv::<FromWorker>().unwrap().0 {
+            FromWorker::Malformed(why) => assert!(!why.is_empty()),
+            other => panic!("expected Malformed, got {other:?}"),
+        }
+    }
+    let req = Request {
+        id: 1,
+        op: Op::MemInfo,
+        origin: hipvisor::core::Origin::Runtime,
+        fault: None,
+        input: None,
+        output: None,
+    };
+    host.send(&ToWorker::Request(req), &[]).unwrap();
+    assert!(matches!(
+        host.recv::<FromWorker>().unwrap().0,
+        FromWorker::Response {
+            id: 1,
+            result: Ok(_),
+            ..
+        }
+    ));
+    assert_eq!(control.started(), 1, "the worker published the request it started");
+    // A host that goes away ends the worker (end of file on its socket).
+    drop(host);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_worker_program_leaves_the_device_lost_with_a_clear_reason() {
+    let rt = Runtime::builder()
+        .config(process_config(1))
+        .worker("/nonexistent/hipvisor-worker")
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(rt.states()[0], DeviceState::Lost);
+    match rt.device(0).unwrap().mem_info().await {
+        Err(RuntimeError::DeviceLost { .. }) => {}
+        other => panic!("expected DeviceLost, got {other:?}"),
+    }
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fault_plan_is_not_rearmed_by_a_restart() {
+    let mut c = process_config(1);
+    // The 2nd memset of the run crashes the worker: once, not once per worker.
+    c.sim.faults.push(fault(|f| {
+        f.op = "memset".into();
+        f.nth = Some(2);
+        f.crash = Some(true);
+    }));
+    let rt = start_process(c).await;
+    let gpu = rt.device(0).unwrap();
+    let b = gpu.alloc(8).await.unwrap();
+    gpu.memset(b, 0, 8, 1).await.unwrap();
+    assert!(matches!(
+        gpu.memset(b, 0, 8, 1).await,
+        Err(RuntimeError::DeviceRestarted { .. })
+    ));
+    eventually(T, "restarted", || async {
+        rt.states()[0] == DeviceState::Ready && gpu.mem_info().await.is_ok()
+    })
+    .await;
+    let b = gpu.alloc(8).await.unwrap();
+    for _ in 0..5 {
+        gpu.memset(b, 0, 8, 1).await.unwrap();
+    }
+    assert_eq!(rt.shutdown().await.restarts, 1);
+}
