@@ -341,3 +341,43 @@ async fn the_fault_plan_is_not_rearmed_by_a_restart() {
     }
     assert_eq!(rt.shutdown().await.restarts, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_standby_takes_over_after_a_sticky_fault() {
+    let mut c = process_config(1);
+    c.supervisor.standby = true;
+    let rt = start_process(c).await;
+    eventually(T, "a standby is ready", || async { rt.standby_pid(0).is_some() }).await;
+    let (active, standby) = (rt.worker_pid(0).unwrap(), rt.standby_pid(0).unwrap());
+    assert_ne!(active, standby);
+    let gpu = rt.device(0).unwrap();
+    // Loaded after the standby was prepared: the standby catches up when it takes over.
+    let module = gpu.load_module(ModuleSource::Builtin).await.unwrap();
+    gpu.launch(module, "fault_illegal_address", 1, 1, vec![]).await.unwrap();
+    assert!(gpu.synchronize().await.is_err());
+    eventually(T, "the standby took over", || async {
+        rt.worker_pid(0) == Some(standby) && rt.states()[0] == DeviceState::Ready
+    })
+    .await;
+    let b = gpu.alloc(16).await.unwrap();
+    gpu.launch(
+        module,
+        "fill",
+        1,
+        4,
+        vec![KernelArg::Buffer(b), KernelArg::U32(5), KernelArg::U32(4)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        hipvisor::core::kernels::u32s(gpu.copy_from_device(b, 0, 16).await.unwrap().as_bytes()),
+        vec![5; 4]
+    );
+    eventually(T, "a new standby behind it", || async {
+        rt.standby_pid(0).is_some_and(|p| p != standby)
+    })
+    .await;
+    eventually(T, "the poisoned worker is gone", || async { !alive(active) }).await;
+    let s = rt.shutdown().await;
+    assert_eq!(s.restarts, 1);
+}

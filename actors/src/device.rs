@@ -63,6 +63,8 @@ pub(crate) struct DeviceCore {
     pub(crate) actor: RwLock<Option<ActorRef<DeviceMsg>>>,
     /// The worker process of process isolation (0: none).
     pub(crate) worker_pid: std::sync::atomic::AtomicI32,
+    /// A warm standby worker for the next epoch (`supervisor.standby`).
+    pub(crate) standby: Mutex<Option<crate::process::WorkerEngine>>,
 }
 
 impl DeviceCore {
@@ -88,6 +90,7 @@ impl DeviceCore {
             deadline,
             actor: RwLock::new(None),
             worker_pid: std::sync::atomic::AtomicI32::new(0),
+            standby: Mutex::new(None),
         }
     }
 

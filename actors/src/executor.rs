@@ -101,7 +101,29 @@ fn open(shared: &Arc<Shared>, device: u32, epoch: u64) -> Result<Box<dyn Engine>
             }
             Ok(Box::new(ThreadEngine(ctx)))
         }
-        Isolation::Process => Ok(Box::new(WorkerEngine::start(shared, device, epoch, &modules)?)),
+        Isolation::Process => {
+            let core = &shared.cores[device as usize];
+            let mut standby = core.standby.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(w) = standby.as_mut()
+                && !(w.epoch() == epoch && w.is_alive())
+            {
+                standby = None; // stale or dead: start cold
+            }
+            let worker = match standby {
+                // A warm standby for this epoch takes over: milliseconds, not a cold start.
+                Some(mut w) => {
+                    w.catch_up(&modules)?;
+                    tracing::info!(device, epoch, pid = w.pid(), "standby worker took over");
+                    w
+                }
+                None => WorkerEngine::start(shared, device, epoch, &modules)?,
+            };
+            core.worker_pid.store(worker.pid() as i32, Ordering::Release);
+            if shared.config.supervisor.standby {
+                crate::process::prepare_standby(shared, device, epoch + 1);
+            }
+            Ok(Box::new(worker))
+        }
     }
 }
 

@@ -34,6 +34,9 @@ pub(crate) struct WorkerEngine {
     channel: Channel,
     control: ControlPage,
     next_id: u64,
+    epoch: u64,
+    /// Modules loaded into this worker's context (restored or loaded by ops).
+    restored: std::collections::BTreeSet<u64>,
 }
 
 fn ipc_error(device: u32, e: impl std::fmt::Display) -> GpuError {
@@ -58,15 +61,12 @@ impl WorkerEngine {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
-        let child = ipc::spawn_worker(command, worker_end).map_err(|e| {
+        let child = shared.spawner.spawn(command, worker_end).map_err(|e| {
             ipc_error(
                 device,
                 format!("cannot start worker {}: {e}", shared.worker_program.display()),
             )
         })?;
-        shared.cores[device as usize]
-            .worker_pid
-            .store(child.id() as i32, Ordering::Release);
         let control = ControlPage::new().map_err(|e| ipc_error(device, e))?;
         let mut w = WorkerEngine {
             shared: shared.clone(),
@@ -75,6 +75,8 @@ impl WorkerEngine {
             channel: host_end,
             control,
             next_id: 1,
+            epoch,
+            restored: modules.keys().copied().collect(),
         };
         let sim = (shared.backend.kind() == BackendKind::Sim)
             .then(|| (shared.config.sim.devices, shared.config.sim.memory_bytes));
@@ -112,6 +114,37 @@ impl WorkerEngine {
         Ok(w)
     }
 
+    /// The worker's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The epoch the worker's context was opened for.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Whether the worker process is still running.
+    pub(crate) fn is_alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Loads the modules the device gained since this (standby) worker was prepared.
+    pub(crate) fn catch_up(&mut self, modules: &BTreeMap<u64, ModuleSource>) -> Result<(), GpuError> {
+        for (id, source) in modules {
+            if !self.restored.contains(id) {
+                self.restore(
+                    ModuleHandle {
+                        device: self.device,
+                        id: *id,
+                    },
+                    source,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
     fn restore(&mut self, module: ModuleHandle, source: &ModuleSource) -> Result<(), GpuError> {
         let (source, region) = split_module(source).map_err(|e| ipc_error(self.device, e))?;
         let input = region.as_ref().map(|r| RegionRef { len: r.len() as u64 });
@@ -125,7 +158,10 @@ impl WorkerEngine {
             .map_err(|e| ipc_error(self.device, e))?
             .0
         {
-            FromWorker::Restored => Ok(()),
+            FromWorker::Restored => {
+                self.restored.insert(module.id);
+                Ok(())
+            }
             FromWorker::Failed(e) => Err(e),
             other => Err(ipc_error(
                 self.device,
@@ -335,5 +371,67 @@ impl Drop for WorkerEngine {
             Ordering::AcqRel,
             Ordering::Acquire,
         );
+    }
+}
+
+/// Prepares a warm standby worker for `device`'s next epoch in the background: its
+/// context open, its modules loaded, its health probed. A restart takes it over
+/// (milliseconds) instead of starting a worker cold.
+pub(crate) fn prepare_standby(shared: &Arc<Shared>, device: u32, epoch: u64) {
+    let shared = shared.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("hipvisor-standby{device}"))
+        .spawn(move || {
+            let core = &shared.cores[device as usize];
+            let modules = core.modules.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            match WorkerEngine::start(&shared, device, epoch, &modules) {
+                Ok(w) if !shared.closing.load(Ordering::Acquire) => {
+                    *core.standby.lock().unwrap_or_else(|p| p.into_inner()) = Some(w);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(device, error = %e, "could not prepare a standby worker"),
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(device, error = %e, "could not start a thread for a standby worker");
+    }
+}
+
+/// Requests to the spawner thread.
+type SpawnRequest = (Command, Channel, std::sync::mpsc::Sender<std::io::Result<Child>>);
+
+/// The one long-lived thread that starts every worker: a worker's parent-death signal
+/// fires when the thread that spawned it exits, so workers must not be spawned by threads
+/// that come and go (executors end at each restart; a standby outlives the executor that
+/// asked for it). The thread ends when the runtime is dropped.
+pub(crate) struct Spawner {
+    tx: std::sync::Mutex<std::sync::mpsc::Sender<SpawnRequest>>,
+}
+
+impl Spawner {
+    pub(crate) fn start() -> std::io::Result<Spawner> {
+        let (tx, rx) = std::sync::mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new()
+            .name("hipvisor-spawner".into())
+            .spawn(move || {
+                for (command, channel, reply) in rx {
+                    let _ = reply.send(ipc::spawn_worker(command, channel));
+                }
+            })?;
+        Ok(Spawner {
+            tx: std::sync::Mutex::new(tx),
+        })
+    }
+
+    /// Starts `command` as a worker with `channel` as its socket.
+    pub(crate) fn spawn(&self, command: Command, channel: Channel) -> std::io::Result<Child> {
+        let (reply, rx) = std::sync::mpsc::channel();
+        let gone = || std::io::Error::other("the spawner thread has ended");
+        self.tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send((command, channel, reply))
+            .map_err(|_| gone())?;
+        rx.recv().map_err(|_| gone())?
     }
 }

@@ -63,6 +63,8 @@ pub(crate) struct Shared {
     flushing: Mutex<()>,
     /// The program started as a device's worker (process isolation).
     pub(crate) worker_program: std::path::PathBuf,
+    /// Starts every worker, from one long-lived thread.
+    pub(crate) spawner: crate::process::Spawner,
 }
 
 impl Shared {
@@ -471,6 +473,10 @@ impl RuntimeBuilder {
             .map(|i| Arc::new(DeviceCore::new(i, config.runtime.in_flight, deadline, &config.breaker)))
             .collect();
         let (states, _) = broadcast::channel(1024);
+        let spawner = crate::process::Spawner::start().map_err(|e| StartError::Spawn {
+            what: "the worker spawner thread".into(),
+            why: e.to_string(),
+        })?;
         let shared = Arc::new(Shared {
             cores,
             backend,
@@ -482,6 +488,7 @@ impl RuntimeBuilder {
             retry_tasks: Mutex::new(tokio::task::JoinSet::new()),
             flushing: Mutex::new(()),
             worker_program,
+            spawner,
         });
         let (supervisor, _) = Actor::spawn(None, Supervisor, SupervisorArgs { shared: shared.clone() })
             .await
@@ -644,6 +651,16 @@ impl Runtime {
         u32::try_from(pid).ok().filter(|p| *p > 0)
     }
 
+    /// The process id of device `index`'s warm standby worker, if one is ready.
+    pub fn standby_pid(&self, index: u32) -> Option<u32> {
+        let core = self.shared.cores.get(index as usize)?;
+        core.standby
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|w| w.pid())
+    }
+
     /// The state of every device now.
     pub fn states(&self) -> Vec<DeviceState> {
         self.shared.cores.iter().map(|c| c.state.get()).collect()
@@ -691,6 +708,7 @@ impl Runtime {
         // Workers stuck in an op will not see the stop flag: end them.
         for core in &shared.cores {
             core.kill_worker();
+            drop(core.standby.lock().unwrap_or_else(|p| p.into_inner()).take());
         }
         // Answer what is left: queued ops, and ops still executing (a hung kernel).
         let give_up = Instant::now() + Duration::from_secs(2);
