@@ -44,10 +44,9 @@ async fn a_sticky_fault_in_thread_isolation_fails_every_device_counts_one_fault_
         match r {
             Ok(_) => {}
             Err(RuntimeError::Gpu(e)) => {
-                assert_eq!(
-                    (e.class(), e.code().unwrap().1, e.device()),
-                    (ErrorClass::Sticky, 700, 1)
-                );
+                // Process-wide poisoning: whichever device's op notices first reports it
+                // (as with HIP's per-process error state).
+                assert_eq!((e.class(), e.code().unwrap().1), (ErrorClass::Sticky, 700));
                 sticky += 1;
             }
             Err(RuntimeError::DeviceFailed { reason, .. }) => {
