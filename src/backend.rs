@@ -129,4 +129,18 @@ pub trait DeviceContext: Send {
     /// # Errors
     /// As [`Op::LoadModule`].
     fn restore_module(&mut self, module: ModuleHandle, source: &ModuleSource) -> Result<(), GpuError>;
+
+    /// Registers host memory that will be copied from repeatedly (a worker's cached shared
+    /// memory) as pinned memory, so copies from it run at pinned speed without staging.
+    /// Returns whether it was registered; the default (the simulator) does nothing. The
+    /// memory must stay mapped until [`DeviceContext::unregister_host_memory`].
+    fn register_host_memory(&mut self, bytes: &[u8]) -> bool {
+        let _ = bytes;
+        false
+    }
+
+    /// Undoes [`DeviceContext::register_host_memory`] for memory starting at `bytes`.
+    fn unregister_host_memory(&mut self, bytes: &[u8]) {
+        let _ = bytes;
+    }
 }

@@ -124,11 +124,47 @@ pub struct Hello {
     pub sim: Option<(u32, u64)>,
 }
 
-/// Where a request's bulk bytes are: the shared-memory region sent with the frame.
+/// How many host regions a worker keeps mapped (and registered as pinned memory with the
+/// real backends) between requests. Host and worker apply the same least-recently-used
+/// rule to the same sequence of requests, so the host knows which regions the worker still
+/// has and sends a region's descriptor only when it does not.
+pub const REGION_CACHE: usize = 8;
+
+/// Where a request's bulk bytes are: a shared-memory region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegionRef {
+    /// The host's id of the region.
+    pub id: u64,
     /// Length of the region in bytes.
     pub len: u64,
+    /// An application's host buffer, which the worker keeps mapped (and pinned) in its
+    /// cache; otherwise a one-off region, sent with the frame and unmapped after the request.
+    pub cached: bool,
+}
+
+/// The least-recently-used set of cached region ids, kept identically by host and worker.
+#[derive(Debug, Default)]
+pub struct RegionLru {
+    ids: std::collections::VecDeque<u64>,
+}
+
+impl RegionLru {
+    /// Marks `id` used. Returns `(known, evicted)`: whether it was cached already, and the
+    /// id that left the cache to make room for it.
+    pub fn touch(&mut self, id: u64) -> (bool, Option<u64>) {
+        if let Some(pos) = self.ids.iter().position(|x| *x == id) {
+            self.ids.remove(pos);
+            self.ids.push_back(id);
+            return (true, None);
+        }
+        let evicted = if self.ids.len() == REGION_CACHE {
+            self.ids.pop_front()
+        } else {
+            None
+        };
+        self.ids.push_back(id);
+        (false, evicted)
+    }
 }
 
 /// One op for the worker.
@@ -381,10 +417,13 @@ fn libc_timeval(d: std::time::Duration) -> nix::libc::timeval {
 /// A shared-memory region: a memfd mapped read-write into this process.
 #[derive(Debug)]
 pub struct Region {
+    id: u64,
     fd: OwnedFd,
     ptr: NonNull<u8>,
     len: usize,
 }
+
+static NEXT_REGION: AtomicU64 = AtomicU64::new(1);
 
 // SAFETY: the mapping is plain shared memory owned by this value; access goes through
 // `&self`/`&mut self` like a `Vec<u8>`, so moving or sharing the handle across threads is as
@@ -431,10 +470,16 @@ impl Region {
         }
         .map_err(os("mmap"))?;
         Ok(Region {
+            id: NEXT_REGION.fetch_add(1, Ordering::Relaxed),
             fd,
             ptr: ptr.cast(),
             len,
         })
+    }
+
+    /// The region's id, unique in this process.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// The region's length.
@@ -573,7 +618,11 @@ mod tests {
             origin: Origin::Runtime,
             fault: Some(WireFault::Code(700)),
             input: None,
-            output: Some(RegionRef { len: 4096 }),
+            output: Some(RegionRef {
+                id: 3,
+                len: 4096,
+                cached: false,
+            }),
         });
         assert_eq!(decode::<ToWorker>(&encode(&m).unwrap()).unwrap(), m);
     }
@@ -618,6 +667,17 @@ mod tests {
         let worker = ControlPage::map(fd).unwrap();
         worker.set_started(17);
         assert_eq!(host.started(), 17);
+    }
+
+    #[test]
+    fn the_region_cache_evicts_the_least_recently_used() {
+        let mut lru = RegionLru::default();
+        for id in 1..=REGION_CACHE as u64 {
+            assert_eq!(lru.touch(id), (false, None));
+        }
+        assert_eq!(lru.touch(1), (true, None));
+        assert_eq!(lru.touch(100), (false, Some(2)), "2 is now the least recently used");
+        assert_eq!(lru.touch(2), (false, Some(3)));
     }
 
     proptest! {

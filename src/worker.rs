@@ -119,6 +119,7 @@ pub fn serve(mut channel: Channel) -> Result<(), IpcError> {
         },
         &[],
     )?;
+    let mut cache = RegionCache::default();
     loop {
         let (msg, fds) = match channel.recv::<ToWorker>() {
             Ok(m) => m,
@@ -147,7 +148,7 @@ pub fn serve(mut channel: Channel) -> Result<(), IpcError> {
                 channel.send(&reply, &[])?;
             }
             ToWorker::Request(req) => {
-                let reply = match execute(&mut *ctx, &control, req, fds) {
+                let reply = match execute(&mut *ctx, &control, &mut cache, req, fds) {
                     Ok(r) => r,
                     Err(e) => FromWorker::Malformed(e.to_string()),
                 };
@@ -175,19 +176,56 @@ fn with_region(
     }
 }
 
+/// Host buffers this worker keeps mapped, and registered as pinned memory, between
+/// requests (see [`ipc::REGION_CACHE`]).
+#[derive(Default)]
+struct RegionCache {
+    lru: ipc::RegionLru,
+    regions: std::collections::HashMap<u64, Arc<Region>>,
+}
+
+impl RegionCache {
+    /// The region a request names: from the cache, or mapped from the descriptor that came
+    /// with it (and, when `cached`, kept and registered).
+    fn region(
+        &mut self,
+        ctx: &mut dyn DeviceContext,
+        r: ipc::RegionRef,
+        fds: &mut impl Iterator<Item = OwnedFd>,
+    ) -> Result<Arc<Region>, IpcError> {
+        let missing = || IpcError::Malformed(format!("region {} announced, no descriptor", r.id));
+        if !r.cached {
+            return Ok(Arc::new(Region::map(fds.next().ok_or_else(missing)?, r.len as usize)?));
+        }
+        let (known, evicted) = self.lru.touch(r.id);
+        if let Some(old) = evicted.and_then(|id| self.regions.remove(&id)) {
+            ctx.unregister_host_memory(old.as_slice());
+        }
+        if known {
+            return self
+                .regions
+                .get(&r.id)
+                .cloned()
+                .ok_or_else(|| IpcError::Malformed(format!("region {} is not in this worker's cache", r.id)));
+        }
+        let region = Arc::new(Region::map(fds.next().ok_or_else(missing)?, r.len as usize)?);
+        ctx.register_host_memory(region.as_slice());
+        self.regions.insert(r.id, region.clone());
+        Ok(region)
+    }
+}
+
 fn execute(
     ctx: &mut dyn DeviceContext,
     control: &ControlPage,
+    cache: &mut RegionCache,
     req: Request,
     fds: Vec<OwnedFd>,
 ) -> Result<FromWorker, IpcError> {
     let mut fds = fds.into_iter();
     let mut op = req.op;
     if let Some(r) = req.input {
-        let fd = fds
-            .next()
-            .ok_or_else(|| IpcError::Malformed("input region announced, no descriptor".into()))?;
-        let payload = Payload::shared(Arc::new(Region::map(fd, r.len as usize)?));
+        let payload = Payload::shared(cache.region(ctx, r, &mut fds)?);
         match &mut op {
             Op::CopyToDevice { data, .. } => *data = payload,
             Op::LoadModule { source } => *source = ModuleSource::Image(payload),

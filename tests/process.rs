@@ -134,13 +134,9 @@ async fn a_worker_killed_mid_op_is_answered_and_replaced() {
     tokio::task::yield_now().await;
     ipc::kill(pid);
     match answered(T, op).await.unwrap() {
-        Err(RuntimeError::DeviceRestarted {
-            device: 0,
-            may_have_executed,
-        }) => {
-            // The worker published that it had started the memset.
-            assert!(may_have_executed);
-        }
+        // Whether the memset had reached the worker depends on timing; the crash test below
+        // checks the flag where it is certain.
+        Err(RuntimeError::DeviceRestarted { device: 0, .. }) => {}
         other => panic!("expected DeviceRestarted, got {other:?}"),
     }
     eventually(T, "device 0 is back", || async {
@@ -329,7 +325,10 @@ async fn the_fault_plan_is_not_rearmed_by_a_restart() {
     gpu.memset(b, 0, 8, 1).await.unwrap();
     assert!(matches!(
         gpu.memset(b, 0, 8, 1).await,
-        Err(RuntimeError::DeviceRestarted { .. })
+        Err(RuntimeError::DeviceRestarted {
+            may_have_executed: true,
+            ..
+        })
     ));
     eventually(T, "restarted", || async {
         rt.states()[0] == DeviceState::Ready && gpu.mem_info().await.is_ok()
@@ -380,4 +379,32 @@ async fn a_warm_standby_takes_over_after_a_sticky_fault() {
     eventually(T, "the poisoned worker is gone", || async { !alive(active) }).await;
     let s = rt.shutdown().await;
     assert_eq!(s.restarts, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reused_host_buffers_stay_mapped_in_the_worker_and_evictions_are_correct() {
+    let mut c = process_config(1);
+    c.sim.memory_bytes = 64 << 20;
+    let rt = start_process(c).await;
+    let gpu = rt.device(0).unwrap();
+    let n = 64 * 1024;
+    let b = gpu.alloc(n as u64).await.unwrap();
+    // More buffers than the worker's cache holds: first uses, hits and evictions.
+    let count = ipc::REGION_CACHE + 4;
+    let payloads: Vec<_> = (0..count)
+        .map(|i| {
+            let mut h = gpu.host_buffer(n).unwrap();
+            h.as_mut_slice().fill(i as u8 + 1);
+            h.freeze()
+        })
+        .collect();
+    for round in 0..2 {
+        for i in (0..count).rev().chain(0..count) {
+            let i = (i + round) % count;
+            gpu.copy_to_device(b, 0, payloads[i].clone()).await.unwrap();
+            let back = gpu.copy_from_device(b, 0, n as u64).await.unwrap();
+            assert!(back.as_bytes().iter().all(|x| *x == i as u8 + 1), "buffer {i}");
+        }
+    }
+    rt.shutdown().await;
 }

@@ -35,6 +35,8 @@ pub(crate) struct WorkerEngine {
     control: ControlPage,
     next_id: u64,
     epoch: u64,
+    /// The host buffers the worker has cached (mirrors the worker's LRU).
+    regions: ipc::RegionLru,
     /// Modules loaded into this worker's context (restored or loaded by ops).
     restored: std::collections::BTreeSet<u64>,
 }
@@ -76,6 +78,7 @@ impl WorkerEngine {
             control,
             next_id: 1,
             epoch,
+            regions: ipc::RegionLru::default(),
             restored: modules.keys().copied().collect(),
         };
         let sim = (shared.backend.kind() == BackendKind::Sim)
@@ -147,7 +150,11 @@ impl WorkerEngine {
 
     fn restore(&mut self, module: ModuleHandle, source: &ModuleSource) -> Result<(), GpuError> {
         let (source, region) = split_module(source).map_err(|e| ipc_error(self.device, e))?;
-        let input = region.as_ref().map(|r| RegionRef { len: r.len() as u64 });
+        let input = region.as_ref().map(|r| RegionRef {
+            id: r.id(),
+            len: r.len() as u64,
+            cached: false,
+        });
         let fds: Vec<_> = region.iter().map(|r| r.raw_fd()).collect();
         self.channel
             .send(&ToWorker::Restore { module, source, input }, &fds)
@@ -267,16 +274,38 @@ impl Engine for WorkerEngine {
         let prepared: Result<(), IpcError> = (|| {
             match &mut sent {
                 Op::CopyToDevice { data, .. } if data.len() > ipc::INLINE_LIMIT => {
-                    let r = region_of(data)?;
-                    input = Some(RegionRef { len: r.len() as u64 });
-                    regions.push(r);
+                    if let Some(r) = data.region() {
+                        // An application's host buffer: the worker keeps it mapped (and
+                        // pinned); its descriptor goes only with the first use.
+                        let (known, _) = self.regions.touch(r.id());
+                        input = Some(RegionRef {
+                            id: r.id(),
+                            len: r.len() as u64,
+                            cached: true,
+                        });
+                        if !known {
+                            regions.push(r.clone());
+                        }
+                    } else {
+                        let r = region_of(data)?;
+                        input = Some(RegionRef {
+                            id: r.id(),
+                            len: r.len() as u64,
+                            cached: false,
+                        });
+                        regions.push(r);
+                    }
                     *data = Payload::default();
                 }
                 Op::LoadModule { source } => {
                     let (s, r) = split_module(source)?;
                     *source = s;
                     if let Some(r) = r {
-                        input = Some(RegionRef { len: r.len() as u64 });
+                        input = Some(RegionRef {
+                            id: r.id(),
+                            len: r.len() as u64,
+                            cached: false,
+                        });
                         regions.push(r);
                     }
                 }
@@ -295,7 +324,11 @@ impl Engine for WorkerEngine {
         }
         let mut fds: Vec<_> = regions.iter().map(|r| r.raw_fd()).collect();
         fds.extend(output.iter().map(|r| r.raw_fd()));
-        let out_ref = output.as_ref().map(|r| RegionRef { len: r.len() as u64 });
+        let out_ref = output.as_ref().map(|r| RegionRef {
+            id: r.id(),
+            len: r.len() as u64,
+            cached: false,
+        });
         let request = Request {
             id,
             op: sent,

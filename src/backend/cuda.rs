@@ -181,6 +181,7 @@ impl Backend for CudaBackend {
             info,
             t: Tables::new(device, epoch),
             staging: None,
+            pinned: Vec::new(),
         }))
     }
 }
@@ -225,6 +226,8 @@ pub struct CudaDevice {
     info: DeviceInfo,
     t: Tables<CudaBuffer, CudaModule>,
     staging: Option<*mut c_void>,
+    /// Host ranges registered as pinned memory (start, length).
+    pinned: Vec<(usize, usize)>,
 }
 
 // SAFETY: the raw handles (modules, functions, pinned host memory) are valid on any thread
@@ -255,9 +258,15 @@ impl CudaDevice {
         Ok(p)
     }
 
+    /// Whether `data` lies inside host memory registered as pinned.
+    fn is_pinned(&self, data: &[u8]) -> bool {
+        let (start, end) = (data.as_ptr() as usize, data.as_ptr() as usize + data.len());
+        self.pinned.iter().any(|(s, l)| *s <= start && end <= s + l)
+    }
+
     fn copy_to_device(&mut self, dst: sys::CUdeviceptr, data: &[u8]) -> Result<(), GpuError> {
         let op = OpKind::CopyToDevice;
-        if data.len() < STAGING_THRESHOLD {
+        if data.len() < STAGING_THRESHOLD || self.is_pinned(data) {
             // SAFETY: `dst` lies inside a live device buffer with room for `data` (checked).
             return unsafe { result::memcpy_htod_sync(dst, data) }.map_err(|e| self.err(e, op, "cuMemcpyHtoD"));
         }
@@ -488,6 +497,29 @@ impl DeviceContext for CudaDevice {
         self.t.reserve_id(module.id);
         Ok(())
     }
+
+    fn register_host_memory(&mut self, bytes: &[u8]) -> bool {
+        if bytes.is_empty() {
+            return false;
+        }
+        // SAFETY: the context is bound to this thread; `bytes` is mapped memory the caller
+        // keeps mapped until it unregisters it; flags 0 = default registration.
+        let status = unsafe { sys::cuMemHostRegister_v2(bytes.as_ptr().cast_mut().cast(), bytes.len(), 0) };
+        let ok = status.result().is_ok();
+        if ok {
+            self.pinned.push((bytes.as_ptr() as usize, bytes.len()));
+        }
+        ok
+    }
+
+    fn unregister_host_memory(&mut self, bytes: &[u8]) {
+        let start = bytes.as_ptr() as usize;
+        if let Some(i) = self.pinned.iter().position(|(s, _)| *s == start) {
+            self.pinned.swap_remove(i);
+            // SAFETY: the range was registered by `register_host_memory` and is still mapped.
+            let _ = unsafe { sys::cuMemHostUnregister(bytes.as_ptr().cast_mut().cast()) };
+        }
+    }
 }
 
 impl Drop for CudaDevice {
@@ -506,6 +538,10 @@ impl Drop for CudaDevice {
         if let Some(p) = self.staging.take() {
             // SAFETY: the staging buffer came from cuMemHostAlloc and is freed once.
             let _ = unsafe { result::free_host(p) };
+        }
+        for (start, _) in self.pinned.drain(..) {
+            // SAFETY: each range was registered once and is still mapped by its owner.
+            let _ = unsafe { sys::cuMemHostUnregister(start as *mut c_void) };
         }
     }
 }

@@ -56,6 +56,8 @@ mod ffi {
         pub(super) fn hipFree(ptr: *mut c_void) -> c_int;
         pub(super) fn hipHostMalloc(ptr: *mut *mut c_void, size: usize, flags: c_uint) -> c_int;
         pub(super) fn hipHostFree(ptr: *mut c_void) -> c_int;
+        pub(super) fn hipHostRegister(ptr: *mut c_void, size: usize, flags: c_uint) -> c_int;
+        pub(super) fn hipHostUnregister(ptr: *mut c_void) -> c_int;
         pub(super) fn hipMemcpy(dst: *mut c_void, src: *const c_void, size: usize, kind: c_int) -> c_int;
         pub(super) fn hipMemset(dst: *mut c_void, value: c_int, size: usize) -> c_int;
         pub(super) fn hipDeviceSynchronize() -> c_int;
@@ -193,6 +195,7 @@ impl Backend for HipBackend {
             info,
             t: Tables::new(device, epoch),
             staging: None,
+            pinned: Vec::new(),
         }))
     }
 }
@@ -222,6 +225,8 @@ pub struct HipDevice {
     info: DeviceInfo,
     t: Tables<HipBuffer, HipModule>,
     staging: Option<*mut c_void>,
+    /// Host ranges registered as pinned memory (start, length).
+    pinned: Vec<(usize, usize)>,
 }
 
 // SAFETY: the raw pointers are HIP device, module and pinned-host handles, valid on any
@@ -258,9 +263,15 @@ impl HipDevice {
         Ok(p)
     }
 
+    /// Whether `data` lies inside host memory registered as pinned.
+    fn is_pinned(&self, data: &[u8]) -> bool {
+        let (start, end) = (data.as_ptr() as usize, data.as_ptr() as usize + data.len());
+        self.pinned.iter().any(|(s, l)| *s <= start && end <= s + l)
+    }
+
     fn copy_to_device(&mut self, dst: *mut c_void, data: &[u8]) -> Result<(), GpuError> {
         let op = OpKind::CopyToDevice;
-        if data.len() < STAGING_THRESHOLD {
+        if data.len() < STAGING_THRESHOLD || self.is_pinned(data) {
             // SAFETY: `dst` lies inside a live device buffer with room for `data` (checked by
             // the tables); `data` is a live host slice of that length.
             return self.check(
@@ -528,6 +539,28 @@ impl DeviceContext for HipDevice {
         self.t.reserve_id(module.id);
         Ok(())
     }
+
+    fn register_host_memory(&mut self, bytes: &[u8]) -> bool {
+        if bytes.is_empty() {
+            return false;
+        }
+        // SAFETY: `bytes` is mapped memory the caller keeps mapped until it unregisters it;
+        // flags 0 = hipHostRegisterDefault.
+        let ok = unsafe { ffi::hipHostRegister(bytes.as_ptr().cast_mut().cast(), bytes.len(), 0) } == 0;
+        if ok {
+            self.pinned.push((bytes.as_ptr() as usize, bytes.len()));
+        }
+        ok
+    }
+
+    fn unregister_host_memory(&mut self, bytes: &[u8]) {
+        let start = bytes.as_ptr() as usize;
+        if let Some(i) = self.pinned.iter().position(|(s, _)| *s == start) {
+            self.pinned.swap_remove(i);
+            // SAFETY: the range was registered by `register_host_memory` and is still mapped.
+            let _ = unsafe { ffi::hipHostUnregister(bytes.as_ptr().cast_mut().cast()) };
+        }
+    }
 }
 
 impl Drop for HipDevice {
@@ -545,6 +578,10 @@ impl Drop for HipDevice {
         if let Some(p) = self.staging.take() {
             // SAFETY: the staging buffer came from hipHostMalloc and is freed once.
             let _ = unsafe { ffi::hipHostFree(p) };
+        }
+        for (start, _) in self.pinned.drain(..) {
+            // SAFETY: each range was registered once and is still mapped by its owner.
+            let _ = unsafe { ffi::hipHostUnregister(start as *mut c_void) };
         }
     }
 }
