@@ -25,7 +25,7 @@ use cudarc::driver::{CudaContext, DriverError, result, sys};
 use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
 
 use crate::backend::args::PackedArgs;
-use crate::backend::table::{DeviceBuffer, Tables};
+use crate::backend::table::{DeviceBuffer, PinnedRanges, Tables};
 use crate::backend::{Backend, BackendKind, DeviceContext, Origin};
 use crate::error::{Api, GpuError, InvalidReason, cuda as code};
 use crate::kernels::BuiltinKernel;
@@ -181,7 +181,7 @@ impl Backend for CudaBackend {
             info,
             t: Tables::new(device, epoch),
             staging: None,
-            pinned: Vec::new(),
+            pinned: PinnedRanges::default(),
         }))
     }
 }
@@ -226,8 +226,8 @@ pub struct CudaDevice {
     info: DeviceInfo,
     t: Tables<CudaBuffer, CudaModule>,
     staging: Option<*mut c_void>,
-    /// Host ranges registered as pinned memory (start, length).
-    pinned: Vec<(usize, usize)>,
+    /// Host memory registered as pinned.
+    pinned: PinnedRanges,
 }
 
 // SAFETY: the raw handles (modules, functions, pinned host memory) are valid on any thread
@@ -258,15 +258,9 @@ impl CudaDevice {
         Ok(p)
     }
 
-    /// Whether `data` lies inside host memory registered as pinned.
-    fn is_pinned(&self, data: &[u8]) -> bool {
-        let (start, end) = (data.as_ptr() as usize, data.as_ptr() as usize + data.len());
-        self.pinned.iter().any(|(s, l)| *s <= start && end <= s + l)
-    }
-
     fn copy_to_device(&mut self, dst: sys::CUdeviceptr, data: &[u8]) -> Result<(), GpuError> {
         let op = OpKind::CopyToDevice;
-        if data.len() < STAGING_THRESHOLD || self.is_pinned(data) {
+        if data.len() < STAGING_THRESHOLD || self.pinned.contains(data) {
             // SAFETY: `dst` lies inside a live device buffer with room for `data` (checked).
             return unsafe { result::memcpy_htod_sync(dst, data) }.map_err(|e| self.err(e, op, "cuMemcpyHtoD"));
         }
@@ -507,15 +501,13 @@ impl DeviceContext for CudaDevice {
         let status = unsafe { sys::cuMemHostRegister_v2(bytes.as_ptr().cast_mut().cast(), bytes.len(), 0) };
         let ok = status.result().is_ok();
         if ok {
-            self.pinned.push((bytes.as_ptr() as usize, bytes.len()));
+            self.pinned.add(bytes);
         }
         ok
     }
 
     fn unregister_host_memory(&mut self, bytes: &[u8]) {
-        let start = bytes.as_ptr() as usize;
-        if let Some(i) = self.pinned.iter().position(|(s, _)| *s == start) {
-            self.pinned.swap_remove(i);
+        if self.pinned.remove(bytes) {
             // SAFETY: the range was registered by `register_host_memory` and is still mapped.
             let _ = unsafe { sys::cuMemHostUnregister(bytes.as_ptr().cast_mut().cast()) };
         }
@@ -539,7 +531,7 @@ impl Drop for CudaDevice {
             // SAFETY: the staging buffer came from cuMemHostAlloc and is freed once.
             let _ = unsafe { result::free_host(p) };
         }
-        for (start, _) in self.pinned.drain(..) {
+        for start in self.pinned.drain() {
             // SAFETY: each range was registered once and is still mapped by its owner.
             let _ = unsafe { sys::cuMemHostUnregister(start as *mut c_void) };
         }

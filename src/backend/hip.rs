@@ -22,7 +22,7 @@ use std::ffi::{CString, c_char, c_int, c_uint, c_void};
 use hip_runtime_sys as _; // links libamdhip64
 
 use crate::backend::args::PackedArgs;
-use crate::backend::table::{DeviceBuffer, Tables};
+use crate::backend::table::{DeviceBuffer, PinnedRanges, Tables};
 use crate::backend::{Backend, BackendKind, DeviceContext, Origin};
 use crate::error::{Api, GpuError, InvalidReason, hip as code};
 use crate::kernels::BuiltinKernel;
@@ -195,7 +195,7 @@ impl Backend for HipBackend {
             info,
             t: Tables::new(device, epoch),
             staging: None,
-            pinned: Vec::new(),
+            pinned: PinnedRanges::default(),
         }))
     }
 }
@@ -225,8 +225,8 @@ pub struct HipDevice {
     info: DeviceInfo,
     t: Tables<HipBuffer, HipModule>,
     staging: Option<*mut c_void>,
-    /// Host ranges registered as pinned memory (start, length).
-    pinned: Vec<(usize, usize)>,
+    /// Host memory registered as pinned.
+    pinned: PinnedRanges,
 }
 
 // SAFETY: the raw pointers are HIP device, module and pinned-host handles, valid on any
@@ -263,15 +263,9 @@ impl HipDevice {
         Ok(p)
     }
 
-    /// Whether `data` lies inside host memory registered as pinned.
-    fn is_pinned(&self, data: &[u8]) -> bool {
-        let (start, end) = (data.as_ptr() as usize, data.as_ptr() as usize + data.len());
-        self.pinned.iter().any(|(s, l)| *s <= start && end <= s + l)
-    }
-
     fn copy_to_device(&mut self, dst: *mut c_void, data: &[u8]) -> Result<(), GpuError> {
         let op = OpKind::CopyToDevice;
-        if data.len() < STAGING_THRESHOLD || self.is_pinned(data) {
+        if data.len() < STAGING_THRESHOLD || self.pinned.contains(data) {
             // SAFETY: `dst` lies inside a live device buffer with room for `data` (checked by
             // the tables); `data` is a live host slice of that length.
             return self.check(
@@ -548,15 +542,13 @@ impl DeviceContext for HipDevice {
         // flags 0 = hipHostRegisterDefault.
         let ok = unsafe { ffi::hipHostRegister(bytes.as_ptr().cast_mut().cast(), bytes.len(), 0) } == 0;
         if ok {
-            self.pinned.push((bytes.as_ptr() as usize, bytes.len()));
+            self.pinned.add(bytes);
         }
         ok
     }
 
     fn unregister_host_memory(&mut self, bytes: &[u8]) {
-        let start = bytes.as_ptr() as usize;
-        if let Some(i) = self.pinned.iter().position(|(s, _)| *s == start) {
-            self.pinned.swap_remove(i);
+        if self.pinned.remove(bytes) {
             // SAFETY: the range was registered by `register_host_memory` and is still mapped.
             let _ = unsafe { ffi::hipHostUnregister(bytes.as_ptr().cast_mut().cast()) };
         }
@@ -579,7 +571,7 @@ impl Drop for HipDevice {
             // SAFETY: the staging buffer came from hipHostMalloc and is freed once.
             let _ = unsafe { ffi::hipHostFree(p) };
         }
-        for (start, _) in self.pinned.drain(..) {
+        for start in self.pinned.drain() {
             // SAFETY: each range was registered once and is still mapped by its owner.
             let _ = unsafe { ffi::hipHostUnregister(start as *mut c_void) };
         }

@@ -191,3 +191,56 @@ impl<B: DeviceBuffer, M> Tables<B, M> {
         Ok(())
     }
 }
+
+/// Host memory ranges registered as pinned with a GPU backend (start, length).
+#[cfg(any(feature = "hip", feature = "cuda"))]
+#[derive(Debug, Default)]
+pub(crate) struct PinnedRanges(Vec<(usize, usize)>);
+
+#[cfg(any(feature = "hip", feature = "cuda"))]
+impl PinnedRanges {
+    /// Whether `bytes` lies inside a registered range.
+    pub(crate) fn contains(&self, bytes: &[u8]) -> bool {
+        let (start, end) = (bytes.as_ptr() as usize, bytes.as_ptr() as usize + bytes.len());
+        self.0.iter().any(|(s, l)| *s <= start && end <= s + l)
+    }
+
+    pub(crate) fn add(&mut self, bytes: &[u8]) {
+        self.0.push((bytes.as_ptr() as usize, bytes.len()));
+    }
+
+    /// Forgets the range starting at `bytes`; `true` if there was one.
+    pub(crate) fn remove(&mut self, bytes: &[u8]) -> bool {
+        let start = bytes.as_ptr() as usize;
+        match self.0.iter().position(|(s, _)| *s == start) {
+            Some(i) => {
+                self.0.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Every range's start, emptying the set.
+    pub(crate) fn drain(&mut self) -> impl Iterator<Item = usize> + '_ {
+        self.0.drain(..).map(|(s, _)| s)
+    }
+}
+
+#[cfg(all(test, any(feature = "hip", feature = "cuda")))]
+mod tests {
+    use super::PinnedRanges;
+
+    #[test]
+    fn pinned_ranges_contain_their_subslices_only() {
+        let buf = vec![0u8; 100];
+        let mut p = PinnedRanges::default();
+        p.add(&buf[10..60]);
+        assert!(p.contains(&buf[10..60]) && p.contains(&buf[20..30]));
+        assert!(!p.contains(&buf[0..20]) && !p.contains(&buf[50..70]));
+        assert!(!p.remove(&buf[20..30]), "only by its start");
+        assert!(p.remove(&buf[10..60]));
+        assert!(!p.contains(&buf[20..30]));
+        assert_eq!(p.drain().count(), 0);
+    }
+}
