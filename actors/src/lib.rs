@@ -46,6 +46,8 @@ mod process;
 mod runtime;
 mod state;
 mod supervisor;
+#[cfg(feature = "prometheus")]
+mod telemetry;
 
 pub use device::{DeviceActor, DeviceHandle, DeviceMsg, HostBuffer};
 pub use error::{OpResult, RuntimeError};

@@ -461,6 +461,12 @@ impl Actor for MetricsActor {
         let instruments = Instruments::new(&args.meter, args.max_retries);
         for d in 0..args.devices {
             record_state(&instruments, d, DeviceState::Ready);
+            // Every series exists from the start, at zero.
+            let dev = [KeyValue::new("device", i64::from(d))];
+            instruments.retry_attempts.add(0, &dev);
+            instruments.retry_success.add(0, &dev);
+            instruments.retry_failed.add(0, &dev);
+            instruments.restarts.add(0, &dev);
         }
         Ok(MetricsState {
             snapshot: Snapshot {

@@ -370,6 +370,7 @@ pub struct RuntimeBuilder {
     backend: Option<Arc<dyn Backend>>,
     meter: Option<Meter>,
     worker: Option<std::path::PathBuf>,
+    listen: Option<std::net::SocketAddr>,
 }
 
 impl RuntimeBuilder {
@@ -391,6 +392,15 @@ impl RuntimeBuilder {
     /// begin its `main` that way, as the `hipvisor` command line does).
     pub fn worker(mut self, program: impl Into<std::path::PathBuf>) -> Self {
         self.worker = Some(program.into());
+        self
+    }
+
+    /// Serves the metrics endpoint (`/metrics`, `/healthz`, `/readyz`, `/api/snapshot`, `/`)
+    /// on `addr` (port 0 picks a free port; [`Runtime::metrics_addr`] tells which). Same as
+    /// `telemetry.listen`. Without [`RuntimeBuilder::meter`], hipvisor installs its own meter
+    /// provider with the Prometheus exporter for it.
+    pub fn serve_metrics(mut self, addr: std::net::SocketAddr) -> Self {
+        self.listen = Some(addr);
         self
     }
 
@@ -449,6 +459,39 @@ impl RuntimeBuilder {
                 backend.kind()
             )));
         }
+        let listen = match (self.listen, &config.telemetry.listen) {
+            (Some(a), _) => Some(a),
+            (None, Some(text)) => Some(text.parse().map_err(|_| {
+                ConfigError::invalid(
+                    "telemetry.listen",
+                    format!("`{text}` is not an address like 127.0.0.1:9464"),
+                )
+            })?),
+            (None, None) => None,
+        };
+        #[cfg(not(feature = "prometheus"))]
+        if listen.is_some() {
+            return Err(StartError::Unsupported(
+                "telemetry.listen needs the `prometheus` feature of the hipvisor crate".into(),
+            ));
+        }
+        // Instruments created before a provider is installed stay no-ops: the exporter's
+        // provider exists before the metrics actor creates its instruments.
+        #[cfg(feature = "prometheus")]
+        let exporter = match (&listen, &self.meter) {
+            (Some(_), None) => Some(crate::telemetry::Exporter::new().map_err(|why| StartError::Spawn {
+                what: "the Prometheus exporter".into(),
+                why,
+            })?),
+            _ => None,
+        };
+        #[cfg(feature = "prometheus")]
+        let meter = match (&exporter, self.meter) {
+            (Some(e), _) => e.meter(),
+            (None, Some(m)) => m,
+            (None, None) => opentelemetry::global::meter("hipvisor"),
+        };
+        #[cfg(not(feature = "prometheus"))]
         let meter = self.meter.unwrap_or_else(|| opentelemetry::global::meter("hipvisor"));
         let spawn_err = |what: &str| {
             let what = what.to_string();
@@ -528,10 +571,29 @@ impl RuntimeBuilder {
                 s.watch();
             }
         }));
+        #[cfg(feature = "prometheus")]
+        let endpoint = match listen {
+            Some(addr) => {
+                let registry = exporter.as_ref().map(|e| e.registry.clone());
+                let endpoint = crate::telemetry::serve(addr, shared.clone(), registry)
+                    .await
+                    .map_err(|e| StartError::Spawn {
+                        what: format!("the metrics endpoint on {addr}"),
+                        why: e.to_string(),
+                    })?;
+                tracing::info!(addr = %endpoint.addr, "metrics endpoint");
+                Some(endpoint)
+            }
+            None => None,
+        };
         Ok(Runtime {
             shared,
             supervisor,
             tasks: Mutex::new(tasks),
+            #[cfg(feature = "prometheus")]
+            endpoint,
+            #[cfg(feature = "prometheus")]
+            _exporter: exporter,
         })
     }
 }
@@ -563,6 +625,10 @@ pub struct Runtime {
     shared: Arc<Shared>,
     supervisor: ActorRef<SupervisorMsg>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    #[cfg(feature = "prometheus")]
+    endpoint: Option<crate::telemetry::Endpoint>,
+    #[cfg(feature = "prometheus")]
+    _exporter: Option<crate::telemetry::Exporter>,
 }
 
 impl Runtime {
@@ -676,12 +742,19 @@ impl Runtime {
     /// # Errors
     /// [`RuntimeError::ShuttingDown`] once the metrics actor has stopped.
     pub async fn snapshot(&self) -> Result<Snapshot, RuntimeError> {
-        self.shared.flush();
-        let mut s = ractor::call!(self.shared.metrics, MetricsMsg::Snapshot).map_err(|_| RuntimeError::ShuttingDown)?;
-        for d in &mut s.devices {
-            d.breaker = self.shared.cores[d.id as usize].breaker_state();
+        self.shared.snapshot().await
+    }
+
+    /// The address of the metrics endpoint, when one is served.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        #[cfg(feature = "prometheus")]
+        {
+            self.endpoint.as_ref().map(|e| e.addr)
         }
-        Ok(s)
+        #[cfg(not(feature = "prometheus"))]
+        {
+            None
+        }
     }
 
     /// Stops accepting work, waits (up to `runtime.shutdown_timeout_ms`) for the ops in
@@ -743,6 +816,17 @@ impl Runtime {
 }
 
 impl Shared {
+    /// The metrics aggregate so far, counters flushed first (also a barrier: every delta
+    /// flushed before it is included).
+    pub(crate) async fn snapshot(&self) -> Result<Snapshot, RuntimeError> {
+        self.flush();
+        let mut s = ractor::call!(self.metrics, MetricsMsg::Snapshot).map_err(|_| RuntimeError::ShuttingDown)?;
+        for d in &mut s.devices {
+            d.breaker = self.cores[d.id as usize].breaker_state();
+        }
+        Ok(s)
+    }
+
     /// Device actor restart helper used by the supervisor.
     pub(crate) async fn spawn_device_actor(
         self: &Arc<Self>,

@@ -42,6 +42,13 @@ pub(crate) struct RunArgs {
     /// Print one JSON object on stdout (and nothing else).
     #[arg(long)]
     json: bool,
+    /// Serve /metrics, /healthz, /readyz, /api/snapshot and a dashboard on this address
+    /// (port 0 picks one; `listening on ADDR` goes to stderr).
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// Keep serving the endpoint this many seconds after the run ends.
+    #[arg(long, default_value_t = 0.0)]
+    linger: f64,
 }
 
 /// What the application actors observed.
@@ -305,13 +312,20 @@ async fn run(args: RunArgs, config: hipvisor::RuntimeConfig) -> ExitCode {
     let seed = config.sim.seed;
     let isolation = config.runtime.isolation;
     let reply_timeout = Duration::from_millis(config.runtime.op_deadline_ms) + Duration::from_secs(5);
-    let runtime = match Runtime::builder().config(config).start().await {
+    let mut builder = Runtime::builder().config(config);
+    if let Some(addr) = args.metrics_addr {
+        builder = builder.serve_metrics(addr);
+    }
+    let runtime = match builder.start().await {
         Ok(r) => Arc::new(r),
         Err(e) => {
             eprintln!("hipvisor: {e}");
             return ExitCode::FAILURE;
         }
     };
+    if let Some(addr) = runtime.metrics_addr() {
+        eprintln!("listening on {addr}");
+    }
     let progress = ProgressBar::new(args.ops);
     progress.set_style(
         ProgressStyle::with_template("{spinner} {pos}/{len} ops [{bar:40}] {per_sec} {eta}")
@@ -342,6 +356,10 @@ async fn run(args: RunArgs, config: hipvisor::RuntimeConfig) -> ExitCode {
     }
     let elapsed = started.elapsed().as_secs_f64();
     progress.finish_and_clear();
+    if args.linger > 0.0 && runtime.metrics_addr().is_some() {
+        // The run is over: the endpoint serves its final values.
+        tokio::time::sleep(std::time::Duration::from_secs_f64(args.linger)).await;
+    }
     let (backend, devices) = (runtime.backend(), runtime.device_count());
     drop(runtime);
     finish(args.json, job, backend, isolation, devices, elapsed).await

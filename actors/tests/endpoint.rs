@@ -1,0 +1,322 @@
+//! The metrics endpoint over real HTTP on loopback: exposition, health, readiness, the
+//! snapshot and the dashboard; `promtool`, a real Prometheus server and headless Chromium
+//! where they are installed (they are skipped with a message otherwise, unless
+//! `CI_REQUIRE_TOOLS=1`, which makes their absence a failure).
+
+#![cfg(feature = "prometheus")]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hipvisor::core::config::Isolation;
+use hipvisor::core::fault_plan::FaultSpec;
+use hipvisor::{Runtime, RuntimeConfig};
+
+/// A plain HTTP/1.1 GET: (status, body).
+fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, body.to_string())
+}
+
+fn require_tools() -> bool {
+    std::env::var("CI_REQUIRE_TOOLS").is_ok_and(|v| v == "1")
+}
+
+/// `Some(path)` of an external program, or `None` (skip) — a failure under CI_REQUIRE_TOOLS.
+fn tool(name: &str) -> Option<&'static str> {
+    let candidates: &[&'static str] = match name {
+        "promtool" => &["promtool"],
+        "prometheus" => &["prometheus"],
+        "chromium" => &["chromium", "chromium-browser"],
+        _ => &[],
+    };
+    for c in candidates {
+        if Command::new(c)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+        {
+            return Some(c);
+        }
+    }
+    assert!(
+        !require_tools(),
+        "{name} is required (CI_REQUIRE_TOOLS=1) but not installed"
+    );
+    eprintln!("skipped: {name} is not installed");
+    None
+}
+
+fn config(faults: Vec<FaultSpec>) -> RuntimeConfig {
+    let mut c = RuntimeConfig::default();
+    c.runtime.isolation = Isolation::Thread;
+    c.sim.devices = 2;
+    c.sim.memory_bytes = 1 << 20;
+    c.retry.initial_delay_ms = 1;
+    c.retry.max_delay_ms = 2;
+    c.retry.max_retries = 2;
+    c.telemetry.flush_interval_ms = 20;
+    c.supervisor.lost_probe_interval_ms = 20;
+    c.sim.faults = faults;
+    c
+}
+
+fn transient(p: f64) -> FaultSpec {
+    FaultSpec {
+        probability: Some(p),
+        code: Some(600),
+        ..FaultSpec::default()
+    }
+}
+
+async fn start(c: RuntimeConfig) -> Runtime {
+    Runtime::builder()
+        .config(c)
+        .serve_metrics("127.0.0.1:0".parse().unwrap())
+        .start()
+        .await
+        .unwrap()
+}
+
+async fn work(rt: &Runtime, ops: usize) {
+    for d in 0..rt.device_count() {
+        let gpu = rt.device(d).unwrap();
+        for _ in 0..ops {
+            let _ = gpu.mem_info().await;
+        }
+    }
+}
+
+/// The sum of a metric's samples in an exposition text.
+fn sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scraped_counters_equal_the_snapshot_and_the_exposition_is_well_formed() {
+    let rt = start(config(vec![transient(0.2)])).await;
+    let addr = rt.metrics_addr().expect("an endpoint");
+    work(&rt, 200).await;
+    let snapshot = rt.snapshot().await.unwrap();
+    let (status, text) = tokio::task::spawn_blocking(move || get(addr, "/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        snapshot.retries.attempts > 0 && snapshot.retries.exhausted > 0,
+        "{:?}",
+        snapshot.retries
+    );
+    assert_eq!(sum(&text, "gpu_retry_attempts_total"), snapshot.retries.attempts as f64);
+    assert_eq!(sum(&text, "gpu_retry_success_total"), snapshot.retries.succeeded as f64);
+    assert_eq!(sum(&text, "gpu_retry_failed_total"), snapshot.retries.exhausted as f64);
+    assert_eq!(sum(&text, "gpu_ops_total"), snapshot.ops_total as f64);
+    assert_eq!(sum(&text, "gpu_op_duration_seconds_count"), snapshot.ops_total as f64);
+    assert_eq!(sum(&text, "gpu_retry_attempt_count"), snapshot.ops_succeeded as f64);
+    assert_eq!(sum(&text, "gpu_device_restarts_total"), 0.0);
+    assert_eq!(sum(&text, "gpu_device_state"), 2.0, "one current state per device");
+    // HELP on every metric; no scope labels; buckets fit for purpose.
+    for family in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+        let name = family.split(' ').next().unwrap();
+        assert!(text.contains(&format!("# HELP {name} ")), "no HELP for {name}");
+    }
+    assert!(!text.contains("otel_scope"), "no otel_scope_* labels");
+    assert!(
+        text.contains("gpu_op_duration_seconds_bucket{") && text.contains("le=\"0.000001\""),
+        "µs buckets"
+    );
+    assert!(
+        text.contains("gpu_retry_attempt_bucket{") && text.contains("le=\"3\""),
+        "1..max_retries+1"
+    );
+    if let Some(promtool) = tool("promtool") {
+        let mut child = Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let report = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "promtool check metrics: {report}");
+    }
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_snapshot_and_dashboard_routes() {
+    let rt = start(config(vec![])).await;
+    let addr = rt.metrics_addr().unwrap();
+    work(&rt, 10).await;
+    let (h, ready, snap, page, missing) = tokio::task::spawn_blocking(move || {
+        (
+            get(addr, "/healthz"),
+            get(addr, "/readyz"),
+            get(addr, "/api/snapshot"),
+            get(addr, "/"),
+            get(addr, "/nope"),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(h.0, 200);
+    assert_eq!(ready.0, 200);
+    let ready: serde_json::Value = serde_json::from_str(&ready.1).unwrap();
+    assert_eq!(ready["devices"][1]["state"], "ready");
+    let snap: serde_json::Value = serde_json::from_str(&snap.1).unwrap();
+    assert_eq!(snap["ops_total"], 20);
+    assert_eq!(page.0, 200);
+    assert!(page.1.contains("<title>hipvisor</title>") && !page.1.contains("http://") && !page.1.contains("https://"));
+    assert_eq!(missing.0, 404);
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_503_while_every_device_is_lost_and_200_when_one_returns() {
+    let mut c = config(vec![FaultSpec {
+        after: Some(1),
+        code: Some(100),
+        duration_ms: Some(500),
+        ..FaultSpec::default()
+    }]);
+    c.sim.devices = 1;
+    let rt = start(c).await;
+    let addr = rt.metrics_addr().unwrap();
+    let _ = rt.device(0).unwrap().mem_info().await;
+    let (lost, _) = tokio::task::spawn_blocking(move || get(addr, "/readyz")).await.unwrap();
+    assert_eq!(lost, 503, "the only device is lost");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = tokio::task::spawn_blocking(move || get(addr, "/readyz")).await.unwrap();
+        if status == 200 {
+            assert!(body.contains("\"ready\""));
+            break;
+        }
+        assert!(Instant::now() < deadline, "the device never came back: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    rt.shutdown().await;
+}
+
+/// A free port on loopback (bound and released; Prometheus cannot take port 0).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_scrapes_the_endpoint() {
+    let Some(prometheus) = tool("prometheus") else { return };
+    let rt = start(config(vec![transient(0.2)])).await;
+    let addr = rt.metrics_addr().unwrap();
+    work(&rt, 100).await;
+    let dir = std::env::temp_dir().join(format!("hipvisor-prom-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: hipvisor\n    static_configs:\n      - targets: ['{addr}']\n"),
+    )
+    .unwrap();
+    let port = free_port();
+    let mut server = Command::new(prometheus)
+        .arg(format!("--config.file={}", cfg.display()))
+        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let prom: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let found = loop {
+        let answer = tokio::task::spawn_blocking(move || {
+            TcpStream::connect(prom)
+                .ok()
+                .map(|_| get(prom, "/api/v1/query?query=sum(gpu_retry_attempts_total)"))
+        })
+        .await
+        .unwrap();
+        if let Some((200, body)) = answer {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            let value = v["data"]["result"][0]["value"][1]
+                .as_str()
+                .and_then(|s| s.parse::<f64>().ok());
+            if value.is_some_and(|x| x > 0.0) {
+                break value.unwrap();
+            }
+        }
+        if Instant::now() >= deadline {
+            break 0.0;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        found > 0.0,
+        "Prometheus's query API never saw gpu_retry_attempts_total > 0"
+    );
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_device_states_in_headless_chromium() {
+    let Some(chromium) = tool("chromium") else { return };
+    let rt = start(config(vec![])).await;
+    let addr = rt.metrics_addr().unwrap();
+    work(&rt, 10).await;
+    let profile = std::env::temp_dir().join(format!("hipvisor-chromium-{}", std::process::id()));
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(chromium)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--virtual-time-budget=5000",
+                "--dump-dom",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg(format!("http://{addr}/"))
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        dom.contains("data-state=\"ready\""),
+        "the rendered DOM shows device states:\n{dom}"
+    );
+    assert!(dom.contains("data-device=\"1\""), "{dom}");
+    rt.shutdown().await;
+}
