@@ -233,7 +233,7 @@ mod tests {
 
     #[test]
     fn pinned_ranges_contain_their_subslices_only() {
-        let buf = vec![0u8; 100];
+        let buf = [0u8; 100];
         let mut p = PinnedRanges::default();
         p.add(&buf[10..60]);
         assert!(p.contains(&buf[10..60]) && p.contains(&buf[20..30]));
