@@ -320,3 +320,42 @@ async fn the_dashboard_shows_device_states_in_headless_chromium() {
     assert!(dom.contains("data-device=\"1\""), "{dom}");
     rt.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grafana_dashboard_queries_only_metrics_the_endpoint_exports() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/grafana-dashboard.json");
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let rt = start(config(vec![transient(0.2)])).await;
+    let addr = rt.metrics_addr().unwrap();
+    work(&rt, 50).await;
+    let (_, text) = tokio::task::spawn_blocking(move || get(addr, "/metrics"))
+        .await
+        .unwrap();
+    let mut exprs = Vec::new();
+    fn collect(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if let Some(serde_json::Value::String(e)) = m.get("expr") {
+                    out.push(e.clone());
+                }
+                m.values().for_each(|x| collect(x, out));
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| collect(x, out)),
+            _ => {}
+        }
+    }
+    collect(&dashboard, &mut exprs);
+    assert!(exprs.len() >= 8, "retry and device panels");
+    for e in &exprs {
+        for name in e
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|t| t.starts_with("gpu_"))
+        {
+            assert!(
+                text.contains(&format!("\n{name}{{")) || text.contains(&format!("\n{name} ")),
+                "{name} (in `{e}`) is not exported"
+            );
+        }
+    }
+    rt.shutdown().await;
+}
