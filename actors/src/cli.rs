@@ -1,6 +1,8 @@
 //! Subcommands of the `hipvisor` binary.
 
 pub(crate) mod run;
+#[cfg(feature = "traces")]
+pub(crate) mod traces;
 
 use std::process::ExitCode;
 

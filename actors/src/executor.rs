@@ -204,7 +204,23 @@ fn execute(
         deadline: job.deadline,
         op: job.kind(),
     });
-    let result = engine.run(&job.op, job.origin);
+    // A span per op (cheap when nobody listens): device, op kind, attempt, outcome.
+    let span = tracing::info_span!(
+        "gpu_op",
+        device = core.index,
+        op = job.kind().as_str(),
+        attempt = job.attempts,
+        outcome = tracing::field::Empty
+    );
+    let result = span.in_scope(|| engine.run(&job.op, job.origin));
+    span.record(
+        "outcome",
+        match &result {
+            Exec::Done(Ok(_)) => "success",
+            Exec::Done(Err(e)) => e.class().as_str(),
+            Exec::Died { .. } => "engine_died",
+        },
+    );
     *core.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
     match result {
         Exec::Done(Ok(reply)) => {

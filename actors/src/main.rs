@@ -106,14 +106,34 @@ impl CommonArgs {
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+/// Logs (and, with `--otel-traces`, spans) go to stderr: stdout is for results.
+/// Returns the tracer provider to flush at exit.
+fn init_logging(otel_traces: bool) -> Result<Option<Box<dyn FnOnce()>>, String> {
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
-        .init();
+        .with_filter(filter);
+    let registry = tracing_subscriber::registry().with(fmt);
+    if !otel_traces {
+        registry.init();
+        return Ok(None);
+    }
+    #[cfg(feature = "traces")]
+    {
+        let provider = cli::traces::provider();
+        let spans = cli::traces::layer(&provider).with_filter(EnvFilter::new("hipvisor=info"));
+        registry.with(spans).init();
+        Ok(Some(Box::new(move || {
+            let _ = provider.shutdown();
+        })))
+    }
+    #[cfg(not(feature = "traces"))]
+    Err("--otel-traces needs the `traces` feature".into())
 }
 
 fn main() -> ExitCode {
@@ -122,8 +142,15 @@ fn main() -> ExitCode {
         return code;
     }
     let cli = Cli::parse();
-    init_logging();
-    match cli.command {
+    let otel_traces = matches!(&cli.command, Command::Run(a) if a.otel_traces);
+    let flush_traces = match init_logging(otel_traces) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("hipvisor: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let code = match cli.command {
         Command::Run(args) => cli::run::main(args),
         Command::Devices(args) => cli::devices(&args),
         Command::Config(args) => match args.load() {
@@ -136,5 +163,9 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+    };
+    if let Some(flush) = flush_traces {
+        flush();
     }
+    code
 }

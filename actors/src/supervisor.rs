@@ -374,7 +374,7 @@ impl SupervisorState {
             job.answer(Err(e), &core.counters);
             return;
         }
-        tracing::debug!(
+        tracing::info!(
             device = job.device,
             op = kind.as_str(),
             attempt = job.attempts,

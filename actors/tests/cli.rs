@@ -257,3 +257,18 @@ fn killing_the_host_leaves_no_worker_behind() {
     host.wait().unwrap();
     poll("the workers die with their host", || workers.iter().all(|w| !alive(*w)));
 }
+
+#[cfg(feature = "traces")]
+#[test]
+fn otel_traces_go_to_stderr_with_a_span_per_op() {
+    let out = hipvisor(&["run", "--ops", "50", "--actors", "1", "--json", "--isolation", "thread", "--otel-traces"]);
+    let v = json(&out);
+    assert!(out.status.success(), "{v}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let spans: Vec<serde_json::Value> = stderr.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let ops: Vec<_> = spans.iter().filter(|s| s["name"] == "gpu_op").collect();
+    assert_eq!(ops.len() as u64, v["ops"]["submitted"].as_u64().unwrap(), "one span per op");
+    for key in ["device", "op", "attempt", "outcome"] {
+        assert!(ops[0]["attributes"][key].is_string(), "{key} in {}", ops[0]);
+    }
+}

@@ -49,6 +49,10 @@ pub(crate) struct RunArgs {
     /// Keep serving the endpoint this many seconds after the run ends.
     #[arg(long, default_value_t = 0.0)]
     linger: f64,
+    /// Export a span per op (and retry, restart and quarantine events) through
+    /// OpenTelemetry, as JSON lines on stderr.
+    #[arg(long)]
+    pub(crate) otel_traces: bool,
 }
 
 /// What the application actors observed.
