@@ -1,5 +1,6 @@
 //! Subcommands of the `hipvisor` binary.
 
+pub(crate) mod bench;
 pub(crate) mod run;
 #[cfg(feature = "traces")]
 pub(crate) mod traces;

@@ -23,6 +23,8 @@ struct Cli {
 enum Command {
     /// Run the main job: application actors allocate, upload, launch, download and verify.
     Run(cli::run::RunArgs),
+    /// Measure the runtime against a baseline measured in the same run.
+    Bench(cli::bench::BenchArgs),
     /// List the backend's devices.
     Devices(CommonArgs),
     /// Print the effective configuration (file, environment, flags) as TOML.
@@ -152,6 +154,7 @@ fn main() -> ExitCode {
     };
     let code = match cli.command {
         Command::Run(args) => cli::run::main(args),
+        Command::Bench(args) => cli::bench::main(args),
         Command::Devices(args) => cli::devices(&args),
         Command::Config(args) => match args.load() {
             Ok(c) => {

@@ -261,14 +261,45 @@ fn killing_the_host_leaves_no_worker_behind() {
 #[cfg(feature = "traces")]
 #[test]
 fn otel_traces_go_to_stderr_with_a_span_per_op() {
-    let out = hipvisor(&["run", "--ops", "50", "--actors", "1", "--json", "--isolation", "thread", "--otel-traces"]);
+    let out = hipvisor(&[
+        "run",
+        "--ops",
+        "50",
+        "--actors",
+        "1",
+        "--json",
+        "--isolation",
+        "thread",
+        "--otel-traces",
+    ]);
     let v = json(&out);
     assert!(out.status.success(), "{v}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     let spans: Vec<serde_json::Value> = stderr.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
     let ops: Vec<_> = spans.iter().filter(|s| s["name"] == "gpu_op").collect();
-    assert_eq!(ops.len() as u64, v["ops"]["submitted"].as_u64().unwrap(), "one span per op");
+    assert_eq!(
+        ops.len() as u64,
+        v["ops"]["submitted"].as_u64().unwrap(),
+        "one span per op"
+    );
     for key in ["device", "op", "attempt", "outcome"] {
         assert!(ops[0]["attributes"][key].is_string(), "{key} in {}", ops[0]);
     }
+}
+
+#[test]
+fn bench_reports_medians_and_ratios_as_json() {
+    let out = hipvisor(&["bench", "--ops", "2000", "--reps", "1", "--json"]);
+    let v = json(&out);
+    assert!(out.status.success(), "{v}");
+    let names: Vec<&str> = v["results"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
+    for n in ["channel_baseline_pipelined", "runtime_thread_pipelined_null", "telemetry_on_pipelined", "telemetry_off_pipelined"] {
+        assert!(names.contains(&n), "{n} in {names:?}");
+    }
+    for r in v["results"].as_array().unwrap() {
+        let ns = &r["ns_per_op"];
+        assert!(ns["min"].as_f64().unwrap() <= ns["median"].as_f64().unwrap());
+        assert!(ns["median"].as_f64().unwrap() <= ns["max"].as_f64().unwrap());
+    }
+    assert!(v["ratios"]["telemetry_on_pipelined / telemetry_off_pipelined"].as_f64().unwrap() > 0.0);
 }
