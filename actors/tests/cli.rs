@@ -292,8 +292,18 @@ fn bench_reports_medians_and_ratios_as_json() {
     let out = hipvisor(&["bench", "--ops", "2000", "--reps", "1", "--json"]);
     let v = json(&out);
     assert!(out.status.success(), "{v}");
-    let names: Vec<&str> = v["results"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
-    for n in ["channel_baseline_pipelined", "runtime_thread_pipelined_null", "telemetry_on_pipelined", "telemetry_off_pipelined"] {
+    let names: Vec<&str> = v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    for n in [
+        "channel_baseline_pipelined",
+        "runtime_thread_pipelined_null",
+        "telemetry_on_pipelined",
+        "telemetry_off_pipelined",
+    ] {
         assert!(names.contains(&n), "{n} in {names:?}");
     }
     for r in v["results"].as_array().unwrap() {
@@ -301,5 +311,10 @@ fn bench_reports_medians_and_ratios_as_json() {
         assert!(ns["min"].as_f64().unwrap() <= ns["median"].as_f64().unwrap());
         assert!(ns["median"].as_f64().unwrap() <= ns["max"].as_f64().unwrap());
     }
-    assert!(v["ratios"]["telemetry_on_pipelined / telemetry_off_pipelined"].as_f64().unwrap() > 0.0);
+    assert!(
+        v["ratios"]["telemetry_on_pipelined / telemetry_off_pipelined"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
 }
