@@ -23,6 +23,10 @@ struct Cli {
 enum Command {
     /// Run the main job: application actors allocate, upload, launch, download and verify.
     Run(cli::run::RunArgs),
+    /// A soak with the fault plan of config/chaos.toml that checks the invariants: no missing
+    /// reply, no hang, no wrong result, metrics equal to what the application observed, every
+    /// device ready at the end. Exits non-zero on any violation.
+    Chaos(cli::run::RunArgs),
     /// Measure the runtime against a baseline measured in the same run.
     Bench(cli::bench::BenchArgs),
     /// List the backend's devices.
@@ -144,7 +148,7 @@ fn main() -> ExitCode {
         return code;
     }
     let cli = Cli::parse();
-    let otel_traces = matches!(&cli.command, Command::Run(a) if a.otel_traces);
+    let otel_traces = matches!(&cli.command, Command::Run(a) | Command::Chaos(a) if a.otel_traces);
     let flush_traces = match init_logging(otel_traces) {
         Ok(f) => f,
         Err(e) => {
@@ -155,6 +159,7 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Run(args) => cli::run::main(args),
         Command::Bench(args) => cli::bench::main(args),
+        Command::Chaos(args) => cli::run::main(args.for_chaos()),
         Command::Devices(args) => cli::devices(&args),
         Command::Config(args) => match args.load() {
             Ok(c) => {

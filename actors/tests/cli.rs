@@ -318,3 +318,20 @@ fn bench_reports_medians_and_ratios_as_json() {
             > 0.0
     );
 }
+
+#[test]
+fn chaos_with_the_example_plan_has_no_violation() {
+    let out = hipvisor(&["chaos", "--ops", "20000", "--json", "--config", "../config/chaos.toml"]);
+    let v = json(&out);
+    assert!(out.status.success(), "{v}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(v["violations"], serde_json::json!([]), "{v}");
+    assert!(v["restarts"].as_u64().unwrap() >= 3, "three worker crashes: {v}");
+    assert_eq!(v["ops"]["missing_replies"], 0);
+    assert!(
+        v["devices_final"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["state"] == "ready")
+    );
+}

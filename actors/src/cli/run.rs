@@ -53,6 +53,20 @@ pub(crate) struct RunArgs {
     /// OpenTelemetry, as JSON lines on stderr.
     #[arg(long)]
     pub(crate) otel_traces: bool,
+    /// Set by `hipvisor chaos`: wait for every device to be ready, check the invariants.
+    #[arg(skip)]
+    pub(crate) chaos: bool,
+}
+
+impl RunArgs {
+    /// `hipvisor chaos`: the fault plan of `config/chaos.toml` unless `--config` is given.
+    pub(crate) fn for_chaos(mut self) -> RunArgs {
+        self.chaos = true;
+        if self.common.config.is_none() {
+            self.common.config = Some("config/chaos.toml".into());
+        }
+        self
+    }
 }
 
 /// What the application actors observed.
@@ -64,6 +78,8 @@ struct Observed {
     wrong: u64,
     by_class: BTreeMap<&'static str, u64>,
     latencies_us: Vec<f64>,
+    /// Answers later than the op deadline (a hang the runtime should have cut short).
+    late: u64,
 }
 
 struct Job {
@@ -73,6 +89,7 @@ struct Job {
     observed: Mutex<Observed>,
     progress: ProgressBar,
     reply_timeout: Duration,
+    op_deadline: Duration,
 }
 
 impl Job {
@@ -100,14 +117,18 @@ impl Job {
             Err(_) => Some(self.direct(device, op).await),
         };
         let elapsed_us = started.elapsed().as_secs_f64() * 1e6;
+        // A second of slack for scheduling on a loaded machine.
+        let past_deadline = started.elapsed() > self.op_deadline + Duration::from_secs(1);
         self.record(|o| match &result {
             None => o.missing += 1,
             Some(Ok(_)) => {
                 o.succeeded += 1;
+                o.late += u64::from(past_deadline);
                 o.latencies_us.push(elapsed_us);
             }
             Some(Err(e)) => {
                 o.failed += 1;
+                o.late += u64::from(past_deadline);
                 *o.by_class.entry(e.label()).or_default() += 1;
                 o.latencies_us.push(elapsed_us);
             }
@@ -342,6 +363,7 @@ async fn run(args: RunArgs, config: hipvisor::RuntimeConfig) -> ExitCode {
         observed: Mutex::new(Observed::default()),
         progress: progress.clone(),
         reply_timeout,
+        op_deadline: reply_timeout - Duration::from_secs(5),
     });
     let started = Instant::now();
     let mut handles = Vec::new();
@@ -364,13 +386,21 @@ async fn run(args: RunArgs, config: hipvisor::RuntimeConfig) -> ExitCode {
         // The run is over: the endpoint serves its final values.
         tokio::time::sleep(std::time::Duration::from_secs_f64(args.linger)).await;
     }
+    if args.chaos {
+        // Every device must be ready at the end: give lost and restarting ones time to return.
+        let until = std::time::Instant::now() + Duration::from_secs(60);
+        while runtime.states().iter().any(|s| *s != hipvisor::DeviceState::Ready) && std::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     let (backend, devices) = (runtime.backend(), runtime.device_count());
     drop(runtime);
-    finish(args.json, job, backend, isolation, devices, elapsed).await
+    finish(args.json, args.chaos, job, backend, isolation, devices, elapsed).await
 }
 
 async fn finish(
     json_out: bool,
+    chaos: bool,
     job: Arc<Job>,
     backend: hipvisor::BackendKind,
     isolation: hipvisor::core::config::Isolation,
@@ -425,6 +455,38 @@ async fn finish(
         "elapsed_s": elapsed,
         "metrics_consistent": consistent,
     });
+    let mut report = report;
+    let mut violations: Vec<String> = Vec::new();
+    if chaos {
+        if o.missing > 0 {
+            violations.push(format!("{} replies missing", o.missing));
+        }
+        if o.late > 0 {
+            violations.push(format!("{} ops answered after their deadline", o.late));
+        }
+        if o.wrong > 0 {
+            violations.push(format!("{} wrong results", o.wrong));
+        }
+        if !consistent {
+            violations.push(format!(
+                "metrics disagree with the application: {} answered / {} succeeded in the metrics, {answered} / {} observed",
+                snapshot.ops_total, snapshot.ops_succeeded, o.succeeded
+            ));
+        }
+        for d in snapshot
+            .devices
+            .iter()
+            .filter(|d| d.state != hipvisor::DeviceState::Ready)
+        {
+            violations.push(format!(
+                "device {} ended {} ({})",
+                d.id,
+                d.state.as_str(),
+                d.reason.clone().unwrap_or_default()
+            ));
+        }
+        report["violations"] = json!(violations);
+    }
     if json_out {
         println!("{report}");
     } else {
@@ -437,7 +499,10 @@ async fn finish(
             snapshot.ops_total, snapshot.ops_succeeded, o.succeeded
         );
     }
-    if o.missing > 0 || o.wrong > 0 || !consistent {
+    for v in &violations {
+        eprintln!("hipvisor: chaos: violation: {v}");
+    }
+    if o.missing > 0 || o.wrong > 0 || !consistent || !violations.is_empty() {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
