@@ -151,7 +151,8 @@ pub struct SupervisorConfig {
     pub max_restarts: u32,
     /// The window of `max_restarts`, in milliseconds. Default 60000.
     pub restart_window_ms: u64,
-    /// Backoff before the first restart, in milliseconds. Default 50.
+    /// Backoff before the second restart of a burst, in milliseconds (the first restart after
+    /// a quiet period is immediate; later ones double up to the maximum). Default 50.
     pub restart_backoff_min_ms: u64,
     /// Cap on the backoff between restarts, in milliseconds. Default 5000.
     pub restart_backoff_max_ms: u64,

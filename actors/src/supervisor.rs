@@ -511,16 +511,20 @@ impl SupervisorState {
             self.fail(device, why);
             return;
         }
-        if dev
+        // The backoff spaces restarts: the first one after a quiet period is immediate, the
+        // next ones wait min, 2×min, ... up to max (± jitter).
+        let quiet = dev
             .last_restart
-            .is_some_and(|t| now.duration_since(t) > Duration::from_millis(cfg.restart_backoff_reset_ms))
-        {
+            .is_none_or(|t| now.duration_since(t) > Duration::from_millis(cfg.restart_backoff_reset_ms));
+        let delay = if quiet {
             dev.next_backoff = Duration::from_millis(cfg.restart_backoff_min_ms);
-        }
-        let base = dev.next_backoff;
-        let factor = 1.0 + cfg.restart_backoff_jitter * (2.0 * self.rng.random::<f64>() - 1.0);
-        let delay = base.mul_f64(factor.max(0.0));
-        dev.next_backoff = (base * 2).min(Duration::from_millis(cfg.restart_backoff_max_ms));
+            Duration::ZERO
+        } else {
+            let base = dev.next_backoff;
+            let factor = 1.0 + cfg.restart_backoff_jitter * (2.0 * self.rng.random::<f64>() - 1.0);
+            dev.next_backoff = (base * 2).min(Duration::from_millis(cfg.restart_backoff_max_ms));
+            base.mul_f64(factor.max(0.0))
+        };
         dev.restarts.push_back(now);
         dev.last_restart = Some(now);
         tracing::warn!(device, reason = %reason, delay_ms = delay.as_millis() as u64, "restarting device");

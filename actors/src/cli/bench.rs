@@ -1,22 +1,28 @@
-//! `hipvisor bench`: throughput of the runtime against a baseline measured in the same run,
-//! reported as medians with min–max over repetitions, and as ratios (absolute figures
-//! depend on the machine; ratios travel).
+//! `hipvisor bench`: the runtime against baselines measured in the same run, reported as
+//! medians with min–max over repetitions, and as ratios (absolute figures depend on the
+//! machine; ratios travel).
 //!
-//! Measured now (the benchmarks issue adds the rest of its list to the same report):
-//! - `channel_baseline_pipelined`: a tokio mpsc + oneshot round trip to a task, 64 in flight
-//!   (the floor any actor runtime pays);
-//! - `runtime_thread_pipelined_null`: mem-info on one simulated device in thread isolation,
-//!   64 in flight, telemetry off;
-//! - `telemetry_on_pipelined` / `telemetry_off_pipelined`: the same with the Prometheus
-//!   exporter recording instruments, and with a no-op meter.
+//! - `channel_baseline_serial` / `_pipelined`: a tokio mpsc + oneshot round trip to a task,
+//!   awaited one at a time / 64 in flight — the floor any actor runtime pays;
+//! - `direct_null`, `direct_launch_sync`: the backend called directly (mem-info; a small
+//!   kernel launch + synchronize), no runtime;
+//! - `runtime_{thread,process}_serial_null`, `runtime_{thread,process}_pipelined_null` (64 in
+//!   flight), `runtime_{thread,process}_launch_sync`;
+//! - `direct_h2d`, `runtime_{thread,process}_h2d` (GB/s; 256 MiB by default, from a
+//!   runtime host buffer, so process isolation copies from shared memory);
+//! - `recovery_sticky_process_ms`, `recovery_sticky_standby_ms`: a sticky fault → the next
+//!   successful op on that device, with a cold worker and with a warm standby;
+//! - `telemetry_on_pipelined`, `telemetry_off_pipelined`: the Prometheus exporter recording,
+//!   and a no-op meter.
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::Args;
+use hipvisor::core::Origin;
 use hipvisor::core::config::Isolation;
-use hipvisor::{Runtime, RuntimeConfig};
+use hipvisor::{KernelArg, ModuleSource, Op, Reply, Runtime, RuntimeConfig};
 use serde_json::json;
 
 use crate::CommonArgs;
@@ -26,12 +32,15 @@ use crate::CommonArgs;
 pub(crate) struct BenchArgs {
     #[command(flatten)]
     common: CommonArgs,
-    /// Ops per measurement.
+    /// Ops per throughput measurement.
     #[arg(long, default_value_t = 100_000)]
     ops: u64,
     /// Repetitions of each measurement.
     #[arg(long, default_value_t = 5)]
     reps: u32,
+    /// Size of the host→device copies, in MiB.
+    #[arg(long, default_value_t = 256)]
+    h2d_mib: u64,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -39,73 +48,269 @@ pub(crate) struct BenchArgs {
 
 const IN_FLIGHT: u64 = 64;
 
-/// Median, min and max of nanoseconds per op.
-fn stats(mut v: Vec<f64>) -> serde_json::Value {
-    v.sort_by(f64::total_cmp);
-    json!({"median": v[v.len() / 2], "min": v[0], "max": v[v.len() - 1]})
+/// One measurement's values and their unit.
+struct Series {
+    name: &'static str,
+    unit: &'static str,
+    values: Vec<f64>,
 }
 
-async fn channel_baseline(ops: u64) -> f64 {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, tokio::sync::oneshot::Sender<u64>)>(1024);
-    let server = tokio::spawn(async move {
-        while let Some((x, reply)) = rx.recv().await {
-            let _ = reply.send(x + 1);
-        }
-    });
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[s.len() / 2]
+}
+
+impl Series {
+    fn report(&self) -> serde_json::Value {
+        let mut s = self.values.clone();
+        s.sort_by(f64::total_cmp);
+        json!({"name": self.name, self.unit: {"median": median(&s), "min": s[0], "max": s[s.len() - 1]}})
+    }
+}
+
+/// Nanoseconds per op for `ops` ops of `f`, spread over `in_flight` concurrent tasks.
+async fn per_op<F, Fut>(ops: u64, in_flight: u64, f: F) -> f64
+where
+    F: Fn() -> Fut + Send + Sync + Clone + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let each = (ops / in_flight).max(1);
     let started = Instant::now();
-    let clients: Vec<_> = (0..IN_FLIGHT)
+    let tasks: Vec<_> = (0..in_flight)
         .map(|_| {
-            let tx = tx.clone();
+            let f = f.clone();
             tokio::spawn(async move {
-                for i in 0..ops / IN_FLIGHT {
-                    let (reply, answer) = tokio::sync::oneshot::channel();
-                    let _ = tx.send((i, reply)).await;
-                    let _ = answer.await;
+                for _ in 0..each {
+                    f().await;
                 }
             })
         })
         .collect();
-    for c in clients {
-        let _ = c.await;
+    for t in tasks {
+        let _ = t.await;
     }
-    let ns = started.elapsed().as_nanos() as f64 / (ops / IN_FLIGHT * IN_FLIGHT) as f64;
-    drop(tx);
-    let _ = server.await;
+    started.elapsed().as_nanos() as f64 / (each * in_flight) as f64
+}
+
+async fn channel(ops: u64, in_flight: u64) -> f64 {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<tokio::sync::oneshot::Sender<u64>>(1024);
+    let server = tokio::spawn(async move {
+        while let Some(reply) = rx.recv().await {
+            let _ = reply.send(1);
+        }
+    });
+    let ns = per_op(ops, in_flight, move || {
+        let tx = tx.clone();
+        async move {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let _ = tx.send(reply).await;
+            let _ = answer.await;
+        }
+    })
+    .await;
+    server.abort();
     ns
 }
 
-async fn runtime_pipelined(mut config: RuntimeConfig, ops: u64, telemetry: bool) -> Result<f64, String> {
-    config.runtime.isolation = Isolation::Thread;
-    config.sim.devices = 1;
-    config.sim.faults.clear();
-    let mut builder = Runtime::builder().config(config);
-    if telemetry {
-        builder = builder.serve_metrics("127.0.0.1:0".parse().expect("an address"));
-    } else {
-        builder = builder.meter(opentelemetry::metrics::MeterProvider::meter(
-            &opentelemetry::metrics::noop::NoopMeterProvider::new(),
-            "hipvisor",
-        ));
+fn launch_fill(module: hipvisor::ModuleHandle, buffer: hipvisor::BufferHandle) -> Op {
+    Op::Launch {
+        module,
+        function: "fill".into(),
+        grid: hipvisor::Dim3::x(4),
+        block: hipvisor::Dim3::x(256),
+        shared_mem_bytes: 0,
+        args: vec![KernelArg::Buffer(buffer), KernelArg::U32(1), KernelArg::U32(1024)],
     }
-    let rt = Arc::new(builder.start().await.map_err(|e| e.to_string())?);
-    let started = Instant::now();
-    let clients: Vec<_> = (0..IN_FLIGHT)
-        .map(|_| {
-            let gpu = rt.device(0).expect("device 0");
-            tokio::spawn(async move {
-                for _ in 0..ops / IN_FLIGHT {
-                    let _ = gpu.mem_info().await;
-                }
-            })
+}
+
+/// The backend called directly on a thread of its own: mem-info, launch + sync, h2d.
+fn direct(config: &RuntimeConfig, ops: u64, h2d_bytes: usize) -> Result<(f64, f64, f64), String> {
+    let backend = hipvisor::make_backend(config).map_err(|e| e.to_string())?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut ctx = backend.open(0, 0).map_err(|e| e.to_string())?;
+            let app = Origin::Application;
+            let mut run = |op: &Op| ctx.execute(op, app).map_err(|e| e.to_string());
+            let started = Instant::now();
+            for _ in 0..ops {
+                run(&Op::MemInfo)?;
+            }
+            let null = started.elapsed().as_nanos() as f64 / ops as f64;
+            let Reply::Module(m) = run(&Op::LoadModule {
+                source: ModuleSource::Builtin,
+            })?
+            else {
+                unreachable!()
+            };
+            let Reply::Buffer(b) = run(&Op::Alloc { bytes: 4096 })? else {
+                unreachable!()
+            };
+            let n = (ops / 10).max(1);
+            let started = Instant::now();
+            for _ in 0..n {
+                run(&launch_fill(m, b))?;
+                run(&Op::Synchronize)?;
+            }
+            let launch = started.elapsed().as_nanos() as f64 / n as f64;
+            let Reply::Buffer(big) = run(&Op::Alloc {
+                bytes: h2d_bytes as u64,
+            })?
+            else {
+                unreachable!()
+            };
+            let data = hipvisor::Payload::from(vec![7u8; h2d_bytes]);
+            let copy = Op::CopyToDevice {
+                dst: big,
+                offset: 0,
+                data,
+            };
+            run(&copy)?; // warm up
+            let started = Instant::now();
+            for _ in 0..4 {
+                run(&copy)?;
+            }
+            let gbps = (4 * h2d_bytes) as f64 / started.elapsed().as_secs_f64() / 1e9;
+            Ok((null, launch, gbps))
         })
-        .collect();
-    for c in clients {
-        let _ = c.await;
-    }
-    let ns = started.elapsed().as_nanos() as f64 / (ops / IN_FLIGHT * IN_FLIGHT) as f64;
+        .join()
+        .map_err(|_| "the direct benchmark panicked".to_string())?
+    })
+}
+
+fn runtime_config(base: &RuntimeConfig, isolation: Isolation, h2d_bytes: usize) -> RuntimeConfig {
+    let mut c = base.clone();
+    c.runtime.isolation = isolation;
+    c.sim.devices = 1;
+    c.sim.faults.clear();
+    c.sim.memory_bytes = c.sim.memory_bytes.max(2 * h2d_bytes as u64 + (64 << 20));
+    c.breaker.enabled = false;
+    c
+}
+
+fn noop_meter() -> opentelemetry::metrics::Meter {
+    opentelemetry::metrics::MeterProvider::meter(&opentelemetry::metrics::noop::NoopMeterProvider::new(), "hipvisor")
+}
+
+async fn start(config: RuntimeConfig, telemetry: bool) -> Result<Arc<Runtime>, String> {
+    let builder = Runtime::builder().config(config);
+    let builder = if telemetry {
+        builder.serve_metrics("127.0.0.1:0".parse().expect("an address"))
+    } else {
+        builder.meter(noop_meter())
+    };
+    builder.start().await.map(Arc::new).map_err(|e| e.to_string())
+}
+
+async fn stop(rt: Arc<Runtime>) {
     if let Ok(rt) = Arc::try_unwrap(rt) {
         rt.shutdown().await;
     }
+}
+
+/// Serial and pipelined mem-info, serial launch + sync, and h2d GB/s through the runtime.
+async fn through_runtime(config: RuntimeConfig, ops: u64, h2d_bytes: usize) -> Result<[f64; 4], String> {
+    let rt = start(config, false).await?;
+    let gpu = rt.device(0).map_err(|e| e.to_string())?;
+    let g = gpu.clone();
+    let serial = per_op(ops / 4, 1, move || {
+        let g = g.clone();
+        async move {
+            let _ = g.mem_info().await;
+        }
+    })
+    .await;
+    let g = gpu.clone();
+    let pipelined = per_op(ops, IN_FLIGHT, move || {
+        let g = g.clone();
+        async move {
+            let _ = g.mem_info().await;
+        }
+    })
+    .await;
+    let m = gpu
+        .load_module(ModuleSource::Builtin)
+        .await
+        .map_err(|e| e.to_string())?;
+    let b = gpu.alloc(4096).await.map_err(|e| e.to_string())?;
+    let n = (ops / 40).max(1);
+    let started = Instant::now();
+    for _ in 0..n {
+        gpu.submit(launch_fill(m, b)).await.map_err(|e| e.to_string())?;
+        gpu.synchronize().await.map_err(|e| e.to_string())?;
+    }
+    let launch = started.elapsed().as_nanos() as f64 / n as f64;
+    let big = gpu.alloc(h2d_bytes as u64).await.map_err(|e| e.to_string())?;
+    let mut host = gpu.host_buffer(h2d_bytes).map_err(|e| e.to_string())?;
+    host.as_mut_slice().fill(7);
+    let payload = host.freeze();
+    gpu.copy_to_device(big, 0, payload.clone())
+        .await
+        .map_err(|e| e.to_string())?; // warm up
+    let started = Instant::now();
+    for _ in 0..4 {
+        gpu.copy_to_device(big, 0, payload.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let gbps = (4 * h2d_bytes) as f64 / started.elapsed().as_secs_f64() / 1e9;
+    drop(gpu);
+    stop(rt).await;
+    Ok([serial, pipelined, launch, gbps])
+}
+
+/// Milliseconds from a sticky fault to the next successful op on the device.
+async fn recovery(mut config: RuntimeConfig, standby: bool) -> Result<f64, String> {
+    config.supervisor.standby = standby;
+    let rt = start(config, false).await?;
+    if standby {
+        let until = Instant::now() + Duration::from_secs(60);
+        while rt.standby_pid(0).is_none() {
+            if Instant::now() > until {
+                return Err("no standby worker became ready".into());
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    let gpu = rt.device(0).map_err(|e| e.to_string())?;
+    let m = gpu
+        .load_module(ModuleSource::Builtin)
+        .await
+        .map_err(|e| e.to_string())?;
+    gpu.launch(m, "fault_illegal_address", 1, 1, vec![])
+        .await
+        .map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    if gpu.synchronize().await.is_ok() {
+        return Err("the fault did not surface".into());
+    }
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        if gpu.mem_info().await.is_ok() {
+            break;
+        }
+        if Instant::now() > until {
+            return Err("the device did not recover".into());
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    let ms = started.elapsed().as_secs_f64() * 1e3;
+    drop(gpu);
+    stop(rt).await;
+    Ok(ms)
+}
+
+async fn telemetry(config: RuntimeConfig, ops: u64, on: bool) -> Result<f64, String> {
+    let rt = start(config, on).await?;
+    let gpu = rt.device(0).map_err(|e| e.to_string())?;
+    let ns = per_op(ops, IN_FLIGHT, move || {
+        let g = gpu.clone();
+        async move {
+            let _ = g.mem_info().await;
+        }
+    })
+    .await;
+    stop(rt).await;
     Ok(ns)
 }
 
@@ -118,48 +323,79 @@ pub(crate) fn main(args: BenchArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let Ok(rt) = tokio::runtime::Builder::new_multi_thread().enable_all().build() else {
+    let Ok(tokio_rt) = tokio::runtime::Builder::new_multi_thread().enable_all().build() else {
         eprintln!("hipvisor: cannot start tokio");
         return ExitCode::FAILURE;
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let reps = args.reps.max(1);
-    let result: Result<serde_json::Value, String> = rt.block_on(async {
-        let (mut base, mut thread, mut on, mut off) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let h2d = (args.h2d_mib.max(1) << 20) as usize;
+    let backend = config.runtime.backend;
+    let result: Result<serde_json::Value, String> = tokio_rt.block_on(async {
+        let names = [
+            ("channel_baseline_serial", "ns_per_op"),
+            ("channel_baseline_pipelined", "ns_per_op"),
+            ("direct_null", "ns_per_op"),
+            ("direct_launch_sync", "ns_per_op"),
+            ("runtime_thread_serial_null", "ns_per_op"),
+            ("runtime_thread_pipelined_null", "ns_per_op"),
+            ("runtime_process_serial_null", "ns_per_op"),
+            ("runtime_process_pipelined_null", "ns_per_op"),
+            ("runtime_thread_launch_sync", "ns_per_op"),
+            ("runtime_process_launch_sync", "ns_per_op"),
+            ("direct_h2d", "gbps"),
+            ("runtime_thread_h2d", "gbps"),
+            ("runtime_process_h2d", "gbps"),
+            ("recovery_sticky_process_ms", "ms"),
+            ("recovery_sticky_standby_ms", "ms"),
+            ("telemetry_on_pipelined", "ns_per_op"),
+            ("telemetry_off_pipelined", "ns_per_op"),
+        ];
+        let mut series: Vec<Series> = names.iter().map(|(name, unit)| Series { name, unit, values: Vec::new() }).collect();
+        let thread_cfg = runtime_config(&config, Isolation::Thread, h2d);
+        let process_cfg = runtime_config(&config, Isolation::Process, h2d);
         for rep in 0..reps {
             eprintln!("bench: repetition {} of {reps}", rep + 1);
-            base.push(channel_baseline(args.ops).await);
-            thread.push(runtime_pipelined(config.clone(), args.ops, false).await?);
-            // Alternate the order, so drift on a shared machine does not favour one side.
-            if rep % 2 == 0 {
-                on.push(runtime_pipelined(config.clone(), args.ops, true).await?);
-                off.push(runtime_pipelined(config.clone(), args.ops, false).await?);
+            let mut v = vec![channel(args.ops / 4, 1).await, channel(args.ops, IN_FLIGHT).await];
+            let (null, launch, gbps) = direct(&thread_cfg, args.ops, h2d)?;
+            v.extend([null, launch]);
+            let t = through_runtime(thread_cfg.clone(), args.ops, h2d).await?;
+            let p = through_runtime(process_cfg.clone(), args.ops, h2d).await?;
+            v.extend([t[0], t[1], p[0], p[1], t[2], p[2], gbps, t[3], p[3]]);
+            v.push(recovery(process_cfg.clone(), false).await?);
+            v.push(recovery(process_cfg.clone(), true).await?);
+            // Alternate the order, so drift on a shared machine favours neither side.
+            let (on, off) = if rep % 2 == 0 {
+                let on = telemetry(thread_cfg.clone(), args.ops, true).await?;
+                (on, telemetry(thread_cfg.clone(), args.ops, false).await?)
             } else {
-                off.push(runtime_pipelined(config.clone(), args.ops, false).await?);
-                on.push(runtime_pipelined(config.clone(), args.ops, true).await?);
+                let off = telemetry(thread_cfg.clone(), args.ops, false).await?;
+                (telemetry(thread_cfg.clone(), args.ops, true).await?, off)
+            };
+            v.extend([on, off]);
+            for (s, x) in series.iter_mut().zip(v) {
+                s.values.push(x);
             }
         }
-        let median = |v: &Vec<f64>| {
-            let mut s = v.clone();
-            s.sort_by(f64::total_cmp);
-            s[s.len() / 2]
-        };
-        let ratios = json!({
-            "runtime_thread_pipelined_null / channel_baseline_pipelined": median(&thread) / median(&base),
-            "telemetry_on_pipelined / telemetry_off_pipelined": median(&on) / median(&off),
+        let m = |name: &str| series.iter().find(|s| s.name == name).map_or(f64::NAN, |s| median(&s.values));
+        let derived = json!({
+            "runtime_thread_pipelined_null / channel_baseline_pipelined": m("runtime_thread_pipelined_null") / m("channel_baseline_pipelined"),
+            "runtime_thread_serial_overhead_us": (m("runtime_thread_serial_null") - m("direct_null")) / 1e3,
+            "runtime_process_serial_overhead_us": (m("runtime_process_serial_null") - m("direct_null")) / 1e3,
+            "runtime_thread_pipelined_ops_per_s": 1e9 / m("runtime_thread_pipelined_null"),
+            "runtime_process_pipelined_ops_per_s": 1e9 / m("runtime_process_pipelined_null"),
+            "runtime_thread_h2d / direct_h2d": m("runtime_thread_h2d") / m("direct_h2d"),
+            "runtime_process_h2d / direct_h2d": m("runtime_process_h2d") / m("direct_h2d"),
+            "telemetry_on_pipelined / telemetry_off_pipelined": m("telemetry_on_pipelined") / m("telemetry_off_pipelined"),
         });
         Ok(json!({
-            "backend": "sim",
+            "backend": backend.as_str(),
             "cores": cores,
             "ops_per_measurement": args.ops,
+            "h2d_bytes": h2d,
             "repetitions": reps,
-            "results": [
-                {"name": "channel_baseline_pipelined", "ns_per_op": stats(base)},
-                {"name": "runtime_thread_pipelined_null", "ns_per_op": stats(thread)},
-                {"name": "telemetry_on_pipelined", "ns_per_op": stats(on)},
-                {"name": "telemetry_off_pipelined", "ns_per_op": stats(off)},
-            ],
-            "ratios": ratios,
+            "results": series.iter().map(Series::report).collect::<Vec<_>>(),
+            "derived": derived,
         }))
     });
     match result {
