@@ -152,14 +152,7 @@ fn run(
     let core = &shared.cores[device as usize];
     let mut suspects: Vec<(u64, String)> = Vec::new();
     while !stop.load(Ordering::Acquire) {
-        let work = match core.priority.1.try_recv() {
-            Ok(w) => w,
-            Err(_) => select! {
-                recv(core.priority.1) -> w => w,
-                recv(core.jobs.1) -> w => w,
-            }
-            .expect("the core owns both ends of its channels"),
-        };
+        let work = next_work(core);
         let Work::Job(job) = work else { continue };
         if stop.load(Ordering::Acquire) {
             // Not ours any more: put it back for the next executor, or shutdown's drain.
@@ -170,6 +163,40 @@ fn run(
             break;
         }
     }
+}
+
+/// How long an idle executor keeps polling its queues (yielding the CPU between polls)
+/// before it parks: a serial caller's next op usually arrives within this, and waking a
+/// parked thread costs tens of microseconds.
+const SPIN_BEFORE_PARK: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// The next work item: the priority lane first; then, when the device has at most one op
+/// in flight (a serial caller, whose next op comes right after this answer), a bounded spin;
+/// then park. With more ops in flight the next ones are certainly coming and the tasks
+/// producing them need the CPU — spinning there starves a 2-core machine (measured: 40%
+/// less pipelined throughput), so the executor parks at once.
+fn next_work(core: &DeviceCore) -> Work {
+    let poll = || core.priority.1.try_recv().or_else(|_| core.jobs.1.try_recv()).ok();
+    if let Some(w) = poll() {
+        return w;
+    }
+    let spin = if core.in_flight() <= 1 {
+        SPIN_BEFORE_PARK
+    } else {
+        std::time::Duration::ZERO
+    };
+    let until = Instant::now() + spin;
+    while Instant::now() < until {
+        std::thread::yield_now();
+        if let Some(w) = poll() {
+            return w;
+        }
+    }
+    select! {
+        recv(core.priority.1) -> w => w,
+        recv(core.jobs.1) -> w => w,
+    }
+    .expect("the core owns both ends of its channels")
 }
 
 /// Runs one job; `false` when the executor must end (its engine died or is poisoned).
