@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{answered, config, eventually, fault, start};
+use common::{answered, config, eventually, failing, fault, start};
 use hipvisor::core::BreakerState;
 use hipvisor::core::retry::{RetryBudgetConfig, RetryOverride};
 use hipvisor::{ErrorClass, InvalidReason, OpKind, RuntimeError};
@@ -47,11 +47,7 @@ async fn transient_faults_are_retried_then_succeed_with_exact_attempt_counts() {
 async fn exhaustion_gives_retries_exhausted_with_the_attempt_count() {
     let mut c = config(1);
     c.retry.max_retries = 2;
-    c.sim.faults.push(fault(|f| {
-        f.op = "memset".into();
-        f.after = Some(1);
-        f.code = Some(600);
-    }));
+    c.sim.faults.push(failing("memset", 600));
     let rt = start(c).await;
     let gpu = rt.device(0).unwrap();
     let b = gpu.alloc(8).await.unwrap();
@@ -119,11 +115,7 @@ async fn per_op_override_is_honoured() {
         },
     );
     for op in ["memset", "copy_to_device"] {
-        c.sim.faults.push(fault(|f| {
-            f.op = op.into();
-            f.after = Some(1);
-            f.code = Some(600);
-        }));
+        c.sim.faults.push(failing(op, 600));
     }
     let rt = start(c).await;
     let gpu = rt.device(0).unwrap();
@@ -189,11 +181,7 @@ async fn the_retry_budget_stops_a_retry_storm() {
         min_per_sec: 0,
         ttl_ms: 60_000,
     };
-    c.sim.faults.push(fault(|f| {
-        f.op = "memset".into();
-        f.after = Some(1);
-        f.code = Some(600);
-    }));
+    c.sim.faults.push(failing("memset", 600));
     let rt = start(c).await;
     let gpu = rt.device(0).unwrap();
     let b = gpu.alloc(8).await.unwrap();
@@ -220,11 +208,7 @@ async fn an_empty_budget_answers_retry_budget_exhausted() {
         min_per_sec: 0,
         ttl_ms: 1000,
     };
-    c.sim.faults.push(fault(|f| {
-        f.op = "memset".into();
-        f.after = Some(1);
-        f.code = Some(600);
-    }));
+    c.sim.faults.push(failing("memset", 600));
     let rt = start(c).await;
     let gpu = rt.device(0).unwrap();
     let b = gpu.alloc(8).await.unwrap();

@@ -108,6 +108,10 @@ impl DeviceCore {
             return None;
         };
         let q = self.quarantined.read().unwrap_or_else(|p| p.into_inner());
+        // Quarantine is rare: skip building the lookup key (a String clone) on the hot path.
+        if q.is_empty() {
+            return None;
+        }
         q.contains(&(module.id, function.clone()))
             .then(|| RuntimeError::Quarantined {
                 device: self.index,

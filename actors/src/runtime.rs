@@ -223,10 +223,18 @@ impl Shared {
         }
     }
 
+    /// Answers an op that was never queued, counted under its device — or, for a device
+    /// index out of range (no device to count it under), answered directly.
     fn answer_unqueued(&self, device: u32, op: Op, reply: RpcReplyPort<OpResult>, e: RuntimeError) {
-        let core = &self.cores[(device as usize).min(self.cores.len() - 1)];
-        let job = core.job(op, Origin::Application, reply, None);
-        job.answer(Err(e), &core.counters);
+        match self.cores.get(device as usize) {
+            Some(core) => {
+                core.job(op, Origin::Application, reply, None)
+                    .answer(Err(e), &core.counters);
+            }
+            None => {
+                let _ = reply.send(Err(e));
+            }
+        }
     }
 
     fn admit_and_queue(

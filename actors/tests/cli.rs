@@ -22,6 +22,15 @@ fn json(out: &Output) -> serde_json::Value {
     serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
 }
 
+/// Whether every device of a run's report ended in `state`.
+fn all_devices(v: &serde_json::Value, state: &str) -> bool {
+    v["devices_final"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|d| d["state"] == state)
+}
+
 fn temp_config(name: &str, text: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("hipvisor-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -43,13 +52,7 @@ fn run_without_faults_has_no_failures() {
     assert_eq!(v["ops"]["wrong_results"], 0);
     assert_eq!(v["ops"]["submitted"], v["ops"]["succeeded"]);
     assert_eq!(v["devices_final"].as_array().unwrap().len(), 4);
-    assert!(
-        v["devices_final"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|d| d["state"] == "ready")
-    );
+    assert!(all_devices(&v, "ready"));
     assert_eq!(v["metrics_consistent"], true);
 }
 
@@ -90,13 +93,7 @@ fn run_with_a_sticky_fault_reports_failed_devices_and_still_loses_nothing() {
     assert_eq!(v["isolation"], "thread");
     assert_eq!(v["failures_by_class"]["sticky"], 1);
     assert_eq!(v["ops"]["missing_replies"], 0);
-    assert!(
-        v["devices_final"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|d| d["state"] == "failed")
-    );
+    assert!(all_devices(&v, "failed"));
 }
 
 #[test]
@@ -190,14 +187,7 @@ fn run_in_process_isolation_recovers_from_sticky_faults_and_crashes() {
     assert_eq!(v["failures_by_class"]["sticky"], 2, "{v}");
     assert_eq!(v["ops"]["missing_replies"], 0);
     assert_eq!(v["ops"]["wrong_results"], 0);
-    assert!(
-        v["devices_final"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|d| d["state"] == "ready"),
-        "{v}"
-    );
+    assert!(all_devices(&v, "ready"), "{v}");
 }
 
 /// The children of `pid` (its worker processes).
@@ -340,11 +330,5 @@ fn chaos_with_the_example_plan_has_no_violation() {
     assert_eq!(v["violations"], serde_json::json!([]), "{v}");
     assert!(v["restarts"].as_u64().unwrap() >= 3, "three worker crashes: {v}");
     assert_eq!(v["ops"]["missing_replies"], 0);
-    assert!(
-        v["devices_final"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|d| d["state"] == "ready")
-    );
+    assert!(all_devices(&v, "ready"));
 }

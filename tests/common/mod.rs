@@ -40,6 +40,15 @@ pub async fn start(c: RuntimeConfig) -> Runtime {
     Runtime::builder().config(c).start().await.expect("runtime starts")
 }
 
+/// A fault-plan entry under which every `op` from the first fails with `code`.
+pub fn failing(op: &str, code: i32) -> FaultSpec {
+    fault(|f| {
+        f.op = op.into();
+        f.after = Some(1);
+        f.code = Some(code);
+    })
+}
+
 /// Polls `cond` until it holds or `within` passes (then panics with `what`).
 pub async fn eventually<F, Fut>(within: Duration, what: &str, mut cond: F)
 where

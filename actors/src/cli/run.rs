@@ -69,6 +69,10 @@ impl RunArgs {
     }
 }
 
+/// How long past its deadline an answer may come before it counts as missing (the runtime
+/// answers at the deadline; this is the margin for a loaded machine).
+const REPLY_MARGIN: Duration = Duration::from_secs(5);
+
 /// What the application actors observed.
 #[derive(Default)]
 struct Observed {
@@ -88,7 +92,6 @@ struct Job {
     submitted: AtomicU64,
     observed: Mutex<Observed>,
     progress: ProgressBar,
-    reply_timeout: Duration,
     op_deadline: Duration,
 }
 
@@ -105,7 +108,10 @@ impl Job {
         let started = Instant::now();
         let result = match self.runtime.device_ref(device) {
             Ok(actor) => match actor
-                .call(|reply| DeviceMsg::Submit { op, reply }, Some(self.reply_timeout))
+                .call(
+                    |reply| DeviceMsg::Submit { op, reply },
+                    Some(self.op_deadline + REPLY_MARGIN),
+                )
                 .await
             {
                 Ok(CallResult::Success(r)) => Some(r),
@@ -336,7 +342,7 @@ pub(crate) fn main(args: RunArgs) -> ExitCode {
 async fn run(args: RunArgs, config: hipvisor::RuntimeConfig) -> ExitCode {
     let seed = config.sim.seed;
     let isolation = config.runtime.isolation;
-    let reply_timeout = Duration::from_millis(config.runtime.op_deadline_ms) + Duration::from_secs(5);
+    let op_deadline = Duration::from_millis(config.runtime.op_deadline_ms);
     let mut builder = Runtime::builder().config(config);
     if let Some(addr) = args.metrics_addr {
         builder = builder.serve_metrics(addr);
@@ -362,8 +368,7 @@ async fn run(args: RunArgs, config: hipvisor::RuntimeConfig) -> ExitCode {
         submitted: AtomicU64::new(0),
         observed: Mutex::new(Observed::default()),
         progress: progress.clone(),
-        reply_timeout,
-        op_deadline: reply_timeout - Duration::from_secs(5),
+        op_deadline,
     });
     let started = Instant::now();
     let mut handles = Vec::new();
@@ -425,7 +430,7 @@ async fn finish(
     let answered = o.succeeded + o.failed;
     let consistent = snapshot.ops_total == answered && snapshot.ops_succeeded == o.succeeded;
     let class = |k: &str| o.by_class.get(k).copied().unwrap_or(0);
-    let report = json!({
+    let mut report = json!({
         "backend": backend.as_str(),
         "isolation": isolation.as_str(),
         "devices": devices,
@@ -455,7 +460,6 @@ async fn finish(
         "elapsed_s": elapsed,
         "metrics_consistent": consistent,
     });
-    let mut report = report;
     let mut violations: Vec<String> = Vec::new();
     if chaos {
         if o.missing > 0 {
