@@ -118,8 +118,17 @@ pub(crate) struct Job {
 
 impl Job {
     /// Answers the job.
+    /// The in-flight slot is released first: an op the caller has been answered for is not
+    /// in flight (otherwise a caller could see its own finished op still counted).
     pub(crate) fn answer(self, result: OpResult, late: &DeviceCounters) -> bool {
-        self.slot.answer(result, self.attempts, late)
+        let Job {
+            slot,
+            attempts,
+            _permit,
+            ..
+        } = self;
+        drop(_permit);
+        slot.answer(result, attempts, late)
     }
 
     pub(crate) fn kind(&self) -> OpKind {
