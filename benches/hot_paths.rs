@@ -53,6 +53,7 @@ fn codec(c: &mut Criterion) {
         fault: None,
         input: None,
         output: None,
+        linger_us: 0,
     });
     let frame = encode(&request).unwrap();
     c.bench_function("codec: encode a request with 256 inline bytes", |b| {

@@ -34,7 +34,7 @@ use crate::fault_plan::FaultAction;
 use crate::op::{DeviceInfo, ModuleHandle, ModuleSource, Op, Reply};
 
 /// The protocol version; host and worker must agree.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The most bytes in one frame.
 pub const MAX_FRAME: usize = 128 * 1024;
 /// Payloads above this many bytes travel in shared memory.
@@ -44,6 +44,11 @@ pub const WORKER_FD: RawFd = 3;
 /// The environment switch that makes a process a worker: the value is its socket's
 /// descriptor number. (Not `HIPVISOR_*`: that prefix is configuration.)
 pub const WORKER_ENV: &str = "HV_WORKER_FD";
+/// The most ops in one [`ToWorker::Batch`].
+pub const MAX_BATCH: usize = 64;
+/// The most inline payload bytes (sent and expected back) in one batch, so that both its
+/// request and its response fit in a frame.
+pub const BATCH_INLINE_BYTES: usize = MAX_FRAME / 4;
 const MAGIC: &[u8; 2] = b"HV";
 const MAX_FDS: usize = 4;
 
@@ -182,6 +187,10 @@ pub struct Request {
     pub input: Option<RegionRef>,
     /// For a large copy from the device: the region (sent with the frame) to write into.
     pub output: Option<RegionRef>,
+    /// The host expects the next request soon (its caller is serial): after answering, the
+    /// worker polls for it for up to this many microseconds before it blocks, which saves
+    /// waking a sleeping process on each op (`runtime.spin_us`; 0: block at once).
+    pub linger_us: u32,
 }
 
 /// A message from the host.
@@ -200,6 +209,10 @@ pub enum ToWorker {
     },
     /// Executes an op.
     Request(Request),
+    /// Executes several ops, in order, answered by one [`FromWorker::Batch`]: requests
+    /// without regions only, at most [`MAX_BATCH`]. The worker stops at the first result
+    /// that poisons its context (a sticky fault); the ops after it do not start.
+    Batch(Vec<Request>),
     /// Exits.
     Shutdown,
 }
@@ -228,6 +241,9 @@ pub enum FromWorker {
         /// Bytes written to the output region.
         output_len: Option<u64>,
     },
+    /// The answers to a [`ToWorker::Batch`]: `(id, result)` of each op that ran, in order —
+    /// all of them, or those up to and including one that poisoned the context.
+    Batch(Vec<(u64, Result<Reply, GpuError>)>),
     /// The worker could not understand a message.
     Malformed(String),
 }
@@ -366,13 +382,49 @@ impl Channel {
         Ok((decode(&self.buf[..len])?, fds))
     }
 
+    /// Like [`Channel::recv`], but polls for up to `spin` (yielding the CPU between polls)
+    /// before it blocks.
+    ///
+    /// # Errors
+    /// As [`Channel::recv`].
+    pub fn recv_spinning<T: for<'de> Deserialize<'de>>(
+        &mut self,
+        spin: std::time::Duration,
+    ) -> Result<(T, Vec<OwnedFd>), IpcError> {
+        if !spin.is_zero() {
+            let until = std::time::Instant::now() + spin;
+            loop {
+                if let Some((len, fds)) = self.recv_frame_with(MsgFlags::MSG_DONTWAIT)? {
+                    return Ok((decode(&self.buf[..len])?, fds));
+                }
+                if std::time::Instant::now() >= until {
+                    break;
+                }
+                std::thread::yield_now();
+            }
+        }
+        self.recv()
+    }
+
     fn recv_frame(&mut self) -> Result<(usize, Vec<OwnedFd>), IpcError> {
+        let frame = self.recv_frame_with(MsgFlags::empty())?;
+        // A blocking receive gives a frame or an error (its timeout is an `EAGAIN` error).
+        frame.ok_or(IpcError::Os {
+            call: "recvmsg",
+            errno: nix::errno::Errno::EAGAIN,
+        })
+    }
+
+    /// One frame; `None` when `flags` has `MSG_DONTWAIT` and nothing is there.
+    fn recv_frame_with(&mut self, flags: MsgFlags) -> Result<Option<(usize, Vec<OwnedFd>)>, IpcError> {
         let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
         let fd = self.fd.as_raw_fd();
         let mut iov = [IoSliceMut::new(&mut self.buf)];
+        let nonblocking = flags.contains(MsgFlags::MSG_DONTWAIT);
         let msg = loop {
-            match recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+            match recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC | flags) {
                 Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::EAGAIN) if nonblocking => return Ok(None),
                 Err(nix::errno::Errno::ECONNRESET) => return Err(IpcError::Closed),
                 Err(e) => {
                     return Err(IpcError::Os {
@@ -403,7 +455,7 @@ impl Channel {
                 "frame larger than {MAX_FRAME} bytes or too many descriptors"
             )));
         }
-        Ok((len, fds))
+        Ok(Some((len, fds)))
     }
 }
 
@@ -623,8 +675,54 @@ mod tests {
                 len: 4096,
                 cached: false,
             }),
+            linger_us: 50,
         });
         assert_eq!(decode::<ToWorker>(&encode(&m).unwrap()).unwrap(), m);
+    }
+
+    #[test]
+    fn a_full_batch_fits_in_a_frame() {
+        // The worst batch the host builds: MAX_BATCH launches with arguments, plus inline
+        // payloads up to BATCH_INLINE_BYTES; and its answer with an error per op.
+        let launch = |id| Request {
+            id,
+            op: Op::Launch {
+                module: ModuleHandle { device: 0, id: 1 },
+                function: "vector_add_f32".into(),
+                grid: crate::op::Dim3::x(1024),
+                block: crate::op::Dim3::x(256),
+                shared_mem_bytes: 0,
+                args: vec![crate::op::KernelArg::U64(u64::MAX); 8],
+            },
+            origin: Origin::Application,
+            fault: Some(WireFault::Code(700)),
+            input: None,
+            output: None,
+            linger_us: 0,
+        };
+        let mut batch: Vec<Request> = (0..MAX_BATCH as u64).map(launch).collect();
+        batch[0].op = Op::CopyToDevice {
+            dst: crate::op::BufferHandle {
+                device: 0,
+                epoch: 0,
+                id: 1,
+                len: 1 << 20,
+            },
+            offset: 0,
+            data: vec![7u8; BATCH_INLINE_BYTES].into(),
+        };
+        let frame = encode(&ToWorker::Batch(batch)).expect("a full batch fits");
+        assert!(frame.len() <= MAX_FRAME);
+        let error = GpuError::api_with(
+            crate::error::Api::Hip,
+            700,
+            crate::op::OpKind::Launch,
+            0,
+            "x".repeat(256),
+        );
+        let mut answers: Vec<_> = (0..MAX_BATCH as u64).map(|id| (id, Err(error.clone()))).collect();
+        answers[0].1 = Ok(Reply::Data(vec![1u8; BATCH_INLINE_BYTES].into()));
+        encode(&FromWorker::Batch(answers)).expect("a full batch's answer fits");
     }
 
     #[test]
@@ -635,9 +733,12 @@ mod tests {
             decode::<ToWorker>(b"XX\x01\x00\x03"),
             Err(IpcError::Malformed(_))
         ));
-        let mut v2 = good.clone();
-        v2[2] = 2;
-        assert!(matches!(decode::<ToWorker>(&v2), Err(IpcError::Version { got: 2 })));
+        let mut next = good.clone();
+        next[2..4].copy_from_slice(&(PROTOCOL_VERSION + 1).to_le_bytes());
+        assert!(matches!(
+            decode::<ToWorker>(&next),
+            Err(IpcError::Version { got }) if got == PROTOCOL_VERSION + 1
+        ));
         let mut trailing = good.clone();
         trailing.push(0);
         assert!(matches!(decode::<ToWorker>(&trailing), Err(IpcError::Malformed(_))));

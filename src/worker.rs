@@ -120,8 +120,11 @@ pub fn serve(mut channel: Channel) -> Result<(), IpcError> {
         &[],
     )?;
     let mut cache = RegionCache::default();
+    // How long to poll for the next request before blocking (see `Request::linger_us`).
+    let mut linger_us = 0;
     loop {
-        let (msg, fds) = match channel.recv::<ToWorker>() {
+        let spin = std::time::Duration::from_micros(std::mem::take(&mut linger_us).into());
+        let (msg, fds) = match channel.recv_spinning::<ToWorker>(spin) {
             Ok(m) => m,
             Err(IpcError::Closed) => return Ok(()),
             Err(e @ (IpcError::Malformed(_) | IpcError::Version { .. })) => {
@@ -148,10 +151,15 @@ pub fn serve(mut channel: Channel) -> Result<(), IpcError> {
                 channel.send(&reply, &[])?;
             }
             ToWorker::Request(req) => {
+                linger_us = req.linger_us.min(crate::config::MAX_SPIN_US as u32);
                 let reply = match execute(&mut *ctx, &control, &mut cache, req, fds) {
                     Ok(r) => r,
                     Err(e) => FromWorker::Malformed(e.to_string()),
                 };
+                channel.send(&reply, &[])?;
+            }
+            ToWorker::Batch(reqs) => {
+                let reply = execute_batch(&mut *ctx, &control, reqs, fds);
                 channel.send(&reply, &[])?;
             }
         }
@@ -213,6 +221,33 @@ impl RegionCache {
         self.regions.insert(r.id, region.clone());
         Ok(region)
     }
+}
+
+/// Runs a batch in order, stopping after a result that poisons the context (the ops after
+/// it do not start). A batch that breaks the rules (regions, too many ops) runs not at all.
+fn execute_batch(
+    ctx: &mut dyn DeviceContext,
+    control: &ControlPage,
+    reqs: Vec<Request>,
+    fds: Vec<OwnedFd>,
+) -> FromWorker {
+    if reqs.len() > ipc::MAX_BATCH {
+        return FromWorker::Malformed(format!("a batch of {} ops; at most {}", reqs.len(), ipc::MAX_BATCH));
+    }
+    if !fds.is_empty() || reqs.iter().any(|r| r.input.is_some() || r.output.is_some()) {
+        return FromWorker::Malformed("a batched request carries a region".into());
+    }
+    let mut results = Vec::with_capacity(reqs.len());
+    for req in reqs {
+        control.set_started(req.id);
+        let result = ctx.execute_planned(&req.op, req.origin, req.fault.map(Into::into));
+        let poisoned = matches!(&result, Err(e) if e.class() == crate::error::ErrorClass::Sticky);
+        results.push((req.id, result));
+        if poisoned {
+            break;
+        }
+    }
+    FromWorker::Batch(results)
 }
 
 fn execute(

@@ -194,6 +194,8 @@ fn negative_and_out_of_range_values_are_named() {
     assert_eq!(key_of(load_toml("[retry]\nmax_delay_ms = 1")), "retry.max_delay_ms");
     assert_eq!(key_of(load_toml("[retry.budget]\nratio = -1.0")), "retry.budget.ratio");
     assert_eq!(key_of(load_toml("[runtime]\nin_flight = 0")), "runtime.in_flight");
+    assert_eq!(key_of(load_toml("[runtime]\nspin_us = 1001")), "runtime.spin_us");
+    assert_eq!(load_toml("[runtime]\nspin_us = 0").unwrap().runtime.spin_us, 0);
     assert_eq!(key_of(load_toml("[sim]\ndevices = 0")), "sim.devices");
     assert_eq!(
         key_of(load_toml("[breaker]\nfailure_rate = 2.0")),

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{answered, config, eventually, fault, start};
-use hipvisor::{DeviceMsg, ModuleSource, Op, OpResult, RuntimeError};
+use hipvisor::{DeviceMsg, ModuleSource, Op, OpResult, Reply, RuntimeError};
 use proptest::prelude::*;
 
 const T: Duration = Duration::from_secs(20);
@@ -267,4 +267,57 @@ proptest! {
             assert_eq!(s.ops_total, total, "the metrics count every answer once: {s:#?}");
         });
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_answers_every_op_in_order_even_past_the_in_flight_bound() {
+    let mut c = config(1);
+    c.runtime.in_flight = 4;
+    let rt = start(c).await;
+    let gpu = rt.device(0).unwrap();
+    assert!(gpu.submit_batch([]).await.is_empty());
+    let b = gpu.alloc(64).await.unwrap();
+    let stale = hipvisor::BufferHandle { id: b.id + 1000, ..b };
+    // 50 ops through 4 in-flight slots: the batch waits for slots, in order.
+    let ops = (0..50u8).map(|i| match i % 5 {
+        0 => Op::Memset {
+            buffer: b,
+            offset: 0,
+            len: 64,
+            value: i,
+        },
+        1 => Op::CopyFromDevice {
+            src: b,
+            offset: 0,
+            len: 1,
+        },
+        2 => Op::Memset {
+            buffer: stale,
+            offset: 0,
+            len: 1,
+            value: 0,
+        },
+        3 => Op::Memset {
+            buffer: b,
+            offset: 60,
+            len: 8,
+            value: 0,
+        },
+        _ => Op::MemInfo,
+    });
+    let results = answered(T, gpu.submit_batch(ops)).await;
+    assert_eq!(results.len(), 50);
+    for (i, r) in results.iter().enumerate() {
+        match (i % 5, r) {
+            (0, Ok(Reply::Done)) | (4, Ok(Reply::MemInfo(_))) => {}
+            // Each copy sees the memset just before it: the batch ran in order.
+            (1, Ok(Reply::Data(d))) => assert_eq!(d.as_bytes(), [(i - 1) as u8]),
+            (2, Err(RuntimeError::Gpu(e))) | (3, Err(RuntimeError::Gpu(e))) => {
+                assert_eq!(e.class(), hipvisor::ErrorClass::InvalidRequest, "op {i}: {e}")
+            }
+            other => panic!("op {i}: unexpected {other:?}"),
+        }
+    }
+    assert_eq!(gpu.in_flight(), 0);
+    rt.shutdown().await;
 }

@@ -277,6 +277,7 @@ fn the_worker_rejects_malformed_frames_and_keeps_serving() {
         fault: None,
         input: None,
         output: None,
+        linger_us: 0,
     };
     host.send(&ToWorker::Request(req), &[]).unwrap();
     assert!(matches!(
@@ -407,4 +408,122 @@ async fn reused_host_buffers_stay_mapped_in_the_worker_and_evictions_are_correct
         }
     }
     rt.shutdown().await;
+}
+
+#[test]
+fn the_worker_runs_a_batch_in_order_and_stops_at_a_sticky_fault() {
+    let (mut host, worker_end) = Channel::pair().unwrap();
+    let mut child = ipc::spawn_worker(Command::new(WORKER), worker_end).unwrap();
+    let control = ControlPage::new().unwrap();
+    let hello = Hello {
+        version: ipc::PROTOCOL_VERSION,
+        backend: BackendKind::Sim,
+        device: 0,
+        epoch: 0,
+        sim: Some((1, 1 << 20)),
+    };
+    host.send(&ToWorker::Hello(hello), &[control.raw_fd()]).unwrap();
+    assert!(matches!(host.recv::<FromWorker>().unwrap().0, FromWorker::Ready { .. }));
+    let request = |id, fault| Request {
+        id,
+        op: Op::MemInfo,
+        origin: hipvisor::core::Origin::Application,
+        fault,
+        input: None,
+        output: None,
+        linger_us: 0,
+    };
+    // Rule-breaking batches run not at all: too many ops, or a region.
+    let too_many = (1..=ipc::MAX_BATCH as u64 + 1).map(|id| request(id, None)).collect();
+    let mut with_region = request(1, None);
+    with_region.output = Some(ipc::RegionRef {
+        id: 1,
+        len: 8,
+        cached: false,
+    });
+    for bad in [too_many, vec![with_region]] {
+        host.send(&ToWorker::Batch(bad), &[]).unwrap();
+        assert!(matches!(host.recv::<FromWorker>().unwrap().0, FromWorker::Malformed(_)));
+    }
+    assert_eq!(control.started(), 0, "nothing of a malformed batch started");
+    // The second op is a sticky fault: the third does not start.
+    let batch = vec![
+        request(1, None),
+        request(2, Some(ipc::WireFault::Code(700))),
+        request(3, None),
+    ];
+    host.send(&ToWorker::Batch(batch), &[]).unwrap();
+    match host.recv::<FromWorker>().unwrap().0 {
+        FromWorker::Batch(results) => {
+            assert_eq!(results.len(), 2, "{results:?}");
+            assert!(matches!(results[0], (1, Ok(_))));
+            match &results[1] {
+                (2, Err(e)) => assert_eq!(e.class(), ErrorClass::Sticky),
+                other => panic!("expected the sticky fault, got {other:?}"),
+            }
+        }
+        other => panic!("expected Batch, got {other:?}"),
+    }
+    assert_eq!(control.started(), 2, "op 3 never started");
+    drop(host);
+    assert!(child.wait().unwrap().success());
+}
+
+/// A batch of mem-infos whose `nth` one (from 1) meets the fault `f` in a worker.
+async fn batch_with_a_fault(
+    f: impl FnOnce(&mut hipvisor::core::fault_plan::FaultSpec),
+) -> (Vec<hipvisor::OpResult>, hipvisor::Snapshot) {
+    let mut c = process_config(1);
+    c.sim.faults.push(fault(|s| {
+        s.op = "mem_info".into();
+        s.nth = Some(10);
+        f(s);
+    }));
+    let rt = start_process(c).await;
+    let gpu = rt.device(0).unwrap();
+    let results = answered(T, gpu.submit_batch((0..40).map(|_| Op::MemInfo))).await;
+    assert_eq!(results.len(), 40, "one answer per op");
+    eventually(T, "the device is back", || async {
+        rt.states()[0] == DeviceState::Ready
+    })
+    .await;
+    gpu.mem_info().await.expect("the new worker serves");
+    (results, rt.shutdown().await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ops_after_a_sticky_fault_in_a_batch_run_on_the_new_worker() {
+    let (results, s) = batch_with_a_fault(|f| f.code = Some(700)).await;
+    for (i, r) in results.iter().enumerate() {
+        match (i, r) {
+            (9, Err(RuntimeError::Gpu(e))) => assert_eq!(e.class(), ErrorClass::Sticky),
+            (9, other) => panic!("op 10 meets the sticky fault, got {other:?}"),
+            (_, r) => assert!(r.is_ok(), "op {} : {r:?}", i + 1),
+        }
+    }
+    assert_eq!((s.sticky_faults, s.restarts), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_crash_in_a_batch_answers_what_ran_and_reruns_what_did_not() {
+    let (results, s) = batch_with_a_fault(|f| f.crash = Some(true)).await;
+    let restarted = |r: &hipvisor::OpResult| {
+        matches!(
+            r,
+            Err(RuntimeError::DeviceRestarted {
+                may_have_executed: true,
+                ..
+            })
+        )
+    };
+    for (i, r) in results.iter().enumerate() {
+        match i {
+            // Ran in the batch that died (their answers died with it), or alone before it.
+            0..9 => assert!(r.is_ok() || restarted(r), "op {}: {r:?}", i + 1),
+            9 => assert!(restarted(r), "the crashing op: {r:?}"),
+            // Had not started: mem-info is idempotent and holds no buffer, so it reran.
+            _ => assert!(r.is_ok(), "op {}: {r:?}", i + 1),
+        }
+    }
+    assert_eq!(s.restarts, 1);
 }

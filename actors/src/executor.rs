@@ -34,12 +34,61 @@ pub(crate) enum Exec {
     Died { may_have_executed: bool, reason: String },
 }
 
+/// How many ops an engine takes in one [`Engine::run_batch`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Batching {
+    /// The most ops in a batch.
+    pub(crate) ops: usize,
+    /// The most [`Engine::batch_cost`] in a batch.
+    pub(crate) bytes: usize,
+}
+
 /// Where a device's ops run.
 pub(crate) trait Engine {
     /// Runs one op.
     fn run(&mut self, op: &Op, origin: Origin) -> Exec;
     /// Whether the engine is unusable after `error` (a worker poisoned by a sticky fault).
     fn poisoned_by(&self, error: &GpuError) -> bool;
+    /// Whether, and how far, the engine batches ops; `None`: one at a time.
+    fn batching(&self) -> Option<Batching> {
+        None
+    }
+    /// What `op` takes of a batch's byte budget; `None` when it cannot travel in a batch.
+    fn batch_cost(&self, _op: &Op) -> Option<usize> {
+        None
+    }
+    /// Runs ops in order and gives one [`Exec`] per op that ran: all of them, or a prefix
+    /// that ends with a result that poisoned the engine (the rest did not start). When the
+    /// engine dies, every op gets an `Exec::Died` saying whether it may have executed.
+    fn run_batch(&mut self, ops: &[(&Op, Origin)]) -> Vec<Exec> {
+        let mut out = Vec::with_capacity(ops.len());
+        for (i, (op, origin)) in ops.iter().enumerate() {
+            match self.run(op, *origin) {
+                Exec::Died {
+                    may_have_executed,
+                    reason,
+                } => {
+                    out.push(Exec::Died {
+                        may_have_executed,
+                        reason: reason.clone(),
+                    });
+                    out.extend(ops[i + 1..].iter().map(|_| Exec::Died {
+                        may_have_executed: false,
+                        reason: reason.clone(),
+                    }));
+                    break;
+                }
+                Exec::Done(r) => {
+                    let poisoned = matches!(&r, Err(e) if self.poisoned_by(e));
+                    out.push(Exec::Done(r));
+                    if poisoned {
+                        break;
+                    }
+                }
+            }
+        }
+        out
+    }
 }
 
 /// Thread isolation: the context lives on this thread.
@@ -151,44 +200,81 @@ fn run(
     let Some(mut engine) = engine else { return };
     let core = &shared.cores[device as usize];
     let mut suspects: Vec<(u64, String)> = Vec::new();
+    let batching = engine.batching();
+    // A job taken while gathering a batch that could not join it: it runs next.
+    let mut carried: Option<Box<Job>> = None;
     while !stop.load(Ordering::Acquire) {
-        let work = next_work(core);
-        let Work::Job(job) = work else { continue };
+        let job = match carried.take() {
+            Some(job) => job,
+            None => match next_work(&shared, core) {
+                Work::Job(job) => job,
+                Work::Wake => continue,
+            },
+        };
         if stop.load(Ordering::Acquire) {
             // Not ours any more: put it back for the next executor, or shutdown's drain.
-            core.enqueue(*job);
+            core.requeue(*job);
             break;
         }
-        if !execute(&shared, core, &mut *engine, *job, &mut suspects, epoch) {
+        let cost = batching.and_then(|_| engine.batch_cost(&job.op));
+        let (Some(limits), Some(cost)) = (batching, cost) else {
+            if !execute(&shared, core, &mut *engine, *job, &mut suspects, epoch) {
+                break;
+            }
+            continue;
+        };
+        // Whatever is queued already joins the batch, up to the engine's limits: one round
+        // trip to a worker for many ops. Nothing waits for a batch to fill.
+        let mut batch = vec![*job];
+        let mut bytes = cost;
+        while batch.len() < limits.ops {
+            let Some(Work::Job(next)) = poll(core) else { break };
+            match engine.batch_cost(&next.op) {
+                Some(c) if bytes + c <= limits.bytes => {
+                    bytes += c;
+                    batch.push(*next);
+                }
+                _ => {
+                    carried = Some(next);
+                    break;
+                }
+            }
+        }
+        let go_on = if batch.len() == 1 {
+            let job = batch.pop().expect("one job");
+            execute(&shared, core, &mut *engine, job, &mut suspects, epoch)
+        } else {
+            execute_batch(&shared, core, &mut *engine, batch, &mut suspects, epoch)
+        };
+        if !go_on {
             break;
         }
+    }
+    if let Some(job) = carried {
+        core.requeue(*job);
     }
 }
 
-/// How long an idle executor keeps polling its queues (yielding the CPU between polls)
-/// before it parks: a serial caller's next op usually arrives within this, and waking a
-/// parked thread costs tens of microseconds.
-const SPIN_BEFORE_PARK: std::time::Duration = std::time::Duration::from_micros(50);
+/// The next queued work item, if any: the priority lane first.
+fn poll(core: &DeviceCore) -> Option<Work> {
+    core.priority.1.try_recv().or_else(|_| core.jobs.1.try_recv()).ok()
+}
 
 /// The next work item: the priority lane first; then, when the device has at most one op
-/// in flight (a serial caller, whose next op comes right after this answer), a bounded spin;
-/// then park. With more ops in flight the next ones are certainly coming and the tasks
-/// producing them need the CPU — spinning there starves a 2-core machine (measured: 40%
-/// less pipelined throughput), so the executor parks at once.
-fn next_work(core: &DeviceCore) -> Work {
-    let poll = || core.priority.1.try_recv().or_else(|_| core.jobs.1.try_recv()).ok();
-    if let Some(w) = poll() {
+/// in flight (a serial caller, whose next op comes right after this answer), polling for
+/// up to `runtime.spin_us`, yielding the CPU between polls (waking a parked thread costs
+/// tens of microseconds); then park. With more ops in flight the next ones are certainly
+/// coming and the tasks producing them need the CPU — spinning there starves a 2-core
+/// machine (measured: 40% less pipelined throughput), so the executor parks at once.
+fn next_work(shared: &Shared, core: &DeviceCore) -> Work {
+    if let Some(w) = poll(core) {
         return w;
     }
-    let spin = if core.in_flight() <= 1 {
-        SPIN_BEFORE_PARK
-    } else {
-        std::time::Duration::ZERO
-    };
+    let spin = shared.spin_for(core.index);
     let until = Instant::now() + spin;
     while Instant::now() < until {
         std::thread::yield_now();
-        if let Some(w) = poll() {
+        if let Some(w) = poll(core) {
             return w;
         }
     }
@@ -199,56 +285,137 @@ fn next_work(core: &DeviceCore) -> Work {
     .expect("the core owns both ends of its channels")
 }
 
-/// Runs one job; `false` when the executor must end (its engine died or is poisoned).
-fn execute(
-    shared: &Shared,
-    core: &DeviceCore,
-    engine: &mut dyn Engine,
-    mut job: Job,
-    suspects: &mut Vec<(u64, String)>,
-    epoch: u64,
-) -> bool {
+/// Answers a job that must not run (answered while queued, failed device, deadline passed,
+/// quarantined kernel); gives it back otherwise, counting the attempt.
+fn admit(core: &DeviceCore, mut job: Job) -> Option<Job> {
     if job.slot.is_answered() {
         // Answered while queued (deadline, shutdown): nothing to do.
-        return true;
+        return None;
     }
     if core.state.get() == DeviceState::Failed {
         job.answer(Err(core.failed_error(false)), &core.counters);
-        return true;
+        return None;
     }
     if Instant::now() >= job.deadline {
         let e = core.deadline_exceeded(job.kind(), false);
         job.answer(Err(e), &core.counters);
-        return true;
+        return None;
     }
     if let Some(e) = core.is_quarantined(&job.op) {
         job.answer(Err(e), &core.counters);
-        return true;
+        return None;
     }
     job.attempts += 1;
-    *core.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(Current {
-        slot: job.slot.clone(),
-        deadline: job.deadline,
-        op: job.kind(),
-    });
-    // A span per op (cheap when nobody listens): device, op kind, attempt, outcome.
-    let span = tracing::info_span!(
+    Some(job)
+}
+
+/// A span per op (cheap when nobody listens): device, op kind, attempt, outcome.
+fn op_span(core: &DeviceCore, job: &Job) -> tracing::Span {
+    tracing::info_span!(
         "gpu_op",
         device = core.index,
         op = job.kind().as_str(),
         attempt = job.attempts,
         outcome = tracing::field::Empty
-    );
-    let result = span.in_scope(|| engine.run(&job.op, job.origin));
+    )
+}
+
+fn record_outcome(span: &tracing::Span, exec: &Exec) {
     span.record(
         "outcome",
-        match &result {
+        match exec {
             Exec::Done(Ok(_)) => "success",
             Exec::Done(Err(e)) => e.class().as_str(),
             Exec::Died { .. } => "engine_died",
         },
     );
-    *core.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+}
+
+/// What the watchdog sees of the ops running now.
+fn set_current<'a>(core: &DeviceCore, jobs: impl IntoIterator<Item = &'a Job>) {
+    let mut current = core.current.lock().unwrap_or_else(|p| p.into_inner());
+    current.clear();
+    current.extend(jobs.into_iter().map(|job| Current {
+        slot: job.slot.clone(),
+        deadline: job.deadline,
+        op: job.kind(),
+    }));
+}
+
+/// Runs one job; `false` when the executor must end (its engine died or is poisoned).
+fn execute(
+    shared: &Shared,
+    core: &DeviceCore,
+    engine: &mut dyn Engine,
+    job: Job,
+    suspects: &mut Vec<(u64, String)>,
+    epoch: u64,
+) -> bool {
+    let Some(job) = admit(core, job) else { return true };
+    set_current(core, [&job]);
+    let span = op_span(core, &job);
+    let result = span.in_scope(|| engine.run(&job.op, job.origin));
+    record_outcome(&span, &result);
+    set_current(core, []);
+    let mut died = false;
+    finish(shared, core, engine, job, result, suspects, epoch, &mut died)
+}
+
+/// Runs jobs as one batch; `false` when the executor must end. Each op's span covers the
+/// batch it ran in.
+fn execute_batch(
+    shared: &Shared,
+    core: &DeviceCore,
+    engine: &mut dyn Engine,
+    batch: Vec<Job>,
+    suspects: &mut Vec<(u64, String)>,
+    epoch: u64,
+) -> bool {
+    let batch: Vec<Job> = batch.into_iter().filter_map(|job| admit(core, job)).collect();
+    if batch.is_empty() {
+        return true;
+    }
+    set_current(core, &batch);
+    let spans: Vec<tracing::Span> = batch.iter().map(|job| op_span(core, job)).collect();
+    let ops: Vec<(&Op, Origin)> = batch.iter().map(|job| (&job.op, job.origin)).collect();
+    let results = engine.run_batch(&ops);
+    drop(ops);
+    set_current(core, []);
+    let mut results = results.into_iter();
+    let mut go_on = true;
+    let mut died = false;
+    for (job, span) in batch.into_iter().zip(spans) {
+        match results.next() {
+            Some(result) => {
+                record_outcome(&span, &result);
+                go_on &= finish(shared, core, engine, job, result, suspects, epoch, &mut died);
+            }
+            None => {
+                // Did not start: the engine was poisoned by an op before it. It runs on the
+                // next context, ahead of the ops queued behind it.
+                let mut job = job;
+                job.attempts -= 1;
+                core.requeue(job);
+            }
+        }
+    }
+    go_on
+}
+
+/// Acts on one op's execution: answers it, or reports its failure to the supervisor.
+/// `false` when the executor must end. `died` is set once the engine's death has been
+/// reported (a batch reports it once).
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    shared: &Shared,
+    core: &DeviceCore,
+    engine: &mut dyn Engine,
+    mut job: Job,
+    result: Exec,
+    suspects: &mut Vec<(u64, String)>,
+    epoch: u64,
+    died: &mut bool,
+) -> bool {
     match result {
         Exec::Done(Ok(reply)) => {
             track_success(core, &job.op, &reply, suspects);
@@ -287,7 +454,7 @@ fn execute(
             let retry_transparently = !may_have_executed && job.kind().is_idempotent() && job.op.buffers().is_empty();
             if retry_transparently && job.origin == Origin::Application {
                 job.attempts -= 1;
-                core.enqueue(job);
+                core.requeue(job);
             } else {
                 let e = RuntimeError::DeviceRestarted {
                     device: core.index,
@@ -295,11 +462,13 @@ fn execute(
                 };
                 job.answer(Err(e), &core.counters);
             }
-            shared.report(SupervisorMsg::ExecutorDied {
-                device: core.index,
-                epoch,
-                reason,
-            });
+            if !std::mem::replace(died, true) {
+                shared.report(SupervisorMsg::ExecutorDied {
+                    device: core.index,
+                    epoch,
+                    reason,
+                });
+            }
             false
         }
     }

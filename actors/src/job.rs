@@ -1,6 +1,7 @@
 //! A job is one op on its way through the runtime: the op, its take-once reply slot, its
 //! deadline, its attempts and its in-flight permit (kept across retries).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -11,8 +12,84 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::error::{OpResult, RuntimeError};
 use crate::metrics::{DeviceCounters, Outcome};
 
+/// Where an op's answer goes.
+pub(crate) enum Port {
+    /// A caller's reply port (an actor's `call`, a [`crate::DeviceHandle`] op).
+    Reply(RpcReplyPort<OpResult>),
+    /// Entry `.1` of a batch, whose caller is woken once, when the last op is answered.
+    Batch(Arc<BatchSink>, usize),
+}
+
+impl Port {
+    pub(crate) fn send(self, result: OpResult) {
+        match self {
+            // The caller may have gone away (dropped its receiver).
+            Port::Reply(port) => {
+                let _ = port.send(result);
+            }
+            Port::Batch(sink, index) => sink.put(index, result),
+        }
+    }
+}
+
+impl From<RpcReplyPort<OpResult>> for Port {
+    fn from(port: RpcReplyPort<OpResult>) -> Self {
+        Port::Reply(port)
+    }
+}
+
+impl From<tokio::sync::oneshot::Sender<OpResult>> for Port {
+    fn from(tx: tokio::sync::oneshot::Sender<OpResult>) -> Self {
+        Port::Reply(tx.into())
+    }
+}
+
+/// The answers of a batch of ops: one wake-up for the caller per batch, not per op.
+pub(crate) struct BatchSink {
+    results: Mutex<Vec<Option<OpResult>>>,
+    remaining: AtomicUsize,
+    done: tokio::sync::Notify,
+}
+
+impl BatchSink {
+    pub(crate) fn new(len: usize) -> Arc<BatchSink> {
+        Arc::new(BatchSink {
+            results: Mutex::new((0..len).map(|_| None).collect()),
+            remaining: AtomicUsize::new(len),
+            done: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn put(&self, index: usize, result: OpResult) {
+        let first = {
+            let mut results = self.results.lock().unwrap_or_else(|p| p.into_inner());
+            let slot = &mut results[index];
+            let first = slot.is_none();
+            slot.get_or_insert(result);
+            first
+        };
+        // Each entry is answered once (its reply slot is take-once); the last one wakes
+        // the caller. `notify_one` keeps the wake-up if the caller is not waiting yet.
+        if first && self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.done.notify_one();
+        }
+    }
+
+    /// Waits for every entry's answer; they come back in order.
+    pub(crate) async fn wait(&self) -> Vec<OpResult> {
+        while self.remaining.load(Ordering::Acquire) > 0 {
+            self.done.notified().await;
+        }
+        let mut results = self.results.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut *results)
+            .into_iter()
+            .map(|r| r.expect("every entry was answered"))
+            .collect()
+    }
+}
+
 struct SlotInner {
-    port: Mutex<Option<(RpcReplyPort<OpResult>, Arc<DeviceCounters>)>>,
+    port: Mutex<Option<(Port, Arc<DeviceCounters>)>>,
     op: OpKind,
     origin: Origin,
     submitted: Instant,
@@ -32,7 +109,7 @@ impl Drop for SlotInner {
             if self.origin == Origin::Application {
                 counters.answered(self.op, Outcome::of(&result), self.submitted.elapsed(), 0, false);
             }
-            let _ = port.send(result);
+            port.send(result);
         }
     }
 }
@@ -43,7 +120,7 @@ impl Drop for SlotInner {
 pub(crate) struct ReplySlot(Arc<SlotInner>);
 
 impl ReplySlot {
-    pub(crate) fn new(port: RpcReplyPort<OpResult>, op: OpKind, origin: Origin, counters: Arc<DeviceCounters>) -> Self {
+    pub(crate) fn new(port: Port, op: OpKind, origin: Origin, counters: Arc<DeviceCounters>) -> Self {
         if origin == Origin::Application {
             counters.opened();
         }
@@ -55,7 +132,7 @@ impl ReplySlot {
         }))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(RpcReplyPort<OpResult>, Arc<DeviceCounters>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(Port, Arc<DeviceCounters>)>> {
         self.0.port.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -95,7 +172,7 @@ impl ReplySlot {
             );
         }
         // The caller may have gone away (dropped its receiver): the answer is still counted.
-        let _ = port.send(result);
+        port.send(result);
         true
     }
 }

@@ -19,7 +19,7 @@ use hipvisor_core::{
     Payload, Reply,
 };
 
-use crate::executor::{Engine, Exec};
+use crate::executor::{Batching, Engine, Exec};
 use crate::runtime::Shared;
 
 /// How long a new worker may take to open its device (cuInit and a context take a few
@@ -256,16 +256,109 @@ fn region_of(p: &Payload) -> Result<Arc<Region>, IpcError> {
     Ok(Arc::new(r))
 }
 
-impl Engine for WorkerEngine {
-    fn run(&mut self, op: &Op, origin: Origin) -> Exec {
-        let id = self.next_id;
-        self.next_id += 1;
-        let fault = self
-            .shared
+impl WorkerEngine {
+    /// The fault the simulator's plan decides for `op`, if any.
+    fn fault(&self, op: &Op, origin: Origin) -> Option<ipc::WireFault> {
+        self.shared
             .backend
             .fault_injector()
             .and_then(|f| f.decide(self.device, op, origin))
-            .map(Into::into);
+            .map(Into::into)
+    }
+
+    /// The answer for ops whose worker died: ids from `first` up to the request the worker
+    /// had started may have executed; the rest did not start.
+    fn died_under(&mut self, first: u64, count: usize, why: String) -> Vec<Exec> {
+        let started = self.control.started();
+        let reason = format!("{why}; {}", self.exit_reason());
+        (first..first + count as u64)
+            .map(|id| Exec::Died {
+                may_have_executed: started >= id,
+                reason: reason.clone(),
+            })
+            .collect()
+    }
+}
+
+impl Engine for WorkerEngine {
+    fn batching(&self) -> Option<Batching> {
+        Some(Batching {
+            ops: ipc::MAX_BATCH,
+            bytes: ipc::BATCH_INLINE_BYTES,
+        })
+    }
+
+    /// Ops whose bytes travel inline (not in a region) may be batched; the cost is the
+    /// payload bytes each way, plus the launch arguments.
+    fn batch_cost(&self, op: &Op) -> Option<usize> {
+        let inline = |n: usize| (n <= ipc::INLINE_LIMIT).then_some(n);
+        match op {
+            Op::CopyToDevice { data, .. } => inline(data.len()),
+            Op::CopyFromDevice { len, .. } => inline(*len as usize),
+            Op::LoadModule { .. } => None, // rare, and possibly a large image
+            Op::Launch { function, args, .. } => Some(function.len() + 16 * args.len()),
+            _ => Some(0),
+        }
+    }
+
+    fn run_batch(&mut self, ops: &[(&Op, Origin)]) -> Vec<Exec> {
+        let first = self.next_id;
+        let requests: Vec<Request> = ops
+            .iter()
+            .map(|&(op, origin)| {
+                let id = self.next_id;
+                self.next_id += 1;
+                Request {
+                    id,
+                    op: op.clone(),
+                    origin,
+                    fault: self.fault(op, origin),
+                    input: None,
+                    output: None,
+                    linger_us: 0,
+                }
+            })
+            .collect();
+        if let Err(e) = self.channel.send(&ToWorker::Batch(requests), &[]) {
+            return self.died_under(first, ops.len(), format!("cannot send to the worker: {e}"));
+        }
+        match self.channel.recv::<FromWorker>() {
+            Ok((FromWorker::Batch(results), _))
+                if !results.is_empty()
+                    && results.len() <= ops.len()
+                    && results.iter().zip(first..).all(|((id, _), want)| *id == want) =>
+            {
+                results.into_iter().map(|(_, r)| Exec::Done(r)).collect()
+            }
+            Ok((FromWorker::Malformed(why), _)) => ops
+                .iter()
+                .map(|(op, _)| {
+                    let reason = InvalidReason::BadArguments {
+                        kernel: String::new(),
+                        reason: format!("worker rejected the batch: {why}"),
+                    };
+                    Exec::Done(Err(GpuError::invalid(op.kind(), self.device, reason)))
+                })
+                .collect(),
+            Ok((other, _)) => {
+                let _ = self.child.kill();
+                let why = format!("unexpected answer to a batch from the worker: {other:?}");
+                self.died_under(first, ops.len(), why)
+            }
+            Err(IpcError::Closed) => self.died_under(first, ops.len(), "the worker's connection closed".into()),
+            Err(e) => {
+                let _ = self.child.kill();
+                self.died_under(first, ops.len(), format!("bad frame from the worker: {e}"))
+            }
+        }
+    }
+
+    fn run(&mut self, op: &Op, origin: Origin) -> Exec {
+        let id = self.next_id;
+        self.next_id += 1;
+        let fault = self.fault(op, origin);
+        // The device's only op in flight: its caller waits for this answer to send the next.
+        let spin = self.shared.spin_for(self.device);
         // Bulk bytes go in shared memory; the op travels without them.
         let mut sent = op.clone();
         let mut regions: Vec<Arc<Region>> = Vec::new();
@@ -336,15 +429,14 @@ impl Engine for WorkerEngine {
             fault,
             input,
             output: out_ref,
+            linger_us: spin.as_micros() as u32,
         };
-        let died = |w: &mut WorkerEngine, why: String| Exec::Died {
-            may_have_executed: w.control.started() >= id,
-            reason: format!("{why}; {}", w.exit_reason()),
-        };
+        let died = |w: &mut WorkerEngine, why: String| w.died_under(id, 1, why).pop().expect("one op");
         if let Err(e) = self.channel.send(&ToWorker::Request(request), &fds) {
             return died(self, format!("cannot send to the worker: {e}"));
         }
-        match self.channel.recv::<FromWorker>() {
+        // A serial caller's op: poll for the answer rather than sleep through a wake-up.
+        match self.channel.recv_spinning::<FromWorker>(spin) {
             Ok((
                 FromWorker::Response {
                     id: got,

@@ -6,17 +6,17 @@ use std::time::{Duration, Instant};
 
 use hipvisor_core::config::Isolation;
 use hipvisor_core::{
-    Backend, BackendKind, ConfigError, GpuError, MemInfo, Op, Origin, Reply, RuntimeConfig, SimBackend,
+    Backend, BackendKind, ConfigError, GpuError, MemInfo, Op, OpKind, Origin, Reply, RuntimeConfig, SimBackend,
 };
 use opentelemetry::metrics::Meter;
-use ractor::{Actor, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorRef};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
 use crate::device::{DeviceActor, DeviceCore, DeviceHandle, DeviceMsg, Work};
 use crate::error::{OpResult, RuntimeError};
 use crate::executor;
-use crate::job::Job;
+use crate::job::{BatchSink, Job, Port, ReplySlot};
 use crate::metrics::{MetricsActor, MetricsArgs, MetricsEvent, MetricsMsg, Snapshot};
 use crate::state::{DeviceState, DeviceStateChange};
 use crate::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
@@ -68,6 +68,17 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// How long to poll instead of parking a thread while `device` serves a serial caller
+    /// (at most one op in flight): `runtime.spin_us`; zero with more ops in flight, when the
+    /// next op is coming anyway and the CPU is better left to whoever produces it.
+    pub(crate) fn spin_for(&self, device: u32) -> Duration {
+        let spin_us = self.config.runtime.spin_us;
+        if spin_us == 0 || self.cores[device as usize].in_flight() > 1 {
+            return Duration::ZERO;
+        }
+        Duration::from_micros(spin_us)
+    }
+
     /// Runs a task that holds a job between attempts; shutdown aborts it (the job's slot
     /// then answers `ShuttingDown`).
     pub(crate) fn spawn_retry(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
@@ -146,14 +157,16 @@ impl Shared {
     }
 
     /// Admits and queues an op if it can be done without waiting; otherwise gives it back
-    /// (the device is at its in-flight bound).
+    /// (the device is at its in-flight bound). With `hold`, an admitted job is put there
+    /// instead of queued.
     pub(crate) fn submit_now(
         self: &Arc<Self>,
         device: u32,
         op: Op,
-        reply: RpcReplyPort<OpResult>,
+        reply: Port,
         busy_is_final: bool,
-    ) -> Option<(Op, RpcReplyPort<OpResult>)> {
+        hold: Option<&mut Vec<Job>>,
+    ) -> Option<(Op, Port)> {
         match self.route(device, &op) {
             Err(e) => {
                 self.answer_unqueued(device, op, reply, e);
@@ -163,7 +176,7 @@ impl Shared {
                 let core = &self.cores[target as usize];
                 match core.permits.clone().try_acquire_owned() {
                     Ok(permit) => {
-                        self.admit_and_queue(target, op, reply, permit);
+                        self.admit_and_queue(target, op, reply, permit, hold);
                         None
                     }
                     Err(_) if busy_is_final => {
@@ -181,8 +194,8 @@ impl Shared {
     }
 
     /// Admits and queues an op, waiting for an in-flight slot if `wait`.
-    pub(crate) async fn submit(self: &Arc<Self>, device: u32, op: Op, reply: RpcReplyPort<OpResult>, wait: bool) {
-        let Some((op, reply)) = self.submit_now(device, op, reply, !wait) else {
+    pub(crate) async fn submit(self: &Arc<Self>, device: u32, op: Op, reply: Port, wait: bool) {
+        let Some((op, reply)) = self.submit_now(device, op, reply, !wait, None) else {
             return;
         };
         let target = match self.route(device, &op) {
@@ -196,7 +209,29 @@ impl Shared {
         if self.closing.load(Ordering::Acquire) {
             return self.answer_unqueued(device, op, reply, RuntimeError::ShuttingDown);
         }
-        self.admit_and_queue(target, op, reply, permit);
+        self.admit_and_queue(target, op, reply, permit, None);
+    }
+
+    /// Admits and queues a batch of ops, each as [`Shared::submit`] does, but queued
+    /// together once admitted, so the executor wakes once and (in process isolation) sends
+    /// them to the worker in one request. At the in-flight bound, what is admitted so far is
+    /// queued and the rest waits for slots.
+    pub(crate) async fn submit_batch(self: &Arc<Self>, device: u32, ops: Vec<Op>, sink: &Arc<BatchSink>) {
+        let mut held = Vec::with_capacity(ops.len());
+        for (index, op) in ops.into_iter().enumerate() {
+            let port = Port::Batch(sink.clone(), index);
+            if let Some((op, port)) = self.submit_now(device, op, port, false, Some(&mut held)) {
+                self.queue_held(&mut held);
+                self.submit(device, op, port, true).await;
+            }
+        }
+        self.queue_held(&mut held);
+    }
+
+    fn queue_held(&self, held: &mut Vec<Job>) {
+        for job in held.drain(..) {
+            self.cores[job.device as usize].enqueue(job);
+        }
     }
 
     /// Where an op sent to `device` goes: the device itself, another one if it is lost and
@@ -225,15 +260,13 @@ impl Shared {
 
     /// Answers an op that was never queued, counted under its device — or, for a device
     /// index out of range (no device to count it under), answered directly.
-    fn answer_unqueued(&self, device: u32, op: Op, reply: RpcReplyPort<OpResult>, e: RuntimeError) {
+    fn answer_unqueued(&self, device: u32, op: Op, reply: Port, e: RuntimeError) {
         match self.cores.get(device as usize) {
             Some(core) => {
                 core.job(op, Origin::Application, reply, None)
                     .answer(Err(e), &core.counters);
             }
-            None => {
-                let _ = reply.send(Err(e));
-            }
+            None => reply.send(Err(e)),
         }
     }
 
@@ -241,8 +274,9 @@ impl Shared {
         &self,
         device: u32,
         op: Op,
-        reply: RpcReplyPort<OpResult>,
+        reply: Port,
         permit: tokio::sync::OwnedSemaphorePermit,
+        hold: Option<&mut Vec<Job>>,
     ) {
         let core = &self.cores[device as usize];
         match core.admit(&op, self) {
@@ -252,7 +286,11 @@ impl Shared {
             }
             Ok(()) => {
                 core.requests.fetch_add(1, Ordering::Relaxed);
-                core.enqueue(core.job(op, Origin::Application, reply, Some(permit)));
+                let job = core.job(op, Origin::Application, reply, Some(permit));
+                match hold {
+                    Some(held) => held.push(job),
+                    None => core.enqueue(job),
+                }
             }
         }
     }
@@ -329,14 +367,15 @@ impl Shared {
     fn watch(&self) {
         let now = Instant::now();
         for core in &self.cores {
-            let overdue = {
-                let cur = core.current.lock().unwrap_or_else(|p| p.into_inner());
-                match cur.as_ref() {
-                    Some(c) if now >= c.deadline && !c.slot.is_answered() => Some((c.slot.clone(), c.op)),
-                    _ => None,
-                }
-            };
-            let Some((slot, op)) = overdue else { continue };
+            let overdue: Vec<(ReplySlot, OpKind)> = core
+                .current
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .filter(|c| now >= c.deadline && !c.slot.is_answered())
+                .map(|c| (c.slot.clone(), c.op))
+                .collect();
+            let Some(&(_, op)) = overdue.first() else { continue };
             let deadline_ms = core.deadline.as_millis() as u64;
             tracing::warn!(
                 device = core.index,
@@ -344,7 +383,11 @@ impl Shared {
                 deadline_ms,
                 "op hung past its deadline"
             );
-            slot.answer(Err(core.deadline_exceeded(op, true)), 1, &core.counters);
+            // In a batch, the ops past their deadline may be the hung one or ones queued
+            // behind it in the worker: either may have executed.
+            for (slot, op) in overdue {
+                slot.answer(Err(core.deadline_exceeded(op, true)), 1, &core.counters);
+            }
             if self.config.runtime.isolation == Isolation::Process {
                 // A hung kernel: kill the worker; the supervisor restarts the device.
                 core.kill_worker();
@@ -796,13 +839,14 @@ impl Runtime {
         loop {
             for core in &shared.cores {
                 core.drain(|_| RuntimeError::ShuttingDown);
-                let current = core
+                let current: Vec<ReplySlot> = core
                     .current
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .as_ref()
-                    .map(|c| c.slot.clone());
-                if let Some(slot) = current {
+                    .iter()
+                    .map(|c| c.slot.clone())
+                    .collect();
+                for slot in current {
                     slot.answer(Err(RuntimeError::ShuttingDown), 1, &core.counters);
                 }
             }

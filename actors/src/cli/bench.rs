@@ -8,6 +8,8 @@
 //!   kernel launch + synchronize), no runtime;
 //! - `runtime_{thread,process}_serial_null`, `runtime_{thread,process}_pipelined_null` (64 in
 //!   flight), `runtime_{thread,process}_launch_sync`;
+//! - `runtime_{thread,process}_batch_null`: [`BATCH_CALLERS`] callers each submitting
+//!   batches of 64 mem-infos with `DeviceHandle::submit_batch`, one after another;
 //! - `direct_h2d`, `runtime_{thread,process}_h2d` (GB/s; 256 MiB by default, from a
 //!   runtime host buffer, so process isolation copies from shared memory);
 //! - `recovery_sticky_process_ms`, `recovery_sticky_standby_ms`: a sticky fault → the next
@@ -47,6 +49,9 @@ pub(crate) struct BenchArgs {
 }
 
 const IN_FLIGHT: u64 = 64;
+/// Callers submitting batches concurrently in `runtime_*_batch_null`: while one batch
+/// runs, the next is being admitted.
+const BATCH_CALLERS: u64 = 4;
 
 /// One measurement's values and their unit.
 struct Series {
@@ -208,8 +213,9 @@ async fn stop(rt: Arc<Runtime>) {
     }
 }
 
-/// Serial and pipelined mem-info, serial launch + sync, and h2d GB/s through the runtime.
-async fn through_runtime(config: RuntimeConfig, ops: u64, h2d_bytes: usize) -> Result<[f64; 4], String> {
+/// Serial and pipelined mem-info, serial launch + sync, h2d GB/s and batched mem-info
+/// through the runtime.
+async fn through_runtime(config: RuntimeConfig, ops: u64, h2d_bytes: usize) -> Result<[f64; 5], String> {
     let rt = start(config, false).await?;
     let gpu = rt.device(0).map_err(|e| e.to_string())?;
     let g = gpu.clone();
@@ -228,6 +234,16 @@ async fn through_runtime(config: RuntimeConfig, ops: u64, h2d_bytes: usize) -> R
         }
     })
     .await;
+    let g = gpu.clone();
+    let batch = per_op(ops / IN_FLIGHT, BATCH_CALLERS, move || {
+        let g = g.clone();
+        async move {
+            let answers = g.submit_batch((0..IN_FLIGHT).map(|_| Op::MemInfo)).await;
+            assert!(answers.iter().all(Result::is_ok), "a batched mem-info failed");
+        }
+    })
+    .await
+        / IN_FLIGHT as f64;
     let m = gpu
         .load_module(ModuleSource::Builtin)
         .await
@@ -256,7 +272,7 @@ async fn through_runtime(config: RuntimeConfig, ops: u64, h2d_bytes: usize) -> R
     let gbps = (4 * h2d_bytes) as f64 / started.elapsed().as_secs_f64() / 1e9;
     drop(gpu);
     stop(rt).await;
-    Ok([serial, pipelined, launch, gbps])
+    Ok([serial, pipelined, launch, gbps, batch])
 }
 
 /// Milliseconds from a sticky fault to the next successful op on the device.
@@ -341,6 +357,8 @@ pub(crate) fn main(args: BenchArgs) -> ExitCode {
             ("runtime_thread_pipelined_null", "ns_per_op"),
             ("runtime_process_serial_null", "ns_per_op"),
             ("runtime_process_pipelined_null", "ns_per_op"),
+            ("runtime_thread_batch_null", "ns_per_op"),
+            ("runtime_process_batch_null", "ns_per_op"),
             ("runtime_thread_launch_sync", "ns_per_op"),
             ("runtime_process_launch_sync", "ns_per_op"),
             ("direct_h2d", "gbps"),
@@ -361,7 +379,7 @@ pub(crate) fn main(args: BenchArgs) -> ExitCode {
             v.extend([null, launch]);
             let t = through_runtime(thread_cfg.clone(), args.ops, h2d).await?;
             let p = through_runtime(process_cfg.clone(), args.ops, h2d).await?;
-            v.extend([t[0], t[1], p[0], p[1], t[2], p[2], gbps, t[3], p[3]]);
+            v.extend([t[0], t[1], p[0], p[1], t[4], p[4], t[2], p[2], gbps, t[3], p[3]]);
             v.push(recovery(process_cfg.clone(), false).await?);
             v.push(recovery(process_cfg.clone(), true).await?);
             // Alternate the order, so drift on a shared machine favours neither side.
@@ -384,6 +402,9 @@ pub(crate) fn main(args: BenchArgs) -> ExitCode {
             "runtime_process_serial_overhead_us": (m("runtime_process_serial_null") - m("direct_null")) / 1e3,
             "runtime_thread_pipelined_ops_per_s": 1e9 / m("runtime_thread_pipelined_null"),
             "runtime_process_pipelined_ops_per_s": 1e9 / m("runtime_process_pipelined_null"),
+            "runtime_thread_batch_ops_per_s": 1e9 / m("runtime_thread_batch_null"),
+            "runtime_process_batch_ops_per_s": 1e9 / m("runtime_process_batch_null"),
+            "runtime_thread_batch_null / channel_baseline_pipelined": m("runtime_thread_batch_null") / m("channel_baseline_pipelined"),
             "runtime_thread_h2d / direct_h2d": m("runtime_thread_h2d") / m("direct_h2d"),
             "runtime_process_h2d / direct_h2d": m("runtime_process_h2d") / m("direct_h2d"),
             "telemetry_on_pipelined / telemetry_off_pipelined": m("telemetry_on_pipelined") / m("telemetry_off_pipelined"),
