@@ -27,7 +27,10 @@ use crate::state::{AtomicState, DeviceState};
 
 /// What travels to an executor.
 pub(crate) enum Work {
-    Job(Box<Job>),
+    /// A job, by value: boxing it cost a heap block freed on the executor thread per op,
+    /// and such cross-thread frees contend for the allocator's arena lock — measured 2.0 →
+    /// 1.25 µs per op pipelined (64 callers, 2 cores) when the box went.
+    Job(Job),
     /// Wakes an executor so it sees its stop flag.
     Wake,
 }
@@ -206,14 +209,14 @@ impl DeviceCore {
             &self.jobs.0
         };
         // The core owns both ends of its channels, so sending cannot fail.
-        let _ = lane.send(Work::Job(Box::new(job)));
+        let _ = lane.send(Work::Job(job));
     }
 
     /// Queues a job that was taken from a queue but did not run (its executor stopped, its
     /// batch's engine was poisoned before it started): on the priority lane, so it runs
     /// before the jobs that were queued behind it.
     pub(crate) fn requeue(&self, job: Job) {
-        let _ = self.priority.0.send(Work::Job(Box::new(job)));
+        let _ = self.priority.0.send(Work::Job(job));
     }
 
     /// Answers every queued job with `error(job)` (a failed device, shutdown).

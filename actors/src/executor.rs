@@ -202,7 +202,7 @@ fn run(
     let mut suspects: Vec<(u64, String)> = Vec::new();
     let batching = engine.batching();
     // A job taken while gathering a batch that could not join it: it runs next.
-    let mut carried: Option<Box<Job>> = None;
+    let mut carried: Option<Job> = None;
     while !stop.load(Ordering::Acquire) {
         let job = match carried.take() {
             Some(job) => job,
@@ -213,26 +213,26 @@ fn run(
         };
         if stop.load(Ordering::Acquire) {
             // Not ours any more: put it back for the next executor, or shutdown's drain.
-            core.requeue(*job);
+            core.requeue(job);
             break;
         }
         let cost = batching.and_then(|_| engine.batch_cost(&job.op));
         let (Some(limits), Some(cost)) = (batching, cost) else {
-            if !execute(&shared, core, &mut *engine, *job, &mut suspects, epoch) {
+            if !execute(&shared, core, &mut *engine, job, &mut suspects, epoch) {
                 break;
             }
             continue;
         };
         // Whatever is queued already joins the batch, up to the engine's limits: one round
         // trip to a worker for many ops. Nothing waits for a batch to fill.
-        let mut batch = vec![*job];
+        let mut batch = vec![job];
         let mut bytes = cost;
         while batch.len() < limits.ops {
             let Some(Work::Job(next)) = poll(core) else { break };
             match engine.batch_cost(&next.op) {
                 Some(c) if bytes + c <= limits.bytes => {
                     bytes += c;
-                    batch.push(*next);
+                    batch.push(next);
                 }
                 _ => {
                     carried = Some(next);
@@ -251,7 +251,7 @@ fn run(
         }
     }
     if let Some(job) = carried {
-        core.requeue(*job);
+        core.requeue(job);
     }
 }
 
