@@ -239,6 +239,18 @@ impl CircuitBreaker {
         }
     }
 
+    /// Records `n` successful calls at once (counted elsewhere meanwhile); the last
+    /// transition, if any.
+    pub fn record_successes(&mut self, n: u64, now: Instant) -> Option<Transition> {
+        // More successes than the window and the probes hold change nothing further.
+        let bound = u64::from(self.config.window) + u64::from(self.config.half_open_probes);
+        let mut last = None;
+        for _ in 0..n.min(bound) {
+            last = self.record_success(now).or(last);
+        }
+        last
+    }
+
     /// Records a failed call.
     pub fn record_failure(&mut self, now: Instant) -> Option<Transition> {
         let t = self.refresh(now);
@@ -295,6 +307,33 @@ mod tests {
             open_ms: 1000,
             half_open_probes: 2,
         }
+    }
+
+    #[test]
+    fn successes_recorded_at_once_count_as_the_same_successes_one_by_one() {
+        let now = Instant::now();
+        let (mut one, mut many) = (CircuitBreaker::new(cfg()), CircuitBreaker::new(cfg()));
+        for _ in 0..3 {
+            one.record_failure(now);
+            many.record_failure(now);
+        }
+        for _ in 0..7 {
+            one.record_success(now);
+        }
+        assert_eq!(many.record_successes(7, now), None);
+        assert_eq!(
+            (many.window.clone(), many.failures_in_window, many.consecutive),
+            (one.window.clone(), one.failures_in_window, one.consecutive)
+        );
+        // A count far beyond the window is bounded, with the same effect.
+        many.record_successes(u64::MAX, now);
+        for _ in 0..1000 {
+            one.record_success(now);
+        }
+        assert_eq!(
+            (many.window, many.failures_in_window),
+            (one.window, one.failures_in_window)
+        );
     }
 
     #[test]

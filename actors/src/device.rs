@@ -7,7 +7,7 @@
 //! a task of its own, so the actor keeps serving.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -54,6 +54,11 @@ pub(crate) struct DeviceCore {
     pub(crate) priority: (Sender<Work>, Receiver<Work>),
     pub(crate) counters: Arc<DeviceCounters>,
     pub(crate) breaker: Option<Mutex<CircuitBreaker>>,
+    /// Whether the breaker was closed when last seen under its lock: closed, it admits
+    /// everything and a success only joins its window, so neither takes the lock.
+    breaker_closed: AtomicBool,
+    /// Successes counted while closed, applied at the next locked breaker operation.
+    breaker_successes: AtomicU64,
     pub(crate) quarantined: RwLock<HashSet<(u64, String)>>,
     /// Modules loaded on the device (id → source), reloaded into a new context.
     pub(crate) modules: Mutex<BTreeMap<u64, ModuleSource>>,
@@ -86,6 +91,8 @@ impl DeviceCore {
             breaker: breaker
                 .enabled
                 .then(|| Mutex::new(CircuitBreaker::new(breaker.clone()))),
+            breaker_closed: AtomicBool::new(true),
+            breaker_successes: AtomicU64::new(0),
             quarantined: RwLock::new(HashSet::new()),
             modules: Mutex::new(BTreeMap::new()),
             current: Mutex::new(Vec::new()),
@@ -152,19 +159,45 @@ impl DeviceCore {
         }
     }
 
-    /// Admission of an application op: quarantine and breaker.
-    pub(crate) fn admit(&self, op: &Op, shared: &Shared) -> Result<(), RuntimeError> {
-        if let Some(e) = self.is_quarantined(op) {
-            return Err(e);
-        }
-        let Some(breaker) = &self.breaker else { return Ok(()) };
-        let (admission, transition) = breaker.lock().unwrap_or_else(|p| p.into_inner()).admit(Instant::now());
-        if let Some(t) = transition {
+    /// The breaker, locked, with the successes counted without the lock applied; `f`'s
+    /// transition is reported and the closed flag refreshed.
+    fn with_breaker<R>(
+        &self,
+        shared: &Shared,
+        f: impl FnOnce(&mut CircuitBreaker, Instant) -> (R, Option<hipvisor_core::breaker::Transition>),
+    ) -> Option<R> {
+        let breaker = self.breaker.as_ref()?;
+        let now = Instant::now();
+        let (r, transitions) = {
+            let mut b = breaker.lock().unwrap_or_else(|p| p.into_inner());
+            let pending = self.breaker_successes.swap(0, Ordering::AcqRel);
+            let earlier = b.record_successes(pending, now);
+            let (r, t) = f(&mut b, now);
+            self.breaker_closed
+                .store(b.state(now) == hipvisor_core::BreakerState::Closed, Ordering::Release);
+            (r, [earlier, t])
+        };
+        for t in transitions.into_iter().flatten() {
             shared.metrics_event(MetricsEvent::Breaker {
                 device: self.index,
                 state: t.to,
             });
         }
+        Some(r)
+    }
+
+    /// Admission of an application op: quarantine and breaker.
+    pub(crate) fn admit(&self, op: &Op, shared: &Shared) -> Result<(), RuntimeError> {
+        if let Some(e) = self.is_quarantined(op) {
+            return Err(e);
+        }
+        if self.breaker.is_none() || self.breaker_closed.load(Ordering::Acquire) {
+            // A closed breaker admits everything, with no other effect.
+            return Ok(());
+        }
+        let Some(admission) = self.with_breaker(shared, |b, now| b.admit(now)) else {
+            return Ok(());
+        };
         match admission {
             hipvisor_core::Admission::Allowed | hipvisor_core::Admission::Probe => Ok(()),
             hipvisor_core::Admission::Rejected { retry_after } => Err(RuntimeError::CircuitOpen {
@@ -174,28 +207,31 @@ impl DeviceCore {
         }
     }
 
-    /// Records the result of an application op in the breaker.
+    /// Records the result of an application op in the breaker. A success while it is
+    /// closed is only counted (the hot path takes no lock); the count joins the window at
+    /// the next locked operation, before anything else is recorded.
     pub(crate) fn breaker_result(&self, ok: bool, shared: &Shared) {
-        let Some(breaker) = &self.breaker else { return };
-        let now = Instant::now();
-        let t = {
-            let mut b = breaker.lock().unwrap_or_else(|p| p.into_inner());
-            if ok {
+        if self.breaker.is_none() {
+            return;
+        }
+        if ok && self.breaker_closed.load(Ordering::Acquire) {
+            self.breaker_successes.fetch_add(1, Ordering::AcqRel);
+            return;
+        }
+        self.with_breaker(shared, |b, now| {
+            let t = if ok {
                 b.record_success(now)
             } else {
                 b.record_failure(now)
-            }
-        };
-        if let Some(t) = t {
-            shared.metrics_event(MetricsEvent::Breaker {
-                device: self.index,
-                state: t.to,
-            });
-        }
+            };
+            ((), t)
+        });
     }
 
     pub(crate) fn breaker_state(&self) -> hipvisor_core::BreakerState {
         match &self.breaker {
+            // Successes not yet applied cannot change a breaker's state: they are only
+            // counted while it is closed.
             Some(b) => b.lock().unwrap_or_else(|p| p.into_inner()).state(Instant::now()),
             None => hipvisor_core::BreakerState::Closed,
         }
@@ -233,14 +269,15 @@ impl DeviceCore {
 
     /// A new job for `op` answering through `port`.
     pub(crate) fn job(&self, op: Op, origin: Origin, port: Port, permit: Option<OwnedSemaphorePermit>) -> Job {
-        let slot = ReplySlot::new(port, op.kind(), origin, self.counters.clone());
+        let now = Instant::now();
+        let slot = ReplySlot::new(port, op.kind(), origin, self.counters.clone(), now);
         Job {
             op,
             origin,
             slot,
             attempts: 0,
             backoff: None,
-            deadline: Instant::now() + self.deadline,
+            deadline: now + self.deadline,
             _permit: permit,
             device: self.index,
         }

@@ -120,7 +120,13 @@ impl Drop for SlotInner {
 pub(crate) struct ReplySlot(Arc<SlotInner>);
 
 impl ReplySlot {
-    pub(crate) fn new(port: Port, op: OpKind, origin: Origin, counters: Arc<DeviceCounters>) -> Self {
+    pub(crate) fn new(
+        port: Port,
+        op: OpKind,
+        origin: Origin,
+        counters: Arc<DeviceCounters>,
+        submitted: Instant,
+    ) -> Self {
         if origin == Origin::Application {
             counters.opened();
         }
@@ -128,7 +134,7 @@ impl ReplySlot {
             port: Mutex::new(Some((port, counters))),
             op,
             origin,
-            submitted: Instant::now(),
+            submitted,
         }))
     }
 
