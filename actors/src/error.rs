@@ -136,6 +136,25 @@ impl RuntimeError {
         }
     }
 
+    /// The variant's name in `snake_case`, as serde writes it (`device_restarted`, ...).
+    pub fn name(&self) -> &'static str {
+        match self {
+            RuntimeError::Gpu(_) => "gpu",
+            RuntimeError::RetriesExhausted { .. } => "retries_exhausted",
+            RuntimeError::RetryBudgetExhausted { .. } => "retry_budget_exhausted",
+            RuntimeError::DeadlineExceeded { .. } => "deadline_exceeded",
+            RuntimeError::Busy { .. } => "busy",
+            RuntimeError::CircuitOpen { .. } => "circuit_open",
+            RuntimeError::Quarantined { .. } => "quarantined",
+            RuntimeError::DeviceRestarted { .. } => "device_restarted",
+            RuntimeError::DeviceFailed { .. } => "device_failed",
+            RuntimeError::DeviceLost { .. } => "device_lost",
+            RuntimeError::NoReadyDevice => "no_ready_device",
+            RuntimeError::NoSuchDevice { .. } => "no_such_device",
+            RuntimeError::ShuttingDown => "shutting_down",
+        }
+    }
+
     /// The outcome label of metrics and reports: the class in `snake_case`, or `other`.
     pub fn label(&self) -> &'static str {
         self.class().map_or("other", ErrorClass::as_str)

@@ -356,6 +356,8 @@ fn execute(
     let span = op_span(core, &job);
     let result = span.in_scope(|| engine.run(&job.op, job.origin));
     record_outcome(&span, &result);
+    // Closed (and exported) before the answer: a caller that exits on it loses no span.
+    drop(span);
     set_current(core, []);
     let mut died = false;
     finish(shared, core, engine, job, result, suspects, epoch, &mut died)
@@ -388,6 +390,7 @@ fn execute_batch(
         match results.next() {
             Some(result) => {
                 record_outcome(&span, &result);
+                drop(span); // before the answer, as in `execute`
                 go_on &= finish(shared, core, engine, job, result, suspects, epoch, &mut died);
             }
             None => {

@@ -92,6 +92,10 @@ fn run_with_a_sticky_fault_reports_failed_devices_and_still_loses_nothing() {
     assert!(out.status.success(), "typed failures are not fatal: {v}");
     assert_eq!(v["isolation"], "thread");
     assert_eq!(v["failures_by_class"]["sticky"], 1);
+    assert_eq!(
+        v["failures_by_class"]["sticky"], v["failures_by_error"]["gpu"],
+        "the only GPU error is the sticky fault: {v}"
+    );
     assert_eq!(v["ops"]["missing_replies"], 0);
     assert!(all_devices(&v, "failed"));
 }

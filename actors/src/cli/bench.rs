@@ -374,14 +374,17 @@ pub(crate) fn main(args: BenchArgs) -> ExitCode {
         let process_cfg = runtime_config(&config, Isolation::Process, h2d);
         for rep in 0..reps {
             eprintln!("bench: repetition {} of {reps}", rep + 1);
+            // Recovery first, a latency measured in milliseconds: away from the teardown of
+            // runtimes that moved 256 MiB (their workers' exits compete for the CPU).
+            let cold = recovery(process_cfg.clone(), false).await?;
+            let standby = recovery(process_cfg.clone(), true).await?;
             let mut v = vec![channel(args.ops / 4, 1).await, channel(args.ops, IN_FLIGHT).await];
             let (null, launch, gbps) = direct(&thread_cfg, args.ops, h2d)?;
             v.extend([null, launch]);
             let t = through_runtime(thread_cfg.clone(), args.ops, h2d).await?;
             let p = through_runtime(process_cfg.clone(), args.ops, h2d).await?;
             v.extend([t[0], t[1], p[0], p[1], t[4], p[4], t[2], p[2], gbps, t[3], p[3]]);
-            v.push(recovery(process_cfg.clone(), false).await?);
-            v.push(recovery(process_cfg.clone(), true).await?);
+            v.extend([cold, standby]);
             // Alternate the order, so drift on a shared machine favours neither side.
             let (on, off) = if rep % 2 == 0 {
                 let on = telemetry(thread_cfg.clone(), args.ops, true).await?;

@@ -81,6 +81,8 @@ struct Observed {
     missing: u64,
     wrong: u64,
     by_class: BTreeMap<&'static str, u64>,
+    /// Failures by error (variant name).
+    by_error: BTreeMap<&'static str, u64>,
     latencies_us: Vec<f64>,
     /// Answers later than the op deadline (a hang the runtime should have cut short).
     late: u64,
@@ -136,6 +138,7 @@ impl Job {
                 o.failed += 1;
                 o.late += u64::from(past_deadline);
                 *o.by_class.entry(e.label()).or_default() += 1;
+                *o.by_error.entry(e.name()).or_default() += 1;
                 o.latencies_us.push(elapsed_us);
             }
         });
@@ -448,6 +451,7 @@ async fn finish(
             "device_lost": class("device_lost"),
             "other": class("other"),
         },
+        "failures_by_error": o.by_error,
         "retries": {
             "attempts": snapshot.retries.attempts,
             "succeeded": snapshot.retries.succeeded,
