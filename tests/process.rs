@@ -473,7 +473,15 @@ fn the_worker_runs_a_batch_in_order_and_stops_at_a_sticky_fault() {
 async fn batch_with_a_fault(
     f: impl FnOnce(&mut hipvisor::core::fault_plan::FaultSpec),
 ) -> (Vec<hipvisor::OpResult>, hipvisor::Snapshot) {
+    batch_with_a_fault_and(|_| {}, f).await
+}
+
+async fn batch_with_a_fault_and(
+    configure: impl FnOnce(&mut RuntimeConfig),
+    f: impl FnOnce(&mut hipvisor::core::fault_plan::FaultSpec),
+) -> (Vec<hipvisor::OpResult>, hipvisor::Snapshot) {
     let mut c = process_config(1);
+    configure(&mut c);
     c.sim.faults.push(fault(|s| {
         s.op = "mem_info".into();
         s.nth = Some(10);
@@ -526,4 +534,37 @@ async fn a_worker_crash_in_a_batch_answers_what_ran_and_reruns_what_did_not() {
         }
     }
     assert_eq!(s.restarts, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hang_in_a_batch_is_answered_at_the_deadline_and_the_worker_replaced() {
+    let (results, s) = batch_with_a_fault_and(|c| c.runtime.op_deadline_ms = 1_000, |f| f.hang_ms = Some(60_000)).await;
+    let overdue = |r: &hipvisor::OpResult| {
+        matches!(
+            r,
+            Err(RuntimeError::DeadlineExceeded {
+                may_have_executed: true,
+                ..
+            })
+        )
+    };
+    for (i, r) in results.iter().enumerate() {
+        match i {
+            // Before the hang: answered, or (in the hung batch) past the deadline with it,
+            // or restarted with the worker the watchdog killed.
+            0..9 => assert!(
+                r.is_ok() || overdue(r) || matches!(r, Err(RuntimeError::DeviceRestarted { .. })),
+                "op {}: {r:?}",
+                i + 1
+            ),
+            9 => assert!(overdue(r), "the hung op: {r:?}"),
+            // After it: past the deadline in the hung batch, or run on the new worker.
+            _ => assert!(
+                r.is_ok() || matches!(r, Err(RuntimeError::DeadlineExceeded { .. })),
+                "op {}: {r:?}",
+                i + 1
+            ),
+        }
+    }
+    assert_eq!(s.restarts, 1, "the watchdog killed the hung worker");
 }
