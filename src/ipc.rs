@@ -209,7 +209,7 @@ pub enum ToWorker {
     },
     /// Executes an op.
     Request(Request),
-    /// Executes several ops, in order, answered by one [`FromWorker::Batch`]: requests
+    /// Executes several ops, in order, answered by [`FromWorker::Batch`] frames: requests
     /// without regions only, at most [`MAX_BATCH`]. The worker stops at the first result
     /// that poisons its context (a sticky fault); the ops after it do not start.
     Batch(Vec<Request>),
@@ -241,9 +241,16 @@ pub enum FromWorker {
         /// Bytes written to the output region.
         output_len: Option<u64>,
     },
-    /// The answers to a [`ToWorker::Batch`]: `(id, result)` of each op that ran, in order —
-    /// all of them, or those up to and including one that poisoned the context.
-    Batch(Vec<(u64, Result<Reply, GpuError>)>),
+    /// Answers to a [`ToWorker::Batch`]: `(id, result)` of ops that ran, in order. The
+    /// worker sends what it has before it starts an op that may wait for the GPU, so no
+    /// answer waits behind a long op; `done` marks the batch's last frame, after all of its
+    /// ops or after one that poisoned the context (the rest did not start).
+    Batch {
+        /// The answers since the previous frame.
+        results: Vec<(u64, Result<Reply, GpuError>)>,
+        /// The batch's last frame.
+        done: bool,
+    },
     /// The worker could not understand a message.
     Malformed(String),
 }
@@ -722,7 +729,11 @@ mod tests {
         );
         let mut answers: Vec<_> = (0..MAX_BATCH as u64).map(|id| (id, Err(error.clone()))).collect();
         answers[0].1 = Ok(Reply::Data(vec![1u8; BATCH_INLINE_BYTES].into()));
-        encode(&FromWorker::Batch(answers)).expect("a full batch's answer fits");
+        encode(&FromWorker::Batch {
+            results: answers,
+            done: true,
+        })
+        .expect("a full batch's answer fits");
     }
 
     #[test]

@@ -158,10 +158,7 @@ pub fn serve(mut channel: Channel) -> Result<(), IpcError> {
                 };
                 channel.send(&reply, &[])?;
             }
-            ToWorker::Batch(reqs) => {
-                let reply = execute_batch(&mut *ctx, &control, reqs, fds);
-                channel.send(&reply, &[])?;
-            }
+            ToWorker::Batch(reqs) => execute_batch(&mut *ctx, &control, &channel, reqs, fds)?,
         }
     }
 }
@@ -223,22 +220,37 @@ impl RegionCache {
     }
 }
 
+/// Whether `op` may wait for earlier GPU work (or take long by itself): copies, memsets,
+/// allocations, frees, synchronizations, launches. Only queries answer at once.
+fn may_wait(op: &Op) -> bool {
+    !matches!(op, Op::MemInfo | Op::DeviceInfo)
+}
+
 /// Runs a batch in order, stopping after a result that poisons the context (the ops after
-/// it do not start). A batch that breaks the rules (regions, too many ops) runs not at all.
+/// it do not start). The answers gathered so far go out before any op that may wait, so
+/// no answer is held behind a long op; the last frame says `done`. A batch that breaks the
+/// rules (regions, too many ops) runs not at all.
 fn execute_batch(
     ctx: &mut dyn DeviceContext,
     control: &ControlPage,
+    channel: &Channel,
     reqs: Vec<Request>,
     fds: Vec<OwnedFd>,
-) -> FromWorker {
+) -> Result<(), IpcError> {
     if reqs.len() > ipc::MAX_BATCH {
-        return FromWorker::Malformed(format!("a batch of {} ops; at most {}", reqs.len(), ipc::MAX_BATCH));
+        let why = format!("a batch of {} ops; at most {}", reqs.len(), ipc::MAX_BATCH);
+        return channel.send(&FromWorker::Malformed(why), &[]);
     }
     if !fds.is_empty() || reqs.iter().any(|r| r.input.is_some() || r.output.is_some()) {
-        return FromWorker::Malformed("a batched request carries a region".into());
+        let why = "a batched request carries a region".to_string();
+        return channel.send(&FromWorker::Malformed(why), &[]);
     }
     let mut results = Vec::with_capacity(reqs.len());
     for req in reqs {
+        if !results.is_empty() && may_wait(&req.op) {
+            let results = std::mem::take(&mut results);
+            channel.send(&FromWorker::Batch { results, done: false }, &[])?;
+        }
         control.set_started(req.id);
         let result = ctx.execute_planned(&req.op, req.origin, req.fault.map(Into::into));
         let poisoned = matches!(&result, Err(e) if e.class() == crate::error::ErrorClass::Sticky);
@@ -247,7 +259,7 @@ fn execute_batch(
             break;
         }
     }
-    FromWorker::Batch(results)
+    channel.send(&FromWorker::Batch { results, done: true }, &[])
 }
 
 fn execute(

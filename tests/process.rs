@@ -446,25 +446,40 @@ fn the_worker_runs_a_batch_in_order_and_stops_at_a_sticky_fault() {
         assert!(matches!(host.recv::<FromWorker>().unwrap().0, FromWorker::Malformed(_)));
     }
     assert_eq!(control.started(), 0, "nothing of a malformed batch started");
+    // The answers so far go out before an op that may wait for the GPU (the alloc).
+    let mut alloc = request(2, None);
+    alloc.op = Op::Alloc { bytes: 8 };
+    host.send(&ToWorker::Batch(vec![request(1, None), alloc, request(3, None)]), &[])
+        .unwrap();
+    let frames: Vec<(Vec<u64>, bool)> = (0..2)
+        .map(|_| match host.recv::<FromWorker>().unwrap().0 {
+            FromWorker::Batch { results, done } => {
+                assert!(results.iter().all(|(_, r)| r.is_ok()), "{results:?}");
+                (results.iter().map(|(id, _)| *id).collect(), done)
+            }
+            other => panic!("expected Batch, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(frames, vec![(vec![1], false), (vec![2, 3], true)]);
     // The second op is a sticky fault: the third does not start.
     let batch = vec![
-        request(1, None),
-        request(2, Some(ipc::WireFault::Code(700))),
-        request(3, None),
+        request(4, None),
+        request(5, Some(ipc::WireFault::Code(700))),
+        request(6, None),
     ];
     host.send(&ToWorker::Batch(batch), &[]).unwrap();
     match host.recv::<FromWorker>().unwrap().0 {
-        FromWorker::Batch(results) => {
+        FromWorker::Batch { results, done: true } => {
             assert_eq!(results.len(), 2, "{results:?}");
-            assert!(matches!(results[0], (1, Ok(_))));
+            assert!(matches!(results[0], (4, Ok(_))));
             match &results[1] {
-                (2, Err(e)) => assert_eq!(e.class(), ErrorClass::Sticky),
+                (5, Err(e)) => assert_eq!(e.class(), ErrorClass::Sticky),
                 other => panic!("expected the sticky fault, got {other:?}"),
             }
         }
-        other => panic!("expected Batch, got {other:?}"),
+        other => panic!("expected the last Batch frame, got {other:?}"),
     }
-    assert_eq!(control.started(), 2, "op 3 never started");
+    assert_eq!(control.started(), 5, "op 6 never started");
     drop(host);
     assert!(child.wait().unwrap().success());
 }
@@ -567,4 +582,50 @@ async fn a_hang_in_a_batch_is_answered_at_the_deadline_and_the_worker_replaced()
         }
     }
     assert_eq!(s.restarts, 1, "the watchdog killed the hung worker");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_in_a_batch_do_not_wait_behind_a_long_op() {
+    let mut c = process_config(1);
+    c.runtime.op_deadline_ms = 1_000;
+    c.sim.faults.push(fault(|f| {
+        f.op = "memset".into();
+        f.nth = Some(10);
+        f.hang_ms = Some(60_000);
+    }));
+    let rt = start_process(c).await;
+    let gpu = rt.device(0).unwrap();
+    let b = gpu.alloc(64).await.unwrap();
+    let pid = rt.worker_pid(0).unwrap();
+    let memsets = (0..20u8).map(|i| Op::Memset {
+        buffer: b,
+        offset: 0,
+        len: 64,
+        value: i,
+    });
+    let results = answered(T, gpu.submit_batch(memsets)).await;
+    for (i, r) in results.iter().enumerate() {
+        match i {
+            // Done before the hung memset started: answered then, not held until the
+            // watchdog ended the batch at the deadline.
+            0..9 => assert!(r.is_ok(), "op {}: {r:?}", i + 1),
+            9 => assert!(
+                matches!(
+                    r,
+                    Err(RuntimeError::DeadlineExceeded {
+                        may_have_executed: true,
+                        ..
+                    })
+                ),
+                "the hung op: {r:?}"
+            ),
+            // Behind it: past their deadline, or not started and answered by the restart.
+            _ => assert!(r.is_err(), "op {}: {r:?}", i + 1),
+        }
+    }
+    eventually(T, "a new worker serves the device", || async {
+        rt.states()[0] == DeviceState::Ready && rt.worker_pid(0).is_some_and(|p| p != pid)
+    })
+    .await;
+    assert_eq!(rt.shutdown().await.restarts, 1);
 }

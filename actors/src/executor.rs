@@ -57,37 +57,46 @@ pub(crate) trait Engine {
     fn batch_cost(&self, _op: &Op) -> Option<usize> {
         None
     }
-    /// Runs ops in order and gives one [`Exec`] per op that ran: all of them, or a prefix
-    /// that ends with a result that poisoned the engine (the rest did not start). When the
-    /// engine dies, every op gets an `Exec::Died` saying whether it may have executed.
-    fn run_batch(&mut self, ops: &[(&Op, Origin)]) -> Vec<Exec> {
-        let mut out = Vec::with_capacity(ops.len());
-        for (i, (op, origin)) in ops.iter().enumerate() {
-            match self.run(op, *origin) {
+    /// Runs ops in order, handing `each` the [`Exec`] of every op that ran — as soon as
+    /// it is known, in order — with whether it poisoned the engine. The ops past the last
+    /// one handed over did not start: all of them ran, or the last one handed over
+    /// poisoned the engine. When the engine dies, every op not handed over yet gets an
+    /// `Exec::Died` saying whether it may have executed.
+    fn run_batch(&mut self, ops: Vec<(Op, Origin)>, each: &mut dyn FnMut(Exec, bool)) {
+        let mut ops = ops.into_iter();
+        while let Some((op, origin)) = ops.next() {
+            match self.run(&op, origin) {
                 Exec::Died {
                     may_have_executed,
                     reason,
                 } => {
-                    out.push(Exec::Died {
-                        may_have_executed,
-                        reason: reason.clone(),
-                    });
-                    out.extend(ops[i + 1..].iter().map(|_| Exec::Died {
-                        may_have_executed: false,
-                        reason: reason.clone(),
-                    }));
-                    break;
+                    each(
+                        Exec::Died {
+                            may_have_executed,
+                            reason: reason.clone(),
+                        },
+                        false,
+                    );
+                    for _ in ops.by_ref() {
+                        let reason = reason.clone();
+                        each(
+                            Exec::Died {
+                                may_have_executed: false,
+                                reason,
+                            },
+                            false,
+                        );
+                    }
                 }
                 Exec::Done(r) => {
                     let poisoned = matches!(&r, Err(e) if self.poisoned_by(e));
-                    out.push(Exec::Done(r));
+                    each(Exec::Done(r), poisoned);
                     if poisoned {
-                        break;
+                        return;
                     }
                 }
             }
         }
-        out
     }
 }
 
@@ -359,8 +368,9 @@ fn execute(
     // Closed (and exported) before the answer: a caller that exits on it loses no span.
     drop(span);
     set_current(core, []);
+    let poisoned = matches!(&result, Exec::Done(Err(e)) if engine.poisoned_by(e));
     let mut died = false;
-    finish(shared, core, engine, job, result, suspects, epoch, &mut died)
+    finish(shared, core, poisoned, job, result, suspects, epoch, &mut died)
 }
 
 /// Runs jobs as one batch; `false` when the executor must end. Each op's span covers the
@@ -378,41 +388,46 @@ fn execute_batch(
         return true;
     }
     set_current(core, &batch);
-    let spans: Vec<tracing::Span> = batch.iter().map(|job| op_span(core, job)).collect();
-    let ops: Vec<(&Op, Origin)> = batch.iter().map(|job| (&job.op, job.origin)).collect();
-    let results = engine.run_batch(&ops);
-    drop(ops);
-    set_current(core, []);
-    let mut results = results.into_iter();
+    // The engine takes its own copy of the ops; each job is answered as its result comes.
+    let ops: Vec<(Op, Origin)> = batch.iter().map(|job| (job.op.clone(), job.origin)).collect();
+    // Spans open now, so each covers the batch up to its op's answer.
+    let spans: Vec<(Job, tracing::Span)> = batch
+        .into_iter()
+        .map(|job| {
+            let span = op_span(core, &job);
+            (job, span)
+        })
+        .collect();
+    let mut pending = spans.into_iter();
     let mut go_on = true;
     let mut died = false;
-    for (job, span) in batch.into_iter().zip(spans) {
-        match results.next() {
-            Some(result) => {
-                record_outcome(&span, &result);
-                drop(span); // before the answer, as in `execute`
-                go_on &= finish(shared, core, engine, job, result, suspects, epoch, &mut died);
-            }
-            None => {
-                // Did not start: the engine was poisoned by an op before it. It runs on the
-                // next context, ahead of the ops queued behind it.
-                let mut job = job;
-                job.attempts -= 1;
-                core.requeue(job);
-            }
-        }
+    engine.run_batch(ops, &mut |result, poisoned| {
+        let Some((job, span)) = pending.next() else {
+            debug_assert!(false, "an engine answered more ops than it was given");
+            return;
+        };
+        record_outcome(&span, &result);
+        drop(span); // before the answer, as in `execute`
+        go_on &= finish(shared, core, poisoned, job, result, suspects, epoch, &mut died);
+    });
+    set_current(core, []);
+    for (mut job, _) in pending {
+        // Did not start: the engine was poisoned by an op before it. It runs on the next
+        // context, ahead of the ops queued behind it.
+        job.attempts -= 1;
+        core.requeue(job);
     }
     go_on
 }
 
 /// Acts on one op's execution: answers it, or reports its failure to the supervisor.
-/// `false` when the executor must end. `died` is set once the engine's death has been
-/// reported (a batch reports it once).
+/// `false` when the executor must end (`poisoned`: the failure poisoned the engine). `died`
+/// is set once the engine's death has been reported (a batch reports it once).
 #[allow(clippy::too_many_arguments)]
 fn finish(
     shared: &Shared,
     core: &DeviceCore,
-    engine: &mut dyn Engine,
+    poisoned: bool,
     mut job: Job,
     result: Exec,
     suspects: &mut Vec<(u64, String)>,
@@ -429,7 +444,6 @@ fn finish(
             true
         }
         Exec::Done(Err(error)) => {
-            let poisoned = engine.poisoned_by(&error);
             let suspected = if error.class() == ErrorClass::Sticky {
                 let mut s = std::mem::take(suspects);
                 if let Op::Launch { module, function, .. } = &job.op {

@@ -301,54 +301,78 @@ impl Engine for WorkerEngine {
         }
     }
 
-    fn run_batch(&mut self, ops: &[(&Op, Origin)]) -> Vec<Exec> {
+    fn run_batch(&mut self, ops: Vec<(Op, Origin)>, each: &mut dyn FnMut(Exec, bool)) {
         let first = self.next_id;
+        let count = ops.len();
+        let kinds: Vec<OpKind> = ops.iter().map(|(op, _)| op.kind()).collect();
         let requests: Vec<Request> = ops
-            .iter()
-            .map(|&(op, origin)| {
+            .into_iter()
+            .map(|(op, origin)| {
                 let id = self.next_id;
                 self.next_id += 1;
+                let fault = self.fault(&op, origin);
                 Request {
                     id,
-                    op: op.clone(),
+                    op,
                     origin,
-                    fault: self.fault(op, origin),
+                    fault,
                     input: None,
                     output: None,
                     linger_us: 0,
                 }
             })
             .collect();
+        // Ops handed over so far; the rest are answered by what ends the batch.
+        let mut answered = 0usize;
+        let died = |w: &mut WorkerEngine, each: &mut dyn FnMut(Exec, bool), answered: usize, why: String| {
+            for exec in w.died_under(first + answered as u64, count - answered, why) {
+                each(exec, false);
+            }
+        };
         if let Err(e) = self.channel.send(&ToWorker::Batch(requests), &[]) {
-            return self.died_under(first, ops.len(), format!("cannot send to the worker: {e}"));
+            return died(self, each, 0, format!("cannot send to the worker: {e}"));
         }
-        match self.channel.recv::<FromWorker>() {
-            Ok((FromWorker::Batch(results), _))
-                if !results.is_empty()
-                    && results.len() <= ops.len()
-                    && results.iter().zip(first..).all(|((id, _), want)| *id == want) =>
-            {
-                results.into_iter().map(|(_, r)| Exec::Done(r)).collect()
-            }
-            Ok((FromWorker::Malformed(why), _)) => ops
-                .iter()
-                .map(|(op, _)| {
-                    let reason = InvalidReason::BadArguments {
-                        kernel: String::new(),
-                        reason: format!("worker rejected the batch: {why}"),
-                    };
-                    Exec::Done(Err(GpuError::invalid(op.kind(), self.device, reason)))
-                })
-                .collect(),
-            Ok((other, _)) => {
-                let _ = self.child.kill();
-                let why = format!("unexpected answer to a batch from the worker: {other:?}");
-                self.died_under(first, ops.len(), why)
-            }
-            Err(IpcError::Closed) => self.died_under(first, ops.len(), "the worker's connection closed".into()),
-            Err(e) => {
-                let _ = self.child.kill();
-                self.died_under(first, ops.len(), format!("bad frame from the worker: {e}"))
+        loop {
+            match self.channel.recv::<FromWorker>() {
+                Ok((FromWorker::Batch { results, done }, _))
+                    if answered + results.len() <= count
+                        && (answered > 0 || !results.is_empty() || !done)
+                        && results
+                            .iter()
+                            .zip(first + answered as u64..)
+                            .all(|((id, _), want)| *id == want) =>
+                {
+                    for (_, r) in results {
+                        answered += 1;
+                        let poisoned = matches!(&r, Err(e) if self.poisoned_by(e));
+                        each(Exec::Done(r), poisoned);
+                    }
+                    if done {
+                        return; // the ops not answered did not start
+                    }
+                }
+                Ok((FromWorker::Malformed(why), _)) => {
+                    for kind in &kinds[answered..] {
+                        let reason = InvalidReason::BadArguments {
+                            kernel: String::new(),
+                            reason: format!("worker rejected the batch: {why}"),
+                        };
+                        each(Exec::Done(Err(GpuError::invalid(*kind, self.device, reason))), false);
+                    }
+                    return;
+                }
+                Ok((other, _)) => {
+                    let _ = self.child.kill();
+                    let why = format!("unexpected answer to a batch from the worker: {other:?}");
+                    return died(self, each, answered, why);
+                }
+                Err(IpcError::Closed) => {
+                    return died(self, each, answered, "the worker's connection closed".into());
+                }
+                Err(e) => {
+                    let _ = self.child.kill();
+                    return died(self, each, answered, format!("bad frame from the worker: {e}"));
+                }
             }
         }
     }
