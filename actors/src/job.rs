@@ -12,20 +12,33 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::error::{OpResult, RuntimeError};
 use crate::metrics::{DeviceCounters, Outcome};
 
+/// What a [`crate::DeviceHandle`] caller receives: the answer, and the op's reply slot,
+/// which the caller drops — so the slot's memory is freed by the thread that allocated it.
+/// (Freed on the executor's thread, such blocks contend for the allocator's arena lock:
+/// see `Work::Job`.)
+pub(crate) type Answered = (OpResult, Option<ReplySlot>);
+
 /// Where an op's answer goes.
 pub(crate) enum Port {
-    /// A caller's reply port (an actor's `call`, a [`crate::DeviceHandle`] op).
+    /// A caller's reply port (an actor's `call`).
     Reply(RpcReplyPort<OpResult>),
+    /// A [`crate::DeviceHandle`] caller.
+    Handle(tokio::sync::oneshot::Sender<Answered>),
     /// Entry `.1` of a batch, whose caller is woken once, when the last op is answered.
     Batch(Arc<BatchSink>, usize),
 }
 
 impl Port {
-    pub(crate) fn send(self, result: OpResult) {
+    /// Sends the answer; `slot` (the op's reply slot) goes along where the caller can
+    /// drop it.
+    pub(crate) fn send(self, result: OpResult, slot: Option<&ReplySlot>) {
         match self {
             // The caller may have gone away (dropped its receiver).
             Port::Reply(port) => {
                 let _ = port.send(result);
+            }
+            Port::Handle(tx) => {
+                let _ = tx.send((result, slot.cloned()));
             }
             Port::Batch(sink, index) => sink.put(index, result),
         }
@@ -41,6 +54,12 @@ impl From<RpcReplyPort<OpResult>> for Port {
 impl From<tokio::sync::oneshot::Sender<OpResult>> for Port {
     fn from(tx: tokio::sync::oneshot::Sender<OpResult>) -> Self {
         Port::Reply(tx.into())
+    }
+}
+
+impl From<tokio::sync::oneshot::Sender<Answered>> for Port {
+    fn from(tx: tokio::sync::oneshot::Sender<Answered>) -> Self {
+        Port::Handle(tx)
     }
 }
 
@@ -109,7 +128,7 @@ impl Drop for SlotInner {
             if self.origin == Origin::Application {
                 counters.answered(self.op, Outcome::of(&result), self.submitted.elapsed(), 0, false);
             }
-            port.send(result);
+            port.send(result, None);
         }
     }
 }
@@ -178,7 +197,7 @@ impl ReplySlot {
             );
         }
         // The caller may have gone away (dropped its receiver): the answer is still counted.
-        port.send(result);
+        port.send(result, Some(self));
         true
     }
 }

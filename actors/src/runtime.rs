@@ -272,7 +272,7 @@ impl Shared {
                 core.job(op, Origin::Application, reply, None)
                     .answer(Err(e), &core.counters);
             }
-            None => reply.send(Err(e)),
+            None => reply.send(Err(e), None),
         }
     }
 
