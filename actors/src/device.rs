@@ -511,7 +511,8 @@ impl DeviceHandle {
     /// own, answered with its own result or typed error. The ops run in order unless one
     /// is retried (a retry goes after the ops queued behind it) or its device restarts.
     /// When the device is at its in-flight bound, the batch waits for slots as `submit`
-    /// does.
+    /// does. Dropping the future before it completes submits no more of the ops; those
+    /// already queued still run, and their answers are discarded.
     pub async fn submit_batch(&self, ops: impl IntoIterator<Item = Op>) -> Vec<OpResult> {
         let ops: Vec<Op> = ops.into_iter().collect();
         let sink = BatchSink::new(ops.len());
