@@ -31,6 +31,24 @@ async fn start_process(c: RuntimeConfig) -> Runtime {
         .expect("runtime starts")
 }
 
+/// A worker process driven directly over its socket (no runtime), past its handshake:
+/// the host's end, the child, and the control page.
+fn bare_worker() -> (Channel, std::process::Child, ControlPage) {
+    let (mut host, worker_end) = Channel::pair().unwrap();
+    let child = ipc::spawn_worker(Command::new(WORKER), worker_end).unwrap();
+    let control = ControlPage::new().unwrap();
+    let hello = Hello {
+        version: ipc::PROTOCOL_VERSION,
+        backend: BackendKind::Sim,
+        device: 0,
+        epoch: 0,
+        sim: Some((1, 1 << 20)),
+    };
+    host.send(&ToWorker::Hello(hello), &[control.raw_fd()]).unwrap();
+    assert!(matches!(host.recv::<FromWorker>().unwrap().0, FromWorker::Ready { .. }));
+    (host, child, control)
+}
+
 fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => !stat
@@ -246,18 +264,7 @@ async fn shutdown_stops_every_worker() {
 
 #[test]
 fn the_worker_rejects_malformed_frames_and_keeps_serving() {
-    let (mut host, worker_end) = Channel::pair().unwrap();
-    let mut child = ipc::spawn_worker(Command::new(WORKER), worker_end).unwrap();
-    let control = ControlPage::new().unwrap();
-    let hello = Hello {
-        version: ipc::PROTOCOL_VERSION,
-        backend: BackendKind::Sim,
-        device: 0,
-        epoch: 0,
-        sim: Some((1, 1 << 20)),
-    };
-    host.send(&ToWorker::Hello(hello), &[control.raw_fd()]).unwrap();
-    assert!(matches!(host.recv::<FromWorker>().unwrap().0, FromWorker::Ready { .. }));
+    let (mut host, mut child, control) = bare_worker();
     for garbage in [
         &b"HV"[..],
         b"XX\x01\x00\x00",
@@ -412,18 +419,7 @@ async fn reused_host_buffers_stay_mapped_in_the_worker_and_evictions_are_correct
 
 #[test]
 fn the_worker_runs_a_batch_in_order_and_stops_at_a_sticky_fault() {
-    let (mut host, worker_end) = Channel::pair().unwrap();
-    let mut child = ipc::spawn_worker(Command::new(WORKER), worker_end).unwrap();
-    let control = ControlPage::new().unwrap();
-    let hello = Hello {
-        version: ipc::PROTOCOL_VERSION,
-        backend: BackendKind::Sim,
-        device: 0,
-        epoch: 0,
-        sim: Some((1, 1 << 20)),
-    };
-    host.send(&ToWorker::Hello(hello), &[control.raw_fd()]).unwrap();
-    assert!(matches!(host.recv::<FromWorker>().unwrap().0, FromWorker::Ready { .. }));
+    let (mut host, mut child, control) = bare_worker();
     let request = |id, fault| Request {
         id,
         op: Op::MemInfo,
