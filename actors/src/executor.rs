@@ -34,12 +34,12 @@ pub(crate) enum Exec {
     Died { may_have_executed: bool, reason: String },
 }
 
-/// How many ops an engine takes in one [`Engine::run_batch`].
+/// How many ops an engine takes in one [`Batches::run_batch`].
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Batching {
     /// The most ops in a batch.
     pub(crate) ops: usize,
-    /// The most [`Engine::batch_cost`] in a batch.
+    /// The most [`Batches::batch_cost`] in a batch.
     pub(crate) bytes: usize,
 }
 
@@ -49,55 +49,25 @@ pub(crate) trait Engine {
     fn run(&mut self, op: &Op, origin: Origin) -> Exec;
     /// Whether the engine is unusable after `error` (a worker poisoned by a sticky fault).
     fn poisoned_by(&self, error: &GpuError) -> bool;
-    /// Whether, and how far, the engine batches ops; `None`: one at a time.
-    fn batching(&self) -> Option<Batching> {
+    /// The engine's batching, when it runs several ops per round trip; `None`: one at a
+    /// time.
+    fn batches(&mut self) -> Option<&mut dyn Batches> {
         None
     }
+}
+
+/// An engine that runs several ops per round trip (a worker process).
+pub(crate) trait Batches {
+    /// How far it batches.
+    fn limits(&self) -> Batching;
     /// What `op` takes of a batch's byte budget; `None` when it cannot travel in a batch.
-    fn batch_cost(&self, _op: &Op) -> Option<usize> {
-        None
-    }
+    fn batch_cost(&self, op: &Op) -> Option<usize>;
     /// Runs ops in order, handing `each` the [`Exec`] of every op that ran — as soon as
     /// it is known, in order — with whether it poisoned the engine. The ops past the last
     /// one handed over did not start: all of them ran, or the last one handed over
     /// poisoned the engine. When the engine dies, every op not handed over yet gets an
     /// `Exec::Died` saying whether it may have executed.
-    fn run_batch(&mut self, ops: Vec<(Op, Origin)>, each: &mut dyn FnMut(Exec, bool)) {
-        let mut ops = ops.into_iter();
-        while let Some((op, origin)) = ops.next() {
-            match self.run(&op, origin) {
-                Exec::Died {
-                    may_have_executed,
-                    reason,
-                } => {
-                    each(
-                        Exec::Died {
-                            may_have_executed,
-                            reason: reason.clone(),
-                        },
-                        false,
-                    );
-                    for _ in ops.by_ref() {
-                        let reason = reason.clone();
-                        each(
-                            Exec::Died {
-                                may_have_executed: false,
-                                reason,
-                            },
-                            false,
-                        );
-                    }
-                }
-                Exec::Done(r) => {
-                    let poisoned = matches!(&r, Err(e) if self.poisoned_by(e));
-                    each(Exec::Done(r), poisoned);
-                    if poisoned {
-                        return;
-                    }
-                }
-            }
-        }
-    }
+    fn run_batch(&mut self, ops: Vec<(Op, Origin)>, each: &mut dyn FnMut(Exec, bool));
 }
 
 /// Thread isolation: the context lives on this thread.
@@ -209,7 +179,6 @@ fn run(
     let Some(mut engine) = engine else { return };
     let core = &shared.cores[device as usize];
     let mut suspects: Vec<(u64, String)> = Vec::new();
-    let batching = engine.batching();
     // A job taken while gathering a batch that could not join it: it runs next.
     let mut carried: Option<Job> = None;
     while !stop.load(Ordering::Acquire) {
@@ -225,8 +194,10 @@ fn run(
             core.requeue(job);
             break;
         }
-        let cost = batching.and_then(|_| engine.batch_cost(&job.op));
-        let (Some(limits), Some(cost)) = (batching, cost) else {
+        let Some((batcher, cost)) = engine
+            .batches()
+            .and_then(|b| b.batch_cost(&job.op).map(|cost| (b, cost)))
+        else {
             if !execute(&shared, core, &mut *engine, job, &mut suspects, epoch) {
                 break;
             }
@@ -234,11 +205,12 @@ fn run(
         };
         // Whatever is queued already joins the batch, up to the engine's limits: one round
         // trip to a worker for many ops. Nothing waits for a batch to fill.
+        let limits = batcher.limits();
         let mut batch = vec![job];
         let mut bytes = cost;
         while batch.len() < limits.ops {
             let Some(Work::Job(next)) = poll(core) else { break };
-            match engine.batch_cost(&next.op) {
+            match batcher.batch_cost(&next.op) {
                 Some(c) if bytes + c <= limits.bytes => {
                     bytes += c;
                     batch.push(next);
@@ -253,7 +225,7 @@ fn run(
             let job = batch.pop().expect("one job");
             execute(&shared, core, &mut *engine, job, &mut suspects, epoch)
         } else {
-            execute_batch(&shared, core, &mut *engine, batch, &mut suspects, epoch)
+            execute_batch(&shared, core, batcher, batch, &mut suspects, epoch)
         };
         if !go_on {
             break;
@@ -378,7 +350,7 @@ fn execute(
 fn execute_batch(
     shared: &Shared,
     core: &DeviceCore,
-    engine: &mut dyn Engine,
+    engine: &mut dyn Batches,
     batch: Vec<Job>,
     suspects: &mut Vec<(u64, String)>,
     epoch: u64,

@@ -19,7 +19,7 @@ use hipvisor_core::{
     Payload, Reply,
 };
 
-use crate::executor::{Batching, Engine, Exec};
+use crate::executor::{Batches, Batching, Engine, Exec};
 use crate::runtime::Shared;
 
 /// How long a new worker may take to open its device (cuInit and a context take a few
@@ -280,12 +280,12 @@ impl WorkerEngine {
     }
 }
 
-impl Engine for WorkerEngine {
-    fn batching(&self) -> Option<Batching> {
-        Some(Batching {
+impl Batches for WorkerEngine {
+    fn limits(&self) -> Batching {
+        Batching {
             ops: ipc::MAX_BATCH,
             bytes: ipc::BATCH_INLINE_BYTES,
-        })
+        }
     }
 
     /// Ops whose bytes travel inline (not in a region) may be batched; the cost is the
@@ -304,7 +304,6 @@ impl Engine for WorkerEngine {
     fn run_batch(&mut self, ops: Vec<(Op, Origin)>, each: &mut dyn FnMut(Exec, bool)) {
         let first = self.next_id;
         let count = ops.len();
-        let kinds: Vec<OpKind> = ops.iter().map(|(op, _)| op.kind()).collect();
         let requests: Vec<Request> = ops
             .into_iter()
             .map(|(op, origin)| {
@@ -329,7 +328,8 @@ impl Engine for WorkerEngine {
                 each(exec, false);
             }
         };
-        if let Err(e) = self.channel.send(&ToWorker::Batch(requests), &[]) {
+        let batch = ToWorker::Batch(requests);
+        if let Err(e) = self.channel.send(&batch, &[]) {
             return died(self, each, 0, format!("cannot send to the worker: {e}"));
         }
         loop {
@@ -352,12 +352,18 @@ impl Engine for WorkerEngine {
                     }
                 }
                 Ok((FromWorker::Malformed(why), _)) => {
-                    for kind in &kinds[answered..] {
+                    let ToWorker::Batch(requests) = &batch else {
+                        unreachable!("the batch sent")
+                    };
+                    for request in &requests[answered..] {
                         let reason = InvalidReason::BadArguments {
                             kernel: String::new(),
                             reason: format!("worker rejected the batch: {why}"),
                         };
-                        each(Exec::Done(Err(GpuError::invalid(*kind, self.device, reason))), false);
+                        each(
+                            Exec::Done(Err(GpuError::invalid(request.op.kind(), self.device, reason))),
+                            false,
+                        );
                     }
                     return;
                 }
@@ -375,6 +381,12 @@ impl Engine for WorkerEngine {
                 }
             }
         }
+    }
+}
+
+impl Engine for WorkerEngine {
+    fn batches(&mut self) -> Option<&mut dyn Batches> {
+        Some(self)
     }
 
     fn run(&mut self, op: &Op, origin: Origin) -> Exec {
