@@ -150,6 +150,15 @@ impl DeviceCore {
         }
     }
 
+    /// The answer for an op that did not run because the device is lost (and it could not
+    /// move to another).
+    pub(crate) fn lost_error(&self) -> RuntimeError {
+        RuntimeError::DeviceLost {
+            device: self.index,
+            may_have_executed: false,
+        }
+    }
+
     /// The answer for an op that reaches a device that has failed.
     pub(crate) fn failed_error(&self, may_have_executed: bool) -> RuntimeError {
         RuntimeError::DeviceFailed {

@@ -256,10 +256,7 @@ impl Shared {
             DeviceState::Failed => Err(core.failed_error(false)),
             DeviceState::Lost => match Self::movable(op).then(|| self.least_loaded(Some(device))).flatten() {
                 Some(other) => Ok(other),
-                None => Err(RuntimeError::DeviceLost {
-                    device,
-                    may_have_executed: false,
-                }),
+                None => Err(core.lost_error()),
             },
         }
     }
@@ -325,14 +322,7 @@ impl Shared {
                     to.enqueue(job);
                 }
                 None => {
-                    let device = job.device;
-                    job.answer(
-                        Err(RuntimeError::DeviceLost {
-                            device,
-                            may_have_executed: false,
-                        }),
-                        &core.counters,
-                    );
+                    job.answer(Err(core.lost_error()), &core.counters);
                 }
             },
             DeviceState::Ready | DeviceState::Restarting => core.enqueue(job),

@@ -317,14 +317,7 @@ impl SupervisorState {
                 }
                 let mut job = f.job;
                 if job.origin == hipvisor_core::Origin::Runtime || !Shared::movable(&job.op) {
-                    let device = job.device;
-                    job.answer(
-                        Err(RuntimeError::DeviceLost {
-                            device,
-                            may_have_executed: false,
-                        }),
-                        &core.counters,
-                    );
+                    job.answer(Err(core.lost_error()), &core.counters);
                 } else {
                     job.backoff = None;
                     self.shared.resubmit(job);
