@@ -15,6 +15,8 @@ use crate::op::{DeviceInfo, ModuleHandle, ModuleSource, Op, Reply};
 pub(crate) mod args;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(any(feature = "hip", feature = "cuda", test))]
+pub(crate) mod gpu;
 #[cfg(feature = "hip")]
 pub mod hip;
 pub mod sim;

@@ -25,11 +25,11 @@ use cudarc::driver::{CudaContext, DriverError, result, sys};
 use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
 
 use crate::backend::args::PackedArgs;
+use crate::backend::gpu::{self, GpuCalls, GpuModule, Launch};
 use crate::backend::table::{DeviceBuffer, PinnedRanges, Tables};
 use crate::backend::{Backend, BackendKind, DeviceContext, Origin};
 use crate::error::{Api, GpuError, InvalidReason, cuda as code};
-use crate::kernels::BuiltinKernel;
-use crate::op::{BufferHandle, DeviceInfo, MemInfo, ModuleHandle, ModuleSource, Op, OpKind, Payload, Reply};
+use crate::op::{DeviceInfo, MemInfo, ModuleHandle, ModuleSource, Op, OpKind, Reply};
 
 /// The built-in kernels' source, compiled by NVRTC for the device present.
 pub const BUILTIN_SOURCE: &str = include_str!("../../kernels/builtin.cu");
@@ -200,7 +200,7 @@ fn compute_capability(dev: sys::CUdevice) -> Result<(i32, i32), DriverError> {
 }
 
 #[derive(Debug)]
-struct CudaBuffer {
+pub(crate) struct CudaBuffer {
     ptr: sys::CUdeviceptr,
     len: u64,
 }
@@ -212,7 +212,7 @@ impl DeviceBuffer for CudaBuffer {
 }
 
 #[derive(Debug)]
-struct CudaModule {
+pub(crate) struct CudaModule {
     module: sys::CUmodule,
     builtin: bool,
     functions: HashMap<String, sys::CUfunction>,
@@ -244,10 +244,6 @@ impl CudaDevice {
         err(e, op, self.dev(), call)
     }
 
-    fn device_ptr(&self, op: OpKind, h: &BufferHandle, offset: u64) -> Result<sys::CUdeviceptr, GpuError> {
-        Ok(self.t.buffer(op, h)?.ptr + offset)
-    }
-
     fn staging(&mut self, op: OpKind) -> Result<*mut c_void, GpuError> {
         if let Some(p) = self.staging {
             return Ok(p);
@@ -256,6 +252,90 @@ impl CudaDevice {
         let p = unsafe { result::malloc_host(STAGING_BYTES, 0) }.map_err(|e| self.err(e, op, "cuMemHostAlloc"))?;
         self.staging = Some(p);
         Ok(p)
+    }
+
+    fn function(&mut self, module: &ModuleHandle, name: &str) -> Result<sys::CUfunction, GpuError> {
+        let op = OpKind::Launch;
+        let dev = self.dev();
+        let unknown = || GpuError::invalid(op, dev, InvalidReason::UnknownKernel { name: name.to_string() });
+        let cname = CString::new(name).map_err(|_| unknown())?;
+        let m = self.t.modules.get_mut(&module.id).ok_or_else(unknown)?;
+        if let Some(f) = m.functions.get(name) {
+            return Ok(*f);
+        }
+        // SAFETY: `m.module` is a live module of this context.
+        let f = unsafe { result::module::get_function(m.module, cname) }
+            .map_err(|e| err(e, op, dev, "cuModuleGetFunction"))?;
+        m.functions.insert(name.to_string(), f);
+        Ok(f)
+    }
+}
+
+impl GpuModule for CudaModule {
+    fn builtin(&self) -> bool {
+        self.builtin
+    }
+}
+
+impl GpuCalls for CudaDevice {
+    type Ptr = sys::CUdeviceptr;
+    type Buffer = CudaBuffer;
+    type Module = CudaModule;
+
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn tables(&self) -> &Tables<CudaBuffer, CudaModule> {
+        &self.t
+    }
+
+    fn tables_mut(&mut self) -> &mut Tables<CudaBuffer, CudaModule> {
+        &mut self.t
+    }
+
+    fn address(buffer: &CudaBuffer, offset: u64) -> sys::CUdeviceptr {
+        buffer.ptr + offset
+    }
+
+    fn malloc(&mut self, bytes: u64) -> Result<CudaBuffer, GpuError> {
+        let size = usize::try_from(bytes).unwrap_or(usize::MAX);
+        // SAFETY: the context is bound to this thread; the memory is freed on Free or drop.
+        let ptr = unsafe { result::malloc_sync(size) }.map_err(|e| self.err(e, OpKind::Alloc, "cuMemAlloc"))?;
+        Ok(CudaBuffer { ptr, len: bytes })
+    }
+
+    fn free(&mut self, buffer: &CudaBuffer) -> Result<(), GpuError> {
+        // SAFETY: the pointer came from cuMemAlloc in this context and is freed once.
+        unsafe { result::free_sync(buffer.ptr) }.map_err(|e| self.err(e, OpKind::Free, "cuMemFree"))
+    }
+
+    fn copy_device_to_device(
+        &mut self,
+        dst: sys::CUdeviceptr,
+        src: sys::CUdeviceptr,
+        len: usize,
+    ) -> Result<(), GpuError> {
+        // SAFETY: both ranges lie inside live buffers and do not overlap (checked).
+        unsafe { result::memcpy_dtod_sync(dst, src, len) }
+            .map_err(|e| self.err(e, OpKind::CopyDeviceToDevice, "cuMemcpyDtoD"))
+    }
+
+    fn memset(&mut self, dst: sys::CUdeviceptr, value: u8, len: usize) -> Result<(), GpuError> {
+        // SAFETY: the range lies inside a live buffer (checked).
+        unsafe { result::memset_d8_sync(dst, value, len) }.map_err(|e| self.err(e, OpKind::Memset, "cuMemsetD8"))
+    }
+
+    fn synchronize(&mut self) -> Result<(), GpuError> {
+        result::ctx::synchronize().map_err(|e| self.err(e, OpKind::Synchronize, "cuCtxSynchronize"))
+    }
+
+    fn mem_info(&mut self) -> Result<MemInfo, GpuError> {
+        let (free, total) = result::mem_get_info().map_err(|e| self.err(e, OpKind::MemInfo, "cuMemGetInfo"))?;
+        Ok(MemInfo {
+            free: free as u64,
+            total: total as u64,
+        })
     }
 
     fn copy_to_device(&mut self, dst: sys::CUdeviceptr, data: &[u8]) -> Result<(), GpuError> {
@@ -323,42 +403,16 @@ impl CudaDevice {
         })
     }
 
-    fn function(&mut self, module: &ModuleHandle, name: &str) -> Result<sys::CUfunction, GpuError> {
-        let op = OpKind::Launch;
-        let dev = self.dev();
-        let unknown = || GpuError::invalid(op, dev, InvalidReason::UnknownKernel { name: name.to_string() });
-        let cname = CString::new(name).map_err(|_| unknown())?;
-        let m = self.t.modules.get_mut(&module.id).ok_or_else(unknown)?;
-        if let Some(f) = m.functions.get(name) {
-            return Ok(*f);
-        }
-        // SAFETY: `m.module` is a live module of this context.
-        let f = unsafe { result::module::get_function(m.module, cname) }
-            .map_err(|e| err(e, op, dev, "cuModuleGetFunction"))?;
-        m.functions.insert(name.to_string(), f);
-        Ok(f)
-    }
-
-    fn launch(&mut self, op: &Op) -> Result<(), GpuError> {
-        let Op::Launch {
+    fn launch(&mut self, launch: Launch<'_>) -> Result<(), GpuError> {
+        let Launch {
             module,
             function,
             grid,
             block,
             shared_mem_bytes,
             args,
-        } = op
-        else {
-            unreachable!("launch is only called for launches")
-        };
+        } = launch;
         let kind = OpKind::Launch;
-        if self.t.module(kind, module)?.builtin {
-            let k = BuiltinKernel::from_name(function).ok_or_else(|| {
-                self.t
-                    .invalid(kind, InvalidReason::UnknownKernel { name: function.clone() })
-            })?;
-            k.check_args(args).map_err(|r| self.t.invalid(kind, r))?;
-        }
         let f = self.function(module, function)?;
         let mut packed = PackedArgs::pack(args, |b| self.device_ptr(kind, b, 0))?;
         let mut params = packed.pointers();
@@ -370,7 +424,7 @@ impl CudaDevice {
                 f,
                 (grid.x, grid.y, grid.z),
                 (block.x, block.y, block.z),
-                *shared_mem_bytes,
+                shared_mem_bytes,
                 std::ptr::null_mut(),
                 &mut params,
             )
@@ -402,94 +456,11 @@ impl DeviceContext for CudaDevice {
     }
 
     fn execute(&mut self, op: &Op, _origin: Origin) -> Result<Reply, GpuError> {
-        self.t.validate(op, self.info.total_memory)?;
-        let kind = op.kind();
-        Ok(match op {
-            Op::Alloc { bytes } => {
-                let size = usize::try_from(*bytes).unwrap_or(usize::MAX);
-                // SAFETY: the context is bound to this thread; the memory is freed on Free or drop.
-                let ptr = unsafe { result::malloc_sync(size) }.map_err(|e| self.err(e, kind, "cuMemAlloc"))?;
-                let id = self.t.new_id();
-                self.t.buffers.insert(id, CudaBuffer { ptr, len: *bytes });
-                Reply::Buffer(BufferHandle {
-                    device: self.dev(),
-                    epoch: self.t.epoch,
-                    id,
-                    len: *bytes,
-                })
-            }
-            Op::Free { buffer } => {
-                let ptr = self.t.buffer(kind, buffer)?.ptr;
-                // SAFETY: `ptr` came from cuMemAlloc in this context and is freed once.
-                unsafe { result::free_sync(ptr) }.map_err(|e| self.err(e, kind, "cuMemFree"))?;
-                self.t.buffers.remove(&buffer.id);
-                Reply::Done
-            }
-            Op::CopyToDevice { dst, offset, data } => {
-                let to = self.device_ptr(kind, dst, *offset)?;
-                self.copy_to_device(to, data.as_bytes())?;
-                Reply::Done
-            }
-            Op::CopyFromDevice { src, offset, len } => {
-                let from = self.device_ptr(kind, src, *offset)?;
-                Reply::Data(Payload::from(self.copy_from_device(from, *len as usize)?))
-            }
-            Op::CopyDeviceToDevice {
-                src,
-                src_offset,
-                dst,
-                dst_offset,
-                len,
-            } => {
-                let from = self.device_ptr(kind, src, *src_offset)?;
-                let to = self.device_ptr(kind, dst, *dst_offset)?;
-                // SAFETY: both ranges lie inside live buffers and do not overlap (checked).
-                unsafe { result::memcpy_dtod_sync(to, from, *len as usize) }
-                    .map_err(|e| self.err(e, kind, "cuMemcpyDtoD"))?;
-                Reply::Done
-            }
-            Op::Memset {
-                buffer,
-                offset,
-                len,
-                value,
-            } => {
-                let to = self.device_ptr(kind, buffer, *offset)?;
-                // SAFETY: the range lies inside a live buffer (checked).
-                unsafe { result::memset_d8_sync(to, *value, *len as usize) }
-                    .map_err(|e| self.err(e, kind, "cuMemsetD8"))?;
-                Reply::Done
-            }
-            Op::LoadModule { source } => {
-                let m = self.load(source)?;
-                let id = self.t.new_id();
-                self.t.modules.insert(id, m);
-                Reply::Module(ModuleHandle { device: self.dev(), id })
-            }
-            Op::Launch { .. } => {
-                self.launch(op)?;
-                Reply::Done
-            }
-            Op::Synchronize => {
-                result::ctx::synchronize().map_err(|e| self.err(e, kind, "cuCtxSynchronize"))?;
-                Reply::Done
-            }
-            Op::MemInfo => {
-                let (free, total) = result::mem_get_info().map_err(|e| self.err(e, kind, "cuMemGetInfo"))?;
-                Reply::MemInfo(MemInfo {
-                    free: free as u64,
-                    total: total as u64,
-                })
-            }
-            Op::DeviceInfo => Reply::DeviceInfo(self.info.clone()),
-        })
+        gpu::execute(self, op)
     }
 
     fn restore_module(&mut self, module: ModuleHandle, source: &ModuleSource) -> Result<(), GpuError> {
-        let m = self.load(source)?;
-        self.t.modules.insert(module.id, m);
-        self.t.reserve_id(module.id);
-        Ok(())
+        gpu::restore_module(self, module, source)
     }
 
     fn register_host_memory(&mut self, bytes: &[u8]) -> bool {

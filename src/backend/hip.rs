@@ -22,11 +22,11 @@ use std::ffi::{CString, c_char, c_int, c_uint, c_void};
 use hip_runtime_sys as _; // links libamdhip64
 
 use crate::backend::args::PackedArgs;
+use crate::backend::gpu::{self, GpuCalls, GpuModule, Launch};
 use crate::backend::table::{DeviceBuffer, PinnedRanges, Tables};
 use crate::backend::{Backend, BackendKind, DeviceContext, Origin};
 use crate::error::{Api, GpuError, InvalidReason, hip as code};
-use crate::kernels::BuiltinKernel;
-use crate::op::{BufferHandle, DeviceInfo, MemInfo, ModuleHandle, ModuleSource, Op, OpKind, Payload, Reply};
+use crate::op::{DeviceInfo, MemInfo, ModuleHandle, ModuleSource, Op, OpKind, Reply};
 
 /// The built-in kernels as a HIP code-object bundle, compiled by the build script.
 pub const BUILTIN_CODE_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/builtin_hip.co"));
@@ -201,7 +201,7 @@ impl Backend for HipBackend {
 }
 
 #[derive(Debug)]
-struct HipBuffer {
+pub(crate) struct HipBuffer {
     ptr: *mut c_void,
     len: u64,
 }
@@ -213,7 +213,7 @@ impl DeviceBuffer for HipBuffer {
 }
 
 #[derive(Debug)]
-struct HipModule {
+pub(crate) struct HipModule {
     module: *mut c_void,
     builtin: bool,
     functions: HashMap<String, *mut c_void>,
@@ -243,11 +243,6 @@ impl HipDevice {
         check(status, op, self.dev(), call)
     }
 
-    fn device_ptr(&self, op: OpKind, h: &BufferHandle, offset: u64) -> Result<*mut c_void, GpuError> {
-        let buf = self.t.buffer(op, h)?;
-        Ok(buf.ptr.cast::<u8>().wrapping_add(offset as usize).cast())
-    }
-
     fn staging(&mut self, op: OpKind) -> Result<*mut c_void, GpuError> {
         if let Some(p) = self.staging {
             return Ok(p);
@@ -261,6 +256,114 @@ impl HipDevice {
         )?;
         self.staging = Some(p);
         Ok(p)
+    }
+
+    fn function(&mut self, module: &ModuleHandle, name: &str) -> Result<*mut c_void, GpuError> {
+        let op = OpKind::Launch;
+        let unknown = || InvalidReason::UnknownKernel { name: name.to_string() };
+        let cname = CString::new(name).map_err(|_| self.t.invalid(op, unknown()))?;
+        let dev = self.dev();
+        let m = self
+            .t
+            .modules
+            .get_mut(&module.id)
+            .ok_or_else(|| GpuError::invalid(op, dev, unknown()))?;
+        if let Some(f) = m.functions.get(name) {
+            return Ok(*f);
+        }
+        let mut f = std::ptr::null_mut();
+        // SAFETY: `m.module` is a live module of this context; `cname` is NUL-terminated.
+        check(
+            unsafe { ffi::hipModuleGetFunction(&mut f, m.module, cname.as_ptr()) },
+            op,
+            dev,
+            "hipModuleGetFunction",
+        )?;
+        m.functions.insert(name.to_string(), f);
+        Ok(f)
+    }
+}
+
+impl GpuModule for HipModule {
+    fn builtin(&self) -> bool {
+        self.builtin
+    }
+}
+
+impl GpuCalls for HipDevice {
+    type Ptr = *mut c_void;
+    type Buffer = HipBuffer;
+    type Module = HipModule;
+
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn tables(&self) -> &Tables<HipBuffer, HipModule> {
+        &self.t
+    }
+
+    fn tables_mut(&mut self) -> &mut Tables<HipBuffer, HipModule> {
+        &mut self.t
+    }
+
+    fn address(buffer: &HipBuffer, offset: u64) -> *mut c_void {
+        buffer.ptr.cast::<u8>().wrapping_add(offset as usize).cast()
+    }
+
+    fn malloc(&mut self, bytes: u64) -> Result<HipBuffer, GpuError> {
+        let mut ptr = std::ptr::null_mut();
+        let size = usize::try_from(bytes).unwrap_or(usize::MAX);
+        // SAFETY: `ptr` is a valid out-pointer.
+        self.check(unsafe { ffi::hipMalloc(&mut ptr, size) }, OpKind::Alloc, "hipMalloc")?;
+        Ok(HipBuffer { ptr, len: bytes })
+    }
+
+    fn free(&mut self, buffer: &HipBuffer) -> Result<(), GpuError> {
+        // SAFETY: the pointer came from hipMalloc in this context and is freed once (the
+        // table entry is gone once this succeeds).
+        self.check(unsafe { ffi::hipFree(buffer.ptr) }, OpKind::Free, "hipFree")
+    }
+
+    fn copy_device_to_device(&mut self, dst: *mut c_void, src: *mut c_void, len: usize) -> Result<(), GpuError> {
+        // SAFETY: both ranges lie inside live buffers and do not overlap (checked).
+        self.check(
+            unsafe { ffi::hipMemcpy(dst, src, len, MEMCPY_DEVICE_TO_DEVICE) },
+            OpKind::CopyDeviceToDevice,
+            "hipMemcpy",
+        )
+    }
+
+    fn memset(&mut self, dst: *mut c_void, value: u8, len: usize) -> Result<(), GpuError> {
+        // SAFETY: the range lies inside a live buffer (checked).
+        self.check(
+            unsafe { ffi::hipMemset(dst, c_int::from(value), len) },
+            OpKind::Memset,
+            "hipMemset",
+        )
+    }
+
+    fn synchronize(&mut self) -> Result<(), GpuError> {
+        // SAFETY: plain call.
+        self.check(
+            unsafe { ffi::hipDeviceSynchronize() },
+            OpKind::Synchronize,
+            "hipDeviceSynchronize",
+        )
+    }
+
+    fn mem_info(&mut self) -> Result<MemInfo, GpuError> {
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: valid out-pointers.
+        self.check(
+            unsafe { ffi::hipMemGetInfo(&mut free, &mut total) },
+            OpKind::MemInfo,
+            "hipMemGetInfo",
+        )?;
+        Ok(MemInfo {
+            free: free as u64,
+            total: total as u64,
+        })
     }
 
     fn copy_to_device(&mut self, dst: *mut c_void, data: &[u8]) -> Result<(), GpuError> {
@@ -349,51 +452,16 @@ impl HipDevice {
         })
     }
 
-    fn function(&mut self, module: &ModuleHandle, name: &str) -> Result<*mut c_void, GpuError> {
-        let op = OpKind::Launch;
-        let unknown = || InvalidReason::UnknownKernel { name: name.to_string() };
-        let cname = CString::new(name).map_err(|_| self.t.invalid(op, unknown()))?;
-        let dev = self.dev();
-        let m = self
-            .t
-            .modules
-            .get_mut(&module.id)
-            .ok_or_else(|| GpuError::invalid(op, dev, unknown()))?;
-        if let Some(f) = m.functions.get(name) {
-            return Ok(*f);
-        }
-        let mut f = std::ptr::null_mut();
-        // SAFETY: `m.module` is a live module of this context; `cname` is NUL-terminated.
-        check(
-            unsafe { ffi::hipModuleGetFunction(&mut f, m.module, cname.as_ptr()) },
-            op,
-            dev,
-            "hipModuleGetFunction",
-        )?;
-        m.functions.insert(name.to_string(), f);
-        Ok(f)
-    }
-
-    fn launch(&mut self, op: &Op) -> Result<(), GpuError> {
-        let Op::Launch {
+    fn launch(&mut self, launch: Launch<'_>) -> Result<(), GpuError> {
+        let Launch {
             module,
             function,
             grid,
             block,
             shared_mem_bytes,
             args,
-        } = op
-        else {
-            unreachable!("launch is only called for launches")
-        };
+        } = launch;
         let kind = OpKind::Launch;
-        if self.t.module(kind, module)?.builtin {
-            let k = BuiltinKernel::from_name(function).ok_or_else(|| {
-                self.t
-                    .invalid(kind, InvalidReason::UnknownKernel { name: function.clone() })
-            })?;
-            k.check_args(args).map_err(|r| self.t.invalid(kind, r))?;
-        }
         let f = self.function(module, function)?;
         let mut packed = PackedArgs::pack(args, |b| self.device_ptr(kind, b, 0).map(|p| p as u64))?;
         let mut params = packed.pointers();
@@ -409,7 +477,7 @@ impl HipDevice {
                 block.x,
                 block.y,
                 block.z,
-                *shared_mem_bytes as c_uint,
+                shared_mem_bytes as c_uint,
                 std::ptr::null_mut(),
                 params.as_mut_ptr(),
                 std::ptr::null_mut(),
@@ -429,109 +497,11 @@ impl DeviceContext for HipDevice {
     }
 
     fn execute(&mut self, op: &Op, _origin: Origin) -> Result<Reply, GpuError> {
-        self.t.validate(op, self.info.total_memory)?;
-        let kind = op.kind();
-        Ok(match op {
-            Op::Alloc { bytes } => {
-                let mut ptr = std::ptr::null_mut();
-                let size = usize::try_from(*bytes).unwrap_or(usize::MAX);
-                // SAFETY: `ptr` is a valid out-pointer.
-                self.check(unsafe { ffi::hipMalloc(&mut ptr, size) }, kind, "hipMalloc")?;
-                let id = self.t.new_id();
-                self.t.buffers.insert(id, HipBuffer { ptr, len: *bytes });
-                Reply::Buffer(BufferHandle {
-                    device: self.dev(),
-                    epoch: self.t.epoch,
-                    id,
-                    len: *bytes,
-                })
-            }
-            Op::Free { buffer } => {
-                let ptr = self.t.buffer(kind, buffer)?.ptr;
-                // SAFETY: `ptr` came from hipMalloc in this context and is freed once (the
-                // table entry is removed next).
-                self.check(unsafe { ffi::hipFree(ptr) }, kind, "hipFree")?;
-                self.t.buffers.remove(&buffer.id);
-                Reply::Done
-            }
-            Op::CopyToDevice { dst, offset, data } => {
-                let to = self.device_ptr(kind, dst, *offset)?;
-                self.copy_to_device(to, data.as_bytes())?;
-                Reply::Done
-            }
-            Op::CopyFromDevice { src, offset, len } => {
-                let from = self.device_ptr(kind, src, *offset)?;
-                Reply::Data(Payload::from(self.copy_from_device(from, *len as usize)?))
-            }
-            Op::CopyDeviceToDevice {
-                src,
-                src_offset,
-                dst,
-                dst_offset,
-                len,
-            } => {
-                let from = self.device_ptr(kind, src, *src_offset)?;
-                let to = self.device_ptr(kind, dst, *dst_offset)?;
-                // SAFETY: both ranges lie inside live buffers and do not overlap (checked).
-                self.check(
-                    unsafe { ffi::hipMemcpy(to, from, *len as usize, MEMCPY_DEVICE_TO_DEVICE) },
-                    kind,
-                    "hipMemcpy",
-                )?;
-                Reply::Done
-            }
-            Op::Memset {
-                buffer,
-                offset,
-                len,
-                value,
-            } => {
-                let to = self.device_ptr(kind, buffer, *offset)?;
-                // SAFETY: the range lies inside a live buffer (checked).
-                self.check(
-                    unsafe { ffi::hipMemset(to, c_int::from(*value), *len as usize) },
-                    kind,
-                    "hipMemset",
-                )?;
-                Reply::Done
-            }
-            Op::LoadModule { source } => {
-                let m = self.load(source)?;
-                let id = self.t.new_id();
-                self.t.modules.insert(id, m);
-                Reply::Module(ModuleHandle { device: self.dev(), id })
-            }
-            Op::Launch { .. } => {
-                self.launch(op)?;
-                Reply::Done
-            }
-            Op::Synchronize => {
-                // SAFETY: plain call.
-                self.check(unsafe { ffi::hipDeviceSynchronize() }, kind, "hipDeviceSynchronize")?;
-                Reply::Done
-            }
-            Op::MemInfo => {
-                let (mut free, mut total) = (0usize, 0usize);
-                // SAFETY: valid out-pointers.
-                self.check(
-                    unsafe { ffi::hipMemGetInfo(&mut free, &mut total) },
-                    kind,
-                    "hipMemGetInfo",
-                )?;
-                Reply::MemInfo(MemInfo {
-                    free: free as u64,
-                    total: total as u64,
-                })
-            }
-            Op::DeviceInfo => Reply::DeviceInfo(self.info.clone()),
-        })
+        gpu::execute(self, op)
     }
 
     fn restore_module(&mut self, module: ModuleHandle, source: &ModuleSource) -> Result<(), GpuError> {
-        let m = self.load(source)?;
-        self.t.modules.insert(module.id, m);
-        self.t.reserve_id(module.id);
-        Ok(())
+        gpu::restore_module(self, module, source)
     }
 
     fn register_host_memory(&mut self, bytes: &[u8]) -> bool {
