@@ -171,20 +171,27 @@ async fn an_alloc_that_can_never_fit_is_invalid_not_retried() {
     assert_eq!(rt.shutdown().await.retries.attempts, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_retry_budget_stops_a_retry_storm() {
+/// A device whose memsets always fail with a transient code, under a retry budget of
+/// `ratio` retries per request (no floor), a policy of 5 retries, and a buffer to memset.
+async fn under_budget(ratio: f64, ttl_ms: u64) -> (hipvisor::Runtime, hipvisor::DeviceHandle, hipvisor::BufferHandle) {
     let mut c = config(1);
     c.retry.max_retries = 5;
-    // One retry per request in the window, no floor.
     c.retry.budget = RetryBudgetConfig {
-        ratio: 1.0,
+        ratio,
         min_per_sec: 0,
-        ttl_ms: 60_000,
+        ttl_ms,
     };
     c.sim.faults.push(failing("memset", 600));
     let rt = start(c).await;
     let gpu = rt.device(0).unwrap();
     let b = gpu.alloc(8).await.unwrap();
+    (rt, gpu, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_budget_stops_a_retry_storm() {
+    // One retry per request in the window.
+    let (rt, gpu, b) = under_budget(1.0, 60_000).await;
     // Requests so far: the alloc and this memset = 2 retries in the budget.
     assert!(matches!(
         answered(T, gpu.memset(b, 0, 8, 1)).await,
@@ -201,17 +208,7 @@ async fn the_retry_budget_stops_a_retry_storm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_budget_answers_retry_budget_exhausted() {
-    let mut c = config(1);
-    c.retry.max_retries = 5;
-    c.retry.budget = RetryBudgetConfig {
-        ratio: 0.0,
-        min_per_sec: 0,
-        ttl_ms: 1000,
-    };
-    c.sim.faults.push(failing("memset", 600));
-    let rt = start(c).await;
-    let gpu = rt.device(0).unwrap();
-    let b = gpu.alloc(8).await.unwrap();
+    let (rt, gpu, b) = under_budget(0.0, 1000).await;
     assert!(matches!(
         gpu.memset(b, 0, 8, 1).await,
         Err(RuntimeError::RetryBudgetExhausted {
