@@ -25,11 +25,11 @@ use cudarc::driver::{CudaContext, DriverError, result, sys};
 use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
 
 use crate::backend::args::PackedArgs;
-use crate::backend::gpu::{self, GpuCalls, GpuModule, Launch};
+use crate::backend::gpu::{GpuCalls, GpuModule, Launch};
 use crate::backend::table::{DeviceBuffer, PinnedRanges, Tables};
-use crate::backend::{Backend, BackendKind, DeviceContext, Origin};
+use crate::backend::{Backend, BackendKind, DeviceContext};
 use crate::error::{Api, GpuError, InvalidReason, cuda as code};
-use crate::op::{DeviceInfo, MemInfo, ModuleHandle, ModuleSource, Op, OpKind, Reply};
+use crate::op::{DeviceInfo, MemInfo, ModuleHandle, ModuleSource, OpKind};
 
 /// The built-in kernels' source, compiled by NVRTC for the device present.
 pub const BUILTIN_SOURCE: &str = include_str!("../../kernels/builtin.cu");
@@ -431,6 +431,22 @@ impl GpuCalls for CudaDevice {
         }
         .map_err(|e| self.err(e, kind, "cuLaunchKernel"))
     }
+
+    fn pinned(&mut self) -> &mut PinnedRanges {
+        &mut self.pinned
+    }
+
+    fn host_register(&mut self, bytes: &[u8]) -> bool {
+        // SAFETY: the context is bound to this thread; `bytes` is mapped memory the caller
+        // keeps mapped until it unregisters it; flags 0 = default registration.
+        let status = unsafe { sys::cuMemHostRegister_v2(bytes.as_ptr().cast_mut().cast(), bytes.len(), 0) };
+        status.result().is_ok()
+    }
+
+    fn host_unregister(&mut self, bytes: &[u8]) {
+        // SAFETY: the range was registered by `host_register` and is still mapped.
+        let _ = unsafe { sys::cuMemHostUnregister(bytes.as_ptr().cast_mut().cast()) };
+    }
 }
 
 fn looks_like_ptx(bytes: &[u8]) -> bool {
@@ -444,45 +460,6 @@ fn nul_terminated(bytes: &[u8]) -> Vec<u8> {
         v.push(0);
     }
     v
-}
-
-impl DeviceContext for CudaDevice {
-    fn device(&self) -> u32 {
-        self.dev()
-    }
-
-    fn epoch(&self) -> u64 {
-        self.t.epoch
-    }
-
-    fn execute(&mut self, op: &Op, _origin: Origin) -> Result<Reply, GpuError> {
-        gpu::execute(self, op)
-    }
-
-    fn restore_module(&mut self, module: ModuleHandle, source: &ModuleSource) -> Result<(), GpuError> {
-        gpu::restore_module(self, module, source)
-    }
-
-    fn register_host_memory(&mut self, bytes: &[u8]) -> bool {
-        if bytes.is_empty() {
-            return false;
-        }
-        // SAFETY: the context is bound to this thread; `bytes` is mapped memory the caller
-        // keeps mapped until it unregisters it; flags 0 = default registration.
-        let status = unsafe { sys::cuMemHostRegister_v2(bytes.as_ptr().cast_mut().cast(), bytes.len(), 0) };
-        let ok = status.result().is_ok();
-        if ok {
-            self.pinned.add(bytes);
-        }
-        ok
-    }
-
-    fn unregister_host_memory(&mut self, bytes: &[u8]) {
-        if self.pinned.remove(bytes) {
-            // SAFETY: the range was registered by `register_host_memory` and is still mapped.
-            let _ = unsafe { sys::cuMemHostUnregister(bytes.as_ptr().cast_mut().cast()) };
-        }
-    }
 }
 
 impl Drop for CudaDevice {

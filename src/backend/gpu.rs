@@ -1,10 +1,11 @@
 //! What the real GPU backends (HIP, CUDA) share: turning an [`Op`] into calls of the GPU
 //! runtime. Each backend implements [`GpuCalls`] — the runtime's own calls, with its
-//! `unsafe` — and its `DeviceContext::execute` is [`execute`]: the checks of
-//! [`Tables::validate`], the handle tables, the built-in kernels' argument checks and the
-//! replies are written once, here, and tested without a GPU against host memory.
+//! `unsafe` — and is a [`DeviceContext`] through them: the checks of [`Tables::validate`],
+//! the handle tables, the built-in kernels' argument checks, the replies and the pinned
+//! host memory set are written once, here, and tested without a GPU against host memory.
 
-use crate::backend::table::{DeviceBuffer, Tables};
+use crate::backend::table::{DeviceBuffer, PinnedRanges, Tables};
+use crate::backend::{DeviceContext, Origin};
 use crate::error::{GpuError, InvalidReason};
 use crate::kernels::BuiltinKernel;
 use crate::op::{
@@ -67,10 +68,49 @@ pub(crate) trait GpuCalls {
     fn synchronize(&mut self) -> Result<(), GpuError>;
     /// Free and total device memory.
     fn mem_info(&mut self) -> Result<MemInfo, GpuError>;
+    /// Host memory registered as pinned.
+    fn pinned(&mut self) -> &mut PinnedRanges;
+    /// Registers host memory (not empty) as pinned with the runtime; whether it took.
+    fn host_register(&mut self, bytes: &[u8]) -> bool;
+    /// Unregisters host memory that [`GpuCalls::host_register`] registered.
+    fn host_unregister(&mut self, bytes: &[u8]);
 
     /// The address `offset` bytes into the buffer behind `h`, after checking the handle.
     fn device_ptr(&self, op: OpKind, h: &BufferHandle, offset: u64) -> Result<Self::Ptr, GpuError> {
         Ok(Self::address(self.tables().buffer(op, h)?, offset))
+    }
+}
+
+/// Every GPU backend's context is a [`DeviceContext`] through its calls.
+impl<G: GpuCalls + Send> DeviceContext for G {
+    fn device(&self) -> u32 {
+        self.tables().device
+    }
+
+    fn epoch(&self) -> u64 {
+        self.tables().epoch
+    }
+
+    fn execute(&mut self, op: &Op, _origin: Origin) -> Result<Reply, GpuError> {
+        execute(self, op)
+    }
+
+    fn restore_module(&mut self, module: ModuleHandle, source: &ModuleSource) -> Result<(), GpuError> {
+        restore_module(self, module, source)
+    }
+
+    fn register_host_memory(&mut self, bytes: &[u8]) -> bool {
+        let ok = !bytes.is_empty() && self.host_register(bytes);
+        if ok {
+            self.pinned().add(bytes);
+        }
+        ok
+    }
+
+    fn unregister_host_memory(&mut self, bytes: &[u8]) {
+        if self.pinned().remove(bytes) {
+            self.host_unregister(bytes);
+        }
     }
 }
 
@@ -199,6 +239,9 @@ mod tests {
         next: u64,
         launched: Vec<Launched>,
         fail_next: Option<i32>,
+        pinned: PinnedRanges,
+        /// Host ranges the runtime has registered, by start.
+        registered: Vec<usize>,
     }
 
     /// A launch that reached the runtime: name, and (module, grid x, block x, shared
@@ -238,6 +281,8 @@ mod tests {
                 next: 1,
                 launched: Vec::new(),
                 fail_next: None,
+                pinned: PinnedRanges::default(),
+                registered: Vec::new(),
             }
         }
 
@@ -327,6 +372,17 @@ mod tests {
                 free: self.info.total_memory - used,
                 total: self.info.total_memory,
             })
+        }
+        fn pinned(&mut self) -> &mut PinnedRanges {
+            &mut self.pinned
+        }
+        fn host_register(&mut self, bytes: &[u8]) -> bool {
+            self.registered.push(bytes.as_ptr() as usize);
+            true
+        }
+        fn host_unregister(&mut self, bytes: &[u8]) {
+            let start = bytes.as_ptr() as usize;
+            self.registered.retain(|s| *s != start);
         }
     }
 
@@ -482,5 +538,25 @@ mod tests {
             panic!()
         };
         assert!(next.id > m.id);
+    }
+
+    #[test]
+    fn a_context_is_the_dispatch_and_keeps_the_pinned_set() {
+        let mut g = Fake::new();
+        let ctx: &mut dyn DeviceContext = &mut g;
+        assert_eq!((ctx.device(), ctx.epoch()), (0, 3));
+        assert!(matches!(
+            ctx.execute(&Op::MemInfo, Origin::Application),
+            Ok(Reply::MemInfo(_))
+        ));
+        let host = vec![0u8; 64];
+        assert!(!ctx.register_host_memory(&host[..0]), "nothing to register");
+        assert!(ctx.register_host_memory(&host));
+        ctx.unregister_host_memory(&host[8..]); // not a registered start: nothing happens
+        assert_eq!(g.registered, vec![host.as_ptr() as usize]);
+        assert!(g.pinned.contains(&host[8..16]));
+        let ctx: &mut dyn DeviceContext = &mut g;
+        ctx.unregister_host_memory(&host);
+        assert!(g.registered.is_empty() && !g.pinned.contains(&host));
     }
 }

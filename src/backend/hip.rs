@@ -22,11 +22,11 @@ use std::ffi::{CString, c_char, c_int, c_uint, c_void};
 use hip_runtime_sys as _; // links libamdhip64
 
 use crate::backend::args::PackedArgs;
-use crate::backend::gpu::{self, GpuCalls, GpuModule, Launch};
+use crate::backend::gpu::{GpuCalls, GpuModule, Launch};
 use crate::backend::table::{DeviceBuffer, PinnedRanges, Tables};
-use crate::backend::{Backend, BackendKind, DeviceContext, Origin};
+use crate::backend::{Backend, BackendKind, DeviceContext};
 use crate::error::{Api, GpuError, InvalidReason, hip as code};
-use crate::op::{DeviceInfo, MemInfo, ModuleHandle, ModuleSource, Op, OpKind, Reply};
+use crate::op::{DeviceInfo, MemInfo, ModuleHandle, ModuleSource, OpKind};
 
 /// The built-in kernels as a HIP code-object bundle, compiled by the build script.
 pub const BUILTIN_CODE_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/builtin_hip.co"));
@@ -485,43 +485,20 @@ impl GpuCalls for HipDevice {
         };
         self.check(status, kind, "hipModuleLaunchKernel")
     }
-}
 
-impl DeviceContext for HipDevice {
-    fn device(&self) -> u32 {
-        self.dev()
+    fn pinned(&mut self) -> &mut PinnedRanges {
+        &mut self.pinned
     }
 
-    fn epoch(&self) -> u64 {
-        self.t.epoch
-    }
-
-    fn execute(&mut self, op: &Op, _origin: Origin) -> Result<Reply, GpuError> {
-        gpu::execute(self, op)
-    }
-
-    fn restore_module(&mut self, module: ModuleHandle, source: &ModuleSource) -> Result<(), GpuError> {
-        gpu::restore_module(self, module, source)
-    }
-
-    fn register_host_memory(&mut self, bytes: &[u8]) -> bool {
-        if bytes.is_empty() {
-            return false;
-        }
+    fn host_register(&mut self, bytes: &[u8]) -> bool {
         // SAFETY: `bytes` is mapped memory the caller keeps mapped until it unregisters it;
         // flags 0 = hipHostRegisterDefault.
-        let ok = unsafe { ffi::hipHostRegister(bytes.as_ptr().cast_mut().cast(), bytes.len(), 0) } == 0;
-        if ok {
-            self.pinned.add(bytes);
-        }
-        ok
+        unsafe { ffi::hipHostRegister(bytes.as_ptr().cast_mut().cast(), bytes.len(), 0) == 0 }
     }
 
-    fn unregister_host_memory(&mut self, bytes: &[u8]) {
-        if self.pinned.remove(bytes) {
-            // SAFETY: the range was registered by `register_host_memory` and is still mapped.
-            let _ = unsafe { ffi::hipHostUnregister(bytes.as_ptr().cast_mut().cast()) };
-        }
+    fn host_unregister(&mut self, bytes: &[u8]) {
+        // SAFETY: the range was registered by `host_register` and is still mapped.
+        let _ = unsafe { ffi::hipHostUnregister(bytes.as_ptr().cast_mut().cast()) };
     }
 }
 

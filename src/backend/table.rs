@@ -193,11 +193,11 @@ impl<B: DeviceBuffer, M> Tables<B, M> {
 }
 
 /// Host memory ranges registered as pinned with a GPU backend (start, length).
-#[cfg(any(feature = "hip", feature = "cuda"))]
+#[cfg(any(feature = "hip", feature = "cuda", test))]
 #[derive(Debug, Default)]
 pub(crate) struct PinnedRanges(Vec<(usize, usize)>);
 
-#[cfg(any(feature = "hip", feature = "cuda"))]
+#[cfg(any(feature = "hip", feature = "cuda", test))]
 impl PinnedRanges {
     /// Whether `bytes` lies inside a registered range.
     pub(crate) fn contains(&self, bytes: &[u8]) -> bool {
@@ -227,7 +227,7 @@ impl PinnedRanges {
     }
 }
 
-#[cfg(all(test, any(feature = "hip", feature = "cuda")))]
+#[cfg(test)]
 mod tests {
     use super::PinnedRanges;
 
