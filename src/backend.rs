@@ -19,6 +19,7 @@ pub mod cuda;
 pub(crate) mod gpu;
 #[cfg(feature = "hip")]
 pub mod hip;
+pub mod image;
 pub mod sim;
 pub(crate) mod table;
 

@@ -495,8 +495,17 @@ pub struct DeviceInfo {
     pub name: String,
     /// Total memory in bytes.
     pub total_memory: u64,
-    /// The architecture the runtime compiles kernels for (`sm_90`, `gfx90a`, `sim`).
+    /// The architecture the runtime compiles kernels for (`sm_90`, `gfx942:sramecc+:xnack-`,
+    /// `sim`).
     pub arch: String,
+    /// The PCI bus id (`0000:19:00.0`) of a real GPU; devices are ordered by it. `None` on the
+    /// simulator.
+    #[serde(default)]
+    pub pci_bus_id: Option<String>,
+    /// The GPU's UUID (`GPU-8f3c...` on NVIDIA, as `nvidia-smi -L` prints it); `None` on the
+    /// simulator and where the runtime cannot tell.
+    #[serde(default)]
+    pub uuid: Option<String>,
 }
 
 /// The successful answer to an [`Op`].

@@ -40,11 +40,13 @@ pub(crate) fn devices(args: &CommonArgs) -> ExitCode {
     for d in 0..shown {
         match backend.device_info(d) {
             Ok(info) => println!(
-                "{:>3}  {:<32} {:>10.1} GiB  {}",
+                "{:>3}  {:<32} {:>10.1} GiB  {}{}{}",
                 info.index,
                 info.name,
                 info.total_memory as f64 / f64::from(1u32 << 30),
-                info.arch
+                info.arch,
+                info.pci_bus_id.map(|p| format!("  pci {p}")).unwrap_or_default(),
+                info.uuid.map(|u| format!("  {u}")).unwrap_or_default()
             ),
             Err(e) => {
                 eprintln!("hipvisor: device {d}: {e}");

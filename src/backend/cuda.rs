@@ -18,18 +18,19 @@
 #![allow(unsafe_code)]
 
 use std::collections::HashMap;
-use std::ffi::{CString, c_char, c_void};
+use std::ffi::{CStr, CString, c_char, c_void};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{CudaContext, DriverError, result, sys};
-use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
+use cudarc::nvrtc::{result as nvrtc_result, sys as nvrtc_sys};
 
 use crate::backend::args::PackedArgs;
 use crate::backend::gpu::{GpuCalls, GpuModule, Launch};
 use crate::backend::table::{DeviceBuffer, PinnedRanges, Tables};
-use crate::backend::{Backend, BackendKind, DeviceContext};
+use crate::backend::{Backend, BackendKind, DeviceContext, image};
 use crate::error::{Api, GpuError, InvalidReason, cuda as code};
-use crate::op::{DeviceInfo, MemInfo, ModuleHandle, ModuleSource, OpKind};
+use crate::op::{DeviceInfo, KernelArg, MemInfo, ModuleHandle, ModuleSource, OpKind};
 
 /// The built-in kernels' source, compiled by NVRTC for the device present.
 pub const BUILTIN_SOURCE: &str = include_str!("../../kernels/builtin.cu");
@@ -61,45 +62,199 @@ fn driver_missing(device: u32) -> GpuError {
     )
 }
 
+/// The first sticky error code this process's CUDA driver returned (0: none). After a
+/// sticky fault every call of the process fails and no reset recovers the context (measured
+/// on an H200: primary-context reset + retain returns 700), so a later `open` is refused
+/// at once instead of handing out a context that cannot work.
+static POISONED: AtomicI32 = AtomicI32::new(0);
+
 fn err(e: DriverError, op: OpKind, device: u32, call: &str) -> GpuError {
-    GpuError::api_with(Api::CudaDriver, e.0 as i32, op, device, call)
+    let code = e.0 as i32;
+    if crate::error::classify(Api::CudaDriver, code) == crate::ErrorClass::Sticky {
+        let _ = POISONED.compare_exchange(0, code, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    GpuError::api_with(Api::CudaDriver, code, op, device, call)
 }
 
-/// The NVRTC architecture option for a compute capability.
-fn compute_arch(major: i32, minor: i32) -> &'static str {
-    static ARCHS: OnceLock<Mutex<HashMap<(i32, i32), &'static str>>> = OnceLock::new();
-    let mut map = ARCHS
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    map.entry((major, minor))
-        .or_insert_with(|| Box::leak(format!("compute_{major}{minor}").into_boxed_str()))
+/// The sticky code that poisoned this process's CUDA contexts, if one did.
+pub fn poisoned() -> Option<i32> {
+    match POISONED.load(Ordering::Relaxed) {
+        0 => None,
+        code => Some(code),
+    }
 }
 
-/// The built-in kernels as PTX for `arch`, compiled once per process.
-fn builtin_ptx(arch: &'static str) -> Result<Arc<String>, String> {
-    static CACHE: OnceLock<Mutex<HashMap<&'static str, Arc<String>>>> = OnceLock::new();
+/// The CUDA driver's version (`12040` = 12.4), or `None` where the driver cannot tell.
+pub fn driver_version() -> Option<i32> {
+    if !driver_present() {
+        return None;
+    }
+    let mut v = 0;
+    // SAFETY: the driver is present; `v` is a valid out-pointer.
+    let status = unsafe { sys::cuDriverGetVersion(&mut v) };
+    status.result().ok().map(|_| v)
+}
+
+/// NVRTC's version, `(major, minor)`.
+pub fn nvrtc_version() -> Option<(i32, i32)> {
+    if !nvrtc_present() {
+        return None;
+    }
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: NVRTC is present; valid out-pointers.
+    let status = unsafe { nvrtc_sys::nvrtcVersion(&mut major, &mut minor) };
+    status.result().ok().map(|_| (major, minor))
+}
+
+/// The architectures NVRTC can compile for, as `major * 10 + minor` (`90` = `sm_90`).
+fn nvrtc_archs() -> Vec<i32> {
+    let mut n = 0;
+    // SAFETY: NVRTC is present (checked by the caller); valid out-pointer.
+    if unsafe { nvrtc_sys::nvrtcGetNumSupportedArchs(&mut n) }
+        .result()
+        .is_err()
+        || n <= 0
+    {
+        return Vec::new();
+    }
+    let mut archs = vec![0; n as usize];
+    // SAFETY: `archs` has room for the `n` entries NVRTC reported.
+    if unsafe { nvrtc_sys::nvrtcGetSupportedArchs(archs.as_mut_ptr()) }
+        .result()
+        .is_err()
+    {
+        return Vec::new();
+    }
+    archs
+}
+
+fn version_text() -> String {
+    let nvrtc = nvrtc_version().map_or("unknown".into(), |(a, b)| format!("{a}.{b}"));
+    let driver = driver_version().map_or("unknown".into(), |v| format!("{}.{}", v / 1000, (v % 1000) / 10));
+    format!("NVRTC {nvrtc}, CUDA driver {driver}")
+}
+
+/// The built-in kernels compiled for one device architecture.
+#[derive(Debug)]
+pub struct BuiltinImage {
+    /// What it was compiled for: `sm_90` (a cubin) or `compute_90` (PTX).
+    pub target: String,
+    /// A cubin, or NUL-terminated PTX.
+    pub code: Vec<u8>,
+}
+
+impl BuiltinImage {
+    /// Whether it is machine code for one architecture (else PTX, JIT-compiled at load).
+    pub fn is_cubin(&self) -> bool {
+        self.target.starts_with("sm_")
+    }
+}
+
+/// Compiles CUDA C++ `source` with NVRTC for `target` (`sm_90`: a cubin; `compute_90`:
+/// PTX, not NUL-terminated), for user modules; a failure carries NVRTC's log.
+pub fn compile(source: &str, target: &str) -> Result<Vec<u8>, String> {
+    if !nvrtc_present() {
+        return Err("NVRTC library not found (libnvrtc.so)".into());
+    }
+    let source = CString::new(source).map_err(|_| "the source holds a NUL byte".to_string())?;
+    nvrtc_compile(&source, target)
+}
+
+fn nvrtc_compile(source: &CStr, target: &str) -> Result<Vec<u8>, String> {
+    let prog = nvrtc_result::create_program(source, Some(c"hipvisor_builtin.cu"))
+        .map_err(|e| format!("nvrtcCreateProgram: {e:?}"))?;
+    let opts = [
+        format!("--gpu-architecture={target}"),
+        "--fmad=true".into(),
+        "-default-device".into(),
+    ];
+    // SAFETY: `prog` was just created and is destroyed once, below; `source` outlives it.
+    let compiled = unsafe { nvrtc_result::compile_program(prog, &opts) };
+    let out = match compiled {
+        Ok(()) if target.starts_with("sm_") => {
+            let mut size = 0usize;
+            // SAFETY: `prog` compiled; `size` is a valid out-pointer, then `code` has room
+            // for the `size` bytes NVRTC reported.
+            unsafe {
+                nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size)
+                    .result()
+                    .map_err(|e| format!("nvrtcGetCUBINSize: {e:?}"))
+                    .and_then(|_| {
+                        let mut code = vec![0u8; size];
+                        nvrtc_sys::nvrtcGetCUBIN(prog, code.as_mut_ptr().cast())
+                            .result()
+                            .map(|_| code)
+                            .map_err(|e| format!("nvrtcGetCUBIN: {e:?}"))
+                    })
+            }
+        }
+        // SAFETY: `prog` compiled.
+        Ok(()) => unsafe { nvrtc_result::get_ptx(prog) }
+            .map(|ptx| ptx.into_iter().map(|c| c as u8).collect())
+            .map_err(|e| format!("nvrtcGetPTX: {e:?}")),
+        Err(e) => {
+            // SAFETY: `prog` is live; the log is read before it is destroyed.
+            let log = unsafe { nvrtc_result::get_program_log(prog) }
+                .map(|l| {
+                    let bytes: Vec<u8> = l.into_iter().take_while(|c| *c != 0).map(|c| c as u8).collect();
+                    String::from_utf8_lossy(&bytes).trim().to_string()
+                })
+                .unwrap_or_default();
+            Err(format!("nvrtcCompileProgram for {target}: {e:?}; log: {log}"))
+        }
+    };
+    // SAFETY: `prog` is destroyed once.
+    let _ = unsafe { nvrtc_result::destroy_program(prog) };
+    out
+}
+
+/// The built-in kernels for compute capability `major.minor`, compiled once per process and
+/// architecture: a cubin for exactly `sm_{major}{minor}` (no JIT at load, nothing to compile
+/// again after a restart in the same process), or — when this NVRTC does not know that
+/// architecture (a GPU newer than the toolkit) — PTX for the newest architecture it knows
+/// below it, which the driver JIT-compiles at load. A failure names the NVRTC and driver
+/// versions and NVRTC's log.
+pub fn builtin_image(major: i32, minor: i32) -> Result<Arc<BuiltinImage>, String> {
+    static CACHE: OnceLock<Mutex<HashMap<(i32, i32), Arc<BuiltinImage>>>> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
-    if let Some(p) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(arch) {
+    if let Some(p) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&(major, minor)) {
         return Ok(p.clone());
     }
     if !nvrtc_present() {
-        return Err(
-            "NVRTC library not found (libnvrtc.so and libnvrtc-builtins.so): it compiles the built-in kernels".into(),
-        );
+        return Err(format!(
+            "NVRTC library not found (libnvrtc.so and libnvrtc-builtins.so, from the CUDA toolkit or the \
+             Python package nvidia-cuda-nvrtc; CUDA driver {}): it compiles the built-in kernels",
+            driver_version().map_or("unknown".into(), |v| format!("{}.{}", v / 1000, (v % 1000) / 10))
+        ));
     }
-    let opts = CompileOptions {
-        arch: Some(arch),
-        fmad: Some(true),
-        ..Default::default()
+    let source = CString::new(BUILTIN_SOURCE).expect("the kernel source has no NUL");
+    let cc = major * 10 + minor;
+    let sm = format!("sm_{cc}");
+    let image = match nvrtc_compile(&source, &sm) {
+        Ok(code) => BuiltinImage { target: sm, code },
+        Err(cubin_err) => {
+            let fallback = nvrtc_archs().into_iter().filter(|a| *a <= cc).max();
+            let Some(arch) = fallback else {
+                return Err(format!(
+                    "{}: no architecture at or below {sm} to compile the built-in kernels for; {cubin_err}",
+                    version_text()
+                ));
+            };
+            let target = format!("compute_{arch}");
+            let mut code = nvrtc_compile(&source, &target)
+                .map_err(|e| format!("{}: {cubin_err}; PTX fallback: {e}", version_text()))?;
+            if code.last() != Some(&0) {
+                code.push(0);
+            }
+            BuiltinImage { target, code }
+        }
     };
-    let ptx = compile_ptx_with_opts(BUILTIN_SOURCE, opts).map_err(|e| format!("NVRTC failed for {arch}: {e:?}"))?;
-    let ptx = Arc::new(ptx.to_src());
+    let image = Arc::new(image);
     cache
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .insert(arch, ptx.clone());
-    Ok(ptx)
+        .insert((major, minor), image.clone());
+    Ok(image)
 }
 
 /// CUDA's device discovery.
@@ -113,12 +268,12 @@ impl CudaBackend {
     }
 }
 
-impl Backend for CudaBackend {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Cuda
-    }
-
-    fn device_count(&self) -> Result<u32, GpuError> {
+impl CudaBackend {
+    /// The driver's device ordinals, ordered by PCI bus id: device `i` of this backend is the
+    /// `i`-th. (The driver's own order is "fastest first" unless `CUDA_DEVICE_ORDER=PCI_BUS_ID`;
+    /// `nvidia-smi` and the other vendor's runtime use bus order, so hipvisor does too.
+    /// `CUDA_VISIBLE_DEVICES` still chooses which devices the driver shows.)
+    fn ordinals(&self) -> Result<Vec<(String, sys::CUdevice)>, GpuError> {
         if !driver_present() {
             return Err(driver_missing(0));
         }
@@ -134,56 +289,147 @@ impl Backend for CudaBackend {
                 "no CUDA device was found",
             ));
         }
-        Ok(n as u32)
+        let mut devices = Vec::with_capacity(n as usize);
+        for ordinal in 0..n {
+            let dev = result::device::get(ordinal).map_err(|e| err(e, op, ordinal as u32, "cuDeviceGet"))?;
+            let mut bus = [0 as c_char; 32];
+            // SAFETY: the driver is initialised; the buffer's length is passed.
+            unsafe { sys::cuDeviceGetPCIBusId(bus.as_mut_ptr(), bus.len() as i32, dev) }
+                .result()
+                .map_err(|e| err(e, op, ordinal as u32, "cuDeviceGetPCIBusId"))?;
+            devices.push((c_text(&bus).to_ascii_lowercase(), dev));
+        }
+        devices.sort();
+        Ok(devices)
     }
 
-    fn device_info(&self, device: u32) -> Result<DeviceInfo, GpuError> {
-        let count = self.device_count()?;
-        if device >= count {
-            return Err(GpuError::invalid(
+    /// The driver's device behind this backend's index `device`, and its PCI bus id.
+    fn device(&self, device: u32) -> Result<(String, sys::CUdevice), GpuError> {
+        let devices = self.ordinals()?;
+        let count = devices.len() as u32;
+        devices.into_iter().nth(device as usize).ok_or_else(|| {
+            GpuError::invalid(
                 OpKind::DeviceInfo,
                 device,
                 InvalidReason::DeviceOutOfRange { device, count },
-            ));
-        }
+            )
+        })
+    }
+}
+
+/// The text of a NUL-terminated C string in `buf`.
+fn c_text(buf: &[c_char]) -> String {
+    let bytes: Vec<u8> = buf.iter().take_while(|c| **c != 0).map(|c| *c as u8).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// A UUID as `nvidia-smi -L` prints it: `GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`.
+fn uuid_text(bytes: &[u8; 16]) -> String {
+    let h: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "GPU-{}-{}-{}-{}-{}",
+        h[..4].concat(),
+        h[4..6].concat(),
+        h[6..8].concat(),
+        h[8..10].concat(),
+        h[10..].concat()
+    )
+}
+
+impl Backend for CudaBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Cuda
+    }
+
+    fn device_count(&self) -> Result<u32, GpuError> {
+        Ok(self.ordinals()?.len() as u32)
+    }
+
+    fn device_info(&self, device: u32) -> Result<DeviceInfo, GpuError> {
+        let (bus, dev) = self.device(device)?;
         let op = OpKind::DeviceInfo;
-        let dev = result::device::get(device as i32).map_err(|e| err(e, op, device, "cuDeviceGet"))?;
         let mut name = [0 as c_char; 256];
-        // SAFETY: the driver is loaded (checked by device_count); the buffer is 256 bytes
-        // and its length is passed.
+        // SAFETY: the driver is initialised (by `device`); the buffer's length is passed.
         unsafe { sys::cuDeviceGetName(name.as_mut_ptr(), name.len() as i32, dev) }
             .result()
             .map_err(|e| err(e, op, device, "cuDeviceGetName"))?;
         // SAFETY: `dev` is a valid device handle.
         let total = unsafe { result::device::total_mem(dev) }.map_err(|e| err(e, op, device, "cuDeviceTotalMem"))?;
         let (major, minor) = compute_capability(dev).map_err(|e| err(e, op, device, "cuDeviceGetAttribute"))?;
-        let bytes: Vec<u8> = name.iter().take_while(|c| **c != 0).map(|c| *c as u8).collect();
+        let mut uuid = sys::CUuuid { bytes: [0; 16] };
+        // SAFETY: `dev` is valid; `uuid` is a valid out-pointer.
+        let uuid = unsafe { sys::cuDeviceGetUuid_v2(&mut uuid, dev) }
+            .result()
+            .ok()
+            .map(|_| uuid_text(&uuid.bytes.map(|b| b as u8)));
         Ok(DeviceInfo {
             index: device,
-            name: String::from_utf8_lossy(&bytes).into_owned(),
+            name: c_text(&name),
             total_memory: total as u64,
             arch: format!("sm_{major}{minor}"),
+            pci_bus_id: Some(bus),
+            uuid,
         })
     }
 
     fn open(&self, device: u32, epoch: u64) -> Result<Box<dyn DeviceContext>, GpuError> {
-        let info = self.device_info(device)?;
         let op = OpKind::DeviceInfo;
-        let ctx = CudaContext::new(device as usize).map_err(|e| err(e, op, device, "cuDevicePrimaryCtxRetain"))?;
+        if let Some(code) = poisoned() {
+            return Err(GpuError::api_with(
+                Api::CudaDriver,
+                code,
+                op,
+                device,
+                "refused: an earlier sticky error poisoned this process's CUDA contexts, and only a new \
+                 process recovers (process isolation restarts the worker)",
+            ));
+        }
+        let info = self.device_info(device)?;
+        let (_, dev) = self.device(device)?;
+        let ctx = CudaContext::new(dev as usize).map_err(|e| err(e, op, device, "cuDevicePrimaryCtxRetain"))?;
         ctx.bind_to_thread()
             .map_err(|e| err(e, op, device, "cuCtxSetCurrent"))?;
-        let (major, minor) = ctx
-            .compute_capability()
-            .map_err(|e| err(e, op, device, "cuDeviceGetAttribute"))?;
+        let cc = compute_capability(dev).map_err(|e| err(e, op, device, "cuDeviceGetAttribute"))?;
+        let attr = |a| {
+            // SAFETY: `dev` is valid; the attribute is a plain integer.
+            unsafe { result::device::get_attribute(dev, a) }.map_err(|e| err(e, op, device, "cuDeviceGetAttribute"))
+        };
+        use sys::CUdevice_attribute::{
+            CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK as SHARED,
+            CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN as OPTIN,
+        };
+        let shared = SharedLimits {
+            default: attr(SHARED)? as u32,
+            opt_in: attr(OPTIN)? as u32,
+        };
         Ok(Box::new(CudaDevice {
             ctx,
-            arch: compute_arch(major, minor),
+            cc,
+            shared,
+            param_info: param_info_available(),
             info,
             t: Tables::new(device, epoch),
             staging: None,
             pinned: PinnedRanges::default(),
         }))
     }
+}
+
+/// A device's shared memory per block: what every launch may use, and what a kernel may be
+/// raised to (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`): 48 KiB and 227 KiB on an H200.
+#[derive(Debug, Clone, Copy)]
+struct SharedLimits {
+    default: u32,
+    opt_in: u32,
+}
+
+/// Whether the driver can describe a kernel's parameters (`cuFuncGetParamInfo`, driver 12.4
+/// and later). cudarc panics on a missing symbol, so the version is asked first and the
+/// symbol looked up before it is called.
+fn param_info_available() -> bool {
+    driver_version().is_some_and(|v| v >= 12040)
+        // SAFETY: the driver library is loaded (driver_present); only looks a symbol up.
+        && unsafe { sys::culib().get::<unsafe extern "C" fn()>(b"cuFuncGetParamInfo\0") }.is_ok()
 }
 
 fn compute_capability(dev: sys::CUdevice) -> Result<(i32, i32), DriverError> {
@@ -215,14 +461,30 @@ impl DeviceBuffer for CudaBuffer {
 pub(crate) struct CudaModule {
     module: sys::CUmodule,
     builtin: bool,
-    functions: HashMap<String, sys::CUfunction>,
+    functions: HashMap<String, KernelFn>,
+}
+
+/// A kernel of a loaded module, with what a launch checks against.
+#[derive(Debug)]
+struct KernelFn {
+    f: sys::CUfunction,
+    /// Its parameters' sizes in bytes, where the driver can tell (`cuFuncGetParamInfo`).
+    params: Option<Vec<usize>>,
+    /// Shared memory its code declares statically.
+    static_shared: u32,
+    /// The dynamic shared memory it has been raised to (0: the device's default).
+    raised: u32,
 }
 
 /// One CUDA device's context: buffers, modules and the pinned staging buffer.
 #[derive(Debug)]
 pub struct CudaDevice {
     ctx: Arc<CudaContext>,
-    arch: &'static str,
+    /// Compute capability.
+    cc: (i32, i32),
+    shared: SharedLimits,
+    /// Whether `cuFuncGetParamInfo` may be called.
+    param_info: bool,
     info: DeviceInfo,
     t: Tables<CudaBuffer, CudaModule>,
     staging: Option<*mut c_void>,
@@ -254,20 +516,99 @@ impl CudaDevice {
         Ok(p)
     }
 
-    fn function(&mut self, module: &ModuleHandle, name: &str) -> Result<sys::CUfunction, GpuError> {
+    /// The kernel `name` of `module`, checked for this launch: its parameters against
+    /// `args` (where the driver can tell), and its shared memory, raised to
+    /// `shared_mem_bytes` when that is above the device's default and within its opt-in
+    /// maximum.
+    fn kernel(
+        &mut self,
+        module: &ModuleHandle,
+        name: &str,
+        args: &[KernelArg],
+        shared_mem_bytes: u32,
+    ) -> Result<sys::CUfunction, GpuError> {
         let op = OpKind::Launch;
         let dev = self.dev();
-        let unknown = || GpuError::invalid(op, dev, InvalidReason::UnknownKernel { name: name.to_string() });
-        let cname = CString::new(name).map_err(|_| unknown())?;
+        let (limits, param_info) = (self.shared, self.param_info);
+        let invalid = |reason| GpuError::invalid(op, dev, reason);
+        let unknown = || invalid(InvalidReason::UnknownKernel { name: name.to_string() });
         let m = self.t.modules.get_mut(&module.id).ok_or_else(unknown)?;
-        if let Some(f) = m.functions.get(name) {
-            return Ok(*f);
+        let k = match m.functions.entry(name.to_string()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let cname = CString::new(name).map_err(|_| unknown())?;
+                // SAFETY: `m.module` is a live module of this context.
+                let f = unsafe { result::module::get_function(m.module, cname) }
+                    .map_err(|e| err(e, op, dev, "cuModuleGetFunction"))?;
+                use sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES as STATIC;
+                // SAFETY: `f` is a live function; the attribute is a plain integer.
+                let static_shared = unsafe { result::function::get_function_attribute(f, STATIC) }
+                    .map_err(|e| err(e, op, dev, "cuFuncGetAttribute"))? as u32;
+                let params = if param_info { Some(param_sizes(f)) } else { None };
+                e.insert(KernelFn {
+                    f,
+                    params,
+                    static_shared,
+                    raised: 0,
+                })
+            }
+        };
+        if let Some(params) = &k.params {
+            let given: Vec<usize> = args.iter().map(arg_size).collect();
+            if &given != params {
+                return Err(invalid(InvalidReason::BadArguments {
+                    kernel: name.to_string(),
+                    reason: format!(
+                        "the kernel takes {} parameters of {params:?} bytes, the launch passed {} of {given:?} bytes",
+                        params.len(),
+                        given.len()
+                    ),
+                }));
+            }
         }
-        // SAFETY: `m.module` is a live module of this context.
-        let f = unsafe { result::module::get_function(m.module, cname) }
-            .map_err(|e| err(e, op, dev, "cuModuleGetFunction"))?;
-        m.functions.insert(name.to_string(), f);
-        Ok(f)
+        let needed = k.static_shared.saturating_add(shared_mem_bytes);
+        if needed > limits.default && shared_mem_bytes > k.raised {
+            if needed > limits.opt_in {
+                return Err(invalid(InvalidReason::BadLaunchConfig {
+                    reason: format!(
+                        "{shared_mem_bytes} bytes of dynamic shared memory requested; `{name}` declares {} bytes \
+                         statically and the device allows at most {} bytes per block",
+                        k.static_shared, limits.opt_in
+                    ),
+                }));
+            }
+            use sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYNAMIC;
+            // SAFETY: `k.f` is a live function; the value is within the device's opt-in limit.
+            unsafe { result::function::set_function_attribute(k.f, MAX_DYNAMIC, shared_mem_bytes as i32) }
+                .map_err(|e| err(e, op, dev, "cuFuncSetAttribute"))?;
+            k.raised = shared_mem_bytes;
+        }
+        Ok(k.f)
+    }
+}
+
+/// The sizes of a kernel's parameters, from `cuFuncGetParamInfo` (which answers
+/// `CUDA_ERROR_INVALID_VALUE` past the last one).
+fn param_sizes(f: sys::CUfunction) -> Vec<usize> {
+    let mut sizes = Vec::new();
+    for i in 0..4096 {
+        let (mut offset, mut size) = (0usize, 0usize);
+        // SAFETY: `f` is a live function; the symbol exists (checked by
+        // `param_info_available`); valid out-pointers.
+        let status = unsafe { sys::cuFuncGetParamInfo(f, i, &mut offset, &mut size) };
+        if status.result().is_err() {
+            break;
+        }
+        sizes.push(size);
+    }
+    sizes
+}
+
+/// The size of an argument as a kernel parameter.
+fn arg_size(a: &KernelArg) -> usize {
+    match a {
+        KernelArg::Buffer(_) | KernelArg::U64(_) | KernelArg::I64(_) | KernelArg::F64(_) => 8,
+        KernelArg::U32(_) | KernelArg::I32(_) | KernelArg::F32(_) => 4,
     }
 }
 
@@ -382,23 +723,21 @@ impl GpuCalls for CudaDevice {
     fn load(&mut self, source: &ModuleSource) -> Result<CudaModule, GpuError> {
         let op = OpKind::LoadModule;
         let bad = |reason: String| GpuError::invalid(op, self.dev(), InvalidReason::BadModuleImage { reason });
-        let (image, builtin): (Vec<u8>, bool) = match source {
+        let builtin;
+        let image = match source {
             ModuleSource::Builtin => {
-                let ptx = builtin_ptx(self.arch).map_err(bad)?;
-                (nul_terminated(ptx.as_bytes()), true)
+                builtin = Some(builtin_image(self.cc.0, self.cc.1).map_err(bad)?);
+                std::borrow::Cow::Borrowed(&builtin.as_ref().expect("just set").code[..])
             }
-            // PTX is text and must be NUL-terminated; cubin and fatbin are binary.
-            ModuleSource::Image(p) if looks_like_ptx(p.as_bytes()) => (nul_terminated(p.as_bytes()), false),
-            ModuleSource::Image(p) if p.is_empty() => return Err(bad("empty image".into())),
-            ModuleSource::Image(p) => (p.to_vec(), false),
+            ModuleSource::Image(p) => image::checked(p.as_bytes(), true).map_err(bad)?.1,
         };
-        // SAFETY: the context is bound to this thread; `image` is a live buffer holding a
-        // NUL-terminated PTX string or a cubin/fatbin; the driver rejects malformed images.
+        // SAFETY: the context is bound to this thread; `image` was checked to hold together
+        // (a NUL-terminated PTX string, or a cubin/fatbin whose tables lie inside it).
         let module = unsafe { result::module::load_data(image.as_ptr().cast()) }
             .map_err(|e| self.err(e, op, "cuModuleLoadData"))?;
         Ok(CudaModule {
             module,
-            builtin,
+            builtin: matches!(source, ModuleSource::Builtin),
             functions: HashMap::new(),
         })
     }
@@ -413,7 +752,7 @@ impl GpuCalls for CudaDevice {
             args,
         } = launch;
         let kind = OpKind::Launch;
-        let f = self.function(module, function)?;
+        let f = self.kernel(module, function, args, shared_mem_bytes)?;
         let mut packed = PackedArgs::pack(args, |b| self.device_ptr(kind, b, 0))?;
         let mut params = packed.pointers();
         // SAFETY: `f` belongs to a live module of the bound context; `params` holds one
@@ -447,19 +786,6 @@ impl GpuCalls for CudaDevice {
         // SAFETY: the range was registered by `host_register` and is still mapped.
         let _ = unsafe { sys::cuMemHostUnregister(bytes.as_ptr().cast_mut().cast()) };
     }
-}
-
-fn looks_like_ptx(bytes: &[u8]) -> bool {
-    let head = &bytes[..bytes.len().min(4096)];
-    std::str::from_utf8(head).is_ok_and(|s| s.contains(".version") || s.contains(".target"))
-}
-
-fn nul_terminated(bytes: &[u8]) -> Vec<u8> {
-    let mut v = bytes.to_vec();
-    if v.last() != Some(&0) {
-        v.push(0);
-    }
-    v
 }
 
 impl Drop for CudaDevice {
@@ -527,13 +853,37 @@ mod tests {
     }
 
     #[test]
-    fn ptx_is_told_from_cubin_and_nul_terminated() {
-        assert!(looks_like_ptx(b"//\n.version 8.0\n.target sm_90\n"));
-        assert!(!looks_like_ptx(&[0x7f, b'E', b'L', b'F', 0, 1, 2]));
-        assert_eq!(nul_terminated(b"ab"), b"ab\0");
-        assert_eq!(nul_terminated(b"ab\0"), b"ab\0");
-        assert_eq!(compute_arch(9, 0), "compute_90");
-        assert!(std::ptr::eq(compute_arch(9, 0), compute_arch(9, 0)));
+    fn uuids_print_as_nvidia_smi_does() {
+        let b: [u8; 16] = std::array::from_fn(|i| i as u8 * 17);
+        assert_eq!(uuid_text(&b), "GPU-00112233-4455-6677-8899-aabbccddeeff");
+        assert_eq!(arg_size(&KernelArg::F32(1.0)), 4);
+        assert_eq!(arg_size(&KernelArg::U64(1)), 8);
+    }
+
+    /// CI proves the built-in kernels compile to an `sm_90` cubin without a GPU, with
+    /// NVRTC from the Python package `nvidia-cuda-nvrtc` (`.ci/run` installs it); elsewhere
+    /// the test says it was skipped, unless `CI_REQUIRE_TOOLS=1` requires NVRTC.
+    #[test]
+    fn builtin_kernels_compile_for_sm_90_with_nvrtc() {
+        if !nvrtc_present() {
+            assert!(
+                std::env::var("CI_REQUIRE_TOOLS").as_deref() != Ok("1"),
+                "CI_REQUIRE_TOOLS=1 but NVRTC (libnvrtc.so.13) is not on the library path"
+            );
+            eprintln!(
+                "skipped: NVRTC not found (pip install --target DIR nvidia-cuda-nvrtc, DIR/nvidia/cu13/lib on LD_LIBRARY_PATH)"
+            );
+            return;
+        }
+        let image = builtin_image(9, 0).unwrap();
+        assert_eq!(image.target, "sm_90");
+        assert!(image.is_cubin());
+        assert_eq!(image::checked(&image.code, true).unwrap().0, image::ImageKind::Elf);
+        eprintln!("{}: {} bytes of sm_90 cubin", version_text(), image.code.len());
+        // A GPU newer than this NVRTC gets PTX for the newest architecture it knows.
+        let newer = builtin_image(99, 9).unwrap();
+        assert!(newer.target.starts_with("compute_"), "{}", newer.target);
+        assert_eq!(newer.code.last(), Some(&0));
     }
 
     #[test]

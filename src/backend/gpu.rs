@@ -275,6 +275,8 @@ mod tests {
                     name: "fake".into(),
                     total_memory: 1 << 20,
                     arch: "none".into(),
+                    pci_bus_id: None,
+                    uuid: None,
                 },
                 t: Tables::new(0, 3),
                 memory: Default::default(),

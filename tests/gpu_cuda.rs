@@ -1,0 +1,692 @@
+//! GPU conformance tests of the CUDA backend: what the simulator models and the runtime
+//! relies on, checked against a real NVIDIA GPU. Every test is `#[ignore = "needs a GPU"]`;
+//! `scripts/gpu-check` runs them (`--ignored --test-threads=1`). Without a GPU they compile
+//! and are skipped.
+//!
+//! A test that faults the GPU runs its faulting part in a child process of its own (this
+//! test binary again, with `HV_GPU_CHILD` naming the test): after a fault the process's
+//! contexts are poisoned, and even retaining a context again can crash a process (measured on
+//! an H200). The child prints one `RESULT {json}` line; the parent checks it and prints it, so
+//! the log records what the GPU did.
+#![cfg(feature = "cuda")]
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hipvisor_core::backend::cuda::{self, CudaBackend};
+use hipvisor_core::backend::{Backend, DeviceContext, Origin};
+use hipvisor_core::kernels::{SAXPY_TOLERANCE_ULPS, f32_bytes, f32s, reference, u32_bytes, u32s, within_ulps};
+use hipvisor_core::op::{BufferHandle, Dim3, KernelArg, ModuleHandle, ModuleSource, Op, Reply};
+use hipvisor_core::{ErrorClass, GpuError};
+
+fn open() -> Box<dyn DeviceContext> {
+    CudaBackend::new().open(0, 1).expect("open CUDA device 0")
+}
+
+fn run(ctx: &mut dyn DeviceContext, op: Op) -> Result<Reply, GpuError> {
+    ctx.execute(&op, Origin::Application)
+}
+
+fn alloc(ctx: &mut dyn DeviceContext, bytes: u64) -> BufferHandle {
+    match run(ctx, Op::Alloc { bytes }).expect("alloc") {
+        Reply::Buffer(b) => b,
+        r => panic!("alloc answered {r:?}"),
+    }
+}
+
+fn builtin(ctx: &mut dyn DeviceContext) -> ModuleHandle {
+    match run(
+        ctx,
+        Op::LoadModule {
+            source: ModuleSource::Builtin,
+        },
+    )
+    .expect("load the built-in kernels")
+    {
+        Reply::Module(m) => m,
+        r => panic!("load answered {r:?}"),
+    }
+}
+
+fn upload(ctx: &mut dyn DeviceContext, dst: BufferHandle, data: Vec<u8>) {
+    run(
+        ctx,
+        Op::CopyToDevice {
+            dst,
+            offset: 0,
+            data: data.into(),
+        },
+    )
+    .expect("copy to device");
+}
+
+fn download(ctx: &mut dyn DeviceContext, src: BufferHandle, len: u64) -> Vec<u8> {
+    match run(ctx, Op::CopyFromDevice { src, offset: 0, len }).expect("copy from device") {
+        Reply::Data(d) => d.as_bytes().to_vec(),
+        r => panic!("copy from device answered {r:?}"),
+    }
+}
+
+fn launch(module: ModuleHandle, function: &str, n: u32, shared_mem_bytes: u32, args: Vec<KernelArg>) -> Op {
+    Op::Launch {
+        module,
+        function: function.into(),
+        grid: Dim3::x(n.div_ceil(256).max(1)),
+        block: Dim3::x(256),
+        shared_mem_bytes,
+        args,
+    }
+}
+
+fn class(r: &Result<Reply, GpuError>) -> String {
+    match r {
+        Ok(_) => "ok".into(),
+        Err(e) => format!("{} {}", e.class(), e.code().map_or(0, |(_, c)| c)),
+    }
+}
+
+/// In the child: `Some(())` when this process is the child for `test`.
+fn is_child(test: &str) -> bool {
+    std::env::var("HV_GPU_CHILD").as_deref() == Ok(test)
+}
+
+/// Runs `test`'s faulting part in a child process; returns its exit status and its
+/// `RESULT` line (parsed). The child is killed after `limit` — a hang fails the test.
+fn in_child(test: &str, limit: Duration) -> (std::process::ExitStatus, serde_json::Value) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--ignored", "--nocapture", "--test-threads=1"])
+        .env("HV_GPU_CHILD", test)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{test}: the child did not finish within {limit:?} (a hang)");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut out = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    let result = out
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .map(|j| serde_json::from_str(j).unwrap())
+        .unwrap_or(serde_json::Value::Null);
+    println!("{test}: child {status}; RESULT {result}");
+    (status, result)
+}
+
+/// Launches `fault_illegal_address` and synchronizes: the sticky fault, surfaced.
+fn fault(ctx: &mut dyn DeviceContext) -> Result<Reply, GpuError> {
+    let m = builtin(ctx);
+    let launched = run(ctx, launch(m, "fault_illegal_address", 1, 0, vec![]));
+    assert!(
+        launched.is_ok(),
+        "the faulting launch itself is asynchronous: {launched:?}"
+    );
+    run(ctx, Op::Synchronize)
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn devices_are_found_ordered_and_described() {
+    let b = CudaBackend::new();
+    let n = b.device_count().unwrap();
+    assert!(n >= 1);
+    let infos: Vec<_> = (0..n).map(|d| b.device_info(d).unwrap()).collect();
+    for i in &infos {
+        println!(
+            "device {}: {} {} {} MiB pci {:?} uuid {:?}",
+            i.index,
+            i.name,
+            i.arch,
+            i.total_memory >> 20,
+            i.pci_bus_id,
+            i.uuid
+        );
+        assert!(i.arch.starts_with("sm_"), "{}", i.arch);
+        assert!(
+            i.pci_bus_id.as_deref().is_some_and(|p| p.contains(':')),
+            "{:?}",
+            i.pci_bus_id
+        );
+        assert!(
+            i.uuid
+                .as_deref()
+                .is_some_and(|u| u.starts_with("GPU-") && u.len() == 40),
+            "{:?}",
+            i.uuid
+        );
+    }
+    let buses: Vec<_> = infos.iter().map(|i| i.pci_bus_id.clone()).collect();
+    let mut sorted = buses.clone();
+    sorted.sort();
+    assert_eq!(buses, sorted, "devices are ordered by PCI bus id");
+    println!("driver {:?}, NVRTC {:?}", cuda::driver_version(), cuda::nvrtc_version());
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn builtin_kernels_match_cpu_references() {
+    let mut ctx = open();
+    let ctx = ctx.as_mut();
+    let info = match run(ctx, Op::DeviceInfo).unwrap() {
+        Reply::DeviceInfo(i) => i,
+        r => panic!("{r:?}"),
+    };
+    let (major, minor) = info.arch[3..].split_at(info.arch.len() - 4);
+    let image = cuda::builtin_image(major.parse().unwrap(), minor.parse().unwrap()).unwrap();
+    println!("built-in kernels: {} ({} bytes)", image.target, image.code.len());
+    assert!(
+        image.is_cubin(),
+        "an NVRTC as new as the GPU compiles a cubin: {}",
+        image.target
+    );
+    let m = builtin(ctx);
+    let n: u32 = 1_000_003; // not a multiple of the block
+    let x: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 0.37 - 100.0).collect();
+    let y: Vec<f32> = (0..n).map(|i| (i % 777) as f32 * -1.3 + 7.0).collect();
+    let bytes = 4 * n as u64;
+    let (bx, by, bo) = (alloc(ctx, bytes), alloc(ctx, bytes), alloc(ctx, bytes));
+    upload(ctx, bx, f32_bytes(&x));
+    upload(ctx, by, f32_bytes(&y));
+
+    run(
+        ctx,
+        launch(
+            m,
+            "fill",
+            n,
+            0,
+            vec![KernelArg::Buffer(bo), KernelArg::U32(0xABCD_0123), KernelArg::U32(n)],
+        ),
+    )
+    .unwrap();
+    let mut want = vec![0u32; n as usize];
+    reference::fill(&mut want, 0xABCD_0123);
+    assert_eq!(u32s(&download(ctx, bo, bytes)), want, "fill");
+
+    run(
+        ctx,
+        launch(
+            m,
+            "vector_add",
+            n,
+            0,
+            vec![
+                KernelArg::Buffer(bx),
+                KernelArg::Buffer(by),
+                KernelArg::Buffer(bo),
+                KernelArg::U32(n),
+            ],
+        ),
+    )
+    .unwrap();
+    assert_eq!(
+        f32s(&download(ctx, bo, bytes)),
+        reference::vector_add(&x, &y),
+        "vector_add"
+    );
+
+    run(
+        ctx,
+        launch(
+            m,
+            "saxpy",
+            n,
+            0,
+            vec![
+                KernelArg::F32(2.5),
+                KernelArg::Buffer(bx),
+                KernelArg::Buffer(by),
+                KernelArg::U32(n),
+            ],
+        ),
+    )
+    .unwrap();
+    let mut want = y.clone();
+    reference::saxpy(2.5, &x, &mut want);
+    for (i, (g, w)) in f32s(&download(ctx, by, bytes)).iter().zip(&want).enumerate() {
+        assert!(within_ulps(*g, *w, SAXPY_TOLERANCE_ULPS), "saxpy[{i}]: {g} vs {w}");
+    }
+
+    run(
+        ctx,
+        launch(
+            m,
+            "scale",
+            n,
+            0,
+            vec![KernelArg::Buffer(bx), KernelArg::F32(-0.5), KernelArg::U32(n)],
+        ),
+    )
+    .unwrap();
+    let mut want = x.clone();
+    reference::scale(&mut want, -0.5);
+    assert_eq!(f32s(&download(ctx, bx, bytes)), want, "scale");
+
+    let data: Vec<u32> = (0..n).map(|i| i.wrapping_mul(2_654_435_761)).collect();
+    let (bd, bsum) = (alloc(ctx, bytes), alloc(ctx, 8));
+    upload(ctx, bd, u32_bytes(&data));
+    run(
+        ctx,
+        Op::Memset {
+            buffer: bsum,
+            offset: 0,
+            len: 8,
+            value: 0,
+        },
+    )
+    .unwrap();
+    run(
+        ctx,
+        launch(
+            m,
+            "checksum",
+            n,
+            0,
+            vec![KernelArg::Buffer(bd), KernelArg::U32(n), KernelArg::Buffer(bsum)],
+        ),
+    )
+    .unwrap();
+    let sum = u64::from_le_bytes(download(ctx, bsum, 8).try_into().unwrap());
+    assert_eq!(sum, reference::checksum(&data), "checksum");
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn oom_is_not_sticky_and_device_usable_after() {
+    let mut ctx = open();
+    let ctx = ctx.as_mut();
+    let mem = match run(ctx, Op::MemInfo).unwrap() {
+        Reply::MemInfo(m) => m,
+        r => panic!("{r:?}"),
+    };
+    // Above free memory, within total: the driver's out-of-memory.
+    let too_much = mem.free + (mem.total - mem.free) / 2 + (1 << 20);
+    let r = run(
+        ctx,
+        Op::Alloc {
+            bytes: too_much.min(mem.total),
+        },
+    );
+    println!(
+        "alloc of {} bytes with {} free: {}",
+        too_much.min(mem.total),
+        mem.free,
+        class(&r)
+    );
+    assert_eq!(
+        r.unwrap_err().class(),
+        ErrorClass::Transient,
+        "out-of-memory is transient"
+    );
+    // Above total: the runtime's own check, never the driver.
+    let r = run(ctx, Op::Alloc { bytes: mem.total + 1 });
+    assert_eq!(r.unwrap_err().class(), ErrorClass::InvalidRequest);
+    let b = alloc(ctx, 1 << 20);
+    let m = builtin(ctx);
+    run(
+        ctx,
+        launch(
+            m,
+            "fill",
+            1 << 18,
+            0,
+            vec![KernelArg::Buffer(b), KernelArg::U32(7), KernelArg::U32(1 << 18)],
+        ),
+    )
+    .unwrap();
+    assert!(u32s(&download(ctx, b, 1 << 20)).iter().all(|v| *v == 7));
+    run(ctx, Op::Synchronize).unwrap();
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn shared_memory_limit() {
+    let mut ctx = open();
+    let ctx = ctx.as_mut();
+    let m = builtin(ctx);
+    let b = alloc(ctx, 4096);
+    let fill = |shared| {
+        launch(
+            m,
+            "fill",
+            1024,
+            shared,
+            vec![KernelArg::Buffer(b), KernelArg::U32(1), KernelArg::U32(1024)],
+        )
+    };
+    for bytes in [0, 48 << 10, 100 << 10, 227 << 10] {
+        let r = run(ctx, fill(bytes));
+        println!("fill with {bytes} bytes of dynamic shared memory: {}", class(&r));
+        r.unwrap();
+    }
+    let r = run(ctx, fill((227 << 10) + 1));
+    println!("fill with {} bytes: {}", (227 << 10) + 1, class(&r));
+    let e = r.unwrap_err();
+    assert_eq!(e.class(), ErrorClass::InvalidRequest, "{e}");
+    assert!(e.to_string().contains("shared memory"), "{e}");
+    run(ctx, Op::Synchronize).unwrap();
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn large_round_trip_with_odd_tail() {
+    let mut ctx = open();
+    let ctx = ctx.as_mut();
+    let len = (130 << 20) + 3; // two staging buffers and an odd tail
+    let data: Vec<u8> = (0..len)
+        .map(|i| (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17) as u8)
+        .collect();
+    let b = alloc(ctx, len as u64);
+    let t = Instant::now();
+    upload(ctx, b, data.clone());
+    let up = t.elapsed();
+    let t = Instant::now();
+    let back = download(ctx, b, len as u64);
+    let down = t.elapsed();
+    println!(
+        "{len} bytes: host to device {:.1} GB/s, device to host {:.1} GB/s (pageable, staged)",
+        len as f64 / up.as_secs_f64() / 1e9,
+        len as f64 / down.as_secs_f64() / 1e9
+    );
+    assert!(back == data, "byte-for-byte round trip");
+    let r = run(
+        ctx,
+        Op::CopyFromDevice {
+            src: b,
+            offset: len as u64 - 5,
+            len: 5,
+        },
+    )
+    .unwrap();
+    assert!(matches!(r, Reply::Data(d) if d.as_bytes() == &data[len - 5..]));
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn host_memory_registration() {
+    let mut ctx = open();
+    let ctx = ctx.as_mut();
+    let len = 64 << 20;
+    let host: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+    assert!(ctx.register_host_memory(&host), "cuMemHostRegister took");
+    let b = alloc(ctx, len as u64);
+    let t = Instant::now();
+    run(
+        ctx,
+        Op::CopyToDevice {
+            dst: b,
+            offset: 0,
+            data: host.as_slice().into(),
+        },
+    )
+    .unwrap();
+    println!(
+        "host to device from a heap copy of registered memory: {:.1} GB/s",
+        len as f64 / t.elapsed().as_secs_f64() / 1e9
+    );
+    assert!(download(ctx, b, len as u64) == host);
+    ctx.unregister_host_memory(&host);
+    ctx.unregister_host_memory(&host); // twice is harmless
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn bad_module_images_are_invalid_requests() {
+    let mut ctx = open();
+    let ctx = ctx.as_mut();
+    let image = cuda::builtin_image(9, 0).unwrap();
+    let mut cases: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", vec![]),
+        ("garbage", b"\x01\x02\x03 not a module".to_vec()),
+        ("truncated ELF header", image.code[..40].to_vec()),
+        ("ELF cut in half", image.code[..image.code.len() / 2].to_vec()),
+        (
+            "fatbin header only",
+            vec![0x50, 0xED, 0x55, 0xBA, 1, 0, 16, 0, 0xFF, 0xFF, 0, 0, 0, 0, 0, 0],
+        ),
+    ];
+    let ptx =
+        String::from_utf8(cuda::compile("extern \"C\" __global__ void k(int* p) { *p = 1; }", "compute_90").unwrap())
+            .unwrap();
+    let ptx = ptx.trim_end_matches('\0').to_string();
+    cases.push((
+        "PTX with bad syntax",
+        b".version 8.0\n.target sm_90\n.visible .entry k( { garbage".to_vec(),
+    ));
+    for (what, bytes) in cases {
+        let r = run(
+            ctx,
+            Op::LoadModule {
+                source: ModuleSource::Image(bytes.into()),
+            },
+        );
+        println!("{what}: {}", class(&r));
+        assert_eq!(r.unwrap_err().class(), ErrorClass::InvalidRequest, "{what}");
+    }
+    // PTX without a NUL loads: the backend terminates its copy.
+    let r = run(
+        ctx,
+        Op::LoadModule {
+            source: ModuleSource::Image(ptx.into_bytes().into()),
+        },
+    );
+    assert!(matches!(r, Ok(Reply::Module(_))), "PTX lacking a NUL: {r:?}");
+    run(ctx, Op::Synchronize).expect("the device is usable after bad images");
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn too_few_kernel_arguments() {
+    let mut ctx = open();
+    let ctx = ctx.as_mut();
+    // The built-in cubin loaded as a user module: the runtime does not know its signatures.
+    let image = cuda::builtin_image(9, 0).unwrap();
+    let m = match run(
+        ctx,
+        Op::LoadModule {
+            source: ModuleSource::Image(image.code.clone().into()),
+        },
+    )
+    .unwrap()
+    {
+        Reply::Module(m) => m,
+        r => panic!("{r:?}"),
+    };
+    let b = alloc(ctx, 4096);
+    let r = run(
+        ctx,
+        launch(m, "fill", 1024, 0, vec![KernelArg::Buffer(b), KernelArg::U32(1)]),
+    );
+    println!(
+        "fill with 2 of 3 arguments (driver {:?}): {}",
+        cuda::driver_version(),
+        class(&r)
+    );
+    if cuda::driver_version().is_some_and(|v| v >= 12040) {
+        let e = r.unwrap_err();
+        assert_eq!(e.class(), ErrorClass::InvalidRequest, "{e}");
+        assert!(e.to_string().contains("takes 3 parameters"), "{e}");
+        let r = run(
+            ctx,
+            launch(
+                m,
+                "fill",
+                1024,
+                0,
+                vec![KernelArg::Buffer(b), KernelArg::U64(1), KernelArg::U32(1024)],
+            ),
+        );
+        assert_eq!(
+            r.unwrap_err().class(),
+            ErrorClass::InvalidRequest,
+            "a u64 where a u32 is due"
+        );
+    }
+    run(
+        ctx,
+        launch(
+            m,
+            "fill",
+            1024,
+            0,
+            vec![KernelArg::Buffer(b), KernelArg::U32(5), KernelArg::U32(1024)],
+        ),
+    )
+    .unwrap();
+    assert!(u32s(&download(ctx, b, 4096)).iter().all(|v| *v == 5));
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn sticky_fault_surfaces_on_calls() {
+    const TEST: &str = "sticky_fault_surfaces_on_calls";
+    if is_child(TEST) {
+        let mut owned = open();
+        let ctx = owned.as_mut();
+        let m = builtin(ctx);
+        let b = alloc(ctx, 4096);
+        let sync = fault(ctx);
+        let calls = [
+            ("synchronize", sync),
+            ("mem_info", run(ctx, Op::MemInfo)),
+            ("alloc", run(ctx, Op::Alloc { bytes: 4096 })),
+            (
+                "memset",
+                run(
+                    ctx,
+                    Op::Memset {
+                        buffer: b,
+                        offset: 0,
+                        len: 16,
+                        value: 1,
+                    },
+                ),
+            ),
+            (
+                "copy_to_device",
+                run(
+                    ctx,
+                    Op::CopyToDevice {
+                        dst: b,
+                        offset: 0,
+                        data: vec![1u8; 16].into(),
+                    },
+                ),
+            ),
+            (
+                "copy_from_device",
+                run(
+                    ctx,
+                    Op::CopyFromDevice {
+                        src: b,
+                        offset: 0,
+                        len: 16,
+                    },
+                ),
+            ),
+            (
+                "launch",
+                run(
+                    ctx,
+                    launch(
+                        m,
+                        "fill",
+                        1024,
+                        0,
+                        vec![KernelArg::Buffer(b), KernelArg::U32(1), KernelArg::U32(1024)],
+                    ),
+                ),
+            ),
+            (
+                "load_module",
+                run(
+                    ctx,
+                    Op::LoadModule {
+                        source: ModuleSource::Builtin,
+                    },
+                ),
+            ),
+            ("free", run(ctx, Op::Free { buffer: b })),
+            ("synchronize_again", run(ctx, Op::Synchronize)),
+        ];
+        let map: serde_json::Map<_, _> = calls.iter().map(|(k, r)| (k.to_string(), class(r).into())).collect();
+        println!("RESULT {}", serde_json::Value::Object(map));
+        std::mem::forget(owned); // the drop is the next test's subject
+        return;
+    }
+    let (status, result) = in_child(TEST, Duration::from_secs(60));
+    assert!(
+        status.success(),
+        "the child survived the fault (CUDA poisons, it does not abort)"
+    );
+    let calls = result.as_object().expect("a RESULT line");
+    for (call, outcome) in calls {
+        // The simulator's `cuda` flavour models exactly this: every call after the fault
+        // answers the sticky code.
+        assert!(outcome.as_str().unwrap().starts_with("sticky"), "{call}: {outcome}");
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn drop_after_fault_neither_panics_nor_hangs() {
+    const TEST: &str = "drop_after_fault_neither_panics_nor_hangs";
+    if is_child(TEST) {
+        let mut ctx = open();
+        let b = alloc(ctx.as_mut(), 1 << 20);
+        let _ = b;
+        let r = fault(ctx.as_mut());
+        let t = Instant::now();
+        drop(ctx);
+        println!(
+            "RESULT {{\"fault\":\"{}\",\"drop_ms\":{}}}",
+            class(&r),
+            t.elapsed().as_millis()
+        );
+        return;
+    }
+    let (status, result) = in_child(TEST, Duration::from_secs(30));
+    assert!(
+        status.success(),
+        "dropping a poisoned context neither panics nor aborts: {status}"
+    );
+    assert!(result["fault"].as_str().unwrap().starts_with("sticky"), "{result}");
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn reopen_after_fault_is_refused() {
+    const TEST: &str = "reopen_after_fault_is_refused";
+    if is_child(TEST) {
+        let mut ctx = open();
+        let r = fault(ctx.as_mut());
+        drop(ctx);
+        let t = Instant::now();
+        let again = CudaBackend::new().open(0, 2);
+        let outcome = match &again {
+            Ok(_) => "opened".to_string(),
+            Err(e) => format!("{} {}", e.class(), e.code().map_or(0, |(_, c)| c)),
+        };
+        println!(
+            "RESULT {{\"fault\":\"{}\",\"reopen\":\"{outcome}\",\"reopen_ms\":{},\"poisoned\":{:?}}}",
+            class(&r),
+            t.elapsed().as_millis(),
+            cuda::poisoned()
+        );
+        std::mem::forget(again);
+        return;
+    }
+    let (status, result) = in_child(TEST, Duration::from_secs(30));
+    assert!(status.success(), "{status}");
+    assert!(result["reopen"].as_str().unwrap().starts_with("sticky"), "{result}");
+}
