@@ -134,6 +134,11 @@ pub struct RuntimeSection {
     pub spin_us: u64,
     /// How long shutdown waits for ops in flight, in milliseconds. Default 5000.
     pub shutdown_timeout_ms: u64,
+    /// Allow thread isolation with a GPU runtime that aborts the process on a GPU memory
+    /// access fault (`backend = "hip"`, or the simulator with `sim.flavour = "hip"`): ROCm
+    /// does not return such a fault as an error, it ends the process — here, the
+    /// application. Without it, that combination is a configuration error. Default false.
+    pub allow_abort_on_gpu_fault: bool,
 }
 
 /// The most `runtime.spin_us` allows.
@@ -149,6 +154,7 @@ impl Default for RuntimeSection {
             op_deadline_ms: 30_000,
             spin_us: 50,
             shutdown_timeout_ms: 5_000,
+            allow_abort_on_gpu_fault: false,
         }
     }
 }
@@ -222,6 +228,41 @@ impl Default for TelemetryConfig {
     }
 }
 
+/// Which GPU runtime the simulator behaves like where NVIDIA and AMD differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SimFlavour {
+    /// As CUDA on NVIDIA (the default): a memory access fault of a kernel is a sticky error
+    /// (700) that every later call returns; dynamic shared memory up to the opt-in maximum
+    /// of 232448 bytes per block.
+    #[default]
+    Cuda,
+    /// As HIP on AMD (ROCm): a memory access fault of a kernel aborts the process (SIGABRT,
+    /// after ROCm's "Memory access fault by GPU node-N" line); dynamic shared memory up to
+    /// 65536 bytes per block.
+    Hip,
+}
+
+impl SimFlavour {
+    /// The name in `snake_case`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SimFlavour::Cuda => "cuda",
+            SimFlavour::Hip => "hip",
+        }
+    }
+
+    /// The most dynamic shared memory one launch may ask for, in bytes: CUDA's opt-in
+    /// maximum on Hopper (227 KiB; the CUDA backend raises a kernel's limit above the
+    /// default 48 KiB when a launch asks for more), or the 64 KiB of an AMD compute unit.
+    pub fn max_shared_mem_bytes(self) -> u32 {
+        match self {
+            SimFlavour::Cuda => 232_448,
+            SimFlavour::Hip => 65_536,
+        }
+    }
+}
+
 /// `[sim]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -232,6 +273,8 @@ pub struct SimConfig {
     pub memory_bytes: u64,
     /// Seed of the fault plan's random streams. Default 0.
     pub seed: u64,
+    /// Which GPU runtime the simulator fails like: `cuda` or `hip`. Default `cuda`.
+    pub flavour: SimFlavour,
     /// The fault plan.
     pub faults: Vec<FaultSpec>,
 }
@@ -242,6 +285,7 @@ impl Default for SimConfig {
             devices: 4,
             memory_bytes: 16 << 30,
             seed: 0,
+            flavour: SimFlavour::Cuda,
             faults: Vec::new(),
         }
     }
@@ -330,6 +374,24 @@ impl RuntimeConfig {
                 format!(
                     "{} devices asked for, the simulator has {} (sim.devices)",
                     r.devices, self.sim.devices
+                ),
+            ));
+        }
+        let aborts = match r.backend {
+            BackendKind::Hip => Some("runtime.backend = \"hip\""),
+            BackendKind::Sim if self.sim.flavour == SimFlavour::Hip => Some("sim.flavour = \"hip\""),
+            _ => None,
+        };
+        if let Some(which) = aborts
+            && r.isolation == Isolation::Thread
+            && !r.allow_abort_on_gpu_fault
+        {
+            return Err(ConfigError::invalid(
+                "runtime.isolation",
+                format!(
+                    "\"thread\" with {which}: a GPU memory access fault aborts the process on AMD, and in \
+                     thread isolation that process is the application; use runtime.isolation = \"process\", \
+                     or set runtime.allow_abort_on_gpu_fault = true to accept it"
                 ),
             ));
         }

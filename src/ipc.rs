@@ -34,7 +34,7 @@ use crate::fault_plan::FaultAction;
 use crate::op::{DeviceInfo, ModuleHandle, ModuleSource, Op, Reply};
 
 /// The protocol version; host and worker must agree.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The most bytes in one frame.
 pub const MAX_FRAME: usize = 128 * 1024;
 /// Payloads above this many bytes travel in shared memory.
@@ -125,8 +125,20 @@ pub struct Hello {
     pub device: u32,
     /// The epoch of the new context.
     pub epoch: u64,
-    /// For the simulator: device count and memory per device.
-    pub sim: Option<(u32, u64)>,
+    /// For the simulator: its devices and flavour.
+    pub sim: Option<SimHello>,
+}
+
+/// What a simulator worker must know of `[sim]`: its devices, their memory, and which GPU
+/// runtime it fails like. (The fault plan stays with the host.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SimHello {
+    /// The number of simulated devices.
+    pub devices: u32,
+    /// The memory of each, in bytes.
+    pub memory_bytes: u64,
+    /// Which GPU runtime the simulator fails like.
+    pub flavour: crate::config::SimFlavour,
 }
 
 /// How many host regions a worker keeps mapped (and registered as pinned memory with the

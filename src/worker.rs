@@ -37,15 +37,17 @@ pub fn run_if_worker() -> Option<ExitCode> {
 fn backend_for(hello: &ipc::Hello) -> Result<Box<dyn Backend>, GpuError> {
     match hello.backend {
         BackendKind::Sim => {
-            let (devices, memory) = hello.sim.unwrap_or((hello.device + 1, 16 << 30));
+            let sim = hello.sim.unwrap_or(ipc::SimHello {
+                devices: hello.device + 1,
+                memory_bytes: 16 << 30,
+                flavour: Default::default(),
+            });
             // A fresh simulated host: this process's GPU runtime. Faults are decided by the
             // host's plan and arrive with each request.
-            Ok(Box::new(SimBackend::with_injector(
-                devices,
-                memory,
-                Arc::new(FaultInjector::none()),
-                true,
-            )))
+            Ok(Box::new(
+                SimBackend::with_injector(sim.devices, sim.memory_bytes, Arc::new(FaultInjector::none()), true)
+                    .with_flavour(sim.flavour),
+            ))
         }
         #[cfg(feature = "hip")]
         BackendKind::Hip => Ok(Box::new(crate::backend::hip::HipBackend::new())),

@@ -258,3 +258,60 @@ fn effective_config_prints_as_toml_and_reads_back() {
     let back = load_toml(&c.to_toml()).unwrap();
     assert_eq!(back, c);
 }
+
+#[test]
+fn a_runtime_that_aborts_on_gpu_faults_needs_process_isolation_or_consent() {
+    use hipvisor_core::config::SimFlavour;
+    assert_eq!(RuntimeConfig::default().sim.flavour, SimFlavour::Cuda);
+    assert!(!RuntimeConfig::default().runtime.allow_abort_on_gpu_fault);
+    let c = load_toml("[sim]\nflavour = \"hip\"").unwrap();
+    assert_eq!(
+        (c.sim.flavour, c.runtime.isolation),
+        (SimFlavour::Hip, Isolation::Process)
+    );
+    // Thread isolation with a runtime that aborts the process: an error naming the keys.
+    for text in [
+        "[runtime]\nisolation = \"thread\"\n[sim]\nflavour = \"hip\"",
+        "[runtime]\nisolation = \"thread\"\nbackend = \"hip\"",
+    ] {
+        let e = load_toml(text).unwrap_err();
+        assert_eq!(e.key(), Some("runtime.isolation"), "{text}: {e}");
+        let msg = e.to_string();
+        let culprit = if text.contains("flavour") {
+            "sim.flavour"
+        } else {
+            "runtime.backend"
+        };
+        assert!(
+            msg.contains(culprit) && msg.contains("runtime.allow_abort_on_gpu_fault"),
+            "{text}: {msg}"
+        );
+        // Allowed explicitly, it loads.
+        let allowed = text.replace("[runtime]\n", "[runtime]\nallow_abort_on_gpu_fault = true\n");
+        assert!(load_toml(&allowed).unwrap().runtime.allow_abort_on_gpu_fault);
+    }
+    // The cuda flavour in thread isolation needs nothing.
+    assert!(load_toml("[runtime]\nisolation = \"thread\"\n[sim]\nflavour = \"cuda\"").is_ok());
+    // From the environment too, and a bad flavour is named.
+    let e = ConfigLoader::new()
+        .env(env(&[
+            ("HIPVISOR_SIM__FLAVOUR", "hip"),
+            ("HIPVISOR_RUNTIME__ISOLATION", "thread"),
+        ]))
+        .load()
+        .unwrap_err();
+    assert!(
+        matches!(&e, ConfigError::Env { var, .. } if var == "HIPVISOR_RUNTIME__ISOLATION"),
+        "{e}"
+    );
+    let ok = ConfigLoader::new()
+        .env(env(&[
+            ("HIPVISOR_SIM__FLAVOUR", "hip"),
+            ("HIPVISOR_RUNTIME__ISOLATION", "thread"),
+            ("HIPVISOR_RUNTIME__ALLOW_ABORT_ON_GPU_FAULT", "true"),
+        ]))
+        .load()
+        .unwrap();
+    assert_eq!(ok.sim.flavour, SimFlavour::Hip);
+    assert_eq!(key_of(load_toml("[sim]\nflavour = \"rocm\"")), "sim.flavour");
+}

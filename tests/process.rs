@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{answered, config, eventually, fault};
-use hipvisor::core::config::Isolation;
+use hipvisor::core::config::{Isolation, SimFlavour};
 use hipvisor::core::ipc::{self, Channel, ControlPage, FromWorker, Hello, Request, ToWorker};
 use hipvisor::{
     BackendKind, DeviceState, ErrorClass, InvalidReason, KernelArg, ModuleSource, Op, Runtime, RuntimeConfig,
@@ -42,7 +42,11 @@ fn bare_worker() -> (Channel, std::process::Child, ControlPage) {
         backend: BackendKind::Sim,
         device: 0,
         epoch: 0,
-        sim: Some((1, 1 << 20)),
+        sim: Some(ipc::SimHello {
+            devices: 1,
+            memory_bytes: 1 << 20,
+            flavour: SimFlavour::Cuda,
+        }),
     };
     host.send(&ToWorker::Hello(hello), &[control.raw_fd()]).unwrap();
     assert!(matches!(host.recv::<FromWorker>().unwrap().0, FromWorker::Ready { .. }));

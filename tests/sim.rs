@@ -1,6 +1,11 @@
-//! The simulated backend: bytes, kernels, memory, bad input, fault plans and stickiness.
+//! The simulated backend: bytes, kernels, memory, bad input, fault plans, stickiness and the
+//! flavours (how NVIDIA and AMD fail).
 
-use hipvisor_core::config::SimConfig;
+use std::os::unix::process::ExitStatusExt;
+use std::process::Command;
+
+use hipvisor_core::backend::sim::FRESH_MEMORY_BYTE;
+use hipvisor_core::config::{SimConfig, SimFlavour};
 use hipvisor_core::error::hip;
 use hipvisor_core::fault_plan::FaultSpec;
 use hipvisor_core::kernels::{self, BuiltinKernel, SAXPY_TOLERANCE_ULPS, f32_bytes, f32s, reference, u32_bytes, u32s};
@@ -87,8 +92,22 @@ fn sim_with(devices: u32, memory: u64, faults: Vec<FaultSpec>) -> SimBackend {
         memory_bytes: memory,
         seed: 11,
         faults,
+        ..SimConfig::default()
     };
     SimBackend::from_config(&cfg, false).unwrap()
+}
+
+fn memset(dev: &mut dyn DeviceContext, buffer: BufferHandle, value: u8) {
+    dev.execute(
+        &Op::Memset {
+            buffer,
+            offset: 0,
+            len: buffer.len,
+            value,
+        },
+        APP,
+    )
+    .unwrap();
 }
 
 #[test]
@@ -124,7 +143,7 @@ fn bytes_round_trip_with_offsets_memset_and_device_copies() {
     let got = download(&mut *dev, b).unwrap();
     assert_eq!(&got[8..16], &[0xAB; 8]);
     assert_eq!(&got[32..48], &data[0..16]);
-    assert_eq!(&got[0..8], &[0; 8]);
+    assert_eq!(&got[0..8], &[FRESH_MEMORY_BYTE; 8], "never written: not zeroed");
     let Reply::Data(part) = dev
         .execute(
             &Op::CopyFromDevice {
@@ -189,6 +208,7 @@ fn every_kernel_computes_its_reference_result() {
     let words: Vec<u32> = (0..n).map(|i| i.wrapping_mul(2_654_435_761)).collect();
     upload(&mut *dev, bo, u32_bytes(&words));
     let sum = alloc(&mut *dev, 8);
+    memset(&mut *dev, sum, 0); // checksum adds to out[0]: it must start at zero
     dev.execute(&launch(m, "checksum", n, vec![B(bo), U32(n), B(sum)]), APP)
         .unwrap();
     let got = u64::from_le_bytes(download(&mut *dev, sum).unwrap().try_into().unwrap());
@@ -211,7 +231,8 @@ fn a_launch_with_fewer_threads_than_elements_processes_only_those() {
     };
     dev.execute(&op, APP).unwrap();
     let v = u32s(&download(&mut *dev, b).unwrap());
-    assert!(v[..200].iter().all(|x| *x == 7) && v[200..].iter().all(|x| *x == 0));
+    let fresh = u32::from_le_bytes([FRESH_MEMORY_BYTE; 4]);
+    assert!(v[..200].iter().all(|x| *x == 7) && v[200..].iter().all(|x| *x == fresh));
 }
 
 #[test]
@@ -409,7 +430,7 @@ fn fault(f: impl FnOnce(&mut FaultSpec)) -> FaultSpec {
 }
 
 #[test]
-fn sticky_fault_of_a_launch_surfaces_at_the_next_synchronizing_op_and_poisons_the_host() {
+fn sticky_fault_of_a_launch_surfaces_at_the_next_call_and_poisons_the_host() {
     let backend = sim_with(3, 1 << 20, vec![]);
     let mut d0 = backend.open(0, 0).unwrap();
     let mut d1 = backend.open(1, 0).unwrap();
@@ -417,22 +438,26 @@ fn sticky_fault_of_a_launch_surfaces_at_the_next_synchronizing_op_and_poisons_th
     let b = alloc(&mut *d0, 16);
     // The faulting launch itself returns success, as on a GPU.
     d0.execute(&launch(m, "fault_illegal_address", 1, vec![]), APP).unwrap();
-    // Non-synchronizing work still queues.
-    d0.execute(
-        &Op::Memset {
-            buffer: b,
-            offset: 0,
-            len: 4,
-            value: 1,
-        },
-        APP,
-    )
-    .unwrap();
-    assert_eq!(backend.host().poisoned(), None);
-    let e = d0.execute(&Op::Synchronize, APP).unwrap_err();
+    assert_eq!(backend.host().poisoned(), None, "not yet: the fault is asynchronous");
+    // Another device of the host is not touched until the fault surfaces.
+    d1.execute(&Op::MemInfo, APP).unwrap();
+    // The next call of any kind returns it: here a memset, which does not synchronize.
+    let e = d0
+        .execute(
+            &Op::Memset {
+                buffer: b,
+                offset: 0,
+                len: 4,
+                value: 1,
+            },
+            APP,
+        )
+        .unwrap_err();
     assert_eq!((code(&e), e.class()), (hip::ILLEGAL_ADDRESS, ErrorClass::Sticky));
     assert_eq!(e.code(), Some((Api::Sim, 700)));
+    assert_eq!(e.op(), OpKind::Memset);
     assert_eq!(backend.host().poisoned(), Some(700));
+    assert_eq!(code(&d0.execute(&Op::Synchronize, APP).unwrap_err()), 700);
     // Every op on every device of the host now fails with the same code, runtime ops too.
     assert_eq!(code(&d1.execute(&Op::MemInfo, Origin::Runtime).unwrap_err()), 700);
     assert_eq!(code(&d1.execute(&Op::Alloc { bytes: 4 }, APP).unwrap_err()), 700);
@@ -475,6 +500,11 @@ fn injected_sticky_code_on_a_launch_is_asynchronous_and_on_other_ops_immediate()
     let e = download(&mut *d, b).unwrap_err();
     assert_eq!(code(&e), 719);
     assert_eq!(e.op(), OpKind::CopyFromDevice);
+    assert_eq!(
+        code(&d.execute(&Op::Alloc { bytes: 4 }, APP).unwrap_err()),
+        719,
+        "for good"
+    );
 
     let backend = sim_with(
         2,
@@ -531,7 +561,7 @@ fn injected_transient_and_invalid_codes_fire_before_any_side_effect() {
     assert_eq!(e.class(), ErrorClass::InvalidRequest);
     assert_eq!(
         download(&mut *d, b).unwrap(),
-        vec![0; 4],
+        vec![FRESH_MEMORY_BYTE; 4],
         "the failed copy wrote nothing"
     );
     assert_eq!(backend.host().poisoned(), None);
@@ -575,6 +605,7 @@ fn the_same_seed_gives_the_same_faults() {
             memory_bytes: 1 << 20,
             seed,
             faults: plan(),
+            ..SimConfig::default()
         };
         let backend = SimBackend::from_config(&cfg, false).unwrap();
         let mut d = backend.open(device, 0).unwrap();
@@ -653,4 +684,292 @@ fn restored_modules_keep_their_ids() {
     .unwrap();
     let m2 = builtin(&mut *d2);
     assert_ne!(m2.id, m.id);
+}
+
+#[test]
+fn fresh_allocations_are_not_zeroed() {
+    let backend = SimBackend::new(1, 1 << 20);
+    let mut dev = backend.open(0, 0).unwrap();
+    let a = alloc(&mut *dev, 4096);
+    assert_eq!(FRESH_MEMORY_BYTE, 0xA5);
+    assert!(download(&mut *dev, a).unwrap().iter().all(|b| *b == FRESH_MEMORY_BYTE));
+    // Memory written, freed and allocated again is not zeroed either (nor the old bytes).
+    memset(&mut *dev, a, 0);
+    dev.execute(&Op::Free { buffer: a }, APP).unwrap();
+    let b = alloc(&mut *dev, 4096);
+    assert!(download(&mut *dev, b).unwrap().iter().all(|b| *b == FRESH_MEMORY_BYTE));
+    // An explicit memset gives zeros.
+    memset(&mut *dev, b, 0);
+    assert!(download(&mut *dev, b).unwrap().iter().all(|b| *b == 0));
+}
+
+/// A backend whose device 0 has the builtin module loaded and a pending fault of an earlier
+/// launch, with a buffer to name in ops.
+fn faulted(flavour_code: Option<i32>) -> (Box<dyn DeviceContext>, ModuleHandle, BufferHandle) {
+    let plan = flavour_code
+        .map(|code| {
+            vec![fault(|s| {
+                s.op = "launch".into();
+                s.kernel = Some("scale".into());
+                s.nth = Some(1);
+                s.code = Some(code);
+            })]
+        })
+        .unwrap_or_default();
+    let backend = sim_with(1, 1 << 20, plan);
+    let mut d = backend.open(0, 0).unwrap();
+    let m = builtin(&mut *d);
+    let b = alloc(&mut *d, 16);
+    let op = match flavour_code {
+        Some(_) => launch(
+            m,
+            "scale",
+            4,
+            vec![KernelArg::Buffer(b), KernelArg::F32(2.0), KernelArg::U32(4)],
+        ),
+        None => launch(m, "fault_illegal_address", 1, vec![]),
+    };
+    d.execute(&op, APP).unwrap();
+    (d, m, b)
+}
+
+#[test]
+fn a_pending_sticky_fault_surfaces_at_the_next_call_of_every_kind() {
+    type MakeOp = fn(ModuleHandle, BufferHandle) -> Op;
+    let cases: Vec<(&str, MakeOp)> = vec![
+        ("alloc", |_, _| Op::Alloc { bytes: 8 }),
+        ("free", |_, b| Op::Free { buffer: b }),
+        ("copy_to_device", |_, b| Op::CopyToDevice {
+            dst: b,
+            offset: 0,
+            data: vec![1; 4].into(),
+        }),
+        ("copy_from_device", |_, b| Op::CopyFromDevice {
+            src: b,
+            offset: 0,
+            len: 4,
+        }),
+        ("copy_device_to_device", |_, b| Op::CopyDeviceToDevice {
+            src: b,
+            src_offset: 0,
+            dst: b,
+            dst_offset: 8,
+            len: 4,
+        }),
+        ("memset", |_, b| Op::Memset {
+            buffer: b,
+            offset: 0,
+            len: 4,
+            value: 0,
+        }),
+        ("launch", |m, b| {
+            launch(
+                m,
+                "fill",
+                4,
+                vec![KernelArg::Buffer(b), KernelArg::U32(1), KernelArg::U32(4)],
+            )
+        }),
+        ("load_module", |_, _| Op::LoadModule {
+            source: ModuleSource::Builtin,
+        }),
+        ("synchronize", |_, _| Op::Synchronize),
+        ("mem_info", |_, _| Op::MemInfo),
+    ];
+    // The built-in faulting kernel (700) and a planned sticky code on a launch (719).
+    for (planned, want) in [(None, 700), (Some(719), 719)] {
+        for (name, make) in &cases {
+            let (mut d, m, b) = faulted(planned);
+            let e = d.execute(&make(m, b), APP).unwrap_err();
+            assert_eq!(
+                (code(&e), e.class()),
+                (want, ErrorClass::Sticky),
+                "{name} after {planned:?}"
+            );
+            // And every call after it.
+            assert_eq!(code(&d.execute(&Op::MemInfo, APP).unwrap_err()), want, "{name}");
+        }
+    }
+}
+
+#[test]
+fn dynamic_shared_memory_is_limited_per_flavour() {
+    let run = |flavour: SimFlavour, bytes: u32| {
+        let backend = SimBackend::new(1, 1 << 20).with_flavour(flavour);
+        let mut d = backend.open(0, 0).unwrap();
+        let m = builtin(&mut *d);
+        let b = alloc(&mut *d, 16);
+        let op = Op::Launch {
+            module: m,
+            function: "fill".into(),
+            grid: Dim3::x(1),
+            block: Dim3::x(4),
+            shared_mem_bytes: bytes,
+            args: vec![KernelArg::Buffer(b), KernelArg::U32(3), KernelArg::U32(4)],
+        };
+        d.execute(&op, APP)
+    };
+    assert_eq!(SimFlavour::default(), SimFlavour::Cuda);
+    assert_eq!(SimFlavour::Cuda.max_shared_mem_bytes(), 232_448);
+    assert_eq!(SimFlavour::Hip.max_shared_mem_bytes(), 65_536);
+    // cuda: the default 48 KiB and above it, up to the opt-in maximum of 227 KiB.
+    for ok in [0, 48 * 1024, 48 * 1024 + 1, 100_000, 232_448] {
+        run(SimFlavour::Cuda, ok).unwrap_or_else(|e| panic!("cuda, {ok} bytes: {e}"));
+    }
+    // hip: 64 KiB.
+    for ok in [0, 48 * 1024, 65_536] {
+        run(SimFlavour::Hip, ok).unwrap_or_else(|e| panic!("hip, {ok} bytes: {e}"));
+    }
+    for (flavour, bytes, available) in [
+        (SimFlavour::Cuda, 232_449, 232_448),
+        (SimFlavour::Cuda, u32::MAX, 232_448),
+        (SimFlavour::Hip, 65_537, 65_536),
+        (SimFlavour::Hip, 100_000, 65_536),
+    ] {
+        let e = run(flavour, bytes).unwrap_err();
+        assert_eq!(e.class(), ErrorClass::InvalidRequest, "{flavour:?} {bytes}: {e}");
+        assert_eq!(code(&e), hip::LAUNCH_OUT_OF_RESOURCES);
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!("{bytes} bytes")) && msg.contains(&format!("{available} available")),
+            "names the requested and available bytes: {msg}"
+        );
+    }
+}
+
+#[test]
+fn the_hip_flavour_returns_codes_other_than_a_kernel_memory_fault() {
+    // A planned sticky code other than 700 on a launch is asynchronous, as in `cuda`.
+    let plan = vec![
+        fault(|s| {
+            s.op = "launch".into();
+            s.nth = Some(1);
+            s.code = Some(719);
+        }),
+        // 700 on an op that is not a kernel is returned, not an abort.
+        fault(|s| {
+            s.op = "alloc".into();
+            s.nth = Some(3);
+            s.code = Some(700);
+        }),
+    ];
+    let cfg = SimConfig {
+        devices: 2,
+        memory_bytes: 1 << 20,
+        flavour: SimFlavour::Hip,
+        faults: plan,
+        ..SimConfig::default()
+    };
+    let backend = SimBackend::from_config(&cfg, false).unwrap();
+    assert_eq!(backend.flavour(), SimFlavour::Hip);
+    let mut d0 = backend.open(0, 0).unwrap();
+    let m = builtin(&mut *d0);
+    let b = alloc(&mut *d0, 16);
+    d0.execute(
+        &launch(
+            m,
+            "fill",
+            4,
+            vec![KernelArg::Buffer(b), KernelArg::U32(1), KernelArg::U32(4)],
+        ),
+        APP,
+    )
+    .unwrap();
+    assert_eq!(code(&d0.execute(&Op::Synchronize, APP).unwrap_err()), 719);
+    let mut d1 = backend.on_new_host().open(1, 0).unwrap();
+    alloc(&mut *d1, 4);
+    alloc(&mut *d1, 4);
+    assert_eq!(code(&d1.execute(&Op::Alloc { bytes: 4 }, APP).unwrap_err()), 700);
+}
+
+/// Set in a copy of this test program that must end the way a test below expects.
+const CHILD_ENV: &str = "HV_SIM_TEST_CHILD";
+
+/// Runs `test` of this program in a child process with [`CHILD_ENV`] = `case`.
+fn in_child(test: &str, case: &str) -> std::process::Output {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, case)
+        .output()
+        .unwrap()
+}
+
+/// The child's part of the tests below: runs `case` on a one-device simulator.
+fn child_case(case: &str) {
+    let fault_on_launch = |code: Option<i32>, crash: bool| {
+        vec![fault(|s| {
+            s.op = "launch".into();
+            s.kernel = Some("fill".into());
+            s.nth = Some(1);
+            s.code = code;
+            s.crash = crash.then_some(true);
+        })]
+    };
+    let (flavour, faults, kernel) = match case {
+        "hip_kernel" => (SimFlavour::Hip, vec![], "fault_illegal_address"),
+        "hip_planned" => (SimFlavour::Hip, fault_on_launch(Some(700), false), "fill"),
+        "hip_crash" => (SimFlavour::Hip, fault_on_launch(None, true), "fill"),
+        other => panic!("unknown case {other}"),
+    };
+    let cfg = SimConfig {
+        devices: 1,
+        memory_bytes: 1 << 20,
+        flavour,
+        faults,
+        ..SimConfig::default()
+    };
+    // As a worker process: crash = true allowed.
+    let backend = SimBackend::from_config(&cfg, true).unwrap();
+    let mut d = backend.open(0, 0).unwrap();
+    let m = builtin(&mut *d);
+    let b = alloc(&mut *d, 16);
+    let args = match kernel {
+        "fill" => vec![KernelArg::Buffer(b), KernelArg::U32(1), KernelArg::U32(4)],
+        _ => vec![],
+    };
+    let r = d.execute(&launch(m, kernel, 4, args), APP);
+    let after = d.execute(&Op::Synchronize, APP);
+    eprintln!("the process survived: {r:?} {after:?}");
+}
+
+#[test]
+fn a_kernel_memory_fault_aborts_the_process_in_the_hip_flavour() {
+    const NAME: &str = "a_kernel_memory_fault_aborts_the_process_in_the_hip_flavour";
+    if let Ok(case) = std::env::var(CHILD_ENV) {
+        return child_case(&case);
+    }
+    for case in ["hip_kernel", "hip_planned"] {
+        let out = in_child(NAME, case);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.signal(),
+            Some(6),
+            "{case}: ended by SIGABRT: {:?}\n{stderr}",
+            out.status
+        );
+        assert!(!out.status.core_dumped(), "{case}: no core dump");
+        assert!(
+            stderr.contains("Memory access fault by GPU node-1 (simulated device 0) on address 0x")
+                && stderr.contains("Reason: Page not present or supervisor privilege."),
+            "{case}: ROCm's line on stderr: {stderr}"
+        );
+        assert!(!stderr.contains("the process survived"), "{case}: {stderr}");
+    }
+}
+
+#[test]
+fn a_planned_crash_ends_by_sigkill_not_sigabrt() {
+    const NAME: &str = "a_planned_crash_ends_by_sigkill_not_sigabrt";
+    if let Ok(case) = std::env::var(CHILD_ENV) {
+        return child_case(&case);
+    }
+    let out = in_child(NAME, "hip_crash");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.signal(),
+        Some(9),
+        "ended by SIGKILL: {:?}\n{stderr}",
+        out.status
+    );
+    assert!(!stderr.contains("Memory access fault"), "{stderr}");
 }

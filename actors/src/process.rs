@@ -81,8 +81,11 @@ impl WorkerEngine {
             regions: ipc::RegionLru::default(),
             restored: modules.keys().copied().collect(),
         };
-        let sim = (shared.backend.kind() == BackendKind::Sim)
-            .then(|| (shared.config.sim.devices, shared.config.sim.memory_bytes));
+        let sim = (shared.backend.kind() == BackendKind::Sim).then(|| ipc::SimHello {
+            devices: shared.config.sim.devices,
+            memory_bytes: shared.config.sim.memory_bytes,
+            flavour: shared.config.sim.flavour,
+        });
         let hello = Hello {
             version: ipc::PROTOCOL_VERSION,
             backend: shared.backend.kind(),

@@ -3,35 +3,52 @@
 //! - Each device has a memory capacity and real byte storage. An allocation larger than the
 //!   free memory fails with `hipErrorOutOfMemory` (transient); one larger than the total can
 //!   never succeed and is an invalid request.
+//! - **Fresh memory is not zeroed**, as on a GPU: every byte of a new allocation is
+//!   [`FRESH_MEMORY_BYTE`] (`0xA5`), so code that reads memory it never wrote sees garbage
+//!   here as it would on a GPU, not the zeros a host allocator happens to give.
 //! - Built-in kernels ([`crate::kernels`]) run on the CPU, so results can be verified.
 //! - **Stickiness as on real hardware.** A [`SimHost`] stands for one process's GPU runtime.
 //!   A sticky fault poisons the host: from then on every op on every device of that host
 //!   fails with the fault's code, until the host is replaced (as HIP keeps one error state
 //!   per process). Hosts are instances, so parallel tests do not poison each other.
 //! - A sticky fault of a launch is **asynchronous**: the launch returns success, and the
-//!   error surfaces in the next synchronizing op of that device (synchronize, copy from
-//!   device, mem-info), which poisons the host. Injected transient or invalid codes fail the
-//!   op before any side effect.
+//!   error surfaces in the next call of any kind on that device (an alloc, a free, a copy, a
+//!   memset, a launch, a module load, a synchronize, mem-info), which poisons the host — as
+//!   on an H200, where after an illegal address every later call returns 700. Injected
+//!   transient or invalid codes fail the op before any side effect.
+//! - **The flavour** ([`SimFlavour`], `sim.flavour`) decides what differs between NVIDIA
+//!   and AMD. `cuda` (the default): a memory access fault is the sticky error above. `hip`:
+//!   a memory access fault of a kernel (the plan's code 700 on a launch, or the built-in
+//!   `fault_illegal_address`) is not returned at all: as ROCm does, the simulator prints
+//!   "Memory access fault by GPU node-N ..." to stderr and aborts the process (SIGABRT, with
+//!   the core-dump limit set to 0 first). The kernel runs at its launch in the simulator, so
+//!   the process ends during the launch call; on a GPU it ends moments after the launch
+//!   returned. Other codes behave as in `cuda`.
 //! - Faults come from the run's [`FaultInjector`]; the built-in `fault_illegal_address`
-//!   kernel faults like its GPU counterpart.
+//!   kernel faults like its GPU counterpart. The plan's `crash = true` ends the process by
+//!   SIGKILL (as the out-of-memory killer would), never by SIGABRT, so a crash is never
+//!   taken for a GPU memory fault.
 //!
 //! Decisions: allocations of zero bytes are rejected (`hipMalloc(0)` returns a null pointer
-//! that no later op could use); dynamic shared memory above 64 KiB fails with
-//! `hipErrorLaunchOutOfResources`, as on a GPU without opt-in.
+//! that no later op could use); dynamic shared memory above the flavour's maximum
+//! ([`SimFlavour::max_shared_mem_bytes`]: 232448 bytes for `cuda`, whose backend opts a
+//! kernel in above the default 48 KiB when a launch asks for more; 65536 for `hip`) fails
+//! with `hipErrorLaunchOutOfResources` (an invalid request) naming the requested and
+//! available bytes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 use crate::backend::table::Tables;
 use crate::backend::{Backend, BackendKind, DeviceContext, Origin};
-use crate::config::{ConfigError, SimConfig};
+use crate::config::{ConfigError, SimConfig, SimFlavour};
 use crate::error::{Api, ErrorClass, GpuError, InvalidReason, classify, hip};
 use crate::fault_plan::{FaultAction, FaultInjector, compile_plan};
 use crate::kernels::{self, BuiltinKernel, reference};
 use crate::op::{BufferHandle, DeviceInfo, KernelArg, MemInfo, ModuleHandle, ModuleSource, Op, OpKind, Payload, Reply};
 
-/// Dynamic shared memory a simulated launch may ask for.
-pub const MAX_SHARED_MEM_BYTES: u32 = 64 * 1024;
+/// The value of every byte of a new allocation (GPU memory is not zeroed).
+pub const FRESH_MEMORY_BYTE: u8 = 0xA5;
 
 static NEXT_HOST_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -80,6 +97,7 @@ pub struct SimBackend {
     host: Arc<SimHost>,
     faults: Arc<FaultInjector>,
     crash_allowed: bool,
+    flavour: SimFlavour,
 }
 
 impl SimBackend {
@@ -93,12 +111,10 @@ impl SimBackend {
         config.validate(crash_allowed)?;
         let rules = compile_plan(&config.faults, config.devices, crash_allowed)?;
         let faults = Arc::new(FaultInjector::new(rules, config.devices, config.seed));
-        Ok(SimBackend::with_injector(
-            config.devices,
-            config.memory_bytes,
-            faults,
-            crash_allowed,
-        ))
+        Ok(
+            SimBackend::with_injector(config.devices, config.memory_bytes, faults, crash_allowed)
+                .with_flavour(config.flavour),
+        )
     }
 
     /// A backend with a fault injector shared with other hosts of the same run.
@@ -114,7 +130,18 @@ impl SimBackend {
             host: SimHost::new(),
             faults,
             crash_allowed,
+            flavour: SimFlavour::Cuda,
         }
+    }
+
+    /// The same backend failing like `flavour`'s GPU runtime.
+    pub fn with_flavour(self, flavour: SimFlavour) -> SimBackend {
+        SimBackend { flavour, ..self }
+    }
+
+    /// Which GPU runtime the backend fails like.
+    pub fn flavour(&self) -> SimFlavour {
+        self.flavour
     }
 
     /// `devices` fault-free devices of `memory_bytes` each.
@@ -146,6 +173,8 @@ impl SimBackend {
             name: format!("Simulated GPU {device}"),
             total_memory: self.memory_bytes,
             arch: "sim".into(),
+            pci_bus_id: None,
+            uuid: None,
         }
     }
 }
@@ -193,6 +222,7 @@ impl Backend for SimBackend {
             host: self.host.clone(),
             faults: self.faults.clone(),
             crash_allowed: self.crash_allowed,
+            flavour: self.flavour,
             t: Tables::new(device, epoch),
             used: 0,
             pending_sticky: None,
@@ -207,6 +237,7 @@ pub struct SimDevice {
     host: Arc<SimHost>,
     faults: Arc<FaultInjector>,
     crash_allowed: bool,
+    flavour: SimFlavour,
     t: Tables<Vec<u8>, Vec<BuiltinKernel>>,
     used: u64,
     pending_sticky: Option<i32>,
@@ -247,13 +278,17 @@ impl SimDevice {
                     .invalid(kind, InvalidReason::UnknownKernel { name: function.clone() })
             })?;
         let n = kernel.check_args(args).map_err(|r| self.t.invalid(kind, r))?;
-        if *shared_mem_bytes > MAX_SHARED_MEM_BYTES {
+        let available = self.flavour.max_shared_mem_bytes();
+        if *shared_mem_bytes > available {
             return Err(GpuError::api_with(
                 Api::Sim,
                 hip::LAUNCH_OUT_OF_RESOURCES,
                 kind,
                 self.dev(),
-                format!("{shared_mem_bytes} bytes of shared memory requested, {MAX_SHARED_MEM_BYTES} available"),
+                format!(
+                    "{shared_mem_bytes} bytes of dynamic shared memory requested, {available} available per block ({} flavour)",
+                    self.flavour.as_str()
+                ),
             ));
         }
         let threads = grid.volume() * block.volume();
@@ -281,10 +316,16 @@ impl SimDevice {
         if let Some(code) = self.host.poisoned() {
             return Err(self.api(code, kind));
         }
+        // An earlier launch's fault has happened by now: this call, whatever it is, returns
+        // it (as every call after an illegal address returns 700 on a GPU).
+        if let Some(code) = self.pending_sticky.take() {
+            self.host.poison(code);
+            return Err(self.api(code, kind));
+        }
         match fault {
             None => {}
             Some(FaultAction::Hang(d)) => std::thread::sleep(d),
-            Some(FaultAction::Crash) if self.crash_allowed => std::process::abort(),
+            Some(FaultAction::Crash) if self.crash_allowed => crash(),
             Some(FaultAction::Crash) => {
                 return Err(GpuError::api_with(
                     Api::Sim,
@@ -293,6 +334,11 @@ impl SimDevice {
                     self.dev(),
                     "the fault plan's crash = true needs process isolation",
                 ));
+            }
+            Some(FaultAction::Code(hip::ILLEGAL_ADDRESS))
+                if kind == OpKind::Launch && self.flavour == SimFlavour::Hip =>
+            {
+                self.memory_access_fault()
             }
             Some(FaultAction::Code(code)) if classify(Api::Sim, code) == ErrorClass::Sticky => {
                 if kind == OpKind::Launch {
@@ -304,13 +350,22 @@ impl SimDevice {
             }
             Some(FaultAction::Code(code)) => return Err(self.api(code, kind)),
         }
-        if kind.is_synchronizing()
-            && let Some(code) = self.pending_sticky.take()
-        {
-            self.host.poison(code);
-            return Err(self.api(code, kind));
-        }
         self.run(op, launch)
+    }
+
+    /// A kernel's memory access fault on AMD: ROCm's VM fault handler prints where and why
+    /// and aborts the process. The core-dump limit goes to 0 first, so a simulated fault
+    /// leaves no core file behind. (KFD numbers CPU nodes first, so GPU nodes start at 1.)
+    fn memory_access_fault(&self) -> ! {
+        let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
+        eprintln!(
+            "Memory access fault by GPU node-{} (simulated device {}) on address 0x{:x}. Reason: Page not present or \
+             supervisor privilege.",
+            self.dev() + 1,
+            self.dev(),
+            0xdead_0000_u64 + u64::from(self.dev()) * 0x1000,
+        );
+        std::process::abort()
     }
 
     fn parse_module(&self, source: &ModuleSource) -> Result<Vec<BuiltinKernel>, GpuError> {
@@ -336,7 +391,7 @@ impl SimDevice {
                     ));
                 }
                 let id = self.t.new_id();
-                self.t.buffers.insert(id, vec![0; *bytes as usize]);
+                self.t.buffers.insert(id, vec![FRESH_MEMORY_BYTE; *bytes as usize]);
                 self.used += bytes;
                 Reply::Buffer(BufferHandle {
                     device: self.dev(),
@@ -450,13 +505,25 @@ impl SimDevice {
                 }
             }
             (BuiltinKernel::FaultIllegalAddress, []) => {
-                // The write through a bad pointer faults on the device; the error surfaces
-                // asynchronously, like the GPU's.
+                // The write through a bad pointer faults on the device: on AMD the process
+                // ends; on NVIDIA the error surfaces at the next call, like the GPU's.
+                if self.flavour == SimFlavour::Hip {
+                    self.memory_access_fault();
+                }
                 self.pending_sticky.get_or_insert(hip::ILLEGAL_ADDRESS);
             }
             (k, a) => unreachable!("arguments of {} were checked: {a:?}", k.name()),
         }
     }
+}
+
+/// The fault plan's `crash = true`: the process dies at once, by SIGKILL (as the
+/// out-of-memory killer would end it) — not by SIGABRT, which the supervisor takes for a
+/// GPU memory access fault on AMD.
+fn crash() -> ! {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGKILL);
+    // SIGKILL cannot be caught; should the signal not have been delivered, still end.
+    std::process::exit(137)
 }
 
 impl DeviceContext for SimDevice {
