@@ -118,7 +118,8 @@ fn in_child(test: &str, limit: Duration) -> (std::process::ExitStatus, serde_jso
     std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
     let result = out
         .lines()
-        .find_map(|l| l.strip_prefix("RESULT "))
+        // libtest prints `test NAME ... ` without a newline before the test's own output.
+        .find_map(|l| l.find("RESULT ").map(|at| &l[at + "RESULT ".len()..]))
         .map(|j| serde_json::from_str(j).unwrap())
         .unwrap_or(serde_json::Value::Null);
     println!("{test}: child {status}; RESULT {result}");
@@ -389,8 +390,17 @@ fn large_round_trip_with_odd_tail() {
         .map(|i| (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17) as u8)
         .collect();
     let b = alloc(ctx, len as u64);
+    let payload = Payload::from(data.clone());
     let t = Instant::now();
-    upload(ctx, b, data.clone());
+    run(
+        ctx,
+        Op::CopyToDevice {
+            dst: b,
+            offset: 0,
+            data: payload,
+        },
+    )
+    .unwrap();
     let up = t.elapsed();
     let t = Instant::now();
     let back = download(ctx, b, len as u64);
@@ -426,14 +436,14 @@ fn host_memory_registration() {
     let region = Arc::new(region);
     let b = alloc(ctx, len as u64);
     // Unregistered: staged through the pinned buffer.
-    let heap = region.as_slice().to_vec();
+    let heap = Payload::from(region.as_slice().to_vec());
     let t = Instant::now();
     run(
         ctx,
         Op::CopyToDevice {
             dst: b,
             offset: 0,
-            data: heap.into(),
+            data: heap,
         },
     )
     .unwrap();
