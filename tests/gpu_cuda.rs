@@ -582,7 +582,9 @@ fn sticky_fault_surfaces_on_calls() {
         let ctx = owned.as_mut();
         let m = builtin(ctx);
         let b = alloc(ctx, 4096);
+        let t = Instant::now();
         let sync = fault(ctx);
+        let surfaced_ms = t.elapsed().as_secs_f64() * 1e3;
         let calls = [
             ("synchronize", sync),
             ("mem_info", run(ctx, Op::MemInfo)),
@@ -647,6 +649,8 @@ fn sticky_fault_surfaces_on_calls() {
             ("synchronize_again", run(ctx, Op::Synchronize)),
         ];
         let map: serde_json::Map<_, _> = calls.iter().map(|(k, r)| (k.to_string(), class(r).into())).collect();
+        let mut map = map;
+        map.insert("fault_surfaced_ms".into(), surfaced_ms.into());
         println!("RESULT {}", serde_json::Value::Object(map));
         std::mem::forget(owned); // the drop is the next test's subject
         return;
@@ -657,7 +661,7 @@ fn sticky_fault_surfaces_on_calls() {
         "the child survived the fault (CUDA poisons, it does not abort)"
     );
     let calls = result.as_object().expect("a RESULT line");
-    for (call, outcome) in calls {
+    for (call, outcome) in calls.iter().filter(|(k, _)| *k != "fault_surfaced_ms") {
         // The simulator's `cuda` flavour models exactly this: every call after the fault
         // answers the sticky code.
         assert!(outcome.as_str().unwrap().starts_with("sticky"), "{call}: {outcome}");

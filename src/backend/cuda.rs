@@ -37,8 +37,11 @@ pub const BUILTIN_SOURCE: &str = include_str!("../../kernels/builtin.cu");
 
 /// Copies of at least this many bytes go through the pinned staging buffer.
 pub const STAGING_THRESHOLD: usize = 1 << 20;
-/// Size of the pinned staging buffer.
-pub const STAGING_BYTES: usize = 64 << 20;
+/// Size of the pinned staging buffer: two halves of [`STAGING_CHUNK`], so copying one chunk
+/// on the host overlaps the DMA of the other.
+pub const STAGING_BYTES: usize = 2 * STAGING_CHUNK;
+/// The bytes one DMA of a staged copy moves.
+pub const STAGING_CHUNK: usize = 8 << 20;
 
 /// Whether the CUDA driver library can be loaded.
 pub fn driver_present() -> bool {
@@ -685,18 +688,28 @@ impl GpuCalls for CudaDevice {
             // SAFETY: `dst` lies inside a live device buffer with room for `data` (checked).
             return unsafe { result::memcpy_htod_sync(dst, data) }.map_err(|e| self.err(e, op, "cuMemcpyHtoD"));
         }
+        // Double-buffered: chunk i is copied into one half of the pinned staging buffer while
+        // the DMA of chunk i-1 from the other half runs. The null stream orders the DMAs
+        // after earlier kernels, as the synchronous copy does.
         let stage = self.staging(op)?;
-        for (i, chunk) in data.chunks(STAGING_BYTES).enumerate() {
-            // SAFETY: the staging buffer holds STAGING_BYTES ≥ chunk.len() pinned bytes, used
-            // by this thread only; the device range lies inside the buffer (checked).
+        let null = std::ptr::null_mut();
+        for (i, chunk) in data.chunks(STAGING_CHUNK).enumerate() {
+            // SAFETY: half `i % 2` of the staging buffer (STAGING_CHUNK ≥ chunk.len() pinned
+            // bytes, this thread's alone) is free: the DMA that last read it, chunk i-2's,
+            // completed at the synchronize before chunk i-1's was issued. The device range
+            // lies inside the buffer (checked).
             unsafe {
-                let pinned = std::slice::from_raw_parts_mut(stage.cast::<u8>(), chunk.len());
-                pinned.copy_from_slice(chunk);
-                result::memcpy_htod_sync(dst + (i * STAGING_BYTES) as u64, &*pinned)
-                    .map_err(|e| self.err(e, op, "cuMemcpyHtoD"))?;
+                let half = std::slice::from_raw_parts_mut(stage.cast::<u8>().add((i % 2) * STAGING_CHUNK), chunk.len());
+                half.copy_from_slice(chunk);
+                if i > 0 {
+                    result::stream::synchronize(null).map_err(|e| self.err(e, op, "cuMemcpyHtoDAsync"))?;
+                }
+                result::memcpy_htod_async(dst + (i * STAGING_CHUNK) as u64, &*half, null)
+                    .map_err(|e| self.err(e, op, "cuMemcpyHtoDAsync"))?;
             }
         }
-        Ok(())
+        // SAFETY: waits for the last DMA before the staging buffer is reused.
+        unsafe { result::stream::synchronize(null) }.map_err(|e| self.err(e, op, "cuMemcpyHtoDAsync"))
     }
 
     fn copy_from_device(&mut self, src: sys::CUdeviceptr, len: usize) -> Result<Vec<u8>, GpuError> {
@@ -707,15 +720,32 @@ impl GpuCalls for CudaDevice {
             unsafe { result::memcpy_dtoh_sync(&mut out, src) }.map_err(|e| self.err(e, op, "cuMemcpyDtoH"))?;
             return Ok(out);
         }
+        // Double-buffered: the DMA of chunk i+1 into one half runs while chunk i is copied
+        // out of the other.
         let stage = self.staging(op)?;
-        for (i, chunk) in out.chunks_mut(STAGING_BYTES).enumerate() {
-            // SAFETY: as in `copy_to_device`, in the other direction.
+        let null = std::ptr::null_mut();
+        let chunks = len.div_ceil(STAGING_CHUNK);
+        let half = |i: usize| {
+            let n = STAGING_CHUNK.min(len - i * STAGING_CHUNK);
+            // SAFETY: half `i % 2` of the pinned staging buffer, `n` ≤ STAGING_CHUNK bytes.
+            unsafe { std::slice::from_raw_parts_mut(stage.cast::<u8>().add((i % 2) * STAGING_CHUNK), n) }
+        };
+        // SAFETY: the device range of chunk 0 lies inside the buffer (checked); its half is
+        // free.
+        unsafe { result::memcpy_dtoh_async(half(0), src, null) }.map_err(|e| self.err(e, op, "cuMemcpyDtoHAsync"))?;
+        for i in 0..chunks {
+            // SAFETY: waits for chunk i's DMA. Then chunk i+1's half is free (chunk i-1 was
+            // copied out of it in the previous iteration) and its device range lies inside
+            // the buffer.
             unsafe {
-                let pinned = std::slice::from_raw_parts_mut(stage.cast::<u8>(), chunk.len());
-                result::memcpy_dtoh_sync(pinned, src + (i * STAGING_BYTES) as u64)
-                    .map_err(|e| self.err(e, op, "cuMemcpyDtoH"))?;
-                chunk.copy_from_slice(pinned);
+                result::stream::synchronize(null).map_err(|e| self.err(e, op, "cuMemcpyDtoHAsync"))?;
+                if i + 1 < chunks {
+                    result::memcpy_dtoh_async(half(i + 1), src + ((i + 1) * STAGING_CHUNK) as u64, null)
+                        .map_err(|e| self.err(e, op, "cuMemcpyDtoHAsync"))?;
+                }
             }
+            let h = half(i);
+            out[i * STAGING_CHUNK..i * STAGING_CHUNK + h.len()].copy_from_slice(h);
         }
         Ok(out)
     }
