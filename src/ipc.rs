@@ -648,6 +648,28 @@ pub fn kill(pid: u32) {
     }
 }
 
+/// A worker's wait status in words: `worker killed by signal 6 (SIGABRT)`, `worker exited
+/// with status 3`.
+pub fn describe_exit(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(signal) = status.signal() {
+        let name = nix::sys::signal::Signal::try_from(signal).map_or("unknown signal", |s| s.as_str());
+        let core = if status.core_dumped() { ", core dumped" } else { "" };
+        format!("worker killed by signal {signal} ({name}{core})")
+    } else if let Some(code) = status.code() {
+        format!("worker exited with status {code}")
+    } else {
+        format!("worker ended ({status})")
+    }
+}
+
+/// Whether a worker ended by SIGABRT: how ROCm ends a process whose kernel made a memory
+/// access fault (and how the simulator's `hip` flavour does).
+pub fn aborted(status: std::process::ExitStatus) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    status.signal() == Some(nix::libc::SIGABRT)
+}
+
 /// Starts a worker process running `command` with `channel` as its descriptor
 /// [`WORKER_FD`]. The worker dies with the thread that spawned it (`PR_SET_PDEATHSIG`), so
 /// call this from a long-lived thread.
@@ -680,6 +702,30 @@ pub fn spawn_worker(mut command: Command, channel: Channel) -> std::io::Result<C
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn exit_statuses_are_described_and_only_sigabrt_is_an_abort() {
+        use std::os::unix::process::ExitStatusExt;
+        use std::process::ExitStatus;
+        // Raw wait statuses: a signal number in the low bits (0x80: core dumped), an exit
+        // code in the second byte.
+        let abrt = ExitStatus::from_raw(6);
+        assert_eq!(describe_exit(abrt), "worker killed by signal 6 (SIGABRT)");
+        assert!(aborted(abrt));
+        let dumped = ExitStatus::from_raw(6 | 0x80);
+        assert_eq!(
+            describe_exit(dumped),
+            "worker killed by signal 6 (SIGABRT, core dumped)"
+        );
+        assert!(aborted(dumped));
+        let kill = ExitStatus::from_raw(9);
+        assert_eq!(describe_exit(kill), "worker killed by signal 9 (SIGKILL)");
+        assert!(!aborted(kill));
+        let exit3 = ExitStatus::from_raw(3 << 8);
+        assert_eq!(describe_exit(exit3), "worker exited with status 3");
+        assert!(!aborted(exit3));
+        assert!(!aborted(ExitStatus::from_raw(0)));
+    }
 
     #[test]
     fn messages_round_trip() {

@@ -33,7 +33,7 @@ async fn a_sticky_fault_in_thread_isolation_fails_every_device_counts_one_fault_
     gpu1.launch(module, "fault_illegal_address", 1, 1, vec![])
         .await
         .unwrap();
-    // The fault surfaces at the next synchronizing op of device 1 — this synchronize, or a
+    // The fault surfaces at the next call on device 1 — this synchronize, or an alloc or a
     // mem-info of the busy tasks: exactly one op reports it.
     let mut results = vec![answered(T, gpu1.synchronize()).await.map(|()| hipvisor::Reply::Done)];
     for t in tasks {
@@ -102,6 +102,84 @@ async fn the_guilty_kernel_is_quarantined_and_not_the_innocent_one() {
         .map(|q| (q.device, q.module, q.function.as_str()))
         .collect();
     assert_eq!(q, vec![(0, m.id, "fault_illegal_address")]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mem_info_does_not_clear_the_suspects_because_it_does_not_wait_for_the_gpu() {
+    let mut c = config(2);
+    c.supervisor.quarantine_after = 1;
+    let rt = start(c).await;
+    let gpu = rt.device(0).unwrap();
+    let m = gpu.load_module(ModuleSource::Builtin).await.unwrap();
+    let b = gpu.alloc(16).await.unwrap();
+    let fill = vec![KernelArg::Buffer(b), KernelArg::U32(1), KernelArg::U32(4)];
+    gpu.launch(m, "fill", 1, 4, fill.clone()).await.unwrap();
+    // These succeed while `fill` may still be running on a GPU: it stays a suspect.
+    gpu.mem_info().await.unwrap();
+    gpu.memset(b, 0, 16, 0).await.unwrap();
+    gpu.launch(m, "fault_illegal_address", 1, 1, vec![]).await.unwrap();
+    assert!(gpu.synchronize().await.is_err());
+    let s = rt.shutdown().await;
+    let mut q: Vec<_> = s.quarantined.iter().map(|q| q.function.as_str()).collect();
+    q.sort_unstable();
+    assert_eq!(q, vec!["fault_illegal_address", "fill"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_to_the_host_clears_the_suspects() {
+    let mut c = config(2);
+    c.supervisor.quarantine_after = 1;
+    let rt = start(c).await;
+    let gpu = rt.device(0).unwrap();
+    let m = gpu.load_module(ModuleSource::Builtin).await.unwrap();
+    let b = gpu.alloc(16).await.unwrap();
+    let fill = vec![KernelArg::Buffer(b), KernelArg::U32(1), KernelArg::U32(4)];
+    gpu.launch(m, "fill", 1, 4, fill.clone()).await.unwrap();
+    // A blocking copy back waits for `fill`: it finished without a fault.
+    gpu.copy_from_device(b, 0, 16).await.unwrap();
+    gpu.launch(m, "fault_illegal_address", 1, 1, vec![]).await.unwrap();
+    assert!(gpu.synchronize().await.is_err());
+    let s = rt.shutdown().await;
+    let q: Vec<_> = s.quarantined.iter().map(|q| q.function.as_str()).collect();
+    assert_eq!(q, vec!["fault_illegal_address"]);
+}
+
+/// Set in a copy of this test program that must abort.
+const CHILD_ENV: &str = "HV_FAULTS_TEST_CHILD";
+
+#[test]
+fn a_hip_memory_fault_in_thread_isolation_really_aborts_the_application_when_allowed() {
+    const NAME: &str = "a_hip_memory_fault_in_thread_isolation_really_aborts_the_application_when_allowed";
+    if std::env::var_os(CHILD_ENV).is_some() {
+        let tokio_rt = tokio::runtime::Runtime::new().unwrap();
+        tokio_rt.block_on(async {
+            let mut c = config(1);
+            c.sim.flavour = hipvisor::core::config::SimFlavour::Hip;
+            c.runtime.allow_abort_on_gpu_fault = true;
+            let rt = start(c).await;
+            let gpu = rt.device(0).unwrap();
+            let m = gpu.load_module(ModuleSource::Builtin).await.unwrap();
+            let r = gpu.launch(m, "fault_illegal_address", 1, 1, vec![]).await;
+            let after = gpu.synchronize().await;
+            eprintln!("the application survived: {r:?} {after:?}");
+        });
+        return;
+    }
+    use std::os::unix::process::ExitStatusExt;
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), Some(6), "SIGABRT: {:?}\n{stderr}", out.status);
+    assert!(stderr.contains("Memory access fault by GPU node-1"), "{stderr}");
+    assert!(!stderr.contains("survived"), "{stderr}");
+    // Without the consent, the same configuration does not start.
+    let mut c = config(1);
+    c.sim.flavour = hipvisor::core::config::SimFlavour::Hip;
+    let e = c.validate().unwrap_err();
+    assert_eq!(e.key(), Some("runtime.isolation"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -629,3 +629,192 @@ async fn answers_in_a_batch_do_not_wait_behind_a_long_op() {
     .await;
     assert_eq!(rt.shutdown().await.restarts, 1);
 }
+
+/// The reason the device gave when it went to `Restarting` (from the state changes).
+async fn restart_reason(changes: &mut tokio::sync::broadcast::Receiver<hipvisor::DeviceStateChange>) -> String {
+    loop {
+        let change = answered(T, changes.recv()).await.expect("a state change");
+        if change.to == DeviceState::Restarting {
+            return change.reason.expect("a restart says why");
+        }
+    }
+}
+
+fn hip_process_config() -> RuntimeConfig {
+    let mut c = process_config(1);
+    c.sim.flavour = SimFlavour::Hip;
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kernel_memory_fault_aborts_a_hip_worker_and_counts_as_a_sticky_fault_of_its_kernels() {
+    let rt = start_process(hip_process_config()).await;
+    let mut changes = rt.subscribe();
+    let gpu = rt.device(0).unwrap();
+    let m = gpu.load_module(ModuleSource::Builtin).await.unwrap();
+    let b = gpu.alloc(16).await.unwrap();
+    let fill = vec![KernelArg::Buffer(b), KernelArg::U32(1), KernelArg::U32(4)];
+    for round in 0..2 {
+        let pid = rt.worker_pid(0).unwrap();
+        if round == 0 {
+            // Not synchronized before the fault: a suspect too.
+            gpu.launch(m, "fill", 1, 4, fill.clone()).await.unwrap();
+        }
+        // On AMD the fault is no error: ROCm aborts the process.
+        match answered(T, gpu.launch(m, "fault_illegal_address", 1, 1, vec![])).await {
+            Err(RuntimeError::DeviceRestarted {
+                device: 0,
+                may_have_executed: true,
+            }) => {}
+            other => panic!("round {round}: the worker died under the launch: {other:?}"),
+        }
+        let reason = restart_reason(&mut changes).await;
+        assert!(
+            reason.contains("worker killed by signal 6 (SIGABRT)") && reason.contains("fault_illegal_address"),
+            "round {round}: {reason}"
+        );
+        assert_eq!(reason.contains("fill"), round == 0, "round {round}: {reason}");
+        eventually(T, "a new worker", || async {
+            rt.states()[0] == DeviceState::Ready && rt.worker_pid(0).is_some_and(|p| p != pid)
+        })
+        .await;
+        assert!(!alive(pid));
+    }
+    // Suspected in two faults (quarantine_after = 2): quarantined. `fill` was in one.
+    match gpu.launch(m, "fault_illegal_address", 1, 1, vec![]).await {
+        Err(RuntimeError::Quarantined { .. }) => {}
+        other => panic!("expected Quarantined, got {other:?}"),
+    }
+    let b = gpu.alloc(16).await.unwrap();
+    let fill = vec![KernelArg::Buffer(b), KernelArg::U32(1), KernelArg::U32(4)];
+    gpu.launch(m, "fill", 1, 4, fill).await.unwrap();
+    gpu.synchronize().await.unwrap();
+    let s = rt.shutdown().await;
+    assert_eq!((s.sticky_faults, s.restarts), (2, 2));
+    let q: Vec<_> = s.quarantined.iter().map(|q| q.function.as_str()).collect();
+    assert_eq!(q, vec!["fault_illegal_address"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_memory_fault_in_a_batch_aborts_a_hip_worker_and_its_kernels_are_suspects() {
+    let mut c = hip_process_config();
+    c.supervisor.quarantine_after = 1;
+    c.sim.faults.push(fault(|f| {
+        f.op = "launch".into();
+        f.kernel = Some("scale".into());
+        f.nth = Some(1);
+        f.code = Some(700);
+    }));
+    let rt = start_process(c).await;
+    let gpu = rt.device(0).unwrap();
+    let m = gpu.load_module(ModuleSource::Builtin).await.unwrap();
+    let b = gpu.alloc(16).await.unwrap();
+    let launch = |function: &str, args: Vec<KernelArg>| Op::Launch {
+        module: m,
+        function: function.into(),
+        grid: hipvisor::core::Dim3::x(1),
+        block: hipvisor::core::Dim3::x(4),
+        shared_mem_bytes: 0,
+        args,
+    };
+    let ops = vec![
+        launch("fill", vec![KernelArg::Buffer(b), KernelArg::U32(1), KernelArg::U32(4)]),
+        launch(
+            "scale",
+            vec![KernelArg::Buffer(b), KernelArg::F32(2.0), KernelArg::U32(4)],
+        ),
+        Op::Synchronize,
+    ];
+    let results = answered(T, gpu.submit_batch(ops)).await;
+    assert!(results[0].is_ok(), "{:?}", results[0]);
+    assert!(
+        matches!(
+            results[1],
+            Err(RuntimeError::DeviceRestarted {
+                may_have_executed: true,
+                ..
+            })
+        ),
+        "{:?}",
+        results[1]
+    );
+    eventually(T, "the device is back", || async {
+        rt.states()[0] == DeviceState::Ready
+    })
+    .await;
+    let s = rt.shutdown().await;
+    assert_eq!(s.sticky_faults, 1);
+    let mut q: Vec<_> = s.quarantined.iter().map(|q| q.function.as_str()).collect();
+    q.sort_unstable();
+    assert_eq!(
+        q,
+        vec!["fill", "scale"],
+        "the kernels launched since the last synchronize"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deaths_other_than_sigabrt_while_kernels_run_are_not_gpu_faults() {
+    let mut c = hip_process_config();
+    c.supervisor.quarantine_after = 1;
+    // The plan's crash, under a launch and after one.
+    c.sim.faults.push(fault(|f| {
+        f.op = "launch".into();
+        f.nth = Some(2);
+        f.crash = Some(true);
+    }));
+    c.sim.faults.push(fault(|f| {
+        f.op = "memset".into();
+        f.nth = Some(1);
+        f.crash = Some(true);
+    }));
+    let rt = start_process(c).await;
+    let mut changes = rt.subscribe();
+    let gpu = rt.device(0).unwrap();
+    let m = gpu.load_module(ModuleSource::Builtin).await.unwrap();
+    for round in 0..3 {
+        let pid = rt.worker_pid(0).unwrap();
+        let b = gpu.alloc(16).await.unwrap();
+        let fill = vec![KernelArg::Buffer(b), KernelArg::U32(1), KernelArg::U32(4)];
+        let launched = gpu.launch(m, "fill", 1, 4, fill.clone()).await;
+        let died = match round {
+            // The 1st launch runs; the memset after it crashes the worker.
+            0 => {
+                launched.unwrap();
+                gpu.memset(b, 0, 16, 0).await
+            }
+            // The 2nd launch crashes it.
+            1 => launched,
+            // A kill (the watchdog's, the OOM killer's) while a kernel may run.
+            _ => {
+                launched.unwrap();
+                ipc::kill(pid);
+                eventually(T, "the worker is dead", || async { !alive(pid) }).await;
+                gpu.memset(b, 0, 16, 0).await
+            }
+        };
+        assert!(died.is_err(), "round {round}: {died:?}");
+        let reason = restart_reason(&mut changes).await;
+        assert!(
+            reason.contains("worker killed by signal 9 (SIGKILL)"),
+            "round {round}: {reason}"
+        );
+        eventually(T, "a new worker", || async {
+            rt.states()[0] == DeviceState::Ready && rt.worker_pid(0).is_some_and(|p| p != pid)
+        })
+        .await;
+    }
+    let b = gpu.alloc(16).await.unwrap();
+    gpu.launch(
+        m,
+        "fill",
+        1,
+        4,
+        vec![KernelArg::Buffer(b), KernelArg::U32(1), KernelArg::U32(4)],
+    )
+    .await
+    .expect("not quarantined");
+    let s = rt.shutdown().await;
+    assert_eq!((s.sticky_faults, s.restarts), (0, 3));
+    assert!(s.quarantined.is_empty(), "{:?}", s.quarantined);
+}

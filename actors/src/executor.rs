@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use crossbeam_channel::select;
 use hipvisor_core::config::Isolation;
-use hipvisor_core::{DeviceContext, ErrorClass, GpuError, ModuleHandle, Op, Origin, Reply};
+use hipvisor_core::{DeviceContext, ErrorClass, GpuError, ModuleHandle, Op, OpKind, Origin, Reply};
 
 use crate::device::{Current, DeviceCore, Work};
 use crate::error::RuntimeError;
@@ -30,8 +30,14 @@ use crate::supervisor::{Failure, SupervisorMsg};
 pub(crate) enum Exec {
     /// The op ran (or was rejected) and this is its result.
     Done(Result<Reply, GpuError>),
-    /// The engine died under the op; `may_have_executed` says whether the op had started.
-    Died { may_have_executed: bool, reason: String },
+    /// The engine died under the op; `may_have_executed` says whether the op had started,
+    /// `aborted` whether the engine ended by SIGABRT (how ROCm ends a process whose kernel
+    /// made a memory access fault).
+    Died {
+        may_have_executed: bool,
+        reason: String,
+        aborted: bool,
+    },
 }
 
 /// How many ops an engine takes in one [`Batches::run_batch`].
@@ -80,6 +86,7 @@ impl Engine for ThreadEngine {
             Err(panic) => Exec::Died {
                 may_have_executed: true,
                 reason: format!("backend panicked: {}", panic_message(&*panic)),
+                aborted: false,
             },
         }
     }
@@ -341,8 +348,10 @@ fn execute(
     drop(span);
     set_current(core, []);
     let poisoned = matches!(&result, Exec::Done(Err(e)) if engine.poisoned_by(e));
-    let mut died = false;
-    finish(shared, core, poisoned, job, result, suspects, epoch, &mut died)
+    let mut died = None;
+    let go_on = finish(shared, core, poisoned, job, result, suspects, epoch, &mut died);
+    report_death(shared, core, epoch, died, suspects);
+    go_on
 }
 
 /// Runs jobs as one batch; `false` when the executor must end. Each op's span covers the
@@ -372,7 +381,7 @@ fn execute_batch(
         .collect();
     let mut pending = spans.into_iter();
     let mut go_on = true;
-    let mut died = false;
+    let mut died = None;
     engine.run_batch(ops, &mut |result, poisoned| {
         let Some((job, span)) = pending.next() else {
             debug_assert!(false, "an engine answered more ops than it was given");
@@ -383,6 +392,7 @@ fn execute_batch(
         go_on &= finish(shared, core, poisoned, job, result, suspects, epoch, &mut died);
     });
     set_current(core, []);
+    report_death(shared, core, epoch, died, suspects);
     for (mut job, _) in pending {
         // Did not start: the engine was poisoned by an op before it. It runs on the next
         // context, ahead of the ops queued behind it.
@@ -392,9 +402,37 @@ fn execute_batch(
     go_on
 }
 
+/// How an engine ended: the reason, and whether by SIGABRT.
+struct Death {
+    reason: String,
+    aborted: bool,
+}
+
+/// Tells the supervisor that the engine died (once, after the op or batch it died under
+/// has been answered). A worker that ended by SIGABRT while kernels it launched may have
+/// been running made a GPU memory access fault, as ROCm reports one: those kernels (the
+/// suspects) go along, so the supervisor treats the death as a sticky fault of them.
+fn report_death(
+    shared: &Shared,
+    core: &DeviceCore,
+    epoch: u64,
+    died: Option<Death>,
+    suspects: &mut Vec<(u64, String)>,
+) {
+    let Some(Death { reason, aborted }) = died else { return };
+    let suspects = if aborted { std::mem::take(suspects) } else { Vec::new() };
+    shared.report(SupervisorMsg::ExecutorDied {
+        device: core.index,
+        epoch,
+        reason,
+        suspects,
+    });
+}
+
 /// Acts on one op's execution: answers it, or reports its failure to the supervisor.
 /// `false` when the executor must end (`poisoned`: the failure poisoned the engine). `died`
-/// is set once the engine's death has been reported (a batch reports it once).
+/// is set when the engine died (a batch records its death once; [`report_death`] tells
+/// the supervisor).
 #[allow(clippy::too_many_arguments)]
 fn finish(
     shared: &Shared,
@@ -404,7 +442,7 @@ fn finish(
     result: Exec,
     suspects: &mut Vec<(u64, String)>,
     epoch: u64,
-    died: &mut bool,
+    died: &mut Option<Death>,
 ) -> bool {
     match result {
         Exec::Done(Ok(reply)) => {
@@ -417,11 +455,10 @@ fn finish(
         }
         Exec::Done(Err(error)) => {
             let suspected = if error.class() == ErrorClass::Sticky {
-                let mut s = std::mem::take(suspects);
                 if let Op::Launch { module, function, .. } = &job.op {
-                    s.push((module.id, function.clone()));
+                    add_suspect(suspects, module.id, function);
                 }
-                s
+                std::mem::take(suspects)
             } else {
                 Vec::new()
             };
@@ -437,7 +474,12 @@ fn finish(
         Exec::Died {
             may_have_executed,
             reason,
+            aborted,
         } => {
+            // A launch that may have run is a suspect of the fault that ended the worker.
+            if may_have_executed && let Op::Launch { module, function, .. } = &job.op {
+                add_suspect(suspects, module.id, function);
+            }
             // An op that certainly did not start, is idempotent and touches no buffer of the
             // dying context runs again on the next one; any other is answered.
             let retry_transparently = !may_have_executed && job.kind().is_idempotent() && job.op.buffers().is_empty();
@@ -451,20 +493,15 @@ fn finish(
                 };
                 job.answer(Err(e), &core.counters);
             }
-            if !std::mem::replace(died, true) {
-                shared.report(SupervisorMsg::ExecutorDied {
-                    device: core.index,
-                    epoch,
-                    reason,
-                });
-            }
+            died.get_or_insert(Death { reason, aborted });
             false
         }
     }
 }
 
 /// Bookkeeping after a successful op: loaded modules (for reloads) and the kernels launched
-/// since the last successful synchronizing op (the suspects of a later sticky fault).
+/// since the last successful op that waited for the device (the suspects of a later sticky
+/// fault).
 fn track_success(core: &DeviceCore, op: &Op, reply: &Reply, suspects: &mut Vec<(u64, String)>) {
     match (op, reply) {
         (Op::LoadModule { source }, Reply::Module(m)) => {
@@ -473,12 +510,24 @@ fn track_success(core: &DeviceCore, op: &Op, reply: &Reply, suspects: &mut Vec<(
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(m.id, source.clone());
         }
-        (Op::Launch { module, function, .. }, _) if !suspects.iter().any(|(m, f)| *m == module.id && f == function) => {
-            suspects.push((module.id, function.clone()));
-        }
-        _ if op.kind().is_synchronizing() => suspects.clear(),
+        (Op::Launch { module, function, .. }, _) => add_suspect(suspects, module.id, function),
+        _ if waits_for_device(op.kind()) => suspects.clear(),
         _ => {}
     }
+}
+
+fn add_suspect(suspects: &mut Vec<(u64, String)>, module: u64, function: &str) {
+    if !suspects.iter().any(|(m, f)| *m == module && f == function) {
+        suspects.push((module, function.to_string()));
+    }
+}
+
+/// Whether a successful `kind` proves that the kernels launched before it have finished
+/// without a fault: it waited for them (synchronize; a copy to the host, which is
+/// blocking). Mem-info, memsets, allocations and the like do not wait for the GPU — a
+/// kernel may still be running, and fault, after they succeed — so they clear nothing.
+fn waits_for_device(kind: OpKind) -> bool {
+    matches!(kind, OpKind::Synchronize | OpKind::CopyFromDevice)
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {

@@ -230,11 +230,13 @@ impl WorkerEngine {
         Ok(())
     }
 
-    /// How the worker ended (after its connection closed).
-    fn exit_reason(&mut self) -> String {
+    /// How the worker ended (after its connection closed), from its wait status: the
+    /// reason's words, and whether it was SIGABRT — how ROCm ends a process whose kernel
+    /// made a memory access fault.
+    fn exit_reason(&mut self) -> (String, bool) {
         match self.child.wait() {
-            Ok(status) => format!("worker exited ({status})"),
-            Err(e) => format!("worker lost ({e})"),
+            Ok(status) => (ipc::describe_exit(status), ipc::aborted(status)),
+            Err(e) => (format!("worker lost ({e})"), false),
         }
     }
 }
@@ -273,11 +275,13 @@ impl WorkerEngine {
     /// had started may have executed; the rest did not start.
     fn died_under(&mut self, first: u64, count: usize, why: String) -> Vec<Exec> {
         let started = self.control.started();
-        let reason = format!("{why}; {}", self.exit_reason());
+        let (how, aborted) = self.exit_reason();
+        let reason = format!("{how} ({why})");
         (first..first + count as u64)
             .map(|id| Exec::Died {
                 may_have_executed: started >= id,
                 reason: reason.clone(),
+                aborted,
             })
             .collect()
     }

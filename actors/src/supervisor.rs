@@ -11,8 +11,12 @@
 //! - **InvalidRequest**: answer at once.
 //! - **Sticky**: one fault is one event — the first sticky error of a device epoch decides;
 //!   ops that fail behind it are answered `DeviceFailed` and not counted as faults. The
-//!   kernels launched since the device's last successful synchronizing op are suspects; one
-//!   that is a suspect in `quarantine_after` faults within the window is quarantined. In thread
+//!   kernels launched since the device's last successful op that waited for the device
+//!   (synchronize, copy to the host) are suspects; one that is a suspect in
+//!   `quarantine_after` faults within the window is quarantined. A worker that ends by
+//!   SIGABRT while such kernels may be running is a sticky fault of them too: that is how
+//!   ROCm reports a kernel's memory access fault. Other deaths (SIGKILL, the watchdog, an
+//!   exit) are restarts, not faults. In thread
 //!   isolation the poisoned GPU runtime is the whole process's (every device of the host), so
 //!   every device goes to `Failed`, with a reason that says process isolation would have
 //!   restarted it.
@@ -63,8 +67,13 @@ pub enum SupervisorMsg {
         device: u32,
         /// The executor's epoch.
         epoch: u64,
-        /// Why.
+        /// Why (how the worker ended).
         reason: String,
+        /// Set when the worker ended by SIGABRT while kernels it launched may have been
+        /// running (launched since the last op that waited for the device): how ROCm ends
+        /// a process whose kernel made a memory access fault. The death is a sticky fault
+        /// of these kernels.
+        suspects: Vec<(u64, String)>,
     },
     /// A device's context was opened.
     Opened {
@@ -174,7 +183,12 @@ impl Actor for Supervisor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             SupervisorMsg::Failed(f) => st.failed(&me, *f),
-            SupervisorMsg::ExecutorDied { device, epoch, reason } => {
+            SupervisorMsg::ExecutorDied {
+                device,
+                epoch,
+                reason,
+                suspects,
+            } => {
                 if st.shutting_down {
                     return Ok(());
                 }
@@ -183,6 +197,11 @@ impl Actor for Supervisor {
                     .load(std::sync::atomic::Ordering::Acquire)
                     == epoch
                 {
+                    let reason = if suspects.is_empty() {
+                        reason
+                    } else {
+                        st.aborted_by_gpu_fault(device, &suspects, reason)
+                    };
                     st.restart(&me, device, reason, SupervisorMsg::RestartExecutor(device, true));
                 }
             }
@@ -432,6 +451,21 @@ impl SupervisorState {
                 self.restart(me, f.device, reason, SupervisorMsg::RestartExecutor(f.device, true));
             }
         }
+    }
+
+    /// A worker that ended by SIGABRT while kernels it launched may have been running: on
+    /// AMD that is how a kernel's memory access fault ends its process, so it counts as a
+    /// sticky fault of those kernels (towards their quarantine). Returns the restart reason.
+    fn aborted_by_gpu_fault(&mut self, device: u32, suspects: &[(u64, String)], reason: String) -> String {
+        self.shared.metrics_event(MetricsEvent::StickyFault { device });
+        let kernels = suspects
+            .iter()
+            .map(|(m, f)| format!("{f} (module {m})"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        tracing::error!(device, reason = %reason, kernels = %kernels, "worker aborted while kernels ran: a GPU memory access fault");
+        self.quarantine(device, suspects);
+        format!("{reason}: a GPU memory access fault of a kernel it launched (suspects: {kernels})")
     }
 
     /// A sticky fault poisoned the GPU runtime of this process (thread isolation): every
