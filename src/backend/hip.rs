@@ -62,7 +62,8 @@
 //! - A module image has no length: `hipModuleLoadData` reads as far as the image's headers
 //!   say. User images are checked first ([`check_code_object`]: an ELF code object, a clang
 //!   offload bundle or a compressed bundle whose headers stay inside the bytes given), and
-//!   copied into an aligned buffer that lives as long as the module.
+//!   copied into an aligned buffer that lives as long as the module (the build's bundle is
+//!   copied so too, once per process).
 //! - A fault in a kernel: HIP keeps one error state per process, and ROCm may abort the
 //!   process on a GPU memory fault. After a `Sticky` error this process refuses to open a
 //!   device again ([`HipBackend::open`]); a new context needs a new process.
@@ -204,6 +205,15 @@ pub fn runtime_version() -> Option<i32> {
     // SAFETY: a valid out-pointer.
     let status = unsafe { ffi::hipRuntimeGetVersion(&mut v) };
     (status == 0 && v > 0).then_some(v)
+}
+
+/// [`BUILTIN_CODE_OBJECT`] in 8-byte-aligned memory (`include_bytes!` promises no
+/// alignment, and the runtime reads the bundle's headers in place), copied once per process.
+fn builtin_bundle() -> Arc<CodeObject> {
+    static BUNDLE: OnceLock<Arc<CodeObject>> = OnceLock::new();
+    BUNDLE
+        .get_or_init(|| Arc::new(CodeObject::new(BUILTIN_CODE_OBJECT)))
+        .clone()
 }
 
 /// The architectures the built-in code object has code for.
@@ -918,7 +928,7 @@ pub(crate) struct HipModule {
     module: *mut c_void,
     builtin: bool,
     functions: HashMap<String, HipKernel>,
-    /// The image the module was loaded from, kept while it lives (none: a static image).
+    /// The image the module was loaded from, kept while it lives.
     _image: Option<Arc<CodeObject>>,
 }
 
@@ -1054,11 +1064,9 @@ impl HipDevice {
             _image: image,
         };
         if !known_arch || bundle_has(&archs, arch) {
-            match self.load_image(
-                BUILTIN_CODE_OBJECT.as_ptr().cast(),
-                "hipModuleLoadData (built-in bundle)",
-            ) {
-                Ok(m) => return Ok(module(m, None)),
+            let bundle = builtin_bundle();
+            match self.load_image(bundle.as_ptr(), "hipModuleLoadData (built-in bundle)") {
+                Ok(m) => return Ok(module(m, Some(bundle))),
                 Err(e)
                     if known_arch
                         && matches!(
