@@ -218,7 +218,9 @@ fn nvrtc_compile(source: &CStr, target: &str) -> Result<Vec<u8>, String> {
 /// below it, which the driver JIT-compiles at load. A failure names the NVRTC and driver
 /// versions and NVRTC's log.
 pub fn builtin_image(major: i32, minor: i32) -> Result<Arc<BuiltinImage>, String> {
-    static CACHE: OnceLock<Mutex<HashMap<(i32, i32), Arc<BuiltinImage>>>> = OnceLock::new();
+    /// Compiled images by compute capability.
+    type Cache = Mutex<HashMap<(i32, i32), Arc<BuiltinImage>>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     if let Some(p) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&(major, minor)) {
         return Ok(p.clone());

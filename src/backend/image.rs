@@ -286,10 +286,10 @@ mod tests {
                 2 => bytes.splice(0..0, BUNDLE_MAGIC.iter().copied()).for_each(drop),
                 _ => {}
             }
-            if let Ok((k, out)) = checked(&bytes, true) {
-                if k != ImageKind::Ptx {
-                    prop_assert_eq!(&*out, &bytes[..]);
-                }
+            if let Ok((k, out)) = checked(&bytes, true)
+                && k != ImageKind::Ptx
+            {
+                prop_assert_eq!(&*out, &bytes[..]);
             }
         }
     }
