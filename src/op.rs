@@ -87,11 +87,14 @@ impl OpKind {
         !matches!(self, OpKind::Alloc | OpKind::Free | OpKind::LoadModule | OpKind::Launch)
     }
 
-    /// Whether the operation waits for the device's earlier work, so that an asynchronous
-    /// fault of an earlier launch surfaces in it (as `hipDeviceSynchronize`, a blocking
-    /// device-to-host copy or `hipMemGetInfo` do).
+    /// Whether a successful op of this kind proves that the kernels launched before it
+    /// finished without a fault: it waited for them (synchronize; a copy to the host, which
+    /// is blocking). Mem-info, memsets, allocations and the like do not wait for the GPU — a
+    /// kernel may still be running, and fault, after they succeed — so they prove nothing
+    /// (an earlier sticky fault does surface in them: measured on an H200, every call after
+    /// an illegal address returns 700).
     pub fn is_synchronizing(self) -> bool {
-        matches!(self, OpKind::Synchronize | OpKind::CopyFromDevice | OpKind::MemInfo)
+        matches!(self, OpKind::Synchronize | OpKind::CopyFromDevice)
     }
 }
 

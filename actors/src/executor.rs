@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use crossbeam_channel::select;
 use hipvisor_core::config::Isolation;
-use hipvisor_core::{DeviceContext, ErrorClass, GpuError, ModuleHandle, Op, OpKind, Origin, Reply};
+use hipvisor_core::{DeviceContext, ErrorClass, GpuError, ModuleHandle, Op, Origin, Reply};
 
 use crate::device::{Current, DeviceCore, Work};
 use crate::error::RuntimeError;
@@ -511,7 +511,7 @@ fn track_success(core: &DeviceCore, op: &Op, reply: &Reply, suspects: &mut Vec<(
                 .insert(m.id, source.clone());
         }
         (Op::Launch { module, function, .. }, _) => add_suspect(suspects, module.id, function),
-        _ if waits_for_device(op.kind()) => suspects.clear(),
+        _ if op.kind().is_synchronizing() => suspects.clear(),
         _ => {}
     }
 }
@@ -520,14 +520,6 @@ fn add_suspect(suspects: &mut Vec<(u64, String)>, module: u64, function: &str) {
     if !suspects.iter().any(|(m, f)| *m == module && f == function) {
         suspects.push((module, function.to_string()));
     }
-}
-
-/// Whether a successful `kind` proves that the kernels launched before it have finished
-/// without a fault: it waited for them (synchronize; a copy to the host, which is
-/// blocking). Mem-info, memsets, allocations and the like do not wait for the GPU — a
-/// kernel may still be running, and fault, after they succeed — so they clear nothing.
-fn waits_for_device(kind: OpKind) -> bool {
-    matches!(kind, OpKind::Synchronize | OpKind::CopyFromDevice)
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
