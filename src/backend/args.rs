@@ -8,6 +8,13 @@ use std::ffi::c_void;
 use crate::error::GpuError;
 use crate::op::{BufferHandle, KernelArg};
 
+/// Pointers to zeros appended to a launch's argument pointers (see
+/// [`PackedArgs::padded_pointers`]).
+pub(crate) const ARGUMENT_PADDING: usize = 64;
+/// What padding pointers point to: enough zeros for any parameter (4 KiB, the classic limit
+/// of a kernel's parameter space).
+static ZEROS: [u64; 512] = [0; 512];
+
 /// Packed launch arguments. The pointers from [`PackedArgs::pointers`] stay valid while
 /// the `PackedArgs` lives (the slots are one heap allocation that is never resized).
 #[derive(Debug)]
@@ -44,6 +51,19 @@ impl PackedArgs {
         self.slots.iter_mut().map(|s| s.as_mut_ptr().cast::<c_void>()).collect()
     }
 
+    /// [`PackedArgs::pointers`], then [`ARGUMENT_PADDING`] pointers to zeros: a driver
+    /// reads one pointer per parameter of the kernel, which it does not check against the
+    /// arguments given, so a kernel launched with too few reads zeros, never host memory past
+    /// the array.
+    pub(crate) fn padded_pointers(&mut self) -> Vec<*mut c_void> {
+        let mut p = self.pointers();
+        p.extend(std::iter::repeat_n(
+            ZEROS.as_ptr().cast_mut().cast::<c_void>(),
+            ARGUMENT_PADDING,
+        ));
+        p
+    }
+
     #[cfg(test)]
     fn slot(&self, i: usize) -> [u8; 8] {
         self.slots[i]
@@ -55,6 +75,17 @@ mod tests {
     use super::*;
     use crate::error::{Api, InvalidReason};
     use crate::op::OpKind;
+
+    #[test]
+    fn padding_points_at_zeros_after_the_arguments() {
+        let mut p = PackedArgs::pack(&[KernelArg::U32(7)], |_| Ok(0)).unwrap();
+        let ptrs = p.padded_pointers();
+        assert_eq!(ptrs.len(), 1 + ARGUMENT_PADDING);
+        for q in &ptrs[1..] {
+            assert_eq!(q.cast_const(), ZEROS.as_ptr().cast::<c_void>());
+        }
+        assert!(ZEROS.iter().all(|z| *z == 0));
+    }
 
     #[test]
     fn scalars_and_buffers_are_laid_out_little_endian_in_their_slots() {

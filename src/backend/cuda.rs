@@ -218,47 +218,66 @@ fn nvrtc_compile(source: &CStr, target: &str) -> Result<Vec<u8>, String> {
 /// below it, which the driver JIT-compiles at load. A failure names the NVRTC and driver
 /// versions and NVRTC's log.
 pub fn builtin_image(major: i32, minor: i32) -> Result<Arc<BuiltinImage>, String> {
-    /// Compiled images by compute capability.
-    type Cache = Mutex<HashMap<(i32, i32), Arc<BuiltinImage>>>;
+    cached((major, minor, false), || {
+        let sm = format!("sm_{major}{minor}");
+        match nvrtc_compile(&builtin_source(), &sm) {
+            Ok(code) => Ok(BuiltinImage { target: sm, code }),
+            Err(cubin_err) => ptx_for(major * 10 + minor).map_err(|e| format!("{cubin_err}; PTX fallback: {e}")),
+        }
+    })
+}
+
+/// The built-in kernels as PTX for the newest architecture NVRTC knows at or below
+/// `major.minor`: what is loaded when the driver rejects the cubin (an NVRTC newer than the
+/// driver).
+fn builtin_ptx_fallback(major: i32, minor: i32) -> Result<Arc<BuiltinImage>, String> {
+    cached((major, minor, true), || ptx_for(major * 10 + minor))
+}
+
+fn builtin_source() -> CString {
+    CString::new(BUILTIN_SOURCE).expect("the kernel source has no NUL")
+}
+
+/// PTX of the built-in kernels for the newest architecture NVRTC knows at or below `cc`.
+fn ptx_for(cc: i32) -> Result<BuiltinImage, String> {
+    let arch = nvrtc_archs()
+        .into_iter()
+        .filter(|a| *a <= cc)
+        .max()
+        .ok_or_else(|| format!("NVRTC knows no architecture at or below sm_{cc}"))?;
+    let target = format!("compute_{arch}");
+    let mut code = nvrtc_compile(&builtin_source(), &target)?;
+    if code.last() != Some(&0) {
+        code.push(0);
+    }
+    Ok(BuiltinImage { target, code })
+}
+
+/// Compiles once per process and key (compute capability, PTX or not); a failure names the
+/// NVRTC and driver versions.
+fn cached(
+    key: (i32, i32, bool),
+    make: impl FnOnce() -> Result<BuiltinImage, String>,
+) -> Result<Arc<BuiltinImage>, String> {
+    /// Compiled images by compute capability and kind.
+    type Cache = Mutex<HashMap<(i32, i32, bool), Arc<BuiltinImage>>>;
     static CACHE: OnceLock<Cache> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
-    if let Some(p) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&(major, minor)) {
+    if let Some(p) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
         return Ok(p.clone());
     }
     if !nvrtc_present() {
         return Err(format!(
             "NVRTC library not found (libnvrtc.so and libnvrtc-builtins.so, from the CUDA toolkit or the \
-             Python package nvidia-cuda-nvrtc; CUDA driver {}): it compiles the built-in kernels",
-            driver_version().map_or("unknown".into(), |v| format!("{}.{}", v / 1000, (v % 1000) / 10))
+             Python package nvidia-cuda-nvrtc; {}): it compiles the built-in kernels",
+            version_text()
         ));
     }
-    let source = CString::new(BUILTIN_SOURCE).expect("the kernel source has no NUL");
-    let cc = major * 10 + minor;
-    let sm = format!("sm_{cc}");
-    let image = match nvrtc_compile(&source, &sm) {
-        Ok(code) => BuiltinImage { target: sm, code },
-        Err(cubin_err) => {
-            let fallback = nvrtc_archs().into_iter().filter(|a| *a <= cc).max();
-            let Some(arch) = fallback else {
-                return Err(format!(
-                    "{}: no architecture at or below {sm} to compile the built-in kernels for; {cubin_err}",
-                    version_text()
-                ));
-            };
-            let target = format!("compute_{arch}");
-            let mut code = nvrtc_compile(&source, &target)
-                .map_err(|e| format!("{}: {cubin_err}; PTX fallback: {e}", version_text()))?;
-            if code.last() != Some(&0) {
-                code.push(0);
-            }
-            BuiltinImage { target, code }
-        }
-    };
-    let image = Arc::new(image);
+    let image = Arc::new(make().map_err(|e| format!("{}: {e}", version_text()))?);
     cache
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .insert((major, minor), image.clone());
+        .insert(key, image.clone());
     Ok(image)
 }
 
@@ -278,7 +297,7 @@ impl CudaBackend {
     /// `i`-th. (The driver's own order is "fastest first" unless `CUDA_DEVICE_ORDER=PCI_BUS_ID`;
     /// `nvidia-smi` and the other vendor's runtime use bus order, so hipvisor does too.
     /// `CUDA_VISIBLE_DEVICES` still chooses which devices the driver shows.)
-    fn ordinals(&self) -> Result<Vec<(String, sys::CUdevice)>, GpuError> {
+    fn ordinals(&self) -> Result<Vec<(String, i32, sys::CUdevice)>, GpuError> {
         if !driver_present() {
             return Err(driver_missing(0));
         }
@@ -302,14 +321,15 @@ impl CudaBackend {
             unsafe { sys::cuDeviceGetPCIBusId(bus.as_mut_ptr(), bus.len() as i32, dev) }
                 .result()
                 .map_err(|e| err(e, op, ordinal as u32, "cuDeviceGetPCIBusId"))?;
-            devices.push((c_text(&bus).to_ascii_lowercase(), dev));
+            devices.push((c_text(&bus).to_ascii_lowercase(), ordinal, dev));
         }
         devices.sort();
         Ok(devices)
     }
 
-    /// The driver's device behind this backend's index `device`, and its PCI bus id.
-    fn device(&self, device: u32) -> Result<(String, sys::CUdevice), GpuError> {
+    /// The driver's device behind this backend's index `device`: its PCI bus id, ordinal
+    /// and handle.
+    fn device(&self, device: u32) -> Result<(String, i32, sys::CUdevice), GpuError> {
         let devices = self.ordinals()?;
         let count = devices.len() as u32;
         devices.into_iter().nth(device as usize).ok_or_else(|| {
@@ -351,7 +371,7 @@ impl Backend for CudaBackend {
     }
 
     fn device_info(&self, device: u32) -> Result<DeviceInfo, GpuError> {
-        let (bus, dev) = self.device(device)?;
+        let (bus, _, dev) = self.device(device)?;
         let op = OpKind::DeviceInfo;
         let mut name = [0 as c_char; 256];
         // SAFETY: the driver is initialised (by `device`); the buffer's length is passed.
@@ -390,8 +410,8 @@ impl Backend for CudaBackend {
             ));
         }
         let info = self.device_info(device)?;
-        let (_, dev) = self.device(device)?;
-        let ctx = CudaContext::new(dev as usize).map_err(|e| err(e, op, device, "cuDevicePrimaryCtxRetain"))?;
+        let (_, ordinal, dev) = self.device(device)?;
+        let ctx = CudaContext::new(ordinal as usize).map_err(|e| err(e, op, device, "cuDevicePrimaryCtxRetain"))?;
         ctx.bind_to_thread()
             .map_err(|e| err(e, op, device, "cuCtxSetCurrent"))?;
         let cc = compute_capability(dev).map_err(|e| err(e, op, device, "cuDeviceGetAttribute"))?;
@@ -521,6 +541,44 @@ impl CudaDevice {
         Ok(p)
     }
 
+    /// Loads the built-in kernels: the cubin for the device's architecture, else — when the
+    /// driver rejects it (a cubin from an NVRTC newer than the driver) — PTX for the newest
+    /// architecture at or below the device's, which the driver JIT-compiles. A failure names
+    /// the NVRTC and driver versions.
+    fn load_builtin(&mut self) -> Result<sys::CUmodule, GpuError> {
+        let op = OpKind::LoadModule;
+        let dev = self.dev();
+        let bad = |reason: String| GpuError::invalid(op, dev, InvalidReason::BadModuleImage { reason });
+        let (major, minor) = self.cc;
+        let image = builtin_image(major, minor).map_err(bad)?;
+        // SAFETY: the context is bound to this thread; NVRTC's output is a whole cubin or
+        // NUL-terminated PTX.
+        let loaded = unsafe { result::module::load_data(image.code.as_ptr().cast()) };
+        let first = match loaded {
+            Ok(m) => return Ok(m),
+            // A poisoned context fails every call: no fallback can help.
+            Err(e) if crate::error::classify(Api::CudaDriver, e.0 as i32) == crate::ErrorClass::Sticky => {
+                return Err(self.err(e, op, "cuModuleLoadData"));
+            }
+            Err(e) => e,
+        };
+        let ptx = builtin_ptx_fallback(major, minor).map_err(bad)?;
+        // SAFETY: as above; `ptx` is NUL-terminated.
+        unsafe { result::module::load_data(ptx.code.as_ptr().cast()) }.map_err(|e| {
+            self.err(
+                e,
+                op,
+                &format!(
+                    "cuModuleLoadData of the built-in kernels: {} rejected ({:?}), {} rejected too ({})",
+                    image.target,
+                    first,
+                    ptx.target,
+                    version_text()
+                ),
+            )
+        })
+    }
+
     /// The kernel `name` of `module`, checked for this launch: its parameters against
     /// `args` (where the driver can tell), and its shared memory, raised to
     /// `shared_mem_bytes` when that is above the device's default and within its opt-in
@@ -549,7 +607,7 @@ impl CudaDevice {
                 // SAFETY: `f` is a live function; the attribute is a plain integer.
                 let static_shared = unsafe { result::function::get_function_attribute(f, STATIC) }
                     .map_err(|e| err(e, op, dev, "cuFuncGetAttribute"))? as u32;
-                let params = if param_info { Some(param_sizes(f)) } else { None };
+                let params = if param_info { param_sizes(f) } else { None };
                 e.insert(KernelFn {
                     f,
                     params,
@@ -592,21 +650,23 @@ impl CudaDevice {
     }
 }
 
-/// The sizes of a kernel's parameters, from `cuFuncGetParamInfo` (which answers
-/// `CUDA_ERROR_INVALID_VALUE` past the last one).
-fn param_sizes(f: sys::CUfunction) -> Vec<usize> {
+/// The sizes of a kernel's parameters, from `cuFuncGetParamInfo`, which answers
+/// `CUDA_ERROR_INVALID_VALUE` past the last one. Any other answer means the driver cannot
+/// describe this kernel: `None`, and its launches go unchecked (padded, see `launch`).
+fn param_sizes(f: sys::CUfunction) -> Option<Vec<usize>> {
     let mut sizes = Vec::new();
     for i in 0..4096 {
         let (mut offset, mut size) = (0usize, 0usize);
         // SAFETY: `f` is a live function; the symbol exists (checked by
         // `param_info_available`); valid out-pointers.
         let status = unsafe { sys::cuFuncGetParamInfo(f, i, &mut offset, &mut size) };
-        if status.result().is_err() {
-            break;
+        match status {
+            sys::CUresult::CUDA_SUCCESS => sizes.push(size),
+            sys::CUresult::CUDA_ERROR_INVALID_VALUE => return Some(sizes),
+            _ => return None,
         }
-        sizes.push(size);
     }
-    sizes
+    None
 }
 
 /// The size of an argument as a kernel parameter.
@@ -755,18 +815,17 @@ impl GpuCalls for CudaDevice {
     fn load(&mut self, source: &ModuleSource) -> Result<CudaModule, GpuError> {
         let op = OpKind::LoadModule;
         let bad = |reason: String| GpuError::invalid(op, self.dev(), InvalidReason::BadModuleImage { reason });
-        let builtin;
-        let image = match source {
-            ModuleSource::Builtin => {
-                builtin = Some(builtin_image(self.cc.0, self.cc.1).map_err(bad)?);
-                std::borrow::Cow::Borrowed(&builtin.as_ref().expect("just set").code[..])
+        let module = match source {
+            ModuleSource::Builtin => self.load_builtin()?,
+            ModuleSource::Image(p) => {
+                let image = image::checked(p.as_bytes(), true).map_err(bad)?.1;
+                // SAFETY: the context is bound to this thread; `image` was checked to hold
+                // together (a NUL-terminated PTX string, or a cubin/fatbin whose tables lie
+                // inside it).
+                unsafe { result::module::load_data(image.as_ptr().cast()) }
+                    .map_err(|e| self.err(e, op, "cuModuleLoadData"))?
             }
-            ModuleSource::Image(p) => image::checked(p.as_bytes(), true).map_err(bad)?.1,
         };
-        // SAFETY: the context is bound to this thread; `image` was checked to hold together
-        // (a NUL-terminated PTX string, or a cubin/fatbin whose tables lie inside it).
-        let module = unsafe { result::module::load_data(image.as_ptr().cast()) }
-            .map_err(|e| self.err(e, op, "cuModuleLoadData"))?;
         Ok(CudaModule {
             module,
             builtin: matches!(source, ModuleSource::Builtin),
@@ -786,10 +845,13 @@ impl GpuCalls for CudaDevice {
         let kind = OpKind::Launch;
         let f = self.kernel(module, function, args, shared_mem_bytes)?;
         let mut packed = PackedArgs::pack(args, |b| self.device_ptr(kind, b, 0))?;
-        let mut params = packed.pointers();
+        // Padded: where the driver cannot check a user kernel's parameters (before 12.4),
+        // missing arguments read zeros, not host memory past the array.
+        let mut params = packed.padded_pointers();
         // SAFETY: `f` belongs to a live module of the bound context; `params` holds one
-        // pointer per argument into `packed`, which outlives the call; the dimensions were
-        // checked; a null stream is the context's default stream.
+        // pointer per argument into `packed`, which outlives the call, then pointers to
+        // static zeros; the dimensions were checked; a null stream is the context's default
+        // stream.
         unsafe {
             result::launch_kernel(
                 f,
@@ -912,6 +974,10 @@ mod tests {
         assert!(image.is_cubin());
         assert_eq!(image::checked(&image.code, true).unwrap().0, image::ImageKind::Elf);
         eprintln!("{}: {} bytes of sm_90 cubin", version_text(), image.code.len());
+        // The PTX a driver older than NVRTC loads instead of the cubin.
+        let ptx = builtin_ptx_fallback(9, 0).unwrap();
+        assert_eq!(ptx.target, "compute_90");
+        assert_eq!(image::checked(&ptx.code, true).unwrap().0, image::ImageKind::Ptx);
         // A GPU newer than this NVRTC gets PTX for the newest architecture it knows.
         let newer = builtin_image(99, 9).unwrap();
         assert!(newer.target.starts_with("compute_"), "{}", newer.target);

@@ -117,6 +117,11 @@ fn check_elf(b: &[u8]) -> Result<(), String> {
     let field = |at, f: fn(&[u8], usize) -> Option<u64>| f(b, at).ok_or_else(|| truncated("the header"));
     let (phoff, phentsize, phnum) = (field(32, u64_at)?, field(54, u16_at)?, field(56, u16_at)?);
     let (shoff, shentsize, shnum) = (field(40, u64_at)?, field(58, u16_at)?, field(60, u16_at)?);
+    // Extended numbering keeps the real counts in section 0: driver images never need it,
+    // and a check of the header's counts would not cover what the driver reads.
+    if (shnum == 0 && shoff != 0) || phnum == 0xffff {
+        return Err("ELF image uses extended section or segment numbering, which module images never need".into());
+    }
     if phnum > 0 && !fits(phoff, phnum, phentsize, b.len()) {
         return Err(truncated("the program header table"));
     }
@@ -222,6 +227,9 @@ mod tests {
                 "cut {cut}: {err}"
             );
         }
+        let mut extended = e.clone();
+        extended[60..62].copy_from_slice(&0u16.to_le_bytes());
+        assert!(checked(&extended, true).unwrap_err().contains("extended"));
         let mut big = e.clone();
         let s1 = 64 + 16 + 64;
         big[s1 + 32..s1 + 40].copy_from_slice(&u64::MAX.to_le_bytes());
