@@ -127,6 +127,11 @@ pub mod hip {
     /// The runtime binds each device to its executor thread, so this means a threading bug in
     /// hipvisor; a new context (process) is the only repair.
     pub const INVALID_CONTEXT: i32 = 201;
+    /// `hipErrorContextAlreadyCurrent` — InvalidRequest: the context passed to a context-stack
+    /// call is already the current one (CUDA deprecated its 202 for this). hipvisor makes no
+    /// context-stack calls; if one ever answers it, the context is unharmed and the same
+    /// call fails again.
+    pub const CONTEXT_ALREADY_CURRENT: i32 = 202;
     /// `hipErrorNoBinaryForGpu` — InvalidRequest: the image has no code for this GPU's
     /// architecture. For the built-in kernels the HIP backend then compiles them with hiprtc.
     pub const NO_BINARY_FOR_GPU: i32 = 209;
@@ -135,6 +140,11 @@ pub mod hip {
     pub const ECC_NOT_CORRECTABLE: i32 = 214;
     /// `hipErrorUnsupportedLimit` — InvalidRequest: a device limit this GPU does not have.
     pub const UNSUPPORTED_LIMIT: i32 = 215;
+    /// `hipErrorContextAlreadyInUse` — Sticky, and logged: a context is bound elsewhere (ROCm
+    /// returns it from `hipDevicePrimaryCtxSetFlags` on an active primary context, which
+    /// hipvisor never calls); like CUDA's 216, a threading or lifetime bug in hipvisor, and a
+    /// new context (process) is the repair.
+    pub const CONTEXT_ALREADY_IN_USE: i32 = 216;
     /// `hipErrorPeerAccessUnsupported` — InvalidRequest: no peer access between these GPUs.
     pub const PEER_ACCESS_UNSUPPORTED: i32 = 217;
     /// `hipErrorInvalidKernelFile` — InvalidRequest: a malformed kernel file (CUDA's "invalid
@@ -483,6 +493,7 @@ fn classify_hip(code: i32) -> ErrorClass {
         | INVALID_DEVICE_FUNCTION
         | INVALID_DEVICE
         | INVALID_IMAGE
+        | CONTEXT_ALREADY_CURRENT
         | NO_BINARY_FOR_GPU
         | UNSUPPORTED_LIMIT
         | PEER_ACCESS_UNSUPPORTED
@@ -510,8 +521,9 @@ fn classify_hip(code: i32) -> ErrorClass {
         | INVALID_CLUSTER_SIZE => InvalidRequest,
         NO_DEVICE | NOT_INITIALIZED | DEINITIALIZED | INSUFFICIENT_DRIVER => DeviceLost,
         // ILLEGAL_ADDRESS, LAUNCH_TIME_OUT, ASSERT, LAUNCH_FAILURE, PRIOR_LAUNCH_FAILURE,
-        // ECC_NOT_CORRECTABLE, INVALID_CONTEXT, CONTEXT_IS_DESTROYED, OPERATING_SYSTEM,
-        // UNKNOWN, RUNTIME_MEMORY, RUNTIME_OTHER and every code not listed above.
+        // ECC_NOT_CORRECTABLE, INVALID_CONTEXT, CONTEXT_ALREADY_IN_USE, CONTEXT_IS_DESTROYED,
+        // OPERATING_SYSTEM, UNKNOWN, RUNTIME_MEMORY, RUNTIME_OTHER and every code not listed
+        // above.
         _ => Sticky,
     }
 }
@@ -612,9 +624,11 @@ fn hip_code_name(code: i32) -> &'static str {
         INVALID_DEVICE => "hipErrorInvalidDevice",
         INVALID_IMAGE => "hipErrorInvalidImage",
         INVALID_CONTEXT => "hipErrorInvalidContext",
+        CONTEXT_ALREADY_CURRENT => "hipErrorContextAlreadyCurrent",
         NO_BINARY_FOR_GPU => "hipErrorNoBinaryForGpu",
         ECC_NOT_CORRECTABLE => "hipErrorECCNotCorrectable",
         UNSUPPORTED_LIMIT => "hipErrorUnsupportedLimit",
+        CONTEXT_ALREADY_IN_USE => "hipErrorContextAlreadyInUse",
         PEER_ACCESS_UNSUPPORTED => "hipErrorPeerAccessUnsupported",
         INVALID_KERNEL_FILE => "hipErrorInvalidKernelFile",
         INVALID_GRAPHICS_CONTEXT => "hipErrorInvalidGraphicsContext",
@@ -759,7 +773,10 @@ fn cuda_code_name(code: i32) -> &'static str {
 /// `Sticky` and every occurrence is logged (see [`note_api_code`]).
 pub fn is_threading_bug(api: Api, code: i32) -> bool {
     match api {
-        Api::Hip => matches!(code, hip::INVALID_CONTEXT | hip::CONTEXT_IS_DESTROYED),
+        Api::Hip => matches!(
+            code,
+            hip::INVALID_CONTEXT | hip::CONTEXT_ALREADY_IN_USE | hip::CONTEXT_IS_DESTROYED
+        ),
         Api::CudaDriver => matches!(
             code,
             cuda::INVALID_CONTEXT | cuda::CONTEXT_ALREADY_IN_USE | cuda::CONTEXT_IS_DESTROYED
@@ -779,7 +796,7 @@ static LOGGED_UNKNOWN: std::sync::LazyLock<std::sync::Mutex<std::collections::Ha
 /// - A code the tables do not list (classified `Sticky`, the safe side) is logged **once per
 ///   process per `(api, code)`**, with its number, API, operation, device and the call that
 ///   returned it, so that it can be added to the tables.
-/// - A threading-bug code ([`is_threading_bug`]: HIP 201/709, CUDA 201/216/709) is logged
+/// - A threading-bug code ([`is_threading_bug`]: 201/216/709 of HIP and CUDA) is logged
 ///   **every time**: each one is a bug in hipvisor worth a line, and each is sticky, so the
 ///   device's process is restarted after it and they cannot flood the log.
 /// - Known codes and the simulator's (injected) codes are not logged.
@@ -1091,7 +1108,9 @@ mod tests {
         (13, ErrorClass::InvalidRequest, "hipErrorInvalidSymbol"),
         (52, ErrorClass::InvalidRequest, "hipErrorMissingConfiguration"),
         (201, ErrorClass::Sticky, "hipErrorInvalidContext"),
+        (202, ErrorClass::InvalidRequest, "hipErrorContextAlreadyCurrent"),
         (215, ErrorClass::InvalidRequest, "hipErrorUnsupportedLimit"),
+        (216, ErrorClass::Sticky, "hipErrorContextAlreadyInUse"),
         (217, ErrorClass::InvalidRequest, "hipErrorPeerAccessUnsupported"),
         (219, ErrorClass::InvalidRequest, "hipErrorInvalidGraphicsContext"),
         (300, ErrorClass::InvalidRequest, "hipErrorInvalidSource"),
@@ -1280,11 +1299,14 @@ mod tests {
         }
     }
 
+    /// hipError_t codes left out on purpose: profiler, arrays and mapping.
+    const HIP_LEFT_OUT: &[i32] = &[5, 6, 7, 8, 205, 206, 207, 208, 210, 211, 212, 213];
+
     #[test]
     fn codes_left_out_on_purpose_stay_sticky_and_unnamed() {
         // Profiler, array/mapping codes; CUDA codes whose documentation does not say what
         // state they leave.
-        for code in [5, 6, 7, 8, 205, 206, 207, 208, 210, 211, 212, 213] {
+        for &code in HIP_LEFT_OUT {
             assert_eq!(classify(Api::Hip, code), ErrorClass::Sticky, "HIP {code}");
             assert_eq!(code_name(Api::Hip, code), "unknown", "HIP {code}");
         }
@@ -1292,6 +1314,65 @@ mod tests {
             assert_eq!(classify(Api::CudaDriver, code), ErrorClass::Sticky, "CUDA {code}");
             assert_eq!(code_name(Api::CudaDriver, code), "unknown", "CUDA {code}");
         }
+    }
+
+    /// The HIP header of the installed ROCm, if one is found (`HIP_PATH`, `/opt/rocm`,
+    /// `/usr`).
+    fn installed_hip_header() -> Option<std::path::PathBuf> {
+        let roots = std::env::var("HIP_PATH")
+            .into_iter()
+            .chain(["/opt/rocm".into(), "/usr".into()]);
+        roots
+            .map(|root| std::path::Path::new(&root).join("include/hip/hip_runtime_api.h"))
+            .find(|p| p.exists())
+    }
+
+    /// Every `hipError_t` value of the installed header is in the table or left out on
+    /// purpose: the table's claim to cover every code is checked, not believed.
+    #[test]
+    fn every_hip_error_t_of_the_installed_header_is_listed_or_left_out_on_purpose() {
+        let Some(path) = installed_hip_header() else {
+            assert!(
+                std::env::var("CI_REQUIRE_TOOLS").as_deref() != Ok("1"),
+                "CI_REQUIRE_TOOLS=1 but no hip/hip_runtime_api.h was found"
+            );
+            eprintln!("skipped: no hip/hip_runtime_api.h (HIP_PATH, /opt/rocm, /usr)");
+            return;
+        };
+        let header = std::fs::read_to_string(&path).unwrap();
+        let start = header.find("hipError_t {").expect("the hipError_t enum");
+        let end = start + header[start..].find("} hipError_t;").expect("its end");
+        // Comments off, then one `name = value` per comma (a value may be on the next line).
+        let body: String = header[start + "hipError_t {".len()..end]
+            .lines()
+            .map(|l| l.split("//").next().unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut seen = 0;
+        for item in body.split(',') {
+            let Some((name, value)) = item.split_once('=') else {
+                continue;
+            };
+            let (name, value) = (name.trim(), value.trim());
+            let code: i32 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("{name} = `{value}` in {}", path.display()));
+            if !name.starts_with("hipError") {
+                continue;
+            }
+            seen += 1;
+            let listed = HIP_TABLE.iter().any(|(c, _, _)| *c == code) || HIP_LEFT_OUT.contains(&code);
+            assert!(
+                listed,
+                "{name} = {code} of {} is neither in the table nor left out on purpose",
+                path.display()
+            );
+            assert!(
+                code_name(Api::Hip, code) != "unknown" || HIP_LEFT_OUT.contains(&code),
+                "{name} = {code} has no name"
+            );
+        }
+        assert!(seen > 50, "only {seen} codes read from {}", path.display());
     }
 
     #[test]
@@ -1359,6 +1440,7 @@ mod tests {
     fn threading_bug_codes_are_sticky_and_logged_every_time() {
         for (api, code) in [
             (Api::Hip, hip::INVALID_CONTEXT),
+            (Api::Hip, hip::CONTEXT_ALREADY_IN_USE),
             (Api::Hip, hip::CONTEXT_IS_DESTROYED),
             (Api::CudaDriver, cuda::INVALID_CONTEXT),
             (Api::CudaDriver, cuda::CONTEXT_ALREADY_IN_USE),
@@ -1370,7 +1452,7 @@ mod tests {
             assert!(note_api_code(api, code, OpKind::Launch, 0, "call"), "every time");
         }
         assert!(!is_threading_bug(Api::Hip, hip::ILLEGAL_ADDRESS));
-        assert!(!is_threading_bug(Api::Hip, 216), "HIP's 216 is not returned by ROCm");
+        assert!(!is_threading_bug(Api::Hip, hip::CONTEXT_ALREADY_CURRENT));
     }
 
     #[test]
