@@ -14,9 +14,10 @@
 //!
 //! Codes the table does not list are [`ErrorClass::Sticky`]: an error nobody understood is
 //! treated as one that may have poisoned the context (the safe side). Such a code is written to
-//! stderr once per process (with its API, number and the call that returned it) when a
-//! [`GpuError`] is made from it; codes that mean a threading bug in hipvisor (a thread without
-//! a valid context) are written every time ([`note_api_code`]).
+//! stderr once per run (with its API, number and the call that returned it) when a
+//! [`GpuError`] is made from it — or, in process isolation, by the host when it receives the
+//! error from a worker, since workers write none; codes that mean a threading bug in hipvisor
+//! (a thread without a valid context) are written every time ([`note_api_code`]).
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -789,27 +790,43 @@ pub fn is_threading_bug(api: Api, code: i32) -> bool {
 static LOGGED_UNKNOWN: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<(Api, i32)>>> =
     std::sync::LazyLock::new(Default::default);
 
+/// Whether this process writes API codes to stderr ([`note_api_code`]); off in a worker
+/// process ([`quiet_api_codes`]).
+static LOG_API_CODES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turns [`note_api_code`]'s lines off for the rest of this process. A worker process
+/// (process isolation) calls it at start: its host logs the codes of the errors it receives
+/// from the worker ([`GpuError::note_received`]), so that an unknown code is logged once per
+/// run, not once per worker process — a restart starts a new one.
+pub fn quiet_api_codes() {
+    LOG_API_CODES.store(false, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Writes a line to stderr about an error code that deserves one, and returns whether it did.
 /// Called by [`GpuError::api`] and [`GpuError::api_with`], so every code that comes from a
-/// driver passes here once; the core has no logger, hence `eprintln!`.
+/// driver passes here once, and by [`GpuError::note_received`] for errors that come from a
+/// worker process (which writes nothing itself, see [`quiet_api_codes`]); the core has no
+/// logger, hence `eprintln!`.
 ///
 /// - A code the tables do not list (classified `Sticky`, the safe side) is logged **once per
-///   process per `(api, code)`**, with its number, API, operation, device and the call that
-///   returned it, so that it can be added to the tables.
+///   run per `(api, code)`** (per application process: in process isolation by the host,
+///   however many worker processes returned it), with its number, API, operation, device
+///   and the call that returned it, so that it can be added to the tables.
 /// - A threading-bug code ([`is_threading_bug`]: 201/216/709 of HIP and CUDA) is logged
 ///   **every time**: each one is a bug in hipvisor worth a line, and each is sticky, so the
 ///   device's process is restarted after it and they cannot flood the log.
-/// - Known codes and the simulator's (injected) codes are not logged.
+/// - Known codes and the simulator's (injected) codes are not logged, and nothing is in a
+///   process that called [`quiet_api_codes`].
 pub fn note_api_code(api: Api, code: i32, op: OpKind, device: u32, call: &str) -> bool {
-    if api == Api::Sim || code == 0 {
+    if api == Api::Sim || code == 0 || !LOG_API_CODES.load(std::sync::atomic::Ordering::Relaxed) {
         return false;
     }
     let call = if call.is_empty() { "an API call" } else { call };
     if is_threading_bug(api, code) {
         eprintln!(
             "hipvisor: BUG: {api} error {code} ({}) from {call} during {op} on device {device}: the \
-             calling thread has no valid context — a threading bug in hipvisor; treated as sticky \
-             (the device's context is replaced). Please report it.",
+             calling thread's context is missing, destroyed or bound elsewhere — a threading bug in \
+             hipvisor; treated as sticky (the device's context is replaced). Please report it.",
             code_name(api, code)
         );
         return true;
@@ -825,7 +842,7 @@ pub fn note_api_code(api: Api, code: i32, op: OpKind, device: u32, call: &str) -
         eprintln!(
             "hipvisor: {api} error code {code}, which hipvisor's error table does not list, from \
              {call} during {op} on device {device}: treated as sticky (the device's context is \
-             replaced). Logged once per process; please report it."
+             replaced). Logged once per run; please report it."
         );
     }
     first
@@ -1005,6 +1022,23 @@ impl GpuError {
             op,
             device,
             message,
+        }
+    }
+
+    /// Logs the code of an error made in another process — a worker, which logs nothing
+    /// ([`quiet_api_codes`]) — as [`note_api_code`] would have where it was made: an unknown
+    /// code once per run, a threading-bug code every time. Returns whether it wrote a line.
+    /// The host calls it for every error a worker sends.
+    pub fn note_received(&self) -> bool {
+        match self {
+            GpuError::Api {
+                api,
+                code,
+                op,
+                device,
+                message,
+            } => note_api_code(*api, *code, *op, *device, message),
+            GpuError::Invalid { .. } | GpuError::WorkerUnavailable { .. } => false,
         }
     }
 
@@ -1406,6 +1440,63 @@ mod tests {
         assert!(!note_api_code(Api::Hip, 424_244, OpKind::Alloc, 0, "hipMalloc"));
         let _ = GpuError::api(Api::CudaDriver, 424_245, OpKind::Alloc, 0);
         assert!(!note_api_code(Api::CudaDriver, 424_245, OpKind::Free, 0, "cuMemFree"));
+    }
+
+    /// A worker process logs no codes; its host logs those of the errors it receives, an
+    /// unknown one once per run however many workers (restarts) sent it, a threading-bug
+    /// one every time.
+    #[test]
+    fn workers_log_no_codes_and_their_host_logs_received_ones_once_per_run() {
+        const NAME: &str = "error::tests::workers_log_no_codes_and_their_host_logs_received_ones_once_per_run";
+        const CHILD: &str = "HV_ERROR_TEST_WORKER";
+        // Codes no other test uses: the set of logged codes is process-wide.
+        let unknown = |device| GpuError::Api {
+            api: Api::Hip,
+            code: 424_250,
+            op: OpKind::Launch,
+            device,
+            message: "hipModuleLaunchKernel".into(),
+        };
+        let threading = GpuError::Api {
+            api: Api::CudaDriver,
+            code: cuda::CONTEXT_ALREADY_IN_USE,
+            op: OpKind::Alloc,
+            device: 0,
+            message: "cuMemAlloc".into(),
+        };
+        if std::env::var_os(CHILD).is_some() {
+            // What a worker does at start, then errors made as its backend makes them.
+            quiet_api_codes();
+            let made = GpuError::api_with(Api::Hip, 424_250, OpKind::Launch, 0, "hipModuleLaunchKernel");
+            assert_eq!(made, unknown(0));
+            assert!(!note_api_code(Api::Hip, 424_251, OpKind::Alloc, 0, "hipMalloc"));
+            assert!(!note_api_code(
+                Api::Hip,
+                hip::INVALID_CONTEXT,
+                OpKind::Alloc,
+                0,
+                "hipMalloc"
+            ));
+            assert!(!threading.note_received());
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(!stderr.contains("hipvisor:"), "a worker logs no codes: {stderr}");
+        // The host: the first worker's error is logged, the same code from the worker that
+        // replaced it is not.
+        assert!(unknown(0).note_received(), "logged when first received");
+        assert!(!unknown(0).note_received(), "not again from a restarted worker");
+        assert!(!unknown(1).note_received(), "nor from another device's worker");
+        assert!(threading.note_received());
+        assert!(threading.note_received(), "a threading bug every time");
+        let invalid = GpuError::invalid(OpKind::Free, 0, InvalidReason::UnknownBuffer { id: 1 });
+        assert!(!invalid.note_received());
     }
 
     #[test]

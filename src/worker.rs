@@ -72,6 +72,9 @@ pub fn serve(mut channel: Channel) -> Result<(), IpcError> {
     if nix::unistd::getppid() == nix::unistd::Pid::from_raw(1) {
         return Err(IpcError::Closed); // the host died before we started
     }
+    // The host logs the codes of the errors this worker sends it, once per run: a worker
+    // that logged its own would log an unknown code again after every restart.
+    crate::error::quiet_api_codes();
     let (hello, fds) = match channel.recv::<ToWorker>() {
         Ok((ToWorker::Hello(h), fds)) => (h, fds),
         Ok((other, _)) => {

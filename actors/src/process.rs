@@ -110,7 +110,7 @@ impl WorkerEngine {
         w.channel.set_timeout(None).map_err(|e| ipc_error(device, e))?;
         match answer.0 {
             FromWorker::Ready { .. } => {}
-            FromWorker::Failed(e) => return Err(e),
+            FromWorker::Failed(e) => return Err(received(e)),
             other => return Err(ipc_error(device, format!("unexpected answer to Hello: {other:?}"))),
         }
         for (id, source) in modules {
@@ -172,7 +172,7 @@ impl WorkerEngine {
                 self.restored.insert(module.id);
                 Ok(())
             }
-            FromWorker::Failed(e) => Err(e),
+            FromWorker::Failed(e) => Err(received(e)),
             other => Err(ipc_error(
                 self.device,
                 format!("unexpected answer to Restore: {other:?}"),
@@ -239,6 +239,14 @@ impl WorkerEngine {
             Err(e) => (format!("worker lost ({e})"), false),
         }
     }
+}
+
+/// An error a worker sent: its code is logged here, in the host (workers log none), so an
+/// unknown code is logged once per run however many workers returned it, and a
+/// threading-bug code every time ([`GpuError::note_received`]).
+fn received(e: GpuError) -> GpuError {
+    e.note_received();
+    e
 }
 
 /// A module source with a large image moved into a region.
@@ -350,6 +358,7 @@ impl Batches for WorkerEngine {
                             .all(|((id, _), want)| *id == want) =>
                 {
                     for (_, r) in results {
+                        let r = r.map_err(received);
                         answered += 1;
                         let poisoned = matches!(&r, Err(e) if self.poisoned_by(e));
                         each(Exec::Done(r), poisoned);
@@ -495,7 +504,7 @@ impl Engine for WorkerEngine {
                     (Ok(Reply::Data(_)), Some(region), Some(n)) => {
                         Ok(Reply::Data(Payload::from(&region.as_slice()[..n as usize])))
                     }
-                    (r, _, _) => r,
+                    (r, _, _) => r.map_err(received),
                 };
                 Exec::Done(result)
             }
