@@ -101,6 +101,9 @@ pub fn serve(mut channel: Channel) -> Result<(), IpcError> {
         Some(fd) => ControlPage::map(fd)?,
         None => return Err(IpcError::Malformed("Hello came without the control page".into())),
     };
+    if hello.backend == BackendKind::Hip {
+        no_core_dumps();
+    }
     let opened = backend_for(&hello).and_then(|b| b.open(hello.device, hello.epoch));
     let mut ctx = match opened {
         Ok(ctx) => ctx,
@@ -165,6 +168,18 @@ pub fn serve(mut channel: Channel) -> Result<(), IpcError> {
             }
             ToWorker::Batch(reqs) => execute_batch(&mut *ctx, &control, &channel, reqs, fds)?,
         }
+    }
+}
+
+/// Sets this process's core-dump limit to 0. ROCm aborts a process whose kernel made a GPU
+/// memory access fault (and ROCm 5.2's hiprtc one that compiles for a target it does not
+/// know); the core of a process holding a GPU context can take gigabytes and a long time to
+/// write, and the supervisor can restart the device only once the worker is gone. The
+/// simulator's `hip` flavour does the same before its simulated abort. Before the backend is
+/// opened, since opening may already abort.
+fn no_core_dumps() {
+    if let Err(e) = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0) {
+        eprintln!("hipvisor worker: cannot turn core dumps off: {e}");
     }
 }
 

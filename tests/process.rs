@@ -306,6 +306,47 @@ fn the_worker_rejects_malformed_frames_and_keeps_serving() {
     assert!(status.success(), "{status}");
 }
 
+/// The soft core-dump limit of process `pid` (readable until it is reaped).
+fn core_limit(pid: u32) -> String {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap_or_else(|| panic!("no core limit in {limits}"));
+    line.split_whitespace().nth(4).unwrap().to_string()
+}
+
+#[test]
+fn a_hip_worker_writes_no_core_dump() {
+    // The worker starts with core dumps allowed (the shell raises the limit), as on a
+    // machine whose default allows them; told to serve a HIP device, it turns them off
+    // before opening it, whether or not HIP is in this build and a GPU is present.
+    for (backend, want_zero) in [(BackendKind::Sim, false), (BackendKind::Hip, true)] {
+        let (mut host, worker_end) = Channel::pair().unwrap();
+        let mut command = Command::new("sh");
+        command.args(["-c", &format!("ulimit -c 4096 && exec {WORKER}")]);
+        let mut child = ipc::spawn_worker(command, worker_end).unwrap();
+        let control = ControlPage::new().unwrap();
+        let hello = Hello {
+            version: ipc::PROTOCOL_VERSION,
+            backend,
+            device: 0,
+            epoch: 0,
+            sim: None,
+        };
+        host.send(&ToWorker::Hello(hello), &[control.raw_fd()]).unwrap();
+        let answer = host.recv::<FromWorker>().unwrap().0;
+        let limit = core_limit(child.id());
+        assert_eq!(
+            limit == "0",
+            want_zero,
+            "{backend}: core limit {limit}; answer {answer:?}"
+        );
+        drop(host);
+        child.wait().unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_worker_program_leaves_the_device_lost_with_a_clear_reason() {
     let rt = Runtime::builder()
