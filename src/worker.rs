@@ -14,7 +14,7 @@ use std::os::fd::OwnedFd;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use crate::backend::sim::SimBackend;
+use crate::backend::sim::{SimBackend, SimHost};
 use crate::backend::{Backend, BackendKind, DeviceContext};
 use crate::error::{GpuError, InvalidReason};
 use crate::fault_plan::FaultInjector;
@@ -34,7 +34,12 @@ pub fn run_if_worker() -> Option<ExitCode> {
     })
 }
 
-fn backend_for(hello: &ipc::Hello) -> Result<Box<dyn Backend>, GpuError> {
+/// A worker's backend, and for the simulator its host (this process's simulated GPU
+/// runtime), whose pending abort the worker checks before starting each request.
+type WorkerBackend = (Box<dyn Backend>, Option<Arc<SimHost>>);
+
+/// The backend `hello` asks for.
+fn backend_for(hello: &ipc::Hello) -> Result<WorkerBackend, GpuError> {
     match hello.backend {
         BackendKind::Sim => {
             let sim = hello.sim.unwrap_or(ipc::SimHello {
@@ -44,15 +49,16 @@ fn backend_for(hello: &ipc::Hello) -> Result<Box<dyn Backend>, GpuError> {
             });
             // A fresh simulated host: this process's GPU runtime. Faults are decided by the
             // host's plan and arrive with each request.
-            Ok(Box::new(
+            let backend =
                 SimBackend::with_injector(sim.devices, sim.memory_bytes, Arc::new(FaultInjector::none()), true)
-                    .with_flavour(sim.flavour),
-            ))
+                    .with_flavour(sim.flavour);
+            let host = backend.host().clone();
+            Ok((Box::new(backend), Some(host)))
         }
         #[cfg(feature = "hip")]
-        BackendKind::Hip => Ok(Box::new(crate::backend::hip::HipBackend::new())),
+        BackendKind::Hip => Ok((Box::new(crate::backend::hip::HipBackend::new()), None)),
         #[cfg(feature = "cuda")]
-        BackendKind::Cuda => Ok(Box::new(crate::backend::cuda::CudaBackend::new())),
+        BackendKind::Cuda => Ok((Box::new(crate::backend::cuda::CudaBackend::new()), None)),
         #[allow(unreachable_patterns)]
         other => Err(GpuError::invalid(
             OpKind::DeviceInfo,
@@ -104,9 +110,9 @@ pub fn serve(mut channel: Channel) -> Result<(), IpcError> {
     if hello.backend == BackendKind::Hip {
         no_core_dumps();
     }
-    let opened = backend_for(&hello).and_then(|b| b.open(hello.device, hello.epoch));
-    let mut ctx = match opened {
-        Ok(ctx) => ctx,
+    let opened = backend_for(&hello).and_then(|(b, sim)| Ok((b.open(hello.device, hello.epoch)?, sim)));
+    let (mut ctx, sim) = match opened {
+        Ok(opened) => opened,
         Err(e) => {
             channel.send(&FromWorker::Failed(e), &[])?;
             return Ok(());
@@ -160,13 +166,23 @@ pub fn serve(mut channel: Channel) -> Result<(), IpcError> {
             }
             ToWorker::Request(req) => {
                 linger_us = req.linger_us.min(crate::config::MAX_SPIN_US as u32);
-                let reply = match execute(&mut *ctx, &control, &mut cache, req, fds) {
+                let started = Started {
+                    control: &control,
+                    sim: sim.as_deref(),
+                };
+                let reply = match execute(&mut *ctx, started, &mut cache, req, fds) {
                     Ok(r) => r,
                     Err(e) => FromWorker::Malformed(e.to_string()),
                 };
                 channel.send(&reply, &[])?;
             }
-            ToWorker::Batch(reqs) => execute_batch(&mut *ctx, &control, &channel, reqs, fds)?,
+            ToWorker::Batch(reqs) => {
+                let started = Started {
+                    control: &control,
+                    sim: sim.as_deref(),
+                };
+                execute_batch(&mut *ctx, started, &channel, reqs, fds)?
+            }
         }
     }
 }
@@ -180,6 +196,26 @@ pub fn serve(mut channel: Channel) -> Result<(), IpcError> {
 fn no_core_dumps() {
     if let Err(e) = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0) {
         eprintln!("hipvisor worker: cannot turn core dumps off: {e}");
+    }
+}
+
+/// Where the worker publishes the request it starts.
+#[derive(Clone, Copy)]
+struct Started<'a> {
+    control: &'a ControlPage,
+    /// The simulated host, whose pending abort ends the process before a request starts.
+    sim: Option<&'a SimHost>,
+}
+
+impl Started<'_> {
+    /// Marks request `id` started on the control page. First, in a simulated `hip`-flavour
+    /// process whose kernel made a memory access fault, the process aborts, as ROCm's would
+    /// have by now ([`SimHost::abort_if_pending`]): the request did not start.
+    fn start(self, id: u64) {
+        if let Some(host) = self.sim {
+            host.abort_if_pending();
+        }
+        self.control.set_started(id);
     }
 }
 
@@ -252,7 +288,7 @@ fn may_wait(op: &Op) -> bool {
 /// rules (regions, too many ops) runs not at all.
 fn execute_batch(
     ctx: &mut dyn DeviceContext,
-    control: &ControlPage,
+    started: Started<'_>,
     channel: &Channel,
     reqs: Vec<Request>,
     fds: Vec<OwnedFd>,
@@ -271,7 +307,7 @@ fn execute_batch(
             let results = std::mem::take(&mut results);
             channel.send(&FromWorker::Batch { results, done: false }, &[])?;
         }
-        control.set_started(req.id);
+        started.start(req.id);
         let result = ctx.execute_planned(&req.op, req.origin, req.fault.map(Into::into));
         let poisoned = matches!(&result, Err(e) if e.class() == crate::error::ErrorClass::Sticky);
         results.push((req.id, result));
@@ -284,7 +320,7 @@ fn execute_batch(
 
 fn execute(
     ctx: &mut dyn DeviceContext,
-    control: &ControlPage,
+    started: Started<'_>,
     cache: &mut RegionCache,
     req: Request,
     fds: Vec<OwnedFd>,
@@ -312,7 +348,7 @@ fn execute(
         }
         None => None,
     };
-    control.set_started(req.id);
+    started.start(req.id);
     let result = ctx.execute_planned(&op, req.origin, req.fault.map(Into::into));
     let (result, output_len) = match (result, output.as_mut()) {
         (Ok(Reply::Data(d)), Some(out)) if d.len() <= out.len() => {

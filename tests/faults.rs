@@ -160,6 +160,7 @@ fn a_hip_memory_fault_in_thread_isolation_really_aborts_the_application_when_all
             let gpu = rt.device(0).unwrap();
             let m = gpu.load_module(ModuleSource::Builtin).await.unwrap();
             let r = gpu.launch(m, "fault_illegal_address", 1, 1, vec![]).await;
+            eprintln!("the launch returned {r:?}");
             let after = gpu.synchronize().await;
             eprintln!("the application survived: {r:?} {after:?}");
         });
@@ -175,6 +176,8 @@ fn a_hip_memory_fault_in_thread_isolation_really_aborts_the_application_when_all
     assert_eq!(out.status.signal(), Some(6), "SIGABRT: {:?}\n{stderr}", out.status);
     assert!(stderr.contains("Memory access fault by GPU node-1"), "{stderr}");
     assert!(!stderr.contains("survived"), "{stderr}");
+    // As on a GPU: the launch returns, the process aborts at its next call.
+    assert!(stderr.contains("the launch returned Ok(())"), "{stderr}");
     // Without the consent, the same configuration does not start.
     let mut c = config(1);
     c.sim.flavour = hipvisor::core::config::SimFlavour::Hip;

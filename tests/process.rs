@@ -701,13 +701,25 @@ async fn a_kernel_memory_fault_aborts_a_hip_worker_and_counts_as_a_sticky_fault_
             // Not synchronized before the fault: a suspect too.
             gpu.launch(m, "fill", 1, 4, fill.clone()).await.unwrap();
         }
-        // On AMD the fault is no error: ROCm aborts the process.
-        match answered(T, gpu.launch(m, "fault_illegal_address", 1, 1, vec![])).await {
+        // On AMD the fault is no error: the launch returns, and ROCm aborts the process
+        // moments later. The next op finds the worker dead before it started, and is not
+        // run again on the new worker: a synchronize would answer that the kernels
+        // finished, and even a mem-info answers the fault, as the next call after a fault
+        // does on NVIDIA.
+        answered(T, gpu.launch(m, "fault_illegal_address", 1, 1, vec![]))
+            .await
+            .unwrap();
+        let next = if round == 0 {
+            answered(T, gpu.synchronize()).await
+        } else {
+            answered(T, gpu.mem_info()).await.map(|_| ())
+        };
+        match next {
             Err(RuntimeError::DeviceRestarted {
                 device: 0,
-                may_have_executed: true,
+                may_have_executed: false,
             }) => {}
-            other => panic!("round {round}: the worker died under the launch: {other:?}"),
+            other => panic!("round {round}: the worker died before the next op: {other:?}"),
         }
         let reason = restart_reason(&mut changes).await;
         assert!(
@@ -767,17 +779,20 @@ async fn a_planned_memory_fault_in_a_batch_aborts_a_hip_worker_and_its_kernels_a
         Op::Synchronize,
     ];
     let results = answered(T, gpu.submit_batch(ops)).await;
+    // The launches returned (their answers went out before the synchronize, which waits);
+    // the worker aborted before the synchronize started, and it is answered, not rerun.
     assert!(results[0].is_ok(), "{:?}", results[0]);
+    assert!(results[1].is_ok(), "{:?}", results[1]);
     assert!(
         matches!(
-            results[1],
+            results[2],
             Err(RuntimeError::DeviceRestarted {
-                may_have_executed: true,
+                may_have_executed: false,
                 ..
             })
         ),
         "{:?}",
-        results[1]
+        results[2]
     );
     eventually(T, "the device is back", || async {
         rt.states()[0] == DeviceState::Ready
@@ -858,4 +873,144 @@ async fn deaths_other_than_sigabrt_while_kernels_run_are_not_gpu_faults() {
     let s = rt.shutdown().await;
     assert_eq!((s.sticky_faults, s.restarts), (0, 3));
     assert!(s.quarantined.is_empty(), "{:?}", s.quarantined);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_synchronize_after_a_hip_memory_fault_is_not_answered_ok() {
+    let mut c = hip_process_config();
+    c.supervisor.quarantine_after = 1;
+    let rt = start_process(c).await;
+    let mut changes = rt.subscribe();
+    let gpu = rt.device(0).unwrap();
+    let m = gpu.load_module(ModuleSource::Builtin).await.unwrap();
+    let pid = rt.worker_pid(0).unwrap();
+    // ROCm's launch returns; the process aborts moments later, before the next op starts.
+    answered(T, gpu.launch(m, "fault_illegal_address", 1, 1, vec![]))
+        .await
+        .unwrap();
+    let sync = answered(T, gpu.synchronize()).await;
+    assert!(
+        matches!(
+            sync,
+            Err(RuntimeError::DeviceRestarted {
+                device: 0,
+                may_have_executed: false
+            })
+        ),
+        "the kernels did not finish: {sync:?}"
+    );
+    let reason = restart_reason(&mut changes).await;
+    assert!(
+        reason.contains("SIGABRT") && reason.contains("fault_illegal_address"),
+        "{reason}"
+    );
+    eventually(T, "a new worker", || async {
+        rt.states()[0] == DeviceState::Ready && rt.worker_pid(0).is_some_and(|p| p != pid)
+    })
+    .await;
+    // The device serves again; the faulting kernel is a suspect of one sticky fault, which
+    // (quarantine_after = 1) quarantines it.
+    gpu.mem_info().await.unwrap();
+    gpu.synchronize().await.unwrap();
+    assert!(matches!(
+        gpu.launch(m, "fault_illegal_address", 1, 1, vec![]).await,
+        Err(RuntimeError::Quarantined { .. })
+    ));
+    let s = rt.shutdown().await;
+    assert_eq!((s.sticky_faults, s.restarts), (1, 1));
+    let q: Vec<_> = s.quarantined.iter().map(|q| q.function.as_str()).collect();
+    assert_eq!(q, vec!["fault_illegal_address"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_synchronize_a_dead_worker_never_started_is_answered_not_rerun() {
+    // Killed (not a GPU fault) after a launch: the synchronize finds the worker dead. Run on
+    // the new worker it would answer that the kernel finished; it never ran there.
+    let rt = start_process(process_config(1)).await;
+    let gpu = rt.device(0).unwrap();
+    let m = gpu.load_module(ModuleSource::Builtin).await.unwrap();
+    let b = gpu.alloc(16).await.unwrap();
+    let fill = vec![KernelArg::Buffer(b), KernelArg::U32(1), KernelArg::U32(4)];
+    gpu.launch(m, "fill", 1, 4, fill).await.unwrap();
+    let pid = rt.worker_pid(0).unwrap();
+    ipc::kill(pid);
+    eventually(T, "the worker is dead", || async { !alive(pid) }).await;
+    let sync = answered(T, gpu.synchronize()).await;
+    assert!(
+        matches!(
+            sync,
+            Err(RuntimeError::DeviceRestarted {
+                device: 0,
+                may_have_executed: false
+            })
+        ),
+        "{sync:?}"
+    );
+    eventually(T, "a new worker", || async {
+        rt.states()[0] == DeviceState::Ready && rt.worker_pid(0).is_some_and(|p| p != pid)
+    })
+    .await;
+    // An op whose answer does not depend on the dead context's work still reruns.
+    let pid = rt.worker_pid(0).unwrap();
+    ipc::kill(pid);
+    eventually(T, "the worker is dead", || async { !alive(pid) }).await;
+    answered(T, gpu.mem_info())
+        .await
+        .expect("mem-info reruns on the new worker");
+    let s = rt.shutdown().await;
+    assert_eq!((s.sticky_faults, s.restarts), (0, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_synchronize_behind_a_sticky_fault_in_a_batch_is_answered_not_rerun() {
+    let mut c = process_config(1);
+    // The batch's module load takes 300 ms, alone (loads are never batched): the ops behind
+    // it are all queued by then and travel as one batch.
+    c.sim.faults.push(fault(|f| {
+        f.op = "load_module".into();
+        f.nth = Some(2);
+        f.hang_ms = Some(300);
+    }));
+    let rt = start_process(c).await;
+    let gpu = rt.device(0).unwrap();
+    let m = gpu.load_module(ModuleSource::Builtin).await.unwrap();
+    let ops = vec![
+        Op::LoadModule {
+            source: ModuleSource::Builtin,
+        },
+        Op::Launch {
+            module: m,
+            function: "fault_illegal_address".into(),
+            grid: hipvisor::core::Dim3::x(1),
+            block: hipvisor::core::Dim3::x(1),
+            shared_mem_bytes: 0,
+            args: vec![],
+        },
+        // Surfaces the fault (700) and poisons the worker: the batch stops.
+        Op::MemInfo,
+        // Did not start. On the new worker it would answer success for the faulted kernel.
+        Op::Synchronize,
+    ];
+    let results = answered(T, gpu.submit_batch(ops)).await;
+    assert!(results[0].is_ok() && results[1].is_ok(), "{results:?}");
+    assert!(
+        matches!(&results[2], Err(RuntimeError::Gpu(e)) if e.class() == ErrorClass::Sticky),
+        "{results:?}"
+    );
+    assert!(
+        matches!(
+            results[3],
+            Err(RuntimeError::DeviceRestarted {
+                may_have_executed: false,
+                ..
+            })
+        ),
+        "{results:?}"
+    );
+    eventually(T, "the device is back", || async {
+        rt.states()[0] == DeviceState::Ready
+    })
+    .await;
+    gpu.synchronize().await.expect("the new worker serves");
+    assert_eq!(rt.shutdown().await.sticky_faults, 1);
 }

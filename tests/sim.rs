@@ -906,13 +906,13 @@ fn child_case(case: &str) {
         })]
     };
     let (flavour, faults, kernel) = match case {
-        "hip_kernel" => (SimFlavour::Hip, vec![], "fault_illegal_address"),
+        "hip_kernel" | "hip_kernel_other_device" => (SimFlavour::Hip, vec![], "fault_illegal_address"),
         "hip_planned" => (SimFlavour::Hip, fault_on_launch(Some(700), false), "fill"),
         "hip_crash" => (SimFlavour::Hip, fault_on_launch(None, true), "fill"),
         other => panic!("unknown case {other}"),
     };
     let cfg = SimConfig {
-        devices: 1,
+        devices: 2,
         memory_bytes: 1 << 20,
         flavour,
         faults,
@@ -928,7 +928,13 @@ fn child_case(case: &str) {
         _ => vec![],
     };
     let r = d.execute(&launch(m, kernel, 4, args), APP);
-    let after = d.execute(&Op::Synchronize, APP);
+    eprintln!("the launch returned {r:?}");
+    // The next call, on the same device or (same process) another one.
+    let after = if case == "hip_kernel_other_device" {
+        backend.open(1, 0).and_then(|mut d1| d1.execute(&Op::MemInfo, APP))
+    } else {
+        d.execute(&Op::Synchronize, APP)
+    };
     eprintln!("the process survived: {r:?} {after:?}");
 }
 
@@ -938,7 +944,7 @@ fn a_kernel_memory_fault_aborts_the_process_in_the_hip_flavour() {
     if let Ok(case) = std::env::var(CHILD_ENV) {
         return child_case(&case);
     }
-    for case in ["hip_kernel", "hip_planned"] {
+    for case in ["hip_kernel", "hip_planned", "hip_kernel_other_device"] {
         let out = in_child(NAME, case);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(
@@ -954,6 +960,13 @@ fn a_kernel_memory_fault_aborts_the_process_in_the_hip_flavour() {
             "{case}: ROCm's line on stderr: {stderr}"
         );
         assert!(!stderr.contains("the process survived"), "{case}: {stderr}");
+        // As on a GPU, the launch returned; the process ended at its next call.
+        let returned = stderr.find("the launch returned Ok(Done)");
+        let fault = stderr.find("Memory access fault by GPU");
+        assert!(
+            returned.is_some() && returned < fault,
+            "{case}: the launch returns before the abort: {stderr}"
+        );
     }
 }
 

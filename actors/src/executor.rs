@@ -395,7 +395,17 @@ fn execute_batch(
     report_death(shared, core, epoch, died, suspects);
     for (mut job, _) in pending {
         // Did not start: the engine was poisoned by an op before it. It runs on the next
-        // context, ahead of the ops queued behind it.
+        // context, ahead of the ops queued behind it — unless its answer would vouch for
+        // the poisoned context's earlier work (a synchronize after the fault would answer
+        // success on the new context).
+        if job.kind().is_synchronizing() {
+            let e = RuntimeError::DeviceRestarted {
+                device: core.index,
+                may_have_executed: false,
+            };
+            job.answer(Err(e), &core.counters);
+            continue;
+        }
         job.attempts -= 1;
         core.requeue(job);
     }
@@ -403,15 +413,40 @@ fn execute_batch(
 }
 
 /// How an engine ended: the reason, and whether by SIGABRT.
+#[derive(Debug)]
 struct Death {
     reason: String,
     aborted: bool,
 }
 
+impl Death {
+    /// Whether the death is a GPU memory access fault of the kernels launched since the last
+    /// op that waited for the device (`suspects`): a SIGABRT while they may have been
+    /// running, which is how ROCm ends a process whose kernel faulted.
+    fn is_gpu_fault(&self, suspects: &[(u64, String)]) -> bool {
+        self.aborted && !suspects.is_empty()
+    }
+}
+
+/// Whether an op the dying engine had not started runs again, transparently, on the next
+/// one. Only an application's op that is idempotent, touches no buffer of the dying context
+/// and whose answer does not vouch for that context's earlier work (a synchronize or a copy
+/// to the host would answer success on a context where those kernels never ran) — and
+/// nothing when the death is a GPU memory fault (`gpu_fault`): then, as on NVIDIA where the
+/// next call returns the fault, the ops in flight are answered.
+fn reruns_transparently(op: &Op, origin: Origin, may_have_executed: bool, gpu_fault: bool) -> bool {
+    let kind = op.kind();
+    origin == Origin::Application
+        && !may_have_executed
+        && !gpu_fault
+        && kind.is_idempotent()
+        && !kind.is_synchronizing()
+        && op.buffers().is_empty()
+}
+
 /// Tells the supervisor that the engine died (once, after the op or batch it died under
-/// has been answered). A worker that ended by SIGABRT while kernels it launched may have
-/// been running made a GPU memory access fault, as ROCm reports one: those kernels (the
-/// suspects) go along, so the supervisor treats the death as a sticky fault of them.
+/// has been answered). A death that is a GPU memory access fault ([`Death::is_gpu_fault`])
+/// takes the suspects along, so the supervisor treats it as a sticky fault of them.
 fn report_death(
     shared: &Shared,
     core: &DeviceCore,
@@ -419,12 +454,16 @@ fn report_death(
     died: Option<Death>,
     suspects: &mut Vec<(u64, String)>,
 ) {
-    let Some(Death { reason, aborted }) = died else { return };
-    let suspects = if aborted { std::mem::take(suspects) } else { Vec::new() };
+    let Some(death) = died else { return };
+    let suspects = if death.is_gpu_fault(suspects) {
+        std::mem::take(suspects)
+    } else {
+        Vec::new()
+    };
     shared.report(SupervisorMsg::ExecutorDied {
         device: core.index,
         epoch,
-        reason,
+        reason: death.reason,
         suspects,
     });
 }
@@ -480,10 +519,8 @@ fn finish(
             if may_have_executed && let Op::Launch { module, function, .. } = &job.op {
                 add_suspect(suspects, module.id, function);
             }
-            // An op that certainly did not start, is idempotent and touches no buffer of the
-            // dying context runs again on the next one; any other is answered.
-            let retry_transparently = !may_have_executed && job.kind().is_idempotent() && job.op.buffers().is_empty();
-            if retry_transparently && job.origin == Origin::Application {
+            let death = died.get_or_insert(Death { reason, aborted });
+            if reruns_transparently(&job.op, job.origin, may_have_executed, death.is_gpu_fault(suspects)) {
                 job.attempts -= 1;
                 core.requeue(job);
             } else {
@@ -493,7 +530,6 @@ fn finish(
                 };
                 job.answer(Err(e), &core.counters);
             }
-            died.get_or_insert(Death { reason, aborted });
             false
         }
     }
@@ -527,4 +563,40 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_reruns_after_a_worker_death() {
+        use hipvisor_core::BufferHandle;
+        let app = Origin::Application;
+        // Idempotent, no buffer, does not vouch for earlier work: reruns if it did not start.
+        assert!(reruns_transparently(&Op::MemInfo, app, false, false));
+        assert!(reruns_transparently(&Op::DeviceInfo, app, false, false));
+        assert!(!reruns_transparently(&Op::MemInfo, app, true, false), "may have run");
+        assert!(!reruns_transparently(&Op::MemInfo, Origin::Runtime, false, false));
+        // Nothing reruns after a GPU memory fault.
+        assert!(!reruns_transparently(&Op::MemInfo, app, false, true));
+        // A synchronize would answer that kernels of the dead context finished.
+        assert!(!reruns_transparently(&Op::Synchronize, app, false, false));
+        let b = BufferHandle {
+            device: 0,
+            epoch: 1,
+            id: 1,
+            len: 4,
+        };
+        let copy = Op::CopyFromDevice {
+            src: b,
+            offset: 0,
+            len: 4,
+        };
+        assert!(!reruns_transparently(&copy, app, false, false));
+        assert!(
+            !reruns_transparently(&Op::Alloc { bytes: 4 }, app, false, false),
+            "not idempotent"
+        );
+    }
 }

@@ -21,9 +21,12 @@
 //!   a memory access fault of a kernel (the plan's code 700 on a launch, or the built-in
 //!   `fault_illegal_address`) is not returned at all: as ROCm does, the simulator prints
 //!   "Memory access fault by GPU node-N ..." to stderr and aborts the process (SIGABRT, with
-//!   the core-dump limit set to 0 first). The kernel runs at its launch in the simulator, so
-//!   the process ends during the launch call; on a GPU it ends moments after the launch
-//!   returned. Other codes behave as in `cuda`.
+//!   the core-dump limit set to 0 first). As on a GPU, where the fault ends the process
+//!   moments after the launch returned, the launch returns success and the abort is
+//!   pending: the process ends at the start of its next call on any device of the host
+//!   ([`SimHost::abort_if_pending`]) — in a worker process, as soon as the next request
+//!   arrives, before it is marked started (the host's next op finds the process dead). A
+//!   process that makes no further call does not abort. Other codes behave as in `cuda`.
 //! - Faults come from the run's [`FaultInjector`]; the built-in `fault_illegal_address`
 //!   kernel faults like its GPU counterpart. The plan's `crash = true` ends the process by
 //!   SIGKILL (as the out-of-memory killer would), never by SIGABRT, so a crash is never
@@ -37,7 +40,7 @@
 //! available bytes.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
 use crate::backend::table::Tables;
 use crate::backend::{Backend, BackendKind, DeviceContext, Origin};
@@ -57,6 +60,9 @@ static NEXT_HOST_ID: AtomicU64 = AtomicU64::new(1);
 pub struct SimHost {
     id: u64,
     poison: AtomicI32,
+    /// `hip` flavour: 1 + the device whose kernel made a memory access fault, when the
+    /// process is to abort at its next call; 0 otherwise.
+    pending_abort: AtomicU32,
 }
 
 impl SimHost {
@@ -65,6 +71,7 @@ impl SimHost {
         Arc::new(SimHost {
             id: NEXT_HOST_ID.fetch_add(1, Ordering::Relaxed),
             poison: AtomicI32::new(0),
+            pending_abort: AtomicU32::new(0),
         })
     }
 
@@ -79,6 +86,25 @@ impl SimHost {
             0 => None,
             code => Some(code),
         }
+    }
+
+    /// Ends the process as ROCm does after a kernel's memory access fault (`hip` flavour),
+    /// if a kernel of this host made one: it prints ROCm's line and aborts. Every call of the
+    /// host's devices begins with it, and a worker process calls it when a request arrives,
+    /// before marking the request started: on a GPU the fault ends the process moments after
+    /// the faulting launch returned, so the next op finds it dead.
+    pub fn abort_if_pending(&self) {
+        if let Some(device) = self.pending_abort.load(Ordering::Acquire).checked_sub(1) {
+            memory_access_fault(device)
+        }
+    }
+
+    /// A kernel of `device` made a memory access fault (`hip` flavour): the process aborts at
+    /// its next call.
+    fn abort_pending(&self, device: u32) {
+        let _ = self
+            .pending_abort
+            .compare_exchange(0, device + 1, Ordering::AcqRel, Ordering::Acquire);
     }
 
     fn poison(&self, code: i32) {
@@ -207,6 +233,7 @@ impl Backend for SimBackend {
     }
 
     fn open(&self, device: u32, epoch: u64) -> Result<Box<dyn DeviceContext>, GpuError> {
+        self.host.abort_if_pending();
         let info = self.device_info(device)?;
         if let Some(code) = self.host.poisoned() {
             return Err(GpuError::api_with(
@@ -338,7 +365,9 @@ impl SimDevice {
             Some(FaultAction::Code(hip::ILLEGAL_ADDRESS))
                 if kind == OpKind::Launch && self.flavour == SimFlavour::Hip =>
             {
-                self.memory_access_fault()
+                // The kernel faults: the launch returns, the process aborts at its next call.
+                self.host.abort_pending(self.dev());
+                return Ok(Reply::Done);
             }
             Some(FaultAction::Code(code)) if classify(Api::Sim, code) == ErrorClass::Sticky => {
                 if kind == OpKind::Launch {
@@ -351,21 +380,6 @@ impl SimDevice {
             Some(FaultAction::Code(code)) => return Err(self.api(code, kind)),
         }
         self.run(op, launch)
-    }
-
-    /// A kernel's memory access fault on AMD: ROCm's VM fault handler prints where and why
-    /// and aborts the process. The core-dump limit goes to 0 first, so a simulated fault
-    /// leaves no core file behind. (KFD numbers CPU nodes first, so GPU nodes start at 1.)
-    fn memory_access_fault(&self) -> ! {
-        let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
-        eprintln!(
-            "Memory access fault by GPU node-{} (simulated device {}) on address 0x{:x}. Reason: Page not present or \
-             supervisor privilege.",
-            self.dev() + 1,
-            self.dev(),
-            0xdead_0000_u64 + u64::from(self.dev()) * 0x1000,
-        );
-        std::process::abort()
     }
 
     fn parse_module(&self, source: &ModuleSource) -> Result<Vec<BuiltinKernel>, GpuError> {
@@ -506,15 +520,31 @@ impl SimDevice {
             }
             (BuiltinKernel::FaultIllegalAddress, []) => {
                 // The write through a bad pointer faults on the device: on AMD the process
-                // ends; on NVIDIA the error surfaces at the next call, like the GPU's.
+                // ends moments later (at its next call here); on NVIDIA the error surfaces at
+                // the next call, like the GPU's.
                 if self.flavour == SimFlavour::Hip {
-                    self.memory_access_fault();
+                    self.host.abort_pending(self.dev());
+                } else {
+                    self.pending_sticky.get_or_insert(hip::ILLEGAL_ADDRESS);
                 }
-                self.pending_sticky.get_or_insert(hip::ILLEGAL_ADDRESS);
             }
             (k, a) => unreachable!("arguments of {} were checked: {a:?}", k.name()),
         }
     }
+}
+
+/// A kernel's memory access fault on AMD: ROCm's VM fault handler prints where and why and
+/// aborts the process. The core-dump limit goes to 0 first, so a simulated fault leaves no
+/// core file behind. (KFD numbers CPU nodes first, so GPU nodes start at 1.)
+fn memory_access_fault(device: u32) -> ! {
+    let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
+    eprintln!(
+        "Memory access fault by GPU node-{} (simulated device {device}) on address 0x{:x}. Reason: Page not present \
+         or supervisor privilege.",
+        device + 1,
+        0xdead_0000_u64 + u64::from(device) * 0x1000,
+    );
+    std::process::abort()
 }
 
 /// The fault plan's `crash = true`: the process dies at once, by SIGKILL (as the
@@ -536,17 +566,20 @@ impl DeviceContext for SimDevice {
     }
 
     fn execute(&mut self, op: &Op, origin: Origin) -> Result<Reply, GpuError> {
+        self.host.abort_if_pending();
         let launch = self.validate(op)?;
         let fault = self.faults.decide(self.dev(), op, origin);
         self.run_with_fault(op, launch, fault)
     }
 
     fn execute_planned(&mut self, op: &Op, _origin: Origin, fault: Option<FaultAction>) -> Result<Reply, GpuError> {
+        self.host.abort_if_pending();
         let launch = self.validate(op)?;
         self.run_with_fault(op, launch, fault)
     }
 
     fn restore_module(&mut self, module: ModuleHandle, source: &ModuleSource) -> Result<(), GpuError> {
+        self.host.abort_if_pending();
         if let Some(code) = self.host.poisoned() {
             return Err(self.api(code, OpKind::LoadModule));
         }
