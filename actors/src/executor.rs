@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use crossbeam_channel::select;
 use hipvisor_core::config::Isolation;
-use hipvisor_core::{DeviceContext, ErrorClass, GpuError, ModuleHandle, Op, Origin, Reply};
+use hipvisor_core::{DeviceContext, ErrorClass, GpuError, ModuleHandle, Op, OpKind, Origin, Reply};
 
 use crate::device::{Current, DeviceCore, Work};
 use crate::error::RuntimeError;
@@ -412,19 +412,23 @@ fn execute_batch(
     go_on
 }
 
-/// How an engine ended: the reason, and whether by SIGABRT.
+/// How an engine ended: the reason, whether by SIGABRT, and whether while it was loading a
+/// module.
 #[derive(Debug)]
 struct Death {
     reason: String,
     aborted: bool,
+    loading: bool,
 }
 
 impl Death {
     /// Whether the death is a GPU memory access fault of the kernels launched since the last
     /// op that waited for the device (`suspects`): a SIGABRT while they may have been
-    /// running, which is how ROCm ends a process whose kernel faulted.
+    /// running, which is how ROCm ends a process whose kernel faulted — unless the op running
+    /// was a module load. There the abort is taken for the load's own (ROCm 5.2's hiprtc and
+    /// code-object manager abort on a target they do not know), not for a kernel's fault.
     fn is_gpu_fault(&self, suspects: &[(u64, String)]) -> bool {
-        self.aborted && !suspects.is_empty()
+        self.aborted && !self.loading && !suspects.is_empty()
     }
 }
 
@@ -460,10 +464,19 @@ fn report_death(
     } else {
         Vec::new()
     };
+    let reason = if death.aborted && death.loading {
+        format!(
+            "{}: the worker aborted during a module load (taken for the module loader's abort, not a kernel's \
+             memory fault)",
+            death.reason
+        )
+    } else {
+        death.reason
+    };
     shared.report(SupervisorMsg::ExecutorDied {
         device: core.index,
         epoch,
-        reason: death.reason,
+        reason,
         suspects,
     });
 }
@@ -519,7 +532,13 @@ fn finish(
             if may_have_executed && let Op::Launch { module, function, .. } = &job.op {
                 add_suspect(suspects, module.id, function);
             }
-            let death = died.get_or_insert(Death { reason, aborted });
+            let death = died.get_or_insert(Death {
+                reason,
+                aborted,
+                loading: false,
+            });
+            // The op running when the engine died was a module load.
+            death.loading |= may_have_executed && job.kind() == OpKind::LoadModule;
             if reruns_transparently(&job.op, job.origin, may_have_executed, death.is_gpu_fault(suspects)) {
                 job.attempts -= 1;
                 core.requeue(job);
@@ -568,6 +587,25 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn death(aborted: bool, loading: bool) -> Death {
+        Death {
+            reason: "worker killed by signal 6 (SIGABRT)".into(),
+            aborted,
+            loading,
+        }
+    }
+
+    #[test]
+    fn only_a_sigabrt_while_kernels_may_run_outside_a_module_load_is_a_gpu_fault() {
+        let suspects = vec![(1, "fill".to_string())];
+        assert!(death(true, false).is_gpu_fault(&suspects));
+        assert!(!death(true, false).is_gpu_fault(&[]), "no kernel may have been running");
+        assert!(!death(false, false).is_gpu_fault(&suspects), "SIGKILL, an exit");
+        // ROCm 5.2's hiprtc and comgr abort on a target they do not know: an abort during a
+        // module load is the loader's, and the kernels launched before it are not suspects.
+        assert!(!death(true, true).is_gpu_fault(&suspects));
+    }
 
     #[test]
     fn what_reruns_after_a_worker_death() {

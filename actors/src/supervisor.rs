@@ -15,8 +15,9 @@
 //!   (synchronize, copy to the host) are suspects; one that is a suspect in
 //!   `quarantine_after` faults within the window is quarantined. A worker that ends by
 //!   SIGABRT while such kernels may be running is a sticky fault of them too: that is how
-//!   ROCm reports a kernel's memory access fault. Other deaths (SIGKILL, the watchdog, an
-//!   exit) are restarts, not faults. In thread
+//!   ROCm reports a kernel's memory access fault — unless it was loading a module then
+//!   (ROCm 5.2's hiprtc aborts on a target it does not know): that abort is the loader's.
+//!   Other deaths (SIGKILL, the watchdog, an exit) are restarts, not faults. In thread
 //!   isolation the poisoned GPU runtime is the whole process's (every device of the host), so
 //!   every device goes to `Failed`, with a reason that says process isolation would have
 //!   restarted it.
@@ -70,9 +71,9 @@ pub enum SupervisorMsg {
         /// Why (how the worker ended).
         reason: String,
         /// Set when the worker ended by SIGABRT while kernels it launched may have been
-        /// running (launched since the last op that waited for the device): how ROCm ends
-        /// a process whose kernel made a memory access fault. The death is a sticky fault
-        /// of these kernels.
+        /// running (launched since the last op that waited for the device), and not during a
+        /// module load: how ROCm ends a process whose kernel made a memory access fault. The
+        /// death is a sticky fault of these kernels.
         suspects: Vec<(u64, String)>,
     },
     /// A device's context was opened.
