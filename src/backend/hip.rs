@@ -1508,11 +1508,18 @@ mod tests {
 
     /// Where a hiprtc is installed (CI's Debian ROCm 5.2 has the one inside libamdhip64), it
     /// compiles the built-in kernels without a GPU; a target it does not know is an error,
-    /// not an abort.
+    /// not an abort. Elsewhere the test says it was skipped, unless `CI_REQUIRE_TOOLS=1`
+    /// (set by CI once libamdhip64-dev is installed) requires hiprtc.
     #[test]
     fn hiprtc_compiles_the_builtin_kernels_without_a_gpu_where_installed() {
-        if hiprtc().is_err() {
-            eprintln!("no hiprtc here: {}", hiprtc().err().unwrap_or_default());
+        if let Err(e) = hiprtc() {
+            assert!(
+                std::env::var("CI_REQUIRE_TOOLS").as_deref() != Ok("1"),
+                "CI_REQUIRE_TOOLS=1 but no hiprtc was found: {e}"
+            );
+            eprintln!(
+                "skipped: no hiprtc here ({e}); apt-get install libamdhip64-dev (ROCm 5.2 has it inside libamdhip64)"
+            );
             return;
         }
         let arch = builtin_archs()[0].to_string();
