@@ -8,9 +8,10 @@
 //!   every architecture of [`DEFAULT_ARCHS`] that the installed hipcc accepts: each is probed
 //!   once with a one-line kernel (in parallel), and the ones it refuses are left out. Debian's
 //!   ROCm 5.2 (hipcc 5.2.3 on clang 15) accepts gfx900, gfx906, gfx908, gfx90a, gfx940,
-//!   gfx1010, gfx1011, gfx1012 and gfx1030; it refuses gfx941, gfx942 and gfx950 (unknown
-//!   target ids) and gfx1100–gfx1102 (no device library). ROCm 6 adds gfx942 and gfx11xx,
-//!   ROCm 6.3+ gfx950 and gfx12xx.
+//!   gfx1010, gfx1011, gfx1012, gfx1030, gfx1031 and gfx1032 (probed); it refuses gfx941,
+//!   gfx942, gfx950, gfx1150, gfx1151, gfx1200 and gfx1201 (unknown target ids) and
+//!   gfx1100–gfx1102 (no device library). ROCm 6 adds gfx942 and gfx11xx, ROCm 6.3+ gfx950
+//!   and gfx12xx.
 //!
 //! The list compiled goes to `$OUT_DIR/builtin_hip_archs.txt`, one architecture a line; the
 //! HIP backend reads it to decide whether the bundle has code for a device, and compiles the
