@@ -131,6 +131,15 @@ impl SimBackend {
     /// `crash_allowed` says whether ops run in a process of their own, where the fault plan's
     /// `crash = true` may end it.
     ///
+    /// **An in-process simulator with `flavour = "hip"` aborts the calling process** on a
+    /// kernel's memory access fault (the plan's 700 on a launch, or `fault_illegal_address`),
+    /// as ROCm would: at the next call after the faulting launch it prints ROCm's line and
+    /// calls `abort()`. Neither this function nor [`SimConfig::validate`] refuses that (with
+    /// `crash_allowed = false` or not): the guard is [`crate::config::RuntimeConfig::validate`],
+    /// which rejects thread isolation with the `hip` flavour unless
+    /// `runtime.allow_abort_on_gpu_fault` consents. Use the `hip` flavour in process
+    /// isolation (a worker process aborts), or in a child process of a test.
+    ///
     /// # Errors
     /// A [`ConfigError`] naming the bad `[sim]` key.
     pub fn from_config(config: &SimConfig, crash_allowed: bool) -> Result<SimBackend, ConfigError> {
