@@ -187,6 +187,11 @@ pub struct SupervisorConfig {
     pub lost_probe_interval_ms: u64,
     /// Keep a warm standby worker per device (process isolation). Default false.
     pub standby: bool,
+    /// Time a new worker has for its handshake, module restore and health probe together,
+    /// in milliseconds; a worker that takes longer is killed and the start counts as a
+    /// failed restart. Default 30000 (a cold GPU start with kernel compilation takes
+    /// seconds).
+    pub worker_start_timeout_ms: u64,
 }
 
 impl Default for SupervisorConfig {
@@ -202,6 +207,7 @@ impl Default for SupervisorConfig {
             quarantine_window_ms: 600_000,
             lost_probe_interval_ms: 500,
             standby: false,
+            worker_start_timeout_ms: 30_000,
         }
     }
 }
@@ -217,6 +223,9 @@ pub struct TelemetryConfig {
     /// How often device actors flush their local counters to the metrics actor, in
     /// milliseconds. Default 250.
     pub flush_interval_ms: u64,
+    /// Connections the metrics endpoint keeps open at most; at the cap the oldest idle one
+    /// is closed to admit a new one, so a probe always gets in. Default 1024.
+    pub max_connections: u32,
 }
 
 impl Default for TelemetryConfig {
@@ -224,6 +233,7 @@ impl Default for TelemetryConfig {
         TelemetryConfig {
             listen: None,
             flush_interval_ms: 250,
+            max_connections: 1024,
         }
     }
 }
@@ -343,6 +353,7 @@ impl RuntimeConfig {
         positive("supervisor.restart_window_ms", s.restart_window_ms)?;
         positive("supervisor.quarantine_after", u64::from(s.quarantine_after))?;
         positive("supervisor.lost_probe_interval_ms", s.lost_probe_interval_ms)?;
+        positive("supervisor.worker_start_timeout_ms", s.worker_start_timeout_ms)?;
         if s.restart_backoff_max_ms < s.restart_backoff_min_ms {
             return Err(ConfigError::invalid(
                 "supervisor.restart_backoff_max_ms",
@@ -360,6 +371,7 @@ impl RuntimeConfig {
         }
         self.breaker.validate()?;
         positive("telemetry.flush_interval_ms", self.telemetry.flush_interval_ms)?;
+        positive("telemetry.max_connections", u64::from(self.telemetry.max_connections))?;
         if let Some(addr) = &self.telemetry.listen
             && addr.parse::<std::net::SocketAddr>().is_err()
         {
