@@ -778,6 +778,7 @@ async fn a_planned_memory_fault_in_a_batch_aborts_a_hip_worker_and_its_kernels_a
         ),
         Op::Synchronize,
     ];
+    let pid = rt.worker_pid(0).unwrap();
     let results = answered(T, gpu.submit_batch(ops)).await;
     // The launches returned (their answers went out before the synchronize, which waits);
     // the worker aborted before the synchronize started, and it is answered, not rerun.
@@ -794,8 +795,9 @@ async fn a_planned_memory_fault_in_a_batch_aborts_a_hip_worker_and_its_kernels_a
         "{:?}",
         results[2]
     );
-    eventually(T, "the device is back", || async {
-        rt.states()[0] == DeviceState::Ready
+    // The answers go out before the supervisor hears of the death: wait for the new worker.
+    eventually(T, "a new worker", || async {
+        rt.states()[0] == DeviceState::Ready && rt.worker_pid(0).is_some_and(|p| p != pid)
     })
     .await;
     let s = rt.shutdown().await;
