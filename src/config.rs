@@ -306,6 +306,10 @@ pub const MAX_SIM_DEVICES: u32 = 1024;
 
 impl SimConfig {
     /// Checks `[sim]`; `crash_allowed` says whether ops run in processes of their own.
+    /// It does not check the flavour against the isolation: `flavour = "hip"` in the
+    /// application's process aborts it on a kernel's memory fault, and
+    /// [`RuntimeConfig::validate`] is the guard that refuses that without
+    /// `runtime.allow_abort_on_gpu_fault`.
     ///
     /// # Errors
     /// [`ConfigError::Invalid`] naming the key.
