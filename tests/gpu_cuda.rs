@@ -10,120 +10,21 @@
 //! the log records what the GPU did.
 #![cfg(feature = "cuda")]
 
-use std::process::{Command, Stdio};
+mod gpu;
+use gpu::*;
+
 use std::time::{Duration, Instant};
 
 use hipvisor_core::backend::cuda::{self, CudaBackend};
-use hipvisor_core::backend::{Backend, DeviceContext, Origin};
+use hipvisor_core::backend::{Backend, DeviceContext};
 use hipvisor_core::ipc::Region;
-use hipvisor_core::kernels::{SAXPY_TOLERANCE_ULPS, f32_bytes, f32s, reference, u32_bytes, u32s, within_ulps};
-use hipvisor_core::op::{BufferHandle, Dim3, KernelArg, ModuleHandle, ModuleSource, Op, Payload, Reply};
+use hipvisor_core::kernels::u32s;
+use hipvisor_core::op::{KernelArg, ModuleSource, Op, Payload, Reply};
 use hipvisor_core::{ErrorClass, GpuError};
 use std::sync::Arc;
 
 fn open() -> Box<dyn DeviceContext> {
     CudaBackend::new().open(0, 1).expect("open CUDA device 0")
-}
-
-fn run(ctx: &mut dyn DeviceContext, op: Op) -> Result<Reply, GpuError> {
-    ctx.execute(&op, Origin::Application)
-}
-
-fn alloc(ctx: &mut dyn DeviceContext, bytes: u64) -> BufferHandle {
-    match run(ctx, Op::Alloc { bytes }).expect("alloc") {
-        Reply::Buffer(b) => b,
-        r => panic!("alloc answered {r:?}"),
-    }
-}
-
-fn builtin(ctx: &mut dyn DeviceContext) -> ModuleHandle {
-    match run(
-        ctx,
-        Op::LoadModule {
-            source: ModuleSource::Builtin,
-        },
-    )
-    .expect("load the built-in kernels")
-    {
-        Reply::Module(m) => m,
-        r => panic!("load answered {r:?}"),
-    }
-}
-
-fn upload(ctx: &mut dyn DeviceContext, dst: BufferHandle, data: Vec<u8>) {
-    run(
-        ctx,
-        Op::CopyToDevice {
-            dst,
-            offset: 0,
-            data: data.into(),
-        },
-    )
-    .expect("copy to device");
-}
-
-fn download(ctx: &mut dyn DeviceContext, src: BufferHandle, len: u64) -> Vec<u8> {
-    match run(ctx, Op::CopyFromDevice { src, offset: 0, len }).expect("copy from device") {
-        Reply::Data(d) => d.as_bytes().to_vec(),
-        r => panic!("copy from device answered {r:?}"),
-    }
-}
-
-fn launch(module: ModuleHandle, function: &str, n: u32, shared_mem_bytes: u32, args: Vec<KernelArg>) -> Op {
-    Op::Launch {
-        module,
-        function: function.into(),
-        grid: Dim3::x(n.div_ceil(256).max(1)),
-        block: Dim3::x(256),
-        shared_mem_bytes,
-        args,
-    }
-}
-
-fn class(r: &Result<Reply, GpuError>) -> String {
-    match r {
-        Ok(_) => "ok".into(),
-        Err(e) => format!("{} {}", e.class(), e.code().map_or(0, |(_, c)| c)),
-    }
-}
-
-/// In the child: `Some(())` when this process is the child for `test`.
-fn is_child(test: &str) -> bool {
-    std::env::var("HV_GPU_CHILD").as_deref() == Ok(test)
-}
-
-/// Runs `test`'s faulting part in a child process; returns its exit status and its
-/// `RESULT` line (parsed). The child is killed after `limit` — a hang fails the test.
-fn in_child(test: &str, limit: Duration) -> (std::process::ExitStatus, serde_json::Value) {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", test, "--ignored", "--nocapture", "--test-threads=1"])
-        .env("HV_GPU_CHILD", test)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{test}: the child did not finish within {limit:?} (a hang)");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut out = String::new();
-    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
-    let result = out
-        .lines()
-        // libtest prints `test NAME ... ` without a newline before the test's own output.
-        .find_map(|l| l.find("RESULT ").map(|at| &l[at + "RESULT ".len()..]))
-        .map(|j| serde_json::from_str(j).unwrap())
-        .unwrap_or(serde_json::Value::Null);
-    println!("{test}: child {status}; RESULT {result}");
-    (status, result)
 }
 
 /// Launches `fault_illegal_address` and synchronizes: the sticky fault, surfaced.
@@ -193,114 +94,7 @@ fn builtin_kernels_match_cpu_references() {
         image.target
     );
     let m = builtin(ctx);
-    let n: u32 = 1_000_003; // not a multiple of the block
-    let x: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 0.37 - 100.0).collect();
-    let y: Vec<f32> = (0..n).map(|i| (i % 777) as f32 * -1.3 + 7.0).collect();
-    let bytes = 4 * n as u64;
-    let (bx, by, bo) = (alloc(ctx, bytes), alloc(ctx, bytes), alloc(ctx, bytes));
-    upload(ctx, bx, f32_bytes(&x));
-    upload(ctx, by, f32_bytes(&y));
-
-    run(
-        ctx,
-        launch(
-            m,
-            "fill",
-            n,
-            0,
-            vec![KernelArg::Buffer(bo), KernelArg::U32(0xABCD_0123), KernelArg::U32(n)],
-        ),
-    )
-    .unwrap();
-    let mut want = vec![0u32; n as usize];
-    reference::fill(&mut want, 0xABCD_0123);
-    assert_eq!(u32s(&download(ctx, bo, bytes)), want, "fill");
-
-    run(
-        ctx,
-        launch(
-            m,
-            "vector_add",
-            n,
-            0,
-            vec![
-                KernelArg::Buffer(bx),
-                KernelArg::Buffer(by),
-                KernelArg::Buffer(bo),
-                KernelArg::U32(n),
-            ],
-        ),
-    )
-    .unwrap();
-    assert_eq!(
-        f32s(&download(ctx, bo, bytes)),
-        reference::vector_add(&x, &y),
-        "vector_add"
-    );
-
-    run(
-        ctx,
-        launch(
-            m,
-            "saxpy",
-            n,
-            0,
-            vec![
-                KernelArg::F32(2.5),
-                KernelArg::Buffer(bx),
-                KernelArg::Buffer(by),
-                KernelArg::U32(n),
-            ],
-        ),
-    )
-    .unwrap();
-    let mut want = y.clone();
-    reference::saxpy(2.5, &x, &mut want);
-    for (i, (g, w)) in f32s(&download(ctx, by, bytes)).iter().zip(&want).enumerate() {
-        assert!(within_ulps(*g, *w, SAXPY_TOLERANCE_ULPS), "saxpy[{i}]: {g} vs {w}");
-    }
-
-    run(
-        ctx,
-        launch(
-            m,
-            "scale",
-            n,
-            0,
-            vec![KernelArg::Buffer(bx), KernelArg::F32(-0.5), KernelArg::U32(n)],
-        ),
-    )
-    .unwrap();
-    let mut want = x.clone();
-    reference::scale(&mut want, -0.5);
-    assert_eq!(f32s(&download(ctx, bx, bytes)), want, "scale");
-
-    let data: Vec<u32> = (0..n).map(|i| i.wrapping_mul(2_654_435_761)).collect();
-    let (bd, bsum) = (alloc(ctx, bytes), alloc(ctx, 8));
-    upload(ctx, bd, u32_bytes(&data));
-    run(
-        ctx,
-        Op::Memset {
-            buffer: bsum,
-            offset: 0,
-            len: 8,
-            value: 0,
-        },
-    )
-    .unwrap();
-    run(
-        ctx,
-        launch(
-            m,
-            "checksum",
-            n,
-            0,
-            vec![KernelArg::Buffer(bd), KernelArg::U32(n), KernelArg::Buffer(bsum)],
-        ),
-    )
-    .unwrap();
-    let sum = u64::from_le_bytes(download(ctx, bsum, 8).try_into().unwrap());
-    assert_eq!(sum, reference::checksum(&data), "checksum");
+    check_builtin_kernels(ctx, "built-in", m);
 }
 
 #[test]
@@ -677,7 +471,7 @@ fn sticky_fault_surfaces_on_calls() {
         std::mem::forget(owned); // the drop is the next test's subject
         return;
     }
-    let (status, result) = in_child(TEST, Duration::from_secs(60));
+    let Child { status, result, .. } = in_child(TEST, Duration::from_secs(60));
     assert!(
         status.success(),
         "the child survived the fault (CUDA poisons, it does not abort)"
@@ -719,7 +513,7 @@ fn drop_after_fault_neither_panics_nor_hangs() {
         );
         return;
     }
-    let (status, result) = in_child(TEST, Duration::from_secs(30));
+    let Child { status, result, .. } = in_child(TEST, Duration::from_secs(30));
     assert!(
         status.success(),
         "dropping a poisoned context neither panics nor aborts: {status}"
@@ -750,7 +544,7 @@ fn reopen_after_fault_is_refused() {
         std::mem::forget(again);
         return;
     }
-    let (status, result) = in_child(TEST, Duration::from_secs(30));
+    let Child { status, result, .. } = in_child(TEST, Duration::from_secs(30));
     assert!(status.success(), "{status}");
     assert!(result["reopen"].as_str().unwrap().starts_with("sticky"), "{result}");
 }

@@ -17,49 +17,21 @@
 //! that the `hip` flavour does not match this GPU). Never a panic, a hang, or another abort.
 #![cfg(feature = "hip")]
 
-use std::io::Read;
-use std::process::{Command, Stdio};
+mod gpu;
+use gpu::*;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hipvisor_core::backend::hip::{self, HipBackend};
-use hipvisor_core::backend::{Backend, DeviceContext, Origin};
+use hipvisor_core::backend::{Backend, DeviceContext};
 use hipvisor_core::ipc::{self, Region};
-use hipvisor_core::kernels::{SAXPY_TOLERANCE_ULPS, f32_bytes, f32s, reference, u32_bytes, u32s, within_ulps};
-use hipvisor_core::op::{BufferHandle, DeviceInfo, Dim3, KernelArg, ModuleHandle, ModuleSource, Op, Payload, Reply};
+use hipvisor_core::kernels::u32s;
+use hipvisor_core::op::{KernelArg, ModuleSource, Op, Payload, Reply};
 use hipvisor_core::{ErrorClass, GpuError};
 
 fn open() -> Box<dyn DeviceContext> {
     HipBackend::new().open(0, 1).expect("open HIP device 0")
-}
-
-fn run(ctx: &mut dyn DeviceContext, op: Op) -> Result<Reply, GpuError> {
-    ctx.execute(&op, Origin::Application)
-}
-
-fn alloc(ctx: &mut dyn DeviceContext, bytes: u64) -> BufferHandle {
-    match run(ctx, Op::Alloc { bytes }).expect("alloc") {
-        Reply::Buffer(b) => b,
-        r => panic!("alloc answered {r:?}"),
-    }
-}
-
-fn info(ctx: &mut dyn DeviceContext) -> DeviceInfo {
-    match run(ctx, Op::DeviceInfo).expect("device info") {
-        Reply::DeviceInfo(i) => i,
-        r => panic!("device info answered {r:?}"),
-    }
-}
-
-fn load(ctx: &mut dyn DeviceContext, source: ModuleSource) -> Result<ModuleHandle, GpuError> {
-    run(ctx, Op::LoadModule { source }).map(|r| match r {
-        Reply::Module(m) => m,
-        r => panic!("load answered {r:?}"),
-    })
-}
-
-fn builtin(ctx: &mut dyn DeviceContext) -> ModuleHandle {
-    load(ctx, ModuleSource::Builtin).expect("load the built-in kernels")
 }
 
 /// The built-in kernels as a user module's image (the runtime then knows no signatures):
@@ -78,144 +50,20 @@ fn builtin_as_user_image(ctx: &mut dyn DeviceContext) -> Vec<u8> {
     }
 }
 
-fn upload(ctx: &mut dyn DeviceContext, dst: BufferHandle, data: Vec<u8>) {
-    run(
-        ctx,
-        Op::CopyToDevice {
-            dst,
-            offset: 0,
-            data: data.into(),
-        },
-    )
-    .expect("copy to device");
+/// Whether ROCm's memory-fault handler reported the fault (before aborting).
+fn rocm_reported_fault(child: &Child) -> bool {
+    child.stderr.contains("Memory access fault")
 }
 
-fn download(ctx: &mut dyn DeviceContext, src: BufferHandle, len: u64) -> Vec<u8> {
-    match run(ctx, Op::CopyFromDevice { src, offset: 0, len }).expect("copy from device") {
-        Reply::Data(d) => d.as_bytes().to_vec(),
-        r => panic!("copy from device answered {r:?}"),
-    }
-}
-
-fn launch(module: ModuleHandle, function: &str, n: u32, shared_mem_bytes: u32, args: Vec<KernelArg>) -> Op {
-    Op::Launch {
-        module,
-        function: function.into(),
-        grid: Dim3::x(n.div_ceil(256).max(1)),
-        block: Dim3::x(256),
-        shared_mem_bytes,
-        args,
-    }
-}
-
-fn fill(module: ModuleHandle, b: BufferHandle, value: u32, n: u32, shared: u32) -> Op {
-    launch(
-        module,
-        "fill",
-        n,
-        shared,
-        vec![KernelArg::Buffer(b), KernelArg::U32(value), KernelArg::U32(n)],
-    )
-}
-
-/// An outcome as text: `ok`, or the class and code (`sticky 700`).
-fn class(r: &Result<Reply, GpuError>) -> String {
-    match r {
-        Ok(_) => "ok".into(),
-        Err(e) => format!("{} {}", e.class(), e.code().map_or(0, |(_, c)| c)),
-    }
-}
-
-/// Whether this process is the child for `test`.
-fn is_child(test: &str) -> bool {
-    std::env::var("HV_GPU_CHILD").as_deref() == Ok(test)
-}
-
-/// Records what the child has seen so far: one `RESULT` line holding all of it.
-struct Record(serde_json::Map<String, serde_json::Value>);
-
-impl Record {
-    fn new() -> Record {
-        Record(serde_json::Map::new())
-    }
-
-    fn set(&mut self, key: &str, value: impl Into<serde_json::Value>) {
-        self.0.insert(key.to_string(), value.into());
-        println!("RESULT {}", serde_json::Value::Object(self.0.clone()));
-    }
-}
-
-/// How a child ended.
-struct Child {
-    status: std::process::ExitStatus,
-    /// The last `RESULT` line (everything recorded before the end).
-    result: serde_json::Value,
-    stderr: String,
-}
-
-impl Child {
-    fn aborted(&self) -> bool {
-        ipc::aborted(self.status)
-    }
-
-    /// Whether ROCm's memory-fault handler reported the fault (before aborting).
-    fn rocm_reported_fault(&self) -> bool {
-        self.stderr.contains("Memory access fault")
-    }
-}
-
-/// Runs `test`'s faulting part in a child process and returns how it ended. The child is
-/// killed after `limit`: a hang fails the test. A panic in the child (exit status 101) fails
-/// it too.
-fn in_child(test: &str, limit: Duration) -> Child {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", test, "--ignored", "--nocapture", "--test-threads=1"])
-        .env("HV_GPU_CHILD", test)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let drain = |mut pipe: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = pipe.read_to_string(&mut text);
-            text
-        })
-    };
-    let out = drain(Box::new(child.stdout.take().unwrap()));
-    let err = drain(Box::new(child.stderr.take().unwrap()));
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            let (out, err) = (out.join().unwrap(), err.join().unwrap());
-            panic!("{test}: the child did not finish within {limit:?} (a hang)\nstdout:\n{out}\nstderr:\n{err}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let (out, stderr) = (out.join().unwrap(), err.join().unwrap());
-    let result = out
-        .lines()
-        .rev()
-        // A line may begin with libtest's `test name ... ` before the child's output.
-        .find_map(|l| l.find("RESULT ").map(|at| &l[at + "RESULT ".len()..]))
-        .map(|j| serde_json::from_str(j).unwrap())
-        .unwrap_or(serde_json::Value::Null);
-    println!(
-        "{test}: child {}; RESULT {result}",
-        ipc::describe_exit(status).replacen("worker ", "", 1)
-    );
-    let child = Child { status, result, stderr };
-    if child.rocm_reported_fault() {
+/// [`gpu::in_child`], for HIP: a child either finishes or is aborted by ROCm; never a panic.
+fn in_hip_child(test: &str, limit: Duration) -> Child {
+    let child = gpu::in_child(test, limit);
+    if rocm_reported_fault(&child) {
         println!("{test}: ROCm reported the memory access fault on stderr");
     }
     assert!(
         child.status.success() || child.aborted(),
-        "{test}: the child neither finished nor was aborted by ROCm: {}\nstdout:\n{out}\nstderr:\n{}",
+        "{test}: the child neither finished nor was aborted by ROCm: {}\nstderr:\n{}",
         ipc::describe_exit(child.status),
         child.stderr
     );
@@ -329,73 +177,8 @@ fn builtin_kernels_match_cpu_references() {
             println!("hiprtc fallback not checked: {e}");
         }
     }
-    let n: u32 = 1_000_003; // not a multiple of the block
-    let x: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 0.37 - 100.0).collect();
-    let y: Vec<f32> = (0..n).map(|i| (i % 777) as f32 * -1.3 + 7.0).collect();
-    let bytes = 4 * n as u64;
     for (what, m) in modules {
-        let (bx, by, bo) = (alloc(ctx, bytes), alloc(ctx, bytes), alloc(ctx, bytes));
-        upload(ctx, bx, f32_bytes(&x));
-        upload(ctx, by, f32_bytes(&y));
-
-        run(ctx, fill(m, bo, 0xABCD_0123, n, 0)).unwrap();
-        let mut want = vec![0u32; n as usize];
-        reference::fill(&mut want, 0xABCD_0123);
-        assert_eq!(u32s(&download(ctx, bo, bytes)), want, "{what} fill");
-
-        let args = vec![
-            KernelArg::Buffer(bx),
-            KernelArg::Buffer(by),
-            KernelArg::Buffer(bo),
-            KernelArg::U32(n),
-        ];
-        run(ctx, launch(m, "vector_add", n, 0, args)).unwrap();
-        assert_eq!(
-            f32s(&download(ctx, bo, bytes)),
-            reference::vector_add(&x, &y),
-            "{what} vector_add"
-        );
-
-        let args = vec![
-            KernelArg::F32(2.5),
-            KernelArg::Buffer(bx),
-            KernelArg::Buffer(by),
-            KernelArg::U32(n),
-        ];
-        run(ctx, launch(m, "saxpy", n, 0, args)).unwrap();
-        let mut want = y.clone();
-        reference::saxpy(2.5, &x, &mut want);
-        for (i, (g, w)) in f32s(&download(ctx, by, bytes)).iter().zip(&want).enumerate() {
-            assert!(
-                within_ulps(*g, *w, SAXPY_TOLERANCE_ULPS),
-                "{what} saxpy[{i}]: {g} vs {w}"
-            );
-        }
-
-        let args = vec![KernelArg::Buffer(bx), KernelArg::F32(-0.5), KernelArg::U32(n)];
-        run(ctx, launch(m, "scale", n, 0, args)).unwrap();
-        let mut want = x.clone();
-        reference::scale(&mut want, -0.5);
-        assert_eq!(f32s(&download(ctx, bx, bytes)), want, "{what} scale");
-
-        let data: Vec<u32> = (0..n).map(|i| i.wrapping_mul(2_654_435_761)).collect();
-        let (bd, bsum) = (alloc(ctx, bytes), alloc(ctx, 8));
-        upload(ctx, bd, u32_bytes(&data));
-        let zero = Op::Memset {
-            buffer: bsum,
-            offset: 0,
-            len: 8,
-            value: 0,
-        };
-        run(ctx, zero).unwrap();
-        let args = vec![KernelArg::Buffer(bd), KernelArg::U32(n), KernelArg::Buffer(bsum)];
-        run(ctx, launch(m, "checksum", n, 0, args)).unwrap();
-        let sum = u64::from_le_bytes(download(ctx, bsum, 8).try_into().unwrap());
-        assert_eq!(sum, reference::checksum(&data), "{what} checksum");
-        for b in [bx, by, bo, bd, bsum] {
-            run(ctx, Op::Free { buffer: b }).unwrap();
-        }
-        println!("{what}: fill, vector_add, saxpy, scale and checksum match the CPU references");
+        check_builtin_kernels(ctx, what, m);
     }
 }
 
@@ -599,7 +382,7 @@ fn too_few_kernel_arguments() {
         record.set("filled_after", u32s(&download(ctx, b, 4096)).iter().all(|v| *v == 5));
         return;
     }
-    let child = in_child(TEST, Duration::from_secs(60));
+    let child = in_hip_child(TEST, Duration::from_secs(60));
     assert!(child.status.success(), "too few arguments crash nothing");
     let r = &child.result;
     // The backend pads the argument array with zeros: `fill(out, 0, 0)` writes nothing.
@@ -664,7 +447,7 @@ fn sticky_fault_surfaces_on_calls() {
         std::mem::forget(owned); // the drop is the next test's subject
         return;
     }
-    let child = in_child(TEST, Duration::from_secs(60));
+    let child = in_hip_child(TEST, Duration::from_secs(60));
     let calls = child.result.as_object().cloned().unwrap_or_default();
     if fault_outcome(TEST, &child) {
         // ROCm's documented answer to a GPU memory fault: the process ends. How far it got:
@@ -714,7 +497,7 @@ fn drop_after_fault_neither_panics_nor_hangs() {
         record.set("drop_ms", t.elapsed().as_millis() as u64);
         return;
     }
-    let child = in_child(TEST, Duration::from_secs(30));
+    let child = in_hip_child(TEST, Duration::from_secs(30));
     if fault_outcome(TEST, &child) {
         println!(
             "ROCm aborted the process before the drop finished (reached: {})",
@@ -754,7 +537,7 @@ fn reopen_after_fault_is_refused() {
         std::mem::forget(again);
         return;
     }
-    let child = in_child(TEST, Duration::from_secs(30));
+    let child = in_hip_child(TEST, Duration::from_secs(30));
     if fault_outcome(TEST, &child) {
         println!("ROCm aborted the process before the reopen (reached: {})", child.result);
         return;

@@ -1,0 +1,244 @@
+//! What the GPU conformance tests of both backends (`tests/gpu_cuda.rs`, `tests/gpu_hip.rs`)
+//! share: ops on a context, the child processes of the tests that fault the GPU, and the
+//! check of the built-in kernels against their CPU references.
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hipvisor_core::GpuError;
+use hipvisor_core::backend::{DeviceContext, Origin};
+use hipvisor_core::ipc;
+use hipvisor_core::kernels::{SAXPY_TOLERANCE_ULPS, f32_bytes, f32s, reference, u32_bytes, u32s, within_ulps};
+use hipvisor_core::op::{BufferHandle, DeviceInfo, Dim3, KernelArg, ModuleHandle, ModuleSource, Op, Reply};
+
+pub fn run(ctx: &mut dyn DeviceContext, op: Op) -> Result<Reply, GpuError> {
+    ctx.execute(&op, Origin::Application)
+}
+
+pub fn alloc(ctx: &mut dyn DeviceContext, bytes: u64) -> BufferHandle {
+    match run(ctx, Op::Alloc { bytes }).expect("alloc") {
+        Reply::Buffer(b) => b,
+        r => panic!("alloc answered {r:?}"),
+    }
+}
+
+pub fn info(ctx: &mut dyn DeviceContext) -> DeviceInfo {
+    match run(ctx, Op::DeviceInfo).expect("device info") {
+        Reply::DeviceInfo(i) => i,
+        r => panic!("device info answered {r:?}"),
+    }
+}
+
+pub fn load(ctx: &mut dyn DeviceContext, source: ModuleSource) -> Result<ModuleHandle, GpuError> {
+    run(ctx, Op::LoadModule { source }).map(|r| match r {
+        Reply::Module(m) => m,
+        r => panic!("load answered {r:?}"),
+    })
+}
+
+pub fn builtin(ctx: &mut dyn DeviceContext) -> ModuleHandle {
+    load(ctx, ModuleSource::Builtin).expect("load the built-in kernels")
+}
+
+pub fn upload(ctx: &mut dyn DeviceContext, dst: BufferHandle, data: Vec<u8>) {
+    run(
+        ctx,
+        Op::CopyToDevice {
+            dst,
+            offset: 0,
+            data: data.into(),
+        },
+    )
+    .expect("copy to device");
+}
+
+pub fn download(ctx: &mut dyn DeviceContext, src: BufferHandle, len: u64) -> Vec<u8> {
+    match run(ctx, Op::CopyFromDevice { src, offset: 0, len }).expect("copy from device") {
+        Reply::Data(d) => d.as_bytes().to_vec(),
+        r => panic!("copy from device answered {r:?}"),
+    }
+}
+
+pub fn launch(module: ModuleHandle, function: &str, n: u32, shared_mem_bytes: u32, args: Vec<KernelArg>) -> Op {
+    Op::Launch {
+        module,
+        function: function.into(),
+        grid: Dim3::x(n.div_ceil(256).max(1)),
+        block: Dim3::x(256),
+        shared_mem_bytes,
+        args,
+    }
+}
+
+pub fn fill(module: ModuleHandle, b: BufferHandle, value: u32, n: u32, shared: u32) -> Op {
+    launch(
+        module,
+        "fill",
+        n,
+        shared,
+        vec![KernelArg::Buffer(b), KernelArg::U32(value), KernelArg::U32(n)],
+    )
+}
+
+/// An outcome as text: `ok`, or the class and code (`sticky 700`).
+pub fn class(r: &Result<Reply, GpuError>) -> String {
+    match r {
+        Ok(_) => "ok".into(),
+        Err(e) => format!("{} {}", e.class(), e.code().map_or(0, |(_, c)| c)),
+    }
+}
+
+/// Whether this process is the child for `test`.
+pub fn is_child(test: &str) -> bool {
+    std::env::var("HV_GPU_CHILD").as_deref() == Ok(test)
+}
+
+/// Records what the child has seen so far: one `RESULT` line holding all of it.
+pub struct Record(pub serde_json::Map<String, serde_json::Value>);
+
+impl Record {
+    pub fn new() -> Record {
+        Record(serde_json::Map::new())
+    }
+
+    pub fn set(&mut self, key: &str, value: impl Into<serde_json::Value>) {
+        self.0.insert(key.to_string(), value.into());
+        println!("RESULT {}", serde_json::Value::Object(self.0.clone()));
+    }
+}
+
+/// How a child ended.
+pub struct Child {
+    pub status: std::process::ExitStatus,
+    /// The last `RESULT` line (everything recorded before the end).
+    pub result: serde_json::Value,
+    pub stderr: String,
+}
+
+impl Child {
+    pub fn aborted(&self) -> bool {
+        ipc::aborted(self.status)
+    }
+}
+
+/// Runs `test`'s faulting part in a child process and returns how it ended. The child is
+/// killed after `limit`: a hang fails the test. A panic in the child (exit status 101) fails
+/// it too.
+pub fn in_child(test: &str, limit: Duration) -> Child {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--ignored", "--nocapture", "--test-threads=1"])
+        .env("HV_GPU_CHILD", test)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let (out, err) = (out.join().unwrap(), err.join().unwrap());
+            panic!("{test}: the child did not finish within {limit:?} (a hang)\nstdout:\n{out}\nstderr:\n{err}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (out, stderr) = (out.join().unwrap(), err.join().unwrap());
+    let result = out
+        .lines()
+        .rev()
+        // A line may begin with libtest's `test name ... ` before the child's output.
+        .find_map(|l| l.find("RESULT ").map(|at| &l[at + "RESULT ".len()..]))
+        .map(|j| serde_json::from_str(j).unwrap())
+        .unwrap_or(serde_json::Value::Null);
+    println!(
+        "{test}: child {}; RESULT {result}",
+        ipc::describe_exit(status).replacen("worker ", "", 1)
+    );
+    Child { status, result, stderr }
+}
+
+/// Runs `fill`, `vector_add`, `saxpy`, `scale` and `checksum` of module `m` (`what` names it
+/// in messages) on 1,000,003 elements — not a multiple of the block — and checks each against
+/// its CPU reference (`saxpy` within its stated ULPs).
+pub fn check_builtin_kernels(ctx: &mut dyn DeviceContext, what: &str, m: ModuleHandle) {
+    let n: u32 = 1_000_003;
+    let x: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 0.37 - 100.0).collect();
+    let y: Vec<f32> = (0..n).map(|i| (i % 777) as f32 * -1.3 + 7.0).collect();
+    let bytes = 4 * n as u64;
+    let (bx, by, bo) = (alloc(ctx, bytes), alloc(ctx, bytes), alloc(ctx, bytes));
+    upload(ctx, bx, f32_bytes(&x));
+    upload(ctx, by, f32_bytes(&y));
+
+    run(ctx, fill(m, bo, 0xABCD_0123, n, 0)).unwrap();
+    let mut want = vec![0u32; n as usize];
+    reference::fill(&mut want, 0xABCD_0123);
+    assert_eq!(u32s(&download(ctx, bo, bytes)), want, "{what} fill");
+
+    let args = vec![
+        KernelArg::Buffer(bx),
+        KernelArg::Buffer(by),
+        KernelArg::Buffer(bo),
+        KernelArg::U32(n),
+    ];
+    run(ctx, launch(m, "vector_add", n, 0, args)).unwrap();
+    assert_eq!(
+        f32s(&download(ctx, bo, bytes)),
+        reference::vector_add(&x, &y),
+        "{what} vector_add"
+    );
+
+    let args = vec![
+        KernelArg::F32(2.5),
+        KernelArg::Buffer(bx),
+        KernelArg::Buffer(by),
+        KernelArg::U32(n),
+    ];
+    run(ctx, launch(m, "saxpy", n, 0, args)).unwrap();
+    let mut want = y.clone();
+    reference::saxpy(2.5, &x, &mut want);
+    for (i, (g, w)) in f32s(&download(ctx, by, bytes)).iter().zip(&want).enumerate() {
+        assert!(
+            within_ulps(*g, *w, SAXPY_TOLERANCE_ULPS),
+            "{what} saxpy[{i}]: {g} vs {w}"
+        );
+    }
+
+    let args = vec![KernelArg::Buffer(bx), KernelArg::F32(-0.5), KernelArg::U32(n)];
+    run(ctx, launch(m, "scale", n, 0, args)).unwrap();
+    let mut want = x.clone();
+    reference::scale(&mut want, -0.5);
+    assert_eq!(f32s(&download(ctx, bx, bytes)), want, "{what} scale");
+
+    let data: Vec<u32> = (0..n).map(|i| i.wrapping_mul(2_654_435_761)).collect();
+    let (bd, bsum) = (alloc(ctx, bytes), alloc(ctx, 8));
+    upload(ctx, bd, u32_bytes(&data));
+    let zero = Op::Memset {
+        buffer: bsum,
+        offset: 0,
+        len: 8,
+        value: 0,
+    };
+    run(ctx, zero).unwrap();
+    let args = vec![KernelArg::Buffer(bd), KernelArg::U32(n), KernelArg::Buffer(bsum)];
+    run(ctx, launch(m, "checksum", n, 0, args)).unwrap();
+    let sum = u64::from_le_bytes(download(ctx, bsum, 8).try_into().unwrap());
+    assert_eq!(sum, reference::checksum(&data), "{what} checksum");
+    for b in [bx, by, bo, bd, bsum] {
+        run(ctx, Op::Free { buffer: b }).unwrap();
+    }
+    println!("{what}: fill, vector_add, saxpy, scale and checksum match the CPU references");
+}
