@@ -8,7 +8,14 @@
 //!   does this, so it is its own worker): `if let Some(code) = hipvisor_core::worker::run_if_worker() { return code; }`.
 //!
 //! The worker dies with its host: the host sets `PR_SET_PDEATHSIG` when it spawns it, and
-//! the worker exits when its socket reaches end of file.
+//! the worker exits when its socket reaches end of file — also when the host died before the
+//! worker started: the host's end of the socket closed with it. The worker never guesses from
+//! process ids: as a container's entrypoint without an init, the host is PID 1 and "my
+//! parent is PID 1" is the normal case, not a dead host.
+//!
+//! A worker blocks SIGINT: a terminal's Ctrl-C goes to the whole foreground process group,
+//! workers included, and the host decides what it means (the `hipvisor` command line stops
+//! gracefully and then stops its workers; a host that dies takes its workers with it).
 
 use std::os::fd::OwnedFd;
 use std::process::ExitCode;
@@ -21,10 +28,11 @@ use crate::fault_plan::FaultInjector;
 use crate::ipc::{self, Channel, ControlPage, FromWorker, IpcError, Region, Request, ToWorker};
 use crate::op::{ModuleSource, Op, OpKind, Payload, Reply};
 
-/// Runs the worker loop if this process was started as a worker; returns its exit code.
-/// Returns `None` in any other process.
+/// Runs the worker loop if this process was started as a worker (blocking SIGINT first, see
+/// the module docs); returns its exit code. Returns `None` in any other process.
 pub fn run_if_worker() -> Option<ExitCode> {
     let fd: i32 = std::env::var(ipc::WORKER_ENV).ok()?.parse().ok()?;
+    block_interrupts();
     Some(match Channel::inherited(fd).and_then(serve) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -32,6 +40,16 @@ pub fn run_if_worker() -> Option<ExitCode> {
             ExitCode::FAILURE
         }
     })
+}
+
+/// Blocks SIGINT in this thread and every thread it starts from now on (so
+/// [`run_if_worker`] comes first in `main`): see the module docs.
+fn block_interrupts() {
+    let mut set = nix::sys::signal::SigSet::empty();
+    set.add(nix::sys::signal::Signal::SIGINT);
+    if let Err(e) = set.thread_block() {
+        eprintln!("hipvisor worker: cannot block SIGINT: {e}");
+    }
 }
 
 /// A worker's backend, and for the simulator its host (this process's simulated GPU
@@ -75,9 +93,6 @@ fn backend_for(hello: &ipc::Hello) -> Result<WorkerBackend, GpuError> {
 /// # Errors
 /// An [`IpcError`] that ends the connection.
 pub fn serve(mut channel: Channel) -> Result<(), IpcError> {
-    if nix::unistd::getppid() == nix::unistd::Pid::from_raw(1) {
-        return Err(IpcError::Closed); // the host died before we started
-    }
     // The host logs the codes of the errors this worker sends it, once per run: a worker
     // that logged its own would log an unknown code again after every restart.
     crate::error::quiet_api_codes();

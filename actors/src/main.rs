@@ -1,6 +1,10 @@
-//! The `hipvisor` command line: `run` (the main job), `devices`, `config`.
+//! The `hipvisor` command line: `run` (the main job), `chaos`, `bench`, `devices`, `config`.
 //!
 //! Logs and progress go to stderr; with `--json`, stdout carries exactly one JSON object.
+//!
+//! SIGINT and SIGTERM are handled (as PID 1 of a container without an init the kernel gives
+//! them no default action): `run` and `chaos` stop gracefully and report (see `cli::run`),
+//! `bench` exits at once with 128 + the signal's number.
 
 mod cli;
 
@@ -158,7 +162,10 @@ fn main() -> ExitCode {
     };
     let code = match cli.command {
         Command::Run(args) => cli::run::main(args),
-        Command::Bench(args) => cli::bench::main(args),
+        Command::Bench(args) => {
+            cli::exit_on_signal();
+            cli::bench::main(args)
+        }
         Command::Chaos(args) => cli::run::main(args.for_chaos()),
         Command::Devices(args) => cli::devices(&args),
         Command::Config(args) => match args.load() {

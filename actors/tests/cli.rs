@@ -336,3 +336,144 @@ fn chaos_with_the_example_plan_has_no_violation() {
     assert_eq!(v["ops"]["missing_replies"], 0);
     assert!(all_devices(&v, "ready"));
 }
+
+/// A job asked to submit ops that could not run is a failure (exit 1) whose report and
+/// stderr say why.
+fn assert_could_not_run(out: &Output, why: &str) -> serde_json::Value {
+    let v = json(out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{v}\n{stderr}");
+    let reason = v["could_not_run"]
+        .as_str()
+        .unwrap_or_else(|| panic!("could_not_run: {v}"));
+    assert!(reason.starts_with(why), "{reason}");
+    assert!(stderr.contains(why), "{stderr}");
+    v
+}
+
+#[test]
+fn run_where_no_device_becomes_ready_fails_naming_why() {
+    // 16 bytes of device memory: the health probe's allocation cannot fit, so no device
+    // ever opens.
+    let path = temp_config("tiny.toml", "[sim]\nmemory_bytes = 16\n");
+    let out = hipvisor(&["run", "--ops", "200", "--json", "--config", path.to_str().unwrap()]);
+    let v = assert_could_not_run(&out, "no device became ready");
+    assert_eq!(v["ops"]["submitted"], 0, "{v}");
+    assert!(all_devices(&v, "failed"), "{v}");
+    let reason = v["could_not_run"].as_str().unwrap();
+    assert!(
+        reason.contains("device 3 failed (") && reason.contains("16 bytes"),
+        "names each device's reason: {reason}"
+    );
+    // --ops 0 asks for nothing: nothing to fail.
+    let out = hipvisor(&["run", "--ops", "0", "--json", "--config", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(json(&out)["could_not_run"], serde_json::Value::Null);
+}
+
+#[test]
+fn run_where_every_device_is_lost_at_its_first_op_fails_naming_why() {
+    let path = temp_config(
+        "lost.toml",
+        "[[sim.faults]]\nop = \"any\"\nafter = 1\ncode = 100\nduration_ms = 600000\n",
+    );
+    let out = hipvisor(&["run", "--ops", "200", "--json", "--config", path.to_str().unwrap()]);
+    let v = assert_could_not_run(&out, "no op succeeded");
+    assert_eq!(v["ops"]["succeeded"], 0, "{v}");
+    assert_eq!(v["ops"]["missing_replies"], 0, "{v}");
+    assert!(all_devices(&v, "lost"), "{v}");
+    assert!(v["could_not_run"].as_str().unwrap().contains("device_lost"), "{v}");
+}
+
+#[test]
+fn chaos_where_no_device_becomes_ready_is_a_violation() {
+    let path = temp_config("tiny-chaos.toml", "[sim]\nmemory_bytes = 16\n");
+    let started = std::time::Instant::now();
+    let out = hipvisor(&["chaos", "--ops", "200", "--json", "--config", path.to_str().unwrap()]);
+    let v = json(&out);
+    assert_eq!(out.status.code(), Some(1), "{v}");
+    let violations = v["violations"].as_array().unwrap();
+    assert!(
+        violations.iter().any(|x| x
+            .as_str()
+            .unwrap()
+            .starts_with("the job could not run: no device became ready")),
+        "{v}"
+    );
+    // Failed devices are out of service for good: the soak does not wait a minute for them.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(50),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// Whether `pid` blocks SIGINT (its SigBlk mask in /proc).
+fn blocks_sigint(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("SigBlk:"))
+            .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            .is_some_and(|m| m & (1 << (2 - 1)) != 0)
+    })
+}
+
+#[test]
+fn ctrl_c_stops_the_run_gracefully_without_killing_its_workers() {
+    use std::os::unix::process::CommandExt;
+    // Its own process group, as a terminal's foreground job: Ctrl-C signals the group.
+    let host = Command::new(env!("CARGO_BIN_EXE_hipvisor"))
+        .args(["run", "--ops", "100000000", "--json", "--devices", "2"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("RUST_LOG")
+        .process_group(0)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut host = Reap(host);
+    let mut workers = Vec::new();
+    poll("two workers that block SIGINT", || {
+        workers = children(host.0.id());
+        workers.len() == 2 && workers.iter().all(|w| blocks_sigint(*w))
+    });
+    let group = format!("-{}", host.0.id());
+    assert!(
+        Command::new("kill")
+            .args(["-INT", "--", &group])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut status = None;
+    poll("the run to stop after SIGINT", || {
+        status = host.0.try_wait().unwrap();
+        status.is_some()
+    });
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    use std::io::Read;
+    host.0.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    host.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}\n{stderr}"));
+    assert_eq!(status.unwrap().code(), Some(130), "128 + SIGINT: {v}\n{stderr}");
+    assert_eq!(v["interrupted"], "SIGINT", "{v}");
+    assert_eq!(
+        v["restarts"], 0,
+        "the workers ignored the group's SIGINT: {v}\n{stderr}"
+    );
+    assert_eq!(v["ops"]["failed"], 0, "{v}");
+    assert_eq!(v["ops"]["missing_replies"], 0, "{v}");
+    assert_eq!(v["metrics_consistent"], true, "{v}");
+    poll("the workers stopped with the run", || {
+        workers.iter().all(|w| !alive(*w))
+    });
+}

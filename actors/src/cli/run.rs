@@ -6,13 +6,21 @@
 //! `--ops N` counts device operations submitted (a started iteration is finished, so the
 //! count can exceed N by less than one iteration per actor).
 //!
-//! The exit status is 0 if and only if no reply is missing, no result is wrong and the
-//! metrics' op counts equal what the actors observed. Ops that failed with a typed error are
-//! reported, not fatal.
+//! Exit status: 1 when a reply is missing, a result is wrong, the metrics' op counts differ
+//! from what the actors observed, or the job could not run (`--ops` above 0 and no device
+//! became ready, no op could be submitted or no op succeeded; the report's `could_not_run`
+//! says which, and so does stderr); else 128 + the signal's number (130, 143) when SIGINT or
+//! SIGTERM stopped the job before it had submitted its ops; else 0. Ops that failed with a
+//! typed error are reported, not fatal.
+//!
+//! SIGINT and SIGTERM are a graceful stop (the process may be PID 1 of a container, which
+//! gets no default action for them): no new op is submitted, the ops in flight are answered
+//! (each by its deadline at the latest), the runtime shuts down and the report is printed,
+//! with `interrupted` naming the signal. A second signal exits at once.
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,6 +35,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 use crate::CommonArgs;
+use crate::cli::{SIGINT, SIGTERM, signal_name};
 
 /// Flags of `hipvisor run`.
 #[derive(Args, Debug)]
@@ -95,6 +104,8 @@ struct Job {
     observed: Mutex<Observed>,
     progress: ProgressBar,
     op_deadline: Duration,
+    /// The signal that stopped the job (SIGINT, SIGTERM), or 0.
+    stop: Arc<AtomicI32>,
 }
 
 impl Job {
@@ -103,8 +114,12 @@ impl Job {
     }
 
     /// Submits one op to `device`'s actor and waits for its answer. `None` is a missing
-    /// reply: no answer within the deadline (plus a margin), or a reply port dropped unanswered.
+    /// reply: no answer within the deadline (plus a margin), or a reply port dropped
+    /// unanswered — or, once a signal stopped the job, an op not submitted (not counted).
     async fn op(&self, device: u32, op: Op) -> Option<OpResult> {
+        if self.stopped() {
+            return None;
+        }
         self.submitted.fetch_add(1, Ordering::Relaxed);
         self.progress.inc(1);
         let started = Instant::now();
@@ -153,7 +168,11 @@ impl Job {
     }
 
     fn exhausted(&self) -> bool {
-        self.submitted.load(Ordering::Relaxed) >= self.budget
+        self.stopped() || self.submitted.load(Ordering::Relaxed) >= self.budget
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed) != 0
     }
 }
 
@@ -342,10 +361,59 @@ pub(crate) fn main(args: RunArgs) -> ExitCode {
     rt.block_on(run(args, config))
 }
 
+/// Handles SIGINT and SIGTERM (as PID 1 of a container the process gets no default action
+/// for them): the first stops the job — `stop` takes its number and the receiver sees it —
+/// and a second exits the process at once with 128 + its number (its workers die with it:
+/// their parent-death signal).
+fn listen_for_signals(stop: Arc<AtomicI32>) -> tokio::sync::watch::Receiver<i32> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (tx, rx) = tokio::sync::watch::channel(0);
+    let (mut int, mut term) = match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        (Ok(int), Ok(term)) => (int, term),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("hipvisor: cannot handle SIGINT and SIGTERM: {e}");
+            // The sender stays alive: the receiver just never sees a signal.
+            std::mem::forget(tx);
+            return rx;
+        }
+    };
+    tokio::spawn(async move {
+        let mut first = true;
+        loop {
+            let signal = tokio::select! {
+                _ = int.recv() => SIGINT,
+                _ = term.recv() => SIGTERM,
+            };
+            let name = signal_name(signal);
+            if !first {
+                eprintln!("hipvisor: {name} again: exiting at once");
+                std::process::exit(128 + signal);
+            }
+            first = false;
+            eprintln!(
+                "hipvisor: {name}: stopping: no new ops; the ops in flight are answered, then the runtime \
+                 shuts down and the report follows ({name} again exits at once)"
+            );
+            stop.store(signal, Ordering::Relaxed);
+            let _ = tx.send(signal);
+        }
+    });
+    rx
+}
+
+/// Waits until a signal stopped the job.
+async fn signalled(rx: &mut tokio::sync::watch::Receiver<i32>) {
+    if rx.wait_for(|s| *s != 0).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 async fn run(args: RunArgs, config: hipvisor::RuntimeConfig) -> ExitCode {
     let seed = config.sim.seed;
     let isolation = config.runtime.isolation;
     let op_deadline = Duration::from_millis(config.runtime.op_deadline_ms);
+    let stop = Arc::new(AtomicI32::new(0));
+    let mut stop_rx = listen_for_signals(stop.clone());
     let mut builder = Runtime::builder().config(config);
     if let Some(addr) = args.metrics_addr {
         builder = builder.serve_metrics(addr);
@@ -360,6 +428,27 @@ async fn run(args: RunArgs, config: hipvisor::RuntimeConfig) -> ExitCode {
     if let Some(addr) = runtime.metrics_addr() {
         eprintln!("listening on {addr}");
     }
+    // Whether any device was ever ready: now (start has settled every device) or later.
+    let mut changes = runtime.subscribe();
+    let ever_ready = Arc::new(AtomicBool::new(
+        runtime.states().contains(&hipvisor::DeviceState::Ready),
+    ));
+    let watcher = {
+        let ever_ready = ever_ready.clone();
+        tokio::spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                match changes.recv().await {
+                    Ok(c) if c.to == hipvisor::DeviceState::Ready => {
+                        ever_ready.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                    Ok(_) | Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        })
+    };
     let progress = ProgressBar::new(args.ops);
     progress.set_style(
         ProgressStyle::with_template("{spinner} {pos}/{len} ops [{bar:40}] {per_sec} {eta}")
@@ -372,6 +461,7 @@ async fn run(args: RunArgs, config: hipvisor::RuntimeConfig) -> ExitCode {
         observed: Mutex::new(Observed::default()),
         progress: progress.clone(),
         op_deadline,
+        stop: stop.clone(),
     });
     let started = Instant::now();
     let mut handles = Vec::new();
@@ -390,31 +480,75 @@ async fn run(args: RunArgs, config: hipvisor::RuntimeConfig) -> ExitCode {
     }
     let elapsed = started.elapsed().as_secs_f64();
     progress.finish_and_clear();
-    if args.linger > 0.0 && runtime.metrics_addr().is_some() {
-        // The run is over: the endpoint serves its final values.
-        tokio::time::sleep(std::time::Duration::from_secs_f64(args.linger)).await;
-    }
-    if args.chaos {
-        // Every device must be ready at the end: give lost and restarting ones time to return.
+    // Interrupted: a signal stopped the job before it had submitted its ops.
+    let mut interrupted = match stop.load(Ordering::Relaxed) {
+        0 => None,
+        _ if job.submitted.load(Ordering::Relaxed) >= job.budget => None,
+        s => Some(s),
+    };
+    if args.chaos && interrupted.is_none() {
+        // Every device must be ready at the end: give lost and restarting ones time to
+        // return (a failed one is out of service for good: no use waiting for it; a signal
+        // cuts this short, and the run counts as interrupted).
+        use hipvisor::DeviceState::{Failed, Ready};
         let until = std::time::Instant::now() + Duration::from_secs(60);
-        while runtime.states().iter().any(|s| *s != hipvisor::DeviceState::Ready) && std::time::Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        while !runtime.states().iter().all(|s| matches!(s, Ready | Failed)) && std::time::Instant::now() < until {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(20)) => {}
+                () = signalled(&mut stop_rx) => {
+                    interrupted = Some(stop.load(Ordering::Relaxed));
+                    break;
+                }
+            }
         }
     }
-    let (backend, devices) = (runtime.backend(), runtime.device_count());
+    if args.linger > 0.0 && runtime.metrics_addr().is_some() {
+        // The run is over: the endpoint serves its final values (until a signal).
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs_f64(args.linger)) => {}
+            () = signalled(&mut stop_rx) => {}
+        }
+    }
+    watcher.abort();
+    let end = RunEnd {
+        json: args.json,
+        chaos: args.chaos,
+        backend: runtime.backend(),
+        isolation,
+        devices: runtime.device_count(),
+        elapsed,
+        interrupted,
+        ever_ready: ever_ready.load(Ordering::Relaxed),
+    };
     drop(runtime);
-    finish(args.json, args.chaos, job, backend, isolation, devices, elapsed).await
+    finish(job, end).await
 }
 
-async fn finish(
-    json_out: bool,
+/// How the run went, beside what the job observed.
+struct RunEnd {
+    json: bool,
     chaos: bool,
-    job: Arc<Job>,
     backend: hipvisor::BackendKind,
     isolation: hipvisor::core::config::Isolation,
     devices: u32,
     elapsed: f64,
-) -> ExitCode {
+    /// The signal that stopped the job before it had submitted its ops.
+    interrupted: Option<i32>,
+    /// Whether any device was ready at some point.
+    ever_ready: bool,
+}
+
+async fn finish(job: Arc<Job>, end: RunEnd) -> ExitCode {
+    let RunEnd {
+        json: json_out,
+        chaos,
+        backend,
+        isolation,
+        devices,
+        elapsed,
+        interrupted,
+        ever_ready,
+    } = end;
     let Ok(job) = Arc::try_unwrap(job) else {
         eprintln!("hipvisor: internal error: the job is still shared");
         return ExitCode::FAILURE;
@@ -433,6 +567,43 @@ async fn finish(
     let answered = o.succeeded + o.failed;
     let consistent = snapshot.ops_total == answered && snapshot.ops_succeeded == o.succeeded;
     let class = |k: &str| o.by_class.get(k).copied().unwrap_or(0);
+    let device_states = || {
+        snapshot
+            .devices
+            .iter()
+            .map(|d| match &d.reason {
+                Some(r) => format!("device {} {} ({r})", d.id, d.state.as_str()),
+                None => format!("device {} {}", d.id, d.state.as_str()),
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    // A job asked to submit ops that could not run is a failure, not an empty success.
+    let could_not_run = if job.budget == 0 {
+        None
+    } else if !ever_ready && o.succeeded == 0 {
+        Some(format!("no device became ready: {}", device_states()))
+    } else if interrupted.is_some() {
+        None
+    } else if submitted == 0 {
+        Some(format!(
+            "no op could be submitted: no device could take work: {}",
+            device_states()
+        ))
+    } else if o.succeeded == 0 {
+        let errors = o
+            .by_error
+            .iter()
+            .map(|(e, n)| format!("{e} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        Some(format!(
+            "no op succeeded: every one of the {submitted} submitted failed ({errors}); {}",
+            device_states()
+        ))
+    } else {
+        None
+    };
     let mut report = json!({
         "backend": backend.as_str(),
         "isolation": isolation.as_str(),
@@ -463,6 +634,8 @@ async fn finish(
         "throughput_ops_per_s": if elapsed > 0.0 { submitted as f64 / elapsed } else { 0.0 },
         "elapsed_s": elapsed,
         "metrics_consistent": consistent,
+        "interrupted": interrupted.map(signal_name),
+        "could_not_run": could_not_run,
     });
     let mut violations: Vec<String> = Vec::new();
     if chaos {
@@ -481,10 +654,14 @@ async fn finish(
                 snapshot.ops_total, snapshot.ops_succeeded, o.succeeded
             ));
         }
+        if let Some(why) = &could_not_run {
+            violations.push(format!("the job could not run: {why}"));
+        }
+        // An interrupted soak did not wait for its devices to return.
         for d in snapshot
             .devices
             .iter()
-            .filter(|d| d.state != hipvisor::DeviceState::Ready)
+            .filter(|d| interrupted.is_none() && d.state != hipvisor::DeviceState::Ready)
         {
             violations.push(format!(
                 "device {} ended {} ({})",
@@ -510,8 +687,15 @@ async fn finish(
     for v in &violations {
         eprintln!("hipvisor: chaos: violation: {v}");
     }
-    if o.missing > 0 || o.wrong > 0 || !consistent || !violations.is_empty() {
+    if let Some(why) = &could_not_run
+        && !chaos
+    {
+        eprintln!("hipvisor: the job could not run: {why}");
+    }
+    if o.missing > 0 || o.wrong > 0 || !consistent || !violations.is_empty() || could_not_run.is_some() {
         ExitCode::FAILURE
+    } else if let Some(signal) = interrupted {
+        ExitCode::from(128 + signal as u8)
     } else {
         ExitCode::SUCCESS
     }
