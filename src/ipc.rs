@@ -680,14 +680,24 @@ pub fn spawn_worker(mut command: Command, channel: Channel) -> std::io::Result<C
     let fd = channel.fd.as_raw_fd();
     command.env(WORKER_ENV, WORKER_FD.to_string());
     // SAFETY: the closure runs in the child between fork and exec and only makes
-    // async-signal-safe system calls (dup2, prctl) on descriptors it owns; `fd` stays open
-    // in the parent until the spawn returns (the channel is dropped afterwards).
+    // async-signal-safe calls (dup2, prctl, sigemptyset, sigaddset, pthread_sigmask) on
+    // descriptors and a signal set it owns; `fd` stays open in the parent until the spawn
+    // returns (the channel is dropped afterwards).
     unsafe {
         command.pre_exec(move || {
             if nix::libc::dup2(fd, WORKER_FD) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGKILL) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SIGINT blocked from before the exec (the mask survives it), so a terminal's
+            // Ctrl-C to the process group cannot kill a worker before its first line blocks
+            // it too (src/worker.rs): the host decides how to stop.
+            let mut set = std::mem::zeroed::<nix::libc::sigset_t>();
+            nix::libc::sigemptyset(&mut set);
+            nix::libc::sigaddset(&mut set, nix::libc::SIGINT);
+            if nix::libc::pthread_sigmask(nix::libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -702,6 +712,23 @@ pub fn spawn_worker(mut command: Command, channel: Channel) -> std::io::Result<C
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_worker_starts_with_sigint_blocked() {
+        let (ours, theirs) = Channel::pair().unwrap();
+        let mut cmd = Command::new("grep");
+        cmd.args(["^SigBlk", "/proc/self/status"])
+            .stdout(std::process::Stdio::piped());
+        let out = spawn_worker(cmd, theirs).unwrap().wait_with_output().unwrap();
+        drop(ours);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mask = u64::from_str_radix(text.trim().trim_start_matches("SigBlk:").trim(), 16).unwrap();
+        assert_ne!(
+            mask & (1 << (nix::libc::SIGINT - 1)),
+            0,
+            "SIGINT blocked from the exec on: {text}"
+        );
+    }
 
     #[test]
     fn exit_statuses_are_described_and_only_sigabrt_is_an_abort() {
