@@ -178,7 +178,11 @@ impl BuiltinKernel {
     }
 }
 
-/// Checks grid and block dimensions (limits common to current AMD and NVIDIA GPUs).
+/// Checks grid and block dimensions (limits common to current AMD and NVIDIA GPUs). Every
+/// product is computed with checked arithmetic, in debug and release alike: dimensions
+/// whose product does not fit in `u64` are refused, never wrapped. That includes a launch
+/// within the per-dimension limits whose total thread count ([`total_threads`]) reaches
+/// 2^64 (the limits allow 2^73): at 10^12 threads a second it would run for half a year.
 ///
 /// # Errors
 /// [`InvalidReason::BadLaunchConfig`] saying which dimension is wrong.
@@ -187,11 +191,10 @@ pub fn check_launch_dims(grid: Dim3, block: Dim3) -> Result<(), InvalidReason> {
     if grid.x == 0 || grid.y == 0 || grid.z == 0 || block.x == 0 || block.y == 0 || block.z == 0 {
         return bad(format!("zero dimension in grid {grid:?} or block {block:?}"));
     }
-    if block.volume() > MAX_THREADS_PER_BLOCK {
-        return bad(format!(
-            "block of {} threads exceeds {MAX_THREADS_PER_BLOCK}",
-            block.volume()
-        ));
+    match block.checked_volume() {
+        Some(threads) if threads <= MAX_THREADS_PER_BLOCK => {}
+        Some(threads) => return bad(format!("block of {threads} threads exceeds {MAX_THREADS_PER_BLOCK}")),
+        None => return bad(format!("block {block:?} exceeds {MAX_THREADS_PER_BLOCK} threads")),
     }
     if block.z > 64 {
         return bad(format!("block z = {} exceeds 64", block.z));
@@ -199,7 +202,16 @@ pub fn check_launch_dims(grid: Dim3, block: Dim3) -> Result<(), InvalidReason> {
     if grid.x > i32::MAX as u32 || grid.y > 65535 || grid.z > 65535 {
         return bad(format!("grid {grid:?} exceeds (2^31-1, 65535, 65535)"));
     }
+    if total_threads(grid, block).is_none() {
+        return bad(format!("grid {grid:?} × block {block:?} is 2^64 threads or more"));
+    }
     Ok(())
+}
+
+/// The threads of a launch, `grid` × `block`, or `None` when the product does not fit in
+/// `u64` (such a launch fails [`check_launch_dims`]).
+pub fn total_threads(grid: Dim3, block: Dim3) -> Option<u64> {
+    grid.checked_volume()?.checked_mul(block.checked_volume()?)
 }
 
 /// The buffers a launch's arguments name, in order.
@@ -347,6 +359,32 @@ mod tests {
         assert!(check_launch_dims(Dim3::x(0), Dim3::x(256)).is_err());
         assert!(check_launch_dims(Dim3::x(1), Dim3::x(2048)).is_err());
         assert!(check_launch_dims(Dim3 { x: 1, y: 70000, z: 1 }, Dim3::x(1)).is_err());
+    }
+
+    #[test]
+    fn launch_dimensions_whose_products_overflow_are_refused_not_wrapped() {
+        let max = Dim3 {
+            x: u32::MAX,
+            y: u32::MAX,
+            z: u32::MAX,
+        };
+        assert_eq!((max.checked_volume(), max.volume()), (None, u64::MAX));
+        for (grid, block) in [(max, Dim3::x(1)), (Dim3::x(1), max), (max, max)] {
+            let e = check_launch_dims(grid, block).unwrap_err();
+            assert!(matches!(e, InvalidReason::BadLaunchConfig { .. }), "{e}");
+        }
+        // Every dimension within its limit, but 2^31-1 × 2^16-1 × 2^16-1 blocks of 1024
+        // threads are more than 2^64 threads.
+        let grid = Dim3 {
+            x: i32::MAX as u32,
+            y: 65535,
+            z: 65535,
+        };
+        assert_eq!(total_threads(grid, Dim3::x(1024)), None);
+        let e = check_launch_dims(grid, Dim3::x(1024)).unwrap_err();
+        assert!(e.to_string().contains("2^64 threads"), "{e}");
+        assert!(check_launch_dims(grid, Dim3::x(1)).is_ok(), "2^63 threads still fit");
+        assert_eq!(total_threads(Dim3::x(3), Dim3 { x: 2, y: 2, z: 2 }), Some(24));
     }
 
     #[test]

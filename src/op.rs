@@ -9,6 +9,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 use std::sync::Arc;
 
+use crate::error::InvalidReason;
+
 /// The kind of an operation: the key of per-operation retry policies and of metric labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -145,9 +147,18 @@ impl Dim3 {
         Dim3 { x, y: 1, z: 1 }
     }
 
-    /// The number of elements `x * y * z` (no overflow: computed in `u64`).
+    /// The number of elements `x * y * z`, or `None` when it does not fit in `u64`
+    /// (`(u32::MAX, u32::MAX, u32::MAX)` does not).
+    pub fn checked_volume(self) -> Option<u64> {
+        u64::from(self.x)
+            .checked_mul(u64::from(self.y))?
+            .checked_mul(u64::from(self.z))
+    }
+
+    /// The number of elements `x * y * z`, saturating at `u64::MAX` (in debug and release
+    /// alike; [`Dim3::checked_volume`] tells an overflow apart).
     pub fn volume(self) -> u64 {
-        u64::from(self.x) * u64::from(self.y) * u64::from(self.z)
+        self.checked_volume().unwrap_or(u64::MAX)
     }
 }
 
@@ -478,7 +489,66 @@ impl Op {
             _ => None,
         }
     }
+
+    /// The checks of sizes, offsets and launch dimensions that need no device: every byte
+    /// range lies inside the length its handle states (with `offset + len` computed without
+    /// overflow) and inside [`MAX_BUFFER_BYTES`], an allocation is not empty, and the launch
+    /// dimensions pass [`crate::kernels::check_launch_dims`]. Whoever must prepare host
+    /// memory for an op before its device sees it (the host side of a worker process: the
+    /// shared memory for a copy's result) calls this first, so an absurd size is an invalid
+    /// request rather than a failed host allocation.
+    ///
+    /// It is a subset of what the device checks itself (which also compares each handle
+    /// with the buffer it names, and an allocation with the device's memory): passing it
+    /// proves nothing about the handles.
+    ///
+    /// # Errors
+    /// [`InvalidReason::OutOfBounds`], [`InvalidReason::ZeroSizeAllocation`] or
+    /// [`InvalidReason::BadLaunchConfig`].
+    pub fn check_sizes(&self) -> Result<(), InvalidReason> {
+        fn range(h: &BufferHandle, offset: u64, len: u64) -> Result<(), InvalidReason> {
+            let buffer_len = h.len.min(MAX_BUFFER_BYTES);
+            if offset.checked_add(len).is_none_or(|end| end > buffer_len) {
+                return Err(InvalidReason::OutOfBounds {
+                    offset,
+                    len,
+                    buffer_len,
+                });
+            }
+            Ok(())
+        }
+        match self {
+            Op::Alloc { bytes: 0 } => Err(InvalidReason::ZeroSizeAllocation),
+            Op::CopyToDevice { dst, offset, data } => range(dst, *offset, data.len() as u64),
+            Op::CopyFromDevice { src, offset, len } => range(src, *offset, *len),
+            Op::CopyDeviceToDevice {
+                src,
+                src_offset,
+                dst,
+                dst_offset,
+                len,
+            } => {
+                range(src, *src_offset, *len)?;
+                range(dst, *dst_offset, *len)
+            }
+            Op::Memset {
+                buffer, offset, len, ..
+            } => range(buffer, *offset, *len),
+            Op::Launch { grid, block, .. } => crate::kernels::check_launch_dims(*grid, *block),
+            Op::Alloc { .. }
+            | Op::Free { .. }
+            | Op::LoadModule { .. }
+            | Op::Synchronize
+            | Op::MemInfo
+            | Op::DeviceInfo => Ok(()),
+        }
+    }
 }
+
+/// The largest buffer there can be, on a device or on the host: Rust's limit for one
+/// allocation (`isize::MAX` bytes). [`Op::check_sizes`] holds every range to it whatever
+/// length a handle claims.
+pub const MAX_BUFFER_BYTES: u64 = isize::MAX as u64;
 
 /// Free and total memory of a device, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -158,6 +158,22 @@ fn bytes_round_trip_with_offsets_memset_and_device_copies() {
         panic!()
     };
     assert_eq!(part.as_bytes(), &[60, 61, 62, 63]);
+    // Within one buffer, ranges apart.
+    dev.execute(
+        &Op::CopyDeviceToDevice {
+            src: a,
+            src_offset: 4,
+            dst: a,
+            dst_offset: 40,
+            len: 8,
+        },
+        APP,
+    )
+    .unwrap();
+    let got = download(&mut *dev, a).unwrap();
+    assert_eq!(&got[40..48], &data[4..12]);
+    assert_eq!(&got[..40], &data[..40]);
+    assert_eq!(&got[48..], &data[48..]);
 }
 
 #[test]
@@ -390,6 +406,106 @@ fn bad_requests_are_rejected_with_what_was_wrong() {
         invalid_reason(backend.device_info(2).unwrap_err()),
         InvalidReason::DeviceOutOfRange { device: 2, count: 2 }
     ));
+}
+
+#[test]
+fn absurd_sizes_and_dimensions_are_invalid_requests_never_out_of_memory() {
+    let backend = SimBackend::new(1, 1 << 20);
+    let mut dev = backend.open(0, 0).unwrap();
+    let a = alloc(&mut *dev, 64);
+    let b = alloc(&mut *dev, 64);
+    let m = builtin(&mut *dev);
+    let max = u64::MAX;
+    let all = Dim3 {
+        x: u32::MAX,
+        y: u32::MAX,
+        z: u32::MAX,
+    };
+    let fill = vec![KernelArg::Buffer(a), KernelArg::U32(1), KernelArg::U32(16)];
+    let dims = |grid, block| Op::Launch {
+        module: m,
+        function: "fill".into(),
+        grid,
+        block,
+        shared_mem_bytes: 0,
+        args: fill.clone(),
+    };
+    let cases = [
+        Op::Alloc { bytes: max },
+        Op::CopyFromDevice {
+            src: a,
+            offset: 0,
+            len: max,
+        },
+        Op::CopyFromDevice {
+            src: a,
+            offset: 1,
+            len: max,
+        },
+        Op::CopyToDevice {
+            dst: a,
+            offset: max,
+            data: vec![0; 4].into(),
+        },
+        Op::Memset {
+            buffer: a,
+            offset: 0,
+            len: max,
+            value: 0,
+        },
+        Op::Memset {
+            buffer: a,
+            offset: max,
+            len: max,
+            value: 0,
+        },
+        Op::CopyDeviceToDevice {
+            src: a,
+            src_offset: 0,
+            dst: b,
+            dst_offset: 0,
+            len: max,
+        },
+        Op::CopyDeviceToDevice {
+            src: a,
+            src_offset: 8,
+            dst: a,
+            dst_offset: max,
+            len: max,
+        },
+        dims(all, Dim3::x(1)),
+        // Overflows u64 when multiplied (a panic in debug builds, a wrapped count in release).
+        dims(Dim3::x(1), all),
+        dims(all, all),
+        // Within every per-dimension limit, but 2^64 threads or more.
+        dims(
+            Dim3 {
+                x: i32::MAX as u32,
+                y: 65535,
+                z: 65535,
+            },
+            Dim3::x(1024),
+        ),
+    ];
+    for op in cases {
+        let e = dev.execute(&op, APP).unwrap_err();
+        assert_eq!(e.class(), ErrorClass::InvalidRequest, "{op:?}: {e}");
+    }
+    // Untouched.
+    memset(&mut *dev, a, 2);
+    assert_eq!(download(&mut *dev, a).unwrap(), vec![2; 64]);
+
+    // A simulated device larger than the host that simulates it: an allocation the host
+    // can never back is an invalid request, not an aborted process.
+    let huge = SimBackend::new(1, 1 << 62);
+    let mut dev = huge.open(0, 0).unwrap();
+    let e = dev.execute(&Op::Alloc { bytes: 1 << 50 }, APP).unwrap_err();
+    assert_eq!(e.class(), ErrorClass::InvalidRequest, "{e}");
+    assert!(e.to_string().contains("can never be allocated"), "{e}");
+    let Reply::MemInfo(mi) = dev.execute(&Op::MemInfo, APP).unwrap() else {
+        panic!()
+    };
+    assert_eq!(mi.free, 1 << 62, "nothing was accounted");
 }
 
 #[test]

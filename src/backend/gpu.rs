@@ -4,9 +4,9 @@
 //! the handle tables, the built-in kernels' argument checks, the replies and the pinned
 //! host memory set are written once, here, and tested without a GPU against host memory.
 
-use crate::backend::table::{DeviceBuffer, PinnedRanges, Tables};
+use crate::backend::table::{DeviceBuffer, PinnedRanges, Tables, check_host_alloc};
 use crate::backend::{DeviceContext, Origin};
-use crate::error::{GpuError, InvalidReason};
+use crate::error::{Api, GpuError, InvalidReason};
 use crate::kernels::BuiltinKernel;
 use crate::op::{
     BufferHandle, DeviceInfo, Dim3, KernelArg, MemInfo, ModuleHandle, ModuleSource, Op, OpKind, Payload, Reply,
@@ -146,6 +146,9 @@ pub(crate) fn execute<G: GpuCalls>(g: &mut G, op: &Op) -> Result<Reply, GpuError
         }
         Op::CopyFromDevice { src, offset, len } => {
             let from = g.device_ptr(kind, src, *offset)?;
+            // The backend allocates the result as a whole; a host that can never hold it
+            // must not abort the process. (HIP and CUDA share the codes 1 and 2.)
+            check_host_alloc(Api::Hip, kind, g.tables().device, *len)?;
             Reply::Data(Payload::from(g.copy_from_device(from, *len as usize)?))
         }
         Op::CopyDeviceToDevice {
@@ -229,7 +232,7 @@ mod tests {
     //! backends do around their calls, checked where no GPU is.
 
     use super::*;
-    use crate::error::{Api, ErrorClass};
+    use crate::error::ErrorClass;
 
     /// Device memory as host vectors; an address is (allocation, offset).
     struct Fake {
@@ -322,12 +325,15 @@ mod tests {
             self.call(OpKind::Alloc)?;
             let key = self.next;
             self.next += 1;
-            self.memory.insert(key, vec![0; bytes as usize]);
+            // Huge allocations are address space only: a test that touches them fails.
+            if bytes <= 1 << 30 {
+                self.memory.insert(key, vec![0; bytes as usize]);
+            }
             Ok(FakeBuffer { key, len: bytes })
         }
         fn free(&mut self, buffer: &FakeBuffer) -> Result<(), GpuError> {
             self.call(OpKind::Free)?;
-            self.memory.remove(&buffer.key).expect("freed once");
+            self.memory.remove(&buffer.key);
             Ok(())
         }
         fn copy_to_device(&mut self, dst: (u64, u64), data: &[u8]) -> Result<(), GpuError> {
@@ -475,6 +481,24 @@ mod tests {
         assert_eq!(g.fail_next, Some(700), "no call was made");
         // A call's own error comes back as it is.
         assert_eq!(class(execute(&mut g, &Op::Synchronize)), ErrorClass::Sticky);
+    }
+
+    #[test]
+    fn a_copy_to_the_host_that_the_host_can_never_hold_is_refused_before_any_call() {
+        let mut g = Fake::new();
+        // A device (and a buffer) larger than any host: the copy's result cannot be allocated.
+        g.info.total_memory = 1 << 62;
+        let huge = buffer(execute(&mut g, &Op::Alloc { bytes: 1 << 62 }).unwrap());
+        g.fail_next = Some(700); // a call would surface this sticky code
+        let copy = Op::CopyFromDevice {
+            src: huge,
+            offset: 0,
+            len: 1 << 62,
+        };
+        let e = execute(&mut g, &copy).expect_err("refused");
+        assert_eq!(e.class(), ErrorClass::InvalidRequest, "{e}");
+        assert!(e.to_string().contains("can never be allocated"), "{e}");
+        assert_eq!(g.fail_next, Some(700), "no call was made");
     }
 
     #[test]

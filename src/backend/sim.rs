@@ -42,7 +42,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
-use crate::backend::table::Tables;
+use crate::backend::table::{self, Tables};
 use crate::backend::{Backend, BackendKind, DeviceContext, Origin};
 use crate::config::{ConfigError, SimConfig, SimFlavour};
 use crate::error::{Api, ErrorClass, GpuError, InvalidReason, classify, hip};
@@ -327,7 +327,8 @@ impl SimDevice {
                 ),
             ));
         }
-        let threads = grid.volume() * block.volume();
+        // The tables refused dimensions whose product overflows.
+        let threads = kernels::total_threads(*grid, *block).unwrap_or(u64::MAX);
         Ok((kernel, n.min(threads)))
     }
 
@@ -337,6 +338,10 @@ impl SimDevice {
         match op {
             Op::LoadModule { source } => self.parse_module(source).map(|_| None),
             Op::Launch { .. } => self.check_launch(op).map(Some),
+            // The copy's result is allocated on the host at once.
+            Op::CopyFromDevice { len, .. } => {
+                table::check_host_alloc(Api::Sim, OpKind::CopyFromDevice, self.dev(), *len).map(|_| None)
+            }
             _ => Ok(None),
         }
     }
@@ -413,8 +418,15 @@ impl SimDevice {
                         format!("{bytes} bytes requested, {free} free"),
                     ));
                 }
+                // The simulated memory is host memory: a device larger than its host must
+                // not abort the process when it fills.
+                let mut memory = Vec::new();
+                if usize::try_from(*bytes).map_or(true, |n| memory.try_reserve_exact(n).is_err()) {
+                    return Err(table::host_alloc_error(Api::Sim, OpKind::Alloc, self.dev(), *bytes));
+                }
+                memory.resize(*bytes as usize, FRESH_MEMORY_BYTE);
                 let id = self.t.new_id();
-                self.t.buffers.insert(id, vec![FRESH_MEMORY_BYTE; *bytes as usize]);
+                self.t.buffers.insert(id, memory);
                 self.used += bytes;
                 Reply::Buffer(BufferHandle {
                     device: self.dev(),
@@ -447,10 +459,20 @@ impl SimDevice {
                 dst_offset,
                 len,
             } => {
-                let (s, l) = (*src_offset as usize, *len as usize);
-                let bytes = self.t.buffers[&src.id][s..s + l].to_vec();
-                let d = *dst_offset as usize;
-                self.t.buffers.get_mut(&dst.id).expect("validated")[d..d + l].copy_from_slice(&bytes);
+                // In place, without a host copy as large as the range.
+                let (s, d, l) = (*src_offset as usize, *dst_offset as usize, *len as usize);
+                if src.id == dst.id {
+                    self.t
+                        .buffers
+                        .get_mut(&src.id)
+                        .expect("validated")
+                        .copy_within(s..s + l, d);
+                } else {
+                    let [Some(from), Some(to)] = self.t.buffers.get_disjoint_mut([&src.id, &dst.id]) else {
+                        unreachable!("validated")
+                    };
+                    to[d..d + l].copy_from_slice(&from[s..s + l]);
+                }
                 Reply::Done
             }
             Op::Memset {

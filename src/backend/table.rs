@@ -1,12 +1,15 @@
 //! The handle tables every backend keeps for one device context, and the checks that reject
 //! bad requests before the GPU is touched: wrong device, stale epoch (`BufferLost`), unknown
-//! or forged handles, out-of-bounds ranges, overlapping copies, bad launch dimensions.
+//! or forged handles, out-of-bounds ranges, overlapping copies, bad launch dimensions —
+//! every size, offset and count with checked arithmetic, so an absurd one (a copy of
+//! `u64::MAX` bytes) is an invalid request, never a wrapped number or an out-of-memory error
+//! that would be retried. And the host memory an op needs ([`check_host_alloc`]).
 
 use std::collections::HashMap;
 
-use crate::error::{GpuError, InvalidReason};
+use crate::error::{Api, GpuError, InvalidReason, hip};
 use crate::kernels;
-use crate::op::{BufferHandle, ModuleHandle, Op, OpKind};
+use crate::op::{BufferHandle, MAX_BUFFER_BYTES, ModuleHandle, Op, OpKind};
 
 /// A device-side buffer that knows its length.
 pub(crate) trait DeviceBuffer {
@@ -163,6 +166,7 @@ impl<B: DeviceBuffer, M> Tables<B, M> {
             } => {
                 self.range(kind, src, *src_offset, *len)?;
                 self.range(kind, dst, *dst_offset, *len)?;
+                // Both ranges lie inside their buffers, so their ends cannot overflow.
                 let overlap = src.id == dst.id && *src_offset < dst_offset + len && *dst_offset < src_offset + len;
                 if overlap && *len > 0 {
                     return Err(self.invalid(kind, InvalidReason::OverlappingCopy));
@@ -189,6 +193,71 @@ impl<B: DeviceBuffer, M> Tables<B, M> {
             Op::LoadModule { .. } | Op::Synchronize | Op::MemInfo | Op::DeviceInfo => {}
         }
         Ok(())
+    }
+}
+
+/// Below this many bytes, [`check_host_alloc`] trusts the host (a host that cannot give a
+/// few megabytes is in trouble whatever hipvisor does); from it up, probing costs an `mmap`
+/// and a `munmap` of untouched pages, a few microseconds against milliseconds of copying.
+pub(crate) const HOST_PROBE_MIN_BYTES: u64 = 64 << 20;
+
+/// Checks that the host can allocate `len` bytes for `op` (a copy's result, which the
+/// backend allocates as a whole) before it is allocated: Rust aborts the process when an
+/// allocation fails, so an allocation that cannot succeed must be refused first.
+///
+/// - More than [`MAX_BUFFER_BYTES`] (no allocation can be larger), or a failed allocation of
+///   more than the host's RAM and swap together: it can never succeed on this host, an
+///   invalid request (`api`'s invalid-value code, 1 for HIP and CUDA alike).
+/// - A failed allocation that the host could hold at another time: out of memory (code 2),
+///   transient.
+///
+/// Requests under [`HOST_PROBE_MIN_BYTES`] are not probed. The probe reserves `len` bytes
+/// and frees them at once; the backend's own allocation can still fail if memory runs out
+/// in between.
+///
+/// # Errors
+/// The invalid-value or out-of-memory error above, for `op` on `device`.
+pub(crate) fn check_host_alloc(api: Api, op: OpKind, device: u32, len: u64) -> Result<(), GpuError> {
+    if len < HOST_PROBE_MIN_BYTES {
+        return Ok(());
+    }
+    let reserved = usize::try_from(len)
+        .ok()
+        .filter(|_| len <= MAX_BUFFER_BYTES)
+        .is_some_and(|n| Vec::<u8>::new().try_reserve_exact(n).is_ok());
+    if reserved {
+        Ok(())
+    } else {
+        Err(host_alloc_error(api, op, device, len))
+    }
+}
+
+/// The error for a host allocation of `len` bytes that failed (see [`check_host_alloc`]).
+pub(crate) fn host_alloc_error(api: Api, op: OpKind, device: u32, len: u64) -> GpuError {
+    let host = host_memory_bytes();
+    if len > MAX_BUFFER_BYTES || host.is_some_and(|total| len > total) {
+        let limit = match host {
+            Some(total) if total < MAX_BUFFER_BYTES => format!("this host's memory (RAM and swap: {total} bytes)"),
+            _ => format!("the largest host allocation ({MAX_BUFFER_BYTES} bytes)"),
+        };
+        let msg = format!("{len} bytes of host memory can never be allocated: more than {limit}");
+        return GpuError::api_with(api, hip::INVALID_VALUE, op, device, msg);
+    }
+    let msg = format!("cannot allocate {len} bytes of host memory now");
+    GpuError::api_with(api, hip::OUT_OF_MEMORY, op, device, msg)
+}
+
+/// The host's RAM and swap together, if the system says.
+fn host_memory_bytes() -> Option<u64> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        nix::sys::sysinfo::sysinfo()
+            .ok()
+            .map(|i| i.ram_total().saturating_add(i.swap_total()))
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        None
     }
 }
 
@@ -229,7 +298,134 @@ impl PinnedRanges {
 
 #[cfg(test)]
 mod tests {
-    use super::PinnedRanges;
+    use super::*;
+    use crate::error::ErrorClass;
+
+    #[test]
+    fn host_allocations_that_can_never_succeed_are_invalid_requests() {
+        let op = OpKind::CopyFromDevice;
+        check_host_alloc(Api::Sim, op, 0, HOST_PROBE_MIN_BYTES - 1).expect("small: not probed");
+        check_host_alloc(Api::Sim, op, 0, HOST_PROBE_MIN_BYTES).expect("64 MiB can be reserved");
+        for len in [u64::MAX, MAX_BUFFER_BYTES + 1, MAX_BUFFER_BYTES] {
+            let e = check_host_alloc(Api::Sim, op, 3, len).expect_err("more than any host holds");
+            assert_eq!(e.class(), ErrorClass::InvalidRequest, "{len}: {e}");
+            assert_eq!((e.op(), e.device()), (op, 3));
+            assert!(e.to_string().contains("can never be allocated"), "{e}");
+        }
+        // A failure the host could recover from is out of memory, transient.
+        let e = host_alloc_error(Api::Sim, op, 0, 1 << 20);
+        assert_eq!(e.class(), ErrorClass::Transient, "{e}");
+    }
+
+    #[test]
+    fn ranges_and_copies_near_u64_max_are_out_of_bounds() {
+        let mut t: Tables<Vec<u8>, ()> = Tables::new(0, 0);
+        t.buffers.insert(1, vec![0; 64]);
+        t.buffers.insert(2, vec![0; 64]);
+        let h = |id| BufferHandle {
+            device: 0,
+            epoch: 0,
+            id,
+            len: 64,
+        };
+        let max = u64::MAX;
+        let ops = [
+            Op::Alloc { bytes: max },
+            Op::CopyFromDevice {
+                src: h(1),
+                offset: 0,
+                len: max,
+            },
+            Op::CopyFromDevice {
+                src: h(1),
+                offset: max,
+                len: 1,
+            },
+            Op::CopyToDevice {
+                dst: h(1),
+                offset: max,
+                data: vec![0u8; 2].into(),
+            },
+            Op::Memset {
+                buffer: h(1),
+                offset: 1,
+                len: max,
+                value: 0,
+            },
+            Op::CopyDeviceToDevice {
+                src: h(1),
+                src_offset: max,
+                dst: h(2),
+                dst_offset: max,
+                len: 2,
+            },
+            Op::CopyDeviceToDevice {
+                src: h(1),
+                src_offset: 0,
+                dst: h(1),
+                dst_offset: 32,
+                len: max,
+            },
+        ];
+        for op in ops {
+            let e = t.validate(&op, 1 << 20).expect_err("invalid");
+            assert_eq!(e.class(), ErrorClass::InvalidRequest, "{op:?}: {e}");
+            // The host's own check, without the tables, agrees (allocations aside: only
+            // the device knows its memory).
+            if !matches!(op, Op::Alloc { .. }) {
+                op.check_sizes().expect_err("no device needed to refuse it");
+            }
+        }
+    }
+
+    #[test]
+    fn the_host_check_holds_ranges_to_the_largest_buffer_whatever_a_handle_claims() {
+        let forged = BufferHandle {
+            device: 0,
+            epoch: 0,
+            id: 1,
+            len: u64::MAX,
+        };
+        let op = Op::CopyFromDevice {
+            src: forged,
+            offset: 0,
+            len: 1 << 63,
+        };
+        assert_eq!(
+            op.check_sizes(),
+            Err(InvalidReason::OutOfBounds {
+                offset: 0,
+                len: 1 << 63,
+                buffer_len: MAX_BUFFER_BYTES
+            })
+        );
+        let ok = Op::CopyFromDevice {
+            src: forged,
+            offset: 8,
+            len: 1 << 20,
+        };
+        assert_eq!(ok.check_sizes(), Ok(()), "the tables decide about the handle itself");
+        assert_eq!(
+            Op::Alloc { bytes: 0 }.check_sizes(),
+            Err(InvalidReason::ZeroSizeAllocation)
+        );
+        let launch = Op::Launch {
+            module: crate::op::ModuleHandle { device: 0, id: 1 },
+            function: "fill".into(),
+            grid: crate::op::Dim3 {
+                x: u32::MAX,
+                y: u32::MAX,
+                z: u32::MAX,
+            },
+            block: crate::op::Dim3::x(1),
+            shared_mem_bytes: 0,
+            args: vec![],
+        };
+        assert!(matches!(
+            launch.check_sizes(),
+            Err(InvalidReason::BadLaunchConfig { .. })
+        ));
+    }
 
     #[test]
     fn pinned_ranges_contain_their_subslices_only() {
