@@ -1,6 +1,7 @@
 //! End-to-end: absurd sizes, offsets and launch dimensions are invalid requests — answered at
 //! once, never retried, never counted toward the circuit breaker, never a restart — in thread
-//! and in process isolation.
+//! and in process isolation. And user simulator modules: bad images and bad launch arguments
+//! are invalid requests too.
 
 mod common;
 
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 use common::{answered, config};
 use hipvisor::core::BreakerState;
 use hipvisor::core::config::Isolation;
+use hipvisor::core::kernels::{self, BuiltinKernel};
 use hipvisor::{Dim3, ErrorClass, KernelArg, ModuleSource, Op, Runtime, RuntimeConfig, RuntimeError};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_hipvisor-worker");
@@ -242,4 +244,107 @@ async fn absurd_sizes_are_invalid_requests_in_process_isolation() {
 #[ignore = "until actors/src/process.rs calls Op::check_sizes before preparing shared memory (issue 12, item 2)"]
 async fn absurd_copies_to_the_host_are_invalid_requests_in_process_isolation() {
     absurd_sizes_are_invalid_requests(Isolation::Process, true).await;
+}
+
+async fn user_sim_modules_are_checked(isolation: Isolation) {
+    let rt = start(isolation).await;
+    let gpu = rt.device(0).unwrap();
+    let a = gpu.alloc(64).await.unwrap();
+    let image = kernels::sim_module_image(&[BuiltinKernel::Fill, BuiltinKernel::Saxpy]);
+    let m = gpu
+        .load_module(ModuleSource::Image(image.clone().into()))
+        .await
+        .unwrap();
+    // A valid launch of the user module works.
+    gpu.launch(
+        m,
+        "fill",
+        1,
+        16,
+        vec![KernelArg::Buffer(a), KernelArg::U32(9), KernelArg::U32(16)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        kernels::u32s(gpu.copy_from_device(a, 0, 64).await.unwrap().as_bytes()),
+        vec![9; 16]
+    );
+    let load = |bytes: Vec<u8>| Op::LoadModule {
+        source: ModuleSource::Image(bytes.into()),
+    };
+    let mut not_utf8 = image.clone();
+    not_utf8.extend_from_slice(b"\n\xff\xfefill");
+    let cases = [
+        ("image cut inside its magic line", load(image[..10].to_vec())),
+        (
+            "image cut inside a kernel name",
+            load(image[..image.len() - 2].to_vec()),
+        ),
+        ("empty image", load(Vec::new())),
+        ("image with non-UTF-8 bytes", load(not_utf8)),
+        (
+            "too few arguments",
+            launch(m, "fill", Dim3::x(1), Dim3::x(16), vec![KernelArg::Buffer(a)]),
+        ),
+        (
+            "too many arguments",
+            launch(
+                m,
+                "fill",
+                Dim3::x(1),
+                Dim3::x(16),
+                vec![
+                    KernelArg::Buffer(a),
+                    KernelArg::U32(1),
+                    KernelArg::U32(16),
+                    KernelArg::U32(0),
+                ],
+            ),
+        ),
+        (
+            "an argument of the wrong type",
+            launch(
+                m,
+                "saxpy",
+                Dim3::x(1),
+                Dim3::x(16),
+                vec![
+                    KernelArg::U32(2),
+                    KernelArg::Buffer(a),
+                    KernelArg::Buffer(a),
+                    KernelArg::U32(16),
+                ],
+            ),
+        ),
+        (
+            "a buffer too small for n",
+            launch(
+                m,
+                "fill",
+                Dim3::x(1),
+                Dim3::x(32),
+                vec![KernelArg::Buffer(a), KernelArg::U32(1), KernelArg::U32(17)],
+            ),
+        ),
+        (
+            "a kernel the module does not have",
+            launch(m, "vector_add", Dim3::x(1), Dim3::x(16), vec![]),
+        ),
+    ];
+    for (what, op) in cases {
+        invalid(&rt, what, op).await;
+    }
+    let s = rt.shutdown().await;
+    assert_eq!(s.retries.attempts, 0, "no retry: {:?}", s.retries);
+    assert_eq!((s.restarts, s.sticky_faults, s.breaker_transitions), (0, 0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_sim_modules_are_checked_in_thread_isolation() {
+    user_sim_modules_are_checked(Isolation::Thread).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_sim_modules_are_checked_in_process_isolation() {
+    user_sim_modules_are_checked(Isolation::Process).await;
 }

@@ -509,6 +509,62 @@ fn absurd_sizes_and_dimensions_are_invalid_requests_never_out_of_memory() {
 }
 
 #[test]
+fn user_module_images_and_launch_arguments_are_checked() {
+    let backend = SimBackend::new(1, 1 << 20);
+    let mut dev = backend.open(0, 0).unwrap();
+    let image = kernels::sim_module_image(&[BuiltinKernel::Fill, BuiltinKernel::Saxpy]);
+    let load = |bytes: &[u8]| Op::LoadModule {
+        source: ModuleSource::Image(bytes.to_vec().into()),
+    };
+    let mut not_utf8 = image.clone();
+    not_utf8.extend_from_slice(b"\n\xff\xfefill");
+    let mut bad_magic = image.clone();
+    bad_magic[0] = 0xff;
+    for bytes in [
+        &image[..0],
+        &image[..5],
+        &image[..image.len() - 2], // "sax"
+        &not_utf8,
+        &bad_magic,
+    ] {
+        let e = dev.execute(&load(bytes), APP).unwrap_err();
+        assert!(
+            matches!(invalid_reason(e), InvalidReason::BadModuleImage { .. }),
+            "{bytes:?}"
+        );
+    }
+    let Reply::Module(m) = dev.execute(&load(&image), APP).unwrap() else {
+        panic!()
+    };
+    let b = alloc(&mut *dev, 64);
+    let buf = KernelArg::Buffer(b);
+    use KernelArg::{F32, U32};
+    for (kernel, args) in [
+        ("fill", vec![]),
+        ("fill", vec![buf]),
+        ("fill", vec![buf, U32(1), U32(16), U32(0)]),
+        ("fill", vec![buf, F32(1.0), U32(16)]),
+        ("fill", vec![U32(1), U32(1), U32(16)]),
+        ("saxpy", vec![U32(2), buf, buf, U32(16)]),
+        ("saxpy", vec![F32(2.0), buf, buf, U32(17)]),
+    ] {
+        let e = dev.execute(&launch(m, kernel, 16, args.clone()), APP).unwrap_err();
+        assert!(
+            matches!(invalid_reason(e), InvalidReason::BadArguments { .. }),
+            "{kernel} {args:?}"
+        );
+    }
+    let e = dev
+        .execute(&launch(m, "vector_add", 16, vec![buf, buf, buf, U32(16)]), APP)
+        .unwrap_err();
+    assert!(matches!(invalid_reason(e), InvalidReason::UnknownKernel { .. }));
+    // The module still works.
+    dev.execute(&launch(m, "fill", 16, vec![buf, U32(4), U32(16)]), APP)
+        .unwrap();
+    assert_eq!(u32s(&download(&mut *dev, b).unwrap()), vec![4; 16]);
+}
+
+#[test]
 fn user_modules_name_builtin_kernels() {
     let backend = SimBackend::new(1, 1 << 20);
     let mut dev = backend.open(0, 0).unwrap();
