@@ -191,6 +191,102 @@ async fn health_snapshot_and_dashboard_routes() {
     rt.shutdown().await;
 }
 
+/// Raises this process's soft limit on open files to its hard limit, which must be at least
+/// `need`; the limit, or `None` (the test skips) when the hard limit is lower.
+fn open_files_for(need: u64) -> Option<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    if hard < need {
+        eprintln!("skipped: the hard limit on open files ({hard}) is below the {need} this test needs");
+        return None;
+    }
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    }
+    Some(hard)
+}
+
+/// Whether the server has closed `s` (end of file or reset), without waiting.
+fn closed(s: &TcpStream) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let closed = match (&*s).read(&mut [0u8; 64]) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    };
+    s.set_nonblocking(false).unwrap();
+    closed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_1500_idle_connections_open_healthz_answers_within_a_second() {
+    const IDLE: usize = 1500;
+    // The connections' two ends are both in this process, with the runtime's own files.
+    if open_files_for(3000).is_none() {
+        return;
+    }
+    let cap = RuntimeConfig::default().telemetry.max_connections as usize;
+    let rt = start(config(vec![])).await;
+    let addr = rt.metrics_addr().unwrap();
+    tokio::task::spawn_blocking(move || {
+        let idle: Vec<TcpStream> = (0..IDLE).map(|_| TcpStream::connect(addr).expect("connect")).collect();
+        let t0 = Instant::now();
+        let (status, body) = get(addr, "/healthz");
+        let took = t0.elapsed();
+        assert_eq!((status, body.as_str()), (200, "ok\n"));
+        assert!(took < Duration::from_secs(1), "/healthz answered after {took:?}");
+        // The endpoint holds at most `cap` of them: it closed the others to admit new ones
+        // (which ones, and that they are the oldest idle, is tested in telemetry.rs with a
+        // long header timeout; here the 5 s header timeout may have closed some too, when
+        // opening took long: a full accept queue makes a connect wait a second for the
+        // retransmitted SYN).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let open = idle.iter().filter(|s| !closed(s)).count();
+            if open <= cap {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{open} of {IDLE} idle connections still open, the cap is {cap}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    })
+    .await
+    .unwrap();
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_header_is_closed_after_the_5_s_header_timeout() {
+    let rt = start(config(vec![])).await;
+    let addr = rt.metrics_addr().unwrap();
+    let after = tokio::task::spawn_blocking(move || {
+        let t0 = Instant::now();
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: te").unwrap();
+        let deadline = t0 + Duration::from_secs(20);
+        while !closed(&s) {
+            assert!(Instant::now() < deadline, "still open after {:?}", t0.elapsed());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        t0.elapsed()
+    })
+    .await
+    .unwrap();
+    assert!(
+        after >= Duration::from_millis(4500),
+        "closed after {after:?}: before the header timeout"
+    );
+    // The endpoint still answers.
+    let (status, _) = tokio::task::spawn_blocking(move || get(addr, "/healthz"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    rt.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_is_503_while_every_device_is_lost_and_200_when_one_returns() {
     let mut c = config(vec![FaultSpec {
