@@ -161,6 +161,62 @@ async fn an_out_of_memory_alloc_waits_for_free_memory() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alloc_waiting_for_memory_on_a_device_that_never_answers_is_answered_by_its_deadline() {
+    let deadline_ms = 2_000;
+    let mut c = config(1);
+    c.runtime.op_deadline_ms = deadline_ms;
+    c.retry.max_retries = 1_000;
+    c.retry.initial_delay_ms = 20;
+    c.retry.max_delay_ms = 20;
+    // The executor hangs (thread isolation cannot interrupt it): the mem-info the waiting
+    // alloc asks for is never answered by the device.
+    c.sim.faults.push(fault(|f| {
+        f.op = "memset".into();
+        f.nth = Some(1);
+        f.hang_ms = Some(4_000);
+    }));
+    let rt = start(c).await;
+    let gpu = rt.device(0).unwrap();
+    let a = gpu.alloc(600 << 10).await.unwrap();
+    let submitted = std::time::Instant::now();
+    let waiting = tokio::spawn({
+        let gpu = gpu.clone();
+        async move { gpu.alloc(600 << 10).await }
+    });
+    // A good part of its deadline spent waiting for memory, then the device stops answering.
+    eventually(T, "the alloc waits for memory", || async {
+        rt.snapshot().await.unwrap().retries.oom_waits >= 25
+    })
+    .await;
+    let hung = tokio::spawn({
+        let gpu = gpu.clone();
+        async move { gpu.memset(a, 0, 8, 1).await }
+    });
+    let result = answered(T, waiting).await.unwrap();
+    let took = submitted.elapsed();
+    assert!(
+        matches!(
+            result,
+            Err(RuntimeError::DeadlineExceeded {
+                may_have_executed: false,
+                ..
+            })
+        ),
+        "{result:?}"
+    );
+    assert!(
+        took <= Duration::from_millis(deadline_ms + 500),
+        "answered {took:?} after it was submitted, past its deadline"
+    );
+    assert!(matches!(
+        answered(T, hung).await.unwrap(),
+        Err(RuntimeError::DeadlineExceeded { .. })
+    ));
+    let s = rt.shutdown().await;
+    assert_eq!(s.ops_total, s.ops_succeeded + s.ops_failed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_alloc_that_can_never_fit_is_invalid_not_retried() {
     let rt = start(config(1)).await;
     let gpu = rt.device(0).unwrap();

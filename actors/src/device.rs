@@ -42,6 +42,18 @@ pub(crate) struct Current {
     pub(crate) op: OpKind,
 }
 
+/// What the executors of a device are doing, for the watchdog: the ops running now, and how
+/// many executors are taking jobs from the queue. While none is (every executor is inside
+/// an op, opening its context, or there is none), the queue is nobody's but the watchdog's,
+/// which may then take it apart and put it back (see [`DeviceCore::sweep`]). Executors
+/// change phase under this lock at the two points where they already took it for the
+/// running ops, so the phase costs the hot path nothing more.
+#[derive(Default)]
+pub(crate) struct Running {
+    pub(crate) ops: Vec<Current>,
+    pub(crate) takers: u32,
+}
+
 /// What every part of the runtime shares about one device.
 pub(crate) struct DeviceCore {
     pub(crate) index: u32,
@@ -62,8 +74,15 @@ pub(crate) struct DeviceCore {
     pub(crate) quarantined: RwLock<HashSet<(u64, String)>>,
     /// Modules loaded on the device (id → source), reloaded into a new context.
     pub(crate) modules: Mutex<BTreeMap<u64, ModuleSource>>,
-    /// The ops the executor is running now: one, or a batch.
-    pub(crate) current: Mutex<Vec<Current>>,
+    /// The ops the executor is running now (one, or a batch), and whether an executor is
+    /// taking jobs from the queue.
+    pub(crate) current: Mutex<Running>,
+    /// The earliest deadline of the jobs queued *again* (retries, moves, requeues) since the
+    /// watchdog last looked, in nanoseconds after `born` (`u64::MAX`: none). A first
+    /// submission needs no note: its deadline is its admission time plus `deadline`, so the
+    /// watchdog knows a bound for it without looking.
+    requeued_deadline: AtomicU64,
+    born: Instant,
     /// First attempts submitted, read by the supervisor's retry budget.
     pub(crate) requests: AtomicU64,
     /// Stop flag of the executor running now.
@@ -95,7 +114,9 @@ impl DeviceCore {
             breaker_successes: AtomicU64::new(0),
             quarantined: RwLock::new(HashSet::new()),
             modules: Mutex::new(BTreeMap::new()),
-            current: Mutex::new(Vec::new()),
+            current: Mutex::new(Running::default()),
+            requeued_deadline: AtomicU64::new(u64::MAX),
+            born: Instant::now(),
             requests: AtomicU64::new(0),
             executor_stop: Mutex::new(Arc::new(AtomicBool::new(false))),
             deadline,
@@ -257,23 +278,107 @@ impl DeviceCore {
         let _ = lane.send(Work::Job(job));
     }
 
+    /// Queues a job whose deadline is older than a first submission's (a retry, a move):
+    /// the watchdog is told of its deadline first.
+    pub(crate) fn enqueue_again(&self, job: Job) {
+        self.note_deadline(job.deadline);
+        self.enqueue(job);
+    }
+
     /// Queues a job that was taken from a queue but did not run (its executor stopped, its
     /// batch's engine was poisoned before it started): on the priority lane, so it runs
-    /// before the jobs that were queued behind it.
+    /// before the jobs that were queued behind it. (Use [`Shared::requeue`], which also
+    /// answers it when the device is out of service.)
     pub(crate) fn requeue(&self, job: Job) {
+        self.note_deadline(job.deadline);
         let _ = self.priority.0.send(Work::Job(job));
+    }
+
+    /// Tells the watchdog that a job with this deadline is (about to be) queued. Before the
+    /// job is sent: a watchdog that sees the job in the queue has seen its note.
+    fn note_deadline(&self, deadline: Instant) {
+        let at = deadline.saturating_duration_since(self.born).as_nanos();
+        self.requeued_deadline
+            .fetch_min(u64::try_from(at).unwrap_or(u64::MAX - 1), Ordering::AcqRel);
+    }
+
+    /// The earliest deadline noted since the last call, if any.
+    pub(crate) fn take_requeued_deadline(&self) -> Option<Instant> {
+        match self.requeued_deadline.swap(u64::MAX, Ordering::AcqRel) {
+            u64::MAX => None,
+            at => Some(self.born + Duration::from_nanos(at)),
+        }
+    }
+
+    /// Whether nothing is queued.
+    pub(crate) fn queue_is_empty(&self) -> bool {
+        self.priority.1.is_empty() && self.jobs.1.is_empty()
+    }
+
+    /// Takes everything queued (the priority lane first, each lane in order): the jobs, and
+    /// the other work items (wake-ups), which are the executor's and must be put back with
+    /// [`DeviceCore::put_back`].
+    pub(crate) fn take_queue(&self) -> (Vec<Job>, Vec<Work>) {
+        let mut jobs = Vec::new();
+        let mut other = Vec::new();
+        for rx in [&self.priority.1, &self.jobs.1] {
+            while let Ok(w) = rx.try_recv() {
+                match w {
+                    Work::Job(job) => jobs.push(job),
+                    w => other.push(w),
+                }
+            }
+        }
+        (jobs, other)
+    }
+
+    /// Puts work taken with [`DeviceCore::take_queue`] back, in order, on the priority lane:
+    /// ahead of whatever was queued on the other lane meanwhile, so jobs keep their order.
+    /// Their deadlines are noted for the watchdog (which may have seen the queue empty
+    /// meanwhile).
+    pub(crate) fn put_back(&self, jobs: impl IntoIterator<Item = Job>, other: Vec<Work>) {
+        let jobs: Vec<Job> = jobs.into_iter().collect();
+        if let Some(earliest) = jobs.iter().map(|j| j.deadline).min() {
+            self.note_deadline(earliest);
+        }
+        for w in other.into_iter().chain(jobs.into_iter().map(Work::Job)) {
+            let _ = self.priority.0.send(w);
+        }
     }
 
     /// Answers every queued job with `error(job)` (a failed device, shutdown).
     pub(crate) fn drain(&self, error: impl Fn(&Job) -> RuntimeError) {
-        for rx in [&self.priority.1, &self.jobs.1] {
-            while let Ok(w) = rx.try_recv() {
-                if let Work::Job(job) = w {
-                    let e = error(&job);
-                    job.answer(Err(e), &self.counters);
-                }
-            }
+        let (jobs, other) = self.take_queue();
+        for job in jobs {
+            let e = error(&job);
+            job.answer(Err(e), &self.counters);
         }
+        self.put_back([], other);
+    }
+
+    /// The watchdog's pass over a queue nobody is taking from (`running.takers == 0`, held
+    /// locked by the caller so no executor starts taking): answers the jobs whose deadline
+    /// has passed with `DeadlineExceeded`, forgets those answered already, and puts the rest
+    /// back in order. Returns the earliest deadline left in the queue.
+    pub(crate) fn sweep(&self, running: &Running, now: Instant) -> Option<Instant> {
+        debug_assert_eq!(running.takers, 0, "an executor is taking from the queue");
+        let (jobs, other) = self.take_queue();
+        let mut earliest: Option<Instant> = None;
+        let mut kept = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            if job.slot.is_answered() {
+                continue;
+            }
+            if now >= job.deadline {
+                let e = self.deadline_exceeded(job.kind(), false);
+                job.answer(Err(e), &self.counters);
+                continue;
+            }
+            earliest = Some(earliest.map_or(job.deadline, |e| e.min(job.deadline)));
+            kept.push(job);
+        }
+        self.put_back(kept, other);
+        earliest
     }
 
     /// A new job for `op` answering through `port`.
@@ -664,5 +769,74 @@ impl DeviceHandle {
     /// The op's typed error.
     pub async fn device_info(&self) -> Result<DeviceInfo, RuntimeError> {
         expect_reply!(self.submit(Op::DeviceInfo).await, Reply::DeviceInfo(i) => i)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sweep_answers_the_jobs_past_their_deadline_and_keeps_the_rest_in_order() {
+        let core = DeviceCore::new(0, 16, Duration::from_secs(10), &BreakerConfig::default());
+        let now = Instant::now();
+        let mut answers = Vec::new();
+        // Each job's deadline tells it apart: `seconds` from now (0: past it already).
+        let mut job = |lane_runtime: bool, seconds: u64| {
+            let (tx, rx) = tokio::sync::oneshot::channel::<OpResult>();
+            let origin = if lane_runtime {
+                Origin::Runtime
+            } else {
+                Origin::Application
+            };
+            let mut job = core.job(Op::MemInfo, origin, tx.into(), None);
+            job.deadline = match seconds {
+                0 => now - Duration::from_millis(1),
+                s => now + Duration::from_secs(s),
+            };
+            answers.push(rx);
+            job
+        };
+        let jobs = [
+            job(false, 3), // 0
+            job(false, 0), // 1: past its deadline
+            job(true, 5),  // 2: on the priority lane
+            job(false, 4), // 3
+        ];
+        let ids: Vec<_> = jobs.iter().map(|j| j.deadline).collect();
+        let answered_first = {
+            let (tx, _rx) = tokio::sync::oneshot::channel::<OpResult>();
+            let j = core.job(Op::MemInfo, Origin::Application, tx.into(), None);
+            j.slot.answer(Err(RuntimeError::ShuttingDown), 1, &core.counters);
+            j
+        };
+        for j in jobs {
+            core.enqueue(j);
+        }
+        core.enqueue(answered_first);
+        let _ = core.priority.0.send(Work::Wake);
+        let running = Running::default();
+        let earliest = core.sweep(&running, now);
+        assert_eq!(earliest, Some(ids[0]));
+        assert!(matches!(
+            answers[1].try_recv(),
+            Ok(Err(RuntimeError::DeadlineExceeded {
+                may_have_executed: false,
+                ..
+            }))
+        ));
+        // Everything else is back, in order (priority lane first), on the priority lane; the
+        // wake-up too; the job answered already is gone.
+        assert!(core.jobs.1.is_empty());
+        let back: Vec<Option<Instant>> = core
+            .priority
+            .1
+            .try_iter()
+            .map(|w| match w {
+                Work::Job(j) => Some(j.deadline),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(back, vec![None, Some(ids[2]), Some(ids[0]), Some(ids[3])]);
     }
 }

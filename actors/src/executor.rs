@@ -186,6 +186,8 @@ fn run(
     let Some(mut engine) = engine else { return };
     let core = &shared.cores[device as usize];
     let mut suspects: Vec<(u64, String)> = Vec::new();
+    let mut phase = Phase { core, taking: false };
+    phase.take();
     // A job taken while gathering a batch that could not join it: it runs next.
     let mut carried: Option<Job> = None;
     while !stop.load(Ordering::Acquire) {
@@ -198,14 +200,14 @@ fn run(
         };
         if stop.load(Ordering::Acquire) {
             // Not ours any more: put it back for the next executor, or shutdown's drain.
-            core.requeue(job);
+            shared.requeue(job);
             break;
         }
         let Some((batcher, cost)) = engine
             .batches()
             .and_then(|b| b.batch_cost(&job.op).map(|cost| (b, cost)))
         else {
-            if !execute(&shared, core, &mut *engine, job, &mut suspects, epoch) {
+            if !execute(&shared, core, &mut phase, &mut *engine, job, &mut suspects, epoch) {
                 break;
             }
             continue;
@@ -230,16 +232,60 @@ fn run(
         }
         let go_on = if batch.len() == 1 {
             let job = batch.pop().expect("one job");
-            execute(&shared, core, &mut *engine, job, &mut suspects, epoch)
+            execute(&shared, core, &mut phase, &mut *engine, job, &mut suspects, epoch)
         } else {
-            execute_batch(&shared, core, batcher, batch, &mut suspects, epoch)
+            execute_batch(&shared, core, &mut phase, batcher, batch, &mut suspects, epoch)
         };
         if !go_on {
             break;
         }
     }
+    phase.leave();
     if let Some(job) = carried {
-        core.requeue(job);
+        shared.requeue(job);
+    }
+}
+
+/// An executor's phase, as the watchdog sees it in [`crate::device::Running`]: taking jobs
+/// from the queue, or not (inside an op, opening its engine, ended).
+struct Phase<'a> {
+    core: &'a DeviceCore,
+    taking: bool,
+}
+
+impl Phase<'_> {
+    /// Between ops: no op running, taking jobs from the queue.
+    fn take(&mut self) {
+        let mut running = self.core.current.lock().unwrap_or_else(|p| p.into_inner());
+        running.ops.clear();
+        if !self.taking {
+            running.takers += 1;
+            self.taking = true;
+        }
+    }
+
+    /// Running `jobs`: the watchdog watches their deadlines, and owns the queue meanwhile.
+    fn run<'j>(&mut self, jobs: impl IntoIterator<Item = &'j Job>) {
+        let mut running = self.core.current.lock().unwrap_or_else(|p| p.into_inner());
+        running.ops.clear();
+        running.ops.extend(jobs.into_iter().map(|job| Current {
+            slot: job.slot.clone(),
+            deadline: job.deadline,
+            op: job.kind(),
+        }));
+        if self.taking {
+            running.takers -= 1;
+            self.taking = false;
+        }
+    }
+
+    /// The executor ends (the ops it was running, if any, stay for whoever answers them).
+    fn leave(&mut self) {
+        if self.taking {
+            let mut running = self.core.current.lock().unwrap_or_else(|p| p.into_inner());
+            running.takers -= 1;
+            self.taking = false;
+        }
     }
 }
 
@@ -319,34 +365,24 @@ fn record_outcome(span: &tracing::Span, exec: &Exec) {
     );
 }
 
-/// What the watchdog sees of the ops running now.
-fn set_current<'a>(core: &DeviceCore, jobs: impl IntoIterator<Item = &'a Job>) {
-    let mut current = core.current.lock().unwrap_or_else(|p| p.into_inner());
-    current.clear();
-    current.extend(jobs.into_iter().map(|job| Current {
-        slot: job.slot.clone(),
-        deadline: job.deadline,
-        op: job.kind(),
-    }));
-}
-
 /// Runs one job; `false` when the executor must end (its engine died or is poisoned).
 fn execute(
     shared: &Shared,
     core: &DeviceCore,
+    phase: &mut Phase<'_>,
     engine: &mut dyn Engine,
     job: Job,
     suspects: &mut Vec<(u64, String)>,
     epoch: u64,
 ) -> bool {
     let Some(job) = admit(core, job) else { return true };
-    set_current(core, [&job]);
+    phase.run([&job]);
     let span = op_span(core, &job);
     let result = span.in_scope(|| engine.run(&job.op, job.origin));
     record_outcome(&span, &result);
     // Closed (and exported) before the answer: a caller that exits on it loses no span.
     drop(span);
-    set_current(core, []);
+    phase.take();
     let poisoned = matches!(&result, Exec::Done(Err(e)) if engine.poisoned_by(e));
     let mut died = None;
     let go_on = finish(shared, core, poisoned, job, result, suspects, epoch, &mut died);
@@ -359,6 +395,7 @@ fn execute(
 fn execute_batch(
     shared: &Shared,
     core: &DeviceCore,
+    phase: &mut Phase<'_>,
     engine: &mut dyn Batches,
     batch: Vec<Job>,
     suspects: &mut Vec<(u64, String)>,
@@ -368,7 +405,7 @@ fn execute_batch(
     if batch.is_empty() {
         return true;
     }
-    set_current(core, &batch);
+    phase.run(&batch);
     // The engine takes its own copy of the ops; each job is answered as its result comes.
     let ops: Vec<(Op, Origin)> = batch.iter().map(|job| (job.op.clone(), job.origin)).collect();
     // Spans open now, so each covers the batch up to its op's answer.
@@ -391,7 +428,7 @@ fn execute_batch(
         drop(span); // before the answer, as in `execute`
         go_on &= finish(shared, core, poisoned, job, result, suspects, epoch, &mut died);
     });
-    set_current(core, []);
+    phase.take();
     report_death(shared, core, epoch, died, suspects);
     for (mut job, _) in pending {
         // Did not start: the engine was poisoned by an op before it. It runs on the next
@@ -407,7 +444,7 @@ fn execute_batch(
             continue;
         }
         job.attempts -= 1;
-        core.requeue(job);
+        shared.requeue(job);
     }
     go_on
 }
@@ -541,7 +578,7 @@ fn finish(
             death.loading |= may_have_executed && job.kind() == OpKind::LoadModule;
             if reruns_transparently(&job.op, job.origin, may_have_executed, death.is_gpu_fault(suspects)) {
                 job.attempts -= 1;
-                core.requeue(job);
+                shared.requeue(job);
             } else {
                 let e = RuntimeError::DeviceRestarted {
                     device: core.index,

@@ -145,6 +145,49 @@ impl Shared {
             to,
             reason,
         });
+        // A device out of service keeps nothing queued.
+        self.settle_dead_queue(device);
+    }
+
+    /// Answers what is queued for a device that is out of service: everything (with
+    /// `DeviceFailed`) when it has failed; when it is lost, the application's ops, which move
+    /// to a ready device if they may ([`Shared::movable`]) and are answered `DeviceLost`
+    /// otherwise — the runtime's own ops (the probe that watches for its return) stay. Does
+    /// nothing for a ready or restarting device.
+    pub(crate) fn settle_dead_queue(&self, device: u32) {
+        let core = &self.cores[device as usize];
+        match core.state.get() {
+            DeviceState::Ready | DeviceState::Restarting => {}
+            DeviceState::Failed => core.drain(|_| core.failed_error(false)),
+            DeviceState::Lost => {
+                let (jobs, other) = core.take_queue();
+                let mut stay = Vec::new();
+                for job in jobs {
+                    if job.slot.is_answered() {
+                        continue;
+                    }
+                    if job.origin == Origin::Runtime {
+                        stay.push(job);
+                    } else {
+                        self.resubmit(job);
+                    }
+                }
+                core.put_back(stay, other);
+            }
+        }
+    }
+
+    /// Queues a job again on the priority lane of its device (it was taken but did not run:
+    /// see [`DeviceCore::requeue`]); answered at once if the device is out of service by now.
+    pub(crate) fn requeue(&self, job: Job) {
+        let device = job.device;
+        let core = &self.cores[device as usize];
+        core.requeue(job);
+        // After the job is in: a drain that ran before it cannot have taken it, so look again.
+        // (A drain racing with this is caught by the watchdog's next look.)
+        if matches!(core.state.get(), DeviceState::Failed | DeviceState::Lost) {
+            self.settle_dead_queue(device);
+        }
     }
 
     /// The least-loaded ready device other than `except`.
@@ -319,22 +362,40 @@ impl Shared {
                     job.device = other;
                     let to = &self.cores[other as usize];
                     job.slot.retarget(to.counters.clone());
-                    to.enqueue(job);
+                    to.enqueue_again(job);
+                    if matches!(to.state.get(), DeviceState::Failed | DeviceState::Lost) {
+                        self.settle_dead_queue(other);
+                    }
                 }
                 None => {
                     job.answer(Err(core.lost_error()), &core.counters);
                 }
             },
-            DeviceState::Ready | DeviceState::Restarting => core.enqueue(job),
+            DeviceState::Ready | DeviceState::Restarting => {
+                let device = job.device;
+                core.enqueue_again(job);
+                // Out of service since it was looked at: nothing waits in its queue.
+                if matches!(core.state.get(), DeviceState::Failed | DeviceState::Lost) {
+                    self.settle_dead_queue(device);
+                }
+            }
         }
     }
 
     /// Runs an op of the runtime's own on the device's priority lane (never faulted by the
     /// simulator's plan, never waiting behind the in-flight bound).
+    /// A failed device answers at once; otherwise the op is answered by its deadline at the
+    /// latest, like any queued op.
     pub(crate) async fn runtime_op(&self, device: u32, op: Op) -> OpResult {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let core = &self.cores[device as usize];
+        if core.state.get() == DeviceState::Failed {
+            return Err(core.failed_error(false));
+        }
         core.enqueue(core.job(op, Origin::Runtime, tx.into(), None));
+        if core.state.get() == DeviceState::Failed {
+            self.settle_dead_queue(device);
+        }
         rx.await.unwrap_or(Err(RuntimeError::ShuttingDown))
     }
 
@@ -358,54 +419,78 @@ impl Shared {
         }
     }
 
-    /// The watchdog's check: answers an op running past its deadline (a hung kernel) and,
-    /// while the executor is stuck, the queued ops whose deadlines have passed.
-    fn watch(&self) {
+    /// The watchdog's check, every quarter of `runtime.op_deadline_ms` (at most every
+    /// 100 ms):
+    ///
+    /// - an op running past its deadline (a hung kernel) is answered `DeadlineExceeded {
+    ///   may_have_executed: true }`; in process isolation its worker is killed, and the
+    ///   supervisor restarts the device;
+    /// - the queue of a device out of service is settled (a job queued again after the
+    ///   drain that its state change made);
+    /// - queued ops are answered at their deadline whatever their device does: when an op
+    ///   in the queue may have reached its deadline and no executor is taking from the queue
+    ///   (each is inside an op, starting a worker, or there is none), the queue is taken
+    ///   apart, the ops past their deadline answered and the rest put back in order.
+    ///
+    /// `due[d]` is when device `d`'s queue may next hold an op past its deadline: no sooner
+    /// than the earliest deadline left by the last sweep, nor than the time of that sweep
+    /// plus the op deadline (every op queued since is a first submission, whose deadline is
+    /// its admission plus the op deadline) — unless an op was queued again since, with its
+    /// old deadline, which its device notes ([`DeviceCore::take_requeued_deadline`]). So a
+    /// healthy device's queue is never taken apart, and the hot path keeps no index.
+    fn watch(&self, due: &mut [Instant]) {
         let now = Instant::now();
-        for core in &self.cores {
-            let overdue: Vec<(ReplySlot, OpKind)> = core
-                .current
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
+        for (core, due) in self.cores.iter().zip(due.iter_mut()) {
+            let running = core.current.lock().unwrap_or_else(|p| p.into_inner());
+            let overdue: Vec<(ReplySlot, OpKind)> = running
+                .ops
                 .iter()
                 .filter(|c| now >= c.deadline && !c.slot.is_answered())
                 .map(|c| (c.slot.clone(), c.op))
                 .collect();
-            let Some(&(_, op)) = overdue.first() else { continue };
-            let deadline_ms = core.deadline.as_millis() as u64;
-            tracing::warn!(
-                device = core.index,
-                op = op.as_str(),
-                deadline_ms,
-                "op hung past its deadline"
-            );
-            // In a batch, the ops past their deadline may be the hung one or ones queued
-            // behind it in the worker: either may have executed.
-            for (slot, op) in overdue {
-                slot.answer(Err(core.deadline_exceeded(op, true)), 1, &core.counters);
-            }
-            if self.config.runtime.isolation == Isolation::Process {
-                // A hung kernel: kill the worker; the supervisor restarts the device.
-                core.kill_worker();
-                continue;
-            }
-            // The executor is stuck: answer what is overdue in its queues, keep the rest.
-            let mut keep = Vec::new();
-            for rx in [&core.priority.1, &core.jobs.1] {
-                while let Ok(w) = rx.try_recv() {
-                    if let Work::Job(job) = w {
-                        if now >= job.deadline {
-                            let e = core.deadline_exceeded(job.kind(), false);
-                            job.answer(Err(e), &core.counters);
-                        } else {
-                            keep.push(job);
-                        }
-                    }
+            if let Some(&(_, op)) = overdue.first() {
+                let deadline_ms = core.deadline.as_millis() as u64;
+                tracing::warn!(
+                    device = core.index,
+                    op = op.as_str(),
+                    deadline_ms,
+                    "op hung past its deadline"
+                );
+                // In a batch, the ops past their deadline may be the hung one or ones queued
+                // behind it in the worker: either may have executed.
+                for (slot, op) in overdue {
+                    slot.answer(Err(core.deadline_exceeded(op, true)), 1, &core.counters);
+                }
+                if self.config.runtime.isolation == Isolation::Process {
+                    // A hung kernel: kill the worker; the supervisor restarts the device.
+                    core.kill_worker();
                 }
             }
-            for job in keep {
-                core.enqueue(job);
+            if core.queue_is_empty() {
+                // Anything queued from now on has a deadline after this (or noted).
+                *due = core
+                    .take_requeued_deadline()
+                    .map_or(now + core.deadline, |d| d.min(now + core.deadline));
+                continue;
             }
+            if matches!(core.state.get(), DeviceState::Failed | DeviceState::Lost) {
+                // What was queued after the drain of its state change. (What stays, the
+                // runtime's own ops on a lost device, is still answered by its deadline.)
+                self.settle_dead_queue(core.index);
+                if core.queue_is_empty() {
+                    continue;
+                }
+            }
+            if let Some(d) = core.take_requeued_deadline() {
+                *due = (*due).min(d);
+            }
+            if now < *due || running.takers > 0 {
+                // Not yet; or an executor is taking from the queue, and answers what is past
+                // its deadline as it takes it.
+                continue;
+            }
+            let left = core.sweep(&running, now);
+            *due = left.map_or(now + core.deadline, |d| d.min(now + core.deadline));
         }
     }
 }
@@ -614,9 +699,10 @@ impl RuntimeBuilder {
         let s = shared.clone();
         tasks.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(watch_every);
+            let mut due: Vec<Instant> = s.cores.iter().map(|c| Instant::now() + c.deadline).collect();
             loop {
                 tick.tick().await;
-                s.watch();
+                s.watch(&mut due);
             }
         }));
         #[cfg(feature = "prometheus")]
@@ -840,6 +926,7 @@ impl Runtime {
                     .current
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
+                    .ops
                     .iter()
                     .map(|c| c.slot.clone())
                     .collect();
@@ -888,5 +975,98 @@ impl Shared {
         };
         let (actor, _) = Actor::spawn_linked(None, DeviceActor, args, supervisor).await?;
         Ok(actor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hipvisor_core::config::Isolation;
+
+    /// One simulated device on a thread, ops with a 200 ms deadline (the watchdog looks
+    /// every 50 ms).
+    async fn runtime() -> Runtime {
+        let mut c = RuntimeConfig::default();
+        c.runtime.isolation = Isolation::Thread;
+        c.sim.devices = 1;
+        c.sim.memory_bytes = 1 << 20;
+        c.runtime.op_deadline_ms = 200;
+        Runtime::builder().config(c).start().await.expect("runtime starts")
+    }
+
+    /// Stops device 0's executor and waits until it no longer takes from the queue.
+    async fn without_executor(rt: &Runtime) {
+        let core = &rt.shared.cores[0];
+        core.executor_stop.lock().unwrap().store(true, Ordering::Release);
+        let _ = core.priority.0.send(Work::Wake);
+        let until = Instant::now() + Duration::from_secs(10);
+        while core.current.lock().unwrap().takers > 0 {
+            assert!(Instant::now() < until, "the executor did not stop");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    fn mem_info_job(core: &DeviceCore) -> (Job, tokio::sync::oneshot::Receiver<OpResult>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (core.job(Op::MemInfo, Origin::Application, tx.into(), None), rx)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_queued_again_on_a_failed_device_after_its_drain_is_answered_at_once() {
+        let rt = runtime().await;
+        without_executor(&rt).await;
+        rt.shared.set_state(0, DeviceState::Failed, Some("test".into()));
+        let (job, mut rx) = mem_info_job(&rt.shared.cores[0]);
+        rt.shared.requeue(job);
+        match rx.try_recv() {
+            Ok(Err(RuntimeError::DeviceFailed { device: 0, .. })) => {}
+            other => panic!("expected DeviceFailed at once, got {other:?}"),
+        }
+        rt.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_left_in_a_failed_devices_queue_is_answered_by_the_watchdog() {
+        let rt = runtime().await;
+        without_executor(&rt).await;
+        rt.shared.set_state(0, DeviceState::Failed, Some("test".into()));
+        let core = &rt.shared.cores[0];
+        let (job, rx) = mem_info_job(core);
+        // As a requeue racing with the drain would leave it.
+        core.requeue(job);
+        match tokio::time::timeout(Duration::from_secs(2), rx).await {
+            Ok(Ok(Err(RuntimeError::DeviceFailed { device: 0, .. }))) => {}
+            other => panic!("expected DeviceFailed from the watchdog, got {other:?}"),
+        }
+        rt.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_queued_job_nobody_takes_is_answered_at_its_deadline() {
+        let rt = runtime().await;
+        without_executor(&rt).await;
+        // Restarting, with no executor: nobody takes the queue, nothing drains it.
+        rt.shared.set_state(0, DeviceState::Restarting, Some("test".into()));
+        let core = &rt.shared.cores[0];
+        let submitted = Instant::now();
+        let (job, rx) = mem_info_job(core);
+        let deadline = job.deadline;
+        core.enqueue(job);
+        match tokio::time::timeout(Duration::from_secs(2), rx).await {
+            Ok(Ok(Err(RuntimeError::DeadlineExceeded {
+                may_have_executed: false,
+                ..
+            }))) => {}
+            other => panic!("expected DeadlineExceeded, got {other:?}"),
+        }
+        let now = Instant::now();
+        assert!(now >= deadline, "answered before its deadline");
+        // The watchdog looks every 50 ms.
+        assert!(
+            now - submitted <= Duration::from_millis(200 + 150),
+            "answered {:?} after it was queued",
+            now - submitted
+        );
+        rt.shutdown().await;
     }
 }

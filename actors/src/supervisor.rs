@@ -25,6 +25,10 @@
 //!   a ready device, others are answered `DeviceLost`; a probe every
 //!   `lost_probe_interval_ms` brings the device back when it answers again.
 //!
+//! A device that fails or is lost keeps nothing queued: its state change answers (or moves)
+//! what is queued for it, and what is queued again later (a requeue, a retry) is answered as
+//! it arrives ([`Shared::settle_dead_queue`]).
+//!
 //! Restarts (a panicking device actor, a panicking executor) follow the restart intensity:
 //! at most `max_restarts` per `restart_window_ms`, with a backoff between restarts; beyond
 //! it the device is `Failed`. Ractor's default supervision (stop when a child stops) is
@@ -405,11 +409,24 @@ impl SupervisorState {
             loop {
                 tokio::time::sleep(delay).await;
                 let Some(bytes) = oom_bytes else { break };
-                // OOM gating: resubmit once the bytes are free, or when the backoff runs out.
-                match shared.mem_info(job.device).await {
-                    Ok(m) if m.free >= bytes => break,
-                    Ok(_) => shared.cores[job.device as usize].counters.oom_wait(),
-                    Err(_) => break,
+                // OOM gating: resubmit once the bytes are free, or when the backoff runs out —
+                // or at once when the device is not ready (the resubmission moves the op or
+                // answers it, or queues it for the restarting device, by its deadline).
+                let core = &shared.cores[job.device as usize];
+                if core.state.get() != DeviceState::Ready {
+                    break;
+                }
+                // A device that does not answer its mem-info holds the op no longer than its
+                // deadline.
+                match tokio::time::timeout_at(job.deadline.into(), shared.mem_info(job.device)).await {
+                    Ok(Ok(m)) if m.free >= bytes => break,
+                    Ok(Ok(_)) => core.counters.oom_wait(),
+                    Ok(Err(_)) => break,
+                    Err(_) => {
+                        let e = core.deadline_exceeded(job.kind(), false);
+                        job.answer(Err(e), &core.counters);
+                        return;
+                    }
                 }
                 match job.backoff.as_mut().and_then(|b| b.next_delay(&mut rng)) {
                     Some(d) if Instant::now() + d < job.deadline => delay = d,
@@ -513,11 +530,11 @@ impl SupervisorState {
         }
     }
 
-    /// Puts a device out of service and answers everything queued for it.
+    /// Puts a device out of service and answers everything queued for it (the state change
+    /// does: [`Shared::set_state`]); what is queued for it later is answered too.
     fn fail(&mut self, device: u32, reason: String) {
         self.shared.set_state(device, DeviceState::Failed, Some(reason));
-        let core = &self.shared.cores[device as usize];
-        core.drain(|_| core.failed_error(false));
+        self.shared.settle_dead_queue(device);
     }
 
     /// Schedules a restart of a device part (`then`) after the restart backoff, or fails

@@ -1,0 +1,177 @@
+//! End-to-end: what the runtime promises whatever happens to a device — every queued op is
+//! answered by its deadline. Simulated devices, in worker processes.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::{answered, config, eventually, fault};
+use hipvisor::core::config::Isolation;
+use hipvisor::core::ipc;
+use hipvisor::{DeviceState, Runtime, RuntimeConfig, RuntimeError};
+
+const T: Duration = Duration::from_secs(30);
+const WORKER: &str = env!("CARGO_BIN_EXE_hipvisor-worker");
+
+fn process_config(devices: u32) -> RuntimeConfig {
+    let mut c = config(devices);
+    c.runtime.isolation = Isolation::Process;
+    c
+}
+
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// A directory of this test's own, emptied.
+fn scratch(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("hipvisor-reliability-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A copy of the worker program of this test's own: its processes are told apart from
+/// other tests' by their executable, and it can be deleted.
+fn worker_copy(tag: &str) -> PathBuf {
+    let path = scratch(tag).join("hipvisor-worker");
+    std::fs::copy(WORKER, &path).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_ops_are_answered_when_the_worker_dies_and_its_program_is_gone() {
+    let program = worker_copy("gone");
+    let deadline_ms = 3_000;
+    let mut c = process_config(1);
+    c.runtime.op_deadline_ms = deadline_ms;
+    c.sim.faults.push(fault(|f| {
+        f.op = "memset".into();
+        f.nth = Some(1);
+        f.hang_ms = Some(20_000);
+    }));
+    let rt = Runtime::builder()
+        .config(c)
+        .worker(&program)
+        .start()
+        .await
+        .expect("runtime starts");
+    let gpu = rt.device(0).unwrap();
+    let b = gpu.alloc(64).await.unwrap();
+    let pid = rt.worker_pid(0).unwrap();
+    let hung = tokio::spawn({
+        let gpu = gpu.clone();
+        async move { gpu.memset(b, 0, 64, 1).await }
+    });
+    eventually(T, "the memset is in flight", || async { gpu.in_flight() == 1 }).await;
+    // Queued behind the hung memset: their device will never take them again.
+    let queued: Vec<_> = (0..8)
+        .map(|_| {
+            let gpu = gpu.clone();
+            tokio::spawn(async move {
+                let submitted = Instant::now();
+                let result = gpu.mem_info().await;
+                (result, submitted.elapsed())
+            })
+        })
+        .collect();
+    eventually(T, "the mem-infos are queued", || async { gpu.in_flight() == 9 }).await;
+    // The worker program is deleted, then the worker dies: no new worker can start.
+    std::fs::remove_file(&program).unwrap();
+    ipc::kill(pid);
+    assert!(matches!(
+        answered(T, hung).await.unwrap(),
+        Err(RuntimeError::DeviceRestarted { device: 0, .. })
+    ));
+    eventually(T, "the killed worker is gone", || async { !alive(pid) }).await;
+    let within = Duration::from_millis(deadline_ms + 1_000);
+    for q in queued {
+        let (result, took) = answered(within, q).await.unwrap();
+        assert!(took <= within, "answered after {took:?}");
+        match result {
+            Err(RuntimeError::DeviceLost { device: 0, .. }) => {}
+            other => panic!("expected DeviceLost, got {other:?}"),
+        }
+    }
+    assert_eq!(rt.states()[0], DeviceState::Lost);
+    // Later submissions are answered at once.
+    assert!(matches!(
+        answered(Duration::from_secs(1), gpu.mem_info()).await,
+        Err(RuntimeError::DeviceLost { device: 0, .. })
+    ));
+    let s = rt.shutdown().await;
+    assert_eq!(s.ops_total, s.ops_succeeded + s.ops_failed);
+    assert_eq!(s.ops_total, 11, "the alloc, the memset, 9 mem-infos");
+    let _ = std::fs::remove_dir_all(program.parent().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_op_queued_again_after_a_failed_devices_drain_is_answered() {
+    // An alloc out of memory waits (its backoff) before it asks for mem-info; meanwhile its
+    // device's worker crashes twice, beyond the restart intensity, and the device fails. The
+    // mem-info and the alloc are queued after the failed device's queue was drained.
+    let mut c = process_config(1);
+    c.supervisor.max_restarts = 1;
+    c.runtime.op_deadline_ms = 20_000;
+    c.retry.max_retries = 50;
+    c.retry.initial_delay_ms = 3_000;
+    c.retry.max_delay_ms = 3_000;
+    c.sim.faults.push(fault(|f| {
+        f.op = "device_info".into();
+        f.after = Some(1);
+        f.crash = Some(true);
+    }));
+    let rt = Runtime::builder()
+        .config(c)
+        .worker(WORKER)
+        .start()
+        .await
+        .expect("runtime starts");
+    let gpu = rt.device(0).unwrap();
+    let _held = gpu.alloc(600 << 10).await.unwrap();
+    let submitted = Instant::now();
+    let waiting = tokio::spawn({
+        let gpu = gpu.clone();
+        async move { gpu.alloc(600 << 10).await }
+    });
+    eventually(T, "the alloc is queued", || async { gpu.in_flight() == 1 }).await;
+    // Answered after the alloc's first attempt (the queue is in order): it ran out of memory.
+    gpu.mem_info().await.unwrap();
+    // Each crashes the worker.
+    for round in 0..2 {
+        let pid = rt.worker_pid(0);
+        assert!(matches!(
+            answered(T, gpu.device_info()).await,
+            Err(RuntimeError::DeviceRestarted { .. })
+        ));
+        if round == 0 {
+            eventually(T, "the device restarted", || async {
+                rt.states()[0] == DeviceState::Ready && rt.worker_pid(0).is_some_and(|p| Some(p) != pid)
+            })
+            .await;
+        }
+    }
+    eventually(T, "the device failed", || async {
+        rt.states()[0] == DeviceState::Failed
+    })
+    .await;
+    assert!(
+        submitted.elapsed() < Duration::from_millis(3_000),
+        "the device failed before the alloc's backoff ended: the test is too slow to say anything"
+    );
+    match answered(Duration::from_secs(6), waiting).await.unwrap() {
+        Err(RuntimeError::DeviceFailed { device: 0, reason, .. }) => {
+            assert!(reason.contains("restart intensity"), "{reason}")
+        }
+        other => panic!("expected DeviceFailed, got {other:?}"),
+    }
+    let s = rt.shutdown().await;
+    assert_eq!(s.ops_total, s.ops_succeeded + s.ops_failed);
+}
