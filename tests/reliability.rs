@@ -1,5 +1,6 @@
 //! End-to-end: what the runtime promises whatever happens to a device — every queued op is
-//! answered by its deadline. Simulated devices, in worker processes.
+//! answered by its deadline, and a worker's start is bounded. Simulated devices, in worker
+//! processes.
 
 mod common;
 
@@ -174,4 +175,88 @@ async fn an_op_queued_again_after_a_failed_devices_drain_is_answered() {
     }
     let s = rt.shutdown().await;
     assert_eq!(s.ops_total, s.ops_succeeded + s.ops_failed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_hangs_in_its_start_is_killed_within_the_start_timeout() {
+    // A "worker" that never answers its handshake; it notes its process id first.
+    let dir = scratch("hang");
+    let pids = dir.join("pids");
+    let program = dir.join("hanging-worker");
+    std::fs::write(
+        &program,
+        format!("#!/bin/sh\necho $$ >> '{}'\nexec sleep 60\n", pids.display()),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let timeout_ms = 800;
+    let mut c = process_config(1);
+    c.supervisor.worker_start_timeout_ms = timeout_ms;
+    c.supervisor.max_restarts = 3;
+    c.runtime.op_deadline_ms = 1_000;
+    let started = Instant::now();
+    let rt = tokio::time::timeout(
+        Duration::from_secs(5),
+        Runtime::builder().config(c).worker(&program).start(),
+    )
+    .await
+    .expect("the first worker's start is given up within its timeout")
+    .expect("the runtime starts (its device restarting)");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(timeout_ms) && took < Duration::from_millis(timeout_ms + 1_500),
+        "start took {took:?}"
+    );
+    let first: u32 = std::fs::read_to_string(&pids)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    eventually(T, "the hung worker was killed", || async { !alive(first) }).await;
+    // The failed start counts as a restart; meanwhile queued ops are answered by their
+    // deadline.
+    let gpu = rt.device(0).unwrap();
+    let queued: Vec<_> = (0..3)
+        .map(|_| {
+            let gpu = gpu.clone();
+            tokio::spawn(async move { gpu.mem_info().await })
+        })
+        .collect();
+    for q in queued {
+        match answered(Duration::from_millis(1_000 + 1_000), q).await.unwrap() {
+            Err(RuntimeError::DeadlineExceeded {
+                may_have_executed: false,
+                ..
+            }) => {}
+            other => panic!("expected DeadlineExceeded, got {other:?}"),
+        }
+    }
+    // Every start hangs: beyond the restart intensity the device fails.
+    eventually(T, "the device failed", || async {
+        rt.states()[0] == DeviceState::Failed
+    })
+    .await;
+    match answered(Duration::from_secs(1), gpu.mem_info()).await {
+        Err(RuntimeError::DeviceFailed { reason, .. }) => {
+            assert!(reason.contains("restart intensity"), "{reason}");
+            assert!(reason.contains("worker_start_timeout_ms"), "{reason}");
+        }
+        other => panic!("expected DeviceFailed, got {other:?}"),
+    }
+    let all: Vec<u32> = std::fs::read_to_string(&pids)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert_eq!(all.len(), 4, "the first start and 3 restarts: {all:?}");
+    eventually(T, "every hung worker was killed", || async {
+        all.iter().all(|p| !alive(*p))
+    })
+    .await;
+    let s = rt.shutdown().await;
+    assert_eq!(s.devices[0].restarts, 3);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -21,7 +21,7 @@ use hipvisor_core::{DeviceContext, ErrorClass, GpuError, ModuleHandle, Op, OpKin
 use crate::device::{Current, DeviceCore, Work};
 use crate::error::RuntimeError;
 use crate::job::Job;
-use crate::process::WorkerEngine;
+use crate::process::{Role, StartError, WorkerEngine};
 use crate::runtime::Shared;
 use crate::state::DeviceState;
 use crate::supervisor::{Failure, SupervisorMsg};
@@ -122,7 +122,31 @@ pub(crate) fn spawn(
         .map(|_| ())
 }
 
-fn open(shared: &Arc<Shared>, device: u32, epoch: u64) -> Result<Box<dyn Engine>, GpuError> {
+/// Why a device's engine could not be opened.
+enum OpenError {
+    /// The backend or the worker answered this error.
+    Failed(GpuError),
+    /// The worker did not finish starting within `supervisor.worker_start_timeout_ms` and was
+    /// killed (the reason says where it was): a failed restart.
+    TimedOut(String),
+}
+
+impl From<GpuError> for OpenError {
+    fn from(e: GpuError) -> Self {
+        OpenError::Failed(e)
+    }
+}
+
+impl From<StartError> for OpenError {
+    fn from(e: StartError) -> Self {
+        match e {
+            StartError::Failed(e) => OpenError::Failed(e),
+            StartError::TimedOut(reason) => OpenError::TimedOut(reason),
+        }
+    }
+}
+
+fn open(shared: &Arc<Shared>, device: u32, epoch: u64) -> Result<Box<dyn Engine>, OpenError> {
     let modules = shared.cores[device as usize]
         .modules
         .lock()
@@ -151,7 +175,7 @@ fn open(shared: &Arc<Shared>, device: u32, epoch: u64) -> Result<Box<dyn Engine>
                     tracing::info!(device, epoch, pid = w.pid(), "standby worker took over");
                     w
                 }
-                None => WorkerEngine::start(shared, device, epoch, &modules)?,
+                None => WorkerEngine::start(shared, device, epoch, &modules, Role::Active)?,
             };
             core.worker_pid.store(worker.pid() as i32, Ordering::Release);
             if shared.config.supervisor.standby {
@@ -175,8 +199,19 @@ fn run(
             shared.report(SupervisorMsg::Opened { device, epoch });
             Some(e)
         }
-        Err(error) => {
+        Err(OpenError::Failed(error)) => {
             shared.report(SupervisorMsg::OpenFailed { device, epoch, error });
+            None
+        }
+        Err(OpenError::TimedOut(reason)) => {
+            tracing::warn!(device, epoch, reason = %reason, "worker start timed out");
+            // A start that hangs is a failed restart (under the restart intensity).
+            shared.report(SupervisorMsg::ExecutorDied {
+                device,
+                epoch,
+                reason,
+                suspects: Vec::new(),
+            });
             None
         }
     };

@@ -1,15 +1,21 @@
 //! Process isolation: the engine that runs a device's ops in a worker process.
 //!
-//! The executor thread (long-lived: the worker's parent-death signal is tied to it) spawns
-//! the worker, hands it the control page, reloads every module the device had, runs a health
-//! probe (mem-info, alloc + memset + copy back + free, a small kernel + synchronize), and only
-//! then readmits work. Each op is a request; faults of the simulator's plan are decided here,
-//! in the host, so a restarted worker re-arms nothing. Bulk bytes travel in shared memory.
+//! The executor thread asks the spawner thread (long-lived: the worker's parent-death signal
+//! is tied to it) for the worker, hands it the control page, reloads every module the device
+//! had, runs a health probe (mem-info, alloc + memset + copy back + free, a small kernel +
+//! synchronize), and only then readmits work. The handshake, the reloads and the probe
+//! together have `supervisor.worker_start_timeout_ms`: every receive waits at most for what
+//! is left of it, and the watchdog kills a worker still starting past it. Every worker is in
+//! the runtime's [`Workers`] from the moment it is spawned until it is reaped, so the
+//! watchdog, shutdown and a dropped runtime can stop it whatever it is doing. Each op is a
+//! request; faults of the simulator's plan are decided here, in the host, so a restarted
+//! worker re-arms nothing. Bulk bytes travel in shared memory.
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use hipvisor_core::ipc::{
     self, Channel, ControlPage, FromWorker, Hello, IpcError, Region, RegionRef, Request, ToWorker,
@@ -22,9 +28,107 @@ use hipvisor_core::{
 use crate::executor::{Batches, Batching, Engine, Exec};
 use crate::runtime::Shared;
 
-/// How long a new worker may take to open its device (cuInit and a context take a few
-/// hundred milliseconds on a real GPU).
-const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Whether a worker is to serve its device now or to wait as its warm standby.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// The device's worker: [`crate::Runtime::worker_pid`] names it from its spawn on.
+    Active,
+    /// A warm standby for the device's next epoch.
+    Standby,
+}
+
+/// Why a worker could not be started.
+#[derive(Debug)]
+pub(crate) enum StartError {
+    /// The spawn failed, or the worker answered an error or went away.
+    Failed(GpuError),
+    /// The worker did not finish its start within `supervisor.worker_start_timeout_ms`; it
+    /// has been killed. The text says where it was.
+    TimedOut(String),
+}
+
+impl From<GpuError> for StartError {
+    fn from(e: GpuError) -> Self {
+        StartError::Failed(e)
+    }
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Failed(e) => write!(f, "{e}"),
+            StartError::TimedOut(why) => f.write_str(why),
+        }
+    }
+}
+
+/// Every worker process of the runtime, from its spawn until it is reaped: the watchdog
+/// kills those still starting past their start deadline, shutdown and a dropped runtime kill
+/// them all. A worker leaves the list before it is reaped, so a kill never reaches a process
+/// that reused its id; kills are sent under the list's lock for the same reason.
+#[derive(Default)]
+pub(crate) struct Workers(Mutex<Vec<Registered>>);
+
+struct Registered {
+    pid: u32,
+    device: u32,
+    /// Until its start is complete.
+    start_deadline: Option<Instant>,
+}
+
+impl Workers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Registered>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a worker that has just been spawned; `false` (not added) when the runtime is
+    /// closing. Checked under the lock that [`Workers::kill_all`] takes after `closing` is
+    /// set, so a worker is either killed by it or never added.
+    fn add(&self, pid: u32, device: u32, start_deadline: Instant, closing: &AtomicBool) -> bool {
+        let mut list = self.lock();
+        if closing.load(Ordering::Acquire) {
+            return false;
+        }
+        list.push(Registered {
+            pid,
+            device,
+            start_deadline: Some(start_deadline),
+        });
+        true
+    }
+
+    /// The worker's start is complete.
+    fn started(&self, pid: u32) {
+        if let Some(r) = self.lock().iter_mut().find(|r| r.pid == pid) {
+            r.start_deadline = None;
+        }
+    }
+
+    /// Forgets a worker (before it is reaped).
+    fn remove(&self, pid: u32) {
+        self.lock().retain(|r| r.pid != pid);
+    }
+
+    /// Kills the workers still starting past their start deadline; their starts then fail
+    /// (the receive sees the connection close).
+    pub(crate) fn kill_overdue_starts(&self, now: Instant) {
+        for r in self.lock().iter_mut() {
+            if r.start_deadline.is_some_and(|d| now >= d) {
+                tracing::warn!(device = r.device, pid = r.pid, "worker start past its deadline: killed");
+                ipc::kill(r.pid);
+                r.start_deadline = None;
+            }
+        }
+    }
+
+    /// Kills every worker (shutdown, a dropped runtime): their owners see the connection
+    /// close and reap them.
+    pub(crate) fn kill_all(&self) {
+        for r in self.lock().iter() {
+            ipc::kill(r.pid);
+        }
+    }
+}
 
 /// A device's worker process and its connection.
 pub(crate) struct WorkerEngine {
@@ -50,26 +154,43 @@ fn ipc_error(device: u32, e: impl std::fmt::Display) -> GpuError {
 }
 
 impl WorkerEngine {
-    /// Spawns and prepares a worker for `device` at `epoch`, reloading `modules`.
+    /// Spawns and prepares a worker for `device` at `epoch`, reloading `modules`: within
+    /// `supervisor.worker_start_timeout_ms` for the handshake, the reloads and the health
+    /// probe together, or it is killed and the start has [`StartError::TimedOut`].
     pub(crate) fn start(
         shared: &Arc<Shared>,
         device: u32,
         epoch: u64,
         modules: &BTreeMap<u64, ModuleSource>,
-    ) -> Result<WorkerEngine, GpuError> {
+        role: Role,
+    ) -> Result<WorkerEngine, StartError> {
+        let budget = Duration::from_millis(shared.config.supervisor.worker_start_timeout_ms);
+        let deadline = Instant::now() + budget;
         let (host_end, worker_end) = Channel::pair().map_err(|e| ipc_error(device, e))?;
+        let control = ControlPage::new().map_err(|e| ipc_error(device, e))?;
         let mut command = Command::new(&shared.worker_program);
         command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
-        let child = shared.spawner.spawn(command, worker_end).map_err(|e| {
+        let mut child = shared.spawner.spawn(command, worker_end).map_err(|e| {
             ipc_error(
                 device,
                 format!("cannot start worker {}: {e}", shared.worker_program.display()),
             )
         })?;
-        let control = ControlPage::new().map_err(|e| ipc_error(device, e))?;
+        let pid = child.id();
+        if !shared.workers.add(pid, device, deadline, &shared.closing) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(StartError::Failed(ipc_error(device, "the runtime is shutting down")));
+        }
+        if role == Role::Active {
+            shared.cores[device as usize]
+                .worker_pid
+                .store(pid as i32, Ordering::Release);
+        }
+        // From here the engine's drop stops the worker, whatever fails.
         let mut w = WorkerEngine {
             shared: shared.clone(),
             device,
@@ -81,6 +202,34 @@ impl WorkerEngine {
             regions: ipc::RegionLru::default(),
             restored: modules.keys().copied().collect(),
         };
+        let mut phase = "handshake";
+        match w.prepare(modules, deadline, &mut phase) {
+            Ok(()) => {
+                shared.workers.started(pid);
+                Ok(w)
+            }
+            Err(e) if Instant::now() >= deadline => {
+                drop(w); // killed and reaped
+                Err(StartError::TimedOut(format!(
+                    "worker {pid} did not finish its start within supervisor.worker_start_timeout_ms = {} ms \
+                     (stuck in its {phase}: {e}); killed",
+                    budget.as_millis()
+                )))
+            }
+            Err(e) => Err(StartError::Failed(e)),
+        }
+    }
+
+    /// The handshake, the module reloads and the health probe of a new worker, each receive
+    /// bounded by `deadline`. `phase` says how far it got.
+    fn prepare(
+        &mut self,
+        modules: &BTreeMap<u64, ModuleSource>,
+        deadline: Instant,
+        phase: &mut &'static str,
+    ) -> Result<(), GpuError> {
+        let device = self.device;
+        let shared = self.shared.clone();
         let sim = (shared.backend.kind() == BackendKind::Sim).then(|| ipc::SimHello {
             devices: shared.config.sim.devices,
             memory_bytes: shared.config.sim.memory_bytes,
@@ -90,34 +239,47 @@ impl WorkerEngine {
             version: ipc::PROTOCOL_VERSION,
             backend: shared.backend.kind(),
             device,
-            epoch,
+            epoch: self.epoch,
             sim,
         };
-        w.channel
-            .send(&ToWorker::Hello(hello), &[w.control.raw_fd()])
+        self.channel
+            .send(&ToWorker::Hello(hello), &[self.control.raw_fd()])
             .map_err(|e| ipc_error(device, e))?;
         // A program that is not a worker never answers: do not wait for it forever.
-        w.channel
-            .set_timeout(Some(HANDSHAKE_TIMEOUT))
-            .map_err(|e| ipc_error(device, e))?;
-        let answer = w.channel.recv::<FromWorker>().map_err(|e| {
+        self.bound(deadline)?;
+        let answer = self.channel.recv::<FromWorker>().map_err(|e| {
             let program = shared.worker_program.display();
             ipc_error(
                 device,
                 format!("no answer from worker {program} ({e}); is it a hipvisor worker?"),
             )
         })?;
-        w.channel.set_timeout(None).map_err(|e| ipc_error(device, e))?;
         match answer.0 {
             FromWorker::Ready { .. } => {}
             FromWorker::Failed(e) => return Err(received(e)),
             other => return Err(ipc_error(device, format!("unexpected answer to Hello: {other:?}"))),
         }
+        *phase = "module restore";
         for (id, source) in modules {
-            w.restore(ModuleHandle { device, id: *id }, source)?;
+            self.bound(deadline)?;
+            self.restore(ModuleHandle { device, id: *id }, source)?;
         }
-        w.health_probe()?;
-        Ok(w)
+        *phase = "health probe";
+        self.health_probe(deadline)?;
+        self.channel.set_timeout(None).map_err(|e| ipc_error(device, e))
+    }
+
+    /// Makes the next receive wait at most until `deadline`; an error once it has passed.
+    fn bound(&mut self, deadline: Instant) -> Result<(), GpuError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ipc_error(self.device, "out of time"));
+        }
+        // A zero timeout would mean "forever".
+        let left = left.max(Duration::from_millis(1));
+        self.channel
+            .set_timeout(Some(left))
+            .map_err(|e| ipc_error(self.device, e))
     }
 
     /// The worker's process id.
@@ -135,20 +297,37 @@ impl WorkerEngine {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    /// Loads the modules the device gained since this (standby) worker was prepared.
-    pub(crate) fn catch_up(&mut self, modules: &BTreeMap<u64, ModuleSource>) -> Result<(), GpuError> {
-        for (id, source) in modules {
-            if !self.restored.contains(id) {
-                self.restore(
-                    ModuleHandle {
+    /// Loads the modules the device gained since this (standby) worker was prepared, within
+    /// `supervisor.worker_start_timeout_ms`.
+    pub(crate) fn catch_up(&mut self, modules: &BTreeMap<u64, ModuleSource>) -> Result<(), StartError> {
+        let budget = Duration::from_millis(self.shared.config.supervisor.worker_start_timeout_ms);
+        let deadline = Instant::now() + budget;
+        let caught_up = (|| {
+            for (id, source) in modules {
+                if !self.restored.contains(id) {
+                    self.bound(deadline)?;
+                    let module = ModuleHandle {
                         device: self.device,
                         id: *id,
-                    },
-                    source,
-                )?;
+                    };
+                    self.restore(module, source)?;
+                }
             }
+            self.channel.set_timeout(None).map_err(|e| ipc_error(self.device, e))
+        })();
+        match caught_up {
+            Ok(()) => Ok(()),
+            Err(e) if Instant::now() >= deadline => {
+                let _ = self.child.kill();
+                Err(StartError::TimedOut(format!(
+                    "standby worker {} did not load the device's new modules within \
+                     supervisor.worker_start_timeout_ms = {} ms ({e}); killed",
+                    self.pid(),
+                    budget.as_millis()
+                )))
+            }
+            Err(e) => Err(StartError::Failed(e)),
         }
-        Ok(())
     }
 
     fn restore(&mut self, module: ModuleHandle, source: &ModuleSource) -> Result<(), GpuError> {
@@ -180,14 +359,18 @@ impl WorkerEngine {
         }
     }
 
-    /// A small kernel, a copy and mem-info, as the runtime's own (never faulted) ops.
-    fn health_probe(&mut self) -> Result<(), GpuError> {
-        let mut call = |op: Op| match self.run(&op, Origin::Runtime) {
-            Exec::Done(r) => r,
-            Exec::Died { reason, .. } => Err(ipc_error(
-                self.device,
-                format!("worker died during the health probe: {reason}"),
-            )),
+    /// A small kernel, a copy and mem-info, as the runtime's own (never faulted) ops, each
+    /// answer awaited until `deadline` at most.
+    fn health_probe(&mut self, deadline: Instant) -> Result<(), GpuError> {
+        let mut call = |op: Op| {
+            self.bound(deadline)?;
+            match self.run(&op, Origin::Runtime) {
+                Exec::Done(r) => r,
+                Exec::Died { reason, .. } => Err(ipc_error(
+                    self.device,
+                    format!("worker died during the health probe: {reason}"),
+                )),
+            }
         };
         call(Op::MemInfo)?;
         let Reply::Buffer(b) = call(Op::Alloc { bytes: 256 })? else {
@@ -234,6 +417,8 @@ impl WorkerEngine {
     /// reason's words, and whether it was SIGABRT — how ROCm ends a process whose kernel
     /// made a memory access fault.
     fn exit_reason(&mut self) -> (String, bool) {
+        // Forgotten before it is reaped: nothing kills its id afterwards.
+        self.shared.workers.remove(self.child.id());
         match self.child.wait() {
             Ok(status) => (ipc::describe_exit(status), ipc::aborted(status)),
             Err(e) => (format!("worker lost ({e})"), false),
@@ -540,14 +725,16 @@ impl Drop for WorkerEngine {
     fn drop(&mut self) {
         let _ = self.channel.send(&ToWorker::Shutdown, &[]);
         let _ = self.child.kill();
-        let _ = self.child.wait();
-        let pid = self.child.id() as i32;
+        // Forgotten before it is reaped: nothing kills its id afterwards.
+        let pid = self.child.id();
+        self.shared.workers.remove(pid);
         let _ = self.shared.cores[self.device as usize].worker_pid.compare_exchange(
-            pid,
+            pid as i32,
             0,
             Ordering::AcqRel,
             Ordering::Acquire,
         );
+        let _ = self.child.wait();
     }
 }
 
@@ -561,7 +748,7 @@ pub(crate) fn prepare_standby(shared: &Arc<Shared>, device: u32, epoch: u64) {
         .spawn(move || {
             let core = &shared.cores[device as usize];
             let modules = core.modules.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            match WorkerEngine::start(&shared, device, epoch, &modules) {
+            match WorkerEngine::start(&shared, device, epoch, &modules, Role::Standby) {
                 Ok(w) if !shared.closing.load(Ordering::Acquire) => {
                     *core.standby.lock().unwrap_or_else(|p| p.into_inner()) = Some(w);
                 }

@@ -65,6 +65,8 @@ pub(crate) struct Shared {
     pub(crate) worker_program: std::path::PathBuf,
     /// Starts every worker, from one long-lived thread.
     pub(crate) spawner: crate::process::Spawner,
+    /// Every worker process, from its spawn until it is reaped.
+    pub(crate) workers: crate::process::Workers,
     /// The tokio runtime the application started us on: its queue of woken tasks tells
     /// whether spinning would take a CPU that tasks are waiting for.
     pub(crate) tokio: tokio::runtime::RuntimeMetrics,
@@ -425,6 +427,7 @@ impl Shared {
     /// - an op running past its deadline (a hung kernel) is answered `DeadlineExceeded {
     ///   may_have_executed: true }`; in process isolation its worker is killed, and the
     ///   supervisor restarts the device;
+    /// - a worker still starting past `supervisor.worker_start_timeout_ms` is killed;
     /// - the queue of a device out of service is settled (a job queued again after the
     ///   drain that its state change made);
     /// - queued ops are answered at their deadline whatever their device does: when an op
@@ -440,6 +443,7 @@ impl Shared {
     /// healthy device's queue is never taken apart, and the hot path keeps no index.
     fn watch(&self, due: &mut [Instant]) {
         let now = Instant::now();
+        self.workers.kill_overdue_starts(now);
         for (core, due) in self.cores.iter().zip(due.iter_mut()) {
             let running = core.current.lock().unwrap_or_else(|p| p.into_inner());
             let overdue: Vec<(ReplySlot, OpKind)> = running
@@ -664,12 +668,34 @@ impl RuntimeBuilder {
             flushing: Mutex::new(()),
             worker_program,
             spawner,
+            workers: crate::process::Workers::default(),
             tokio: tokio::runtime::Handle::current().metrics(),
         });
         let (supervisor, _) = Actor::spawn(None, Supervisor, SupervisorArgs { shared: shared.clone() })
             .await
             .map_err(spawn_err("the supervisor"))?;
         *shared.supervisor.lock().unwrap_or_else(|p| p.into_inner()) = Some(supervisor.clone());
+        let mut tasks = Vec::new();
+        let flush_every = Duration::from_millis(config.telemetry.flush_interval_ms);
+        let s = shared.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(flush_every);
+            loop {
+                tick.tick().await;
+                s.flush();
+            }
+        }));
+        // The watchdog runs from before the first worker starts: it bounds that start too.
+        let watch_every = (deadline / 4).clamp(Duration::from_millis(1), Duration::from_millis(100));
+        let s = shared.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(watch_every);
+            let mut due: Vec<Instant> = s.cores.iter().map(|c| Instant::now() + c.deadline).collect();
+            loop {
+                tick.tick().await;
+                s.watch(&mut due);
+            }
+        }));
         // Start every executor and wait until each has opened its context (or failed to),
         // and the supervisor has settled the device states.
         let mut opened = Vec::new();
@@ -685,26 +711,6 @@ impl RuntimeBuilder {
             let _ = rx.await;
         }
         let _ = ractor::call!(supervisor, SupervisorMsg::Barrier);
-        let mut tasks = Vec::new();
-        let flush_every = Duration::from_millis(config.telemetry.flush_interval_ms);
-        let s = shared.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(flush_every);
-            loop {
-                tick.tick().await;
-                s.flush();
-            }
-        }));
-        let watch_every = (deadline / 4).clamp(Duration::from_millis(1), Duration::from_millis(100));
-        let s = shared.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(watch_every);
-            let mut due: Vec<Instant> = s.cores.iter().map(|c| Instant::now() + c.deadline).collect();
-            loop {
-                tick.tick().await;
-                s.watch(&mut due);
-            }
-        }));
         #[cfg(feature = "prometheus")]
         let endpoint = match listen {
             Some(addr) => {
@@ -912,11 +918,12 @@ impl Runtime {
             let _ = core.priority.0.send(Work::Wake);
         }
         shared.retry_tasks.lock().unwrap_or_else(|p| p.into_inner()).abort_all();
-        // Workers stuck in an op will not see the stop flag: end them.
+        // Workers stuck in an op will not see the stop flag: end them, and those starting.
         for core in &shared.cores {
             core.kill_worker();
             drop(core.standby.lock().unwrap_or_else(|p| p.into_inner()).take());
         }
+        shared.workers.kill_all();
         // Answer what is left: queued ops, and ops still executing (a hung kernel).
         let give_up = Instant::now() + Duration::from_secs(2);
         loop {

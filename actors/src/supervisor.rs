@@ -25,6 +25,10 @@
 //!   a ready device, others are answered `DeviceLost`; a probe every
 //!   `lost_probe_interval_ms` brings the device back when it answers again.
 //!
+//! A worker that does not finish its start (handshake, module reloads, health probe) within
+//! `supervisor.worker_start_timeout_ms` is killed, and its start is a failed restart: the
+//! executor reports it as its death (`ExecutorDied`).
+//!
 //! A device that fails or is lost keeps nothing queued: its state change answers (or moves)
 //! what is queued for it, and what is queued again later (a requeue, a retry) is answered as
 //! it arrives ([`Shared::settle_dead_queue`]).
