@@ -1,6 +1,6 @@
 //! End-to-end: what the runtime promises whatever happens to a device — every queued op is
-//! answered by its deadline, and a worker's start is bounded. Simulated devices, in worker
-//! processes.
+//! answered by its deadline, a worker's start is bounded, a panic of an executor is a
+//! supervised failure. Simulated devices, mostly in worker processes.
 
 mod common;
 
@@ -259,4 +259,41 @@ async fn a_worker_that_hangs_in_its_start_is_killed_within_the_start_timeout() {
     let s = rt.shutdown().await;
     assert_eq!(s.devices[0].restarts, 3);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_of_the_executor_outside_the_backend_is_answered_and_restarts_the_device() {
+    for isolation in [Isolation::Thread, Isolation::Process] {
+        let mut c = process_config(1);
+        c.runtime.isolation = isolation;
+        let rt = Runtime::builder()
+            .config(c)
+            .worker(WORKER)
+            .start()
+            .await
+            .expect("runtime starts");
+        let gpu = rt.device(0).unwrap();
+        gpu.mem_info().await.unwrap();
+        let pid = rt.worker_pid(0);
+        rt.inject_executor_panic(0).unwrap();
+        // The op in flight when the executor panics is answered, not left to its deadline.
+        match answered(Duration::from_secs(5), gpu.mem_info()).await {
+            Err(RuntimeError::DeviceRestarted {
+                device: 0,
+                may_have_executed: true,
+            }) => {}
+            other => panic!("{isolation:?}: expected DeviceRestarted, got {other:?}"),
+        }
+        eventually(T, "the device restarted", || async {
+            rt.states()[0] == DeviceState::Ready && gpu.mem_info().await.is_ok()
+        })
+        .await;
+        if let Some(pid) = pid {
+            assert_ne!(rt.worker_pid(0), Some(pid), "a new worker");
+            eventually(T, "the old worker is gone", || async { !alive(pid) }).await;
+        }
+        let s = rt.shutdown().await;
+        assert_eq!(s.devices[0].restarts, 1, "{isolation:?}");
+        assert_eq!(s.ops_total, s.ops_succeeded + s.ops_failed);
+    }
 }

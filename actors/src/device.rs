@@ -33,6 +33,9 @@ pub(crate) enum Work {
     Job(Job),
     /// Wakes an executor so it sees its stop flag.
     Wake,
+    /// Fault injection ([`crate::Runtime::inject_executor_panic`]): the executor panics,
+    /// outside the backend call, right after the next op it runs and before answering it.
+    Panic(String),
 }
 
 /// An op an executor is running now, for the watchdog.
@@ -83,6 +86,9 @@ pub(crate) struct DeviceCore {
     /// watchdog knows a bound for it without looking.
     requeued_deadline: AtomicU64,
     born: Instant,
+    /// The device's executor threads (the running one, and any that are ending), joined at
+    /// shutdown.
+    pub(crate) executors: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// First attempts submitted, read by the supervisor's retry budget.
     pub(crate) requests: AtomicU64,
     /// Stop flag of the executor running now.
@@ -117,6 +123,7 @@ impl DeviceCore {
             current: Mutex::new(Running::default()),
             requeued_deadline: AtomicU64::new(u64::MAX),
             born: Instant::now(),
+            executors: Mutex::new(Vec::new()),
             requests: AtomicU64::new(0),
             executor_stop: Mutex::new(Arc::new(AtomicBool::new(false))),
             deadline,
@@ -316,8 +323,8 @@ impl DeviceCore {
     }
 
     /// Takes everything queued (the priority lane first, each lane in order): the jobs, and
-    /// the other work items (wake-ups), which are the executor's and must be put back with
-    /// [`DeviceCore::put_back`].
+    /// the other work items (wake-ups, injected panics), which are the executor's and must
+    /// be put back with [`DeviceCore::put_back`].
     pub(crate) fn take_queue(&self) -> (Vec<Job>, Vec<Work>) {
         let mut jobs = Vec::new();
         let mut other = Vec::new();

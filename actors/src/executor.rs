@@ -8,6 +8,12 @@
 //! When the engine dies (a panicking backend, a worker that exits) or is poisoned (a sticky
 //! fault in a worker), the executor answers the op in flight, reports to the supervisor and
 //! ends; the supervisor starts a new one (a new epoch) under the restart intensity.
+//!
+//! A panic of the executor's own code (outside the backend call) is such a failure too: the
+//! thread catches it, answers the ops in flight (`DeviceRestarted`, which may have run), puts
+//! back the job it held, drops its engine (a worker process is stopped) and reports its death,
+//! so the device restarts as after any failure. The thread's `JoinHandle` is kept in the
+//! device's core and joined at shutdown.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -98,7 +104,8 @@ impl Engine for ThreadEngine {
 }
 
 /// Starts the executor thread of `device` for a new context of `epoch`. `opened`, if given,
-/// is signalled once the context is open (or failed to open) and the supervisor told.
+/// is signalled once the context is open (or failed to open) and the supervisor told. The
+/// thread's handle is kept in the device's core.
 ///
 /// # Errors
 /// The OS could not start a thread.
@@ -116,10 +123,25 @@ pub(crate) fn spawn(
         *slot = stop.clone();
         core.epoch.store(epoch, Ordering::Release);
     }
-    std::thread::Builder::new()
+    let thread_shared = shared.clone();
+    let handle = std::thread::Builder::new()
         .name(format!("hipvisor-gpu{device}"))
-        .spawn(move || run(shared, device, epoch, stop, opened))
-        .map(|_| ())
+        .spawn(move || run(thread_shared, device, epoch, stop, opened))?;
+    let core = &shared.cores[device as usize];
+    let mut threads = core.executors.lock().unwrap_or_else(|p| p.into_inner());
+    // Executors that have ended are joined (at once: they have) and forgotten.
+    for ended in extract_finished(&mut threads) {
+        let _ = ended.join();
+    }
+    threads.push(handle);
+    Ok(())
+}
+
+/// The handles of the threads that have finished, taken out of `threads`.
+pub(crate) fn extract_finished(threads: &mut Vec<std::thread::JoinHandle<()>>) -> Vec<std::thread::JoinHandle<()>> {
+    let (done, running): (Vec<_>, Vec<_>) = threads.drain(..).partition(|h| h.is_finished());
+    *threads = running;
+    done
 }
 
 /// Why a device's engine could not be opened.
@@ -193,8 +215,58 @@ fn run(
     stop: Arc<AtomicBool>,
     opened: Option<tokio::sync::oneshot::Sender<()>>,
 ) {
+    let core = &shared.cores[device as usize];
+    let mut opened = opened;
+    let mut phase = Phase { core, taking: false };
+    // A job taken while gathering a batch that could not join it: it runs next.
+    let mut carried: Option<Job> = None;
+    let served = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        serve(&shared, device, epoch, &stop, &mut opened, &mut phase, &mut carried)
+    }));
+    phase.leave();
+    if let Err(panic) = served {
+        // The engine went with the unwinding (a worker process is stopped by its drop).
+        let reason = format!("executor panicked: {}", panic_message(&*panic));
+        tracing::error!(device, epoch, reason = %reason, "executor panicked");
+        let running = std::mem::take(&mut core.current.lock().unwrap_or_else(|p| p.into_inner()).ops);
+        // (In a batch, those answered before the panic keep their answer.)
+        for c in running.into_iter().filter(|c| !c.slot.is_answered()) {
+            let e = RuntimeError::DeviceRestarted {
+                device,
+                may_have_executed: true,
+            };
+            c.slot.answer(Err(e), 1, &core.counters);
+        }
+        shared.report(SupervisorMsg::ExecutorDied {
+            device,
+            epoch,
+            reason,
+            suspects: Vec::new(),
+        });
+    }
+    if let Some(job) = carried.take() {
+        shared.requeue(job);
+    }
+    // Whoever waits for the open hears of it only after the supervisor did (a panic while
+    // opening ends here too).
+    if let Some(tx) = opened.take() {
+        let _ = tx.send(());
+    }
+}
+
+/// Opens the engine and serves the device's queue until the engine dies or is poisoned, or
+/// the executor is told to stop.
+fn serve(
+    shared: &Arc<Shared>,
+    device: u32,
+    epoch: u64,
+    stop: &AtomicBool,
+    opened: &mut Option<tokio::sync::oneshot::Sender<()>>,
+    phase: &mut Phase<'_>,
+    carried: &mut Option<Job>,
+) {
     // The supervisor hears of the outcome before whoever waits for `opened` goes on.
-    let engine = match open(&shared, device, epoch) {
+    let engine = match open(shared, device, epoch) {
         Ok(e) => {
             shared.report(SupervisorMsg::Opened { device, epoch });
             Some(e)
@@ -215,22 +287,25 @@ fn run(
             None
         }
     };
-    if let Some(tx) = opened {
+    if let Some(tx) = opened.take() {
         let _ = tx.send(());
     }
     let Some(mut engine) = engine else { return };
     let core = &shared.cores[device as usize];
     let mut suspects: Vec<(u64, String)> = Vec::new();
-    let mut phase = Phase { core, taking: false };
+    // An injected panic, armed for after the next op.
+    let mut armed: Option<String> = None;
     phase.take();
-    // A job taken while gathering a batch that could not join it: it runs next.
-    let mut carried: Option<Job> = None;
     while !stop.load(Ordering::Acquire) {
         let job = match carried.take() {
             Some(job) => job,
-            None => match next_work(&shared, core) {
+            None => match next_work(shared, core) {
                 Work::Job(job) => job,
                 Work::Wake => continue,
+                Work::Panic(why) => {
+                    armed = Some(why);
+                    continue;
+                }
             },
         };
         if stop.load(Ordering::Acquire) {
@@ -242,7 +317,7 @@ fn run(
             .batches()
             .and_then(|b| b.batch_cost(&job.op).map(|cost| (b, cost)))
         else {
-            if !execute(&shared, core, &mut phase, &mut *engine, job, &mut suspects, epoch) {
+            if !execute(shared, core, phase, &mut *engine, job, &mut suspects, epoch, &mut armed) {
                 break;
             }
             continue;
@@ -253,31 +328,43 @@ fn run(
         let mut batch = vec![job];
         let mut bytes = cost;
         while batch.len() < limits.ops {
-            let Some(Work::Job(next)) = poll(core) else { break };
+            let next = match poll(core) {
+                Some(Work::Job(next)) => next,
+                Some(Work::Panic(why)) => {
+                    armed = Some(why);
+                    break;
+                }
+                Some(Work::Wake) | None => break,
+            };
             match batcher.batch_cost(&next.op) {
                 Some(c) if bytes + c <= limits.bytes => {
                     bytes += c;
                     batch.push(next);
                 }
                 _ => {
-                    carried = Some(next);
+                    *carried = Some(next);
                     break;
                 }
             }
         }
         let go_on = if batch.len() == 1 {
             let job = batch.pop().expect("one job");
-            execute(&shared, core, &mut phase, &mut *engine, job, &mut suspects, epoch)
+            execute(
+                shared,
+                core,
+                phase,
+                engine.as_mut(),
+                job,
+                &mut suspects,
+                epoch,
+                &mut armed,
+            )
         } else {
-            execute_batch(&shared, core, &mut phase, batcher, batch, &mut suspects, epoch)
+            execute_batch(shared, core, phase, batcher, batch, &mut suspects, epoch, &mut armed)
         };
         if !go_on {
             break;
         }
-    }
-    phase.leave();
-    if let Some(job) = carried {
-        shared.requeue(job);
     }
 }
 
@@ -321,6 +408,14 @@ impl Phase<'_> {
             running.takers -= 1;
             self.taking = false;
         }
+    }
+}
+
+/// Panics if a panic was injected ([`Work::Panic`]): a fault outside the backend call, with
+/// an op in flight.
+fn injected_panic(armed: &mut Option<String>) {
+    if let Some(why) = armed.take() {
+        panic!("injected executor panic: {why}");
     }
 }
 
@@ -401,6 +496,7 @@ fn record_outcome(span: &tracing::Span, exec: &Exec) {
 }
 
 /// Runs one job; `false` when the executor must end (its engine died or is poisoned).
+#[allow(clippy::too_many_arguments)]
 fn execute(
     shared: &Shared,
     core: &DeviceCore,
@@ -409,6 +505,7 @@ fn execute(
     job: Job,
     suspects: &mut Vec<(u64, String)>,
     epoch: u64,
+    armed: &mut Option<String>,
 ) -> bool {
     let Some(job) = admit(core, job) else { return true };
     phase.run([&job]);
@@ -417,6 +514,7 @@ fn execute(
     record_outcome(&span, &result);
     // Closed (and exported) before the answer: a caller that exits on it loses no span.
     drop(span);
+    injected_panic(armed);
     phase.take();
     let poisoned = matches!(&result, Exec::Done(Err(e)) if engine.poisoned_by(e));
     let mut died = None;
@@ -427,6 +525,7 @@ fn execute(
 
 /// Runs jobs as one batch; `false` when the executor must end. Each op's span covers the
 /// batch it ran in.
+#[allow(clippy::too_many_arguments)]
 fn execute_batch(
     shared: &Shared,
     core: &DeviceCore,
@@ -435,6 +534,7 @@ fn execute_batch(
     batch: Vec<Job>,
     suspects: &mut Vec<(u64, String)>,
     epoch: u64,
+    armed: &mut Option<String>,
 ) -> bool {
     let batch: Vec<Job> = batch.into_iter().filter_map(|job| admit(core, job)).collect();
     if batch.is_empty() {
@@ -461,6 +561,7 @@ fn execute_batch(
         };
         record_outcome(&span, &result);
         drop(span); // before the answer, as in `execute`
+        injected_panic(armed);
         go_on &= finish(shared, core, poisoned, job, result, suspects, epoch, &mut died);
     });
     phase.take();

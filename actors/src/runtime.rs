@@ -946,6 +946,9 @@ impl Runtime {
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        // The executor threads end (in thread isolation one stuck in a hung kernel cannot be
+        // interrupted: it is left behind, detached, after this wait).
+        shared.join_executors(give_up).await;
         // Failures reported before this point are decided first (ractor handles messages in order).
         let _ = ractor::call!(self.supervisor, SupervisorMsg::Barrier);
         for t in self.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
@@ -955,6 +958,57 @@ impl Runtime {
         let _ = self.supervisor.stop_and_wait(None, Some(Duration::from_secs(5))).await;
         shared.metrics.stop(None);
         snapshot
+    }
+
+    /// Fault injection for tests and chaos runs, not a stable API: the executor thread of
+    /// device `index` panics — in the runtime's own code, outside any backend call — right
+    /// after the next op it runs, before answering it. The runtime then answers that op
+    /// (`DeviceRestarted`, it may have executed) and restarts the device as after any failure.
+    ///
+    /// # Errors
+    /// [`RuntimeError::NoSuchDevice`] for an index out of range.
+    #[doc(hidden)]
+    pub fn inject_executor_panic(&self, index: u32) -> Result<(), RuntimeError> {
+        let core = self
+            .shared
+            .cores
+            .get(index as usize)
+            .ok_or(RuntimeError::NoSuchDevice {
+                device: index,
+                count: self.device_count(),
+            })?;
+        let _ = core
+            .priority
+            .0
+            .send(Work::Panic(format!("injected into device {index}")));
+        Ok(())
+    }
+}
+
+impl Shared {
+    /// Joins the executor threads that end before `until`; the others are left detached.
+    async fn join_executors(&self, until: Instant) {
+        loop {
+            let mut running = 0;
+            for core in &self.cores {
+                let mut threads = core.executors.lock().unwrap_or_else(|p| p.into_inner());
+                for done in executor::extract_finished(&mut threads) {
+                    let _ = done.join();
+                }
+                running += threads.len();
+            }
+            if running == 0 {
+                return;
+            }
+            if Instant::now() >= until {
+                tracing::warn!(
+                    threads = running,
+                    "executor threads still busy at shutdown (a hung kernel?): left behind"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 }
 
