@@ -1,10 +1,11 @@
 //! End-to-end: what the runtime promises whatever happens to a device — every queued op is
 //! answered by its deadline, a worker's start is bounded, a panic of an executor is a
-//! supervised failure. Simulated devices, mostly in worker processes.
+//! supervised failure, and a runtime dropped without `shutdown` (or a start that fails half-way)
+//! leaves no process behind. Simulated devices, mostly in worker processes.
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{answered, config, eventually, fault};
@@ -45,6 +46,19 @@ fn worker_copy(tag: &str) -> PathBuf {
     let path = scratch(tag).join("hipvisor-worker");
     std::fs::copy(WORKER, &path).unwrap();
     path
+}
+
+/// The processes running `program` (deleted or not).
+fn processes_of(program: &Path) -> Vec<u32> {
+    let deleted = format!("{} (deleted)", program.display());
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/exe"))
+                .is_ok_and(|exe| exe == program || exe.to_str() == Some(deleted.as_str()))
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -296,4 +310,61 @@ async fn a_panic_of_the_executor_outside_the_backend_is_answered_and_restarts_th
         assert_eq!(s.devices[0].restarts, 1, "{isolation:?}");
         assert_eq!(s.ops_total, s.ops_succeeded + s.ops_failed);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_dropped_without_shutdown_stops_its_workers_and_standbys() {
+    let mut c = process_config(2);
+    c.supervisor.standby = true;
+    let rt = Runtime::builder()
+        .config(c)
+        .worker(WORKER)
+        .start()
+        .await
+        .expect("runtime starts");
+    eventually(T, "standbys are ready", || async {
+        rt.standby_pid(0).is_some() && rt.standby_pid(1).is_some()
+    })
+    .await;
+    let gpu = rt.device(1).unwrap();
+    gpu.mem_info().await.unwrap();
+    let pids: Vec<u32> = (0..2)
+        .flat_map(|d| [rt.worker_pid(d).unwrap(), rt.standby_pid(d).unwrap()])
+        .collect();
+    assert!(pids.iter().all(|p| alive(*p)));
+    // An early return, a panic unwinding through the application: no shutdown.
+    drop(rt);
+    eventually(T, "no worker or standby left", || async {
+        pids.iter().all(|p| !alive(*p))
+    })
+    .await;
+    // A handle that outlived its runtime gets a typed answer.
+    assert!(matches!(
+        answered(T, gpu.mem_info()).await,
+        Err(RuntimeError::ShuttingDown)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_that_fails_half_way_leaves_no_worker_behind() {
+    let program = worker_copy("port");
+    // The metrics port is taken: the start fails after the workers started.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let result = Runtime::builder()
+        .config(process_config(2))
+        .worker(&program)
+        .serve_metrics(addr)
+        .start()
+        .await;
+    match result {
+        Err(hipvisor::StartError::Spawn { what, .. }) => assert!(what.contains("metrics endpoint"), "{what}"),
+        Err(other) => panic!("expected the endpoint to fail, got {other}"),
+        Ok(_) => panic!("the start succeeded on a port already bound"),
+    }
+    eventually(T, "no worker of the failed start left", || async {
+        processes_of(&program).is_empty()
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(program.parent().unwrap());
 }

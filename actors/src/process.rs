@@ -749,10 +749,16 @@ pub(crate) fn prepare_standby(shared: &Arc<Shared>, device: u32, epoch: u64) {
             let core = &shared.cores[device as usize];
             let modules = core.modules.lock().unwrap_or_else(|p| p.into_inner()).clone();
             match WorkerEngine::start(&shared, device, epoch, &modules, Role::Standby) {
-                Ok(w) if !shared.closing.load(Ordering::Acquire) => {
-                    *core.standby.lock().unwrap_or_else(|p| p.into_inner()) = Some(w);
+                Ok(w) => {
+                    // `closing` is read under the standby's lock, which shutdown (and a
+                    // dropped runtime) takes after setting it: a standby ready too late is
+                    // stopped here, never left behind.
+                    let mut standby = core.standby.lock().unwrap_or_else(|p| p.into_inner());
+                    if !shared.closing.load(Ordering::Acquire) {
+                        *standby = Some(w);
+                    }
                 }
-                Ok(_) => {}
+                Err(_) if shared.closing.load(Ordering::Acquire) => {}
                 Err(e) => tracing::warn!(device, error = %e, "could not prepare a standby worker"),
             }
         });
@@ -767,9 +773,9 @@ type SpawnRequest = (Command, Channel, std::sync::mpsc::Sender<std::io::Result<C
 /// The one long-lived thread that starts every worker: a worker's parent-death signal
 /// fires when the thread that spawned it exits, so workers must not be spawned by threads
 /// that come and go (executors end at each restart; a standby outlives the executor that
-/// asked for it). The thread ends when the runtime is dropped.
+/// asked for it). The thread ends at shutdown, or when the runtime is dropped.
 pub(crate) struct Spawner {
-    tx: std::sync::Mutex<std::sync::mpsc::Sender<SpawnRequest>>,
+    tx: std::sync::Mutex<Option<std::sync::mpsc::Sender<SpawnRequest>>>,
 }
 
 impl Spawner {
@@ -783,8 +789,15 @@ impl Spawner {
                 }
             })?;
         Ok(Spawner {
-            tx: std::sync::Mutex::new(tx),
+            tx: std::sync::Mutex::new(Some(tx)),
         })
+    }
+
+    /// Ends the spawner thread (shutdown, a dropped runtime): nothing is spawned any more, and
+    /// the kernel sends SIGKILL to every worker still alive that it spawned (their
+    /// parent-death signal), whoever else still holds the runtime's parts.
+    pub(crate) fn stop(&self) {
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 
     /// Starts `command` as a worker with `channel` as its socket.
@@ -794,6 +807,8 @@ impl Spawner {
         self.tx
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .ok_or_else(gone)?
             .send((command, channel, reply))
             .map_err(|_| gone())?;
         rx.recv().map_err(|_| gone())?

@@ -652,10 +652,16 @@ impl RuntimeBuilder {
             .map(|i| Arc::new(DeviceCore::new(i, config.runtime.in_flight, deadline, &config.breaker)))
             .collect();
         let (states, _) = broadcast::channel(1024);
-        let spawner = crate::process::Spawner::start().map_err(|e| StartError::Spawn {
-            what: "the worker spawner thread".into(),
-            why: e.to_string(),
-        })?;
+        let spawner = match crate::process::Spawner::start() {
+            Ok(s) => s,
+            Err(e) => {
+                metrics.stop(None);
+                return Err(StartError::Spawn {
+                    what: "the worker spawner thread".into(),
+                    why: e.to_string(),
+                });
+            }
+        };
         let shared = Arc::new(Shared {
             cores,
             backend,
@@ -671,10 +677,27 @@ impl RuntimeBuilder {
             workers: crate::process::Workers::default(),
             tokio: tokio::runtime::Handle::current().metrics(),
         });
-        let (supervisor, _) = Actor::spawn(None, Supervisor, SupervisorArgs { shared: shared.clone() })
-            .await
-            .map_err(spawn_err("the supervisor"))?;
+        let supervisor = match Actor::spawn(None, Supervisor, SupervisorArgs { shared: shared.clone() }).await {
+            Ok((supervisor, _)) => supervisor,
+            Err(e) => {
+                shared.spawner.stop();
+                metrics.stop(None);
+                return Err(spawn_err("the supervisor")(e));
+            }
+        };
         *shared.supervisor.lock().unwrap_or_else(|p| p.into_inner()) = Some(supervisor.clone());
+        // From here a start that fails half-way drops the runtime it began, which stops
+        // everything started so far (`Drop for Runtime`).
+        let runtime = Runtime {
+            shared: shared.clone(),
+            supervisor: supervisor.clone(),
+            tasks: Mutex::new(Vec::new()),
+            stopped: false,
+            #[cfg(feature = "prometheus")]
+            endpoint: None,
+            #[cfg(feature = "prometheus")]
+            _exporter: None,
+        };
         let mut tasks = Vec::new();
         let flush_every = Duration::from_millis(config.telemetry.flush_interval_ms);
         let s = shared.clone();
@@ -696,6 +719,7 @@ impl RuntimeBuilder {
                 s.watch(&mut due);
             }
         }));
+        *runtime.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
         // Start every executor and wait until each has opened its context (or failed to),
         // and the supervisor has settled the device states.
         let mut opened = Vec::new();
@@ -712,8 +736,9 @@ impl RuntimeBuilder {
         }
         let _ = ractor::call!(supervisor, SupervisorMsg::Barrier);
         #[cfg(feature = "prometheus")]
-        let endpoint = match listen {
-            Some(addr) => {
+        let runtime = {
+            let mut runtime = runtime;
+            if let Some(addr) = listen {
                 let registry = exporter.as_ref().map(|e| e.registry.clone());
                 let endpoint = crate::telemetry::serve(addr, shared.clone(), registry)
                     .await
@@ -722,19 +747,12 @@ impl RuntimeBuilder {
                         why: e.to_string(),
                     })?;
                 tracing::info!(addr = %endpoint.addr, "metrics endpoint");
-                Some(endpoint)
+                runtime.endpoint = Some(endpoint);
             }
-            None => None,
+            runtime._exporter = exporter;
+            runtime
         };
-        Ok(Runtime {
-            shared,
-            supervisor,
-            tasks: Mutex::new(tasks),
-            #[cfg(feature = "prometheus")]
-            endpoint,
-            #[cfg(feature = "prometheus")]
-            _exporter: exporter,
-        })
+        Ok(runtime)
     }
 }
 
@@ -765,6 +783,9 @@ pub struct Runtime {
     shared: Arc<Shared>,
     supervisor: ActorRef<SupervisorMsg>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Set once [`Runtime::shutdown`] has stopped everything; otherwise dropping the runtime
+    /// does it.
+    stopped: bool,
     #[cfg(feature = "prometheus")]
     endpoint: Option<crate::telemetry::Endpoint>,
     #[cfg(feature = "prometheus")]
@@ -901,7 +922,7 @@ impl Runtime {
     /// flight, answers whatever is left with [`RuntimeError::ShuttingDown`] (an op still
     /// executing may have run), flushes the metrics and stops every actor and executor.
     /// Returns the final metrics, which count every answered op.
-    pub async fn shutdown(self) -> Snapshot {
+    pub async fn shutdown(mut self) -> Snapshot {
         let shared = self.shared.clone();
         shared.closing.store(true, Ordering::Release);
         let until = Instant::now() + Duration::from_millis(shared.config.runtime.shutdown_timeout_ms);
@@ -910,37 +931,14 @@ impl Runtime {
         }
         // From here the supervisor restarts nothing and answers failures with ShuttingDown.
         let _ = ractor::call!(self.supervisor, SupervisorMsg::Shutdown);
-        for core in &shared.cores {
-            core.executor_stop
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .store(true, Ordering::Release);
-            let _ = core.priority.0.send(Work::Wake);
-        }
+        shared.stop_executors();
         shared.retry_tasks.lock().unwrap_or_else(|p| p.into_inner()).abort_all();
         // Workers stuck in an op will not see the stop flag: end them, and those starting.
-        for core in &shared.cores {
-            core.kill_worker();
-            drop(core.standby.lock().unwrap_or_else(|p| p.into_inner()).take());
-        }
-        shared.workers.kill_all();
+        shared.stop_workers();
         // Answer what is left: queued ops, and ops still executing (a hung kernel).
         let give_up = Instant::now() + Duration::from_secs(2);
         loop {
-            for core in &shared.cores {
-                core.drain(|_| RuntimeError::ShuttingDown);
-                let current: Vec<ReplySlot> = core
-                    .current
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .ops
-                    .iter()
-                    .map(|c| c.slot.clone())
-                    .collect();
-                for slot in current {
-                    slot.answer(Err(RuntimeError::ShuttingDown), 1, &core.counters);
-                }
-            }
+            shared.answer_everything_left();
             if shared.outstanding() <= 0 || Instant::now() >= give_up {
                 break;
             }
@@ -957,6 +955,7 @@ impl Runtime {
         let snapshot = self.snapshot().await.unwrap_or_default();
         let _ = self.supervisor.stop_and_wait(None, Some(Duration::from_secs(5))).await;
         shared.metrics.stop(None);
+        self.stopped = true;
         snapshot
     }
 
@@ -985,7 +984,80 @@ impl Runtime {
     }
 }
 
+impl Drop for Runtime {
+    /// A runtime dropped without [`Runtime::shutdown`] (an early return, a panic unwinding
+    /// through the application) stops at once what it started: the supervisor and the device
+    /// actors, every executor thread, worker process and standby (killed), the background
+    /// tasks and the retries waiting; ops not answered yet are answered `ShuttingDown`.
+    /// Nothing waits here: the executor threads end, and reap their workers, on their own.
+    fn drop(&mut self) {
+        if self.stopped {
+            return;
+        }
+        let shared = &self.shared;
+        shared.closing.store(true, Ordering::Release);
+        self.supervisor.stop(None);
+        for core in &shared.cores {
+            if let Some(actor) = core.actor.read().unwrap_or_else(|p| p.into_inner()).clone() {
+                actor.stop(None);
+            }
+        }
+        shared.stop_executors();
+        shared.retry_tasks.lock().unwrap_or_else(|p| p.into_inner()).abort_all();
+        for t in self.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            t.abort();
+        }
+        shared.stop_workers();
+        shared.answer_everything_left();
+        shared.metrics.stop(None);
+    }
+}
+
 impl Shared {
+    /// Tells every executor to stop, and wakes it to see it.
+    fn stop_executors(&self) {
+        for core in &self.cores {
+            core.executor_stop
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .store(true, Ordering::Release);
+            let _ = core.priority.0.send(Work::Wake);
+        }
+    }
+
+    /// Kills every worker process — serving, starting or standing by — and ends the spawner
+    /// thread (after `closing` is set: no worker is spawned any more).
+    fn stop_workers(&self) {
+        for core in &self.cores {
+            core.kill_worker();
+        }
+        self.workers.kill_all();
+        for core in &self.cores {
+            // Taken under the lock a standby is stored under, after `closing` was set.
+            let standby = core.standby.lock().unwrap_or_else(|p| p.into_inner()).take();
+            drop(standby);
+        }
+        self.spawner.stop();
+    }
+
+    /// Answers `ShuttingDown` to every queued op and every op still executing.
+    fn answer_everything_left(&self) {
+        for core in &self.cores {
+            core.drain(|_| RuntimeError::ShuttingDown);
+            let current: Vec<ReplySlot> = core
+                .current
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .ops
+                .iter()
+                .map(|c| c.slot.clone())
+                .collect();
+            for slot in current {
+                slot.answer(Err(RuntimeError::ShuttingDown), 1, &core.counters);
+            }
+        }
+    }
+
     /// Joins the executor threads that end before `until`; the others are left detached.
     async fn join_executors(&self, until: Instant) {
         loop {
