@@ -8,7 +8,8 @@
 //! descriptors sent with a frame arrive with it. Frames are small (at most [`MAX_FRAME`]);
 //! bytes above [`INLINE_LIMIT`] travel in shared-memory regions instead. Malformed frames
 //! (bad magic, version, truncated or undecodable body, oversized) are typed
-//! [`IpcError`]s, never panics.
+//! [`IpcError`]s, never panics; a message too large for a frame is
+//! [`IpcError::Unsendable`] before anything is sent.
 //!
 //! `unsafe` for mapping memory and setting up the worker process lives in this module (and
 //! the backend files) only; each block says why it is sound.
@@ -50,7 +51,11 @@ pub const MAX_BATCH: usize = 64;
 /// request and its response fit in a frame.
 pub const BATCH_INLINE_BYTES: usize = MAX_FRAME / 4;
 const MAGIC: &[u8; 2] = b"HV";
-const MAX_FDS: usize = 4;
+/// The most descriptors one frame carries.
+pub const MAX_FDS: usize = 4;
+/// How long a send keeps retrying transient errors (`EINTR`, `EAGAIN`, `ENOBUFS`) before it
+/// gives up with [`IpcError::Os`].
+pub const SEND_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// An IPC failure.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +67,11 @@ pub enum IpcError {
     /// A frame that is not a valid message.
     #[error("malformed frame: {0}")]
     Malformed(String),
+    /// A message that cannot be sent at all (its frame would exceed [`MAX_FRAME`], or it
+    /// carries more than [`MAX_FDS`] descriptors): nothing was sent, the connection is
+    /// intact. For a request, an invalid request, not a failure of the peer.
+    #[error("cannot be sent: {0}")]
+    Unsendable(String),
     /// The peer speaks another protocol version.
     #[error("protocol version {got}, expected {PROTOCOL_VERSION}")]
     Version {
@@ -270,16 +280,17 @@ pub enum FromWorker {
 /// Encodes a message into one frame.
 ///
 /// # Errors
-/// [`IpcError::Malformed`] if the encoding is larger than [`MAX_FRAME`].
+/// [`IpcError::Unsendable`] if the encoding is larger than [`MAX_FRAME`] (or the message
+/// cannot be encoded at all).
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, IpcError> {
     let mut out = Vec::with_capacity(64);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-    let body = postcard::to_stdvec(msg).map_err(|e| IpcError::Malformed(format!("cannot encode: {e}")))?;
+    let body = postcard::to_stdvec(msg).map_err(|e| IpcError::Unsendable(format!("cannot encode: {e}")))?;
     out.extend_from_slice(&body);
     if out.len() > MAX_FRAME {
-        return Err(IpcError::Malformed(format!(
-            "frame of {} bytes exceeds {MAX_FRAME}",
+        return Err(IpcError::Unsendable(format!(
+            "a frame of {} bytes exceeds the protocol's {MAX_FRAME}",
             out.len()
         )));
     }
@@ -368,28 +379,37 @@ impl Channel {
     /// Sends a message with descriptors attached.
     ///
     /// # Errors
-    /// [`IpcError`] if it cannot be encoded or sent; `Closed` if the peer is gone.
+    /// [`IpcError::Unsendable`] if it cannot be encoded in a frame (nothing was sent);
+    /// `Closed` if the peer is gone; `Os`.
     pub fn send<T: Serialize>(&self, msg: &T, fds: &[RawFd]) -> Result<(), IpcError> {
         let frame = encode(msg)?;
         self.send_frame(&frame, fds)
     }
 
-    /// Sends raw bytes as one frame (tests send malformed frames with this).
+    /// Sends raw bytes as one frame (tests send malformed frames with this). Transient
+    /// errors (`EINTR`, `EAGAIN`, `ENOBUFS`: the peer's queue or the kernel's memory is
+    /// short for a moment) are retried with a growing pause for up to [`SEND_RETRY_FOR`].
     ///
     /// # Errors
-    /// [`IpcError::Os`], or `Closed` if the peer is gone.
+    /// [`IpcError::Unsendable`] for a frame above [`MAX_FRAME`] or more than [`MAX_FDS`]
+    /// descriptors (nothing is sent); `Closed` if the peer is gone; [`IpcError::Os`].
     pub fn send_frame(&self, frame: &[u8], fds: &[RawFd]) -> Result<(), IpcError> {
+        if frame.len() > MAX_FRAME {
+            return Err(IpcError::Unsendable(format!(
+                "a frame of {} bytes exceeds the protocol's {MAX_FRAME}",
+                frame.len()
+            )));
+        }
+        if fds.len() > MAX_FDS {
+            return Err(IpcError::Unsendable(format!(
+                "{} descriptors in one frame; at most {MAX_FDS}",
+                fds.len()
+            )));
+        }
         let iov = [IoSlice::new(frame)];
         let cmsg = [ControlMessage::ScmRights(fds)];
         let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
-        match sendmsg::<()>(self.fd.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
-            Ok(_) => Ok(()),
-            Err(nix::errno::Errno::EPIPE | nix::errno::Errno::ECONNRESET) => Err(IpcError::Closed),
-            Err(e) => Err(IpcError::Os {
-                call: "sendmsg",
-                errno: e,
-            }),
-        }
+        retry_transient(|| sendmsg::<()>(self.fd.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None))
     }
 
     /// Receives one message and the descriptors sent with it (blocking).
@@ -475,6 +495,38 @@ impl Channel {
             )));
         }
         Ok(Some((len, fds)))
+    }
+}
+
+/// Runs `send` until it succeeds, retrying the transient errors (`EINTR`, `EAGAIN`,
+/// `ENOBUFS`) with a pause from 20 µs doubling to 5 ms, for up to [`SEND_RETRY_FOR`].
+fn retry_transient(mut send: impl FnMut() -> nix::Result<usize>) -> Result<(), IpcError> {
+    use nix::errno::Errno;
+    let until = std::time::Instant::now() + SEND_RETRY_FOR;
+    let mut pause = std::time::Duration::from_micros(20);
+    loop {
+        match send() {
+            Ok(_) => return Ok(()),
+            Err(Errno::EPIPE | Errno::ECONNRESET) => return Err(IpcError::Closed),
+            Err(e @ (Errno::EINTR | Errno::EAGAIN | Errno::ENOBUFS)) => {
+                if std::time::Instant::now() >= until {
+                    return Err(IpcError::Os {
+                        call: "sendmsg",
+                        errno: e,
+                    });
+                }
+                if e != Errno::EINTR {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(std::time::Duration::from_millis(5));
+                }
+            }
+            Err(e) => {
+                return Err(IpcError::Os {
+                    call: "sendmsg",
+                    errno: e,
+                });
+            }
+        }
     }
 }
 
@@ -875,6 +927,52 @@ mod tests {
         assert_eq!(lru.touch(1), (true, None));
         assert_eq!(lru.touch(100), (false, Some(2)), "2 is now the least recently used");
         assert_eq!(lru.touch(2), (false, Some(3)));
+    }
+
+    #[test]
+    fn a_transient_send_error_is_retried_not_taken_for_a_dead_peer() {
+        let (a, mut b) = Channel::pair().unwrap();
+        // Fill the peer's queue.
+        let frame = encode(&ToWorker::Shutdown).unwrap();
+        let mut queued = 0usize;
+        loop {
+            let iov = [IoSlice::new(&frame)];
+            match sendmsg::<()>(a.fd.as_raw_fd(), &iov, &[], MsgFlags::MSG_DONTWAIT, None) {
+                Ok(_) => queued += 1,
+                Err(nix::errno::Errno::EAGAIN) => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        // Each blocking send now gives up after 1 ms with EAGAIN, until the reader drains
+        // the queue.
+        let tv = nix::sys::time::TimeVal::from(libc_timeval(std::time::Duration::from_millis(1)));
+        nix::sys::socket::setsockopt(&a.fd, nix::sys::socket::sockopt::SendTimeout, &tv).unwrap();
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            for _ in 0..=queued {
+                assert_eq!(b.recv::<ToWorker>().unwrap().0, ToWorker::Shutdown);
+            }
+        });
+        a.send(&ToWorker::Shutdown, &[])
+            .expect("EAGAIN is retried until the reader makes room");
+        reader.join().unwrap();
+    }
+
+    #[test]
+    fn a_message_larger_than_a_frame_is_unsendable_and_nothing_is_sent() {
+        let (a, mut b) = Channel::pair().unwrap();
+        let huge = FromWorker::Malformed("x".repeat(MAX_FRAME));
+        assert!(matches!(a.send(&huge, &[]), Err(IpcError::Unsendable(_))));
+        assert!(matches!(
+            a.send_frame(&[0; 8], &[0; MAX_FDS + 1]),
+            Err(IpcError::Unsendable(_))
+        ));
+        a.send(&ToWorker::Shutdown, &[]).unwrap();
+        assert_eq!(
+            b.recv::<ToWorker>().unwrap().0,
+            ToWorker::Shutdown,
+            "the first frame the peer sees"
+        );
     }
 
     proptest! {

@@ -543,12 +543,64 @@ impl Op {
             | Op::DeviceInfo => Ok(()),
         }
     }
+
+    /// The limits every op must respect whatever the isolation, checked before anything is
+    /// sent or touched (like [`Op::check_sizes`], no device needed): a launch's kernel name
+    /// at most [`MAX_KERNEL_NAME_BYTES`], its arguments at most [`MAX_KERNEL_ARGS`]. (Bulk
+    /// bytes have no such limit: large payloads travel in shared memory.) The host of a
+    /// worker process checks it before it builds a request (nothing is sent, the worker and
+    /// the device's other users notice nothing), and the device's own validation checks it
+    /// in either isolation, so both answer such an op alike: an invalid request, at once.
+    ///
+    /// # Errors
+    /// [`InvalidReason::BadArguments`], naming the limit.
+    pub fn check_limits(&self) -> Result<(), InvalidReason> {
+        let Op::Launch { function, args, .. } = self else {
+            return Ok(());
+        };
+        let reason = if function.len() > MAX_KERNEL_NAME_BYTES {
+            format!(
+                "a kernel name of {} bytes; at most {MAX_KERNEL_NAME_BYTES}",
+                function.len()
+            )
+        } else if args.len() > MAX_KERNEL_ARGS {
+            format!("{} arguments; at most {MAX_KERNEL_ARGS}", args.len())
+        } else {
+            return Ok(());
+        };
+        Err(InvalidReason::BadArguments {
+            kernel: shortened(function),
+            reason,
+        })
+    }
 }
 
 /// The largest buffer there can be, on a device or on the host: Rust's limit for one
 /// allocation (`isize::MAX` bytes). [`Op::check_sizes`] holds every range to it whatever
 /// length a handle claims.
 pub const MAX_BUFFER_BYTES: u64 = isize::MAX as u64;
+
+/// The longest kernel name a launch may carry, in bytes. Generous for C++ mangled names
+/// (templates make them long), and small enough that a launch always fits in one frame of
+/// the worker protocol ([`crate::ipc::MAX_FRAME`]).
+pub const MAX_KERNEL_NAME_BYTES: usize = 4096;
+
+/// The most arguments a launch may carry: 4 KiB of 4-byte parameters, the classic limit of a
+/// kernel's parameter space on CUDA and HIP. With the longest name, a launch's request is
+/// well under a frame (every argument encodes in at most 36 bytes).
+pub const MAX_KERNEL_ARGS: usize = 1024;
+
+/// A name for messages: at most 64 bytes of it (on a character boundary), then `…`.
+fn shortened(name: &str) -> String {
+    if name.len() <= 64 {
+        return name.to_string();
+    }
+    let mut end = 64;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &name[..end])
+}
 
 /// Free and total memory of a device, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -637,6 +689,49 @@ mod tests {
         let back: Holder = toml::from_str(&text).unwrap();
         assert_eq!(back.op, op);
         assert_eq!(op.buffers(), vec![b]);
+    }
+
+    #[test]
+    fn launches_beyond_the_limits_are_invalid_and_fit_in_a_frame_within_them() {
+        let launch = |function: String, args: Vec<KernelArg>| Op::Launch {
+            module: ModuleHandle { device: 0, id: 1 },
+            function,
+            grid: Dim3::x(1),
+            block: Dim3::x(1),
+            shared_mem_bytes: 0,
+            args,
+        };
+        let b = KernelArg::Buffer(BufferHandle {
+            device: u32::MAX,
+            epoch: u64::MAX,
+            id: u64::MAX,
+            len: u64::MAX,
+        });
+        let widest = launch("é".repeat(MAX_KERNEL_NAME_BYTES / 2), vec![b; MAX_KERNEL_ARGS]);
+        assert_eq!(widest.check_limits(), Ok(()));
+        let request = crate::ipc::ToWorker::Request(crate::ipc::Request {
+            id: u64::MAX,
+            op: widest,
+            origin: crate::backend::Origin::Application,
+            fault: Some(crate::ipc::WireFault::HangMs(u64::MAX)),
+            input: None,
+            output: None,
+            linger_us: u32::MAX,
+        });
+        crate::ipc::encode(&request).expect("the widest launch within the limits fits in a frame");
+        for op in [
+            launch("k".repeat(MAX_KERNEL_NAME_BYTES + 1), vec![]),
+            launch("fill".into(), vec![KernelArg::U32(0); MAX_KERNEL_ARGS + 1]),
+        ] {
+            match op.check_limits() {
+                Err(InvalidReason::BadArguments { kernel, reason }) => {
+                    assert!(kernel.len() <= 68, "the name is shortened: {kernel}");
+                    assert!(reason.contains("at most"), "{reason}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(Op::MemInfo.check_limits(), Ok(()));
     }
 
     #[derive(Serialize, Deserialize)]

@@ -185,11 +185,12 @@ pub fn serve(mut channel: Channel) -> Result<(), IpcError> {
                     control: &control,
                     sim: sim.as_deref(),
                 };
+                let (id, kind) = (req.id, req.op.kind());
                 let reply = match execute(&mut *ctx, started, &mut cache, req, fds) {
                     Ok(r) => r,
                     Err(e) => FromWorker::Malformed(e.to_string()),
                 };
-                channel.send(&reply, &[])?;
+                send_fitting(&channel, reply, |why| oversized(kind, ctx.device(), id, why))?;
             }
             ToWorker::Batch(reqs) => {
                 let started = Started {
@@ -291,6 +292,80 @@ impl RegionCache {
     }
 }
 
+/// Sends `reply`; an answer too large for a frame is replaced by what `oversized` makes of
+/// the reason (a batch's answers are split over several frames first), so a worker never
+/// dies of an answer it cannot send.
+fn send_fitting(
+    channel: &Channel,
+    reply: FromWorker,
+    oversized: impl FnOnce(String) -> FromWorker,
+) -> Result<(), IpcError> {
+    match channel.send(&reply, &[]) {
+        Err(IpcError::Unsendable(why)) => channel.send(&oversized(why), &[]),
+        other => other,
+    }
+}
+
+/// The answer that replaces one too large for a frame: an invalid request (the op's answer
+/// cannot be carried back; running it again would not help).
+fn oversized(kind: OpKind, device: u32, id: u64, why: String) -> FromWorker {
+    FromWorker::Response {
+        id,
+        result: Err(oversized_error(kind, device, why)),
+        output_len: None,
+    }
+}
+
+fn oversized_error(kind: OpKind, device: u32, why: String) -> GpuError {
+    GpuError::invalid(
+        kind,
+        device,
+        InvalidReason::BadArguments {
+            kernel: String::new(),
+            reason: format!("the worker's answer cannot be sent back: {why}"),
+        },
+    )
+}
+
+/// Sends a batch's answers: in one frame if they fit, else split in halves (every frame but
+/// the last says `done: false`); a single answer that does not fit is replaced by an
+/// invalid-request error.
+fn send_batch(
+    channel: &Channel,
+    results: Vec<(u64, Result<Reply, GpuError>)>,
+    done: bool,
+    kinds: &std::collections::HashMap<u64, OpKind>,
+    device: u32,
+) -> Result<(), IpcError> {
+    let frame = FromWorker::Batch { results, done };
+    match ipc::encode(&frame) {
+        Ok(bytes) => channel.send_frame(&bytes, &[]),
+        Err(IpcError::Unsendable(why)) => {
+            let FromWorker::Batch { mut results, done } = frame else {
+                unreachable!("the batch frame")
+            };
+            if results.len() > 1 {
+                let second = results.split_off(results.len() / 2);
+                send_batch(channel, results, false, kinds, device)?;
+                return send_batch(channel, second, done, kinds, device);
+            }
+            let results = results
+                .into_iter()
+                .map(|(id, r)| {
+                    let kind = kinds.get(&id).copied().unwrap_or(OpKind::DeviceInfo);
+                    // A sticky fault stays one (the batch stopped at it).
+                    match r {
+                        Err(e) if e.class() == crate::error::ErrorClass::Sticky => (id, Err(e)),
+                        _ => (id, Err(oversized_error(kind, device, why.clone()))),
+                    }
+                })
+                .collect();
+            channel.send(&FromWorker::Batch { results, done }, &[])
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Whether `op` may wait for earlier GPU work (or take long by itself): copies, memsets,
 /// allocations, frees, synchronizations, launches. Only queries answer at once.
 fn may_wait(op: &Op) -> bool {
@@ -316,11 +391,13 @@ fn execute_batch(
         let why = "a batched request carries a region".to_string();
         return channel.send(&FromWorker::Malformed(why), &[]);
     }
+    let kinds: std::collections::HashMap<u64, OpKind> = reqs.iter().map(|r| (r.id, r.op.kind())).collect();
+    let device = ctx.device();
     let mut results = Vec::with_capacity(reqs.len());
     for req in reqs {
         if !results.is_empty() && may_wait(&req.op) {
             let results = std::mem::take(&mut results);
-            channel.send(&FromWorker::Batch { results, done: false }, &[])?;
+            send_batch(channel, results, false, &kinds, device)?;
         }
         started.start(req.id);
         let result = ctx.execute_planned(&req.op, req.origin, req.fault.map(Into::into));
@@ -330,7 +407,7 @@ fn execute_batch(
             break;
         }
     }
-    channel.send(&FromWorker::Batch { results, done: true }, &[])
+    send_batch(channel, results, true, &kinds, device)
 }
 
 fn execute(

@@ -444,6 +444,16 @@ fn split_module(source: &ModuleSource) -> Result<(ModuleSource, Option<Arc<Regio
     }
 }
 
+/// The answer to an op whose request cannot be carried to the worker (its frame would
+/// exceed the protocol's limit): an invalid request; nothing was sent.
+fn unsendable(op: &Op, device: u32, e: impl std::fmt::Display) -> GpuError {
+    let reason = InvalidReason::BadArguments {
+        kernel: op.kernel().unwrap_or_default().chars().take(64).collect(),
+        reason: format!("the request cannot be sent to the worker: {e}"),
+    };
+    GpuError::invalid(op.kind(), device, reason)
+}
+
 /// The payload's bytes in shared memory: its own region, or a copy in a new one.
 fn region_of(p: &Payload) -> Result<Arc<Region>, IpcError> {
     if let Some(r) = p.region() {
@@ -491,6 +501,8 @@ impl Batches for WorkerEngine {
     /// Ops whose bytes travel inline (not in a region) may be batched; the cost is the
     /// payload bytes each way, plus the launch arguments.
     fn batch_cost(&self, op: &Op) -> Option<usize> {
+        // Ops beyond the limits go alone, to be answered at once (`run`).
+        op.check_limits().ok()?;
         let inline = |n: usize| (n <= ipc::INLINE_LIMIT).then_some(n);
         match op {
             Op::CopyToDevice { data, .. } => inline(data.len()),
@@ -529,8 +541,19 @@ impl Batches for WorkerEngine {
             }
         };
         let batch = ToWorker::Batch(requests);
-        if let Err(e) = self.channel.send(&batch, &[]) {
-            return died(self, each, 0, format!("cannot send to the worker: {e}"));
+        match self.channel.send(&batch, &[]) {
+            Ok(()) => {}
+            Err(e @ IpcError::Unsendable(_)) => {
+                // Nothing was sent: none of the ops started.
+                let ToWorker::Batch(requests) = &batch else {
+                    unreachable!("the batch built")
+                };
+                for request in requests {
+                    each(Exec::Done(Err(unsendable(&request.op, self.device, &e))), false);
+                }
+                return;
+            }
+            Err(e) => return died(self, each, 0, format!("cannot send to the worker: {e}")),
         }
         loop {
             match self.channel.recv::<FromWorker>() {
@@ -591,6 +614,11 @@ impl Engine for WorkerEngine {
     }
 
     fn run(&mut self, op: &Op, origin: Origin) -> Exec {
+        // What cannot be carried to the worker is an invalid request, answered before
+        // anything is sent: the worker and the device's other users notice nothing.
+        if let Err(reason) = op.check_limits() {
+            return Exec::Done(Err(GpuError::invalid(op.kind(), self.device, reason)));
+        }
         let id = self.next_id;
         self.next_id += 1;
         let fault = self.fault(op, origin);
@@ -599,23 +627,21 @@ impl Engine for WorkerEngine {
         // Bulk bytes go in shared memory; the op travels without them.
         let mut sent = op.clone();
         let mut regions: Vec<Arc<Region>> = Vec::new();
+        // An application's host buffer, which the worker keeps mapped (and pinned): its
+        // descriptor goes only with its first use (decided once the request is encoded).
+        let mut cached: Option<Arc<Region>> = None;
         let mut input = None;
         let mut output: Option<Region> = None;
         let prepared: Result<(), IpcError> = (|| {
             match &mut sent {
                 Op::CopyToDevice { data, .. } if data.len() > ipc::INLINE_LIMIT => {
                     if let Some(r) = data.region() {
-                        // An application's host buffer: the worker keeps it mapped (and
-                        // pinned); its descriptor goes only with the first use.
-                        let (known, _) = self.regions.touch(r.id());
                         input = Some(RegionRef {
                             id: r.id(),
                             len: r.len() as u64,
                             cached: true,
                         });
-                        if !known {
-                            regions.push(r.clone());
-                        }
+                        cached = Some(r.clone());
                     } else {
                         let r = region_of(data)?;
                         input = Some(RegionRef {
@@ -652,8 +678,6 @@ impl Engine for WorkerEngine {
             let code = hipvisor_core::error::hip::OUT_OF_MEMORY;
             return Exec::Done(Err(GpuError::api_with(Api::Hip, code, op.kind(), self.device, msg)));
         }
-        let mut fds: Vec<_> = regions.iter().map(|r| r.raw_fd()).collect();
-        fds.extend(output.iter().map(|r| r.raw_fd()));
         let out_ref = output.as_ref().map(|r| RegionRef {
             id: r.id(),
             len: r.len() as u64,
@@ -668,8 +692,20 @@ impl Engine for WorkerEngine {
             output: out_ref,
             linger_us: spin.as_micros() as u32,
         };
+        let frame = match ipc::encode(&ToWorker::Request(request)) {
+            Ok(frame) => frame,
+            // Nothing was sent (a defence: `check_limits` keeps requests well under a frame).
+            Err(e) => return Exec::Done(Err(unsendable(op, self.device, e))),
+        };
+        let mut fds: Vec<_> = regions.iter().map(|r| r.raw_fd()).collect();
+        if let Some(r) = &cached
+            && !self.regions.touch(r.id()).0
+        {
+            fds.push(r.raw_fd());
+        }
+        fds.extend(output.iter().map(|r| r.raw_fd()));
         let died = |w: &mut WorkerEngine, why: String| w.died_under(id, 1, why).pop().expect("one op");
-        if let Err(e) = self.channel.send(&ToWorker::Request(request), &fds) {
+        if let Err(e) = self.channel.send_frame(&frame, &fds) {
             return died(self, format!("cannot send to the worker: {e}"));
         }
         // A serial caller's op: poll for the answer rather than sleep through a wake-up.
