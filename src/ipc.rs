@@ -11,6 +11,9 @@
 //! [`IpcError`]s, never panics; a message too large for a frame is
 //! [`IpcError::Unsendable`] before anything is sent.
 //!
+//! The host never trusts a worker: [`check_answer`] and [`check_batch_frame`] check every
+//! id, length, count and handle of an answer against the request.
+//!
 //! `unsafe` for mapping memory and setting up the worker process lives in this module (and
 //! the backend files) only; each block says why it is sound.
 #![allow(unsafe_code)]
@@ -64,7 +67,8 @@ pub enum IpcError {
     /// The peer closed the connection (a worker that died, a host that went away).
     #[error("the peer closed the connection")]
     Closed,
-    /// A frame that is not a valid message.
+    /// A frame that is not a valid message (or a message that breaks the protocol's rules:
+    /// an answer that does not match its request, a descriptor that is not sealed).
     #[error("malformed frame: {0}")]
     Malformed(String),
     /// A message that cannot be sent at all (its frame would exceed [`MAX_FRAME`], or it
@@ -295,6 +299,144 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, IpcError> {
         )));
     }
     Ok(out)
+}
+
+/// Checks a worker's answer to one op before the host believes it: the reply is of the
+/// op's kind, and every length and handle in it is what the op asked for — a buffer of the
+/// device and epoch with the allocation's length, a module of the device, mem-info with no
+/// more free than total memory, the device's own description, and for a copy to the host
+/// exactly the bytes asked for: inline, or (when the request had an output region of
+/// `output` bytes) all of them written there and none inline. An error is an answer too
+/// (the host reads its code); it comes with no output. A failed check is
+/// [`IpcError::Malformed`]: the host treats the worker as broken.
+///
+/// # Errors
+/// [`IpcError::Malformed`] saying what does not match.
+pub fn check_answer(
+    op: &Op,
+    device: u32,
+    epoch: u64,
+    output: Option<usize>,
+    result: &Result<Reply, GpuError>,
+    output_len: Option<u64>,
+) -> Result<(), IpcError> {
+    let bad = |why: String| Err(IpcError::Malformed(format!("the answer to a {}: {why}", op.kind())));
+    let reply = match result {
+        Err(_) if output_len.is_some() => return bad("an error with output bytes".into()),
+        Err(_) => return Ok(()),
+        Ok(reply) => reply,
+    };
+    if output_len.is_some() && !matches!((op, reply), (Op::CopyFromDevice { .. }, Reply::Data(_))) {
+        return bad("output bytes with a reply that has none".into());
+    }
+    match (op, reply) {
+        (Op::Alloc { bytes }, Reply::Buffer(h)) => {
+            if (h.device, h.epoch, h.len) != (device, epoch, *bytes) {
+                return bad(format!(
+                    "a buffer of device {} epoch {} with {} bytes; device {device} epoch {epoch}, {bytes} bytes asked",
+                    h.device, h.epoch, h.len
+                ));
+            }
+        }
+        (Op::CopyFromDevice { len, .. }, Reply::Data(d)) => match (output, output_len) {
+            (Some(cap), Some(n)) if d.is_empty() && n == *len && cap as u64 == *len => {}
+            (None, None) if d.len() as u64 == *len => {}
+            _ => {
+                return bad(format!(
+                    "{} bytes inline and {output_len:?} in an output region of {output:?}; {len} asked",
+                    d.len()
+                ));
+            }
+        },
+        (Op::LoadModule { .. }, Reply::Module(m)) => {
+            if m.device != device {
+                return bad(format!("a module of device {}", m.device));
+            }
+        }
+        (Op::MemInfo, Reply::MemInfo(m)) => {
+            if m.free > m.total {
+                return bad(format!("{} bytes free of {}", m.free, m.total));
+            }
+        }
+        (Op::DeviceInfo, Reply::DeviceInfo(info)) => {
+            if info.index != device {
+                return bad(format!("the description of device {}", info.index));
+            }
+        }
+        (
+            Op::Free { .. }
+            | Op::CopyToDevice { .. }
+            | Op::CopyDeviceToDevice { .. }
+            | Op::Memset { .. }
+            | Op::Launch { .. }
+            | Op::Synchronize,
+            Reply::Done,
+        ) => {}
+        (_, other) => return bad(format!("a {} reply", reply_kind(other))),
+    }
+    Ok(())
+}
+
+fn reply_kind(r: &Reply) -> &'static str {
+    match r {
+        Reply::Done => "done",
+        Reply::Buffer(_) => "buffer",
+        Reply::Data(_) => "data",
+        Reply::Module(_) => "module",
+        Reply::MemInfo(_) => "mem-info",
+        Reply::DeviceInfo(_) => "device-info",
+    }
+}
+
+/// Checks one [`FromWorker::Batch`] frame against the batch it answers (`requests`, of
+/// which `answered` were answered by earlier frames): no more answers than ops, each with
+/// the id of the next op in order and passing [`check_answer`]; a sticky error only as the
+/// frame's last answer and only in its last frame (the worker stops there); a last frame
+/// before every op is answered only after such an error; and no empty last frame for a
+/// batch nothing answered.
+///
+/// # Errors
+/// [`IpcError::Malformed`] saying what does not match.
+pub fn check_batch_frame(
+    requests: &[Request],
+    answered: usize,
+    results: &[(u64, Result<Reply, GpuError>)],
+    done: bool,
+    device: u32,
+    epoch: u64,
+) -> Result<(), IpcError> {
+    let bad = |why: String| Err(IpcError::Malformed(format!("a batch answer: {why}")));
+    let Some(rest) = requests.get(answered..).filter(|rest| results.len() <= rest.len()) else {
+        return bad(format!(
+            "{} answers after {answered}, for a batch of {}",
+            results.len(),
+            requests.len()
+        ));
+    };
+    for (i, ((id, result), request)) in results.iter().zip(rest).enumerate() {
+        if *id != request.id {
+            return bad(format!("id {id} where {} was next", request.id));
+        }
+        check_answer(&request.op, device, epoch, None, result, None)?;
+        let sticky = matches!(result, Err(e) if e.class() == crate::error::ErrorClass::Sticky);
+        if sticky && (i + 1 != results.len() || !done) {
+            return bad(format!("answers after request {id}'s sticky fault"));
+        }
+    }
+    let total = answered + results.len();
+    if done && total < requests.len() {
+        let stopped = matches!(results.last(), Some((_, Err(e))) if e.class() == crate::error::ErrorClass::Sticky);
+        if !stopped {
+            return bad(format!(
+                "done after {total} of {} ops without a sticky fault",
+                requests.len()
+            ));
+        }
+    }
+    if done && total == 0 {
+        return bad("done with no answer at all".into());
+    }
+    Ok(())
 }
 
 /// Decodes one frame. Total: any byte string gives a message or a typed error.
@@ -763,6 +905,7 @@ pub fn spawn_worker(mut command: Command, channel: Channel) -> std::io::Result<C
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::op::Payload;
     use proptest::prelude::*;
 
     #[test]
@@ -975,6 +1118,184 @@ mod tests {
         );
     }
 
+    fn buffer(epoch: u64, len: u64) -> crate::op::BufferHandle {
+        crate::op::BufferHandle {
+            device: 1,
+            epoch,
+            id: 5,
+            len,
+        }
+    }
+
+    #[test]
+    fn answers_that_do_not_match_their_request_are_malformed() {
+        let ok = |op: &Op, out: Option<usize>, r: Result<Reply, GpuError>, n: Option<u64>| {
+            check_answer(op, 1, 2, out, &r, n).is_ok()
+        };
+        let read = Op::CopyFromDevice {
+            src: buffer(2, 1 << 20),
+            offset: 0,
+            len: 100,
+        };
+        assert!(ok(&read, None, Ok(Reply::Data(vec![0; 100].into())), None));
+        assert!(
+            !ok(&read, None, Ok(Reply::Data(vec![0; 101].into())), None),
+            "longer than asked"
+        );
+        assert!(!ok(&read, None, Ok(Reply::Data(vec![0; 99].into())), None), "shorter");
+        assert!(!ok(&read, None, Ok(Reply::Done), None), "another kind");
+        assert!(
+            !ok(&read, None, Ok(Reply::Data(vec![0; 100].into())), Some(100)),
+            "no output region"
+        );
+        let big = Op::CopyFromDevice {
+            src: buffer(2, 1 << 20),
+            offset: 0,
+            len: 100_000,
+        };
+        assert!(ok(
+            &big,
+            Some(100_000),
+            Ok(Reply::Data(Payload::default())),
+            Some(100_000)
+        ));
+        assert!(!ok(
+            &big,
+            Some(100_000),
+            Ok(Reply::Data(Payload::default())),
+            Some(100_001)
+        ));
+        assert!(!ok(
+            &big,
+            Some(100_000),
+            Ok(Reply::Data(Payload::default())),
+            Some(u64::MAX)
+        ));
+        assert!(!ok(&big, Some(100_000), Ok(Reply::Data(Payload::default())), None));
+        let alloc = Op::Alloc { bytes: 64 };
+        assert!(ok(&alloc, None, Ok(Reply::Buffer(buffer(2, 64))), None));
+        assert!(
+            !ok(&alloc, None, Ok(Reply::Buffer(buffer(1, 64))), None),
+            "an old epoch"
+        );
+        assert!(
+            !ok(&alloc, None, Ok(Reply::Buffer(buffer(2, 65))), None),
+            "another length"
+        );
+        let mem = Op::MemInfo;
+        let info = |free, total| Ok(Reply::MemInfo(crate::op::MemInfo { free, total }));
+        assert!(ok(&mem, None, info(1, 2), None));
+        assert!(!ok(&mem, None, info(3, 2), None));
+        let error = GpuError::api_with(crate::error::Api::Sim, 700, crate::op::OpKind::Synchronize, 1, "x");
+        assert!(ok(&Op::Synchronize, None, Err(error.clone()), None));
+        assert!(!ok(&Op::Synchronize, None, Err(error), Some(1)));
+        assert!(!ok(
+            &Op::LoadModule {
+                source: ModuleSource::Builtin
+            },
+            None,
+            Ok(Reply::Module(ModuleHandle { device: 0, id: 1 })),
+            None
+        ));
+    }
+
+    fn request(id: u64, op: Op) -> Request {
+        Request {
+            id,
+            op,
+            origin: Origin::Application,
+            fault: None,
+            input: None,
+            output: None,
+            linger_us: 0,
+        }
+    }
+
+    #[test]
+    fn batch_answers_are_checked_for_count_order_and_what_follows_a_sticky_fault() {
+        let reqs: Vec<Request> = (10..13).map(|id| request(id, Op::Synchronize)).collect();
+        let done = |id| (id, Ok(Reply::Done));
+        let sticky = |id| {
+            let e = GpuError::api_with(crate::error::Api::Sim, 700, crate::op::OpKind::Synchronize, 1, "x");
+            (id, Err(e))
+        };
+        let check = |answered, results: &[(u64, Result<Reply, GpuError>)], last| {
+            check_batch_frame(&reqs, answered, results, last, 1, 2).is_ok()
+        };
+        assert!(check(0, &[done(10), done(11), done(12)], true));
+        assert!(check(0, &[done(10)], false));
+        assert!(check(1, &[done(11), done(12)], true));
+        assert!(check(0, &[done(10), sticky(11)], true), "stopped at a sticky fault");
+        assert!(
+            !check(0, &[done(10), sticky(11)], false),
+            "a sticky fault ends the batch"
+        );
+        assert!(
+            !check(0, &[sticky(10), done(11)], true),
+            "nothing runs after a sticky fault"
+        );
+        assert!(!check(0, &[done(10), done(11)], true), "stopped without a reason");
+        assert!(!check(0, &[done(10), done(11), done(12), done(13)], true), "too many");
+        assert!(!check(2, &[done(12), done(13)], true), "too many");
+        assert!(!check(0, &[done(11)], false), "out of order");
+        assert!(!check(0, &[], true), "nothing answered");
+        assert!(!check(5, &[], true), "past the end");
+    }
+
+    /// Decodes `frame` as the host does and checks it against one request of every kind
+    /// (with and without an output region) and a batch of them.
+    fn check_any_response(frame: &[u8]) {
+        let b = buffer(0, 1 << 20);
+        let ops = [
+            Op::Alloc { bytes: 64 },
+            Op::Free { buffer: b },
+            Op::CopyFromDevice {
+                src: b,
+                offset: 0,
+                len: 64,
+            },
+            Op::CopyFromDevice {
+                src: b,
+                offset: 0,
+                len: 65_536,
+            },
+            Op::Memset {
+                buffer: b,
+                offset: 0,
+                len: 8,
+                value: 1,
+            },
+            Op::LoadModule {
+                source: ModuleSource::Builtin,
+            },
+            Op::Synchronize,
+            Op::MemInfo,
+            Op::DeviceInfo,
+        ];
+        let Ok(msg) = decode::<FromWorker>(frame) else { return };
+        match msg {
+            FromWorker::Response { result, output_len, .. } => {
+                for op in &ops {
+                    for output in [None, Some(64), Some(65_536)] {
+                        let _ = check_answer(op, 1, 0, output, &result, output_len);
+                    }
+                }
+            }
+            FromWorker::Batch { results, done } => {
+                let reqs: Vec<Request> = ops
+                    .iter()
+                    .cloned()
+                    .enumerate()
+                    .map(|(i, op)| request(i as u64, op))
+                    .collect();
+                for answered in 0..=reqs.len() + 1 {
+                    let _ = check_batch_frame(&reqs, answered, &results, done, 1, 0);
+                }
+            }
+            _ => {}
+        }
+    }
+
     proptest! {
         #[test]
         fn the_decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
@@ -989,6 +1310,48 @@ mod tests {
             frame.extend_from_slice(&body);
             let _ = decode::<ToWorker>(&frame);
             let _ = decode::<FromWorker>(&frame);
+        }
+
+        /// The host's whole response path on arbitrary bytes: decoded, then checked against
+        /// every kind of request (and a batch of them); no panic, whatever the worker sends.
+        #[test]
+        fn the_host_checks_any_response_without_panicking(
+            tag in 0u8..8,
+            body in proptest::collection::vec(any::<u8>(), 0..256),
+        ) {
+            let mut frame = b"HV".to_vec();
+            frame.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+            frame.push(tag);
+            frame.extend_from_slice(&body);
+            check_any_response(&frame);
+        }
+
+        /// The same with responses built from arbitrary fields (valid frames whose numbers
+        /// are anything).
+        #[test]
+        fn the_host_checks_responses_with_any_numbers(
+            id in any::<u64>(),
+            len in any::<u64>(),
+            output_len in proptest::option::of(any::<u64>()),
+            epoch in any::<u64>(),
+            device in any::<u32>(),
+            data in 0usize..70_000,
+            done in any::<bool>(),
+        ) {
+            let handle = crate::op::BufferHandle { device, epoch, id, len };
+            let replies = [
+                Reply::Done,
+                Reply::Buffer(handle),
+                Reply::Data(vec![0; data].into()),
+                Reply::Module(ModuleHandle { device, id }),
+                Reply::MemInfo(crate::op::MemInfo { free: len, total: epoch }),
+            ];
+            for reply in replies {
+                let response = FromWorker::Response { id, result: Ok(reply.clone()), output_len };
+                check_any_response(&encode(&response).unwrap_or_default());
+                let batch = FromWorker::Batch { results: vec![(id, Ok(reply)); (len % 70) as usize], done };
+                check_any_response(&encode(&batch).unwrap_or_default());
+            }
         }
     }
 }

@@ -9,7 +9,10 @@
 //! the runtime's [`Workers`] from the moment it is spawned until it is reaped, so the
 //! watchdog, shutdown and a dropped runtime can stop it whatever it is doing. Each op is a
 //! request; faults of the simulator's plan are decided here, in the host, so a restarted
-//! worker re-arms nothing. Bulk bytes travel in shared memory.
+//! worker re-arms nothing. Bulk bytes travel in shared memory. The worker's answers are
+//! checked before they are believed ([`ipc::check_answer`], [`ipc::check_batch_frame`]):
+//! a malformed one is a broken worker, killed and restarted, and its ops are answered as
+//! by its death.
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -557,14 +560,22 @@ impl Batches for WorkerEngine {
         }
         loop {
             match self.channel.recv::<FromWorker>() {
-                Ok((FromWorker::Batch { results, done }, _))
-                    if answered + results.len() <= count
-                        && (answered > 0 || !results.is_empty() || !done)
-                        && results
-                            .iter()
-                            .zip(first + answered as u64..)
-                            .all(|((id, _), want)| *id == want) =>
-                {
+                Ok((FromWorker::Batch { results, done }, fds)) => {
+                    // The worker's word is checked before it is believed (count, order, ids,
+                    // each answer's shape, nothing after a sticky fault).
+                    let ToWorker::Batch(requests) = &batch else {
+                        unreachable!("the batch sent")
+                    };
+                    let checked = if fds.is_empty() {
+                        ipc::check_batch_frame(requests, answered, &results, done, self.device, self.epoch)
+                    } else {
+                        Err(IpcError::Malformed(format!("{} descriptors with an answer", fds.len())))
+                    };
+                    if let Err(e) = checked {
+                        let _ = self.child.kill();
+                        let why = format!("a malformed batch answer from the worker: {e}");
+                        return died(self, each, answered, why);
+                    }
                     for (_, r) in results {
                         let r = r.map_err(received);
                         answered += 1;
@@ -716,15 +727,22 @@ impl Engine for WorkerEngine {
                     result,
                     output_len,
                 },
-                _,
+                fds,
             )) if got == id => {
+                // The worker's word is checked before it is believed: a malformed answer is
+                // a broken worker, restarted, and the op is answered as by its death.
+                let checked = if fds.is_empty() {
+                    let out = output.as_ref().map(Region::len);
+                    ipc::check_answer(op, self.device, self.epoch, out, &result, output_len)
+                } else {
+                    Err(IpcError::Malformed(format!("{} descriptors with an answer", fds.len())))
+                };
+                if let Err(e) = checked {
+                    let _ = self.child.kill();
+                    return died(self, format!("a malformed answer from the worker: {e}"));
+                }
                 let result = match (result, output, output_len) {
-                    (Ok(Reply::Data(_)), Some(region), Some(n)) if n as usize == region.len() => {
-                        Ok(Reply::Data(Payload::shared(Arc::new(region))))
-                    }
-                    (Ok(Reply::Data(_)), Some(region), Some(n)) => {
-                        Ok(Reply::Data(Payload::from(&region.as_slice()[..n as usize])))
-                    }
+                    (Ok(Reply::Data(_)), Some(region), Some(_)) => Ok(Reply::Data(Payload::shared(Arc::new(region)))),
                     (r, _, _) => r.map_err(received),
                 };
                 Exec::Done(result)

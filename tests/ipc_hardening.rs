@@ -1,0 +1,356 @@
+//! End-to-end: the host never trusts its workers — a malformed answer restarts that worker
+//! with a typed answer to its ops, never a panic in the host — and shared memory cannot hurt
+//! the host.
+//!
+//! A misbehaving worker is this test binary re-executed as a **proxy** between the host and
+//! a real `hipvisor-worker`: started through a small script (the runtime starts its worker
+//! program without arguments) that runs only the test `proxy_worker` with `HV_PROXY_MODE`
+//! set, it relays every frame and descriptor, and breaks the answers to the application's
+//! ops as its mode says (the runtime's own ops — the health probe — pass untouched, so each
+//! new proxy starts like a good worker).
+
+mod common;
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{answered, config, eventually};
+use hipvisor::core::Origin;
+use hipvisor::core::config::Isolation;
+use hipvisor::core::ipc::{self, Channel, FromWorker, Region, ToWorker};
+use hipvisor::{DeviceState, Op, OpKind, Reply, Runtime, RuntimeConfig, RuntimeError};
+
+const T: Duration = Duration::from_secs(30);
+const WORKER: &str = env!("CARGO_BIN_EXE_hipvisor-worker");
+const MODE: &str = "HV_PROXY_MODE";
+/// The kind of op (`memset`, ...) whose answers the proxy breaks; any when unset.
+const BREAKS: &str = "HV_PROXY_BREAKS";
+
+fn process_config(devices: u32) -> RuntimeConfig {
+    let mut c = config(devices);
+    c.runtime.isolation = Isolation::Process;
+    c
+}
+
+/// A script that starts this test binary as a proxy worker in `mode`, breaking the answers
+/// to ops of kind `breaks` (any application op: `None`).
+fn proxy_program(mode: &str, breaks: Option<OpKind>) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("hipvisor-hardening-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("proxy-{mode}"));
+    let exe = std::env::current_exe().unwrap();
+    let breaks = breaks.map_or(String::new(), |k| format!("{BREAKS}={k} "));
+    let script = format!(
+        "#!/bin/sh\n{MODE}={mode} {breaks}exec '{}' --exact proxy_worker --nocapture --test-threads=1 -q\n",
+        exe.display()
+    );
+    std::fs::write(&path, script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+async fn start_with(program: &Path, c: RuntimeConfig) -> Runtime {
+    Runtime::builder()
+        .config(c)
+        .worker(program)
+        .start()
+        .await
+        .expect("runtime starts")
+}
+
+// ---------------------------------------------------------------------------------------
+// The proxy worker.
+
+/// Not a test of its own: the body of a proxy worker when this binary is started as one
+/// (see the module docs); does nothing otherwise.
+#[test]
+fn proxy_worker() {
+    let Ok(mode) = std::env::var(MODE) else {
+        return;
+    };
+    let fd: i32 = std::env::var(ipc::WORKER_ENV).unwrap().parse().unwrap();
+    let host = Channel::inherited(fd).expect("the worker socket");
+    let (to_worker, worker_end) = Channel::pair().unwrap();
+    let mut command = Command::new(WORKER);
+    command.env_remove(MODE).env_remove(BREAKS);
+    let breaks = std::env::var(BREAKS).ok().and_then(|k| OpKind::from_name(&k));
+    let mut child = ipc::spawn_worker(command, worker_end).unwrap();
+    Proxy {
+        mode,
+        breaks,
+        host,
+        worker: to_worker,
+        kept: Vec::new(),
+        corrupted_region: false,
+    }
+    .run();
+    let _ = child.kill();
+    let _ = child.wait();
+    std::process::exit(0);
+}
+
+struct Proxy {
+    mode: String,
+    breaks: Option<OpKind>,
+    host: Channel,
+    worker: Channel,
+    /// Output regions the proxy keeps mapped (mode `keep_mapping`).
+    kept: Vec<Region>,
+    corrupted_region: bool,
+}
+
+impl Proxy {
+    fn run(mut self) {
+        loop {
+            let Ok((msg, fds)) = self.host.recv::<ToWorker>() else {
+                return;
+            };
+            for region in &mut self.kept {
+                // Writes into output regions whose answers went out already.
+                region.as_mut_slice().fill(0xee);
+            }
+            let raw = |fds: &[OwnedFd]| fds.iter().map(|f| f.as_raw_fd()).collect::<Vec<_>>();
+            match msg {
+                ToWorker::Shutdown => {
+                    let _ = self.worker.send(&ToWorker::Shutdown, &[]);
+                    return;
+                }
+                ToWorker::Request(req)
+                    if req.origin == Origin::Application && self.breaks.is_none_or(|k| k == req.op.kind()) =>
+                {
+                    let mut fds = fds;
+                    if self.mode == "bad_first_region"
+                        && !self.corrupted_region
+                        && req.input.is_some_and(|r| r.cached)
+                        && !fds.is_empty()
+                    {
+                        // A descriptor the worker cannot map (not sealed): its mmap fails.
+                        let len = req.input.unwrap().len as i64;
+                        let bad =
+                            nix::sys::memfd::memfd_create(c"bad", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
+                        nix::unistd::ftruncate(&bad, len).unwrap();
+                        fds = vec![bad];
+                        self.corrupted_region = true;
+                    }
+                    let output = req
+                        .output
+                        .map(|r| (nix::unistd::dup(fds.last().unwrap().as_fd()).unwrap(), r.len));
+                    self.worker.send(&ToWorker::Request(req.clone()), &raw(&fds)).unwrap();
+                    let Ok((answer, _)) = self.worker.recv::<FromWorker>() else {
+                        return;
+                    };
+                    if let Some((fd, len)) = output {
+                        self.with_output(fd, len as usize);
+                    }
+                    self.answer(&req.op, answer);
+                }
+                ToWorker::Batch(reqs) if reqs.iter().all(|r| r.origin == Origin::Application) => {
+                    self.worker.send(&ToWorker::Batch(reqs), &raw(&fds)).unwrap();
+                    loop {
+                        let Ok((answer, _)) = self.worker.recv::<FromWorker>() else {
+                            return;
+                        };
+                        let last = !matches!(answer, FromWorker::Batch { done: false, .. });
+                        let answer = match answer {
+                            FromWorker::Batch { mut results, done } if self.mode == "batch_extra" => {
+                                let (id, r) = results.last().cloned().unwrap();
+                                results.push((id + 1, r));
+                                FromWorker::Batch { results, done }
+                            }
+                            other => other,
+                        };
+                        self.host.send(&answer, &[]).unwrap();
+                        if last {
+                            break;
+                        }
+                    }
+                }
+                other => {
+                    // The runtime's own traffic (each message is answered), relayed as it is.
+                    let batch = matches!(other, ToWorker::Batch(_));
+                    self.worker.send(&other, &raw(&fds)).unwrap();
+                    loop {
+                        let Ok((answer, _)) = self.worker.recv::<FromWorker>() else {
+                            return;
+                        };
+                        let last = !batch || !matches!(answer, FromWorker::Batch { done: false, .. });
+                        self.host.send(&answer, &[]).unwrap();
+                        if last {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// After the worker answered a request with an output region.
+    fn with_output(&mut self, fd: OwnedFd, len: usize) {
+        match self.mode.as_str() {
+            // A worker that truncates the memory the host maps: refused (sealed), or the
+            // host would die of SIGBUS reading it.
+            "truncate" => {
+                let _ = nix::unistd::ftruncate(&fd, 0);
+            }
+            // A worker that keeps a writable mapping of what it answered, and writes into
+            // it later (before relaying the next request).
+            "keep_mapping" => self.kept.push(Region::map(fd, len).unwrap()),
+            _ => {}
+        }
+    }
+
+    /// Relays the worker's answer to an application op, broken as the mode says.
+    fn answer(&mut self, op: &Op, answer: FromWorker) {
+        let FromWorker::Response { id, result, output_len } = answer else {
+            self.host.send(&answer, &[]).unwrap();
+            return;
+        };
+        let (id, result, output_len) = match (self.mode.as_str(), result) {
+            ("data_long", Ok(Reply::Data(d))) if output_len.is_none() => {
+                let mut longer = d.to_vec();
+                longer.push(0);
+                (id, Ok(Reply::Data(longer.into())), output_len)
+            }
+            ("output_len", r) if output_len.is_some() => (id, r, output_len.map(|n| n + 4096)),
+            ("wrong_id", r) => (id + 1000, r, output_len),
+            ("wrong_reply", Ok(_)) => {
+                let info = hipvisor::MemInfo { free: 1, total: 2 };
+                let reply = if matches!(op, Op::MemInfo) {
+                    Reply::Done
+                } else {
+                    Reply::MemInfo(info)
+                };
+                (id, Ok(reply), output_len)
+            }
+            ("garbage", _) => {
+                let mut frame = b"HV".to_vec();
+                frame.extend_from_slice(&ipc::PROTOCOL_VERSION.to_le_bytes());
+                frame.extend_from_slice(&[0xff; 40]);
+                self.host.send_frame(&frame, &[]).unwrap();
+                return;
+            }
+            ("descriptor", r) => {
+                let region = Region::new(10).unwrap();
+                let reply = FromWorker::Response {
+                    id,
+                    result: r,
+                    output_len,
+                };
+                self.host.send(&reply, &[region.raw_fd()]).unwrap();
+                return;
+            }
+            (_, r) => (id, r, output_len),
+        };
+        let reply = FromWorker::Response { id, result, output_len };
+        self.host.send(&reply, &[]).unwrap();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Malformed answers: a typed answer to the op, a restarted worker, a host that goes on.
+
+/// Starts a runtime on a proxy in `mode`, runs `op` (after allocating a buffer it may use)
+/// and checks that the answer is typed, the worker was restarted, and the device serves
+/// again.
+async fn a_broken_answer_restarts_the_worker(mode: &str, op: impl Fn(hipvisor::BufferHandle) -> Op) {
+    let b = hipvisor::BufferHandle {
+        device: 0,
+        epoch: 0,
+        id: 0,
+        len: 0,
+    };
+    let program = proxy_program(mode, Some(op(b).kind()));
+    let rt = start_with(&program, process_config(1)).await;
+    let gpu = rt.device(0).unwrap();
+    let pid = rt.worker_pid(0).unwrap();
+    let b = gpu.alloc(1 << 16).await.unwrap_or_else(|e| {
+        panic!("{mode}: alloc before the broken answer: {e}");
+    });
+    match answered(T, gpu.submit(op(b))).await {
+        Err(RuntimeError::DeviceRestarted { device: 0, .. }) => {}
+        other => panic!("{mode}: a malformed answer is answered DeviceRestarted, got {other:?}"),
+    }
+    eventually(T, "a new worker", || async {
+        rt.states()[0] == DeviceState::Ready && rt.worker_pid(0).is_some_and(|p| p != pid)
+    })
+    .await;
+    answered(T, gpu.mem_info()).await.expect("the device serves again");
+    let s = rt.shutdown().await;
+    assert_eq!(s.restarts, 1, "{mode}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inline_data_longer_than_asked_is_malformed() {
+    a_broken_answer_restarts_the_worker("data_long", |b| Op::CopyFromDevice {
+        src: b,
+        offset: 0,
+        len: 64,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_length_past_the_region_is_malformed_not_a_host_panic() {
+    a_broken_answer_restarts_the_worker("output_len", |b| Op::CopyFromDevice {
+        src: b,
+        offset: 0,
+        len: 1 << 16,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_to_a_request_not_in_flight_is_malformed() {
+    a_broken_answer_restarts_the_worker("wrong_id", |b| Op::Memset {
+        buffer: b,
+        offset: 0,
+        len: 64,
+        value: 1,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_of_another_kind_is_malformed() {
+    a_broken_answer_restarts_the_worker("wrong_reply", |b| Op::Memset {
+        buffer: b,
+        offset: 0,
+        len: 64,
+        value: 1,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_answer_restarts_the_worker() {
+    a_broken_answer_restarts_the_worker("garbage", |_| Op::Synchronize).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_with_a_descriptor_is_malformed() {
+    a_broken_answer_restarts_the_worker("descriptor", |_| Op::Synchronize).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_answer_with_more_results_than_ops_is_malformed() {
+    let program = proxy_program("batch_extra", None);
+    let rt = start_with(&program, process_config(1)).await;
+    let gpu = rt.device(0).unwrap();
+    let pid = rt.worker_pid(0).unwrap();
+    let answers = answered(T, gpu.submit_batch((0..8).map(|_| Op::MemInfo))).await;
+    assert!(
+        answers
+            .iter()
+            .all(|r| r.is_ok() || matches!(r, Err(RuntimeError::DeviceRestarted { .. }))),
+        "{answers:?}"
+    );
+    assert!(answers.iter().any(|r| r.is_err()), "{answers:?}");
+    eventually(T, "a new worker", || async {
+        rt.states()[0] == DeviceState::Ready && rt.worker_pid(0).is_some_and(|p| p != pid)
+    })
+    .await;
+    assert!(rt.shutdown().await.restarts >= 1);
+}
