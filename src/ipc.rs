@@ -12,7 +12,11 @@
 //! [`IpcError::Unsendable`] before anything is sent.
 //!
 //! The host never trusts a worker: [`check_answer`] and [`check_batch_frame`] check every
-//! id, length, count and handle of an answer against the request.
+//! id, length, count and handle of an answer against the request, and a descriptor received
+//! from the peer is mapped only once its seals and size are checked ([`Region::map`]).
+//! Every memfd is sealed against shrinking and growing before it is sent, so no peer can
+//! truncate memory the other has mapped (which would be SIGBUS on the next access); output
+//! bytes reach the application sealed against writes ([`OutputRegion::into_payload`]).
 //!
 //! `unsafe` for mapping memory and setting up the worker process lives in this module (and
 //! the backend files) only; each block says why it is sound.
@@ -37,8 +41,9 @@ use crate::error::GpuError;
 use crate::fault_plan::FaultAction;
 use crate::op::{DeviceInfo, ModuleHandle, ModuleSource, Op, Reply};
 
-/// The protocol version; host and worker must agree.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// The protocol version; host and worker must agree. (4: memfds are sealed, a received one
+/// must be; an output region is unmapped by the worker before it answers.)
+pub const PROTOCOL_VERSION: u16 = 4;
 /// The most bytes in one frame.
 pub const MAX_FRAME: usize = 128 * 1024;
 /// Payloads above this many bytes travel in shared memory.
@@ -679,11 +684,18 @@ fn libc_timeval(d: std::time::Duration) -> nix::libc::timeval {
     }
 }
 
-/// A shared-memory region: a memfd mapped read-write into this process.
+/// A shared-memory region: a memfd mapped read-write into this process, sealed against
+/// shrinking and growing (`F_SEAL_SHRINK | F_SEAL_GROW`), so no process holding its
+/// descriptor can truncate it under a mapping (a later access would be SIGBUS).
+///
+/// Or, made by [`OutputRegion::into_payload`], bytes a worker wrote: sealed against writes
+/// too, mapped read-only, and without a descriptor (the mapping keeps the memory; a held
+/// payload costs a mapping, no descriptor).
 #[derive(Debug)]
 pub struct Region {
     id: u64,
-    fd: OwnedFd,
+    /// `None` for a sealed, read-only region (see above).
+    fd: Option<OwnedFd>,
     ptr: NonNull<u8>,
     len: usize,
 }
@@ -698,31 +710,67 @@ unsafe impl Send for Region {}
 // SAFETY: as above; `&Region` only gives read access.
 unsafe impl Sync for Region {}
 
+/// The seals every region carries from its creation: its size is fixed.
+fn size_seals() -> nix::fcntl::SealFlag {
+    nix::fcntl::SealFlag::F_SEAL_SHRINK | nix::fcntl::SealFlag::F_SEAL_GROW
+}
+
+/// A new memfd of `len` bytes (at least one), sealed against shrinking and growing.
+fn sealed_memfd(len: usize) -> Result<OwnedFd, IpcError> {
+    use nix::sys::memfd::MFdFlags;
+    let fd = nix::sys::memfd::memfd_create(c"hipvisor", MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)
+        .map_err(os("memfd_create"))?;
+    let size = i64::try_from(len.max(1)).map_err(|_| IpcError::Os {
+        call: "ftruncate",
+        errno: nix::errno::Errno::EFBIG,
+    })?;
+    nix::unistd::ftruncate(&fd, size).map_err(os("ftruncate"))?;
+    nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_ADD_SEALS(size_seals())).map_err(os("fcntl(F_ADD_SEALS)"))?;
+    Ok(fd)
+}
+
+/// Checks a descriptor received from the peer before anything maps it: a memfd sealed
+/// against shrinking and growing, of exactly `len` bytes (at least one).
+fn check_received(fd: &OwnedFd, len: usize) -> Result<(), IpcError> {
+    let seals = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GET_SEALS)
+        .map_err(|e| IpcError::Malformed(format!("a received descriptor without seals (F_GET_SEALS: {e})")))?;
+    let seals = nix::fcntl::SealFlag::from_bits_truncate(seals);
+    if !seals.contains(size_seals()) {
+        return Err(IpcError::Malformed(format!(
+            "a received region is not sealed against shrinking and growing ({seals:?})"
+        )));
+    }
+    let size = nix::sys::stat::fstat(fd).map_err(os("fstat"))?.st_size;
+    if u64::try_from(size).ok() != Some(len.max(1) as u64) {
+        return Err(IpcError::Malformed(format!(
+            "a received region of {size} bytes, {len} announced"
+        )));
+    }
+    Ok(())
+}
+
 impl Region {
-    /// A new zero-filled region of `len` bytes (at least one page is mapped).
+    /// A new zero-filled region of `len` bytes (at least one page is mapped), sealed
+    /// against shrinking and growing.
     ///
     /// # Errors
     /// [`IpcError::Os`].
     pub fn new(len: usize) -> Result<Region, IpcError> {
-        let fd = nix::sys::memfd::memfd_create(c"hipvisor", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-            .map_err(os("memfd_create"))?;
-        nix::unistd::ftruncate(&fd, len.max(1) as i64).map_err(os("ftruncate"))?;
-        Region::map(fd, len)
+        Region::map(sealed_memfd(len)?, len)
     }
 
-    /// Maps a region received from the peer.
+    /// Maps a region received from the peer, once the descriptor is checked: a memfd
+    /// sealed against shrinking and growing (so the peer cannot truncate it under the
+    /// mapping), of exactly `len` bytes.
     ///
     /// # Errors
-    /// [`IpcError::Malformed`] if the descriptor is smaller than `len`; [`IpcError::Os`].
+    /// [`IpcError::Malformed`] if the descriptor is not such a memfd; [`IpcError::Os`].
     pub fn map(fd: OwnedFd, len: usize) -> Result<Region, IpcError> {
-        let size = nix::sys::stat::fstat(&fd).map_err(os("fstat"))?.st_size as usize;
-        if size < len.max(1) {
-            return Err(IpcError::Malformed(format!("region of {size} bytes, {len} announced")));
-        }
+        check_received(&fd, len)?;
         let length = NonZeroUsize::new(len.max(1)).expect("at least one byte");
-        // SAFETY: maps `length` bytes of a memfd we hold; the file is at least that long
-        // (checked above), so every mapped page is backed; the mapping is unmapped once,
-        // in `drop`.
+        // SAFETY: maps `length` bytes of a memfd we hold; the file is exactly that long and
+        // sealed against shrinking (checked above), so every mapped page stays backed; the
+        // mapping is unmapped once, in `drop`.
         let ptr = unsafe {
             mmap(
                 None,
@@ -736,7 +784,23 @@ impl Region {
         .map_err(os("mmap"))?;
         Ok(Region {
             id: NEXT_REGION.fetch_add(1, Ordering::Relaxed),
-            fd,
+            fd: Some(fd),
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    /// Maps `len` bytes of a memfd sealed against writes, shrinking and growing, read-only;
+    /// the descriptor is closed (the mapping keeps the memory).
+    fn sealed(fd: &OwnedFd, len: usize) -> Result<Region, IpcError> {
+        let length = NonZeroUsize::new(len.max(1)).expect("at least one byte");
+        // SAFETY: maps `length` bytes of a memfd we hold, read-only; it is exactly that long
+        // and sealed against shrinking, so every page stays backed; unmapped once, in `drop`.
+        let ptr = unsafe { mmap(None, length, ProtFlags::PROT_READ, MapFlags::MAP_SHARED, fd.as_fd(), 0) }
+            .map_err(os("mmap"))?;
+        Ok(Region {
+            id: NEXT_REGION.fetch_add(1, Ordering::Relaxed),
+            fd: None,
             ptr: ptr.cast(),
             len,
         })
@@ -757,9 +821,21 @@ impl Region {
         self.len == 0
     }
 
+    /// Whether the region has a descriptor (to send to a peer) and is writable: every
+    /// region but the sealed, read-only ones made by [`OutputRegion::into_payload`].
+    pub fn has_descriptor(&self) -> bool {
+        self.fd.is_some()
+    }
+
     /// The descriptor, to send to the peer.
+    ///
+    /// # Panics
+    /// For a sealed, read-only region, which has none ([`Region::has_descriptor`]).
     pub fn raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+        self.fd
+            .as_ref()
+            .expect("a sealed region received from a worker has no descriptor")
+            .as_raw_fd()
     }
 
     /// The bytes.
@@ -769,8 +845,13 @@ impl Region {
     }
 
     /// The bytes, writable.
+    ///
+    /// # Panics
+    /// For a sealed, read-only region ([`Region::has_descriptor`] is `false`).
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and `&mut self` makes this the only reference in this process.
+        assert!(self.fd.is_some(), "a sealed region received from a worker is read-only");
+        // SAFETY: as above; the mapping is writable (regions with a descriptor are mapped
+        // read-write), and `&mut self` makes this the only reference in this process.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 }
@@ -779,6 +860,98 @@ impl Drop for Region {
     fn drop(&mut self) {
         // SAFETY: unmaps the mapping made in `map`, once; no slice outlives `self`.
         let _ = unsafe { munmap(self.ptr.cast(), self.len.max(1)) };
+    }
+}
+
+/// The host's region for a large copy from the device: a memfd sealed against shrinking
+/// and growing, which the host does not map while the worker writes it. The worker maps it,
+/// writes, and unmaps it before it answers; then [`OutputRegion::into_payload`] seals it
+/// against writes and maps it read-only, so the bytes the application gets can no longer be
+/// changed by the worker (or by anyone).
+#[derive(Debug)]
+pub struct OutputRegion {
+    id: u64,
+    fd: OwnedFd,
+    len: usize,
+}
+
+impl OutputRegion {
+    /// A new output region of `len` bytes.
+    ///
+    /// # Errors
+    /// [`IpcError::Os`].
+    pub fn new(len: usize) -> Result<OutputRegion, IpcError> {
+        Ok(OutputRegion {
+            id: NEXT_REGION.fetch_add(1, Ordering::Relaxed),
+            fd: sealed_memfd(len)?,
+            len,
+        })
+    }
+
+    /// The region's id, unique in this process.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The region's length.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// `true` for an empty region.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The descriptor, to send to the worker.
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// The bytes the worker wrote (`written`, which must be the region's whole length), as
+    /// a payload the worker cannot change any more: the memfd is sealed against writes
+    /// (`F_SEAL_WRITE`; the kernel refuses it while any process still has a writable shared
+    /// mapping, which is why the worker unmaps first) and mapped read-only, and its
+    /// descriptor is closed: a [`Region`] without one (a held payload costs a mapping, no
+    /// descriptor). A region that cannot be sealed (a worker kept a mapping) or mapped (the
+    /// process's mapping limit, `vm.max_map_count`) is copied once to the heap instead.
+    ///
+    /// # Errors
+    /// [`IpcError::Malformed`] if `written` is not the region's length; [`IpcError::Os`] if
+    /// the copy cannot be read.
+    pub fn into_payload(self, written: u64) -> Result<crate::op::Payload, IpcError> {
+        if written != self.len as u64 {
+            return Err(IpcError::Malformed(format!(
+                "{written} bytes written to an output region of {}",
+                self.len
+            )));
+        }
+        let sealed = nix::fcntl::fcntl(
+            &self.fd,
+            nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::F_SEAL_WRITE),
+        );
+        if sealed.is_ok()
+            && let Ok(mapping) = Region::sealed(&self.fd, self.len)
+        {
+            // `self.fd` is closed on return: the mapping keeps the memory.
+            return Ok(crate::op::Payload::shared(std::sync::Arc::new(mapping)));
+        }
+        let mut copy = vec![0u8; self.len];
+        let mut at = 0;
+        while at < copy.len() {
+            match nix::sys::uio::pread(&self.fd, &mut copy[at..], at as i64) {
+                Ok(0) => return Err(IpcError::Malformed("an output region shorter than its seal".into())),
+                Ok(n) => at += n,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    return Err(IpcError::Os {
+                        call: "pread",
+                        errno: e,
+                    });
+                }
+            }
+        }
+        Ok(crate::op::Payload::new(copy))
     }
 }
 
@@ -1055,7 +1228,7 @@ mod tests {
     #[test]
     fn the_control_page_is_shared() {
         let host = ControlPage::new().unwrap();
-        let fd = nix::unistd::dup(host.region.fd.as_fd()).unwrap();
+        let fd = nix::unistd::dup(host.region.fd.as_ref().unwrap()).unwrap();
         let worker = ControlPage::map(fd).unwrap();
         worker.set_started(17);
         assert_eq!(host.started(), 17);
@@ -1294,6 +1467,97 @@ mod tests {
             }
             _ => {}
         }
+    }
+
+    #[test]
+    fn regions_are_sealed_against_shrinking_and_growing() {
+        let region = Region::new(10_000).unwrap();
+        let seals = nix::fcntl::fcntl(region.fd.as_ref().unwrap(), nix::fcntl::FcntlArg::F_GET_SEALS).unwrap();
+        assert!(nix::fcntl::SealFlag::from_bits_truncate(seals).contains(size_seals()));
+        assert_eq!(
+            nix::unistd::ftruncate(region.fd.as_ref().unwrap(), 0),
+            Err(nix::errno::Errno::EPERM),
+            "a peer cannot truncate a region under our mapping"
+        );
+        let out = OutputRegion::new(10_000).unwrap();
+        assert_eq!(nix::unistd::ftruncate(&out.fd, 1), Err(nix::errno::Errno::EPERM));
+        let control = ControlPage::new().unwrap();
+        assert_eq!(
+            nix::unistd::ftruncate(control.region.fd.as_ref().unwrap(), 0),
+            Err(nix::errno::Errno::EPERM)
+        );
+    }
+
+    #[test]
+    fn a_received_descriptor_is_mapped_only_if_sealed_and_of_the_announced_size() {
+        let plain = nix::sys::memfd::memfd_create(c"plain", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
+        nix::unistd::ftruncate(&plain, 4096).unwrap();
+        assert!(
+            matches!(Region::map(plain, 4096), Err(IpcError::Malformed(_))),
+            "not sealed"
+        );
+        let sealed = Region::new(4096).unwrap();
+        let dup = |r: &Region| nix::unistd::dup(r.fd.as_ref().unwrap()).unwrap();
+        assert!(
+            matches!(Region::map(dup(&sealed), 8192), Err(IpcError::Malformed(_))),
+            "too small"
+        );
+        assert!(
+            matches!(Region::map(dup(&sealed), 100), Err(IpcError::Malformed(_))),
+            "not the size announced"
+        );
+        Region::map(dup(&sealed), 4096).expect("sealed, of the size announced");
+        let (pipe, _w) = nix::unistd::pipe().unwrap();
+        assert!(
+            matches!(Region::map(pipe, 1), Err(IpcError::Malformed(_))),
+            "not a memfd"
+        );
+    }
+
+    #[test]
+    fn output_bytes_reach_the_application_sealed_or_copied() {
+        // The worker's side: map, write, unmap; it keeps its descriptor.
+        let out = OutputRegion::new(40_000).unwrap();
+        let worker_fd = nix::unistd::dup(&out.fd).unwrap();
+        {
+            let fd = nix::unistd::dup(&out.fd).unwrap();
+            let mut worker = Region::map(fd, 40_000).unwrap();
+            worker.as_mut_slice().fill(9);
+        }
+        let payload = out.into_payload(40_000).unwrap();
+        let region = payload.region().expect("no copy: the shared memory itself");
+        assert!(!region.has_descriptor(), "no descriptor kept for it");
+        assert!(payload.as_bytes().iter().all(|b| *b == 9));
+        // What the worker can still do with its descriptor: nothing that changes the bytes.
+        assert_eq!(
+            nix::sys::uio::pwrite(&worker_fd, &[1], 0),
+            Err(nix::errno::Errno::EPERM)
+        );
+        let writable = Region::map(nix::unistd::dup(&worker_fd).unwrap(), 40_000);
+        assert!(
+            matches!(writable, Err(IpcError::Os { call: "mmap", .. })),
+            "{writable:?}"
+        );
+        assert_eq!(nix::unistd::ftruncate(&worker_fd, 0), Err(nix::errno::Errno::EPERM));
+        let read_only = std::panic::catch_unwind(|| {
+            let mut copy = Region::sealed(&worker_fd, 40_000).unwrap();
+            copy.as_mut_slice()[0] = 1;
+        });
+        assert!(read_only.is_err(), "a sealed region is never handed out writable");
+
+        // A worker that keeps a writable mapping: the seal is refused, the bytes are copied,
+        // and what the worker writes afterwards does not reach the application.
+        let out = OutputRegion::new(40_000).unwrap();
+        let fd = nix::unistd::dup(out.fd.as_fd()).unwrap();
+        let mut worker = Region::map(fd, 40_000).unwrap();
+        worker.as_mut_slice().fill(3);
+        let payload = out.into_payload(40_000).unwrap();
+        assert!(payload.region().is_none(), "copied: {payload:?}");
+        worker.as_mut_slice().fill(4);
+        assert!(payload.as_bytes().iter().all(|b| *b == 3));
+
+        let out = OutputRegion::new(40_000).unwrap();
+        assert!(matches!(out.into_payload(40_001), Err(IpcError::Malformed(_))));
     }
 
     proptest! {

@@ -235,8 +235,9 @@ impl fmt::Display for ArgType {
 ///
 /// Cheap to clone (shared), so an op can be resubmitted on retry without copying its data.
 /// The representation is private: bytes on the heap, or a shared-memory region that a worker
-/// process maps directly (see [`crate::ipc::Region`]), without changing the shape of
-/// [`Op`]. On the wire (serde) it is a plain byte string.
+/// process maps directly (see [`crate::ipc::Region`]; a large copy back from a worker is a
+/// region sealed against writes, mapped read-only), without changing the shape of [`Op`].
+/// On the wire (serde) it is a plain byte string.
 #[derive(Clone)]
 pub struct Payload {
     repr: Repr,
@@ -277,7 +278,8 @@ impl Payload {
         }
     }
 
-    /// The region behind the payload, if it lives in shared memory.
+    /// The region behind the payload, if it lives in shared memory. (A sealed region from a
+    /// worker has no descriptor to send: [`crate::ipc::Region::has_descriptor`].)
     pub fn region(&self) -> Option<&Arc<crate::ipc::Region>> {
         match &self.repr {
             Repr::Shared(r) => Some(r),
@@ -323,7 +325,11 @@ impl From<&[u8]> for Payload {
 
 impl fmt::Debug for Payload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let place = if self.region().is_some() { "shared" } else { "heap" };
+        let place = match &self.repr {
+            Repr::Heap(_) => "heap",
+            Repr::Shared(r) if r.has_descriptor() => "shared",
+            Repr::Shared(_) => "shared, sealed",
+        };
         write!(f, "Payload({} bytes, {place})", self.len())
     }
 }

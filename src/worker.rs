@@ -443,12 +443,19 @@ fn execute(
     started.start(req.id);
     let result = ctx.execute_planned(&op, req.origin, req.fault.map(Into::into));
     let (result, output_len) = match (result, output.as_mut()) {
-        (Ok(Reply::Data(d)), Some(out)) if d.len() <= out.len() => {
-            out.as_mut_slice()[..d.len()].copy_from_slice(d.as_bytes());
+        (Ok(Reply::Data(d)), Some(out)) if d.len() == out.len() => {
+            out.as_mut_slice().copy_from_slice(d.as_bytes());
             (Ok(Reply::Data(Payload::default())), Some(d.len() as u64))
+        }
+        (Ok(Reply::Data(d)), Some(out)) => {
+            let why = format!("{} bytes for an output region of {}", d.len(), out.len());
+            return Err(IpcError::Malformed(why));
         }
         (r, _) => (r, None),
     };
+    // Unmapped (and its descriptor closed) before the answer goes: the host seals the
+    // region against writes, which the kernel refuses while a writable mapping exists.
+    drop(output);
     Ok(FromWorker::Response {
         id: req.id,
         result,

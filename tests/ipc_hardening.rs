@@ -354,3 +354,55 @@ async fn a_batch_answer_with_more_results_than_ops_is_malformed() {
     .await;
     assert!(rt.shutdown().await.restarts >= 1);
 }
+
+// ---------------------------------------------------------------------------------------
+// Shared memory.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cannot_truncate_memory_the_host_maps() {
+    // Before regions were sealed, the host died of SIGBUS reading this copy.
+    let program = proxy_program("truncate", None);
+    let rt = start_with(&program, process_config(1)).await;
+    let gpu = rt.device(0).unwrap();
+    let b = gpu.alloc(1 << 20).await.unwrap();
+    gpu.memset(b, 0, 1 << 20, 5).await.unwrap();
+    let data = answered(T, gpu.copy_from_device(b, 0, 1 << 20)).await.unwrap();
+    assert!(data.as_bytes().iter().all(|x| *x == 5));
+    assert_eq!(rt.shutdown().await.restarts, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_handed_to_the_application_cannot_be_changed_by_the_worker() {
+    let program = proxy_program("keep_mapping", None);
+    let rt = start_with(&program, process_config(1)).await;
+    let gpu = rt.device(0).unwrap();
+    let b = gpu.alloc(1 << 20).await.unwrap();
+    gpu.memset(b, 0, 1 << 20, 5).await.unwrap();
+    let data = answered(T, gpu.copy_from_device(b, 0, 1 << 20)).await.unwrap();
+    assert!(data.as_bytes().iter().all(|x| *x == 5));
+    // The proxy writes into the region it kept before it relays the next request.
+    gpu.mem_info().await.unwrap();
+    assert!(
+        data.as_bytes().iter().all(|x| *x == 5),
+        "the worker's later writes do not reach the application's bytes"
+    );
+    assert_eq!(rt.shutdown().await.restarts, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_result_is_read_only_shared_memory_and_can_be_sent_back() {
+    let mut c = process_config(1);
+    c.sim.memory_bytes = 16 << 20;
+    let rt = start_with(Path::new(WORKER), c).await;
+    let gpu = rt.device(0).unwrap();
+    let n = 1u64 << 20;
+    let (a, b) = (gpu.alloc(n).await.unwrap(), gpu.alloc(n).await.unwrap());
+    gpu.memset(a, 0, n, 4).await.unwrap();
+    let data = gpu.copy_from_device(a, 0, n).await.unwrap();
+    let region = data.region().expect("a large result comes back in shared memory");
+    assert!(!region.has_descriptor(), "sealed: no descriptor kept per payload");
+    gpu.copy_to_device(b, 0, data.clone()).await.unwrap();
+    let back = gpu.copy_from_device(b, 0, n).await.unwrap();
+    assert!(back.as_bytes().iter().all(|x| *x == 4));
+    assert_eq!(rt.shutdown().await.restarts, 0);
+}

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hipvisor_core::ipc::{
-    self, Channel, ControlPage, FromWorker, Hello, IpcError, Region, RegionRef, Request, ToWorker,
+    self, Channel, ControlPage, FromWorker, Hello, IpcError, OutputRegion, Region, RegionRef, Request, ToWorker,
 };
 use hipvisor_core::{
     Api, BackendKind, ErrorClass, GpuError, InvalidReason, KernelArg, ModuleHandle, ModuleSource, Op, OpKind, Origin,
@@ -459,7 +459,7 @@ fn unsendable(op: &Op, device: u32, e: impl std::fmt::Display) -> GpuError {
 
 /// The payload's bytes in shared memory: its own region, or a copy in a new one.
 fn region_of(p: &Payload) -> Result<Arc<Region>, IpcError> {
-    if let Some(r) = p.region() {
+    if let Some(r) = p.region().filter(|r| r.has_descriptor()) {
         return Ok(r.clone());
     }
     let mut r = Region::new(p.len())?;
@@ -642,11 +642,12 @@ impl Engine for WorkerEngine {
         // descriptor goes only with its first use (decided once the request is encoded).
         let mut cached: Option<Arc<Region>> = None;
         let mut input = None;
-        let mut output: Option<Region> = None;
+        let mut output: Option<OutputRegion> = None;
         let prepared: Result<(), IpcError> = (|| {
             match &mut sent {
                 Op::CopyToDevice { data, .. } if data.len() > ipc::INLINE_LIMIT => {
-                    if let Some(r) = data.region() {
+                    // (A sealed region from a worker has no descriptor: copied below.)
+                    if let Some(r) = data.region().filter(|r| r.has_descriptor()) {
                         input = Some(RegionRef {
                             id: r.id(),
                             len: r.len() as u64,
@@ -677,7 +678,8 @@ impl Engine for WorkerEngine {
                     }
                 }
                 Op::CopyFromDevice { len, .. } if *len as usize > ipc::INLINE_LIMIT => {
-                    output = Some(Region::new(*len as usize)?);
+                    // Sealed against resizing, not mapped here while the worker writes it.
+                    output = Some(OutputRegion::new(*len as usize)?);
                 }
                 _ => {}
             }
@@ -732,7 +734,7 @@ impl Engine for WorkerEngine {
                 // The worker's word is checked before it is believed: a malformed answer is
                 // a broken worker, restarted, and the op is answered as by its death.
                 let checked = if fds.is_empty() {
-                    let out = output.as_ref().map(Region::len);
+                    let out = output.as_ref().map(OutputRegion::len);
                     ipc::check_answer(op, self.device, self.epoch, out, &result, output_len)
                 } else {
                     Err(IpcError::Malformed(format!("{} descriptors with an answer", fds.len())))
@@ -742,7 +744,13 @@ impl Engine for WorkerEngine {
                     return died(self, format!("a malformed answer from the worker: {e}"));
                 }
                 let result = match (result, output, output_len) {
-                    (Ok(Reply::Data(_)), Some(region), Some(_)) => Ok(Reply::Data(Payload::shared(Arc::new(region)))),
+                    (Ok(Reply::Data(_)), Some(region), Some(n)) => {
+                        region.into_payload(n).map(Reply::Data).map_err(|e| {
+                            let msg = format!("cannot read the copy's shared memory: {e}");
+                            let code = hipvisor_core::error::hip::OUT_OF_MEMORY;
+                            GpuError::api_with(Api::Hip, code, op.kind(), self.device, msg)
+                        })
+                    }
                     (r, _, _) => r.map_err(received),
                 };
                 Exec::Done(result)
