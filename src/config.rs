@@ -424,11 +424,7 @@ impl RuntimeConfig {
     /// # Errors
     /// [`ConfigError`] naming the file, variable or key that is wrong.
     pub fn load(path: Option<&Path>, overrides: &[(String, String)]) -> Result<RuntimeConfig, ConfigError> {
-        ConfigLoader::new()
-            .file(path)
-            .env(std::env::vars())
-            .overrides(overrides)
-            .load()
+        ConfigLoader::new().file(path).process_env().overrides(overrides).load()
     }
 }
 
@@ -439,6 +435,8 @@ pub struct ConfigLoader {
     file: Option<PathBuf>,
     text: Option<String>,
     env: Vec<(String, String)>,
+    /// `HIPVISOR_*` variables whose name or value is not UTF-8, and why.
+    env_errors: Vec<(String, String)>,
     overrides: Vec<(String, String)>,
 }
 
@@ -464,7 +462,39 @@ impl ConfigLoader {
     pub fn env(mut self, vars: impl IntoIterator<Item = (String, String)>) -> ConfigLoader {
         let prefix = format!("{ENV_PREFIX}_");
         self.env = vars.into_iter().filter(|(k, _)| k.starts_with(&prefix)).collect();
+        self.env_errors.clear();
         self
+    }
+
+    /// Like [`ConfigLoader::env`], from variables as the OS has them (`std::env::vars_os`):
+    /// a variable that is not UTF-8 is ignored unless its name starts with `HIPVISOR_`, and
+    /// then it is an error naming it (at [`ConfigLoader::load`]). (`std::env::vars` panics
+    /// on any variable that is not UTF-8, whoever set it.)
+    pub fn env_os(mut self, vars: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>) -> ConfigLoader {
+        use std::os::unix::ffi::OsStrExt;
+        let prefix = format!("{ENV_PREFIX}_");
+        let mut env = Vec::new();
+        let mut errors = Vec::new();
+        for (name, value) in vars {
+            if !name.as_bytes().starts_with(prefix.as_bytes()) {
+                continue;
+            }
+            match (name.into_string(), value.into_string()) {
+                (Ok(name), Ok(value)) => env.push((name, value)),
+                (Ok(name), Err(_)) => errors.push((name, "its value is not UTF-8".to_string())),
+                (Err(name), _) => {
+                    errors.push((name.to_string_lossy().into_owned(), "its name is not UTF-8".to_string()))
+                }
+            }
+        }
+        self.env = env;
+        self.env_errors = errors;
+        self
+    }
+
+    /// [`ConfigLoader::env_os`] with this process's environment.
+    pub fn process_env(self) -> ConfigLoader {
+        self.env_os(std::env::vars_os())
     }
 
     /// Overrides by dotted key (`sim.seed` = `"7"`): values are parsed like environment
@@ -494,6 +524,12 @@ impl ConfigLoader {
                 reason: e.to_string(),
             })?;
             builder = builder.add_source(File::from_str(&text, FileFormat::Toml));
+        }
+        if let Some((var, reason)) = self.env_errors.first() {
+            return Err(ConfigError::Env {
+                var: var.clone(),
+                reason: reason.clone(),
+            });
         }
         for (var, _) in &self.env {
             check_env_var(var)?;

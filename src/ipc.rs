@@ -7,8 +7,8 @@
 //! message. Datagrams keep frame boundaries, so a frame is never split or merged, and the
 //! descriptors sent with a frame arrive with it. Frames are small (at most [`MAX_FRAME`]);
 //! bytes above [`INLINE_LIMIT`] travel in shared-memory regions instead. Malformed frames
-//! (bad magic, version, truncated or undecodable body, oversized) are typed
-//! [`IpcError`]s, never panics; a message too large for a frame is
+//! (bad magic, version, truncated or undecodable body, oversized, truncated control data)
+//! are typed [`IpcError`]s, never panics; a message too large for a frame is
 //! [`IpcError::Unsendable`] before anything is sent.
 //!
 //! The host never trusts a worker: [`check_answer`] and [`check_batch_frame`] check every
@@ -22,7 +22,7 @@
 //! the backend files) only; each block says why it is sound.
 #![allow(unsafe_code)]
 
-use std::io::{IoSlice, IoSliceMut};
+use std::io::IoSlice;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
@@ -31,9 +31,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
-use nix::sys::socket::{
-    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg, sendmsg, socketpair,
-};
+use nix::sys::socket::{AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, sendmsg, socketpair};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{BackendKind, Origin};
@@ -42,7 +40,8 @@ use crate::fault_plan::FaultAction;
 use crate::op::{DeviceInfo, ModuleHandle, ModuleSource, Op, Reply};
 
 /// The protocol version; host and worker must agree. (4: memfds are sealed, a received one
-/// must be; an output region is unmapped by the worker before it answers.)
+/// must be; an output region is unmapped by the worker before it answers; a cached region's
+/// descriptor is mapped whenever one comes.)
 pub const PROTOCOL_VERSION: u16 = 4;
 /// The most bytes in one frame.
 pub const MAX_FRAME: usize = 128 * 1024;
@@ -200,6 +199,18 @@ impl RegionLru {
         };
         self.ids.push_back(id);
         (false, evicted)
+    }
+
+    /// Forgets `id` (a request that named it was answered `Malformed`: host and worker both
+    /// forget it, so its next use sends the descriptor again). `true` if it was cached.
+    pub fn forget(&mut self, id: u64) -> bool {
+        match self.ids.iter().position(|x| *x == id) {
+            Some(pos) => {
+                self.ids.remove(pos);
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -482,6 +493,9 @@ pub struct Channel {
     buf: Vec<u8>,
 }
 
+/// Whether this process has claimed its worker socket ([`Channel::from_worker_env`]).
+static WORKER_FD_CLAIMED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 impl Channel {
     /// A connected pair (host end, worker end), both close-on-exec.
     ///
@@ -501,16 +515,65 @@ impl Channel {
         }
     }
 
-    /// The worker's end of the connection, inherited as descriptor `fd`.
+    /// Wraps the worker's end of the connection, after checking it is a `SOCK_SEQPACKET`
+    /// socket.
     ///
     /// # Errors
-    /// [`IpcError::Os`] if `fd` is not a socket.
-    pub fn inherited(fd: RawFd) -> Result<Channel, IpcError> {
-        // SAFETY: the host placed a socket at `fd` for this process (see `spawn_worker`) and
-        // nothing else owns it; checking it is a socket guards against a stray variable.
-        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-        nix::sys::socket::getsockopt(&owned, nix::sys::socket::sockopt::SockType).map_err(os("getsockopt"))?;
-        Ok(Channel::from_fd(owned))
+    /// [`IpcError::Os`] if `fd` is not a socket; [`IpcError::Malformed`] if it is a socket of
+    /// another type.
+    pub fn inherited(fd: OwnedFd) -> Result<Channel, IpcError> {
+        seqpacket(fd.as_fd())?;
+        Ok(Channel::from_fd(fd))
+    }
+
+    /// The worker's end of the connection, inherited at the descriptor number named by
+    /// [`WORKER_ENV`]: `None` if this process was not started as a worker (the variable is
+    /// unset or not a descriptor number). Claimed at most once per process (a second call
+    /// is an error).
+    ///
+    /// The descriptor is taken over only if it is open and a `SOCK_SEQPACKET` socket. The
+    /// contract that makes this sound: the variable comes from whoever started the process
+    /// ([`spawn_worker`] puts the socket there), since changing a process's own environment
+    /// needs `unsafe` (`std::env::set_var`); and it is read before anything else in the
+    /// process could own that descriptor, which is why
+    /// [`crate::worker::run_if_worker`] comes first in `main`.
+    ///
+    /// # Errors
+    /// [`IpcError::Os`] / [`IpcError::Malformed`] if the descriptor is not a socket of the
+    /// protocol's type; [`IpcError::Malformed`] on a second claim.
+    pub fn from_worker_env() -> Option<Result<Channel, IpcError>> {
+        let fd: RawFd = std::env::var(WORKER_ENV).ok()?.parse().ok()?;
+        Some(Self::claim(fd))
+    }
+
+    fn claim(fd: RawFd) -> Result<Channel, IpcError> {
+        if fd <= 2 {
+            return Err(IpcError::Malformed(format!(
+                "{WORKER_ENV}={fd} names a standard stream, not the worker's socket"
+            )));
+        }
+        // Open at all? (`F_GETFD` reads the descriptor's flags and touches nothing.)
+        // SAFETY: fcntl with F_GETFD only reads flags of a descriptor number; an unused number
+        // is EBADF.
+        if unsafe { nix::libc::fcntl(fd, nix::libc::F_GETFD) } < 0 {
+            return Err(IpcError::Os {
+                call: "fcntl",
+                errno: nix::errno::Errno::last(),
+            });
+        }
+        // SAFETY: the descriptor is open (checked above); the borrow only reads its socket
+        // type and ends before anything else happens to it.
+        seqpacket(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })?;
+        if WORKER_FD_CLAIMED.swap(true, Ordering::AcqRel) {
+            return Err(IpcError::Malformed(format!(
+                "the worker socket ({WORKER_ENV}={fd}) was claimed already"
+            )));
+        }
+        // SAFETY: an open SOCK_SEQPACKET socket (checked above) which, by the contract of
+        // `from_worker_env` (the environment names the socket the process's starter placed
+        // there, read before anything else could own it), nothing else in the process owns;
+        // claimed once per process (`WORKER_FD_CLAIMED`).
+        Ok(Channel::from_fd(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
     /// Sets how long [`Channel::recv`] waits (`None`: forever); a receive that times out is
@@ -601,48 +664,101 @@ impl Channel {
         })
     }
 
-    /// One frame; `None` when `flags` has `MSG_DONTWAIT` and nothing is there.
+    /// One frame; `None` when `flags` has `MSG_DONTWAIT` and nothing is there. The
+    /// descriptors that arrived are owned (and so closed) whatever the frame turns out to
+    /// be: when the control data was truncated (`MSG_CTRUNC`: more descriptors than
+    /// [`MAX_FDS`]), the kernel installed those that fit and they are closed here, and the
+    /// frame is malformed.
     fn recv_frame_with(&mut self, flags: MsgFlags) -> Result<Option<(usize, Vec<OwnedFd>)>, IpcError> {
-        let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+        use nix::libc;
+        // Room for MAX_FDS descriptors, aligned for `cmsghdr`.
+        let mut control = [0u64; 16];
+        // SAFETY: CMSG_SPACE only computes a size.
+        let space = unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<libc::c_int>()) as u32) } as usize;
+        debug_assert!(space <= std::mem::size_of_val(&control));
         let fd = self.fd.as_raw_fd();
-        let mut iov = [IoSliceMut::new(&mut self.buf)];
         let nonblocking = flags.contains(MsgFlags::MSG_DONTWAIT);
-        let msg = loop {
-            match recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC | flags) {
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(nix::errno::Errno::EAGAIN) if nonblocking => return Ok(None),
-                Err(nix::errno::Errno::ECONNRESET) => return Err(IpcError::Closed),
-                Err(e) => {
+        let mut iov = libc::iovec {
+            iov_base: self.buf.as_mut_ptr().cast(),
+            iov_len: self.buf.len(),
+        };
+        // SAFETY: an all-zero msghdr is a valid empty header; its pointers are set below.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        let received = loop {
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = space as _;
+            msg.msg_flags = 0;
+            // SAFETY: `msg` points at `iov` (our receive buffer, `buf.len()` writable bytes)
+            // and at `control` (`space` writable bytes, aligned for cmsghdr), all alive for
+            // the call.
+            let n = unsafe { libc::recvmsg(fd, &mut msg, (MsgFlags::MSG_CMSG_CLOEXEC | flags).bits()) };
+            if n >= 0 {
+                break n as usize;
+            }
+            match nix::errno::Errno::last() {
+                nix::errno::Errno::EINTR => continue,
+                nix::errno::Errno::EAGAIN if nonblocking => return Ok(None),
+                nix::errno::Errno::ECONNRESET => return Err(IpcError::Closed),
+                e => {
                     return Err(IpcError::Os {
                         call: "recvmsg",
                         errno: e,
                     });
                 }
-                Ok(m) => break m,
             }
         };
         let mut fds = Vec::new();
-        for c in msg.cmsgs().map_err(os("recvmsg"))? {
-            if let ControlMessageOwned::ScmRights(raw) = c {
-                for r in raw {
-                    // SAFETY: the kernel just installed these descriptors in this process
-                    // for this message; nothing else owns them.
-                    fds.push(unsafe { OwnedFd::from_raw_fd(r) });
+        let control_start = control.as_ptr() as usize;
+        let control_end = control_start + (msg.msg_controllen as usize).min(space);
+        // SAFETY: CMSG_FIRSTHDR/CMSG_NXTHDR walk the control data the kernel wrote into
+        // `control`, staying within `msg_controllen` (which the kernel set to what it wrote).
+        let mut c = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+        while !c.is_null() {
+            // SAFETY: a non-null header from CMSG_FIRSTHDR/NXTHDR lies inside `control`.
+            let (level, kind, len) = unsafe { ((*c).cmsg_level, (*c).cmsg_type, (*c).cmsg_len as usize) };
+            if level == libc::SOL_SOCKET && kind == libc::SCM_RIGHTS {
+                // SAFETY: as above; CMSG_DATA and CMSG_LEN only compute addresses and sizes.
+                let (data, header) = unsafe { (libc::CMSG_DATA(c), libc::CMSG_LEN(0) as usize) };
+                let room = control_end.saturating_sub(data as usize) / std::mem::size_of::<libc::c_int>();
+                let count = (len.saturating_sub(header) / std::mem::size_of::<libc::c_int>()).min(room);
+                for i in 0..count {
+                    // SAFETY: `count` descriptors lie between `data` and the end of the
+                    // control data the kernel wrote (bounded by `room`); unaligned reads.
+                    let raw = unsafe { data.cast::<libc::c_int>().add(i).read_unaligned() };
+                    // SAFETY: the kernel just installed this descriptor in this process for
+                    // this message; nothing else owns it.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
                 }
             }
+            // SAFETY: as for CMSG_FIRSTHDR.
+            c = unsafe { libc::CMSG_NXTHDR(&msg, c) };
         }
-        let truncated = msg.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
-        let len = msg.bytes;
-        if len == 0 && fds.is_empty() {
+        let truncated = msg.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0;
+        if received == 0 && fds.is_empty() && !truncated {
             return Err(IpcError::Closed);
         }
         if truncated {
+            // `fds` is dropped here: every descriptor that arrived is closed.
             return Err(IpcError::Malformed(format!(
-                "frame larger than {MAX_FRAME} bytes or too many descriptors"
+                "frame larger than {MAX_FRAME} bytes or with more than {MAX_FDS} descriptors ({} closed)",
+                fds.len()
             )));
         }
-        Ok(Some((len, fds)))
+        Ok(Some((received, fds)))
     }
+}
+
+/// Checks that `fd` is a `SOCK_SEQPACKET` socket.
+fn seqpacket(fd: std::os::fd::BorrowedFd<'_>) -> Result<(), IpcError> {
+    let kind = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::SockType).map_err(os("getsockopt"))?;
+    if kind != SockType::SeqPacket {
+        return Err(IpcError::Malformed(format!(
+            "the worker's descriptor is a {kind:?} socket, not SOCK_SEQPACKET"
+        )));
+    }
+    Ok(())
 }
 
 /// Runs `send` until it succeeds, retrying the transient errors (`EINTR`, `EAGAIN`,
@@ -1047,12 +1163,18 @@ pub fn spawn_worker(mut command: Command, channel: Channel) -> std::io::Result<C
     let fd = channel.fd.as_raw_fd();
     command.env(WORKER_ENV, WORKER_FD.to_string());
     // SAFETY: the closure runs in the child between fork and exec and only makes
-    // async-signal-safe calls (dup2, prctl, sigemptyset, sigaddset, pthread_sigmask) on
-    // descriptors and a signal set it owns; `fd` stays open in the parent until the spawn
+    // async-signal-safe calls (dup2, fcntl, prctl, sigemptyset, sigaddset, pthread_sigmask)
+    // on descriptors and a signal set it owns; `fd` stays open in the parent until the spawn
     // returns (the channel is dropped afterwards).
     unsafe {
         command.pre_exec(move || {
             if nix::libc::dup2(fd, WORKER_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // dup2 onto a new number leaves the copy without close-on-exec; onto the same
+            // number (the socket already is WORKER_FD) it does nothing, and the socket would
+            // close at the exec. Clear the flag either way.
+            if nix::libc::fcntl(WORKER_FD, nix::libc::F_SETFD, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGKILL) < 0 {
@@ -1096,6 +1218,37 @@ mod tests {
             0,
             "SIGINT blocked from the exec on: {text}"
         );
+    }
+
+    /// In a child process (this test binary re-executed): with descriptor 3 free, the worker
+    /// end of a new pair lands on 3, the number the worker must find it at, and
+    /// `spawn_worker`'s dup2 to the same number does nothing; close-on-exec must be cleared
+    /// explicitly or the worker starts without its socket.
+    #[test]
+    fn a_worker_socket_already_at_descriptor_3_survives_the_exec() {
+        const CHILD: &str = "HV_IPC_FD3_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            let _ = nix::unistd::close(3);
+            let (worker_end, _host_end) = Channel::pair().unwrap();
+            assert_eq!(worker_end.fd.as_raw_fd(), 3, "the lowest free descriptor");
+            let mut cmd = Command::new("readlink");
+            cmd.arg("/proc/self/fd/3").stdout(std::process::Stdio::piped());
+            let out = spawn_worker(cmd, worker_end).unwrap().wait_with_output().unwrap();
+            let link = String::from_utf8_lossy(&out.stdout);
+            assert!(link.starts_with("socket:"), "the worker has its socket at 3: {link:?}");
+            return;
+        }
+        let status = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "ipc::tests::a_worker_socket_already_at_descriptor_3_survives_the_exec",
+                "--test-threads=1",
+                "--nocapture",
+            ])
+            .env(CHILD, "1")
+            .status()
+            .unwrap();
+        assert!(status.success(), "the child's check failed: {status}");
     }
 
     #[test]
@@ -1245,6 +1398,50 @@ mod tests {
         assert_eq!(lru.touch(2), (false, Some(3)));
     }
 
+    /// The descriptors of this process that are the memfd named `name`.
+    fn open_memfds_named(name: &str) -> usize {
+        let target = format!("/memfd:{name} (deleted)");
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|link| link.to_str() == Some(target.as_str()))
+            .count()
+    }
+
+    #[test]
+    fn descriptors_of_a_frame_with_truncated_control_data_are_closed() {
+        // A peer that sends more descriptors than a frame may carry: the kernel installs
+        // those that fit (MSG_CTRUNC); they must be closed and the frame refused.
+        let name = format!("hipvisor-ctrunc-{}", std::process::id());
+        let cname = std::ffi::CString::new(name.clone()).unwrap();
+        let memfd = nix::sys::memfd::memfd_create(cname.as_c_str(), nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
+        assert_eq!(open_memfds_named(&name), 1);
+        let (a, mut b) = Channel::pair().unwrap();
+        let raw = [memfd.as_raw_fd(); MAX_FDS + 3];
+        let frame = encode(&ToWorker::Shutdown).unwrap();
+        let iov = [IoSlice::new(&frame)];
+        sendmsg::<()>(
+            a.fd.as_raw_fd(),
+            &iov,
+            &[ControlMessage::ScmRights(&raw)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        match b.recv::<ToWorker>() {
+            Err(IpcError::Malformed(why)) => assert!(why.contains("descriptors"), "{why}"),
+            other => panic!("a frame with truncated control data: {other:?}"),
+        }
+        assert_eq!(
+            open_memfds_named(&name),
+            1,
+            "every descriptor that arrived with the refused frame is closed"
+        );
+        // The connection goes on.
+        a.send(&ToWorker::Shutdown, &[]).unwrap();
+        assert_eq!(b.recv::<ToWorker>().unwrap().0, ToWorker::Shutdown);
+    }
+
     #[test]
     fn a_transient_send_error_is_retried_not_taken_for_a_dead_peer() {
         let (a, mut b) = Channel::pair().unwrap();
@@ -1289,6 +1486,118 @@ mod tests {
             ToWorker::Shutdown,
             "the first frame the peer sees"
         );
+    }
+
+    #[test]
+    fn regions_are_sealed_against_shrinking_and_growing() {
+        let region = Region::new(10_000).unwrap();
+        let seals = nix::fcntl::fcntl(region.fd.as_ref().unwrap(), nix::fcntl::FcntlArg::F_GET_SEALS).unwrap();
+        assert!(nix::fcntl::SealFlag::from_bits_truncate(seals).contains(size_seals()));
+        assert_eq!(
+            nix::unistd::ftruncate(region.fd.as_ref().unwrap(), 0),
+            Err(nix::errno::Errno::EPERM),
+            "a peer cannot truncate a region under our mapping"
+        );
+        let out = OutputRegion::new(10_000).unwrap();
+        assert_eq!(nix::unistd::ftruncate(&out.fd, 1), Err(nix::errno::Errno::EPERM));
+        let control = ControlPage::new().unwrap();
+        assert_eq!(
+            nix::unistd::ftruncate(control.region.fd.as_ref().unwrap(), 0),
+            Err(nix::errno::Errno::EPERM)
+        );
+    }
+
+    #[test]
+    fn a_received_descriptor_is_mapped_only_if_sealed_and_of_the_announced_size() {
+        let plain = nix::sys::memfd::memfd_create(c"plain", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
+        nix::unistd::ftruncate(&plain, 4096).unwrap();
+        assert!(
+            matches!(Region::map(plain, 4096), Err(IpcError::Malformed(_))),
+            "not sealed"
+        );
+        let sealed = Region::new(4096).unwrap();
+        let dup = |r: &Region| nix::unistd::dup(r.fd.as_ref().unwrap()).unwrap();
+        assert!(
+            matches!(Region::map(dup(&sealed), 8192), Err(IpcError::Malformed(_))),
+            "too small"
+        );
+        assert!(
+            matches!(Region::map(dup(&sealed), 100), Err(IpcError::Malformed(_))),
+            "not the size announced"
+        );
+        Region::map(dup(&sealed), 4096).expect("sealed, of the size announced");
+        let (pipe, _w) = nix::unistd::pipe().unwrap();
+        assert!(
+            matches!(Region::map(pipe, 1), Err(IpcError::Malformed(_))),
+            "not a memfd"
+        );
+    }
+
+    #[test]
+    fn output_bytes_reach_the_application_sealed_or_copied() {
+        // The worker's side: map, write, unmap; it keeps its descriptor.
+        let out = OutputRegion::new(40_000).unwrap();
+        let worker_fd = nix::unistd::dup(&out.fd).unwrap();
+        {
+            let fd = nix::unistd::dup(&out.fd).unwrap();
+            let mut worker = Region::map(fd, 40_000).unwrap();
+            worker.as_mut_slice().fill(9);
+        }
+        let payload = out.into_payload(40_000).unwrap();
+        let region = payload.region().expect("no copy: the shared memory itself");
+        assert!(!region.has_descriptor(), "no descriptor kept for it");
+        assert!(payload.as_bytes().iter().all(|b| *b == 9));
+        // What the worker can still do with its descriptor: nothing that changes the bytes.
+        assert_eq!(
+            nix::sys::uio::pwrite(&worker_fd, &[1], 0),
+            Err(nix::errno::Errno::EPERM)
+        );
+        let writable = Region::map(nix::unistd::dup(&worker_fd).unwrap(), 40_000);
+        assert!(
+            matches!(writable, Err(IpcError::Os { call: "mmap", .. })),
+            "{writable:?}"
+        );
+        assert_eq!(nix::unistd::ftruncate(&worker_fd, 0), Err(nix::errno::Errno::EPERM));
+        let read_only = std::panic::catch_unwind(|| {
+            let mut copy = Region::sealed(&worker_fd, 40_000).unwrap();
+            copy.as_mut_slice()[0] = 1;
+        });
+        assert!(read_only.is_err(), "a sealed region is never handed out writable");
+
+        // A worker that keeps a writable mapping: the seal is refused, the bytes are copied,
+        // and what the worker writes afterwards does not reach the application.
+        let out = OutputRegion::new(40_000).unwrap();
+        let fd = nix::unistd::dup(out.fd.as_fd()).unwrap();
+        let mut worker = Region::map(fd, 40_000).unwrap();
+        worker.as_mut_slice().fill(3);
+        let payload = out.into_payload(40_000).unwrap();
+        assert!(payload.region().is_none(), "copied: {payload:?}");
+        worker.as_mut_slice().fill(4);
+        assert!(payload.as_bytes().iter().all(|b| *b == 3));
+
+        let out = OutputRegion::new(40_000).unwrap();
+        assert!(matches!(out.into_payload(40_001), Err(IpcError::Malformed(_))));
+    }
+
+    #[test]
+    fn the_region_cache_forgets_on_both_sides() {
+        let mut lru = RegionLru::default();
+        lru.touch(1);
+        lru.touch(2);
+        assert!(lru.forget(1));
+        assert!(!lru.forget(1));
+        assert_eq!(lru.touch(1), (false, None), "sent again");
+        assert_eq!(lru.touch(2), (true, None));
+    }
+
+    #[test]
+    fn only_a_seqpacket_socket_becomes_a_channel() {
+        let (s, _t) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC).unwrap();
+        assert!(matches!(Channel::inherited(s), Err(IpcError::Malformed(_))));
+        let (pipe, _w) = nix::unistd::pipe().unwrap();
+        assert!(matches!(Channel::inherited(pipe), Err(IpcError::Os { .. })));
+        let (_a, b) = Channel::pair().unwrap();
+        Channel::inherited(b.fd).unwrap();
     }
 
     fn buffer(epoch: u64, len: u64) -> crate::op::BufferHandle {
@@ -1467,97 +1776,6 @@ mod tests {
             }
             _ => {}
         }
-    }
-
-    #[test]
-    fn regions_are_sealed_against_shrinking_and_growing() {
-        let region = Region::new(10_000).unwrap();
-        let seals = nix::fcntl::fcntl(region.fd.as_ref().unwrap(), nix::fcntl::FcntlArg::F_GET_SEALS).unwrap();
-        assert!(nix::fcntl::SealFlag::from_bits_truncate(seals).contains(size_seals()));
-        assert_eq!(
-            nix::unistd::ftruncate(region.fd.as_ref().unwrap(), 0),
-            Err(nix::errno::Errno::EPERM),
-            "a peer cannot truncate a region under our mapping"
-        );
-        let out = OutputRegion::new(10_000).unwrap();
-        assert_eq!(nix::unistd::ftruncate(&out.fd, 1), Err(nix::errno::Errno::EPERM));
-        let control = ControlPage::new().unwrap();
-        assert_eq!(
-            nix::unistd::ftruncate(control.region.fd.as_ref().unwrap(), 0),
-            Err(nix::errno::Errno::EPERM)
-        );
-    }
-
-    #[test]
-    fn a_received_descriptor_is_mapped_only_if_sealed_and_of_the_announced_size() {
-        let plain = nix::sys::memfd::memfd_create(c"plain", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
-        nix::unistd::ftruncate(&plain, 4096).unwrap();
-        assert!(
-            matches!(Region::map(plain, 4096), Err(IpcError::Malformed(_))),
-            "not sealed"
-        );
-        let sealed = Region::new(4096).unwrap();
-        let dup = |r: &Region| nix::unistd::dup(r.fd.as_ref().unwrap()).unwrap();
-        assert!(
-            matches!(Region::map(dup(&sealed), 8192), Err(IpcError::Malformed(_))),
-            "too small"
-        );
-        assert!(
-            matches!(Region::map(dup(&sealed), 100), Err(IpcError::Malformed(_))),
-            "not the size announced"
-        );
-        Region::map(dup(&sealed), 4096).expect("sealed, of the size announced");
-        let (pipe, _w) = nix::unistd::pipe().unwrap();
-        assert!(
-            matches!(Region::map(pipe, 1), Err(IpcError::Malformed(_))),
-            "not a memfd"
-        );
-    }
-
-    #[test]
-    fn output_bytes_reach_the_application_sealed_or_copied() {
-        // The worker's side: map, write, unmap; it keeps its descriptor.
-        let out = OutputRegion::new(40_000).unwrap();
-        let worker_fd = nix::unistd::dup(&out.fd).unwrap();
-        {
-            let fd = nix::unistd::dup(&out.fd).unwrap();
-            let mut worker = Region::map(fd, 40_000).unwrap();
-            worker.as_mut_slice().fill(9);
-        }
-        let payload = out.into_payload(40_000).unwrap();
-        let region = payload.region().expect("no copy: the shared memory itself");
-        assert!(!region.has_descriptor(), "no descriptor kept for it");
-        assert!(payload.as_bytes().iter().all(|b| *b == 9));
-        // What the worker can still do with its descriptor: nothing that changes the bytes.
-        assert_eq!(
-            nix::sys::uio::pwrite(&worker_fd, &[1], 0),
-            Err(nix::errno::Errno::EPERM)
-        );
-        let writable = Region::map(nix::unistd::dup(&worker_fd).unwrap(), 40_000);
-        assert!(
-            matches!(writable, Err(IpcError::Os { call: "mmap", .. })),
-            "{writable:?}"
-        );
-        assert_eq!(nix::unistd::ftruncate(&worker_fd, 0), Err(nix::errno::Errno::EPERM));
-        let read_only = std::panic::catch_unwind(|| {
-            let mut copy = Region::sealed(&worker_fd, 40_000).unwrap();
-            copy.as_mut_slice()[0] = 1;
-        });
-        assert!(read_only.is_err(), "a sealed region is never handed out writable");
-
-        // A worker that keeps a writable mapping: the seal is refused, the bytes are copied,
-        // and what the worker writes afterwards does not reach the application.
-        let out = OutputRegion::new(40_000).unwrap();
-        let fd = nix::unistd::dup(out.fd.as_fd()).unwrap();
-        let mut worker = Region::map(fd, 40_000).unwrap();
-        worker.as_mut_slice().fill(3);
-        let payload = out.into_payload(40_000).unwrap();
-        assert!(payload.region().is_none(), "copied: {payload:?}");
-        worker.as_mut_slice().fill(4);
-        assert!(payload.as_bytes().iter().all(|b| *b == 3));
-
-        let out = OutputRegion::new(40_000).unwrap();
-        assert!(matches!(out.into_payload(40_001), Err(IpcError::Malformed(_))));
     }
 
     proptest! {

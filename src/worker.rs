@@ -30,10 +30,13 @@ use crate::op::{ModuleSource, Op, OpKind, Payload, Reply};
 
 /// Runs the worker loop if this process was started as a worker (blocking SIGINT first, see
 /// the module docs); returns its exit code. Returns `None` in any other process.
+///
+/// Call it first in `main`, before anything opens a descriptor: the worker's socket is the
+/// descriptor its environment names ([`Channel::from_worker_env`]).
 pub fn run_if_worker() -> Option<ExitCode> {
-    let fd: i32 = std::env::var(ipc::WORKER_ENV).ok()?.parse().ok()?;
+    let channel = Channel::from_worker_env()?;
     block_interrupts();
-    Some(match Channel::inherited(fd).and_then(serve) {
+    Some(match channel.and_then(serve) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("hipvisor worker: {e}");
@@ -148,7 +151,31 @@ pub fn serve(mut channel: Channel) -> Result<(), IpcError> {
         },
         &[],
     )?;
+    serve_context(channel, &mut *ctx, sim.as_deref(), &control)
+}
+
+/// Serves requests on an open context until the host says `Shutdown` or goes away. On the
+/// way out, every cached host region is unregistered from the context while it is still
+/// mapped, then unmapped (the context itself is dropped by the caller, after).
+fn serve_context(
+    mut channel: Channel,
+    ctx: &mut dyn DeviceContext,
+    sim: Option<&SimHost>,
+    control: &ControlPage,
+) -> Result<(), IpcError> {
     let mut cache = RegionCache::default();
+    let served = serve_requests(&mut channel, ctx, sim, control, &mut cache);
+    cache.release(ctx);
+    served
+}
+
+fn serve_requests(
+    channel: &mut Channel,
+    ctx: &mut dyn DeviceContext,
+    sim: Option<&SimHost>,
+    control: &ControlPage,
+    cache: &mut RegionCache,
+) -> Result<(), IpcError> {
     // How long to poll for the next request before blocking (see `Request::linger_us`).
     let mut linger_us = 0;
     loop {
@@ -181,23 +208,25 @@ pub fn serve(mut channel: Channel) -> Result<(), IpcError> {
             }
             ToWorker::Request(req) => {
                 linger_us = req.linger_us.min(crate::config::MAX_SPIN_US as u32);
-                let started = Started {
-                    control: &control,
-                    sim: sim.as_deref(),
-                };
+                let started = Started { control, sim };
                 let (id, kind) = (req.id, req.op.kind());
-                let reply = match execute(&mut *ctx, started, &mut cache, req, fds) {
+                let cached = req.input.filter(|r| r.cached).map(|r| r.id);
+                let reply = match execute(ctx, started, cache, req, fds) {
                     Ok(r) => r,
-                    Err(e) => FromWorker::Malformed(e.to_string()),
+                    Err(e) => {
+                        // The host forgets the region of a request answered `Malformed` too,
+                        // so both caches stay in step (see `RegionCache::region`).
+                        if let Some(id) = cached {
+                            cache.forget(ctx, id);
+                        }
+                        FromWorker::Malformed(e.to_string())
+                    }
                 };
-                send_fitting(&channel, reply, |why| oversized(kind, ctx.device(), id, why))?;
+                send_fitting(channel, reply, |why| oversized(kind, ctx.device(), id, why))?;
             }
             ToWorker::Batch(reqs) => {
-                let started = Started {
-                    control: &control,
-                    sim: sim.as_deref(),
-                };
-                execute_batch(&mut *ctx, started, &channel, reqs, fds)?
+                let started = Started { control, sim };
+                execute_batch(ctx, started, channel, reqs, fds)?
             }
         }
     }
@@ -262,33 +291,63 @@ struct RegionCache {
 }
 
 impl RegionCache {
-    /// The region a request names: from the cache, or mapped from the descriptor that came
-    /// with it (and, when `cached`, kept and registered).
+    /// The region a request names: mapped from the descriptor that came with it (and, when
+    /// `cached`, kept and registered, replacing what the cache had under its id), else from
+    /// the cache. Host and worker touch the same ids in the same order; when a request is
+    /// answered `Malformed` (its region could not be mapped, or was not in the cache) both
+    /// forget the id, so the host sends the descriptor again with its next use and the
+    /// caches never fall out of step.
     fn region(
         &mut self,
         ctx: &mut dyn DeviceContext,
         r: ipc::RegionRef,
         fds: &mut impl Iterator<Item = OwnedFd>,
     ) -> Result<Arc<Region>, IpcError> {
-        let missing = || IpcError::Malformed(format!("region {} announced, no descriptor", r.id));
         if !r.cached {
-            return Ok(Arc::new(Region::map(fds.next().ok_or_else(missing)?, r.len as usize)?));
+            let fd = fds
+                .next()
+                .ok_or_else(|| IpcError::Malformed(format!("region {} announced, no descriptor", r.id)))?;
+            return Ok(Arc::new(Region::map(fd, r.len as usize)?));
         }
-        let (known, evicted) = self.lru.touch(r.id);
+        let (_, evicted) = self.lru.touch(r.id);
         if let Some(old) = evicted.and_then(|id| self.regions.remove(&id)) {
             ctx.unregister_host_memory(old.as_slice());
         }
-        if known {
-            return self
+        match fds.next() {
+            Some(fd) => {
+                // Unregistered while still mapped, then replaced.
+                if let Some(old) = self.regions.remove(&r.id) {
+                    ctx.unregister_host_memory(old.as_slice());
+                }
+                let region = Arc::new(Region::map(fd, r.len as usize)?);
+                ctx.register_host_memory(region.as_slice());
+                self.regions.insert(r.id, region.clone());
+                Ok(region)
+            }
+            None => self
                 .regions
                 .get(&r.id)
+                .filter(|region| region.len() as u64 == r.len)
                 .cloned()
-                .ok_or_else(|| IpcError::Malformed(format!("region {} is not in this worker's cache", r.id)));
+                .ok_or_else(|| IpcError::Malformed(format!("region {} is not in this worker's cache", r.id))),
         }
-        let region = Arc::new(Region::map(fds.next().ok_or_else(missing)?, r.len as usize)?);
-        ctx.register_host_memory(region.as_slice());
-        self.regions.insert(r.id, region.clone());
-        Ok(region)
+    }
+
+    /// Forgets `id`: unregistered, then unmapped (when no request holds it any more).
+    fn forget(&mut self, ctx: &mut dyn DeviceContext, id: u64) {
+        self.lru.forget(id);
+        if let Some(old) = self.regions.remove(&id) {
+            ctx.unregister_host_memory(old.as_slice());
+        }
+    }
+
+    /// Unregisters every cached region from `ctx` while it is still mapped, then unmaps them
+    /// (a worker that ends: the context must not keep registered memory that is gone).
+    fn release(&mut self, ctx: &mut dyn DeviceContext) {
+        for (_, region) in self.regions.drain() {
+            ctx.unregister_host_memory(region.as_slice());
+        }
+        self.lru = ipc::RegionLru::default();
     }
 }
 
@@ -461,4 +520,200 @@ fn execute(
         result,
         output_len,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Origin;
+    use crate::ipc::RegionRef;
+    use crate::op::BufferHandle;
+    use std::os::fd::AsRawFd;
+    use std::sync::Mutex;
+
+    /// Whether `[addr, addr + len)` is mapped in this process (from `/proc/self/maps`).
+    fn mapped(addr: usize, len: usize) -> bool {
+        std::fs::read_to_string("/proc/self/maps").unwrap().lines().any(|line| {
+            let range = line.split_whitespace().next().unwrap();
+            let (start, end) = range.split_once('-').unwrap();
+            let (start, end) = (
+                usize::from_str_radix(start, 16).unwrap(),
+                usize::from_str_radix(end, 16).unwrap(),
+            );
+            start <= addr && addr + len <= end
+        })
+    }
+
+    /// A context that records what happens to the host memory registered with it, as a GPU
+    /// backend would see it: memory must stay mapped until it is unregistered.
+    struct Recorder {
+        registered: Vec<(usize, usize)>,
+        log: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Recorder {
+        fn note(&self, what: String) {
+            self.log.lock().unwrap().push(what);
+        }
+    }
+
+    impl DeviceContext for Recorder {
+        fn device(&self) -> u32 {
+            0
+        }
+
+        fn epoch(&self) -> u64 {
+            0
+        }
+
+        fn execute(&mut self, _op: &Op, _origin: Origin) -> Result<Reply, GpuError> {
+            Ok(Reply::Done)
+        }
+
+        fn restore_module(&mut self, _: crate::op::ModuleHandle, _: &ModuleSource) -> Result<(), GpuError> {
+            Ok(())
+        }
+
+        fn register_host_memory(&mut self, bytes: &[u8]) -> bool {
+            self.registered.push((bytes.as_ptr() as usize, bytes.len()));
+            self.note("registered".into());
+            true
+        }
+
+        fn unregister_host_memory(&mut self, bytes: &[u8]) {
+            let start = bytes.as_ptr() as usize;
+            if let Some(i) = self.registered.iter().position(|(s, _)| *s == start) {
+                let (s, l) = self.registered.swap_remove(i);
+                let state = if mapped(s, l) { "mapped" } else { "UNMAPPED" };
+                self.note(format!("unregistered while {state}"));
+            }
+        }
+    }
+
+    impl Drop for Recorder {
+        /// What a GPU context does with memory still registered when it is destroyed.
+        fn drop(&mut self) {
+            for (s, l) in std::mem::take(&mut self.registered) {
+                let state = if mapped(s, l) { "mapped" } else { "UNMAPPED" };
+                self.note(format!("still registered at the context's end, {state}"));
+            }
+        }
+    }
+
+    /// A worker serving a [`Recorder`] on a thread: the host's end, the log, the thread.
+    fn recorded_worker() -> (Channel, Arc<Mutex<Vec<String>>>, std::thread::JoinHandle<()>) {
+        let (host, worker) = Channel::pair().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let control = ControlPage::new().unwrap();
+        let thread = std::thread::spawn({
+            let log = log.clone();
+            move || {
+                let mut ctx = Recorder {
+                    registered: Vec::new(),
+                    log,
+                };
+                serve_context(worker, &mut ctx, None, &control).unwrap();
+            }
+        });
+        (host, log, thread)
+    }
+
+    fn upload(id: u64, region: &RegionRef) -> ToWorker {
+        ToWorker::Request(Request {
+            id,
+            op: Op::CopyToDevice {
+                dst: BufferHandle {
+                    device: 0,
+                    epoch: 0,
+                    id: 1,
+                    len: 1 << 20,
+                },
+                offset: 0,
+                data: Payload::default(),
+            },
+            origin: Origin::Application,
+            fault: None,
+            input: Some(*region),
+            output: None,
+            linger_us: 0,
+        })
+    }
+
+    fn cached(r: &Region) -> RegionRef {
+        RegionRef {
+            id: r.id(),
+            len: r.len() as u64,
+            cached: true,
+        }
+    }
+
+    #[test]
+    fn a_worker_that_ends_unregisters_its_cached_host_memory_before_unmapping_it() {
+        let (mut host, log, thread) = recorded_worker();
+        let region = Region::new(64 << 10).unwrap();
+        host.send(&upload(1, &cached(&region)), &[region.raw_fd()]).unwrap();
+        assert!(matches!(
+            host.recv::<FromWorker>().unwrap().0,
+            FromWorker::Response {
+                id: 1,
+                result: Ok(_),
+                ..
+            }
+        ));
+        drop(host); // the host goes away: the worker ends
+        thread.join().unwrap();
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["registered", "unregistered while mapped"],
+            "unregistered, then unmapped"
+        );
+    }
+
+    #[test]
+    fn a_cached_region_that_cannot_be_mapped_is_sent_again_and_the_caches_stay_in_step() {
+        let (mut host, log, thread) = recorded_worker();
+        let region = Region::new(64 << 10).unwrap();
+        let r = cached(&region);
+        // What the host does: its cache forgets a region whose request was answered
+        // Malformed, so the next use sends the descriptor again.
+        let mut lru = ipc::RegionLru::default();
+        let mut ask = |host: &mut Channel, id: u64, fd: Option<std::os::fd::RawFd>| {
+            let (known, _) = lru.touch(r.id);
+            let fds: Vec<_> = if known { Vec::new() } else { fd.into_iter().collect() };
+            host.send(&upload(id, &r), &fds).unwrap();
+            match host.recv::<FromWorker>().unwrap().0 {
+                FromWorker::Response { result: Ok(_), .. } => true,
+                FromWorker::Malformed(_) => {
+                    lru.forget(r.id);
+                    false
+                }
+                other => panic!("{other:?}"),
+            }
+        };
+        // A descriptor the worker cannot map (not sealed: refused before mmap).
+        let bad = nix::sys::memfd::memfd_create(c"bad", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
+        nix::unistd::ftruncate(&bad, 64 << 10).unwrap();
+        assert!(!ask(&mut host, 1, Some(bad.as_raw_fd())), "the mapping fails");
+        assert!(ask(&mut host, 2, Some(region.raw_fd())), "sent again, mapped");
+        assert!(ask(&mut host, 3, Some(region.raw_fd())), "cached now: no descriptor");
+        // A host that believes the worker has a region it has not: answered Malformed, and
+        // the descriptor comes with the next use.
+        let other = Region::new(64 << 10).unwrap();
+        let o = cached(&other);
+        host.send(&upload(4, &o), &[]).unwrap();
+        assert!(matches!(host.recv::<FromWorker>().unwrap().0, FromWorker::Malformed(_)));
+        host.send(&upload(5, &o), &[other.raw_fd()]).unwrap();
+        assert!(matches!(
+            host.recv::<FromWorker>().unwrap().0,
+            FromWorker::Response {
+                id: 5,
+                result: Ok(_),
+                ..
+            }
+        ));
+        drop(host);
+        thread.join().unwrap();
+        let log = log.lock().unwrap();
+        assert!(log.iter().all(|l| !l.contains("UNMAPPED")), "{log:?}");
+    }
 }

@@ -20,7 +20,7 @@ use common::{answered, config, eventually};
 use hipvisor::core::Origin;
 use hipvisor::core::config::Isolation;
 use hipvisor::core::ipc::{self, Channel, FromWorker, Region, ToWorker};
-use hipvisor::{DeviceState, Op, OpKind, Reply, Runtime, RuntimeConfig, RuntimeError};
+use hipvisor::{DeviceState, ErrorClass, Op, OpKind, Reply, Runtime, RuntimeConfig, RuntimeError};
 
 const T: Duration = Duration::from_secs(30);
 const WORKER: &str = env!("CARGO_BIN_EXE_hipvisor-worker");
@@ -71,8 +71,9 @@ fn proxy_worker() {
     let Ok(mode) = std::env::var(MODE) else {
         return;
     };
-    let fd: i32 = std::env::var(ipc::WORKER_ENV).unwrap().parse().unwrap();
-    let host = Channel::inherited(fd).expect("the worker socket");
+    let host = Channel::from_worker_env()
+        .expect("started as a worker")
+        .expect("the worker socket");
     let (to_worker, worker_end) = Channel::pair().unwrap();
     let mut command = Command::new(WORKER);
     command.env_remove(MODE).env_remove(BREAKS);
@@ -404,5 +405,33 @@ async fn a_large_result_is_read_only_shared_memory_and_can_be_sent_back() {
     gpu.copy_to_device(b, 0, data.clone()).await.unwrap();
     let back = gpu.copy_from_device(b, 0, n).await.unwrap();
     assert!(back.as_bytes().iter().all(|x| *x == 4));
+    assert_eq!(rt.shutdown().await.restarts, 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// The worker's cache of host buffers.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_buffer_the_worker_could_not_map_is_sent_again() {
+    let program = proxy_program("bad_first_region", None);
+    let rt = start_with(&program, process_config(1)).await;
+    let gpu = rt.device(0).unwrap();
+    let b = gpu.alloc(1 << 20).await.unwrap();
+    let mut host = gpu.host_buffer(1 << 20).unwrap();
+    host.as_mut_slice().fill(6);
+    let payload = host.freeze();
+    let first = answered(T, gpu.copy_to_device(b, 0, payload.clone())).await;
+    assert!(
+        matches!(&first, Err(RuntimeError::Gpu(e)) if e.class() == ErrorClass::InvalidRequest),
+        "the worker could not map it: {first:?}"
+    );
+    answered(T, gpu.copy_to_device(b, 0, payload.clone()))
+        .await
+        .expect("the descriptor is sent again and mapped");
+    answered(T, gpu.copy_to_device(b, 0, payload))
+        .await
+        .expect("cached now");
+    let back = gpu.copy_from_device(b, 0, 1 << 20).await.unwrap();
+    assert!(back.as_bytes().iter().all(|x| *x == 6));
     assert_eq!(rt.shutdown().await.restarts, 0);
 }

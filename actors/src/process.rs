@@ -756,7 +756,12 @@ impl Engine for WorkerEngine {
                 Exec::Done(result)
             }
             Ok((FromWorker::Malformed(why), _)) => {
-                // The worker did not understand us: a bug on one side. Answer the op and go on.
+                // The worker did not understand us: a bug on one side. Answer the op and go on;
+                // the worker forgot the request's cached region, and so does the host (its
+                // descriptor goes again with its next use).
+                if let Some(r) = &cached {
+                    self.regions.forget(r.id());
+                }
                 let reason = InvalidReason::BadArguments {
                     kernel: String::new(),
                     reason: format!("worker rejected the request: {why}"),
