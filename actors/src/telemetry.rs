@@ -233,8 +233,12 @@ where
                     );
                     failing = true;
                 }
-                // Out of descriptors: give one of ours back, so the next accept can succeed.
-                if is_out_of_descriptors(&e) {
+                // Out of descriptors with a connection waiting: give one of ours back, so the
+                // next accept can take it. (accept4 takes the descriptor before it looks at
+                // the queue, so it fails so also when nobody waits — right after the accept
+                // that used the last descriptor, for one: evicting then would close that very
+                // connection, the idlest since it has not sent its request yet.)
+                if is_out_of_descriptors(&e) && connection_waiting(&listener) {
                     registry.evict_idle_longest();
                 }
                 tokio::time::sleep(backoff).await;
@@ -242,6 +246,14 @@ where
             }
         }
     }
+}
+
+/// Whether a connection waits in `listener`'s queue (a poll that does not wait).
+fn connection_waiting(listener: &TcpListener) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+    poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
 }
 
 fn is_out_of_descriptors(e: &std::io::Error) -> bool {
