@@ -241,7 +241,6 @@ async fn absurd_sizes_are_invalid_requests_in_process_isolation() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "until actors/src/process.rs calls Op::check_sizes before preparing shared memory (issue 12, item 2)"]
 async fn absurd_copies_to_the_host_are_invalid_requests_in_process_isolation() {
     absurd_sizes_are_invalid_requests(Isolation::Process, true).await;
 }

@@ -98,7 +98,7 @@ impl CommonArgs {
         }
         let mut loader = ConfigLoader::new()
             .file(path.as_deref())
-            .env(std::env::vars())
+            .process_env()
             .overrides(&overrides);
         if let Some(n) = self.devices {
             // For the simulator, --devices is the number of simulated devices; for real

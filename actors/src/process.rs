@@ -627,7 +627,9 @@ impl Engine for WorkerEngine {
     fn run(&mut self, op: &Op, origin: Origin) -> Exec {
         // What cannot be carried to the worker is an invalid request, answered before
         // anything is sent: the worker and the device's other users notice nothing.
-        if let Err(reason) = op.check_limits() {
+        // Sizes that can never succeed are invalid requests too, refused before host memory
+        // is prepared for them (a failed preparation would read as out of memory, transient).
+        if let Err(reason) = op.check_limits().and_then(|()| op.check_sizes()) {
             return Exec::Done(Err(GpuError::invalid(op.kind(), self.device, reason)));
         }
         let id = self.next_id;

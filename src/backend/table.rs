@@ -133,6 +133,9 @@ impl<B: DeviceBuffer, M> Tables<B, M> {
     /// signatures are checked by the backend, which knows its modules.)
     pub(crate) fn validate(&self, op: &Op, total_memory: u64) -> Result<(), GpuError> {
         let kind = op.kind();
+        // The limits of what a request may carry hold in thread isolation too, with the
+        // same answer as in process isolation (where the host checks them before sending).
+        op.check_limits().map_err(|r| self.invalid(kind, r))?;
         match op {
             Op::Alloc { bytes } => {
                 if *bytes == 0 {
