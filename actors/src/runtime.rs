@@ -175,12 +175,14 @@ impl Shared {
                     }
                 }
                 core.put_back(stay, other);
+                self.queued(device);
             }
         }
     }
 
     /// Queues a job again on the priority lane of its device (it was taken but did not run:
-    /// see [`DeviceCore::requeue`]); answered at once if the device is out of service by now.
+    /// see [`DeviceCore::requeue`]); answered at once if the device is out of service by now,
+    /// or the runtime is closing.
     pub(crate) fn requeue(&self, job: Job) {
         let device = job.device;
         let core = &self.cores[device as usize];
@@ -189,6 +191,22 @@ impl Shared {
         // (A drain racing with this is caught by the watchdog's next look.)
         if matches!(core.state.get(), DeviceState::Failed | DeviceState::Lost) {
             self.settle_dead_queue(device);
+        }
+        self.queued(device);
+    }
+
+    /// Called after anything is queued on `device` (or put back in its queue): once the
+    /// runtime is closing, nothing may stay queued — the drain of [`Runtime::shutdown`] or
+    /// `Drop for Runtime` may have run before it was queued, and a dropped runtime has no
+    /// watchdog left — so the queue is drained with `ShuttingDown`.
+    ///
+    /// Either this load sees `closing`, or the drain that follows the store of `closing` sees
+    /// the job: the store and this load are `SeqCst`, and so is the channel's send (a
+    /// `SeqCst` compare-and-swap of its tail in crossbeam), which comes before this load. The
+    /// cost on the hot path: one atomic load per enqueue.
+    pub(crate) fn queued(&self, device: u32) {
+        if self.closing.load(Ordering::SeqCst) {
+            self.cores[device as usize].drain(|_| RuntimeError::ShuttingDown);
         }
     }
 
@@ -228,6 +246,11 @@ impl Shared {
                 match core.permits.clone().try_acquire_owned() {
                     Ok(permit) => {
                         self.admit_and_queue(target, op, reply, permit, hold);
+                        None
+                    }
+                    Err(tokio::sync::TryAcquireError::Closed) => {
+                        // Closed by shutdown or a dropped runtime.
+                        self.answer_unqueued(target, op, reply, RuntimeError::ShuttingDown);
                         None
                     }
                     Err(_) if busy_is_final => {
@@ -280,8 +303,15 @@ impl Shared {
     }
 
     fn queue_held(&self, held: &mut Vec<Job>) {
+        let mut devices = Vec::new();
         for job in held.drain(..) {
+            if !devices.contains(&job.device) {
+                devices.push(job.device);
+            }
             self.cores[job.device as usize].enqueue(job);
+        }
+        for device in devices {
+            self.queued(device);
         }
     }
 
@@ -337,7 +367,12 @@ impl Shared {
                 let job = core.job(op, Origin::Application, reply, Some(permit));
                 match hold {
                     Some(held) => held.push(job),
-                    None => core.enqueue(job),
+                    None => {
+                        core.enqueue(job);
+                        // `route` saw the runtime open, but it may have closed (and drained)
+                        // since.
+                        self.queued(device);
+                    }
                 }
             }
         }
@@ -368,6 +403,7 @@ impl Shared {
                     if matches!(to.state.get(), DeviceState::Failed | DeviceState::Lost) {
                         self.settle_dead_queue(other);
                     }
+                    self.queued(other);
                 }
                 None => {
                     job.answer(Err(core.lost_error()), &core.counters);
@@ -380,6 +416,7 @@ impl Shared {
                 if matches!(core.state.get(), DeviceState::Failed | DeviceState::Lost) {
                     self.settle_dead_queue(device);
                 }
+                self.queued(device);
             }
         }
     }
@@ -398,6 +435,7 @@ impl Shared {
         if core.state.get() == DeviceState::Failed {
             self.settle_dead_queue(device);
         }
+        self.queued(device);
         rx.await.unwrap_or(Err(RuntimeError::ShuttingDown))
     }
 
@@ -495,6 +533,10 @@ impl Shared {
             }
             let left = core.sweep(&running, now);
             *due = left.map_or(now + core.deadline, |d| d.min(now + core.deadline));
+            drop(running);
+            // A dropped runtime aborts this task, which does not wait for a sweep under way:
+            // what the sweep put back after the drain is drained here.
+            self.queued(core.index);
         }
     }
 }
@@ -924,7 +966,8 @@ impl Runtime {
     /// Returns the final metrics, which count every answered op.
     pub async fn shutdown(mut self) -> Snapshot {
         let shared = self.shared.clone();
-        shared.closing.store(true, Ordering::Release);
+        shared.closing.store(true, Ordering::SeqCst);
+        shared.close_admission();
         let until = Instant::now() + Duration::from_millis(shared.config.runtime.shutdown_timeout_ms);
         while shared.outstanding() > 0 && Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -995,7 +1038,8 @@ impl Drop for Runtime {
             return;
         }
         let shared = &self.shared;
-        shared.closing.store(true, Ordering::Release);
+        shared.closing.store(true, Ordering::SeqCst);
+        shared.close_admission();
         self.supervisor.stop(None);
         for core in &shared.cores {
             if let Some(actor) = core.actor.read().unwrap_or_else(|p| p.into_inner()).clone() {
@@ -1014,6 +1058,14 @@ impl Drop for Runtime {
 }
 
 impl Shared {
+    /// Closes every device's in-flight bound: a submission waiting for a slot (which an op
+    /// stuck in a hung kernel may never give back) is answered `ShuttingDown` at once.
+    fn close_admission(&self) {
+        for core in &self.cores {
+            core.permits.close();
+        }
+    }
+
     /// Tells every executor to stop, and wakes it to see it.
     fn stop_executors(&self) {
         for core in &self.cores {
