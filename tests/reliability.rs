@@ -439,3 +439,31 @@ async fn every_op_submitted_around_the_drop_of_a_runtime_is_answered() {
         ));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_held_by_an_executor_that_panics_before_running_it_runs_after_the_restart() {
+    for isolation in [Isolation::Thread, Isolation::Process] {
+        let mut c = process_config(1);
+        c.runtime.isolation = isolation;
+        let rt = Runtime::builder()
+            .config(c)
+            .worker(WORKER)
+            .start()
+            .await
+            .expect("runtime starts");
+        let gpu = rt.device(0).unwrap();
+        gpu.mem_info().await.unwrap();
+        rt.inject_executor_panic_holding_a_job(0).unwrap();
+        // Taken from the queue, not started when the executor panics: it did not run, so
+        // it goes back to the queue (not answered `ShuttingDown`) and runs on the restarted
+        // device.
+        let answer = answered(T, gpu.mem_info()).await;
+        assert!(
+            answer.is_ok(),
+            "{isolation:?}: expected the mem-info to run, got {answer:?}"
+        );
+        let s = rt.shutdown().await;
+        assert_eq!(s.devices[0].restarts, 1, "{isolation:?}");
+        assert_eq!(s.ops_total, s.ops_succeeded + s.ops_failed);
+    }
+}

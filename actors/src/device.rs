@@ -34,8 +34,17 @@ pub(crate) enum Work {
     /// Wakes an executor so it sees its stop flag.
     Wake,
     /// Fault injection ([`crate::Runtime::inject_executor_panic`]): the executor panics,
-    /// outside the backend call, right after the next op it runs and before answering it.
-    Panic(String),
+    /// outside the backend call, when [`Armed`] says.
+    Panic(String, Armed),
+}
+
+/// When an injected executor panic fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Armed {
+    /// Right after the next op runs, before it is answered.
+    AfterRun,
+    /// When the executor next holds a job it took and has not started.
+    Holding,
 }
 
 /// An op an executor is running now, for the watchdog.

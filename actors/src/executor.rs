@@ -24,7 +24,7 @@ use crossbeam_channel::select;
 use hipvisor_core::config::Isolation;
 use hipvisor_core::{DeviceContext, ErrorClass, GpuError, ModuleHandle, Op, OpKind, Origin, Reply};
 
-use crate::device::{Current, DeviceCore, Work};
+use crate::device::{Armed, Current, DeviceCore, Work};
 use crate::error::RuntimeError;
 use crate::job::Job;
 use crate::process::{Role, StartError, WorkerEngine};
@@ -218,10 +218,11 @@ fn run(
     let core = &shared.cores[device as usize];
     let mut opened = opened;
     let mut phase = Phase { core, taking: false };
-    // A job taken while gathering a batch that could not join it: it runs next.
-    let mut carried: Option<Job> = None;
+    // The jobs the executor holds and has not started: outside the unwinding, so a panic
+    // does not drop them (a dropped job is answered `ShuttingDown`).
+    let mut hand = Hand::default();
     let served = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        serve(&shared, device, epoch, &stop, &mut opened, &mut phase, &mut carried)
+        serve(&shared, device, epoch, &stop, &mut opened, &mut phase, &mut hand)
     }));
     phase.leave();
     if let Err(panic) = served {
@@ -244,7 +245,9 @@ fn run(
             suspects: Vec::new(),
         });
     }
-    if let Some(job) = carried.take() {
+    // What it held and had not started goes back to the queue, ahead of what was queued
+    // behind it: it runs on the next executor (or is answered by its device's state).
+    for job in hand.jobs.drain(..).chain(hand.carried.take()) {
         shared.requeue(job);
     }
     // Whoever waits for the open hears of it only after the supervisor did (a panic while
@@ -263,7 +266,7 @@ fn serve(
     stop: &AtomicBool,
     opened: &mut Option<tokio::sync::oneshot::Sender<()>>,
     phase: &mut Phase<'_>,
-    carried: &mut Option<Job>,
+    hand: &mut Hand,
 ) {
     // The supervisor hears of the outcome before whoever waits for `opened` goes on.
     let engine = match open(shared, device, epoch) {
@@ -295,43 +298,64 @@ fn serve(
     let mut suspects: Vec<(u64, String)> = Vec::new();
     // An injected panic, armed for after the next op.
     let mut armed: Option<String> = None;
+    // An injected panic, armed for when the executor next holds a job it has not started.
+    let mut holding: Option<String> = None;
     phase.take();
     while !stop.load(Ordering::Acquire) {
-        let job = match carried.take() {
+        let job = match hand.carried.take() {
             Some(job) => job,
             None => match next_work(shared, core) {
                 Work::Job(job) => job,
                 Work::Wake => continue,
-                Work::Panic(why) => {
+                Work::Panic(why, Armed::AfterRun) => {
                     armed = Some(why);
+                    continue;
+                }
+                Work::Panic(why, Armed::Holding) => {
+                    holding = Some(why);
                     continue;
                 }
             },
         };
+        hand.jobs.push(job);
         if stop.load(Ordering::Acquire) {
-            // Not ours any more: put it back for the next executor, or shutdown's drain.
-            shared.requeue(job);
+            // Not ours any more: `run` puts it back for the next executor, or shutdown's
+            // drain.
             break;
         }
-        let Some((batcher, cost)) = engine
-            .batches()
-            .and_then(|b| b.batch_cost(&job.op).map(|cost| (b, cost)))
-        else {
-            if !execute(shared, core, phase, &mut *engine, job, &mut suspects, epoch, &mut armed) {
+        if let Some(why) = holding.take() {
+            panic!("injected executor panic while holding a job: {why}");
+        }
+        let cost = engine.batches().and_then(|b| b.batch_cost(&hand.jobs[0].op));
+        let Some(cost) = cost else {
+            if !execute(
+                shared,
+                core,
+                phase,
+                &mut *engine,
+                hand,
+                &mut suspects,
+                epoch,
+                &mut armed,
+            ) {
                 break;
             }
             continue;
         };
+        let batcher = engine.batches().expect("a batching engine");
         // Whatever is queued already joins the batch, up to the engine's limits: one round
         // trip to a worker for many ops. Nothing waits for a batch to fill.
         let limits = batcher.limits();
-        let mut batch = vec![job];
         let mut bytes = cost;
-        while batch.len() < limits.ops {
+        while hand.jobs.len() < limits.ops {
             let next = match poll(core) {
                 Some(Work::Job(next)) => next,
-                Some(Work::Panic(why)) => {
+                Some(Work::Panic(why, Armed::AfterRun)) => {
                     armed = Some(why);
+                    break;
+                }
+                Some(Work::Panic(why, Armed::Holding)) => {
+                    holding = Some(why);
                     break;
                 }
                 Some(Work::Wake) | None => break,
@@ -339,33 +363,42 @@ fn serve(
             match batcher.batch_cost(&next.op) {
                 Some(c) if bytes + c <= limits.bytes => {
                     bytes += c;
-                    batch.push(next);
+                    hand.jobs.push(next);
                 }
                 _ => {
-                    *carried = Some(next);
+                    hand.carried = Some(next);
                     break;
                 }
             }
         }
-        let go_on = if batch.len() == 1 {
-            let job = batch.pop().expect("one job");
+        let go_on = if hand.jobs.len() == 1 {
             execute(
                 shared,
                 core,
                 phase,
                 engine.as_mut(),
-                job,
+                hand,
                 &mut suspects,
                 epoch,
                 &mut armed,
             )
         } else {
-            execute_batch(shared, core, phase, batcher, batch, &mut suspects, epoch, &mut armed)
+            execute_batch(shared, core, phase, batcher, hand, &mut suspects, epoch, &mut armed)
         };
         if !go_on {
             break;
         }
     }
+}
+
+/// The jobs an executor holds and has not started yet. Kept by [`run`], outside the
+/// unwinding of a panic, which then puts them back in the queue.
+#[derive(Default)]
+struct Hand {
+    /// Taken from the queue, to run next (one job, or a batch being gathered).
+    jobs: Vec<Job>,
+    /// A job taken while gathering a batch that could not join it: it runs after.
+    carried: Option<Job>,
 }
 
 /// An executor's phase, as the watchdog sees it in [`crate::device::Running`]: taking jobs
@@ -449,28 +482,39 @@ fn next_work(shared: &Shared, core: &DeviceCore) -> Work {
     .expect("the core owns both ends of its channels")
 }
 
-/// Answers a job that must not run (answered while queued, failed device, deadline passed,
-/// quarantined kernel); gives it back otherwise, counting the attempt.
-fn admit(core: &DeviceCore, mut job: Job) -> Option<Job> {
+/// Whether a job must not run, and its answer if it needs one (`Some(None)`: answered
+/// while queued — by its deadline, by shutdown — so nothing to do).
+fn rejection(core: &DeviceCore, job: &Job) -> Option<Option<RuntimeError>> {
     if job.slot.is_answered() {
-        // Answered while queued (deadline, shutdown): nothing to do.
-        return None;
+        return Some(None);
     }
     if core.state.get() == DeviceState::Failed {
-        job.answer(Err(core.failed_error(false)), &core.counters);
-        return None;
+        return Some(Some(core.failed_error(false)));
     }
     if Instant::now() >= job.deadline {
-        let e = core.deadline_exceeded(job.kind(), false);
-        job.answer(Err(e), &core.counters);
-        return None;
+        return Some(Some(core.deadline_exceeded(job.kind(), false)));
     }
-    if let Some(e) = core.is_quarantined(&job.op) {
-        job.answer(Err(e), &core.counters);
-        return None;
+    core.is_quarantined(&job.op).map(Some)
+}
+
+/// Answers the held jobs that must not run (answered while queued, failed device, deadline
+/// passed, quarantined kernel) and counts an attempt of the others, which stay held.
+fn admit(core: &DeviceCore, held: &mut Vec<Job>) {
+    let mut i = 0;
+    while i < held.len() {
+        match rejection(core, &held[i]) {
+            None => i += 1,
+            Some(answer) => {
+                let job = held.remove(i);
+                if let Some(e) = answer {
+                    job.answer(Err(e), &core.counters);
+                }
+            }
+        }
     }
-    job.attempts += 1;
-    Some(job)
+    for job in held.iter_mut() {
+        job.attempts += 1;
+    }
 }
 
 /// A span per op (cheap when nobody listens): device, op kind, attempt, outcome.
@@ -502,13 +546,18 @@ fn execute(
     core: &DeviceCore,
     phase: &mut Phase<'_>,
     engine: &mut dyn Engine,
-    job: Job,
+    hand: &mut Hand,
     suspects: &mut Vec<(u64, String)>,
     epoch: u64,
     armed: &mut Option<String>,
 ) -> bool {
-    let Some(job) = admit(core, job) else { return true };
-    phase.run([&job]);
+    admit(core, &mut hand.jobs);
+    if hand.jobs.is_empty() {
+        return true;
+    }
+    // Running from here: the watchdog watches it (and a panic answers it).
+    phase.run(&hand.jobs);
+    let job = hand.jobs.pop().expect("one job");
     let span = op_span(core, &job);
     let result = span.in_scope(|| engine.run(&job.op, job.origin));
     record_outcome(&span, &result);
@@ -531,16 +580,18 @@ fn execute_batch(
     core: &DeviceCore,
     phase: &mut Phase<'_>,
     engine: &mut dyn Batches,
-    batch: Vec<Job>,
+    hand: &mut Hand,
     suspects: &mut Vec<(u64, String)>,
     epoch: u64,
     armed: &mut Option<String>,
 ) -> bool {
-    let batch: Vec<Job> = batch.into_iter().filter_map(|job| admit(core, job)).collect();
-    if batch.is_empty() {
+    admit(core, &mut hand.jobs);
+    if hand.jobs.is_empty() {
         return true;
     }
-    phase.run(&batch);
+    // Running from here: the watchdog watches them (and a panic answers them).
+    phase.run(&hand.jobs);
+    let batch = std::mem::take(&mut hand.jobs);
     // The engine takes its own copy of the ops; each job is answered as its result comes.
     let ops: Vec<(Op, Origin)> = batch.iter().map(|job| (job.op.clone(), job.origin)).collect();
     // Spans open now, so each covers the batch up to its op's answer.

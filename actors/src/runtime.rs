@@ -13,7 +13,7 @@ use ractor::{Actor, ActorRef};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
-use crate::device::{DeviceActor, DeviceCore, DeviceHandle, DeviceMsg, Work};
+use crate::device::{Armed, DeviceActor, DeviceCore, DeviceHandle, DeviceMsg, Work};
 use crate::error::{OpResult, RuntimeError};
 use crate::executor;
 use crate::job::{BatchSink, Job, Port, ReplySlot};
@@ -1011,6 +1011,21 @@ impl Runtime {
     /// [`RuntimeError::NoSuchDevice`] for an index out of range.
     #[doc(hidden)]
     pub fn inject_executor_panic(&self, index: u32) -> Result<(), RuntimeError> {
+        self.inject_panic(index, Armed::AfterRun)
+    }
+
+    /// Fault injection for tests, not a stable API: the executor thread of device `index`
+    /// panics right after it takes its next job from the queue, before the job starts. The
+    /// job goes back to the queue and runs after the device's restart.
+    ///
+    /// # Errors
+    /// [`RuntimeError::NoSuchDevice`] for an index out of range.
+    #[doc(hidden)]
+    pub fn inject_executor_panic_holding_a_job(&self, index: u32) -> Result<(), RuntimeError> {
+        self.inject_panic(index, Armed::Holding)
+    }
+
+    fn inject_panic(&self, index: u32, when: Armed) -> Result<(), RuntimeError> {
         let core = self
             .shared
             .cores
@@ -1022,7 +1037,7 @@ impl Runtime {
         let _ = core
             .priority
             .0
-            .send(Work::Panic(format!("injected into device {index}")));
+            .send(Work::Panic(format!("injected into device {index}"), when));
         Ok(())
     }
 }
