@@ -169,11 +169,15 @@ impl DeviceCore {
     }
 
     /// Kills the device's worker process, if it has one (a hung op, shutdown). Its executor
-    /// sees the connection close and the supervisor restarts the device.
-    pub(crate) fn kill_worker(&self) {
+    /// sees the connection close and the supervisor restarts the device. The kill goes
+    /// through `workers`, under its lock, and only to a worker still in it: a worker leaves
+    /// it before it is reaped, so a kill never reaches a process that reused its id.
+    pub(crate) fn kill_worker(&self, workers: &crate::process::Workers) {
         let pid = self.worker_pid.load(std::sync::atomic::Ordering::Acquire);
-        if pid > 0 {
-            hipvisor_core::ipc::kill(pid as u32);
+        if let Ok(pid) = u32::try_from(pid)
+            && pid > 0
+        {
+            workers.kill(pid);
         }
     }
 

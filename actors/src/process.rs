@@ -112,6 +112,14 @@ impl Workers {
         self.lock().retain(|r| r.pid != pid);
     }
 
+    /// Kills a worker if it is still registered (not reaped yet, so its id is its own).
+    pub(crate) fn kill(&self, pid: u32) {
+        let list = self.lock();
+        if list.iter().any(|r| r.pid == pid) {
+            ipc::kill(pid);
+        }
+    }
+
     /// Kills the workers still starting past their start deadline; their starts then fail
     /// (the receive sees the connection close).
     pub(crate) fn kill_overdue_starts(&self, now: Instant) {
@@ -420,8 +428,16 @@ impl WorkerEngine {
     /// reason's words, and whether it was SIGABRT — how ROCm ends a process whose kernel
     /// made a memory access fault.
     fn exit_reason(&mut self) -> (String, bool) {
-        // Forgotten before it is reaped: nothing kills its id afterwards.
-        self.shared.workers.remove(self.child.id());
+        // Forgotten before it is reaped: nothing kills its id afterwards (kills go through
+        // the registry, under its lock), and no longer named as the device's worker.
+        let pid = self.child.id();
+        self.shared.workers.remove(pid);
+        let _ = self.shared.cores[self.device as usize].worker_pid.compare_exchange(
+            pid as i32,
+            0,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
         match self.child.wait() {
             Ok(status) => (ipc::describe_exit(status), ipc::aborted(status)),
             Err(e) => (format!("worker lost ({e})"), false),

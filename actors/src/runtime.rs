@@ -505,7 +505,7 @@ impl Shared {
                 }
                 if self.config.runtime.isolation == Isolation::Process {
                     // A hung kernel: kill the worker; the supervisor restarts the device.
-                    core.kill_worker();
+                    core.kill_worker(&self.workers);
                 }
             }
             if core.queue_is_empty() {
@@ -1096,7 +1096,7 @@ impl Shared {
     /// thread (after `closing` is set: no worker is spawned any more).
     fn stop_workers(&self) {
         for core in &self.cores {
-            core.kill_worker();
+            core.kill_worker(&self.workers);
         }
         self.workers.kill_all();
         for core in &self.cores {
