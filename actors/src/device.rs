@@ -33,12 +33,14 @@ pub(crate) enum Work {
     Job(Job),
     /// Wakes an executor so it sees its stop flag.
     Wake,
-    /// Fault injection ([`crate::Runtime::inject_executor_panic`]): the executor panics,
-    /// outside the backend call, when [`Armed`] says.
+    /// Fault injection (`Runtime::inject_executor_panic`, with the `test-hooks` feature):
+    /// the executor panics, outside the backend call, when [`Armed`] says.
+    #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
     Panic(String, Armed),
 }
 
 /// When an injected executor panic fires.
+#[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Armed {
     /// Right after the next op runs, before it is answered.

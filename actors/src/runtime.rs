@@ -13,7 +13,9 @@ use ractor::{Actor, ActorRef};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
-use crate::device::{Armed, DeviceActor, DeviceCore, DeviceHandle, DeviceMsg, Work};
+#[cfg(feature = "test-hooks")]
+use crate::device::Armed;
+use crate::device::{DeviceActor, DeviceCore, DeviceHandle, DeviceMsg, Work};
 use crate::error::{OpResult, RuntimeError};
 use crate::executor;
 use crate::job::{BatchSink, Job, Port, ReplySlot};
@@ -1002,29 +1004,32 @@ impl Runtime {
         snapshot
     }
 
-    /// Fault injection for tests and chaos runs, not a stable API: the executor thread of
-    /// device `index` panics — in the runtime's own code, outside any backend call — right
+    /// Fault injection for tests only (the `test-hooks` feature), not a stable API: the
+    /// executor thread of device `index` panics — in the runtime's own code, outside any backend call — right
     /// after the next op it runs, before answering it. The runtime then answers that op
     /// (`DeviceRestarted`, it may have executed) and restarts the device as after any failure.
     ///
     /// # Errors
     /// [`RuntimeError::NoSuchDevice`] for an index out of range.
+    #[cfg(feature = "test-hooks")]
     #[doc(hidden)]
     pub fn inject_executor_panic(&self, index: u32) -> Result<(), RuntimeError> {
         self.inject_panic(index, Armed::AfterRun)
     }
 
-    /// Fault injection for tests, not a stable API: the executor thread of device `index`
-    /// panics right after it takes its next job from the queue, before the job starts. The
+    /// Fault injection for tests only (the `test-hooks` feature), not a stable API: the
+    /// executor thread of device `index` panics right after it takes its next job from the queue, before the job starts. The
     /// job goes back to the queue and runs after the device's restart.
     ///
     /// # Errors
     /// [`RuntimeError::NoSuchDevice`] for an index out of range.
+    #[cfg(feature = "test-hooks")]
     #[doc(hidden)]
     pub fn inject_executor_panic_holding_a_job(&self, index: u32) -> Result<(), RuntimeError> {
         self.inject_panic(index, Armed::Holding)
     }
 
+    #[cfg(feature = "test-hooks")]
     fn inject_panic(&self, index: u32, when: Armed) -> Result<(), RuntimeError> {
         let core = self
             .shared
