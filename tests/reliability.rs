@@ -134,10 +134,12 @@ async fn an_op_queued_again_after_a_failed_devices_drain_is_answered() {
     // mem-info and the alloc are queued after the failed device's queue was drained.
     let mut c = process_config(1);
     c.supervisor.max_restarts = 1;
-    c.runtime.op_deadline_ms = 20_000;
+    // The backoff is long, so the device fails (two restarts) well within it on a loaded
+    // machine; the deadline longer still, so an op left queued is told from one answered.
+    c.runtime.op_deadline_ms = 60_000;
     c.retry.max_retries = 50;
-    c.retry.initial_delay_ms = 3_000;
-    c.retry.max_delay_ms = 3_000;
+    c.retry.initial_delay_ms = 15_000;
+    c.retry.max_delay_ms = 15_000;
     c.sim.faults.push(fault(|f| {
         f.op = "device_info".into();
         f.after = Some(1);
@@ -178,10 +180,11 @@ async fn an_op_queued_again_after_a_failed_devices_drain_is_answered() {
     })
     .await;
     assert!(
-        submitted.elapsed() < Duration::from_millis(3_000),
-        "the device failed before the alloc's backoff ended: the test is too slow to say anything"
+        submitted.elapsed() < Duration::from_millis(15_000),
+        "the device failed after the alloc's backoff ended: the test is too slow to say anything"
     );
-    match answered(Duration::from_secs(6), waiting).await.unwrap() {
+    // Answered when its backoff ends (15 s after its submission), not at its deadline (60 s).
+    match answered(Duration::from_secs(15 + 15), waiting).await.unwrap() {
         Err(RuntimeError::DeviceFailed { device: 0, reason, .. }) => {
             assert!(reason.contains("restart intensity"), "{reason}")
         }
@@ -211,7 +214,7 @@ async fn a_worker_that_hangs_in_its_start_is_killed_within_the_start_timeout() {
     c.runtime.op_deadline_ms = 1_000;
     let started = Instant::now();
     let rt = tokio::time::timeout(
-        Duration::from_secs(5),
+        Duration::from_secs(30),
         Runtime::builder().config(c).worker(&program).start(),
     )
     .await
@@ -219,7 +222,8 @@ async fn a_worker_that_hangs_in_its_start_is_killed_within_the_start_timeout() {
     .expect("the runtime starts (its device restarting)");
     let took = started.elapsed();
     assert!(
-        took >= Duration::from_millis(timeout_ms) && took < Duration::from_millis(timeout_ms + 1_500),
+        // The timeout, the watchdog's ticks and seconds of margin; the worker hangs for 60 s.
+        took >= Duration::from_millis(timeout_ms) && took < Duration::from_millis(timeout_ms + 10_000),
         "start took {took:?}"
     );
     let first: u32 = std::fs::read_to_string(&pids)
@@ -240,7 +244,9 @@ async fn a_worker_that_hangs_in_its_start_is_killed_within_the_start_timeout() {
         })
         .collect();
     for q in queued {
-        match answered(Duration::from_millis(1_000 + 1_000), q).await.unwrap() {
+        // The deadline (1 s) and seconds of margin: without the watchdog they would wait for
+        // a restart that never comes.
+        match answered(Duration::from_millis(1_000 + 10_000), q).await.unwrap() {
             Err(RuntimeError::DeadlineExceeded {
                 may_have_executed: false,
                 ..

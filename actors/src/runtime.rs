@@ -1296,7 +1296,7 @@ mod tests {
         let (job, rx) = mem_info_job(core);
         let deadline = job.deadline;
         core.enqueue(job);
-        match tokio::time::timeout(Duration::from_secs(2), rx).await {
+        match tokio::time::timeout(Duration::from_secs(30), rx).await {
             Ok(Ok(Err(RuntimeError::DeadlineExceeded {
                 may_have_executed: false,
                 ..
@@ -1305,9 +1305,10 @@ mod tests {
         }
         let now = Instant::now();
         assert!(now >= deadline, "answered before its deadline");
-        // The watchdog looks every 50 ms.
+        // The watchdog looks every 50 ms: the deadline, a few ticks and seconds of margin for
+        // a loaded machine (nothing else would ever answer it).
         assert!(
-            now - submitted <= Duration::from_millis(200 + 150),
+            now - submitted <= Duration::from_millis(200 + 5_000),
             "answered {:?} after it was queued",
             now - submitted
         );
