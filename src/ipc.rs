@@ -1180,14 +1180,18 @@ pub fn spawn_worker(mut command: Command, channel: Channel) -> std::io::Result<C
             if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGKILL) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            // SIGINT blocked from before the exec (the mask survives it), so a terminal's
-            // Ctrl-C to the process group cannot kill a worker before its first line blocks
-            // it too (src/worker.rs): the host decides how to stop.
+            // SIGINT and SIGTERM blocked from before the exec (the mask survives it), so a
+            // terminal's Ctrl-C to the process group, or `kill -TERM -<pgid>` and systemd's
+            // `KillMode=control-group` stop, cannot kill a worker before its first line
+            // blocks them too (src/worker.rs): the host decides how to stop.
             let mut set = std::mem::zeroed::<nix::libc::sigset_t>();
             nix::libc::sigemptyset(&mut set);
             nix::libc::sigaddset(&mut set, nix::libc::SIGINT);
-            if nix::libc::pthread_sigmask(nix::libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-                return Err(std::io::Error::last_os_error());
+            nix::libc::sigaddset(&mut set, nix::libc::SIGTERM);
+            // pthread_sigmask returns the error number; it does not set errno.
+            let rc = nix::libc::pthread_sigmask(nix::libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            if rc != 0 {
+                return Err(std::io::Error::from_raw_os_error(rc));
             }
             Ok(())
         });
@@ -1204,7 +1208,7 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
-    fn a_worker_starts_with_sigint_blocked() {
+    fn a_worker_starts_with_sigint_and_sigterm_blocked() {
         let (ours, theirs) = Channel::pair().unwrap();
         let mut cmd = Command::new("grep");
         cmd.args(["^SigBlk", "/proc/self/status"])
@@ -1213,11 +1217,9 @@ mod tests {
         drop(ours);
         let text = String::from_utf8_lossy(&out.stdout);
         let mask = u64::from_str_radix(text.trim().trim_start_matches("SigBlk:").trim(), 16).unwrap();
-        assert_ne!(
-            mask & (1 << (nix::libc::SIGINT - 1)),
-            0,
-            "SIGINT blocked from the exec on: {text}"
-        );
+        for (signal, name) in [(nix::libc::SIGINT, "SIGINT"), (nix::libc::SIGTERM, "SIGTERM")] {
+            assert_ne!(mask & (1 << (signal - 1)), 0, "{name} blocked from the exec on: {text}");
+        }
     }
 
     /// In a child process (this test binary re-executed): with descriptor 3 free, the worker

@@ -13,9 +13,12 @@
 //! process ids: as a container's entrypoint without an init, the host is PID 1 and "my
 //! parent is PID 1" is the normal case, not a dead host.
 //!
-//! A worker blocks SIGINT: a terminal's Ctrl-C goes to the whole foreground process group,
-//! workers included, and the host decides what it means (the `hipvisor` command line stops
-//! gracefully and then stops its workers; a host that dies takes its workers with it).
+//! A worker blocks SIGINT and SIGTERM: a terminal's Ctrl-C goes to the whole foreground
+//! process group, workers included, and so does `kill -TERM -<pgid>` or systemd's stop with
+//! its default `KillMode=control-group`; the host decides what they mean (the `hipvisor`
+//! command line stops gracefully and then stops its workers; a host that dies takes its
+//! workers with it: end of file on the socket, or the parent-death SIGKILL). SIGKILL still
+//! ends a worker at once.
 
 use std::os::fd::OwnedFd;
 use std::process::ExitCode;
@@ -28,8 +31,9 @@ use crate::fault_plan::FaultInjector;
 use crate::ipc::{self, Channel, ControlPage, FromWorker, IpcError, Region, Request, ToWorker};
 use crate::op::{ModuleSource, Op, OpKind, Payload, Reply};
 
-/// Runs the worker loop if this process was started as a worker (blocking SIGINT first, see
-/// the module docs); returns its exit code. Returns `None` in any other process.
+/// Runs the worker loop if this process was started as a worker (blocking SIGINT and
+/// SIGTERM first, see the module docs); returns its exit code. Returns `None` in any other
+/// process.
 ///
 /// Call it first in `main`, before anything opens a descriptor: the worker's socket is the
 /// descriptor its environment names ([`Channel::from_worker_env`]).
@@ -45,13 +49,16 @@ pub fn run_if_worker() -> Option<ExitCode> {
     })
 }
 
-/// Blocks SIGINT in this thread and every thread it starts from now on (so
-/// [`run_if_worker`] comes first in `main`): see the module docs.
+/// Blocks SIGINT and SIGTERM in this thread and every thread it starts from now on (so
+/// [`run_if_worker`] comes first in `main`): see the module docs. (A worker spawned by
+/// [`ipc::spawn_worker`] has them blocked from its exec on already; this covers any other
+/// way of starting one.)
 fn block_interrupts() {
     let mut set = nix::sys::signal::SigSet::empty();
     set.add(nix::sys::signal::Signal::SIGINT);
+    set.add(nix::sys::signal::Signal::SIGTERM);
     if let Err(e) = set.thread_block() {
-        eprintln!("hipvisor worker: cannot block SIGINT: {e}");
+        eprintln!("hipvisor worker: cannot block SIGINT and SIGTERM: {e}");
     }
 }
 

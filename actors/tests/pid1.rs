@@ -181,13 +181,189 @@ fn sigterm_to_pid_1_stops_the_run_gracefully_and_leaves_no_worker() {
     let v = json(&stdout.join().unwrap());
     assert_eq!(status.code(), Some(143), "128 + SIGTERM: {v}\n{stderr}");
     assert_eq!(v["interrupted"], "SIGTERM", "{v}");
+    assert_eq!(v["restarts"], 0, "no worker died during the stop: {v}\n{stderr}");
+    assert_eq!(v["ops"]["failed"], 0, "{v}\n{stderr}");
     assert_eq!(v["ops"]["missing_replies"], 0, "{v}");
     assert_eq!(v["ops"]["wrong_results"], 0, "{v}");
     assert_eq!(v["metrics_consistent"], true, "{v}");
     assert!(stderr.contains("SIGTERM: stopping"), "{stderr}");
+    // Cannot fail as such: when PID 1 exits the kernel SIGKILLs its whole namespace. Whether
+    // the workers die with their host by themselves is
+    // `sigterm_to_the_process_group_stops_the_run_gracefully_and_leaves_no_orphan`.
     for pid in workers.iter().chain([&host]) {
         assert!(!alive(*pid), "process {pid} of the namespace outlived the run");
     }
+}
+
+/// How many times `pid`'s main thread has waited (its voluntary context switches).
+fn waits(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Makes this test process a child subreaper (once; it stays one): an orphaned descendant
+/// becomes its child instead of the system init's, where [`children`] finds it.
+fn become_subreaper() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| nix::sys::prctl::set_child_subreaper(true).expect("PR_SET_CHILD_SUBREAPER"));
+}
+
+/// A `hipvisor run` in process isolation with two workers serving ops, not PID 1 and in its
+/// own process group (as a service or a terminal's job), with this test process a
+/// subreaper.
+struct Run {
+    host: Reap,
+    workers: Vec<u32>,
+    stdout: std::thread::JoinHandle<Vec<u8>>,
+    stderr: std::thread::JoinHandle<Vec<u8>>,
+}
+
+impl Run {
+    fn start() -> Self {
+        use std::os::unix::process::CommandExt;
+        become_subreaper();
+        let args = [
+            "run",
+            "--ops",
+            "100000000",
+            "--json",
+            "--devices",
+            "2",
+            "--isolation",
+            "process",
+        ];
+        let host = Command::new(env!("CARGO_BIN_EXE_hipvisor"))
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env_remove("RUST_LOG")
+            .process_group(0)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("hipvisor runs");
+        let mut host = Reap(host);
+        let pid = host.0.id();
+        let read = |mut r: Box<dyn std::io::Read + Send>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let _ = r.read_to_end(&mut buf);
+                buf
+            })
+        };
+        let stdout = read(Box::new(host.0.stdout.take().unwrap()));
+        let stderr = read(Box::new(host.0.stderr.take().unwrap()));
+        let mut workers = Vec::new();
+        poll("two workers", Duration::from_secs(30), || {
+            workers = children(pid).into_iter().filter(|w| is_hipvisor(*w)).collect();
+            workers.len() == 2
+        });
+        // Ops under way (a worker waits on its socket for each request; its start takes a
+        // handful of such waits), and the host's handler installed.
+        poll("the workers serving ops", Duration::from_secs(60), || {
+            workers.iter().all(|w| waits(*w) > 1000) && catches_sigterm(pid)
+        });
+        Self {
+            host,
+            workers,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Waits for the host to exit; its exit status.
+    fn wait(&mut self) -> std::process::ExitStatus {
+        let mut status = None;
+        poll("the run to end", Duration::from_secs(60), || {
+            status = self.host.0.try_wait().unwrap();
+            status.is_some()
+        });
+        status.unwrap()
+    }
+
+    /// Asserts that no worker outlives the (exited) host: each worker ends, and no process
+    /// of the host's process group is left orphaned (this subreaper would be its parent).
+    /// Before [`Run::output`]: an orphan holds the host's stdout and stderr open.
+    fn no_worker_outlives_the_host(&self) {
+        let group = self.host.0.id();
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut left: Vec<u32> = self.workers.iter().copied().filter(|w| alive(*w)).collect();
+            left.extend(
+                children(std::process::id())
+                    .into_iter()
+                    .filter(|c| alive(*c) && process_group(*c) == Some(group)),
+            );
+            left.sort_unstable();
+            left.dedup();
+            if left.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "processes outlived their host {group} by 30 s: {left:?} (its workers: {:?})",
+                self.workers
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The host's stdout and stderr.
+    fn output(self) -> (Vec<u8>, String) {
+        let stderr = String::from_utf8_lossy(&self.stderr.join().unwrap()).into_owned();
+        (self.stdout.join().unwrap(), stderr)
+    }
+}
+
+/// The process group of `pid`.
+fn process_group(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')').next()?.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// `kill -TERM` to a whole process group, as `kill -TERM -<pgid>` or systemd's default
+/// `KillMode=control-group` does, with `hipvisor` not PID 1 (so the kernel kills nothing for
+/// it): the workers must ignore the group's SIGTERM (no restarts, no failed ops during the
+/// graceful stop) and still end with their host, leaving no orphan.
+#[test]
+fn sigterm_to_the_process_group_stops_the_run_gracefully_and_leaves_no_orphan() {
+    let mut run = Run::start();
+    let group = nix::unistd::Pid::from_raw(-i32::try_from(run.host.0.id()).unwrap());
+    nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGTERM).expect("kill the group");
+    let status = run.wait();
+    run.no_worker_outlives_the_host();
+    let (stdout, stderr) = run.output();
+    let v = json(&stdout);
+    assert_eq!(status.code(), Some(143), "128 + SIGTERM: {v}\n{stderr}");
+    assert_eq!(v["interrupted"], "SIGTERM", "{v}");
+    assert_eq!(
+        v["restarts"], 0,
+        "the workers ignored the group's SIGTERM: {v}\n{stderr}"
+    );
+    assert_eq!(v["ops"]["failed"], 0, "{v}\n{stderr}");
+    assert_eq!(v["ops"]["missing_replies"], 0, "{v}");
+    assert_eq!(v["ops"]["wrong_results"], 0, "{v}");
+    assert_eq!(v["metrics_consistent"], true, "{v}");
+    assert!(stderr.contains("SIGTERM: stopping"), "{stderr}");
+}
+
+/// A host killed outright (SIGKILL to it alone: the OOM killer, systemd's final SIGKILL
+/// with `KillMode=mixed`) stops nothing itself: its workers must end by themselves (the
+/// parent-death signal, end of file on their socket), leaving no orphan.
+#[test]
+fn a_host_killed_outright_leaves_no_orphan() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut run = Run::start();
+    let host = nix::unistd::Pid::from_raw(i32::try_from(run.host.0.id()).unwrap());
+    nix::sys::signal::kill(host, nix::sys::signal::Signal::SIGKILL).expect("kill the host");
+    let status = run.wait();
+    assert_eq!(status.signal(), Some(9), "{status:?}");
+    run.no_worker_outlives_the_host();
 }
 
 /// Whether `pid` has a handler for SIGTERM (its SigCgt mask in /proc).
