@@ -564,6 +564,16 @@ impl Channel {
         // SAFETY: the descriptor is open (checked above); the borrow only reads its socket
         // type and ends before anything else happens to it.
         seqpacket(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })?;
+        // Close-on-exec from now on (it was cleared so the socket survived the worker's own
+        // exec): a helper the driver or toolchain starts must not inherit the host's
+        // connection, or the host would see no end of file when the worker dies.
+        // SAFETY: F_SETFD on a descriptor that is open (checked above) only sets its flag.
+        if unsafe { nix::libc::fcntl(fd, nix::libc::F_SETFD, nix::libc::FD_CLOEXEC) } < 0 {
+            return Err(IpcError::Os {
+                call: "fcntl(F_SETFD)",
+                errno: nix::errno::Errno::last(),
+            });
+        }
         if WORKER_FD_CLAIMED.swap(true, Ordering::AcqRel) {
             return Err(IpcError::Malformed(format!(
                 "the worker socket ({WORKER_ENV}={fd}) was claimed already"
@@ -675,7 +685,11 @@ impl Channel {
         let mut control = [0u64; 16];
         // SAFETY: CMSG_SPACE only computes a size.
         let space = unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<libc::c_int>()) as u32) } as usize;
-        debug_assert!(space <= std::mem::size_of_val(&control));
+        // The kernel writes up to `space` bytes into `control`: checked in release builds too.
+        assert!(
+            space <= std::mem::size_of_val(&control),
+            "MAX_FDS outgrew the control buffer"
+        );
         let fd = self.fd.as_raw_fd();
         let nonblocking = flags.contains(MsgFlags::MSG_DONTWAIT);
         let mut iov = libc::iovec {
@@ -910,9 +924,12 @@ impl Region {
     /// the descriptor is closed (the mapping keeps the memory).
     fn sealed(fd: &OwnedFd, len: usize) -> Result<Region, IpcError> {
         let length = NonZeroUsize::new(len.max(1)).expect("at least one byte");
+        // Private and read-only: a shared mapping of a write-sealed memfd, even read-only, is
+        // refused before Linux 6.7; a private one shares the same page-cache pages (nothing
+        // writes them, so nothing is copied) on every kernel.
         // SAFETY: maps `length` bytes of a memfd we hold, read-only; it is exactly that long
         // and sealed against shrinking, so every page stays backed; unmapped once, in `drop`.
-        let ptr = unsafe { mmap(None, length, ProtFlags::PROT_READ, MapFlags::MAP_SHARED, fd.as_fd(), 0) }
+        let ptr = unsafe { mmap(None, length, ProtFlags::PROT_READ, MapFlags::MAP_PRIVATE, fd.as_fd(), 0) }
             .map_err(os("mmap"))?;
         Ok(Region {
             id: NEXT_REGION.fetch_add(1, Ordering::Relaxed),
@@ -1248,6 +1265,40 @@ mod tests {
                 "--nocapture",
             ])
             .env(CHILD, "1")
+            .status()
+            .unwrap();
+        assert!(status.success(), "the child's check failed: {status}");
+    }
+
+    /// In a child process (this test binary re-executed with `HV_WORKER_FD=3`): a worker's
+    /// socket arrives without close-on-exec (so it survived the exec); once claimed, it has
+    /// it again, so nothing the worker starts inherits the host's connection.
+    #[test]
+    fn a_claimed_worker_socket_is_close_on_exec() {
+        const CHILD: &str = "HV_IPC_CLAIM_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+            let _ = nix::unistd::close(3);
+            let (worker_end, _host_end) = Channel::pair().unwrap();
+            let fd = worker_end.fd.as_raw_fd();
+            assert_eq!(fd, 3, "the lowest free descriptor");
+            fcntl(&worker_end.fd, FcntlArg::F_SETFD(FdFlag::empty())).unwrap();
+            // The claim takes ownership of descriptor 3, as a worker's does.
+            std::mem::forget(worker_end);
+            let claimed = Channel::from_worker_env().expect("HV_WORKER_FD is set").unwrap();
+            let flags = FdFlag::from_bits_truncate(fcntl(&claimed.fd, FcntlArg::F_GETFD).unwrap());
+            assert!(flags.contains(FdFlag::FD_CLOEXEC), "{flags:?}");
+            return;
+        }
+        let status = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "ipc::tests::a_claimed_worker_socket_is_close_on_exec",
+                "--test-threads=1",
+                "--nocapture",
+            ])
+            .env(CHILD, "1")
+            .env(WORKER_ENV, "3")
             .status()
             .unwrap();
         assert!(status.success(), "the child's check failed: {status}");
