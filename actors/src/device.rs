@@ -66,10 +66,6 @@ pub(crate) struct Current {
 pub(crate) struct Running {
     pub(crate) ops: Vec<Current>,
     pub(crate) takers: u32,
-    /// How many times an executor went back to taking jobs (after an op, a batch, or its
-    /// start): when it has not moved since the watchdog's last look, nobody is serving the
-    /// queue. Bumped under this lock, which the executor takes there anyway.
-    pub(crate) progress: u64,
 }
 
 /// What every part of the runtime shares about one device.

@@ -413,7 +413,6 @@ impl Phase<'_> {
     fn take(&mut self) {
         let mut running = self.core.current.lock().unwrap_or_else(|p| p.into_inner());
         running.ops.clear();
-        running.progress = running.progress.wrapping_add(1);
         if !self.taking {
             running.takers += 1;
             self.taking = true;

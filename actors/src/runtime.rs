@@ -471,27 +471,21 @@ impl Shared {
     /// - the queue of a device out of service is settled (a job queued again after the
     ///   drain that its state change made);
     /// - queued ops are answered at their deadline whatever their device does: when an op
-    ///   in the queue may have reached its deadline, no executor is taking from the queue
-    ///   (each is inside an op, starting a worker, or there is none) and none has taken a
-    ///   job since the last look (the executor is stuck in one op, or there is none), the
-    ///   queue is taken apart, the ops past their deadline answered and the rest put back in
-    ///   order. A queue that moves is left alone: its executor answers what is past its
-    ///   deadline as it takes it.
+    ///   in the queue may have reached its deadline and no executor is taking from the queue
+    ///   (each is inside an op, starting a worker, or there is none), the queue is taken
+    ///   apart, the ops past their deadline answered and the rest put back in order.
     ///
     /// `due[d]` is when device `d`'s queue may next hold an op past its deadline: no sooner
     /// than the earliest deadline left by the last sweep, nor than the time of that sweep
     /// plus the op deadline (every op queued since is a first submission, whose deadline is
     /// its admission plus the op deadline) — unless an op was queued again since, with its
-    /// old deadline, which its device notes ([`DeviceCore::take_requeued_deadline`]).
-    /// `progress[d]` is device `d`'s [`crate::device::Running::progress`] at the last look:
-    /// an executor that took a job since is serving the queue. So a healthy device's queue
-    /// is never taken apart, busy or not, and the hot path keeps no index.
-    fn watch(&self, due: &mut [Instant], progress: &mut [u64]) {
+    /// old deadline, which its device notes ([`DeviceCore::take_requeued_deadline`]). So a
+    /// healthy device's queue is never taken apart, and the hot path keeps no index.
+    fn watch(&self, due: &mut [Instant]) {
         let now = Instant::now();
         self.workers.kill_overdue_starts(now);
-        for ((core, due), progress) in self.cores.iter().zip(due.iter_mut()).zip(progress.iter_mut()) {
+        for (core, due) in self.cores.iter().zip(due.iter_mut()) {
             let running = core.current.lock().unwrap_or_else(|p| p.into_inner());
-            let moved = std::mem::replace(progress, running.progress) != running.progress;
             let overdue: Vec<(ReplySlot, OpKind)> = running
                 .ops
                 .iter()
@@ -534,9 +528,9 @@ impl Shared {
             if let Some(d) = core.take_requeued_deadline() {
                 *due = (*due).min(d);
             }
-            if now < *due || running.takers > 0 || moved {
-                // Not yet; or an executor is taking from the queue, or took a job since the
-                // last look: it answers what is past its deadline as it takes it.
+            if now < *due || running.takers > 0 {
+                // Not yet; or an executor is taking from the queue, and answers what is past
+                // its deadline as it takes it.
                 continue;
             }
             let left = core.sweep(&running, now);
@@ -764,10 +758,9 @@ impl RuntimeBuilder {
         tasks.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(watch_every);
             let mut due: Vec<Instant> = s.cores.iter().map(|c| Instant::now() + c.deadline).collect();
-            let mut progress = vec![0; s.cores.len()];
             loop {
                 tick.tick().await;
-                s.watch(&mut due, &mut progress);
+                s.watch(&mut due);
             }
         }));
         *runtime.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
@@ -1249,38 +1242,6 @@ mod tests {
         match tokio::time::timeout(Duration::from_secs(2), rx).await {
             Ok(Ok(Err(RuntimeError::DeviceFailed { device: 0, .. }))) => {}
             other => panic!("expected DeviceFailed from the watchdog, got {other:?}"),
-        }
-        rt.shutdown().await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_queue_whose_executor_took_a_job_since_the_last_look_is_not_taken_apart() {
-        let rt = runtime().await;
-        without_executor(&rt).await;
-        // This test is the watchdog.
-        let watchdog = rt.tasks.lock().unwrap().remove(1);
-        watchdog.abort();
-        let _ = watchdog.await;
-        let core = &rt.shared.cores[0];
-        let (mut job, mut rx) = mem_info_job(core);
-        job.deadline = Instant::now() - Duration::from_millis(1);
-        core.enqueue(job);
-        let mut due = vec![Instant::now() - Duration::from_secs(1)];
-        let mut progress = vec![core.current.lock().unwrap().progress];
-        // An executor went back to taking jobs since the last look (inside an op now): the
-        // queue moves, and is left to it.
-        core.current.lock().unwrap().progress += 1;
-        rt.shared.watch(&mut due, &mut progress);
-        assert!(rx.try_recv().is_err(), "a queue that moves was taken apart");
-        assert!(!core.jobs.1.is_empty(), "the job stays where it was queued");
-        // No job taken since: nobody serves the queue, the job past its deadline is answered.
-        rt.shared.watch(&mut due, &mut progress);
-        match rx.try_recv() {
-            Ok(Err(RuntimeError::DeadlineExceeded {
-                may_have_executed: false,
-                ..
-            })) => {}
-            other => panic!("expected DeadlineExceeded, got {other:?}"),
         }
         rt.shutdown().await;
     }
