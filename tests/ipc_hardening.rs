@@ -233,6 +233,12 @@ impl Proxy {
                 self.host.send_frame(&frame, &[]).unwrap();
                 return;
             }
+            ("empty", _) => {
+                // An empty datagram reads as the end of the connection, and the proxy lives
+                // on: the host must not wait for it for ever.
+                self.host.send_frame(&[], &[]).unwrap();
+                return;
+            }
             ("descriptor", r) => {
                 let region = Region::new(10).unwrap();
                 let reply = FromWorker::Response {
@@ -328,6 +334,11 @@ async fn a_reply_of_another_kind_is_malformed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_undecodable_answer_restarts_the_worker() {
     a_broken_answer_restarts_the_worker("garbage", |_| Op::Synchronize).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_closes_its_end_and_lives_on_is_replaced() {
+    a_broken_answer_restarts_the_worker("empty", |_| Op::Synchronize).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -438,7 +438,23 @@ impl WorkerEngine {
             Ordering::AcqRel,
             Ordering::Acquire,
         );
-        match self.child.wait() {
+        // A worker that closed its connection (or sent an empty frame, which reads the same)
+        // but lives on would block this wait for ever, and nothing else can kill it now: it
+        // gets a second to end by itself (so a death keeps its own status, SIGABRT included),
+        // then is killed.
+        let grace = Instant::now() + Duration::from_secs(1);
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => break Ok(status),
+                Ok(None) if Instant::now() < grace => std::thread::sleep(Duration::from_millis(2)),
+                Ok(None) => {
+                    let _ = self.child.kill();
+                    break self.child.wait();
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        match status {
             Ok(status) => (ipc::describe_exit(status), ipc::aborted(status)),
             Err(e) => (format!("worker lost ({e})"), false),
         }
