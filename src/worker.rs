@@ -514,8 +514,13 @@ fn execute(
             (Ok(Reply::Data(Payload::default())), Some(d.len() as u64))
         }
         (Ok(Reply::Data(d)), Some(out)) => {
-            let why = format!("{} bytes for an output region of {}", d.len(), out.len());
-            return Err(IpcError::Malformed(why));
+            // The op has run: an answer to it (an invalid request), not `Malformed`, which
+            // says that nothing ran.
+            let reason = InvalidReason::BadArguments {
+                kernel: String::new(),
+                reason: format!("{} bytes for an output region of {}", d.len(), out.len()),
+            };
+            (Err(GpuError::invalid(op.kind(), ctx.device(), reason)), None)
         }
         (r, _) => (r, None),
     };
@@ -573,8 +578,12 @@ mod tests {
             0
         }
 
-        fn execute(&mut self, _op: &Op, _origin: Origin) -> Result<Reply, GpuError> {
-            Ok(Reply::Done)
+        fn execute(&mut self, op: &Op, _origin: Origin) -> Result<Reply, GpuError> {
+            match op {
+                // A broken backend: fewer bytes than asked.
+                Op::CopyFromDevice { len, .. } => Ok(Reply::Data(vec![0; *len as usize / 2].into())),
+                _ => Ok(Reply::Done),
+            }
         }
 
         fn restore_module(&mut self, _: crate::op::ModuleHandle, _: &ModuleSource) -> Result<(), GpuError> {
@@ -722,5 +731,44 @@ mod tests {
         thread.join().unwrap();
         let log = log.lock().unwrap();
         assert!(log.iter().all(|l| !l.contains("UNMAPPED")), "{log:?}");
+    }
+    #[test]
+    fn an_op_that_ran_is_answered_not_malformed_when_its_output_does_not_fit() {
+        let (mut host, _log, thread) = recorded_worker();
+        let out = ipc::OutputRegion::new(64 << 10).unwrap();
+        let request = Request {
+            id: 1,
+            op: Op::CopyFromDevice {
+                src: BufferHandle {
+                    device: 0,
+                    epoch: 0,
+                    id: 1,
+                    len: 64 << 10,
+                },
+                offset: 0,
+                len: 64 << 10,
+            },
+            origin: Origin::Application,
+            fault: None,
+            input: None,
+            output: Some(RegionRef {
+                id: out.id(),
+                len: out.len() as u64,
+                cached: false,
+            }),
+            linger_us: 0,
+        };
+        host.send(&ToWorker::Request(request), &[out.raw_fd()]).unwrap();
+        // `Malformed` says nothing ran; this op ran, so it is answered (an invalid request).
+        match host.recv::<FromWorker>().unwrap().0 {
+            FromWorker::Response {
+                id: 1,
+                result: Err(e),
+                output_len: None,
+            } => assert_eq!(e.class(), crate::error::ErrorClass::InvalidRequest, "{e}"),
+            other => panic!("{other:?}"),
+        }
+        drop(host);
+        thread.join().unwrap();
     }
 }

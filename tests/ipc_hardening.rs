@@ -86,6 +86,7 @@ fn proxy_worker() {
         worker: to_worker,
         kept: Vec::new(),
         corrupted_region: false,
+        first_module: None,
     }
     .run();
     let _ = child.kill();
@@ -101,6 +102,8 @@ struct Proxy {
     /// Output regions the proxy keeps mapped (mode `keep_mapping`).
     kept: Vec<Region>,
     corrupted_region: bool,
+    /// The id of the first module loaded through the proxy (mode `dup_module`).
+    first_module: Option<u64>,
 }
 
 impl Proxy {
@@ -150,11 +153,27 @@ impl Proxy {
                 }
                 ToWorker::Batch(reqs) if reqs.iter().all(|r| r.origin == Origin::Application) => {
                     self.worker.send(&ToWorker::Batch(reqs), &raw(&fds)).unwrap();
+                    // Mode `malformed_mid_batch`: after the first frame of answers, the rest
+                    // of the batch is refused (`Malformed`), and the worker's frames dropped.
+                    let mut frames = 0;
+                    let mut refused = false;
                     loop {
                         let Ok((answer, _)) = self.worker.recv::<FromWorker>() else {
                             return;
                         };
                         let last = !matches!(answer, FromWorker::Batch { done: false, .. });
+                        frames += 1;
+                        if self.mode == "malformed_mid_batch" && (refused || frames == 2) {
+                            if !refused {
+                                let why = "refused mid-batch".to_string();
+                                self.host.send(&FromWorker::Malformed(why), &[]).unwrap();
+                                refused = true;
+                            }
+                            if last {
+                                break;
+                            }
+                            continue;
+                        }
                         let answer = match answer {
                             FromWorker::Batch { mut results, done } if self.mode == "batch_extra" => {
                                 let (id, r) = results.last().cloned().unwrap();
@@ -217,6 +236,24 @@ impl Proxy {
             }
             ("output_len", r) if output_len.is_some() => (id, r, output_len.map(|n| n + 4096)),
             ("wrong_id", r) => (id + 1000, r, output_len),
+            ("malformed_always", _) => {
+                // Every request of the kind is refused, however well formed.
+                let why = "refused by a broken worker".to_string();
+                self.host.send(&FromWorker::Malformed(why), &[]).unwrap();
+                return;
+            }
+            ("dup_module", Ok(Reply::Module(m))) => match self.first_module {
+                None => {
+                    self.first_module = Some(m.id);
+                    (id, Ok(Reply::Module(m)), output_len)
+                }
+                // A new module under the id of the first one.
+                Some(first) => (
+                    id,
+                    Ok(Reply::Module(hipvisor::core::op::ModuleHandle { id: first, ..m })),
+                    output_len,
+                ),
+            },
             ("wrong_reply", Ok(_)) => {
                 let info = hipvisor::MemInfo { free: 1, total: 2 };
                 let reply = if matches!(op, Op::MemInfo) {
@@ -456,4 +493,126 @@ async fn a_host_buffer_the_worker_could_not_map_is_sent_again() {
     let back = gpu.copy_from_device(b, 0, 1 << 20).await.unwrap();
     assert!(back.as_bytes().iter().all(|x| *x == 6));
     assert_eq!(rt.shutdown().await.restarts, 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// A worker's refusals and ids are not believed blindly.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_refuses_every_valid_request_is_replaced() {
+    let program = proxy_program("malformed_always", Some(OpKind::Memset));
+    let rt = start_with(&program, process_config(1)).await;
+    let gpu = rt.device(0).unwrap();
+    let pid = rt.worker_pid(0).unwrap();
+    let b = gpu.alloc(1 << 16).await.unwrap();
+    // A few refusals are invalid requests; then the worker is taken for broken: the op that
+    // tripped it is answered as by its death.
+    let mut restarted = false;
+    for i in 0..10 {
+        match answered(T, gpu.memset(b, 0, 64, 1)).await {
+            Err(RuntimeError::Gpu(e)) if e.class() == ErrorClass::InvalidRequest => {}
+            Err(RuntimeError::DeviceRestarted { device: 0, .. }) => {
+                assert!(i >= 1, "one refusal alone is an invalid request");
+                restarted = true;
+                break;
+            }
+            other => panic!("memset {i}: {other:?}"),
+        }
+    }
+    assert!(
+        restarted,
+        "10 refusals of valid requests in a row, and the worker was kept"
+    );
+    eventually(T, "a new worker", || async {
+        rt.states()[0] == DeviceState::Ready && rt.worker_pid(0).is_some_and(|p| p != pid)
+    })
+    .await;
+    // The new worker (refusing memsets too) serves the other ops.
+    let b = answered(T, gpu.alloc(1 << 16)).await.expect("alloc on the new worker");
+    answered(T, gpu.copy_from_device(b, 0, 64))
+        .await
+        .expect("a copy on the new worker");
+    answered(T, gpu.mem_info()).await.expect("the device serves again");
+    assert_eq!(rt.shutdown().await.restarts, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_refused_after_answers_is_malformed() {
+    let program = proxy_program("malformed_mid_batch", None);
+    let rt = start_with(&program, process_config(1)).await;
+    let gpu = rt.device(0).unwrap();
+    let pid = rt.worker_pid(0).unwrap();
+    // Synchronizations may wait: the worker sends the answers so far before each, so a
+    // batch of them is answered in several frames, and the proxy refuses it after the first.
+    // The first op of a submitted batch may go alone (see the `batch_extra` test): bounded.
+    let mut broken = false;
+    for _ in 0..50 {
+        let answers = answered(T, gpu.submit_batch((0..8).map(|_| Op::Synchronize))).await;
+        assert!(
+            answers
+                .iter()
+                .all(|r| r.is_ok() || matches!(r, Err(RuntimeError::DeviceRestarted { .. }))),
+            "the ops after a refusal that came after answers are answered as by the worker's death: {answers:?}"
+        );
+        if answers.iter().any(|r| r.is_err()) {
+            broken = true;
+            break;
+        }
+    }
+    assert!(broken, "no batch was refused in 50 batches of 8");
+    eventually(T, "a new worker", || async {
+        rt.states()[0] == DeviceState::Ready && rt.worker_pid(0).is_some_and(|p| p != pid)
+    })
+    .await;
+    assert!(rt.shutdown().await.restarts >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_id_already_in_use_is_malformed_and_the_first_module_is_kept() {
+    use hipvisor::core::kernels::{BuiltinKernel, sim_module_image};
+    use hipvisor::core::op::{KernelArg, ModuleSource};
+    let program = proxy_program("dup_module", Some(OpKind::LoadModule));
+    let rt = start_with(&program, process_config(1)).await;
+    let gpu = rt.device(0).unwrap();
+    let pid = rt.worker_pid(0).unwrap();
+    let image = |k: &[BuiltinKernel]| ModuleSource::Image(sim_module_image(k).into());
+    let a = answered(T, gpu.load_module(image(&[BuiltinKernel::Fill])))
+        .await
+        .unwrap();
+    // The proxy answers B's load with A's id.
+    match answered(T, gpu.load_module(image(&[BuiltinKernel::Scale]))).await {
+        Err(RuntimeError::DeviceRestarted { device: 0, .. }) => {}
+        other => panic!("a module id already in use is answered as by the worker's death, got {other:?}"),
+    }
+    eventually(T, "a new worker", || async {
+        rt.states()[0] == DeviceState::Ready && rt.worker_pid(0).is_some_and(|p| p != pid)
+    })
+    .await;
+    // A's source was restored under A's id: its kernel runs, B's is not in it.
+    let b = answered(T, gpu.alloc(64)).await.unwrap();
+    let fill = |m| {
+        gpu.launch(
+            m,
+            "fill",
+            1,
+            16,
+            vec![KernelArg::Buffer(b), KernelArg::U32(7), KernelArg::U32(16)],
+        )
+    };
+    answered(T, fill(a)).await.expect("module A's kernel after the restart");
+    let data = answered(T, gpu.copy_from_device(b, 0, 64)).await.unwrap();
+    assert!(
+        data.as_bytes().chunks(4).all(|w| w == 7u32.to_ne_bytes()),
+        "{:?}",
+        data.as_bytes()
+    );
+    let scale = gpu.launch(
+        a,
+        "scale",
+        1,
+        16,
+        vec![KernelArg::Buffer(b), KernelArg::F32(2.0), KernelArg::U32(16)],
+    );
+    assert!(answered(T, scale).await.is_err(), "module A has no `scale`");
+    assert_eq!(rt.shutdown().await.restarts, 1);
 }

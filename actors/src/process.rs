@@ -154,7 +154,16 @@ pub(crate) struct WorkerEngine {
     regions: ipc::RegionLru,
     /// Modules loaded into this worker's context (restored or loaded by ops).
     restored: std::collections::BTreeSet<u64>,
+    /// `Malformed` answers in a row to requests the host validated before sending them
+    /// ([`MALFORMED_IN_A_ROW`] of them restart the worker).
+    malformed: u32,
 }
+
+/// How many `Malformed` answers in a row to requests the host checked before sending them
+/// (limits and sizes; a batch's count and regions) make a broken worker: it is restarted,
+/// and the request that tripped the limit is answered as by its death. One such answer is
+/// an invalid request (a cached region the worker could not map is one, and is sent again).
+pub(crate) const MALFORMED_IN_A_ROW: u32 = 3;
 
 fn ipc_error(device: u32, e: impl std::fmt::Display) -> GpuError {
     GpuError::WorkerUnavailable {
@@ -212,6 +221,7 @@ impl WorkerEngine {
             epoch,
             regions: ipc::RegionLru::default(),
             restored: modules.keys().copied().collect(),
+            malformed: 0,
         };
         let mut phase = "handshake";
         match w.prepare(modules, deadline, &mut phase) {
@@ -500,6 +510,17 @@ fn region_of(p: &Payload) -> Result<Arc<Region>, IpcError> {
 }
 
 impl WorkerEngine {
+    /// Whether a module with `id` is loaded on the device already (by this worker or an
+    /// earlier one: the device's modules outlive its workers).
+    fn module_known(&self, id: u64) -> bool {
+        self.restored.contains(&id)
+            || self.shared.cores[self.device as usize]
+                .modules
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(&id)
+    }
+
     /// The fault the simulator's plan decides for `op`, if any.
     fn fault(&self, op: &Op, origin: Origin) -> Option<ipc::WireFault> {
         self.shared
@@ -608,6 +629,7 @@ impl Batches for WorkerEngine {
                         let why = format!("a malformed batch answer from the worker: {e}");
                         return died(self, each, answered, why);
                     }
+                    self.malformed = 0;
                     for (_, r) in results {
                         let r = r.map_err(received);
                         answered += 1;
@@ -618,7 +640,22 @@ impl Batches for WorkerEngine {
                         return; // the ops not answered did not start
                     }
                 }
+                Ok((FromWorker::Malformed(why), _)) if answered > 0 => {
+                    // A worker refuses a batch before it runs any of it: after answers, the
+                    // rest may have run. A malformed answer.
+                    let _ = self.child.kill();
+                    let why = format!("a Malformed answer after {answered} answers to a batch: {why}");
+                    return died(self, each, answered, why);
+                }
                 Ok((FromWorker::Malformed(why), _)) => {
+                    // The host sent a batch within the limits, without regions: refused too
+                    // often in a row, the worker is broken.
+                    self.malformed += 1;
+                    if self.malformed >= MALFORMED_IN_A_ROW {
+                        let _ = self.child.kill();
+                        let why = format!("{} Malformed answers in a row to valid requests: {why}", self.malformed);
+                        return died(self, each, 0, why);
+                    }
                     let ToWorker::Batch(requests) = &batch else {
                         unreachable!("the batch sent")
                     };
@@ -773,9 +810,23 @@ impl Engine for WorkerEngine {
                 } else {
                     Err(IpcError::Malformed(format!("{} descriptors with an answer", fds.len())))
                 };
+                // A module id is the host's key for the module's source (reloaded under it
+                // after a restart): a worker's id already in use is malformed, never believed
+                // over another module's.
+                let checked = checked.and_then(|()| match &result {
+                    Ok(Reply::Module(m)) if self.module_known(m.id) => Err(IpcError::Malformed(format!(
+                        "a new module with the id {} of a loaded one",
+                        m.id
+                    ))),
+                    _ => Ok(()),
+                });
                 if let Err(e) = checked {
                     let _ = self.child.kill();
                     return died(self, format!("a malformed answer from the worker: {e}"));
+                }
+                self.malformed = 0;
+                if let Ok(Reply::Module(m)) = &result {
+                    self.restored.insert(m.id);
                 }
                 let result = match (result, output, output_len) {
                     (Ok(Reply::Data(_)), Some(region), Some(n)) => {
@@ -795,6 +846,14 @@ impl Engine for WorkerEngine {
                 // descriptor goes again with its next use).
                 if let Some(r) = &cached {
                     self.regions.forget(r.id());
+                }
+                // The host checked the request before sending it: refused too often in a row,
+                // the worker is broken, and is restarted.
+                self.malformed += 1;
+                if self.malformed >= MALFORMED_IN_A_ROW {
+                    let _ = self.child.kill();
+                    let n = self.malformed;
+                    return died(self, format!("{n} Malformed answers in a row to valid requests: {why}"));
                 }
                 let reason = InvalidReason::BadArguments {
                     kernel: String::new(),
