@@ -920,6 +920,27 @@ impl Region {
         })
     }
 
+    /// Maps a region received from the peer as [`Region::map`] does, but read-only (and
+    /// without its descriptor, closed once mapped): for what this side only reads (a
+    /// worker's inputs, module images), so a bug here cannot write into the peer's memory.
+    /// [`Region::as_mut_slice`] panics on it.
+    ///
+    /// # Errors
+    /// As [`Region::map`].
+    pub fn map_read_only(fd: OwnedFd, len: usize) -> Result<Region, IpcError> {
+        check_received(&fd, len)?;
+        let length = NonZeroUsize::new(len.max(1)).expect("at least one byte");
+        // SAFETY: as in `map`, read-only; the mapping keeps the memory once `fd` is closed.
+        let ptr = unsafe { mmap(None, length, ProtFlags::PROT_READ, MapFlags::MAP_SHARED, fd.as_fd(), 0) }
+            .map_err(os("mmap"))?;
+        Ok(Region {
+            id: NEXT_REGION.fetch_add(1, Ordering::Relaxed),
+            fd: None,
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
     /// Maps `len` bytes of a memfd sealed against writes, shrinking and growing, read-only;
     /// the descriptor is closed (the mapping keeps the memory).
     fn sealed(fd: &OwnedFd, len: usize) -> Result<Region, IpcError> {
@@ -1539,6 +1560,30 @@ mod tests {
             ToWorker::Shutdown,
             "the first frame the peer sees"
         );
+    }
+
+    #[test]
+    fn a_region_mapped_read_only_is_not_writable_here() {
+        let mut r = Region::new(4096).unwrap();
+        r.as_mut_slice().fill(3);
+        let ro = Region::map_read_only(nix::unistd::dup(r.fd.as_ref().unwrap()).unwrap(), 4096).unwrap();
+        assert!(ro.as_slice().iter().all(|b| *b == 3));
+        assert!(!ro.has_descriptor());
+        let addr = ro.as_slice().as_ptr() as usize;
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let perms = maps
+            .lines()
+            .find_map(|line| {
+                let mut it = line.split_whitespace();
+                let (start, end) = it.next()?.split_once('-')?;
+                let (start, end) = (
+                    usize::from_str_radix(start, 16).ok()?,
+                    usize::from_str_radix(end, 16).ok()?,
+                );
+                (start <= addr && addr < end).then(|| it.next().unwrap().to_string())
+            })
+            .expect("mapped");
+        assert!(perms.starts_with("r-"), "{perms}");
     }
 
     #[test]

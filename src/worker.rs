@@ -279,7 +279,8 @@ fn with_region(
 ) -> Result<ModuleSource, IpcError> {
     match (input, fds.into_iter().next()) {
         (None, _) => Ok(source),
-        (Some(r), Some(fd)) => Ok(ModuleSource::Image(Payload::shared(Arc::new(Region::map(
+        // Read only: the worker has no business writing the application's image.
+        (Some(r), Some(fd)) => Ok(ModuleSource::Image(Payload::shared(Arc::new(Region::map_read_only(
             fd,
             r.len as usize,
         )?)))),
@@ -314,7 +315,10 @@ impl RegionCache {
             let fd = fds
                 .next()
                 .ok_or_else(|| IpcError::Malformed(format!("region {} announced, no descriptor", r.id)))?;
-            return Ok(Arc::new(Region::map(fd, r.len as usize)?));
+            // A one-shot input, only read: mapped read-only. (Cached host buffers stay
+            // writable: they are registered as pinned memory, which GPU runtimes refuse for
+            // read-only pages unless asked with a read-only flag.)
+            return Ok(Arc::new(Region::map_read_only(fd, r.len as usize)?));
         }
         let (_, evicted) = self.lru.touch(r.id);
         if let Some(old) = evicted.and_then(|id| self.regions.remove(&id)) {
@@ -556,6 +560,39 @@ mod tests {
         })
     }
 
+    /// Whether the page at `addr` is mapped writable in this process.
+    fn writable(addr: usize) -> bool {
+        std::fs::read_to_string("/proc/self/maps").unwrap().lines().any(|line| {
+            let mut it = line.split_whitespace();
+            let (start, end) = it.next().unwrap().split_once('-').unwrap();
+            let (start, end) = (
+                usize::from_str_radix(start, 16).unwrap(),
+                usize::from_str_radix(end, 16).unwrap(),
+            );
+            start <= addr && addr < end && it.next().unwrap().contains('w')
+        })
+    }
+
+    #[test]
+    fn a_one_shot_input_region_is_mapped_read_only_in_the_worker() {
+        let (mut host, log, thread) = recorded_worker();
+        let mut region = Region::new(64 << 10).unwrap();
+        region.as_mut_slice().fill(1);
+        let r = RegionRef {
+            id: region.id(),
+            len: region.len() as u64,
+            cached: false,
+        };
+        host.send(&upload(1, &r), &[region.raw_fd()]).unwrap();
+        assert!(matches!(
+            host.recv::<FromWorker>().unwrap().0,
+            FromWorker::Response { result: Ok(_), .. }
+        ));
+        drop(host);
+        thread.join().unwrap();
+        assert_eq!(*log.lock().unwrap(), ["input read-only"]);
+    }
+
     /// A context that records what happens to the host memory registered with it, as a GPU
     /// backend would see it: memory must stay mapped until it is unregistered.
     struct Recorder {
@@ -580,6 +617,13 @@ mod tests {
 
         fn execute(&mut self, op: &Op, _origin: Origin) -> Result<Reply, GpuError> {
             match op {
+                Op::CopyToDevice { data, .. } if !data.is_empty() => {
+                    let ptr = data.as_bytes().as_ptr() as usize;
+                    if !writable(ptr) {
+                        self.note("input read-only".into());
+                    }
+                    Ok(Reply::Done)
+                }
                 // A broken backend: fewer bytes than asked.
                 Op::CopyFromDevice { len, .. } => Ok(Reply::Data(vec![0; *len as usize / 2].into())),
                 _ => Ok(Reply::Done),
