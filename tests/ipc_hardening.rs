@@ -87,6 +87,7 @@ fn proxy_worker() {
         kept: Vec::new(),
         corrupted_region: false,
         first_module: None,
+        first_buffer: None,
     }
     .run();
     let _ = child.kill();
@@ -104,6 +105,8 @@ struct Proxy {
     corrupted_region: bool,
     /// The id of the first module loaded through the proxy (mode `dup_module`).
     first_module: Option<u64>,
+    /// The id of the first buffer allocated through the proxy (mode `dup_buffer`).
+    first_buffer: Option<u64>,
 }
 
 impl Proxy {
@@ -251,6 +254,18 @@ impl Proxy {
                 Some(first) => (
                     id,
                     Ok(Reply::Module(hipvisor::core::op::ModuleHandle { id: first, ..m })),
+                    output_len,
+                ),
+            },
+            ("dup_buffer", Ok(Reply::Buffer(b))) => match self.first_buffer {
+                None => {
+                    self.first_buffer = Some(b.id);
+                    (id, Ok(Reply::Buffer(b)), output_len)
+                }
+                // A new buffer under the id of the first one, which is still live.
+                Some(first) => (
+                    id,
+                    Ok(Reply::Buffer(hipvisor::BufferHandle { id: first, ..b })),
                     output_len,
                 ),
             },
@@ -565,6 +580,25 @@ async fn a_batch_refused_after_answers_is_malformed() {
     })
     .await;
     assert!(rt.shutdown().await.restarts >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buffer_id_already_live_is_malformed() {
+    let program = proxy_program("dup_buffer", Some(OpKind::Alloc));
+    let rt = start_with(&program, process_config(1)).await;
+    let gpu = rt.device(0).unwrap();
+    let pid = rt.worker_pid(0).unwrap();
+    answered(T, gpu.alloc(64)).await.unwrap();
+    // The proxy answers the second alloc with the first buffer's id.
+    match answered(T, gpu.alloc(128)).await {
+        Err(RuntimeError::DeviceRestarted { device: 0, .. }) => {}
+        other => panic!("a buffer id already live is answered as by the worker's death, got {other:?}"),
+    }
+    eventually(T, "a new worker", || async {
+        rt.states()[0] == DeviceState::Ready && rt.worker_pid(0).is_some_and(|p| p != pid)
+    })
+    .await;
+    assert_eq!(rt.shutdown().await.restarts, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -154,6 +154,9 @@ pub(crate) struct WorkerEngine {
     regions: ipc::RegionLru,
     /// Modules loaded into this worker's context (restored or loaded by ops).
     restored: std::collections::BTreeSet<u64>,
+    /// Buffers this worker's context handed out and has not freed: a new one under a live
+    /// id is a malformed answer.
+    live_buffers: std::collections::HashSet<u64>,
     /// `Malformed` answers in a row to requests the host validated before sending them
     /// ([`MALFORMED_IN_A_ROW`] of them restart the worker).
     malformed: u32,
@@ -221,6 +224,7 @@ impl WorkerEngine {
             epoch,
             regions: ipc::RegionLru::default(),
             restored: modules.keys().copied().collect(),
+            live_buffers: std::collections::HashSet::new(),
             malformed: 0,
         };
         let mut phase = "handshake";
@@ -521,6 +525,32 @@ impl WorkerEngine {
                 .contains_key(&id)
     }
 
+    /// Checks the ids in a worker's successful answer against what the host knows, and
+    /// records them: a module id is the host's key for the module's source (reloaded under it
+    /// after a restart), a buffer id names one live allocation; a new one under an id in use
+    /// is malformed, never believed over the other's.
+    fn check_ids(&mut self, op: &Op, result: &Result<Reply, GpuError>) -> Result<(), IpcError> {
+        match (op, result) {
+            (_, Ok(Reply::Module(m))) if self.module_known(m.id) => Err(IpcError::Malformed(format!(
+                "a new module with the id {} of a loaded one",
+                m.id
+            ))),
+            (_, Ok(Reply::Module(m))) => {
+                self.restored.insert(m.id);
+                Ok(())
+            }
+            (_, Ok(Reply::Buffer(b))) if !self.live_buffers.insert(b.id) => Err(IpcError::Malformed(format!(
+                "a new buffer with the id {} of a live one",
+                b.id
+            ))),
+            (Op::Free { buffer }, Ok(_)) => {
+                self.live_buffers.remove(&buffer.id);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The fault the simulator's plan decides for `op`, if any.
     fn fault(&self, op: &Op, origin: Origin) -> Option<ipc::WireFault> {
         self.shared
@@ -624,6 +654,12 @@ impl Batches for WorkerEngine {
                     } else {
                         Err(IpcError::Malformed(format!("{} descriptors with an answer", fds.len())))
                     };
+                    let checked = checked.and_then(|()| {
+                        requests[answered..]
+                            .iter()
+                            .zip(&results)
+                            .try_for_each(|(request, (_, r))| self.check_ids(&request.op, r))
+                    });
                     if let Err(e) = checked {
                         let _ = self.child.kill();
                         let why = format!("a malformed batch answer from the worker: {e}");
@@ -810,24 +846,12 @@ impl Engine for WorkerEngine {
                 } else {
                     Err(IpcError::Malformed(format!("{} descriptors with an answer", fds.len())))
                 };
-                // A module id is the host's key for the module's source (reloaded under it
-                // after a restart): a worker's id already in use is malformed, never believed
-                // over another module's.
-                let checked = checked.and_then(|()| match &result {
-                    Ok(Reply::Module(m)) if self.module_known(m.id) => Err(IpcError::Malformed(format!(
-                        "a new module with the id {} of a loaded one",
-                        m.id
-                    ))),
-                    _ => Ok(()),
-                });
+                let checked = checked.and_then(|()| self.check_ids(op, &result));
                 if let Err(e) = checked {
                     let _ = self.child.kill();
                     return died(self, format!("a malformed answer from the worker: {e}"));
                 }
                 self.malformed = 0;
-                if let Ok(Reply::Module(m)) = &result {
-                    self.restored.insert(m.id);
-                }
                 let result = match (result, output, output_len) {
                     (Ok(Reply::Data(_)), Some(region), Some(n)) => {
                         region.into_payload(n).map(Reply::Data).map_err(|e| {
