@@ -22,7 +22,9 @@
 //! [`within_ulps`].
 
 use crate::error::InvalidReason;
-use crate::op::{ArgType, BufferHandle, Dim3, KernelArg};
+use crate::op::{ArgType, BufferHandle, KernelArg};
+// Launch dimensions are the op protocol's (src/op.rs); re-exported where they were.
+pub use crate::op::{MAX_THREADS_PER_BLOCK, check_launch_dims, total_threads};
 
 /// The first line of a simulator module image; the following lines name built-in kernels,
 /// one per line.
@@ -31,9 +33,6 @@ pub const SIM_MODULE_MAGIC: &str = "hipvisor-sim-module v1";
 /// How far apart (in units in the last place) a `saxpy` result may be from
 /// [`reference::saxpy`].
 pub const SAXPY_TOLERANCE_ULPS: u32 = 1;
-
-/// The most threads in one block.
-pub const MAX_THREADS_PER_BLOCK: u64 = 1024;
 
 /// A built-in kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -178,42 +177,6 @@ impl BuiltinKernel {
     }
 }
 
-/// Checks grid and block dimensions (limits common to current AMD and NVIDIA GPUs). Every
-/// product is computed with checked arithmetic, in debug and release alike: dimensions
-/// whose product does not fit in `u64` are refused, never wrapped. That includes a launch
-/// within the per-dimension limits whose total thread count ([`total_threads`]) reaches
-/// 2^64 (the limits allow 2^73): at 10^12 threads a second it would run for half a year.
-///
-/// # Errors
-/// [`InvalidReason::BadLaunchConfig`] saying which dimension is wrong.
-pub fn check_launch_dims(grid: Dim3, block: Dim3) -> Result<(), InvalidReason> {
-    let bad = |reason: String| Err(InvalidReason::BadLaunchConfig { reason });
-    if grid.x == 0 || grid.y == 0 || grid.z == 0 || block.x == 0 || block.y == 0 || block.z == 0 {
-        return bad(format!("zero dimension in grid {grid:?} or block {block:?}"));
-    }
-    match block.checked_volume() {
-        Some(threads) if threads <= MAX_THREADS_PER_BLOCK => {}
-        Some(threads) => return bad(format!("block of {threads} threads exceeds {MAX_THREADS_PER_BLOCK}")),
-        None => return bad(format!("block {block:?} exceeds {MAX_THREADS_PER_BLOCK} threads")),
-    }
-    if block.z > 64 {
-        return bad(format!("block z = {} exceeds 64", block.z));
-    }
-    if grid.x > i32::MAX as u32 || grid.y > 65535 || grid.z > 65535 {
-        return bad(format!("grid {grid:?} exceeds (2^31-1, 65535, 65535)"));
-    }
-    if total_threads(grid, block).is_none() {
-        return bad(format!("grid {grid:?} × block {block:?} is 2^64 threads or more"));
-    }
-    Ok(())
-}
-
-/// The threads of a launch, `grid` × `block`, or `None` when the product does not fit in
-/// `u64` (such a launch fails [`check_launch_dims`]).
-pub fn total_threads(grid: Dim3, block: Dim3) -> Option<u64> {
-    grid.checked_volume()?.checked_mul(block.checked_volume()?)
-}
-
 /// The buffers a launch's arguments name, in order.
 pub fn buffer_args(args: &[KernelArg]) -> impl Iterator<Item = &BufferHandle> {
     args.iter().filter_map(|a| match a {
@@ -322,6 +285,7 @@ pub fn u32_bytes(values: &[u32]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::op::Dim3;
 
     fn b(id: u64, len: u64) -> KernelArg {
         KernelArg::Buffer(BufferHandle {

@@ -355,7 +355,7 @@ pub enum ModuleSource {
     /// `fault_illegal_address`), prepared for the device present.
     Builtin,
     /// A module image: a HIP code object, CUDA PTX or cubin, or a simulator module (see
-    /// [`crate::kernels::SIM_MODULE_MAGIC`]).
+    /// `hipvisor_core::kernels::SIM_MODULE_MAGIC`).
     Image(Payload),
 }
 
@@ -499,7 +499,7 @@ impl Op {
     /// The checks of sizes, offsets and launch dimensions that need no device: every byte
     /// range lies inside the length its handle states (with `offset + len` computed without
     /// overflow) and inside [`MAX_BUFFER_BYTES`], an allocation is not empty, and the launch
-    /// dimensions pass [`crate::kernels::check_launch_dims`]. Whoever must prepare host
+    /// dimensions pass [`check_launch_dims`]. Whoever must prepare host
     /// memory for an op before its device sees it (the host side of a worker process: the
     /// shared memory for a copy's result) calls this first, so an absurd size is an invalid
     /// request rather than a failed host allocation.
@@ -540,7 +540,7 @@ impl Op {
             Op::Memset {
                 buffer, offset, len, ..
             } => range(buffer, *offset, *len),
-            Op::Launch { grid, block, .. } => crate::kernels::check_launch_dims(*grid, *block),
+            Op::Launch { grid, block, .. } => check_launch_dims(*grid, *block),
             Op::Alloc { .. }
             | Op::Free { .. }
             | Op::LoadModule { .. }
@@ -655,6 +655,45 @@ pub enum Reply {
     MemInfo(MemInfo),
     /// The device's description (for [`Op::DeviceInfo`]).
     DeviceInfo(DeviceInfo),
+}
+
+/// The most threads in one block.
+pub const MAX_THREADS_PER_BLOCK: u64 = 1024;
+
+/// Checks grid and block dimensions (limits common to current AMD and NVIDIA GPUs). Every
+/// product is computed with checked arithmetic, in debug and release alike: dimensions
+/// whose product does not fit in `u64` are refused, never wrapped. That includes a launch
+/// within the per-dimension limits whose total thread count ([`total_threads`]) reaches
+/// 2^64 (the limits allow 2^73): at 10^12 threads a second it would run for half a year.
+///
+/// # Errors
+/// [`InvalidReason::BadLaunchConfig`] saying which dimension is wrong.
+pub fn check_launch_dims(grid: Dim3, block: Dim3) -> Result<(), InvalidReason> {
+    let bad = |reason: String| Err(InvalidReason::BadLaunchConfig { reason });
+    if grid.x == 0 || grid.y == 0 || grid.z == 0 || block.x == 0 || block.y == 0 || block.z == 0 {
+        return bad(format!("zero dimension in grid {grid:?} or block {block:?}"));
+    }
+    match block.checked_volume() {
+        Some(threads) if threads <= MAX_THREADS_PER_BLOCK => {}
+        Some(threads) => return bad(format!("block of {threads} threads exceeds {MAX_THREADS_PER_BLOCK}")),
+        None => return bad(format!("block {block:?} exceeds {MAX_THREADS_PER_BLOCK} threads")),
+    }
+    if block.z > 64 {
+        return bad(format!("block z = {} exceeds 64", block.z));
+    }
+    if grid.x > i32::MAX as u32 || grid.y > 65535 || grid.z > 65535 {
+        return bad(format!("grid {grid:?} exceeds (2^31-1, 65535, 65535)"));
+    }
+    if total_threads(grid, block).is_none() {
+        return bad(format!("grid {grid:?} × block {block:?} is 2^64 threads or more"));
+    }
+    Ok(())
+}
+
+/// The threads of a launch, `grid` × `block`, or `None` when the product does not fit in
+/// `u64` (such a launch fails [`check_launch_dims`]).
+pub fn total_threads(grid: Dim3, block: Dim3) -> Option<u64> {
+    grid.checked_volume()?.checked_mul(block.checked_volume()?)
 }
 
 #[cfg(test)]
