@@ -897,27 +897,14 @@ impl Region {
     /// [`IpcError::Malformed`] if the descriptor is not such a memfd; [`IpcError::Os`].
     pub fn map(fd: OwnedFd, len: usize) -> Result<Region, IpcError> {
         check_received(&fd, len)?;
-        let length = NonZeroUsize::new(len.max(1)).expect("at least one byte");
-        // SAFETY: maps `length` bytes of a memfd we hold; the file is exactly that long and
-        // sealed against shrinking (checked above), so every mapped page stays backed; the
-        // mapping is unmapped once, in `drop`.
-        let ptr = unsafe {
-            mmap(
-                None,
-                length,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED,
-                fd.as_fd(),
-                0,
-            )
-        }
-        .map_err(os("mmap"))?;
-        Ok(Region {
-            id: NEXT_REGION.fetch_add(1, Ordering::Relaxed),
-            fd: Some(fd),
-            ptr: ptr.cast(),
+        let mut r = Region::mapped(
+            &fd,
             len,
-        })
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_SHARED,
+        )?;
+        r.fd = Some(fd);
+        Ok(r)
     }
 
     /// Maps a region received from the peer as [`Region::map`] does, but read-only (and
@@ -929,29 +916,27 @@ impl Region {
     /// As [`Region::map`].
     pub fn map_read_only(fd: OwnedFd, len: usize) -> Result<Region, IpcError> {
         check_received(&fd, len)?;
-        let length = NonZeroUsize::new(len.max(1)).expect("at least one byte");
-        // SAFETY: as in `map`, read-only; the mapping keeps the memory once `fd` is closed.
-        let ptr = unsafe { mmap(None, length, ProtFlags::PROT_READ, MapFlags::MAP_SHARED, fd.as_fd(), 0) }
-            .map_err(os("mmap"))?;
-        Ok(Region {
-            id: NEXT_REGION.fetch_add(1, Ordering::Relaxed),
-            fd: None,
-            ptr: ptr.cast(),
-            len,
-        })
+        Region::mapped(&fd, len, ProtFlags::PROT_READ, MapFlags::MAP_SHARED)
     }
 
     /// Maps `len` bytes of a memfd sealed against writes, shrinking and growing, read-only;
-    /// the descriptor is closed (the mapping keeps the memory).
+    /// the descriptor is closed (the mapping keeps the memory). Private: a shared mapping of
+    /// a write-sealed memfd, even read-only, is refused before Linux 6.7; a private one
+    /// shares the same page-cache pages (nothing writes them, so nothing is copied) on every
+    /// kernel.
     fn sealed(fd: &OwnedFd, len: usize) -> Result<Region, IpcError> {
+        Region::mapped(fd, len, ProtFlags::PROT_READ, MapFlags::MAP_PRIVATE)
+    }
+
+    /// The one mapping of a region: `len` bytes (at least one) of `fd`, a memfd exactly that
+    /// long (made here, or checked by [`check_received`]) and sealed against shrinking; no
+    /// descriptor kept (the callers that send the region on keep theirs).
+    fn mapped(fd: &OwnedFd, len: usize, prot: ProtFlags, flags: MapFlags) -> Result<Region, IpcError> {
         let length = NonZeroUsize::new(len.max(1)).expect("at least one byte");
-        // Private and read-only: a shared mapping of a write-sealed memfd, even read-only, is
-        // refused before Linux 6.7; a private one shares the same page-cache pages (nothing
-        // writes them, so nothing is copied) on every kernel.
-        // SAFETY: maps `length` bytes of a memfd we hold, read-only; it is exactly that long
-        // and sealed against shrinking, so every page stays backed; unmapped once, in `drop`.
-        let ptr = unsafe { mmap(None, length, ProtFlags::PROT_READ, MapFlags::MAP_PRIVATE, fd.as_fd(), 0) }
-            .map_err(os("mmap"))?;
+        // SAFETY: maps `length` bytes of a memfd we hold; the file is exactly that long and
+        // sealed against shrinking, so every mapped page stays backed (a mapping outlives its
+        // descriptor); the mapping is unmapped once, in `drop`.
+        let ptr = unsafe { mmap(None, length, prot, flags, fd.as_fd(), 0) }.map_err(os("mmap"))?;
         Ok(Region {
             id: NEXT_REGION.fetch_add(1, Ordering::Relaxed),
             fd: None,
