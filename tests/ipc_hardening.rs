@@ -332,10 +332,7 @@ async fn a_broken_answer_restarts_the_worker(mode: &str, op: impl Fn(hipvisor::B
         Err(RuntimeError::DeviceRestarted { device: 0, .. }) => {}
         other => panic!("{mode}: a malformed answer is answered DeviceRestarted, got {other:?}"),
     }
-    eventually(T, "a new worker", || async {
-        rt.states()[0] == DeviceState::Ready && rt.worker_pid(0).is_some_and(|p| p != pid)
-    })
-    .await;
+    a_new_worker(&rt, pid).await;
     answered(T, gpu.mem_info()).await.expect("the device serves again");
     let s = rt.shutdown().await;
     assert_eq!(s.restarts, 1, "{mode}");
@@ -400,34 +397,44 @@ async fn an_answer_with_a_descriptor_is_malformed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_answer_with_more_results_than_ops_is_malformed() {
-    let program = proxy_program("batch_extra", None);
+    a_broken_batch_restarts_the_worker("batch_extra", Op::MemInfo).await;
+}
+
+/// A batch of 8 `op`s through a proxy in `mode`, which breaks a `Batch` answer: its ops are
+/// answered OK or `DeviceRestarted` only (those after the break as by the worker's death),
+/// and the worker is replaced. The executor sends what is queued when it looks, so a
+/// submitted batch's first op may go alone, unbroken: batches are submitted until one is
+/// broken (50 at most).
+async fn a_broken_batch_restarts_the_worker(mode: &str, op: Op) {
+    let program = proxy_program(mode, None);
     let rt = start_with(&program, process_config(1)).await;
     let gpu = rt.device(0).unwrap();
     let pid = rt.worker_pid(0).unwrap();
-    // The executor sends what is queued when it looks: the first op of a submitted batch may
-    // go alone, and only a `Batch` frame is broken by the proxy. So submit batches until one
-    // travels as a batch (bounded): its answer is malformed, and its ops are answered as by a
-    // death of the worker.
     let mut broken = false;
     for _ in 0..50 {
-        let answers = answered(T, gpu.submit_batch((0..8).map(|_| Op::MemInfo))).await;
+        let answers = answered(T, gpu.submit_batch((0..8).map(|_| op.clone()))).await;
         assert!(
             answers
                 .iter()
                 .all(|r| r.is_ok() || matches!(r, Err(RuntimeError::DeviceRestarted { .. }))),
-            "{answers:?}"
+            "{mode}: {answers:?}"
         );
         if answers.iter().any(|r| r.is_err()) {
             broken = true;
             break;
         }
     }
-    assert!(broken, "no batch answer was broken in 50 batches of 8");
+    assert!(broken, "{mode}: no batch answer was broken in 50 batches of 8");
+    a_new_worker(&rt, pid).await;
+    assert!(rt.shutdown().await.restarts >= 1);
+}
+
+/// Waits (up to `T`) until device 0 is ready on a worker other than `pid`.
+async fn a_new_worker(rt: &Runtime, pid: u32) {
     eventually(T, "a new worker", || async {
         rt.states()[0] == DeviceState::Ready && rt.worker_pid(0).is_some_and(|p| p != pid)
     })
     .await;
-    assert!(rt.shutdown().await.restarts >= 1);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -538,10 +545,7 @@ async fn a_worker_that_refuses_every_valid_request_is_replaced() {
         restarted,
         "10 refusals of valid requests in a row, and the worker was kept"
     );
-    eventually(T, "a new worker", || async {
-        rt.states()[0] == DeviceState::Ready && rt.worker_pid(0).is_some_and(|p| p != pid)
-    })
-    .await;
+    a_new_worker(&rt, pid).await;
     // The new worker (refusing memsets too) serves the other ops.
     let b = answered(T, gpu.alloc(1 << 16)).await.expect("alloc on the new worker");
     answered(T, gpu.copy_from_device(b, 0, 64))
@@ -553,33 +557,9 @@ async fn a_worker_that_refuses_every_valid_request_is_replaced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_refused_after_answers_is_malformed() {
-    let program = proxy_program("malformed_mid_batch", None);
-    let rt = start_with(&program, process_config(1)).await;
-    let gpu = rt.device(0).unwrap();
-    let pid = rt.worker_pid(0).unwrap();
-    // Synchronizations may wait: the worker sends the answers so far before each, so a
-    // batch of them is answered in several frames, and the proxy refuses it after the first.
-    // The first op of a submitted batch may go alone (see the `batch_extra` test): bounded.
-    let mut broken = false;
-    for _ in 0..50 {
-        let answers = answered(T, gpu.submit_batch((0..8).map(|_| Op::Synchronize))).await;
-        assert!(
-            answers
-                .iter()
-                .all(|r| r.is_ok() || matches!(r, Err(RuntimeError::DeviceRestarted { .. }))),
-            "the ops after a refusal that came after answers are answered as by the worker's death: {answers:?}"
-        );
-        if answers.iter().any(|r| r.is_err()) {
-            broken = true;
-            break;
-        }
-    }
-    assert!(broken, "no batch was refused in 50 batches of 8");
-    eventually(T, "a new worker", || async {
-        rt.states()[0] == DeviceState::Ready && rt.worker_pid(0).is_some_and(|p| p != pid)
-    })
-    .await;
-    assert!(rt.shutdown().await.restarts >= 1);
+    // Synchronizations may wait: the worker sends the answers so far before each, so a batch
+    // of them is answered in several frames, and the proxy refuses it after the first.
+    a_broken_batch_restarts_the_worker("malformed_mid_batch", Op::Synchronize).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -594,10 +574,7 @@ async fn a_buffer_id_already_live_is_malformed() {
         Err(RuntimeError::DeviceRestarted { device: 0, .. }) => {}
         other => panic!("a buffer id already live is answered as by the worker's death, got {other:?}"),
     }
-    eventually(T, "a new worker", || async {
-        rt.states()[0] == DeviceState::Ready && rt.worker_pid(0).is_some_and(|p| p != pid)
-    })
-    .await;
+    a_new_worker(&rt, pid).await;
     assert_eq!(rt.shutdown().await.restarts, 1);
 }
 
@@ -618,10 +595,7 @@ async fn a_module_id_already_in_use_is_malformed_and_the_first_module_is_kept() 
         Err(RuntimeError::DeviceRestarted { device: 0, .. }) => {}
         other => panic!("a module id already in use is answered as by the worker's death, got {other:?}"),
     }
-    eventually(T, "a new worker", || async {
-        rt.states()[0] == DeviceState::Ready && rt.worker_pid(0).is_some_and(|p| p != pid)
-    })
-    .await;
+    a_new_worker(&rt, pid).await;
     // A's source was restored under A's id: its kernel runs, B's is not in it.
     let b = answered(T, gpu.alloc(64)).await.unwrap();
     let fill = |m| {
