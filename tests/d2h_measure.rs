@@ -9,10 +9,7 @@ mod common;
 
 use std::time::Instant;
 
-use hipvisor::Runtime;
 use hipvisor::core::config::Isolation;
-
-const WORKER: &str = env!("CARGO_BIN_EXE_hipvisor-worker");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement: run with --ignored --nocapture, in release"]
@@ -21,12 +18,7 @@ async fn d2h_through_process_isolation() {
     let mut c = common::config(1);
     c.runtime.isolation = Isolation::Process;
     c.sim.memory_bytes = 1 << 30;
-    let rt = Runtime::builder()
-        .config(c)
-        .worker(WORKER)
-        .start()
-        .await
-        .expect("runtime starts");
+    let rt = common::start_with_worker(c).await;
     let gpu = rt.device(0).unwrap();
     for len in sizes {
         let b = gpu.alloc(len as u64).await.unwrap();

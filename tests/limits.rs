@@ -7,13 +7,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{answered, config};
+use common::{answered, config, start_with_worker};
 use hipvisor::core::BreakerState;
 use hipvisor::core::config::Isolation;
 use hipvisor::core::kernels::{self, BuiltinKernel};
 use hipvisor::{Dim3, ErrorClass, KernelArg, ModuleSource, Op, Runtime, RuntimeConfig, RuntimeError};
-
-const WORKER: &str = env!("CARGO_BIN_EXE_hipvisor-worker");
 
 /// How long an invalid request may take to be answered: no backoff, no retry, no restart
 /// fits many times in it (retries here back off 50 ms and more).
@@ -30,12 +28,7 @@ async fn start(isolation: Isolation) -> Runtime {
     c.breaker.enabled = true;
     c.breaker.consecutive_failures = 1;
     c.breaker.open_ms = 60_000;
-    Runtime::builder()
-        .config(c)
-        .worker(WORKER)
-        .start()
-        .await
-        .expect("runtime starts")
+    start_with_worker(c).await
 }
 
 /// `op` is answered within [`AT_ONCE`] with an invalid request.

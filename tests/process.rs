@@ -5,7 +5,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{answered, config, eventually, fault};
+use common::{WORKER, answered, config, eventually, fault, start_with_worker};
 use hipvisor::core::config::{Isolation, SimFlavour};
 use hipvisor::core::ipc::{self, Channel, ControlPage, FromWorker, Hello, Request, ToWorker};
 use hipvisor::{
@@ -14,21 +14,11 @@ use hipvisor::{
 };
 
 const T: Duration = Duration::from_secs(30);
-const WORKER: &str = env!("CARGO_BIN_EXE_hipvisor-worker");
 
 fn process_config(devices: u32) -> RuntimeConfig {
     let mut c = config(devices);
     c.runtime.isolation = Isolation::Process;
     c
-}
-
-async fn start_process(c: RuntimeConfig) -> Runtime {
-    Runtime::builder()
-        .config(c)
-        .worker(WORKER)
-        .start()
-        .await
-        .expect("runtime starts")
 }
 
 /// A worker process driven directly over its socket (no runtime), past its handshake:
@@ -65,7 +55,7 @@ fn alive(pid: u32) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sticky_fault_restarts_only_its_device() {
-    let rt = start_process(process_config(4)).await;
+    let rt = start_with_worker(process_config(4)).await;
     let pids: Vec<u32> = (0..4).map(|d| rt.worker_pid(d).expect("a worker per device")).collect();
     let gpu1 = rt.device(1).unwrap();
     let module = gpu1.load_module(ModuleSource::Builtin).await.unwrap();
@@ -144,7 +134,7 @@ async fn a_worker_killed_mid_op_is_answered_and_replaced() {
         f.nth = Some(1);
         f.hang_ms = Some(20_000);
     }));
-    let rt = start_process(c).await;
+    let rt = start_with_worker(c).await;
     let gpu = rt.device(0).unwrap();
     let b = gpu.alloc(64).await.unwrap();
     let pid = rt.worker_pid(0).unwrap();
@@ -179,7 +169,7 @@ async fn a_hung_op_is_answered_at_its_deadline_and_the_worker_restarted() {
         f.nth = Some(1);
         f.hang_ms = Some(30_000);
     }));
-    let rt = start_process(c).await;
+    let rt = start_with_worker(c).await;
     let gpu = rt.device(0).unwrap();
     let b = gpu.alloc(64).await.unwrap();
     let pid = rt.worker_pid(0).unwrap();
@@ -210,7 +200,7 @@ async fn a_restart_storm_ends_in_failed() {
         f.after = Some(1);
         f.crash = Some(true);
     }));
-    let rt = start_process(c).await;
+    let rt = start_with_worker(c).await;
     let gpu = rt.device(0).unwrap();
     for _ in 0..20 {
         let _ = answered(T, gpu.mem_info()).await;
@@ -233,7 +223,7 @@ async fn a_restart_storm_ends_in_failed() {
 async fn large_copies_travel_through_shared_memory_and_host_buffers_are_zero_copy() {
     let mut c = process_config(1);
     c.sim.memory_bytes = 64 << 20;
-    let rt = start_process(c).await;
+    let rt = start_with_worker(c).await;
     let gpu = rt.device(0).unwrap();
     let n = 3 << 20;
     let b = gpu.alloc(n as u64).await.unwrap();
@@ -259,7 +249,7 @@ async fn large_copies_travel_through_shared_memory_and_host_buffers_are_zero_cop
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_stops_every_worker() {
-    let rt = start_process(process_config(3)).await;
+    let rt = start_with_worker(process_config(3)).await;
     let pids: Vec<u32> = (0..3).map(|d| rt.worker_pid(d).unwrap()).collect();
     assert!(pids.iter().all(|p| alive(*p)));
     rt.shutdown().await;
@@ -372,7 +362,7 @@ async fn the_fault_plan_is_not_rearmed_by_a_restart() {
         f.nth = Some(2);
         f.crash = Some(true);
     }));
-    let rt = start_process(c).await;
+    let rt = start_with_worker(c).await;
     let gpu = rt.device(0).unwrap();
     let b = gpu.alloc(8).await.unwrap();
     gpu.memset(b, 0, 8, 1).await.unwrap();
@@ -398,7 +388,7 @@ async fn the_fault_plan_is_not_rearmed_by_a_restart() {
 async fn a_warm_standby_takes_over_after_a_sticky_fault() {
     let mut c = process_config(1);
     c.supervisor.standby = true;
-    let rt = start_process(c).await;
+    let rt = start_with_worker(c).await;
     eventually(T, "a standby is ready", || async { rt.standby_pid(0).is_some() }).await;
     let (active, standby) = (rt.worker_pid(0).unwrap(), rt.standby_pid(0).unwrap());
     assert_ne!(active, standby);
@@ -438,7 +428,7 @@ async fn a_warm_standby_takes_over_after_a_sticky_fault() {
 async fn reused_host_buffers_stay_mapped_in_the_worker_and_evictions_are_correct() {
     let mut c = process_config(1);
     c.sim.memory_bytes = 64 << 20;
-    let rt = start_process(c).await;
+    let rt = start_with_worker(c).await;
     let gpu = rt.device(0).unwrap();
     let n = 64 * 1024;
     let b = gpu.alloc(n as u64).await.unwrap();
@@ -543,7 +533,7 @@ async fn batch_with_a_fault_and(
         s.nth = Some(10);
         f(s);
     }));
-    let rt = start_process(c).await;
+    let rt = start_with_worker(c).await;
     let gpu = rt.device(0).unwrap();
     let results = answered(T, gpu.submit_batch((0..40).map(|_| Op::MemInfo))).await;
     assert_eq!(results.len(), 40, "one answer per op");
@@ -634,7 +624,7 @@ async fn answers_in_a_batch_do_not_wait_behind_a_long_op() {
         f.nth = Some(10);
         f.hang_ms = Some(60_000);
     }));
-    let rt = start_process(c).await;
+    let rt = start_with_worker(c).await;
     let gpu = rt.device(0).unwrap();
     let b = gpu.alloc(64).await.unwrap();
     let pid = rt.worker_pid(0).unwrap();
@@ -689,7 +679,7 @@ fn hip_process_config() -> RuntimeConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kernel_memory_fault_aborts_a_hip_worker_and_counts_as_a_sticky_fault_of_its_kernels() {
-    let rt = start_process(hip_process_config()).await;
+    let rt = start_with_worker(hip_process_config()).await;
     let mut changes = rt.subscribe();
     let gpu = rt.device(0).unwrap();
     let m = gpu.load_module(ModuleSource::Builtin).await.unwrap();
@@ -758,7 +748,7 @@ async fn a_planned_memory_fault_in_a_batch_aborts_a_hip_worker_and_its_kernels_a
         f.nth = Some(1);
         f.code = Some(700);
     }));
-    let rt = start_process(c).await;
+    let rt = start_with_worker(c).await;
     let gpu = rt.device(0).unwrap();
     let m = gpu.load_module(ModuleSource::Builtin).await.unwrap();
     let b = gpu.alloc(16).await.unwrap();
@@ -826,7 +816,7 @@ async fn deaths_other_than_sigabrt_while_kernels_run_are_not_gpu_faults() {
         f.nth = Some(1);
         f.crash = Some(true);
     }));
-    let rt = start_process(c).await;
+    let rt = start_with_worker(c).await;
     let mut changes = rt.subscribe();
     let gpu = rt.device(0).unwrap();
     let m = gpu.load_module(ModuleSource::Builtin).await.unwrap();
@@ -881,7 +871,7 @@ async fn deaths_other_than_sigabrt_while_kernels_run_are_not_gpu_faults() {
 async fn a_synchronize_after_a_hip_memory_fault_is_not_answered_ok() {
     let mut c = hip_process_config();
     c.supervisor.quarantine_after = 1;
-    let rt = start_process(c).await;
+    let rt = start_with_worker(c).await;
     let mut changes = rt.subscribe();
     let gpu = rt.device(0).unwrap();
     let m = gpu.load_module(ModuleSource::Builtin).await.unwrap();
@@ -928,7 +918,7 @@ async fn a_synchronize_after_a_hip_memory_fault_is_not_answered_ok() {
 async fn a_synchronize_a_dead_worker_never_started_is_answered_not_rerun() {
     // Killed (not a GPU fault) after a launch: the synchronize finds the worker dead. Run on
     // the new worker it would answer that the kernel finished; it never ran there.
-    let rt = start_process(process_config(1)).await;
+    let rt = start_with_worker(process_config(1)).await;
     let gpu = rt.device(0).unwrap();
     let m = gpu.load_module(ModuleSource::Builtin).await.unwrap();
     let b = gpu.alloc(16).await.unwrap();
@@ -973,7 +963,7 @@ async fn a_synchronize_behind_a_sticky_fault_in_a_batch_is_answered_not_rerun() 
         f.nth = Some(2);
         f.hang_ms = Some(300);
     }));
-    let rt = start_process(c).await;
+    let rt = start_with_worker(c).await;
     let gpu = rt.device(0).unwrap();
     let m = gpu.load_module(ModuleSource::Builtin).await.unwrap();
     let ops = vec![

@@ -8,13 +8,12 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{answered, config, eventually, fault};
+use common::{WORKER, answered, config, eventually, fault, start_with_worker};
 use hipvisor::core::config::Isolation;
 use hipvisor::core::ipc;
 use hipvisor::{DeviceState, Runtime, RuntimeConfig, RuntimeError};
 
 const T: Duration = Duration::from_secs(30);
-const WORKER: &str = env!("CARGO_BIN_EXE_hipvisor-worker");
 
 fn process_config(devices: u32) -> RuntimeConfig {
     let mut c = config(devices);
@@ -145,12 +144,7 @@ async fn an_op_queued_again_after_a_failed_devices_drain_is_answered() {
         f.after = Some(1);
         f.crash = Some(true);
     }));
-    let rt = Runtime::builder()
-        .config(c)
-        .worker(WORKER)
-        .start()
-        .await
-        .expect("runtime starts");
+    let rt = start_with_worker(c).await;
     let gpu = rt.device(0).unwrap();
     let _held = gpu.alloc(600 << 10).await.unwrap();
     let submitted = Instant::now();
@@ -286,12 +280,7 @@ async fn a_panic_of_the_executor_outside_the_backend_is_answered_and_restarts_th
     for isolation in [Isolation::Thread, Isolation::Process] {
         let mut c = process_config(1);
         c.runtime.isolation = isolation;
-        let rt = Runtime::builder()
-            .config(c)
-            .worker(WORKER)
-            .start()
-            .await
-            .expect("runtime starts");
+        let rt = start_with_worker(c).await;
         let gpu = rt.device(0).unwrap();
         gpu.mem_info().await.unwrap();
         let pid = rt.worker_pid(0);
@@ -322,12 +311,7 @@ async fn a_panic_of_the_executor_outside_the_backend_is_answered_and_restarts_th
 async fn a_runtime_dropped_without_shutdown_stops_its_workers_and_standbys() {
     let mut c = process_config(2);
     c.supervisor.standby = true;
-    let rt = Runtime::builder()
-        .config(c)
-        .worker(WORKER)
-        .start()
-        .await
-        .expect("runtime starts");
+    let rt = start_with_worker(c).await;
     eventually(T, "standbys are ready", || async {
         rt.standby_pid(0).is_some() && rt.standby_pid(1).is_some()
     })
@@ -392,12 +376,7 @@ async fn every_op_submitted_around_the_drop_of_a_runtime_is_answered() {
         c.runtime.isolation = isolation;
         c.runtime.op_deadline_ms = 120_000;
         c.runtime.in_flight = 4;
-        let rt = Runtime::builder()
-            .config(c)
-            .worker(WORKER)
-            .start()
-            .await
-            .expect("runtime starts");
+        let rt = start_with_worker(c).await;
         let submitters: Vec<_> = (0..8u32)
             .map(|i| {
                 let gpu = rt.device(i % 2).unwrap();
@@ -451,12 +430,7 @@ async fn a_job_held_by_an_executor_that_panics_before_running_it_runs_after_the_
     for isolation in [Isolation::Thread, Isolation::Process] {
         let mut c = process_config(1);
         c.runtime.isolation = isolation;
-        let rt = Runtime::builder()
-            .config(c)
-            .worker(WORKER)
-            .start()
-            .await
-            .expect("runtime starts");
+        let rt = start_with_worker(c).await;
         let gpu = rt.device(0).unwrap();
         gpu.mem_info().await.unwrap();
         rt.inject_executor_panic_holding_a_job(0).unwrap();

@@ -6,24 +6,18 @@ mod common;
 
 use std::time::Duration;
 
-use common::{answered, config};
+use common::{answered, config, start_with_worker};
 use hipvisor::core::config::Isolation;
-use hipvisor::{ErrorClass, KernelArg, ModuleSource, Runtime, RuntimeError};
+use hipvisor::{ErrorClass, KernelArg, ModuleSource, RuntimeError};
 
 const T: Duration = Duration::from_secs(30);
-const WORKER: &str = env!("CARGO_BIN_EXE_hipvisor-worker");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_beyond_the_limits_are_invalid_at_once_in_both_isolations() {
     for isolation in [Isolation::Process, Isolation::Thread] {
         let mut c = config(2);
         c.runtime.isolation = isolation;
-        let rt = Runtime::builder()
-            .config(c)
-            .worker(WORKER)
-            .start()
-            .await
-            .expect("runtime starts");
+        let rt = start_with_worker(c).await;
         let gpu = rt.device(0).unwrap();
         let pids = (rt.worker_pid(0), rt.worker_pid(1));
         let module = gpu.load_module(ModuleSource::Builtin).await.unwrap();

@@ -40,6 +40,20 @@ pub async fn start(c: RuntimeConfig) -> Runtime {
     Runtime::builder().config(c).start().await.expect("runtime starts")
 }
 
+/// The worker program of process isolation: the `hipvisor-worker` binary of this package
+/// (the test binaries are not workers).
+pub const WORKER: &str = env!("CARGO_BIN_EXE_hipvisor-worker");
+
+/// A runtime with [`WORKER`] as its worker program.
+pub async fn start_with_worker(c: RuntimeConfig) -> Runtime {
+    Runtime::builder()
+        .config(c)
+        .worker(WORKER)
+        .start()
+        .await
+        .expect("runtime starts")
+}
+
 /// A fault-plan entry under which every `op` from the first fails with `code`.
 pub fn failing(op: &str, code: i32) -> FaultSpec {
     fault(|f| {
