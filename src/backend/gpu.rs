@@ -37,6 +37,9 @@ pub(crate) trait GpuCalls {
     type Buffer: DeviceBuffer;
     /// A loaded module.
     type Module: GpuModule;
+    /// The API its error codes belong to (HIP and CUDA share the codes of the runtime's own
+    /// errors, 1 invalid value and 2 out of memory).
+    const API: Api;
 
     /// The device's description.
     fn info(&self) -> &DeviceInfo;
@@ -147,8 +150,8 @@ pub(crate) fn execute<G: GpuCalls>(g: &mut G, op: &Op) -> Result<Reply, GpuError
         Op::CopyFromDevice { src, offset, len } => {
             let from = g.device_ptr(kind, src, *offset)?;
             // The backend allocates the result as a whole; a host that can never hold it
-            // must not abort the process. (HIP and CUDA share the codes 1 and 2.)
-            check_host_alloc(Api::Hip, kind, g.tables().device, *len)?;
+            // must not abort the process.
+            check_host_alloc(G::API, kind, g.tables().device, *len)?;
             Reply::Data(Payload::from(g.copy_from_device(from, *len as usize)?))
         }
         Op::CopyDeviceToDevice {
@@ -308,6 +311,7 @@ mod tests {
         type Ptr = (u64, u64);
         type Buffer = FakeBuffer;
         type Module = FakeModule;
+        const API: Api = Api::Hip;
 
         fn info(&self) -> &DeviceInfo {
             &self.info

@@ -1106,6 +1106,7 @@ impl GpuCalls for HipDevice {
     type Ptr = *mut c_void;
     type Buffer = HipBuffer;
     type Module = HipModule;
+    const API: Api = Api::Hip;
 
     fn info(&self) -> &DeviceInfo {
         &self.info
