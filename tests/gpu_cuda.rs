@@ -81,10 +81,7 @@ fn devices_are_found_ordered_and_described() {
 fn builtin_kernels_match_cpu_references() {
     let mut ctx = open();
     let ctx = ctx.as_mut();
-    let info = match run(ctx, Op::DeviceInfo).unwrap() {
-        Reply::DeviceInfo(i) => i,
-        r => panic!("{r:?}"),
-    };
+    let info = info(ctx);
     let (major, minor) = info.arch[3..].split_at(info.arch.len() - 4);
     let image = cuda::builtin_image(major.parse().unwrap(), minor.parse().unwrap()).unwrap();
     println!("built-in kernels: {} ({} bytes)", image.target, image.code.len());
