@@ -834,10 +834,7 @@ pub fn note_api_code(api: Api, code: i32, op: OpKind, device: u32, call: &str) -
     if code_name(api, code) != "unknown" {
         return false;
     }
-    let first = LOGGED_UNKNOWN
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert((api, code));
+    let first = crate::sync::lock(&LOGGED_UNKNOWN).insert((api, code));
     if first {
         eprintln!(
             "hipvisor: {api} error code {code}, which hipvisor's error table does not list, from \

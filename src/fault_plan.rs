@@ -315,7 +315,7 @@ impl FaultInjector {
             return None;
         }
         let slot = self.devices.get(device as usize)?;
-        let mut state = slot.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = crate::sync::lock(slot);
         let now = Instant::now();
         match state.absent {
             Some((None, code)) => return Some(FaultAction::Code(code)),

@@ -34,6 +34,7 @@ pub mod ipc;
 pub mod kernels;
 pub mod op;
 pub mod retry;
+pub mod sync;
 pub mod worker;
 
 pub use backend::sim::{SimBackend, SimHost};

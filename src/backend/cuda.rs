@@ -263,7 +263,7 @@ fn cached(
     type Cache = Mutex<HashMap<(i32, i32, bool), Arc<BuiltinImage>>>;
     static CACHE: OnceLock<Cache> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
-    if let Some(p) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+    if let Some(p) = crate::sync::lock(cache).get(&key) {
         return Ok(p.clone());
     }
     if !nvrtc_present() {
@@ -274,10 +274,7 @@ fn cached(
         ));
     }
     let image = Arc::new(make().map_err(|e| format!("{}: {e}", version_text()))?);
-    cache
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(key, image.clone());
+    crate::sync::lock(cache).insert(key, image.clone());
     Ok(image)
 }
 

@@ -745,10 +745,7 @@ fn comgr_targets() -> Option<Vec<String>> {
 pub fn compile_builtin(arch: &str) -> Result<Arc<CodeObject>, String> {
     static CACHE: OnceLock<Mutex<HashMap<String, Arc<CodeObject>>>> = OnceLock::new();
     // Held while compiling: one compilation per architecture, even with several devices.
-    let mut cache = CACHE
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
+    let mut cache = crate::sync::lock(CACHE.get_or_init(Default::default));
     if let Some(c) = cache.get(arch) {
         return Ok(c.clone());
     }
