@@ -11,6 +11,9 @@ use std::fmt;
 use crate::error::GpuError;
 use crate::op::{DeviceInfo, ModuleHandle, ModuleSource, Op, Reply};
 
+/// Who issued an op (it lives with the ops; named here too, where it always was).
+pub use crate::op::Origin;
+
 #[cfg(any(feature = "hip", feature = "cuda", test))]
 pub(crate) mod args;
 #[cfg(feature = "cuda")]
@@ -51,17 +54,6 @@ impl fmt::Display for BackendKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
-}
-
-/// Who issued an op. The simulator's fault plan never faults the runtime's own ops (health
-/// probes, module reloads, memory checks for out-of-memory gating).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Origin {
-    /// An op submitted by the application.
-    Application,
-    /// An op the runtime issued itself.
-    Runtime,
 }
 
 /// Device discovery, and the factory of device contexts.

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
 
 /// Breaker settings: the `[breaker]` section of the config.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -17,56 +17,12 @@ use crate::fault_plan::{FaultSpec, compile_plan};
 use crate::op::OpKind;
 use crate::retry::RetryConfig;
 
+pub(crate) mod error;
+
+pub use error::ConfigError;
+
 /// The prefix of environment overrides.
 pub const ENV_PREFIX: &str = "HIPVISOR";
-
-/// A configuration error. Every variant names what was wrong and where.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// A key has a bad value (or is unknown).
-    #[error("config key `{key}`: {reason}")]
-    Invalid {
-        /// The dotted key (`retry.per_op.launch.max_retries`).
-        key: String,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// The config file could not be read or parsed.
-    #[error("config file {}: {reason}", path.display())]
-    File {
-        /// The file.
-        path: PathBuf,
-        /// What went wrong.
-        reason: String,
-    },
-    /// An environment variable names no config key, or has a bad value.
-    #[error("environment variable {var}: {reason}")]
-    Env {
-        /// The variable.
-        var: String,
-        /// What is wrong with it.
-        reason: String,
-    },
-}
-
-impl ConfigError {
-    /// An invalid value of `key`.
-    pub fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid {
-            key: key.into(),
-            reason: reason.into(),
-        }
-    }
-
-    /// The dotted key the error is about, where there is one.
-    pub fn key(&self) -> Option<&str> {
-        match self {
-            ConfigError::Invalid { key, .. } => Some(key),
-            _ => None,
-        }
-    }
-}
 
 /// Where a device's context lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]

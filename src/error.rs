@@ -22,7 +22,7 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-use crate::op::OpKind;
+use crate::op::kind::OpKind;
 
 /// The API an error code comes from. The same number means different things in different
 /// APIs, so a code is only meaningful together with its API.

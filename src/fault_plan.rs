@@ -33,9 +33,9 @@ use serde::{Deserialize, Serialize};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::backend::Origin;
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
 use crate::error::{Api, ErrorClass, classify};
+use crate::op::Origin;
 use crate::op::{Op, OpKind};
 
 /// One `[[sim.faults]]` entry as written in the config.

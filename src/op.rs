@@ -5,105 +5,26 @@
 //! process and (later) machine boundaries. Bulk host bytes travel in a [`Payload`], whose
 //! representation a transport may replace (shared memory) without changing [`Op`]'s shape.
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 use std::fmt;
-use std::sync::Arc;
 
 use crate::error::InvalidReason;
 
-/// The kind of an operation: the key of per-operation retry policies and of metric labels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub(crate) mod kind;
+mod payload;
+
+pub use kind::OpKind;
+pub use payload::Payload;
+
+/// Who issued an op. The simulator's fault plan never faults the runtime's own ops (health
+/// probes, module reloads, memory checks for out-of-memory gating).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum OpKind {
-    /// [`Op::Alloc`]
-    Alloc,
-    /// [`Op::Free`]
-    Free,
-    /// [`Op::CopyToDevice`]
-    CopyToDevice,
-    /// [`Op::CopyFromDevice`]
-    CopyFromDevice,
-    /// [`Op::CopyDeviceToDevice`]
-    CopyDeviceToDevice,
-    /// [`Op::Memset`]
-    Memset,
-    /// [`Op::LoadModule`]
-    LoadModule,
-    /// [`Op::Launch`]
-    Launch,
-    /// [`Op::Synchronize`]
-    Synchronize,
-    /// [`Op::MemInfo`]
-    MemInfo,
-    /// [`Op::DeviceInfo`]
-    DeviceInfo,
-}
-
-impl OpKind {
-    /// Every kind, in declaration order.
-    pub const ALL: [OpKind; 11] = [
-        OpKind::Alloc,
-        OpKind::Free,
-        OpKind::CopyToDevice,
-        OpKind::CopyFromDevice,
-        OpKind::CopyDeviceToDevice,
-        OpKind::Memset,
-        OpKind::LoadModule,
-        OpKind::Launch,
-        OpKind::Synchronize,
-        OpKind::MemInfo,
-        OpKind::DeviceInfo,
-    ];
-
-    /// The kind's name in `snake_case` (config keys, metric labels).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OpKind::Alloc => "alloc",
-            OpKind::Free => "free",
-            OpKind::CopyToDevice => "copy_to_device",
-            OpKind::CopyFromDevice => "copy_from_device",
-            OpKind::CopyDeviceToDevice => "copy_device_to_device",
-            OpKind::Memset => "memset",
-            OpKind::LoadModule => "load_module",
-            OpKind::Launch => "launch",
-            OpKind::Synchronize => "synchronize",
-            OpKind::MemInfo => "mem_info",
-            OpKind::DeviceInfo => "device_info",
-        }
-    }
-
-    /// Parses a `snake_case` name.
-    pub fn from_name(name: &str) -> Option<OpKind> {
-        OpKind::ALL.into_iter().find(|k| k.as_str() == name)
-    }
-
-    /// Whether executing the operation twice has the same effect as executing it once.
-    ///
-    /// The runtime may transparently resubmit an idempotent op whose first execution is in
-    /// doubt (it may or may not have run). Copies, memset, synchronize and the queries are
-    /// idempotent (a device-to-device copy is, because source and destination may not
-    /// overlap). `Alloc` (a second buffer would leak), `Free` (a double free), `LoadModule`
-    /// (a second module) and `Launch` (kernels may update memory in place, as `saxpy` does)
-    /// are not.
-    pub fn is_idempotent(self) -> bool {
-        !matches!(self, OpKind::Alloc | OpKind::Free | OpKind::LoadModule | OpKind::Launch)
-    }
-
-    /// Whether a successful op of this kind proves that the kernels launched before it
-    /// finished without a fault: it waited for them (synchronize; a copy to the host, which
-    /// is blocking). Mem-info, memsets, allocations and the like do not wait for the GPU — a
-    /// kernel may still be running, and fault, after they succeed — so they prove nothing
-    /// (an earlier sticky fault does surface in them: measured on an H200, every call after
-    /// an illegal address returns 700).
-    pub fn is_synchronizing(self) -> bool {
-        matches!(self, OpKind::Synchronize | OpKind::CopyFromDevice)
-    }
-}
-
-impl fmt::Display for OpKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
+pub enum Origin {
+    /// An op submitted by the application.
+    Application,
+    /// An op the runtime issued itself.
+    Runtime,
 }
 
 /// A device buffer. Opaque: only the device that made it can use it, and only in the
@@ -228,122 +149,6 @@ impl fmt::Display for ArgType {
             ArgType::F32 => "f32",
             ArgType::F64 => "f64",
         })
-    }
-}
-
-/// Bulk host bytes (copy data, module images).
-///
-/// Cheap to clone (shared), so an op can be resubmitted on retry without copying its data.
-/// The representation is private: bytes on the heap, or a shared-memory region that a worker
-/// process maps directly (see [`crate::ipc::Region`]; a large copy back from a worker is a
-/// region sealed against writes, mapped read-only), without changing the shape of [`Op`].
-/// On the wire (serde) it is a plain byte string.
-#[derive(Clone)]
-pub struct Payload {
-    repr: Repr,
-}
-
-#[derive(Clone)]
-enum Repr {
-    Heap(Arc<[u8]>),
-    Shared(Arc<crate::ipc::Region>),
-}
-
-impl Default for Payload {
-    fn default() -> Self {
-        Payload::new(Vec::new())
-    }
-}
-
-impl PartialEq for Payload {
-    fn eq(&self, other: &Self) -> bool {
-        self.as_bytes() == other.as_bytes()
-    }
-}
-
-impl Eq for Payload {}
-
-impl Payload {
-    /// Wraps bytes.
-    pub fn new(bytes: impl Into<Arc<[u8]>>) -> Payload {
-        Payload {
-            repr: Repr::Heap(bytes.into()),
-        }
-    }
-
-    /// Wraps a shared-memory region (its whole length).
-    pub fn shared(region: Arc<crate::ipc::Region>) -> Payload {
-        Payload {
-            repr: Repr::Shared(region),
-        }
-    }
-
-    /// The region behind the payload, if it lives in shared memory. (A sealed region from a
-    /// worker has no descriptor to send: [`crate::ipc::Region::has_descriptor`].)
-    pub fn region(&self) -> Option<&Arc<crate::ipc::Region>> {
-        match &self.repr {
-            Repr::Shared(r) => Some(r),
-            Repr::Heap(_) => None,
-        }
-    }
-
-    /// The bytes.
-    pub fn as_bytes(&self) -> &[u8] {
-        match &self.repr {
-            Repr::Heap(b) => b,
-            Repr::Shared(r) => r.as_slice(),
-        }
-    }
-
-    /// The length in bytes.
-    pub fn len(&self) -> usize {
-        self.as_bytes().len()
-    }
-
-    /// `true` for an empty payload.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The bytes as a vector (copies).
-    pub fn to_vec(&self) -> Vec<u8> {
-        self.as_bytes().to_vec()
-    }
-}
-
-impl From<Vec<u8>> for Payload {
-    fn from(v: Vec<u8>) -> Payload {
-        Payload::new(v)
-    }
-}
-
-impl From<&[u8]> for Payload {
-    fn from(v: &[u8]) -> Payload {
-        Payload::new(v)
-    }
-}
-
-impl fmt::Debug for Payload {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let place = match &self.repr {
-            Repr::Heap(_) => "heap",
-            Repr::Shared(r) if r.has_descriptor() => "shared",
-            Repr::Shared(_) => "shared, sealed",
-        };
-        write!(f, "Payload({} bytes, {place})", self.len())
-    }
-}
-
-impl Serialize for Payload {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(self.as_bytes())
-    }
-}
-
-impl<'de> Deserialize<'de> for Payload {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Payload, D::Error> {
-        let buf = serde_bytes::ByteBuf::deserialize(d)?;
-        Ok(Payload::new(buf.into_vec()))
     }
 }
 

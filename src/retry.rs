@@ -20,7 +20,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
 use crate::error::GpuError;
 use crate::op::OpKind;
 
