@@ -947,6 +947,14 @@ pub enum InvalidReason {
         /// What was wrong.
         reason: String,
     },
+    /// The op needs more host memory than this host could ever give it.
+    #[error("{requested} bytes of host memory can never be allocated: more than {limit}")]
+    HostMemory {
+        /// The bytes the op needs on the host.
+        requested: u64,
+        /// What it exceeds, in words.
+        limit: String,
+    },
 }
 
 /// A failure of one operation on one device.
@@ -980,6 +988,19 @@ pub enum GpuError {
         /// The device.
         device: u32,
         /// What went wrong.
+        reason: String,
+    },
+    /// The host could not give the op what it needs now — memory to stage, receive or
+    /// simulate its bytes, a shared-memory region or mapping — so the GPU was not asked.
+    /// Not a GPU error code: the host's own failure, class `Transient` (the host may have
+    /// room again on a retry).
+    #[error("{op} on device {device}: the host could not provide {reason}")]
+    Host {
+        /// The operation.
+        op: OpKind,
+        /// The device.
+        device: u32,
+        /// What the host could not provide, and why.
         reason: String,
     },
     /// The runtime's own checks rejected the request before the GPU was touched.
@@ -1035,7 +1056,16 @@ impl GpuError {
                 device,
                 message,
             } => note_api_code(*api, *code, *op, *device, message),
-            GpuError::Invalid { .. } | GpuError::WorkerUnavailable { .. } => false,
+            GpuError::Invalid { .. } | GpuError::WorkerUnavailable { .. } | GpuError::Host { .. } => false,
+        }
+    }
+
+    /// A failure of the host, not the GPU: it could not provide `what` now ([`GpuError::Host`]).
+    pub fn host(op: OpKind, device: u32, what: impl Into<String>) -> Self {
+        GpuError::Host {
+            op,
+            device,
+            reason: what.into(),
         }
     }
 
@@ -1050,6 +1080,7 @@ impl GpuError {
             GpuError::Api { api, code, .. } => classify(*api, *code),
             GpuError::Invalid { .. } => ErrorClass::InvalidRequest,
             GpuError::WorkerUnavailable { .. } => ErrorClass::DeviceLost,
+            GpuError::Host { .. } => ErrorClass::Transient,
         }
     }
 
@@ -1071,7 +1102,10 @@ impl GpuError {
     /// The operation that failed.
     pub fn op(&self) -> OpKind {
         match self {
-            GpuError::Api { op, .. } | GpuError::Invalid { op, .. } | GpuError::WorkerUnavailable { op, .. } => *op,
+            GpuError::Api { op, .. }
+            | GpuError::Invalid { op, .. }
+            | GpuError::WorkerUnavailable { op, .. }
+            | GpuError::Host { op, .. } => *op,
         }
     }
 
@@ -1080,7 +1114,8 @@ impl GpuError {
         match self {
             GpuError::Api { device, .. }
             | GpuError::Invalid { device, .. }
-            | GpuError::WorkerUnavailable { device, .. } => *device,
+            | GpuError::WorkerUnavailable { device, .. }
+            | GpuError::Host { device, .. } => *device,
         }
     }
 
@@ -1088,7 +1123,7 @@ impl GpuError {
     pub fn code(&self) -> Option<(Api, i32)> {
         match self {
             GpuError::Api { api, code, .. } => Some((*api, *code)),
-            GpuError::Invalid { .. } | GpuError::WorkerUnavailable { .. } => None,
+            GpuError::Invalid { .. } | GpuError::WorkerUnavailable { .. } | GpuError::Host { .. } => None,
         }
     }
 
@@ -1098,6 +1133,7 @@ impl GpuError {
             GpuError::Api { api, code, .. } => code_name(*api, *code),
             GpuError::Invalid { .. } => "invalid_request",
             GpuError::WorkerUnavailable { .. } => "worker_unavailable",
+            GpuError::Host { .. } => "host_resources",
         }
     }
 }

@@ -684,7 +684,6 @@ impl GpuCalls for CudaDevice {
     type Ptr = sys::CUdeviceptr;
     type Buffer = CudaBuffer;
     type Module = CudaModule;
-    const API: Api = Api::CudaDriver;
 
     fn info(&self) -> &DeviceInfo {
         &self.info

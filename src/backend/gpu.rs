@@ -6,7 +6,7 @@
 
 use crate::backend::table::{DeviceBuffer, PinnedRanges, Tables, check_host_alloc};
 use crate::backend::{DeviceContext, Origin};
-use crate::error::{Api, GpuError, InvalidReason};
+use crate::error::{GpuError, InvalidReason};
 use crate::kernels::BuiltinKernel;
 use crate::op::{
     BufferHandle, DeviceInfo, Dim3, KernelArg, MemInfo, ModuleHandle, ModuleSource, Op, OpKind, Payload, Reply,
@@ -37,10 +37,6 @@ pub(crate) trait GpuCalls {
     type Buffer: DeviceBuffer;
     /// A loaded module.
     type Module: GpuModule;
-    /// The API its error codes belong to (HIP and CUDA share the codes of the runtime's own
-    /// errors, 1 invalid value and 2 out of memory).
-    const API: Api;
-
     /// The device's description.
     fn info(&self) -> &DeviceInfo;
     /// The context's handle tables.
@@ -151,7 +147,7 @@ pub(crate) fn execute<G: GpuCalls>(g: &mut G, op: &Op) -> Result<Reply, GpuError
             let from = g.device_ptr(kind, src, *offset)?;
             // The backend allocates the result as a whole; a host that can never hold it
             // must not abort the process.
-            check_host_alloc(G::API, kind, g.tables().device, *len)?;
+            check_host_alloc(kind, g.tables().device, *len)?;
             Reply::Data(Payload::from(g.copy_from_device(from, *len as usize)?))
         }
         Op::CopyDeviceToDevice {
@@ -296,7 +292,7 @@ mod tests {
 
         fn call(&mut self, op: OpKind) -> Result<(), GpuError> {
             match self.fail_next.take() {
-                Some(code) => Err(GpuError::api_with(Api::Hip, code, op, 0, "fake")),
+                Some(code) => Err(GpuError::api_with(crate::error::Api::Hip, code, op, 0, "fake")),
                 None => Ok(()),
             }
         }
@@ -311,7 +307,6 @@ mod tests {
         type Ptr = (u64, u64);
         type Buffer = FakeBuffer;
         type Module = FakeModule;
-        const API: Api = Api::Hip;
 
         fn info(&self) -> &DeviceInfo {
             &self.info

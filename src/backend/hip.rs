@@ -1103,7 +1103,6 @@ impl GpuCalls for HipDevice {
     type Ptr = *mut c_void;
     type Buffer = HipBuffer;
     type Module = HipModule;
-    const API: Api = Api::Hip;
 
     fn info(&self) -> &DeviceInfo {
         &self.info

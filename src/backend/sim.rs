@@ -340,7 +340,7 @@ impl SimDevice {
             Op::Launch { .. } => self.check_launch(op).map(Some),
             // The copy's result is allocated on the host at once.
             Op::CopyFromDevice { len, .. } => {
-                table::check_host_alloc(Api::Sim, OpKind::CopyFromDevice, self.dev(), *len).map(|_| None)
+                table::check_host_alloc(OpKind::CopyFromDevice, self.dev(), *len).map(|_| None)
             }
             _ => Ok(None),
         }
@@ -422,7 +422,7 @@ impl SimDevice {
                 // not abort the process when it fills.
                 let mut memory = Vec::new();
                 if usize::try_from(*bytes).map_or(true, |n| memory.try_reserve_exact(n).is_err()) {
-                    return Err(table::host_alloc_error(Api::Sim, OpKind::Alloc, self.dev(), *bytes));
+                    return Err(table::host_alloc_error(OpKind::Alloc, self.dev(), *bytes));
                 }
                 memory.resize(*bytes as usize, FRESH_MEMORY_BYTE);
                 let id = self.t.new_id();

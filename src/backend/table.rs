@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use crate::error::{Api, GpuError, InvalidReason, hip};
+use crate::error::{GpuError, InvalidReason};
 use crate::kernels;
 use crate::op::{BufferHandle, MAX_BUFFER_BYTES, ModuleHandle, Op, OpKind};
 
@@ -220,7 +220,7 @@ pub(crate) const HOST_PROBE_MIN_BYTES: u64 = 64 << 20;
 ///
 /// # Errors
 /// The invalid-value or out-of-memory error above, for `op` on `device`.
-pub(crate) fn check_host_alloc(api: Api, op: OpKind, device: u32, len: u64) -> Result<(), GpuError> {
+pub(crate) fn check_host_alloc(op: OpKind, device: u32, len: u64) -> Result<(), GpuError> {
     if len < HOST_PROBE_MIN_BYTES {
         return Ok(());
     }
@@ -231,23 +231,21 @@ pub(crate) fn check_host_alloc(api: Api, op: OpKind, device: u32, len: u64) -> R
     if reserved {
         Ok(())
     } else {
-        Err(host_alloc_error(api, op, device, len))
+        Err(host_alloc_error(op, device, len))
     }
 }
 
 /// The error for a host allocation of `len` bytes that failed (see [`check_host_alloc`]).
-pub(crate) fn host_alloc_error(api: Api, op: OpKind, device: u32, len: u64) -> GpuError {
+pub(crate) fn host_alloc_error(op: OpKind, device: u32, len: u64) -> GpuError {
     let host = host_memory_bytes();
     if len > MAX_BUFFER_BYTES || host.is_some_and(|total| len > total) {
         let limit = match host {
             Some(total) if total < MAX_BUFFER_BYTES => format!("this host's memory (RAM and swap: {total} bytes)"),
             _ => format!("the largest host allocation ({MAX_BUFFER_BYTES} bytes)"),
         };
-        let msg = format!("{len} bytes of host memory can never be allocated: more than {limit}");
-        return GpuError::api_with(api, hip::INVALID_VALUE, op, device, msg);
+        return GpuError::invalid(op, device, InvalidReason::HostMemory { requested: len, limit });
     }
-    let msg = format!("cannot allocate {len} bytes of host memory now");
-    GpuError::api_with(api, hip::OUT_OF_MEMORY, op, device, msg)
+    GpuError::host(op, device, format!("{len} bytes of host memory now"))
 }
 
 /// The host's RAM and swap together, if the system says.
@@ -307,17 +305,22 @@ mod tests {
     #[test]
     fn host_allocations_that_can_never_succeed_are_invalid_requests() {
         let op = OpKind::CopyFromDevice;
-        check_host_alloc(Api::Sim, op, 0, HOST_PROBE_MIN_BYTES - 1).expect("small: not probed");
-        check_host_alloc(Api::Sim, op, 0, HOST_PROBE_MIN_BYTES).expect("64 MiB can be reserved");
+        check_host_alloc(op, 0, HOST_PROBE_MIN_BYTES - 1).expect("small: not probed");
+        check_host_alloc(op, 0, HOST_PROBE_MIN_BYTES).expect("64 MiB can be reserved");
         for len in [u64::MAX, MAX_BUFFER_BYTES + 1, MAX_BUFFER_BYTES] {
-            let e = check_host_alloc(Api::Sim, op, 3, len).expect_err("more than any host holds");
+            let e = check_host_alloc(op, 3, len).expect_err("more than any host holds");
             assert_eq!(e.class(), ErrorClass::InvalidRequest, "{len}: {e}");
             assert_eq!((e.op(), e.device()), (op, 3));
             assert!(e.to_string().contains("can never be allocated"), "{e}");
         }
         // A failure the host could recover from is out of memory, transient.
-        let e = host_alloc_error(Api::Sim, op, 0, 1 << 20);
+        let e = host_alloc_error(op, 0, 1 << 20);
         assert_eq!(e.class(), ErrorClass::Transient, "{e}");
+        assert!(
+            matches!(e, GpuError::Host { .. }),
+            "the host's failure, not a GPU code: {e:?}"
+        );
+        assert_eq!(e.code(), None);
     }
 
     #[test]

@@ -3,8 +3,9 @@
 
 /// The protocol version; host and worker must agree. (4: memfds are sealed, a received one
 /// must be; an output region is unmapped by the worker before it answers; a cached region's
-/// descriptor is mapped whenever one comes.)
-pub const PROTOCOL_VERSION: u16 = 4;
+/// descriptor is mapped whenever one comes. 5: errors of the host itself,
+/// `GpuError::Host` and `InvalidReason::HostMemory`.)
+pub const PROTOCOL_VERSION: u16 = 5;
 /// The most bytes in one frame.
 pub const MAX_FRAME: usize = 128 * 1024;
 /// Payloads above this many bytes travel in shared memory.
