@@ -18,6 +18,7 @@ pub use crate::op::Origin;
 pub(crate) mod args;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod factory;
 #[cfg(any(feature = "hip", feature = "cuda", test))]
 pub(crate) mod gpu;
 #[cfg(feature = "hip")]
@@ -102,21 +103,6 @@ pub trait DeviceContext: Send {
     /// # Errors
     /// A [`GpuError`] whose class says what the runtime should do.
     fn execute(&mut self, op: &Op, origin: Origin) -> Result<Reply, GpuError>;
-
-    /// Executes one op with a fault decided elsewhere (by the host's plan, in process
-    /// isolation). Backends without fault injection ignore `fault`.
-    ///
-    /// # Errors
-    /// As [`DeviceContext::execute`].
-    fn execute_planned(
-        &mut self,
-        op: &Op,
-        origin: Origin,
-        fault: Option<crate::fault_plan::FaultAction>,
-    ) -> Result<Reply, GpuError> {
-        let _ = fault;
-        self.execute(op, origin)
-    }
 
     /// Loads a module under an id it had in an earlier context of this device (module
     /// handles survive restarts). Later loads get ids above it.

@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 use crate::backend::BackendKind;
+use crate::backend::sim::fault_plan::{FaultSpec, compile_plan};
 use crate::breaker::BreakerConfig;
-use crate::fault_plan::{FaultSpec, compile_plan};
 use crate::op::OpKind;
 use crate::retry::RetryConfig;
 

@@ -29,13 +29,15 @@ pub mod backend;
 pub mod breaker;
 pub mod config;
 pub mod error;
-pub mod fault_plan;
 pub mod ipc;
 pub mod kernels;
 pub mod op;
 pub mod retry;
 pub mod sync;
 pub mod worker;
+
+/// The simulator's fault plan (it lives with the simulator: `backend::sim::fault_plan`).
+pub use backend::sim::fault_plan;
 
 pub use backend::sim::{SimBackend, SimHost};
 pub use backend::{Backend, BackendKind, DeviceContext, Origin};

@@ -24,10 +24,10 @@ use std::os::fd::OwnedFd;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use crate::backend::sim::{SimBackend, SimHost};
-use crate::backend::{Backend, BackendKind, DeviceContext};
+use crate::backend::factory::{self, Built, Faults, SimParts};
+use crate::backend::{BackendKind, DeviceContext};
+use crate::config::SimConfig;
 use crate::error::{GpuError, InvalidReason};
-use crate::fault_plan::FaultInjector;
 use crate::ipc::{self, Channel, ControlPage, FromWorker, IpcError, Region, Request, ToWorker};
 use crate::op::{ModuleSource, Op, OpKind, Payload, Reply};
 
@@ -62,40 +62,26 @@ fn block_interrupts() {
     }
 }
 
-/// A worker's backend, and for the simulator its host (this process's simulated GPU
-/// runtime), whose pending abort the worker checks before starting each request.
-type WorkerBackend = (Box<dyn Backend>, Option<Arc<SimHost>>);
-
-/// The backend `hello` asks for.
-fn backend_for(hello: &ipc::Hello) -> Result<WorkerBackend, GpuError> {
-    match hello.backend {
-        BackendKind::Sim => {
-            let sim = hello.sim.unwrap_or(ipc::SimHello {
-                devices: hello.device + 1,
-                memory_bytes: 16 << 30,
-                flavour: Default::default(),
-            });
-            // A fresh simulated host: this process's GPU runtime. Faults are decided by the
-            // host's plan and arrive with each request.
-            let backend =
-                SimBackend::with_injector(sim.devices, sim.memory_bytes, Arc::new(FaultInjector::none()), true)
-                    .with_flavour(sim.flavour);
-            let host = backend.host().clone();
-            Ok((Box::new(backend), Some(host)))
-        }
-        #[cfg(feature = "hip")]
-        BackendKind::Hip => Ok((Box::new(crate::backend::hip::HipBackend::new()), None)),
-        #[cfg(feature = "cuda")]
-        BackendKind::Cuda => Ok((Box::new(crate::backend::cuda::CudaBackend::new()), None)),
-        #[allow(unreachable_patterns)]
-        other => Err(GpuError::invalid(
-            OpKind::DeviceInfo,
-            hello.device,
-            InvalidReason::BadModuleImage {
-                reason: format!("backend `{other}` is not part of this worker build"),
-            },
-        )),
-    }
+/// The backend `hello` asks for, from the one backend factory: for the simulator, a fresh
+/// simulated host (this process's GPU runtime), whose faults the host decides and sends with
+/// each request.
+fn backend_for(hello: &ipc::Hello) -> Result<Built, GpuError> {
+    let sim = hello.sim.unwrap_or(ipc::SimHello {
+        devices: hello.device + 1,
+        memory_bytes: 16 << 30,
+        flavour: Default::default(),
+    });
+    let sim = SimConfig {
+        devices: sim.devices,
+        memory_bytes: sim.memory_bytes,
+        flavour: sim.flavour,
+        ..SimConfig::default()
+    };
+    factory::build(hello.backend, &sim, Faults::FromHost, true).map_err(|e| GpuError::WorkerUnavailable {
+        op: OpKind::DeviceInfo,
+        device: hello.device,
+        reason: e.to_string(),
+    })
 }
 
 /// Serves one device until the host says `Shutdown` or goes away.
@@ -135,7 +121,7 @@ pub fn serve(mut channel: Channel) -> Result<(), IpcError> {
     if hello.backend == BackendKind::Hip {
         no_core_dumps();
     }
-    let opened = backend_for(&hello).and_then(|(b, sim)| Ok((b.open(hello.device, hello.epoch)?, sim)));
+    let opened = backend_for(&hello).and_then(|b| Ok((b.backend.open(hello.device, hello.epoch)?, b.sim)));
     let (mut ctx, sim) = match opened {
         Ok(opened) => opened,
         Err(e) => {
@@ -158,7 +144,7 @@ pub fn serve(mut channel: Channel) -> Result<(), IpcError> {
         },
         &[],
     )?;
-    serve_context(channel, &mut *ctx, sim.as_deref(), &control)
+    serve_context(channel, &mut *ctx, sim.as_ref(), &control)
 }
 
 /// Serves requests on an open context until the host says `Shutdown` or goes away. On the
@@ -167,7 +153,7 @@ pub fn serve(mut channel: Channel) -> Result<(), IpcError> {
 fn serve_context(
     mut channel: Channel,
     ctx: &mut dyn DeviceContext,
-    sim: Option<&SimHost>,
+    sim: Option<&SimParts>,
     control: &ControlPage,
 ) -> Result<(), IpcError> {
     let mut cache = RegionCache::default();
@@ -179,7 +165,7 @@ fn serve_context(
 fn serve_requests(
     channel: &mut Channel,
     ctx: &mut dyn DeviceContext,
-    sim: Option<&SimHost>,
+    sim: Option<&SimParts>,
     control: &ControlPage,
     cache: &mut RegionCache,
 ) -> Result<(), IpcError> {
@@ -255,8 +241,9 @@ fn no_core_dumps() {
 #[derive(Clone, Copy)]
 struct Started<'a> {
     control: &'a ControlPage,
-    /// The simulated host, whose pending abort ends the process before a request starts.
-    sim: Option<&'a SimHost>,
+    /// The simulator's parts: its host, whose pending abort ends the process before a
+    /// request starts, and its injector, which takes the fault the host decided.
+    sim: Option<&'a SimParts>,
 }
 
 impl Started<'_> {
@@ -264,10 +251,27 @@ impl Started<'_> {
     /// process whose kernel made a memory access fault, the process aborts, as ROCm's would
     /// have by now ([`SimHost::abort_if_pending`]): the request did not start.
     fn start(self, id: u64) {
-        if let Some(host) = self.sim {
-            host.abort_if_pending();
+        if let Some(sim) = self.sim {
+            sim.host.abort_if_pending();
         }
         self.control.set_started(id);
+    }
+
+    /// Starts request `id` ([`Started::start`]) and executes its op with the fault the host
+    /// decided for it.
+    fn execute(
+        self,
+        ctx: &mut dyn DeviceContext,
+        id: u64,
+        op: &Op,
+        origin: crate::op::Origin,
+        fault: Option<ipc::WireFault>,
+    ) -> Result<Reply, GpuError> {
+        self.start(id);
+        if let Some(sim) = self.sim {
+            sim.faults.plan(ctx.device(), fault.map(Into::into));
+        }
+        ctx.execute(op, origin)
     }
 }
 
@@ -469,8 +473,7 @@ fn execute_batch(
             let results = std::mem::take(&mut results);
             send_batch(channel, results, false, &kinds, device)?;
         }
-        started.start(req.id);
-        let result = ctx.execute_planned(&req.op, req.origin, req.fault.map(Into::into));
+        let result = started.execute(ctx, req.id, &req.op, req.origin, req.fault);
         let poisoned = matches!(&result, Err(e) if e.class() == crate::error::ErrorClass::Sticky);
         results.push((req.id, result));
         if poisoned {
@@ -510,8 +513,7 @@ fn execute(
         }
         None => None,
     };
-    started.start(req.id);
-    let result = ctx.execute_planned(&op, req.origin, req.fault.map(Into::into));
+    let result = started.execute(ctx, req.id, &op, req.origin, req.fault);
     let (result, output_len) = match (result, output.as_mut()) {
         (Ok(Reply::Data(d)), Some(out)) if d.len() == out.len() => {
             out.as_mut_slice().copy_from_slice(d.as_bytes());

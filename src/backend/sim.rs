@@ -39,6 +39,8 @@
 //! with `hipErrorLaunchOutOfResources` (an invalid request) naming the requested and
 //! available bytes.
 
+pub mod fault_plan;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
@@ -46,9 +48,9 @@ use crate::backend::table::{self, Tables};
 use crate::backend::{Backend, BackendKind, DeviceContext, Origin};
 use crate::config::{ConfigError, SimConfig, SimFlavour};
 use crate::error::{Api, ErrorClass, GpuError, InvalidReason, classify, hip};
-use crate::fault_plan::{FaultAction, FaultInjector, compile_plan};
 use crate::kernels::{self, BuiltinKernel, reference};
 use crate::op::{BufferHandle, DeviceInfo, KernelArg, MemInfo, ModuleHandle, ModuleSource, Op, OpKind, Payload, Reply};
+use fault_plan::{FaultAction, FaultInjector, compile_plan};
 
 /// The value of every byte of a new allocation (GPU memory is not zeroed).
 pub const FRESH_MEMORY_BYTE: u8 = 0xA5;
@@ -598,14 +600,13 @@ impl DeviceContext for SimDevice {
 
     fn execute(&mut self, op: &Op, origin: Origin) -> Result<Reply, GpuError> {
         self.host.abort_if_pending();
+        // A fault the host decided is this op's, valid or not.
+        let planned = self.faults.take_planned(self.dev());
         let launch = self.validate(op)?;
-        let fault = self.faults.decide(self.dev(), op, origin);
-        self.run_with_fault(op, launch, fault)
-    }
-
-    fn execute_planned(&mut self, op: &Op, _origin: Origin, fault: Option<FaultAction>) -> Result<Reply, GpuError> {
-        self.host.abort_if_pending();
-        let launch = self.validate(op)?;
+        let fault = match planned {
+            Some(fault) => fault,
+            None => self.faults.decide(self.dev(), op, origin),
+        };
         self.run_with_fault(op, launch, fault)
     }
 

@@ -6,9 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use super::error::IpcError;
 use super::frame::*;
+use crate::backend::sim::fault_plan::FaultAction;
 use crate::backend::{BackendKind, Origin};
 use crate::error::GpuError;
-use crate::fault_plan::FaultAction;
 use crate::op::{DeviceInfo, ModuleHandle, ModuleSource, Op, Reply};
 
 /// A fault the host's plan decided for a request (process isolation: the plan's state lives

@@ -276,6 +276,9 @@ struct DeviceState {
 pub struct FaultInjector {
     rules: Vec<FaultRule>,
     devices: Vec<Mutex<DeviceState>>,
+    /// In a worker process: the fault the host decided for the next op, by device
+    /// ([`FaultInjector::decided_by_host`]).
+    from_host: Option<Mutex<Option<(u32, FaultAction)>>>,
 }
 
 impl FaultInjector {
@@ -292,7 +295,11 @@ impl FaultInjector {
                 })
             })
             .collect();
-        FaultInjector { rules, devices }
+        FaultInjector {
+            rules,
+            devices,
+            from_host: None,
+        }
     }
 
     /// An injector that never fires.
@@ -300,7 +307,43 @@ impl FaultInjector {
         FaultInjector {
             rules: Vec::new(),
             devices: Vec::new(),
+            from_host: None,
         }
+    }
+
+    /// A worker process's injector: the host decides each op's fault with the run's plan
+    /// (whose counts and random streams outlive workers, so a restarted worker re-arms
+    /// nothing) and sends the decision with the request; the worker hands it over with
+    /// [`FaultInjector::plan`] before it executes the op.
+    pub fn decided_by_host() -> FaultInjector {
+        FaultInjector {
+            from_host: Some(Mutex::new(None)),
+            ..FaultInjector::none()
+        }
+    }
+
+    /// Arms the fault the host decided for the next op of `device` (`None`: no fault). A
+    /// decision applies to that one op: the next op takes it whether or not it is valid.
+    /// Does nothing on an injector that decides for itself.
+    pub fn plan(&self, device: u32, fault: Option<FaultAction>) {
+        if let Some(slot) = &self.from_host {
+            *crate::sync::lock(slot) = fault.map(|f| (device, f));
+        }
+    }
+
+    /// For an injector [`decided_by_host`](FaultInjector::decided_by_host): the fault
+    /// planned for this op of `device`, taken (`Some(None)`: none was planned). `None` for
+    /// an injector that decides with its own rules ([`FaultInjector::decide`]).
+    pub fn take_planned(&self, device: u32) -> Option<Option<FaultAction>> {
+        let slot = self.from_host.as_ref()?;
+        let mut planned = crate::sync::lock(slot);
+        Some(match *planned {
+            Some((d, fault)) if d == device => {
+                *planned = None;
+                Some(fault)
+            }
+            _ => None,
+        })
     }
 
     /// The rules.
