@@ -138,11 +138,13 @@ fn bad_config_is_a_clear_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("HIPVISOR_RETRY__MAX_RETRIEZ"));
 }
 
+/// Tests of a GPU backend without a GPU check what a machine without one sees; where the
+/// machine has one they are skipped, saying so.
 #[cfg(feature = "hip")]
 #[test]
 fn devices_on_hip_without_a_gpu_fails_with_a_clear_message() {
     if std::path::Path::new("/dev/kfd").exists() {
-        eprintln!("skipped: this machine has an AMD GPU driver (/dev/kfd)");
+        eprintln!("skipped: this machine has an AMD GPU (/dev/kfd): this test checks a machine without one");
         return;
     }
     let out = hipvisor(&["devices", "--backend", "hip"]);
@@ -155,11 +157,15 @@ fn devices_on_hip_without_a_gpu_fails_with_a_clear_message() {
     );
 }
 
+/// Without a GPU, as CI has it: not even the CUDA driver library is installed.
 #[cfg(feature = "cuda")]
 #[test]
-fn devices_on_cuda_without_a_driver_fails_with_a_clear_message() {
+fn devices_on_cuda_without_a_gpu_or_driver_fails_with_a_clear_message() {
     if hipvisor::core::backend::cuda::driver_present() {
-        eprintln!("skipped: this machine has a CUDA driver");
+        eprintln!(
+            "skipped: this machine has the CUDA driver library (and maybe a GPU): this test checks a machine \
+             without a GPU or driver"
+        );
         return;
     }
     let out = hipvisor(&["devices", "--backend", "cuda"]);
