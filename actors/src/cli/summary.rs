@@ -95,14 +95,18 @@ pub(crate) fn run(command: &str, report: &Value, devices: &[DeviceRow]) -> Strin
         "{:>6}  {:<10} {:>9} {:>9} {:>9}",
         "device", "state", "ops", "failed", "restarts"
     );
-    for d in devices {
+    for (i, d) in devices.iter().enumerate() {
         let _ = write!(
             out,
             "{:>6}  {:<10} {:>9} {:>9} {:>9}",
             d.id, d.state, d.ops, d.failed, d.restarts
         );
         if let Some(r) = &d.reason {
-            let _ = write!(out, "  ({r})");
+            // A reason several devices share (one fault that poisoned the process) once.
+            match devices[..i].iter().find(|e| e.reason.as_ref() == Some(r)) {
+                Some(first) => _ = write!(out, "  (as device {})", first.id),
+                None => _ = write!(out, "  ({r})"),
+            }
         }
         out.push('\n');
     }
@@ -307,6 +311,18 @@ mod tests {
         let mut r = report();
         r["violations"] = json!([]);
         assert!(run("chaos", &r, &rows()).contains("result: ok, no violation\n"));
+    }
+
+    #[test]
+    fn a_reason_several_devices_share_is_written_once() {
+        let mut devices = rows();
+        devices.push(DeviceRow {
+            id: 2,
+            ..devices[1].clone()
+        });
+        let text = run("run", &report(), &devices);
+        assert_eq!(text.matches("(sticky fault)").count(), 1, "{text}");
+        assert!(text.contains("         1  (as device 1)\n"), "{text}");
     }
 
     #[test]
