@@ -5,7 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{answered, config, eventually, fault, start};
+use common::{answered, config, eventually, fault, start, start_with_worker};
+use hipvisor::core::config::Isolation;
 use hipvisor::{DeviceMsg, ModuleSource, Op, OpResult, Reply, RuntimeError};
 use proptest::prelude::*;
 
@@ -269,11 +270,25 @@ proptest! {
     }
 }
 
+/// `DeviceHandle::submit_batch` in both isolations: in a thread, its ops queue one by one;
+/// in a worker process, the executor also sends them to the worker in batches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_answers_every_op_in_order_even_past_the_in_flight_bound() {
+async fn a_batch_answers_every_op_in_order_even_past_the_in_flight_bound_in_either_isolation() {
+    for isolation in [Isolation::Thread, Isolation::Process] {
+        a_batch_answers_every_op_in_order_even_past_the_in_flight_bound(isolation).await;
+    }
+}
+
+async fn a_batch_answers_every_op_in_order_even_past_the_in_flight_bound(isolation: Isolation) {
     let mut c = config(1);
     c.runtime.in_flight = 4;
-    let rt = start(c).await;
+    c.runtime.isolation = isolation;
+    let rt = start_with_worker(c).await;
+    assert_eq!(
+        rt.worker_pid(0).is_some(),
+        isolation == Isolation::Process,
+        "{isolation:?}: a worker process where batches go to one"
+    );
     let gpu = rt.device(0).unwrap();
     assert!(gpu.submit_batch([]).await.is_empty());
     let b = gpu.alloc(64).await.unwrap();
@@ -313,9 +328,13 @@ async fn a_batch_answers_every_op_in_order_even_past_the_in_flight_bound() {
             // Each copy sees the memset just before it: the batch ran in order.
             (1, Ok(Reply::Data(d))) => assert_eq!(d.as_bytes(), [(i - 1) as u8]),
             (2, Err(RuntimeError::Gpu(e))) | (3, Err(RuntimeError::Gpu(e))) => {
-                assert_eq!(e.class(), hipvisor::ErrorClass::InvalidRequest, "op {i}: {e}")
+                assert_eq!(
+                    e.class(),
+                    hipvisor::ErrorClass::InvalidRequest,
+                    "{isolation:?}: op {i}: {e}"
+                )
             }
-            other => panic!("op {i}: unexpected {other:?}"),
+            other => panic!("{isolation:?}: op {i}: unexpected {other:?}"),
         }
     }
     assert_eq!(gpu.in_flight(), 0);

@@ -2,6 +2,7 @@
 
 pub(crate) mod bench;
 pub(crate) mod run;
+pub(crate) mod summary;
 #[cfg(feature = "traces")]
 pub(crate) mod traces;
 

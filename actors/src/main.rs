@@ -1,6 +1,7 @@
 //! The `hipvisor` command line: `run` (the main job), `chaos`, `bench`, `devices`, `config`.
 //!
-//! Logs and progress go to stderr; with `--json`, stdout carries exactly one JSON object.
+//! Logs and progress go to stderr. `run`, `chaos` and `bench` print a short human summary on
+//! stdout (`cli::summary`), or with `--json` exactly one JSON object: the full report.
 //!
 //! SIGINT and SIGTERM are handled (as PID 1 of a container without an init the kernel gives
 //! them no default action): `run` and `chaos` stop gracefully and report (see `cli::run`),
@@ -17,21 +18,31 @@ use hipvisor::{BackendKind, RuntimeConfig};
 
 /// A supervised multi-GPU runtime.
 #[derive(Parser)]
-#[command(name = "hipvisor", version, about)]
+#[command(
+    name = "hipvisor",
+    version,
+    about,
+    arg_required_else_help = true,
+    after_help = "`run`, `chaos` and `bench` print a short summary on stdout, or with --json the full report\n\
+                  as one JSON object (and nothing else). Logs and progress go to stderr.\n\
+                  Exit status: 0 success, 1 failure, 2 bad configuration or usage, 130/143 interrupted."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
+/// The subcommands. The first paragraph of each one's doc is its line in `hipvisor --help`.
 #[derive(Subcommand)]
 enum Command {
     /// Run the main job: application actors allocate, upload, launch, download and verify.
     Run(cli::run::RunArgs),
-    /// A soak with the fault plan of config/chaos.toml that checks the invariants: no missing
-    /// reply, no hang, no wrong result, metrics equal to what the application observed, every
-    /// device ready at the end. Exits non-zero on any violation.
+    /// Soak under the fault plan of config/chaos.toml and check the invariants.
+    ///
+    /// The invariants: no missing reply, no hang, no wrong result, metrics equal to what the
+    /// application observed, every device ready at the end. Exits non-zero on any violation.
     Chaos(cli::run::RunArgs),
-    /// Measure the runtime against a baseline measured in the same run.
+    /// Measure the runtime against baselines measured in the same run.
     Bench(cli::bench::BenchArgs),
     /// List the backend's devices.
     Devices(CommonArgs),
@@ -183,4 +194,37 @@ fn main() -> ExitCode {
         flush();
     }
     code
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    /// Every subcommand of the definition, with its one-line description, is in `--help`.
+    #[test]
+    fn help_lists_every_subcommand_with_one_line() {
+        let mut cli = Cli::command();
+        let help = cli.render_help().to_string();
+        let subcommands: Vec<_> = cli.get_subcommands().filter(|c| c.get_name() != "help").collect();
+        assert!(subcommands.len() >= 5, "{help}");
+        for sub in subcommands {
+            let about = sub
+                .get_about()
+                .unwrap_or_else(|| panic!("`{}` has no description", sub.get_name()))
+                .to_string();
+            assert!(!about.contains('\n'), "`{}`: one line: {about:?}", sub.get_name());
+            let line = help
+                .lines()
+                .find(|l| l.trim_start().starts_with(&format!("{} ", sub.get_name())))
+                .unwrap_or_else(|| panic!("`{}` in --help:\n{help}", sub.get_name()));
+            assert!(line.contains(&about), "{line:?} has {about:?}");
+        }
+    }
 }

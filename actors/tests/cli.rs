@@ -138,11 +138,13 @@ fn bad_config_is_a_clear_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("HIPVISOR_RETRY__MAX_RETRIEZ"));
 }
 
+/// Tests of a GPU backend without a GPU check what a machine without one sees; where the
+/// machine has one they are skipped, saying so.
 #[cfg(feature = "hip")]
 #[test]
 fn devices_on_hip_without_a_gpu_fails_with_a_clear_message() {
     if std::path::Path::new("/dev/kfd").exists() {
-        eprintln!("skipped: this machine has an AMD GPU driver (/dev/kfd)");
+        eprintln!("skipped: this machine has an AMD GPU (/dev/kfd): this test checks a machine without one");
         return;
     }
     let out = hipvisor(&["devices", "--backend", "hip"]);
@@ -155,11 +157,15 @@ fn devices_on_hip_without_a_gpu_fails_with_a_clear_message() {
     );
 }
 
+/// Without a GPU, as CI has it: not even the CUDA driver library is installed.
 #[cfg(feature = "cuda")]
 #[test]
-fn devices_on_cuda_without_a_driver_fails_with_a_clear_message() {
+fn devices_on_cuda_without_a_gpu_or_driver_fails_with_a_clear_message() {
     if hipvisor::core::backend::cuda::driver_present() {
-        eprintln!("skipped: this machine has a CUDA driver");
+        eprintln!(
+            "skipped: this machine has the CUDA driver library (and maybe a GPU): this test checks a machine \
+             without a GPU or driver"
+        );
         return;
     }
     let out = hipvisor(&["devices", "--backend", "cuda"]);
@@ -476,4 +482,243 @@ fn ctrl_c_stops_the_run_gracefully_without_killing_its_workers() {
     poll("the workers stopped with the run", || {
         workers.iter().all(|w| !alive(*w))
     });
+}
+
+// ---------------------------------------------------------------------------------------
+// The face: a summary without `--json`, exactly the JSON report with it, and the help.
+
+/// The last line of every summary: where the full report is.
+const FULL_REPORT: &str = "full report: rerun with --json";
+
+/// stdout of a command that ran without `--json`: a summary, not JSON.
+fn summary(out: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        serde_json::from_str::<serde_json::Value>(stdout.trim()).is_err()
+            && !stdout.lines().any(|l| l.trim_start().starts_with('{')),
+        "a summary, not JSON: {stdout}"
+    );
+    assert_eq!(
+        stdout.lines().last(),
+        Some(FULL_REPORT),
+        "ends saying where the report is: {stdout}"
+    );
+    stdout
+}
+
+/// The numbers of a summary's table row that starts with `first` (a device id or `total`):
+/// (state, ops, failed, restarts); `total` has no state.
+fn row(text: &str, first: &str) -> (String, u64, u64, u64) {
+    let line = text
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(first))
+        .unwrap_or_else(|| panic!("a row for {first}: {text}"));
+    let mut words: Vec<&str> = line.split_whitespace().skip(1).collect();
+    let state = if first == "total" {
+        String::new()
+    } else {
+        words.remove(0).to_string()
+    };
+    let n = |i: usize| words[i].parse::<u64>().unwrap_or_else(|e| panic!("{e}: {line}"));
+    (state, n(0), n(1), n(2))
+}
+
+#[test]
+fn run_without_json_prints_a_summary_with_a_row_per_device_and_the_totals() {
+    let out = hipvisor(&["run", "--ops", "400", "--devices", "3", "--isolation", "thread"]);
+    let text = summary(&out);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines[0].split(", ").take(3).collect::<Vec<_>>(),
+        ["hipvisor run: sim backend", "thread isolation", "3 devices"],
+        "{text}"
+    );
+    assert_eq!(
+        lines[1].split_whitespace().collect::<Vec<_>>(),
+        ["device", "state", "ops", "failed", "restarts"]
+    );
+    let mut ops = 0;
+    for id in 0..3 {
+        let (state, answered, failed, restarts) = row(&text, &id.to_string());
+        assert_eq!(
+            (state.as_str(), failed, restarts),
+            ("ready", 0, 0),
+            "device {id}: {text}"
+        );
+        ops += answered;
+    }
+    assert!(text.lines().all(|l| l.split_whitespace().next() != Some("3")), "{text}");
+    let (_, total, failed, restarts) = row(&text, "total");
+    assert_eq!((total, failed, restarts), (ops, 0, 0), "{text}");
+    assert!(total >= 400, "{text}");
+    assert!(
+        text.contains(&format!(
+            "ops: {total} submitted, {total} succeeded, 0 failed, 0 missing replies, 0 wrong results\n"
+        )),
+        "{text}"
+    );
+    assert!(text.contains("\nretries: 0 (0 succeeded, 0 exhausted)\n"), "{text}");
+    assert!(text.contains("\nlatency: p50 "), "{text}");
+    assert!(text.contains("\nresult: ok\n"), "{text}");
+}
+
+#[test]
+fn run_with_json_prints_exactly_the_json_report() {
+    let out = hipvisor(&[
+        "run",
+        "--ops",
+        "200",
+        "--devices",
+        "2",
+        "--isolation",
+        "thread",
+        "--json",
+    ]);
+    let v = json(&out);
+    assert!(out.status.success(), "{v}");
+    let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "backend",
+            "could_not_run",
+            "devices",
+            "devices_final",
+            "elapsed_s",
+            "failures_by_class",
+            "failures_by_error",
+            "interrupted",
+            "isolation",
+            "latency_us",
+            "metrics_consistent",
+            "ops",
+            "restarts",
+            "retries",
+            "throughput_ops_per_s",
+        ],
+        "the report's fields: {v}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(FULL_REPORT));
+}
+
+#[test]
+fn a_summary_names_what_failed_and_devices_that_are_not_ready() {
+    // 16 bytes of device memory: no device ever opens.
+    let path = temp_config("tiny-summary.toml", "[sim]\nmemory_bytes = 16\n");
+    let out = hipvisor(&[
+        "run",
+        "--ops",
+        "200",
+        "--devices",
+        "2",
+        "--config",
+        path.to_str().unwrap(),
+    ]);
+    let text = summary(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    for id in ["0", "1"] {
+        assert_eq!(row(&text, id).0, "failed", "{text}");
+    }
+    assert!(text.contains("16 bytes"), "each failed device's reason: {text}");
+    assert!(
+        text.contains("\nresult: FAILED: could not run: no device became ready"),
+        "{text}"
+    );
+}
+
+#[test]
+fn chaos_without_json_prints_a_summary_with_its_verdict() {
+    let path = temp_config("calm-chaos.toml", "[sim]\nseed = 5\n");
+    let out = hipvisor(&[
+        "chaos",
+        "--ops",
+        "300",
+        "--devices",
+        "2",
+        "--config",
+        path.to_str().unwrap(),
+    ]);
+    let text = summary(&out);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.starts_with("hipvisor chaos: "), "{text}");
+    assert_eq!(row(&text, "0").0, "ready", "{text}");
+    assert_eq!(row(&text, "1").0, "ready", "{text}");
+    assert!(text.contains("\nresult: ok, no violation\n"), "{text}");
+}
+
+#[test]
+fn bench_without_json_prints_a_table_of_every_measurement() {
+    let args = ["bench", "--ops", "2000", "--reps", "1", "--h2d-mib", "2"];
+    let out = hipvisor(&args);
+    let text = summary(&out);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.starts_with("hipvisor bench: sim backend, "), "{text}");
+    for n in [
+        "channel_baseline_serial",
+        "direct_null",
+        "runtime_thread_pipelined_null",
+        "runtime_process_batch_null",
+        "runtime_process_h2d",
+        "recovery_sticky_standby_ms",
+        "telemetry_off_pipelined",
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(n))
+            .unwrap_or_else(|| panic!("a row for {n}: {text}"));
+        assert!(line.contains(" – "), "median, then min – max: {line}");
+    }
+    assert!(text.contains("\nderived:\n  "), "{text}");
+    assert!(
+        text.contains("telemetry_on_pipelined / telemetry_off_pipelined"),
+        "{text}"
+    );
+}
+
+/// The subcommands `hipvisor --help` must list. A subcommand added without a line in the
+/// help, or a line for one that is gone, fails `help_lists_every_subcommand`.
+const SUBCOMMANDS: [&str; 6] = ["run", "chaos", "bench", "devices", "config", "help"];
+
+/// The `Commands:` section of a help text: (name, description) per line.
+fn commands(help: &str) -> Vec<(String, String)> {
+    help.lines()
+        .skip_while(|l| l.trim() != "Commands:")
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .map(|l| {
+            let l = l.trim_start();
+            let (name, about) = l.split_once(' ').unwrap_or((l, ""));
+            (name.to_string(), about.trim().to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn help_lists_every_subcommand_with_a_one_line_description() {
+    let help = hipvisor(&["--help"]);
+    assert!(help.status.success());
+    let text = String::from_utf8_lossy(&help.stdout).into_owned();
+    let listed = commands(&text);
+    let names: Vec<&str> = listed.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, SUBCOMMANDS, "{text}");
+    for (name, about) in &listed {
+        assert!(about.len() > 10, "`{name}` has a description: {text}");
+    }
+    assert!(text.contains("--json"), "says what --json changes: {text}");
+    // `hipvisor help` says the same; `hipvisor` alone shows it too (on stderr, exit 2: a
+    // command is required).
+    let out = hipvisor(&["help"]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), text);
+    let out = hipvisor(&[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(commands(&String::from_utf8_lossy(&out.stderr)), listed);
+    // Each subcommand's own help says what --json does, where it has one.
+    for sub in ["run", "chaos", "bench"] {
+        let out = hipvisor(&[sub, "--help"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("without it, stdout gets a short"), "{sub}: {text}");
+    }
 }

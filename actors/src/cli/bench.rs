@@ -43,7 +43,8 @@ pub(crate) struct BenchArgs {
     /// Size of the host→device copies, in MiB.
     #[arg(long, default_value_t = 256)]
     h2d_mib: u64,
-    /// Print one JSON object on stdout.
+    /// Print the full report as one JSON object on stdout (and nothing else); without it,
+    /// stdout gets a short table: each measurement's median and range, and the ratios.
     #[arg(long)]
     json: bool,
 }
@@ -433,7 +434,7 @@ pub(crate) fn main(args: BenchArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(report) => {
-            println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+            print!("{}", crate::cli::summary::bench(&report));
             ExitCode::SUCCESS
         }
         Err(e) => {

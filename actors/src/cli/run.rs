@@ -35,7 +35,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 use crate::CommonArgs;
-use crate::cli::{SIGINT, SIGTERM, signal_name};
+use crate::cli::{SIGINT, SIGTERM, signal_name, summary};
 
 /// Flags of `hipvisor run`.
 #[derive(Args, Debug)]
@@ -48,7 +48,9 @@ pub(crate) struct RunArgs {
     /// Application actors.
     #[arg(long, default_value_t = 8)]
     actors: u32,
-    /// Print one JSON object on stdout (and nothing else).
+    /// Print the full report as one JSON object on stdout (and nothing else); without it,
+    /// stdout gets a short summary: per device ops, failures, restarts and state, then the
+    /// totals (retries included).
     #[arg(long)]
     json: bool,
     /// Serve /metrics, /healthz, /readyz, /api/snapshot and a dashboard on this address
@@ -675,7 +677,8 @@ async fn finish(job: Arc<Job>, end: RunEnd) -> ExitCode {
     if json_out {
         println!("{report}");
     } else {
-        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+        let command = if chaos { "chaos" } else { "run" };
+        print!("{}", summary::run(command, &report, &summary::device_rows(&snapshot)));
     }
     if !consistent {
         eprintln!(
