@@ -31,7 +31,7 @@
 //!
 //! A device that fails or is lost keeps nothing queued: its state change answers (or moves)
 //! what is queued for it, and what is queued again later (a requeue, a retry) is answered as
-//! it arrives ([`Shared::settle_dead_queue`]).
+//! it arrives ([`Shared::settle_dead_queue`](crate::shared::Shared)).
 //!
 //! Restarts (a panicking device actor, a panicking executor) follow the restart intensity:
 //! at most `max_restarts` per `restart_window_ms`, with a backoff between restarts; beyond
@@ -48,70 +48,14 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
+use crate::device_actor;
 use crate::error::RuntimeError;
 use crate::executor;
 use crate::job::Job;
+use crate::messages::{Failure, SupervisorMsg};
 use crate::metrics::{MetricsEvent, QuarantineEntry};
-use crate::runtime::Shared;
+use crate::shared::Shared;
 use crate::state::DeviceState;
-
-/// A failed op, as an executor reports it.
-pub struct Failure {
-    pub(crate) device: u32,
-    pub(crate) epoch: u64,
-    pub(crate) job: Job,
-    pub(crate) error: GpuError,
-    /// For sticky faults: the kernels (module id, function) launched since the device's
-    /// last successful synchronizing op.
-    pub(crate) suspects: Vec<(u64, String)>,
-}
-
-/// Messages of the [`Supervisor`].
-pub enum SupervisorMsg {
-    /// An op failed.
-    Failed(Box<Failure>),
-    /// A device's executor ended abnormally.
-    ExecutorDied {
-        /// The device.
-        device: u32,
-        /// The executor's epoch.
-        epoch: u64,
-        /// Why (how the worker ended).
-        reason: String,
-        /// Set when the worker ended by SIGABRT while kernels it launched may have been
-        /// running (launched since the last op that waited for the device), and not during a
-        /// module load: how ROCm ends a process whose kernel made a memory access fault. The
-        /// death is a sticky fault of these kernels.
-        suspects: Vec<(u64, String)>,
-    },
-    /// A device's context was opened.
-    Opened {
-        /// The device.
-        device: u32,
-        /// The epoch it was opened for.
-        epoch: u64,
-    },
-    /// A device's context could not be opened.
-    OpenFailed {
-        /// The device.
-        device: u32,
-        /// The epoch it was opened for.
-        epoch: u64,
-        /// The error.
-        error: GpuError,
-    },
-    /// A lost device answered its probe.
-    DeviceReturned(u32),
-    /// The restart backoff of a device's executor has passed (`true`: a restart, counted in
-    /// the metrics; `false`: another attempt to open a lost device).
-    RestartExecutor(u32, bool),
-    /// Answers once every message sent before it has been handled.
-    Barrier(ractor::RpcReplyPort<()>),
-    /// The restart backoff of a device's actor has passed.
-    RestartActor(u32),
-    /// The runtime is shutting down: restart nothing more, answer failures at once.
-    Shutdown(ractor::RpcReplyPort<()>),
-}
 
 struct DeviceSupervision {
     budget: RetryBudget,
@@ -171,7 +115,7 @@ impl Actor for Supervisor {
             .collect();
         let mut children = HashMap::new();
         for d in 0..shared.cores.len() as u32 {
-            let actor = shared.spawn_device_actor(d, me.get_cell()).await?;
+            let actor = device_actor::spawn(shared.clone(), d, me.get_cell()).await?;
             children.insert(actor.get_id(), d);
         }
         Ok(SupervisorState {
@@ -274,7 +218,7 @@ impl Actor for Supervisor {
                 if st.shutting_down || st.shared.cores[device as usize].state.get() == DeviceState::Failed {
                     return Ok(());
                 }
-                let actor = st.shared.spawn_device_actor(device, me.get_cell()).await?;
+                let actor = device_actor::spawn(st.shared.clone(), device, me.get_cell()).await?;
                 st.children.insert(actor.get_id(), device);
                 st.shared.metrics_event(MetricsEvent::Restart { device });
                 st.shared.set_state(device, DeviceState::Ready, None);
@@ -328,7 +272,7 @@ impl SupervisorState {
         }
         let class = f.error.class();
         if f.job.origin == hipvisor_core::Origin::Application && class != ErrorClass::InvalidRequest {
-            core.breaker_result(false, &self.shared);
+            self.shared.breaker_result(&core, false);
         }
         tracing::debug!(device = f.device, op = f.job.kind().as_str(), attempt = f.job.attempts, error = %f.error, "op failed");
         match class {
@@ -535,7 +479,7 @@ impl SupervisorState {
     }
 
     /// Puts a device out of service and answers everything queued for it (the state change
-    /// does: [`Shared::set_state`]); what is queued for it later is answered too.
+    /// does: [`Shared::set_state`](crate::shared::Shared)); what is queued for it later is answered too.
     fn fail(&mut self, device: u32, reason: String) {
         self.shared.set_state(device, DeviceState::Failed, Some(reason));
         self.shared.settle_dead_queue(device);
