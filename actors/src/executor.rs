@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use hipvisor_core::config::Isolation;
+use hipvisor_core::supervision::{EngineDeath, reruns_transparently};
 use hipvisor_core::sync::lock;
 use hipvisor_core::{ErrorClass, GpuError, ModuleHandle, Op, OpKind, Origin, Reply};
 
@@ -536,44 +537,16 @@ fn execute_batch(
     go_on
 }
 
-/// How an engine ended: the reason, whether by SIGABRT, and whether while it was loading a
-/// module.
+/// How an engine ended: the reason, and how it reads ([`EngineDeath`]: whether by SIGABRT,
+/// and whether while it was loading a module).
 #[derive(Debug)]
 struct Death {
     reason: String,
-    aborted: bool,
-    loading: bool,
-}
-
-impl Death {
-    /// Whether the death is a GPU memory access fault of the kernels launched since the last
-    /// op that waited for the device (`suspects`): a SIGABRT while they may have been
-    /// running, which is how ROCm ends a process whose kernel faulted — unless the op running
-    /// was a module load. There the abort is taken for the load's own (ROCm 5.2's hiprtc and
-    /// code-object manager abort on a target they do not know), not for a kernel's fault.
-    fn is_gpu_fault(&self, suspects: &[(u64, String)]) -> bool {
-        self.aborted && !self.loading && !suspects.is_empty()
-    }
-}
-
-/// Whether an op the dying engine had not started runs again, transparently, on the next
-/// one. Only an application's op that is idempotent, touches no buffer of the dying context
-/// and whose answer does not vouch for that context's earlier work (a synchronize or a copy
-/// to the host would answer success on a context where those kernels never ran) — and
-/// nothing when the death is a GPU memory fault (`gpu_fault`): then, as on NVIDIA where the
-/// next call returns the fault, the ops in flight are answered.
-fn reruns_transparently(op: &Op, origin: Origin, may_have_executed: bool, gpu_fault: bool) -> bool {
-    let kind = op.kind();
-    origin == Origin::Application
-        && !may_have_executed
-        && !gpu_fault
-        && kind.is_idempotent()
-        && !kind.is_synchronizing()
-        && op.buffers().is_empty()
+    how: EngineDeath,
 }
 
 /// Tells the supervisor that the engine died (once, after the op or batch it died under
-/// has been answered). A death that is a GPU memory access fault ([`Death::is_gpu_fault`])
+/// has been answered). A death that is a GPU memory access fault ([`EngineDeath::is_gpu_fault`])
 /// takes the suspects along, so the supervisor treats it as a sticky fault of them.
 fn report_death(
     shared: &Shared,
@@ -583,12 +556,12 @@ fn report_death(
     suspects: &mut Vec<(u64, String)>,
 ) {
     let Some(death) = died else { return };
-    let suspects = if death.is_gpu_fault(suspects) {
+    let suspects = if death.how.is_gpu_fault(!suspects.is_empty()) {
         std::mem::take(suspects)
     } else {
         Vec::new()
     };
-    let reason = if death.aborted && death.loading {
+    let reason = if death.how.aborted && death.how.loading {
         format!(
             "{}: the worker aborted during a module load (taken for the module loader's abort, not a kernel's \
              memory fault)",
@@ -658,12 +631,15 @@ fn finish(
             }
             let death = died.get_or_insert(Death {
                 reason,
-                aborted,
-                loading: false,
+                how: EngineDeath {
+                    aborted,
+                    loading: false,
+                },
             });
             // The op running when the engine died was a module load.
-            death.loading |= may_have_executed && job.kind() == OpKind::LoadModule;
-            if reruns_transparently(&job.op, job.origin, may_have_executed, death.is_gpu_fault(suspects)) {
+            death.how.loading |= may_have_executed && job.kind() == OpKind::LoadModule;
+            let gpu_fault = death.how.is_gpu_fault(!suspects.is_empty());
+            if reruns_transparently(&job.op, job.origin, may_have_executed, gpu_fault) {
                 job.attempts -= 1;
                 shared.requeue(job);
             } else {
@@ -695,60 +671,5 @@ fn track_success(core: &DeviceCore, op: &Op, reply: &Reply, suspects: &mut Vec<(
 fn add_suspect(suspects: &mut Vec<(u64, String)>, module: u64, function: &str) {
     if !suspects.iter().any(|(m, f)| *m == module && f == function) {
         suspects.push((module, function.to_string()));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn death(aborted: bool, loading: bool) -> Death {
-        Death {
-            reason: "worker killed by signal 6 (SIGABRT)".into(),
-            aborted,
-            loading,
-        }
-    }
-
-    #[test]
-    fn only_a_sigabrt_while_kernels_may_run_outside_a_module_load_is_a_gpu_fault() {
-        let suspects = vec![(1, "fill".to_string())];
-        assert!(death(true, false).is_gpu_fault(&suspects));
-        assert!(!death(true, false).is_gpu_fault(&[]), "no kernel may have been running");
-        assert!(!death(false, false).is_gpu_fault(&suspects), "SIGKILL, an exit");
-        // ROCm 5.2's hiprtc and comgr abort on a target they do not know: an abort during a
-        // module load is the loader's, and the kernels launched before it are not suspects.
-        assert!(!death(true, true).is_gpu_fault(&suspects));
-    }
-
-    #[test]
-    fn what_reruns_after_a_worker_death() {
-        use hipvisor_core::BufferHandle;
-        let app = Origin::Application;
-        // Idempotent, no buffer, does not vouch for earlier work: reruns if it did not start.
-        assert!(reruns_transparently(&Op::MemInfo, app, false, false));
-        assert!(reruns_transparently(&Op::DeviceInfo, app, false, false));
-        assert!(!reruns_transparently(&Op::MemInfo, app, true, false), "may have run");
-        assert!(!reruns_transparently(&Op::MemInfo, Origin::Runtime, false, false));
-        // Nothing reruns after a GPU memory fault.
-        assert!(!reruns_transparently(&Op::MemInfo, app, false, true));
-        // A synchronize would answer that kernels of the dead context finished.
-        assert!(!reruns_transparently(&Op::Synchronize, app, false, false));
-        let b = BufferHandle {
-            device: 0,
-            epoch: 1,
-            id: 1,
-            len: 4,
-        };
-        let copy = Op::CopyFromDevice {
-            src: b,
-            offset: 0,
-            len: 4,
-        };
-        assert!(!reruns_transparently(&copy, app, false, false));
-        assert!(
-            !reruns_transparently(&Op::Alloc { bytes: 4 }, app, false, false),
-            "not idempotent"
-        );
     }
 }
