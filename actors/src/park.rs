@@ -92,3 +92,89 @@ pub(crate) async fn answer(mut rx: tokio::sync::oneshot::Receiver<Answered>, spi
     rx.await
         .map_or(Err(RuntimeError::ShuttingDown), |(result, _slot)| result)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::Job;
+    use crate::metrics::DeviceCounters;
+    use crate::reply::ReplySlot;
+    use hipvisor_core::{Op, OpKind, Origin, Reply};
+    use std::sync::Arc;
+
+    #[test]
+    fn spin_only_for_a_serial_caller_with_no_task_waiting_for_a_thread() {
+        let us = Duration::from_micros;
+        assert_eq!(spin_budget(20, 0, 0), us(20));
+        assert_eq!(spin_budget(20, 1, 0), us(20));
+        assert_eq!(
+            spin_budget(20, 2, 0),
+            Duration::ZERO,
+            "pipelined: the next op is coming"
+        );
+        assert_eq!(spin_budget(20, 1, 1), Duration::ZERO, "a woken task waits for a thread");
+        assert_eq!(spin_budget(0, 1, 0), Duration::ZERO, "spinning off");
+    }
+
+    fn job(queue_counters: &Arc<DeviceCounters>, origin: Origin) -> Job {
+        let (tx, _rx) = tokio::sync::oneshot::channel::<OpResult>();
+        let now = Instant::now();
+        Job {
+            op: Op::MemInfo,
+            origin,
+            slot: ReplySlot::new(tx.into(), OpKind::MemInfo, origin, queue_counters.clone(), now),
+            attempts: 0,
+            backoff: None,
+            deadline: now + Duration::from_secs(10),
+            _permit: None,
+            device: 0,
+        }
+    }
+
+    #[test]
+    fn queued_work_is_taken_without_spinning_priority_lane_first() {
+        let counters = Arc::new(DeviceCounters::default());
+        let q = JobQueue::new(0, Duration::from_secs(10), counters.clone());
+        q.enqueue(job(&counters, Origin::Application));
+        q.signal(Work::Wake);
+        let never = || -> Duration { panic!("asked how long to spin with work queued") };
+        assert!(matches!(next_work(&q, never), Work::Wake));
+        assert!(matches!(next_work(&q, never), Work::Job(j) if j.origin == Origin::Application));
+    }
+
+    #[test]
+    fn an_idle_executor_parks_until_work_arrives() {
+        let counters = Arc::new(DeviceCounters::default());
+        let q = Arc::new(JobQueue::new(0, Duration::from_secs(10), counters.clone()));
+        let sender = {
+            let q = q.clone();
+            // Whenever it arrives — during the spin or after the park — it is taken.
+            std::thread::spawn(move || q.enqueue(job(&counters, Origin::Runtime)))
+        };
+        let w = next_work(&q, || Duration::from_micros(50));
+        assert!(matches!(w, Work::Job(j) if j.origin == Origin::Runtime));
+        sender.join().expect("sender");
+    }
+
+    #[tokio::test]
+    async fn an_answer_already_there_is_taken_while_spinning_and_a_dropped_sender_is_shutting_down() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<Answered>();
+        tx.send((Ok(Reply::Done), None)).ok().expect("sent");
+        assert!(matches!(answer(rx, Duration::from_micros(50)).await, Ok(Reply::Done)));
+        for spin in [Duration::ZERO, Duration::from_micros(50)] {
+            let (tx, rx) = tokio::sync::oneshot::channel::<Answered>();
+            drop(tx);
+            assert!(matches!(answer(rx, spin).await, Err(RuntimeError::ShuttingDown)));
+        }
+    }
+
+    #[tokio::test]
+    async fn without_a_spin_the_caller_waits_to_be_woken() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<Answered>();
+        let waiting = tokio::spawn(answer(rx, Duration::ZERO));
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "answered before the answer was sent");
+        tx.send((Ok(Reply::Done), None)).ok().expect("sent");
+        assert!(matches!(waiting.await.expect("joined"), Ok(Reply::Done)));
+    }
+}

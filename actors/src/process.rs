@@ -51,7 +51,7 @@ pub(crate) fn start_worker(
     let launch = WorkerLaunch {
         program: &shared.worker_program,
         backend,
-        sim: (backend == BackendKind::Sim).then(|| hipvisor_core::ipc::SimHello {
+        sim: (backend == BackendKind::Sim).then_some(hipvisor_core::ipc::SimHello {
             devices: config.sim.devices,
             memory_bytes: config.sim.memory_bytes,
             flavour: config.sim.flavour,

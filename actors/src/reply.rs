@@ -203,3 +203,124 @@ impl ReplySlot {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hipvisor_core::Reply;
+    use tokio::sync::oneshot;
+
+    fn slot(origin: Origin, counters: &Arc<DeviceCounters>) -> (ReplySlot, oneshot::Receiver<OpResult>) {
+        let (tx, rx) = oneshot::channel::<OpResult>();
+        let slot = ReplySlot::new(tx.into(), OpKind::MemInfo, origin, counters.clone(), Instant::now());
+        (slot, rx)
+    }
+
+    #[test]
+    fn a_slot_is_answered_exactly_once_and_a_late_answer_is_counted_not_delivered() {
+        let counters = Arc::new(DeviceCounters::default());
+        let (slot, mut rx) = slot(Origin::Application, &counters);
+        assert_eq!(counters.outstanding(), 1, "opened");
+        let twin = slot.clone();
+        assert!(!twin.is_answered());
+        assert!(slot.answer(Ok(Reply::Done), 1, &counters));
+        assert!(twin.is_answered(), "clones share the slot");
+        assert!(!twin.answer(Err(RuntimeError::ShuttingDown), 1, &counters), "taken");
+        assert!(matches!(rx.try_recv(), Ok(Ok(Reply::Done))), "the first answer wins");
+        assert_eq!(counters.outstanding(), 0);
+        assert_eq!(counters.take().late(), 1, "the second answer is a late completion");
+    }
+
+    #[test]
+    fn a_slot_dropped_unanswered_answers_shutting_down() {
+        let counters = Arc::new(DeviceCounters::default());
+        let (slot, mut rx) = slot(Origin::Application, &counters);
+        let twin = slot.clone();
+        drop(slot);
+        assert!(rx.try_recv().is_err(), "a clone still holds it");
+        drop(twin);
+        assert!(matches!(rx.try_recv(), Ok(Err(RuntimeError::ShuttingDown))));
+        assert_eq!(counters.outstanding(), 0, "counted as answered");
+    }
+
+    #[test]
+    fn the_runtimes_own_ops_are_not_counted_as_the_applications() {
+        let counters = Arc::new(DeviceCounters::default());
+        let (slot, mut rx) = slot(Origin::Runtime, &counters);
+        assert_eq!(counters.outstanding(), 0);
+        assert!(slot.answer(Ok(Reply::Done), 1, &counters));
+        assert!(matches!(rx.try_recv(), Ok(Ok(Reply::Done))));
+        assert_eq!(counters.outstanding(), 0);
+    }
+
+    #[test]
+    fn a_retargeted_slot_is_counted_on_its_new_device() {
+        let from = Arc::new(DeviceCounters::default());
+        let to = Arc::new(DeviceCounters::default());
+        let (slot, _rx) = slot(Origin::Application, &from);
+        slot.retarget(to.clone());
+        assert_eq!((from.outstanding(), to.outstanding()), (0, 1));
+        assert!(slot.answer(Ok(Reply::Done), 1, &from));
+        assert_eq!(to.outstanding(), 0);
+    }
+
+    #[test]
+    fn a_handle_caller_gets_the_slot_with_its_answer() {
+        let counters = Arc::new(DeviceCounters::default());
+        let (tx, mut rx) = oneshot::channel::<Answered>();
+        let slot = ReplySlot::new(
+            tx.into(),
+            OpKind::MemInfo,
+            Origin::Application,
+            counters.clone(),
+            Instant::now(),
+        );
+        assert!(slot.answer(Ok(Reply::Done), 1, &counters));
+        match rx.try_recv() {
+            Ok((Ok(Reply::Done), Some(s))) => assert!(s.is_answered()),
+            other => panic!("{:?}", other.map(|(r, s)| (r, s.is_some()))),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_sink_gives_the_answers_back_in_order_once_the_last_one_arrives() {
+        let counters = Arc::new(DeviceCounters::default());
+        let sink = BatchSink::new(3);
+        let slots: Vec<ReplySlot> = (0..3)
+            .map(|i| {
+                let port = Port::Batch(sink.clone(), i);
+                ReplySlot::new(
+                    port,
+                    OpKind::MemInfo,
+                    Origin::Application,
+                    counters.clone(),
+                    Instant::now(),
+                )
+            })
+            .collect();
+        // Answered out of order; one twice (the second is a late completion).
+        slots[2].answer(Err(RuntimeError::ShuttingDown), 1, &counters);
+        slots[0].answer(Ok(Reply::Done), 1, &counters);
+        slots[0].answer(Err(RuntimeError::ShuttingDown), 1, &counters);
+        // Not all answered: the caller waits (polled, and not done).
+        let waiter = {
+            let sink = sink.clone();
+            tokio::spawn(async move { sink.wait().await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "woken before the last answer");
+        slots[1].answer(Ok(Reply::Done), 1, &counters);
+        let results = waiter.await.expect("woken by the last answer");
+        assert!(matches!(
+            results.as_slice(),
+            [Ok(Reply::Done), Ok(Reply::Done), Err(RuntimeError::ShuttingDown)]
+        ));
+        assert_eq!(counters.take().late(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_empty_batch_is_answered_at_once() {
+        let sink = BatchSink::new(0);
+        assert!(sink.wait().await.is_empty());
+    }
+}

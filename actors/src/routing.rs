@@ -406,3 +406,194 @@ impl Shared {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::Work;
+    use crate::shared::testing::shared;
+    use hipvisor_core::{ModuleHandle, OpKind};
+    use tokio::sync::oneshot;
+
+    fn port() -> (Port, oneshot::Receiver<OpResult>) {
+        let (tx, rx) = oneshot::channel::<OpResult>();
+        (tx.into(), rx)
+    }
+
+    /// The jobs queued on a device, in the order its executor takes them.
+    fn queued(shared: &Shared, device: u32) -> Vec<(OpKind, Origin)> {
+        let (jobs, other) = shared.cores[device as usize].queue.take();
+        let seen = jobs.iter().map(|j| (j.kind(), j.origin)).collect();
+        shared.cores[device as usize].queue.put_back(jobs, other);
+        seen
+    }
+
+    fn launch() -> Op {
+        Op::Launch {
+            module: ModuleHandle { device: 0, id: 7 },
+            function: "bad".into(),
+            grid: hipvisor_core::Dim3::x(1),
+            block: hipvisor_core::Dim3::x(1),
+            shared_mem_bytes: 0,
+            args: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_op_for_a_ready_device_is_admitted_and_queued_there() {
+        let s = shared(2, |_| {}).await;
+        let (p, mut rx) = port();
+        assert!(s.submit_now(1, Op::MemInfo, p, true, None).is_none());
+        assert_eq!(queued(&s, 1), vec![(OpKind::MemInfo, Origin::Application)]);
+        assert!(queued(&s, 0).is_empty());
+        assert_eq!(s.cores[1].in_flight(), 1, "holds an in-flight slot");
+        assert!(rx.try_recv().is_err(), "not answered");
+    }
+
+    #[tokio::test]
+    async fn an_op_for_a_device_out_of_range_or_a_failed_one_or_a_closing_runtime_is_answered_at_once() {
+        let s = shared(2, |_| {}).await;
+        let (p, mut rx) = port();
+        assert!(s.submit_now(5, Op::MemInfo, p, true, None).is_none());
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Err(RuntimeError::NoSuchDevice { device: 5, count: 2 }))
+        ));
+        s.set_state(0, DeviceState::Failed, Some("test".into()));
+        let (p, mut rx) = port();
+        s.submit_now(0, Op::MemInfo, p, true, None);
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Err(RuntimeError::DeviceFailed { device: 0, .. }))
+        ));
+        s.closing.store(true, Ordering::SeqCst);
+        let (p, mut rx) = port();
+        s.submit_now(1, Op::MemInfo, p, true, None);
+        assert!(matches!(rx.try_recv(), Ok(Err(RuntimeError::ShuttingDown))));
+        assert!(queued(&s, 0).is_empty() && queued(&s, 1).is_empty());
+    }
+
+    #[tokio::test]
+    async fn on_a_lost_device_an_op_that_may_move_goes_to_the_least_loaded_ready_device() {
+        let s = shared(3, |_| {}).await;
+        // Device 1 is busier than device 2.
+        let (p, _busy) = port();
+        s.submit_now(1, Op::MemInfo, p, true, None);
+        s.set_state(0, DeviceState::Lost, Some("test".into()));
+        let (p, mut rx) = port();
+        s.submit_now(0, Op::Alloc { bytes: 16 }, p, true, None);
+        assert_eq!(queued(&s, 2), vec![(OpKind::Alloc, Origin::Application)]);
+        assert!(rx.try_recv().is_err());
+        // One bound to the device (its answer describes it) is answered DeviceLost.
+        let (p, mut rx) = port();
+        s.submit_now(0, Op::MemInfo, p, true, None);
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Err(RuntimeError::DeviceLost { device: 0, .. }))
+        ));
+        // With no other ready device, a movable op is answered DeviceLost too.
+        s.set_state(1, DeviceState::Failed, None);
+        s.set_state(2, DeviceState::Restarting, None);
+        let (p, mut rx) = port();
+        s.submit_now(0, Op::Alloc { bytes: 16 }, p, true, None);
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Err(RuntimeError::DeviceLost { device: 0, .. }))
+        ));
+    }
+
+    #[tokio::test]
+    async fn at_the_in_flight_bound_a_try_is_busy_and_a_submit_is_given_back_to_wait() {
+        let s = shared(1, |c| c.runtime.in_flight = 1).await;
+        let (p, _first) = port();
+        assert!(s.submit_now(0, Op::MemInfo, p, true, None).is_none());
+        let (p, mut rx) = port();
+        assert!(s.submit_now(0, Op::MemInfo, p, true, None).is_none());
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Err(RuntimeError::Busy { device: 0, capacity: 1 }))
+        ));
+        let (p, _rx) = port();
+        assert!(
+            s.submit_now(0, Op::MemInfo, p, false, None).is_some(),
+            "given back to wait"
+        );
+        assert_eq!(queued(&s, 0).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_quarantined_kernel_and_an_open_breaker_are_refused_at_admission() {
+        let s = shared(1, |c| {
+            c.breaker.consecutive_failures = 1;
+            c.breaker.open_ms = 60_000;
+        })
+        .await;
+        let core = &s.cores[0];
+        core.quarantined.write().unwrap().insert((7, "bad".into()));
+        let (p, mut rx) = port();
+        s.submit_now(0, launch(), p, true, None);
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Err(RuntimeError::Quarantined { module: 7, .. }))
+        ));
+        // One failure opens this breaker; a success while closed takes no lock.
+        s.breaker_result(core, true);
+        assert_eq!(core.breaker_state(), hipvisor_core::BreakerState::Closed);
+        s.breaker_result(core, false);
+        assert_eq!(core.breaker_state(), hipvisor_core::BreakerState::Open);
+        let (p, mut rx) = port();
+        s.submit_now(0, Op::MemInfo, p, true, None);
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Err(RuntimeError::CircuitOpen { device: 0, .. }))
+        ));
+        assert!(queued(&s, 0).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_device_that_is_lost_moves_its_movable_ops_answers_the_others_and_keeps_its_own() {
+        let s = shared(2, |_| {}).await;
+        let core = &s.cores[0];
+        let (p, mut alloc) = port();
+        s.submit_now(0, Op::Alloc { bytes: 8 }, p, true, None);
+        let (p, mut info) = port();
+        s.submit_now(0, Op::MemInfo, p, true, None);
+        let (tx, _probe) = oneshot::channel::<OpResult>();
+        core.queue
+            .enqueue(core.job(Op::MemInfo, Origin::Runtime, tx.into(), None));
+        core.queue.signal(Work::Wake);
+        s.set_state(0, DeviceState::Lost, Some("test".into()));
+        assert!(matches!(
+            info.try_recv(),
+            Ok(Err(RuntimeError::DeviceLost { device: 0, .. }))
+        ));
+        assert!(alloc.try_recv().is_err(), "moved, not answered");
+        assert_eq!(queued(&s, 1), vec![(OpKind::Alloc, Origin::Application)]);
+        assert_eq!(
+            queued(&s, 0),
+            vec![(OpKind::MemInfo, Origin::Runtime)],
+            "the probe stays"
+        );
+        // A requeue to the lost device after its drain is settled at once, too.
+        let (tx, mut again) = oneshot::channel::<OpResult>();
+        s.requeue(core.job(Op::MemInfo, Origin::Application, tx.into(), None));
+        assert!(matches!(again.try_recv(), Ok(Err(RuntimeError::DeviceLost { .. }))));
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_queued_together_once_admitted() {
+        let s = shared(1, |_| {}).await;
+        let sink = BatchSink::new(3);
+        s.submit_batch(0, vec![Op::MemInfo, Op::DeviceInfo, Op::Synchronize], &sink)
+            .await;
+        assert_eq!(
+            queued(&s, 0),
+            vec![
+                (OpKind::MemInfo, Origin::Application),
+                (OpKind::DeviceInfo, Origin::Application),
+                (OpKind::Synchronize, Origin::Application)
+            ]
+        );
+        assert_eq!(s.cores[0].in_flight(), 3);
+    }
+}

@@ -125,3 +125,49 @@ impl Shared {
         Ok(s)
     }
 }
+
+/// A [`Shared`] for unit tests: `devices` simulated devices in thread isolation with no
+/// executor, supervisor or watchdog — what the test does to the queues is all that happens.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use crate::metrics::{MetricsActor, MetricsArgs};
+    use hipvisor_core::SimBackend;
+    use hipvisor_core::config::Isolation;
+
+    pub(crate) async fn shared(devices: u32, configure: impl FnOnce(&mut RuntimeConfig)) -> Arc<Shared> {
+        let mut config = RuntimeConfig::default();
+        config.runtime.isolation = Isolation::Thread;
+        config.sim.devices = devices;
+        config.sim.memory_bytes = 1 << 20;
+        configure(&mut config);
+        let backend = Arc::new(SimBackend::from_config(&config.sim, false).expect("sim config"));
+        let args = MetricsArgs {
+            meter: opentelemetry::global::meter("hipvisor-test"),
+            devices,
+            max_retries: config.retry.max_retries,
+        };
+        let (metrics, _) = ractor::Actor::spawn(None, MetricsActor, args)
+            .await
+            .expect("metrics actor");
+        let deadline = Duration::from_millis(config.runtime.op_deadline_ms);
+        let cores = (0..devices)
+            .map(|i| Arc::new(DeviceCore::new(i, config.runtime.in_flight, deadline, &config.breaker)))
+            .collect();
+        Arc::new(Shared {
+            cores,
+            backend,
+            closing: AtomicBool::new(false),
+            states: broadcast::channel(16).0,
+            metrics,
+            supervisor: Mutex::new(None),
+            retry_tasks: Mutex::new(tokio::task::JoinSet::new()),
+            flushing: Mutex::new(()),
+            worker_program: "/nonexistent/hipvisor-worker".into(),
+            spawner: Spawner::start().expect("spawner"),
+            workers: Arc::new(Workers::default()),
+            spin: SpinPolicy::new(0, tokio::runtime::Handle::current().metrics()),
+            config,
+        })
+    }
+}

@@ -116,3 +116,124 @@ impl Shared {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::Current;
+    use crate::error::{OpResult, RuntimeError};
+    use crate::shared::testing::shared;
+    use hipvisor_core::{Op, Origin};
+    use tokio::sync::oneshot;
+
+    /// A job on device 0, its deadline passed already (`past`) or an op deadline away.
+    fn job(s: &Shared, past: bool) -> (crate::job::Job, oneshot::Receiver<OpResult>) {
+        let core = &s.cores[0];
+        let (tx, rx) = oneshot::channel::<OpResult>();
+        let mut job = core.job(Op::MemInfo, Origin::Application, tx.into(), None);
+        if past {
+            job.deadline = Instant::now() - Duration::from_millis(1);
+        }
+        (job, rx)
+    }
+
+    #[tokio::test]
+    async fn an_op_running_past_its_deadline_is_answered_as_one_that_may_have_run() {
+        let s = shared(1, |_| {}).await;
+        let (late, mut late_rx) = job(&s, true);
+        let (on_time, mut on_time_rx) = job(&s, false);
+        {
+            let mut running = lock(&s.cores[0].current);
+            for j in [&late, &on_time] {
+                running.ops.push(Current {
+                    slot: j.slot.clone(),
+                    deadline: j.deadline,
+                    op: j.kind(),
+                });
+            }
+        }
+        let mut due = vec![Instant::now() + Duration::from_secs(60)];
+        s.watch(&mut due);
+        assert!(matches!(
+            late_rx.try_recv(),
+            Ok(Err(RuntimeError::DeadlineExceeded {
+                may_have_executed: true,
+                ..
+            }))
+        ));
+        assert!(on_time_rx.try_recv().is_err(), "not due yet");
+        drop((late, on_time));
+    }
+
+    #[tokio::test]
+    async fn a_queue_nobody_takes_from_is_swept_when_due_and_left_alone_while_an_executor_takes() {
+        let s = shared(1, |_| {}).await;
+        let core = &s.cores[0];
+        let (late, mut late_rx) = job(&s, true);
+        let (on_time, mut on_time_rx) = job(&s, false);
+        core.queue.enqueue(late);
+        core.queue.enqueue(on_time);
+        // An executor is taking from the queue: it answers what is past its deadline itself.
+        lock(&core.current).takers = 1;
+        let mut due = vec![Instant::now() - Duration::from_secs(1)];
+        s.watch(&mut due);
+        assert!(late_rx.try_recv().is_err(), "the queue is the executor's");
+        // Nobody takes, but the queue is not due yet: not taken apart.
+        lock(&core.current).takers = 0;
+        let not_yet = Instant::now() + Duration::from_secs(60);
+        let mut due = vec![not_yet];
+        s.watch(&mut due);
+        assert!(late_rx.try_recv().is_err(), "not due");
+        // Due: the late job is answered, the other stays, and `due` is its deadline.
+        let mut due = vec![Instant::now() - Duration::from_secs(1)];
+        s.watch(&mut due);
+        assert!(matches!(
+            late_rx.try_recv(),
+            Ok(Err(RuntimeError::DeadlineExceeded {
+                may_have_executed: false,
+                ..
+            }))
+        ));
+        assert!(on_time_rx.try_recv().is_err());
+        assert!(!core.queue.is_empty());
+        assert!(due[0] <= Instant::now() + core.deadline());
+    }
+
+    #[tokio::test]
+    async fn a_job_queued_for_a_failed_device_after_its_drain_is_answered() {
+        let s = shared(1, |_| {}).await;
+        s.set_state(0, DeviceState::Failed, Some("test".into()));
+        let (j, mut rx) = job(&s, false);
+        // As a requeue racing with the drain would leave it.
+        s.cores[0].queue.requeue(j);
+        let mut due = vec![Instant::now() + Duration::from_secs(60)];
+        s.watch(&mut due);
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Err(RuntimeError::DeviceFailed { device: 0, .. }))
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_empty_queue_sets_the_next_look_one_deadline_ahead_or_at_a_requeued_deadline() {
+        let s = shared(1, |_| {}).await;
+        let core = &s.cores[0];
+        let mut due = vec![Instant::now() - Duration::from_secs(1)];
+        let before = Instant::now();
+        s.watch(&mut due);
+        assert!(due[0] >= before + core.deadline());
+        // A job queued again with an older deadline (sooner than a first submission's),
+        // then taken: its deadline is noted.
+        let (mut j, _rx) = job(&s, false);
+        j.deadline = Instant::now() + core.deadline() / 2;
+        let noted = j.deadline;
+        core.queue.enqueue_again(j);
+        let _ = core.queue.take();
+        s.watch(&mut due);
+        assert!(
+            due[0] <= noted && noted - due[0] < Duration::from_micros(1),
+            "{:?} vs {noted:?}",
+            due[0]
+        );
+    }
+}

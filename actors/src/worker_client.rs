@@ -336,7 +336,7 @@ impl WorkerClient {
             backend: launch.backend,
             device,
             epoch: self.epoch,
-            sim: launch.sim.clone(),
+            sim: launch.sim,
         };
         self.channel
             .send(&ToWorker::Hello(hello), &[self.control.raw_fd()])
