@@ -33,6 +33,7 @@ pub mod ipc;
 pub mod kernels;
 pub mod op;
 pub mod retry;
+pub mod supervision;
 pub mod sync;
 pub mod worker;
 

@@ -20,88 +20,22 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use crossbeam_channel::select;
 use hipvisor_core::config::Isolation;
-use hipvisor_core::{DeviceContext, ErrorClass, GpuError, ModuleHandle, Op, OpKind, Origin, Reply};
+use hipvisor_core::supervision::{EngineDeath, reruns_transparently};
+use hipvisor_core::sync::lock;
+use hipvisor_core::{ErrorClass, GpuError, ModuleHandle, Op, OpKind, Origin, Reply};
 
-use crate::device::{Armed, Current, DeviceCore, Work};
+use crate::device::{Current, DeviceCore};
+use crate::engine::{Batches, Engine, Exec, ThreadEngine, panic_message};
 use crate::error::RuntimeError;
 use crate::job::Job;
-use crate::process::{Role, StartError, WorkerEngine};
-use crate::runtime::Shared;
+use crate::messages::{Failure, SupervisorMsg};
+use crate::park;
+use crate::process::{self, WorkerEngine};
+use crate::queue::{Armed, Work};
+use crate::shared::Shared;
 use crate::state::DeviceState;
-use crate::supervisor::{Failure, SupervisorMsg};
-
-/// What running one op on an engine gave.
-pub(crate) enum Exec {
-    /// The op ran (or was rejected) and this is its result.
-    Done(Result<Reply, GpuError>),
-    /// The engine died under the op; `may_have_executed` says whether the op had started,
-    /// `aborted` whether the engine ended by SIGABRT (how ROCm ends a process whose kernel
-    /// made a memory access fault).
-    Died {
-        may_have_executed: bool,
-        reason: String,
-        aborted: bool,
-    },
-}
-
-/// How many ops an engine takes in one [`Batches::run_batch`].
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Batching {
-    /// The most ops in a batch.
-    pub(crate) ops: usize,
-    /// The most [`Batches::batch_cost`] in a batch.
-    pub(crate) bytes: usize,
-}
-
-/// Where a device's ops run.
-pub(crate) trait Engine {
-    /// Runs one op.
-    fn run(&mut self, op: &Op, origin: Origin) -> Exec;
-    /// Whether the engine is unusable after `error` (a worker poisoned by a sticky fault).
-    fn poisoned_by(&self, error: &GpuError) -> bool;
-    /// The engine's batching, when it runs several ops per round trip; `None`: one at a
-    /// time.
-    fn batches(&mut self) -> Option<&mut dyn Batches> {
-        None
-    }
-}
-
-/// An engine that runs several ops per round trip (a worker process).
-pub(crate) trait Batches {
-    /// How far it batches.
-    fn limits(&self) -> Batching;
-    /// What `op` takes of a batch's byte budget; `None` when it cannot travel in a batch.
-    fn batch_cost(&self, op: &Op) -> Option<usize>;
-    /// Runs ops in order, handing `each` the [`Exec`] of every op that ran — as soon as
-    /// it is known, in order — with whether it poisoned the engine. The ops past the last
-    /// one handed over did not start: all of them ran, or the last one handed over
-    /// poisoned the engine. When the engine dies, every op not handed over yet gets an
-    /// `Exec::Died` saying whether it may have executed.
-    fn run_batch(&mut self, ops: Vec<(Op, Origin)>, each: &mut dyn FnMut(Exec, bool));
-}
-
-/// Thread isolation: the context lives on this thread.
-struct ThreadEngine(Box<dyn DeviceContext>);
-
-impl Engine for ThreadEngine {
-    fn run(&mut self, op: &Op, origin: Origin) -> Exec {
-        match std::panic::catch_unwind(AssertUnwindSafe(|| self.0.execute(op, origin))) {
-            Ok(r) => Exec::Done(r),
-            Err(panic) => Exec::Died {
-                may_have_executed: true,
-                reason: format!("backend panicked: {}", panic_message(&*panic)),
-                aborted: false,
-            },
-        }
-    }
-
-    fn poisoned_by(&self, _: &GpuError) -> bool {
-        // A sticky fault poisons the whole process here; the supervisor fails every device.
-        false
-    }
-}
+use crate::worker_client::{Role, StartError};
 
 /// Starts the executor thread of `device` for a new context of `epoch`. `opened`, if given,
 /// is signalled once the context is open (or failed to open) and the supervisor told. The
@@ -118,7 +52,7 @@ pub(crate) fn spawn(
     let stop = Arc::new(AtomicBool::new(false));
     {
         let core = &shared.cores[device as usize];
-        let mut slot = core.executor_stop.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = lock(&core.executor_stop);
         slot.store(true, Ordering::Release);
         *slot = stop.clone();
         core.epoch.store(epoch, Ordering::Release);
@@ -128,7 +62,7 @@ pub(crate) fn spawn(
         .name(format!("hipvisor-gpu{device}"))
         .spawn(move || run(thread_shared, device, epoch, stop, opened))?;
     let core = &shared.cores[device as usize];
-    let mut threads = core.executors.lock().unwrap_or_else(|p| p.into_inner());
+    let mut threads = lock(&core.executors);
     // Executors that have ended are joined (at once: they have) and forgotten.
     for ended in extract_finished(&mut threads) {
         let _ = ended.join();
@@ -150,7 +84,7 @@ enum OpenError {
     Failed(GpuError),
     /// The worker did not finish starting within `supervisor.worker_start_timeout_ms` and was
     /// killed (the reason says where it was): a failed restart.
-    TimedOut(String),
+    TimedOut(StartError),
 }
 
 impl From<GpuError> for OpenError {
@@ -163,17 +97,13 @@ impl From<StartError> for OpenError {
     fn from(e: StartError) -> Self {
         match e {
             StartError::Failed(e) => OpenError::Failed(e),
-            StartError::TimedOut(reason) => OpenError::TimedOut(reason),
+            timed_out @ StartError::TimedOut { .. } => OpenError::TimedOut(timed_out),
         }
     }
 }
 
 fn open(shared: &Arc<Shared>, device: u32, epoch: u64) -> Result<Box<dyn Engine>, OpenError> {
-    let modules = shared.cores[device as usize]
-        .modules
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let modules = lock(&shared.cores[device as usize].modules).clone();
     match shared.config.runtime.isolation {
         Isolation::Thread => {
             let mut ctx = shared.backend.open(device, epoch)?;
@@ -184,7 +114,7 @@ fn open(shared: &Arc<Shared>, device: u32, epoch: u64) -> Result<Box<dyn Engine>
         }
         Isolation::Process => {
             let core = &shared.cores[device as usize];
-            let mut standby = core.standby.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let mut standby = lock(&core.standby).take();
             if let Some(w) = standby.as_mut()
                 && !(w.epoch() == epoch && w.is_alive())
             {
@@ -197,13 +127,13 @@ fn open(shared: &Arc<Shared>, device: u32, epoch: u64) -> Result<Box<dyn Engine>
                     tracing::info!(device, epoch, pid = w.pid(), "standby worker took over");
                     w
                 }
-                None => WorkerEngine::start(shared, device, epoch, &modules, Role::Active)?,
+                None => process::start_worker(shared, device, epoch, &modules, Role::Active)?,
             };
             core.worker_pid.store(worker.pid() as i32, Ordering::Release);
             if shared.config.supervisor.standby {
-                crate::process::prepare_standby(shared, device, epoch + 1);
+                process::prepare_standby(shared, device, epoch + 1);
             }
-            Ok(Box::new(worker))
+            Ok(Box::new(WorkerEngine::new(worker, shared.clone(), device)))
         }
     }
 }
@@ -229,7 +159,7 @@ fn run(
         // The engine went with the unwinding (a worker process is stopped by its drop).
         let reason = format!("executor panicked: {}", panic_message(&*panic));
         tracing::error!(device, epoch, reason = %reason, "executor panicked");
-        let running = std::mem::take(&mut core.current.lock().unwrap_or_else(|p| p.into_inner()).ops);
+        let running = std::mem::take(&mut lock(&core.current).ops);
         // (In a batch, those answered before the panic keep their answer.)
         for c in running.into_iter().filter(|c| !c.slot.is_answered()) {
             let e = RuntimeError::DeviceRestarted {
@@ -278,7 +208,8 @@ fn serve(
             shared.report(SupervisorMsg::OpenFailed { device, epoch, error });
             None
         }
-        Err(OpenError::TimedOut(reason)) => {
+        Err(OpenError::TimedOut(timed_out)) => {
+            let reason = timed_out.to_string();
             tracing::warn!(device, epoch, reason = %reason, "worker start timed out");
             // A start that hangs is a failed restart (under the restart intensity).
             shared.report(SupervisorMsg::ExecutorDied {
@@ -304,7 +235,7 @@ fn serve(
     while !stop.load(Ordering::Acquire) {
         let job = match hand.carried.take() {
             Some(job) => job,
-            None => match next_work(shared, core) {
+            None => match park::next_work(&core.queue, || shared.spin_for(device)) {
                 Work::Job(job) => job,
                 Work::Wake => continue,
                 Work::Panic(why, Armed::AfterRun) => {
@@ -348,7 +279,7 @@ fn serve(
         let limits = batcher.limits();
         let mut bytes = cost;
         while hand.jobs.len() < limits.ops {
-            let next = match poll(core) {
+            let next = match core.queue.poll() {
                 Some(Work::Job(next)) => next,
                 Some(Work::Panic(why, Armed::AfterRun)) => {
                     armed = Some(why);
@@ -401,7 +332,7 @@ struct Hand {
     carried: Option<Job>,
 }
 
-/// An executor's phase, as the watchdog sees it in [`crate::device::Running`]: taking jobs
+/// An executor's phase, as the watchdog sees it in `Running` (`device.rs`): taking jobs
 /// from the queue, or not (inside an op, opening its engine, ended).
 struct Phase<'a> {
     core: &'a DeviceCore,
@@ -411,7 +342,7 @@ struct Phase<'a> {
 impl Phase<'_> {
     /// Between ops: no op running, taking jobs from the queue.
     fn take(&mut self) {
-        let mut running = self.core.current.lock().unwrap_or_else(|p| p.into_inner());
+        let mut running = lock(&self.core.current);
         running.ops.clear();
         if !self.taking {
             running.takers += 1;
@@ -421,7 +352,7 @@ impl Phase<'_> {
 
     /// Running `jobs`: the watchdog watches their deadlines, and owns the queue meanwhile.
     fn run<'j>(&mut self, jobs: impl IntoIterator<Item = &'j Job>) {
-        let mut running = self.core.current.lock().unwrap_or_else(|p| p.into_inner());
+        let mut running = lock(&self.core.current);
         running.ops.clear();
         running.ops.extend(jobs.into_iter().map(|job| Current {
             slot: job.slot.clone(),
@@ -437,7 +368,7 @@ impl Phase<'_> {
     /// The executor ends (the ops it was running, if any, stay for whoever answers them).
     fn leave(&mut self) {
         if self.taking {
-            let mut running = self.core.current.lock().unwrap_or_else(|p| p.into_inner());
+            let mut running = lock(&self.core.current);
             running.takers -= 1;
             self.taking = false;
         }
@@ -450,36 +381,6 @@ fn injected_panic(armed: &mut Option<String>) {
     if let Some(why) = armed.take() {
         panic!("injected executor panic: {why}");
     }
-}
-
-/// The next queued work item, if any: the priority lane first.
-fn poll(core: &DeviceCore) -> Option<Work> {
-    core.priority.1.try_recv().or_else(|_| core.jobs.1.try_recv()).ok()
-}
-
-/// The next work item: the priority lane first; then, when the device has at most one op
-/// in flight (a serial caller, whose next op comes right after this answer), polling for
-/// up to `runtime.spin_us`, yielding the CPU between polls (waking a parked thread costs
-/// tens of microseconds); then park. With more ops in flight the next ones are certainly
-/// coming and the tasks producing them need the CPU — spinning there starves a 2-core
-/// machine (measured: 40% less pipelined throughput), so the executor parks at once.
-fn next_work(shared: &Shared, core: &DeviceCore) -> Work {
-    if let Some(w) = poll(core) {
-        return w;
-    }
-    let spin = shared.spin_for(core.index);
-    let until = Instant::now() + spin;
-    while Instant::now() < until {
-        std::thread::yield_now();
-        if let Some(w) = poll(core) {
-            return w;
-        }
-    }
-    select! {
-        recv(core.priority.1) -> w => w,
-        recv(core.jobs.1) -> w => w,
-    }
-    .expect("the core owns both ends of its channels")
 }
 
 /// Whether a job must not run, and its answer if it needs one (`Some(None)`: answered
@@ -636,44 +537,16 @@ fn execute_batch(
     go_on
 }
 
-/// How an engine ended: the reason, whether by SIGABRT, and whether while it was loading a
-/// module.
+/// How an engine ended: the reason, and how it reads ([`EngineDeath`]: whether by SIGABRT,
+/// and whether while it was loading a module).
 #[derive(Debug)]
 struct Death {
     reason: String,
-    aborted: bool,
-    loading: bool,
-}
-
-impl Death {
-    /// Whether the death is a GPU memory access fault of the kernels launched since the last
-    /// op that waited for the device (`suspects`): a SIGABRT while they may have been
-    /// running, which is how ROCm ends a process whose kernel faulted — unless the op running
-    /// was a module load. There the abort is taken for the load's own (ROCm 5.2's hiprtc and
-    /// code-object manager abort on a target they do not know), not for a kernel's fault.
-    fn is_gpu_fault(&self, suspects: &[(u64, String)]) -> bool {
-        self.aborted && !self.loading && !suspects.is_empty()
-    }
-}
-
-/// Whether an op the dying engine had not started runs again, transparently, on the next
-/// one. Only an application's op that is idempotent, touches no buffer of the dying context
-/// and whose answer does not vouch for that context's earlier work (a synchronize or a copy
-/// to the host would answer success on a context where those kernels never ran) — and
-/// nothing when the death is a GPU memory fault (`gpu_fault`): then, as on NVIDIA where the
-/// next call returns the fault, the ops in flight are answered.
-fn reruns_transparently(op: &Op, origin: Origin, may_have_executed: bool, gpu_fault: bool) -> bool {
-    let kind = op.kind();
-    origin == Origin::Application
-        && !may_have_executed
-        && !gpu_fault
-        && kind.is_idempotent()
-        && !kind.is_synchronizing()
-        && op.buffers().is_empty()
+    how: EngineDeath,
 }
 
 /// Tells the supervisor that the engine died (once, after the op or batch it died under
-/// has been answered). A death that is a GPU memory access fault ([`Death::is_gpu_fault`])
+/// has been answered). A death that is a GPU memory access fault ([`EngineDeath::is_gpu_fault`])
 /// takes the suspects along, so the supervisor treats it as a sticky fault of them.
 fn report_death(
     shared: &Shared,
@@ -683,12 +556,12 @@ fn report_death(
     suspects: &mut Vec<(u64, String)>,
 ) {
     let Some(death) = died else { return };
-    let suspects = if death.is_gpu_fault(suspects) {
+    let suspects = if death.how.is_gpu_fault(!suspects.is_empty()) {
         std::mem::take(suspects)
     } else {
         Vec::new()
     };
-    let reason = if death.aborted && death.loading {
+    let reason = if death.how.aborted && death.how.loading {
         format!(
             "{}: the worker aborted during a module load (taken for the module loader's abort, not a kernel's \
              memory fault)",
@@ -724,7 +597,7 @@ fn finish(
         Exec::Done(Ok(reply)) => {
             track_success(core, &job.op, &reply, suspects);
             if job.origin == Origin::Application {
-                core.breaker_result(true, shared);
+                shared.breaker_result(core, true);
             }
             job.answer(Ok(reply), &core.counters);
             true
@@ -758,12 +631,15 @@ fn finish(
             }
             let death = died.get_or_insert(Death {
                 reason,
-                aborted,
-                loading: false,
+                how: EngineDeath {
+                    aborted,
+                    loading: false,
+                },
             });
             // The op running when the engine died was a module load.
-            death.loading |= may_have_executed && job.kind() == OpKind::LoadModule;
-            if reruns_transparently(&job.op, job.origin, may_have_executed, death.is_gpu_fault(suspects)) {
+            death.how.loading |= may_have_executed && job.kind() == OpKind::LoadModule;
+            let gpu_fault = death.how.is_gpu_fault(!suspects.is_empty());
+            if reruns_transparently(&job.op, job.origin, may_have_executed, gpu_fault) {
                 job.attempts -= 1;
                 shared.requeue(job);
             } else {
@@ -784,10 +660,7 @@ fn finish(
 fn track_success(core: &DeviceCore, op: &Op, reply: &Reply, suspects: &mut Vec<(u64, String)>) {
     match (op, reply) {
         (Op::LoadModule { source }, Reply::Module(m)) => {
-            core.modules
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(m.id, source.clone());
+            lock(&core.modules).insert(m.id, source.clone());
         }
         (Op::Launch { module, function, .. }, _) => add_suspect(suspects, module.id, function),
         _ if op.kind().is_synchronizing() => suspects.clear(),
@@ -798,67 +671,5 @@ fn track_success(core: &DeviceCore, op: &Op, reply: &Reply, suspects: &mut Vec<(
 fn add_suspect(suspects: &mut Vec<(u64, String)>, module: u64, function: &str) {
     if !suspects.iter().any(|(m, f)| *m == module && f == function) {
         suspects.push((module, function.to_string()));
-    }
-}
-
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn death(aborted: bool, loading: bool) -> Death {
-        Death {
-            reason: "worker killed by signal 6 (SIGABRT)".into(),
-            aborted,
-            loading,
-        }
-    }
-
-    #[test]
-    fn only_a_sigabrt_while_kernels_may_run_outside_a_module_load_is_a_gpu_fault() {
-        let suspects = vec![(1, "fill".to_string())];
-        assert!(death(true, false).is_gpu_fault(&suspects));
-        assert!(!death(true, false).is_gpu_fault(&[]), "no kernel may have been running");
-        assert!(!death(false, false).is_gpu_fault(&suspects), "SIGKILL, an exit");
-        // ROCm 5.2's hiprtc and comgr abort on a target they do not know: an abort during a
-        // module load is the loader's, and the kernels launched before it are not suspects.
-        assert!(!death(true, true).is_gpu_fault(&suspects));
-    }
-
-    #[test]
-    fn what_reruns_after_a_worker_death() {
-        use hipvisor_core::BufferHandle;
-        let app = Origin::Application;
-        // Idempotent, no buffer, does not vouch for earlier work: reruns if it did not start.
-        assert!(reruns_transparently(&Op::MemInfo, app, false, false));
-        assert!(reruns_transparently(&Op::DeviceInfo, app, false, false));
-        assert!(!reruns_transparently(&Op::MemInfo, app, true, false), "may have run");
-        assert!(!reruns_transparently(&Op::MemInfo, Origin::Runtime, false, false));
-        // Nothing reruns after a GPU memory fault.
-        assert!(!reruns_transparently(&Op::MemInfo, app, false, true));
-        // A synchronize would answer that kernels of the dead context finished.
-        assert!(!reruns_transparently(&Op::Synchronize, app, false, false));
-        let b = BufferHandle {
-            device: 0,
-            epoch: 1,
-            id: 1,
-            len: 4,
-        };
-        let copy = Op::CopyFromDevice {
-            src: b,
-            offset: 0,
-            len: 4,
-        };
-        assert!(!reruns_transparently(&copy, app, false, false));
-        assert!(
-            !reruns_transparently(&Op::Alloc { bytes: 4 }, app, false, false),
-            "not idempotent"
-        );
     }
 }

@@ -37,24 +37,50 @@
 
 #![forbid(unsafe_code)]
 
+// The layers, lowest first; a file imports only from its own layer's lower files and the
+// layers below (`../shared/tools/import-loops src actors/src` checks that no file imports one
+// that imports it back):
+//
+// 1. error, state, metrics; worker_client (the worker protocol's host side: core + std only);
+//    engine (where ops run)
+// 2. reply (take-once answers), job, queue (a device's two lanes and their deadlines),
+//    messages (what the actors are sent)
+// 3. device (one device's core), park (spin-then-park policy)
+// 4. shared (what every part shares), routing (where an op goes, admission), watchdog
+// 5. process (the worker as an engine), executor (the thread that runs a device's queue)
+// 6. device_actor, supervisor, handle, telemetry
+// 7. runtime (start and shutdown)
 mod device;
+mod device_actor;
+mod engine;
 mod error;
 mod executor;
+mod handle;
 mod job;
+mod messages;
 pub mod metrics;
+mod park;
 mod process;
+mod queue;
+mod reply;
+mod routing;
 mod runtime;
+mod shared;
 mod state;
 mod supervisor;
 #[cfg(feature = "prometheus")]
 mod telemetry;
+mod watchdog;
+mod worker_client;
 
-pub use device::{DeviceActor, DeviceHandle, DeviceMsg, HostBuffer};
+pub use device_actor::DeviceActor;
 pub use error::{OpResult, RuntimeError};
+pub use handle::{DeviceHandle, HostBuffer};
+pub use messages::{DeviceMsg, SupervisorMsg};
 pub use metrics::Snapshot;
 pub use runtime::{Runtime, RuntimeBuilder, StartError, make_backend};
 pub use state::{DeviceState, DeviceStateChange};
-pub use supervisor::{Supervisor, SupervisorMsg};
+pub use supervisor::Supervisor;
 
 /// The synchronous core: error taxonomy, retry policy, breaker, op protocol, backends, config.
 pub use hipvisor_core as core;

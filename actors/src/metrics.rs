@@ -218,6 +218,12 @@ pub struct CounterDelta {
 }
 
 impl CounterDelta {
+    /// Late completions counted (answers that came after the op was answered).
+    #[cfg(test)]
+    pub(crate) fn late(&self) -> u64 {
+        self.late
+    }
+
     fn is_empty(&self) -> bool {
         self.ops.iter().flatten().all(|c| *c == 0) && self.retry_attempts == 0 && self.late == 0 && self.oom_waits == 0
     }

@@ -31,95 +31,47 @@
 //!
 //! A device that fails or is lost keeps nothing queued: its state change answers (or moves)
 //! what is queued for it, and what is queued again later (a requeue, a retry) is answered as
-//! it arrives ([`Shared::settle_dead_queue`]).
+//! it arrives ([`Shared::settle_dead_queue`](crate::shared::Shared)).
 //!
 //! Restarts (a panicking device actor, a panicking executor) follow the restart intensity:
 //! at most `max_restarts` per `restart_window_ms`, with a backoff between restarts; beyond
 //! it the device is `Failed`. Ractor's default supervision (stop when a child stops) is
 //! overridden.
+//!
+//! Every decision above is a pure function in the core, `hipvisor_core::supervision`
+//! (restart intensity, quarantine, what a failed op, a failed open or an engine's death
+//! does), tested there without a clock; this actor gathers the inputs, asks, and carries
+//! the answer out (timers, answers, state changes, metrics).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hipvisor_core::config::Isolation;
-use hipvisor_core::{ErrorClass, GpuError, Op, RetryBudget, RetryPolicy};
+use hipvisor_core::supervision::{
+    AfterSticky, DeathAction, FailedOp, FailureFacts, LostRoute, OomWait, OpenFailureAction, RestartDecision,
+    RestartIntensity, RetryDecision, SuspectFaults, decide_engine_death, decide_failed_op, decide_oom_wait,
+    decide_open_failure, decide_retry,
+};
+use hipvisor_core::{GpuError, Op, Origin, RetryBudget, RetryPolicy};
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
+use rand::SeedableRng;
 use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
 
+use crate::device_actor;
 use crate::error::RuntimeError;
 use crate::executor;
 use crate::job::Job;
+use crate::messages::{Failure, SupervisorMsg};
 use crate::metrics::{MetricsEvent, QuarantineEntry};
-use crate::runtime::Shared;
+use crate::shared::Shared;
 use crate::state::DeviceState;
 
-/// A failed op, as an executor reports it.
-pub struct Failure {
-    pub(crate) device: u32,
-    pub(crate) epoch: u64,
-    pub(crate) job: Job,
-    pub(crate) error: GpuError,
-    /// For sticky faults: the kernels (module id, function) launched since the device's
-    /// last successful synchronizing op.
-    pub(crate) suspects: Vec<(u64, String)>,
-}
-
-/// Messages of the [`Supervisor`].
-pub enum SupervisorMsg {
-    /// An op failed.
-    Failed(Box<Failure>),
-    /// A device's executor ended abnormally.
-    ExecutorDied {
-        /// The device.
-        device: u32,
-        /// The executor's epoch.
-        epoch: u64,
-        /// Why (how the worker ended).
-        reason: String,
-        /// Set when the worker ended by SIGABRT while kernels it launched may have been
-        /// running (launched since the last op that waited for the device), and not during a
-        /// module load: how ROCm ends a process whose kernel made a memory access fault. The
-        /// death is a sticky fault of these kernels.
-        suspects: Vec<(u64, String)>,
-    },
-    /// A device's context was opened.
-    Opened {
-        /// The device.
-        device: u32,
-        /// The epoch it was opened for.
-        epoch: u64,
-    },
-    /// A device's context could not be opened.
-    OpenFailed {
-        /// The device.
-        device: u32,
-        /// The epoch it was opened for.
-        epoch: u64,
-        /// The error.
-        error: GpuError,
-    },
-    /// A lost device answered its probe.
-    DeviceReturned(u32),
-    /// The restart backoff of a device's executor has passed (`true`: a restart, counted in
-    /// the metrics; `false`: another attempt to open a lost device).
-    RestartExecutor(u32, bool),
-    /// Answers once every message sent before it has been handled.
-    Barrier(ractor::RpcReplyPort<()>),
-    /// The restart backoff of a device's actor has passed.
-    RestartActor(u32),
-    /// The runtime is shutting down: restart nothing more, answer failures at once.
-    Shutdown(ractor::RpcReplyPort<()>),
-}
-
+/// What the supervisor keeps per device for its decisions.
 struct DeviceSupervision {
     budget: RetryBudget,
     requests_seen: u64,
-    restarts: VecDeque<Instant>,
-    next_backoff: Duration,
-    last_restart: Option<Instant>,
-    suspect_faults: HashMap<(u64, String), VecDeque<Instant>>,
+    restarts: RestartIntensity,
+    suspect_faults: SuspectFaults,
     probing: bool,
 }
 
@@ -155,23 +107,20 @@ impl Actor for Supervisor {
         let cfg = &shared.config;
         let policy = RetryPolicy::new(cfg.retry.clone())?;
         let now = Instant::now();
-        let min_backoff = Duration::from_millis(cfg.supervisor.restart_backoff_min_ms);
         let devices = shared
             .cores
             .iter()
             .map(|_| DeviceSupervision {
                 budget: RetryBudget::new(&cfg.retry.budget, now),
                 requests_seen: 0,
-                restarts: VecDeque::new(),
-                next_backoff: min_backoff,
-                last_restart: None,
-                suspect_faults: HashMap::new(),
+                restarts: RestartIntensity::new(&cfg.supervisor),
+                suspect_faults: SuspectFaults::new(),
                 probing: false,
             })
             .collect();
         let mut children = HashMap::new();
         for d in 0..shared.cores.len() as u32 {
-            let actor = shared.spawn_device_actor(d, me.get_cell()).await?;
+            let actor = device_actor::spawn(shared.clone(), d, me.get_cell()).await?;
             children.insert(actor.get_id(), d);
         }
         Ok(SupervisorState {
@@ -198,20 +147,19 @@ impl Actor for Supervisor {
                 reason,
                 suspects,
             } => {
-                if st.shutting_down {
-                    return Ok(());
-                }
-                if st.shared.cores[device as usize]
+                let current = st.shared.cores[device as usize]
                     .epoch
-                    .load(std::sync::atomic::Ordering::Acquire)
-                    == epoch
-                {
-                    let reason = if suspects.is_empty() {
-                        reason
-                    } else {
-                        st.aborted_by_gpu_fault(device, &suspects, reason)
-                    };
-                    st.restart(&me, device, reason, SupervisorMsg::RestartExecutor(device, true));
+                    .load(std::sync::atomic::Ordering::Acquire);
+                match decide_engine_death(st.shutting_down, epoch, current, !suspects.is_empty()) {
+                    DeathAction::Ignore => {}
+                    DeathAction::Restart { gpu_fault } => {
+                        let reason = if gpu_fault {
+                            st.aborted_by_gpu_fault(device, &suspects, reason)
+                        } else {
+                            reason
+                        };
+                        st.restart(&me, device, reason, SupervisorMsg::RestartExecutor(device, true));
+                    }
                 }
             }
             SupervisorMsg::Opened { device, epoch } => {
@@ -225,17 +173,14 @@ impl Actor for Supervisor {
                 device,
                 epoch: _,
                 error,
-            } => match error.class() {
-                // A sticky code here: the process's GPU runtime is poisoned.
+            } => match decide_open_failure(error.class(), st.shared.config.runtime.isolation) {
                 // A sticky code here: the GPU runtime that tried to open it is poisoned.
-                ErrorClass::Sticky if st.shared.config.runtime.isolation == Isolation::Thread => {
-                    st.process_poisoned(device, &error)
-                }
-                ErrorClass::Sticky => {
+                OpenFailureAction::FailEveryDevice => st.process_poisoned(device, &error),
+                OpenFailureAction::Restart => {
                     let reason = format!("a new worker could not open the device: {error}");
                     st.restart(&me, device, reason, SupervisorMsg::RestartExecutor(device, true));
                 }
-                ErrorClass::DeviceLost => {
+                OpenFailureAction::MarkLostAndRetry => {
                     let reason = format!("could not open a context: {error}");
                     st.shared.set_state(device, DeviceState::Lost, Some(reason));
                     // No context, so no probe can run: try to open it again later.
@@ -244,7 +189,7 @@ impl Actor for Supervisor {
                         me.send_after(every, move || SupervisorMsg::RestartExecutor(device, false));
                     }
                 }
-                _ => st.fail(device, format!("could not open a context: {error}")),
+                OpenFailureAction::FailDevice => st.fail(device, format!("could not open a context: {error}")),
             },
             SupervisorMsg::DeviceReturned(device) => {
                 st.devices[device as usize].probing = false;
@@ -274,7 +219,7 @@ impl Actor for Supervisor {
                 if st.shutting_down || st.shared.cores[device as usize].state.get() == DeviceState::Failed {
                     return Ok(());
                 }
-                let actor = st.shared.spawn_device_actor(device, me.get_cell()).await?;
+                let actor = device_actor::spawn(st.shared.clone(), device, me.get_cell()).await?;
                 st.children.insert(actor.get_id(), device);
                 st.shared.metrics_event(MetricsEvent::Restart { device });
                 st.shared.set_state(device, DeviceState::Ready, None);
@@ -318,37 +263,59 @@ impl Actor for Supervisor {
 impl SupervisorState {
     fn failed(&mut self, me: &ActorRef<SupervisorMsg>, f: Failure) {
         let core = self.shared.cores[f.device as usize].clone();
-        if f.job.slot.is_answered() {
-            core.counters.late_completion();
-            return;
+        let facts = FailureFacts {
+            class: f.error.class(),
+            origin: f.job.origin,
+            answered: f.job.slot.is_answered(),
+            shutting_down: self.shutting_down,
+            state: core.state.get(),
+            failed_epoch: f.epoch,
+            current_epoch: core.epoch.load(std::sync::atomic::Ordering::Acquire),
+            isolation: self.shared.config.runtime.isolation,
+            movable: Shared::movable(&f.job.op),
+        };
+        let decision = decide_failed_op(&facts);
+        match decision {
+            FailedOp::Late => {
+                core.counters.late_completion();
+                return;
+            }
+            FailedOp::ShuttingDown => {
+                f.job.answer(Err(RuntimeError::ShuttingDown), &core.counters);
+                return;
+            }
+            _ => {}
         }
-        if self.shutting_down {
-            f.job.answer(Err(RuntimeError::ShuttingDown), &core.counters);
-            return;
-        }
-        let class = f.error.class();
-        if f.job.origin == hipvisor_core::Origin::Application && class != ErrorClass::InvalidRequest {
-            core.breaker_result(false, &self.shared);
+        if facts.counts_for_breaker() {
+            self.shared.breaker_result(&core, false);
         }
         tracing::debug!(device = f.device, op = f.job.kind().as_str(), attempt = f.job.attempts, error = %f.error, "op failed");
-        match class {
-            ErrorClass::InvalidRequest => {
+        match decision {
+            FailedOp::Late | FailedOp::ShuttingDown => unreachable!("answered above"),
+            FailedOp::Reject => {
                 f.job.answer(Err(RuntimeError::Gpu(f.error)), &core.counters);
             }
-            ErrorClass::Transient => self.retry(f.job, f.error),
-            ErrorClass::Sticky => self.sticky(me, f),
-            ErrorClass::DeviceLost => {
-                if core.state.get() == DeviceState::Ready {
+            FailedOp::Retry => self.retry(f.job, f.error),
+            FailedOp::FailedBehind => {
+                // An op that failed behind the fault that decided: not a new fault.
+                f.job.answer(Err(core.failed_error(true)), &core.counters);
+            }
+            FailedOp::Sticky(then) => self.sticky(me, f, then),
+            FailedOp::Lost { mark_lost, route } => {
+                if mark_lost {
                     self.shared
                         .set_state(f.device, DeviceState::Lost, Some(format!("device lost: {}", f.error)));
                     self.probe(me, f.device);
                 }
                 let mut job = f.job;
-                if job.origin == hipvisor_core::Origin::Runtime || !Shared::movable(&job.op) {
-                    job.answer(Err(core.lost_error()), &core.counters);
-                } else {
-                    job.backoff = None;
-                    self.shared.resubmit(job);
+                match route {
+                    LostRoute::AnswerLost => {
+                        job.answer(Err(core.lost_error()), &core.counters);
+                    }
+                    LostRoute::Move => {
+                        job.backoff = None;
+                        self.shared.resubmit(job);
+                    }
                 }
             }
         }
@@ -358,43 +325,45 @@ impl SupervisorState {
         let core = self.shared.cores[job.device as usize].clone();
         let now = Instant::now();
         let kind = job.kind();
-        let backoff = job.backoff.get_or_insert_with(|| self.policy.backoff(kind));
-        let Some(delay) = backoff.next_delay(&mut self.rng) else {
-            let attempts = job.attempts;
-            job.answer(
-                Err(RuntimeError::RetriesExhausted {
-                    attempts,
-                    last_error: error,
-                }),
-                &core.counters,
-            );
-            return;
-        };
-        if job.origin == hipvisor_core::Origin::Application {
+        let budget = if job.origin == Origin::Application {
             let dev = &mut self.devices[job.device as usize];
             let requests = core.requests.load(std::sync::atomic::Ordering::Relaxed);
             for _ in dev.requests_seen..requests {
                 dev.budget.deposit(now);
             }
             dev.requests_seen = requests;
-            if !dev.budget.try_withdraw(now) {
-                let (device, attempts) = (job.device, job.attempts);
-                job.answer(
-                    Err(RuntimeError::RetryBudgetExhausted {
-                        device,
-                        attempts,
-                        last_error: error,
-                    }),
-                    &core.counters,
-                );
+            Some(&mut dev.budget)
+        } else {
+            None
+        };
+        let backoff = job.backoff.get_or_insert_with(|| self.policy.backoff(kind));
+        let delay = match decide_retry(backoff, budget, now, job.deadline, &mut self.rng) {
+            RetryDecision::After(delay) => delay,
+            RetryDecision::RetriesExhausted => {
+                let attempts = job.attempts;
+                let e = RuntimeError::RetriesExhausted {
+                    attempts,
+                    last_error: error,
+                };
+                job.answer(Err(e), &core.counters);
                 return;
             }
-        }
-        if now + delay >= job.deadline {
-            let e = core.deadline_exceeded(job.kind(), false);
-            job.answer(Err(e), &core.counters);
-            return;
-        }
+            RetryDecision::BudgetExhausted => {
+                let (device, attempts) = (job.device, job.attempts);
+                let e = RuntimeError::RetryBudgetExhausted {
+                    device,
+                    attempts,
+                    last_error: error,
+                };
+                job.answer(Err(e), &core.counters);
+                return;
+            }
+            RetryDecision::DeadlineExceeded => {
+                let e = core.deadline_exceeded(kind, false);
+                job.answer(Err(e), &core.counters);
+                return;
+            }
+        };
         tracing::info!(
             device = job.device,
             op = kind.as_str(),
@@ -432,15 +401,15 @@ impl SupervisorState {
                         return;
                     }
                 }
-                match job.backoff.as_mut().and_then(|b| b.next_delay(&mut rng)) {
-                    Some(d) if Instant::now() + d < job.deadline => delay = d,
-                    Some(_) => {
+                match decide_oom_wait(job.backoff.as_mut(), Instant::now(), job.deadline, &mut rng) {
+                    OomWait::WaitAgain(d) => delay = d,
+                    OomWait::DeadlineExceeded => {
                         let core = &shared.cores[job.device as usize];
                         let e = core.deadline_exceeded(job.kind(), false);
                         job.answer(Err(e), &core.counters);
                         return;
                     }
-                    None => break,
+                    OomWait::LastAttempt => break,
                 }
             }
             shared.cores[job.device as usize].counters.retried();
@@ -448,22 +417,19 @@ impl SupervisorState {
         });
     }
 
-    fn sticky(&mut self, me: &ActorRef<SupervisorMsg>, f: Failure) {
+    /// The first sticky fault of a device's epoch: counted, its suspects' faults recorded
+    /// (towards their quarantine), the op answered, and the device restarted (`then`).
+    fn sticky(&mut self, me: &ActorRef<SupervisorMsg>, f: Failure, then: AfterSticky) {
         let core = self.shared.cores[f.device as usize].clone();
-        if core.state.get() == DeviceState::Failed || f.epoch < core.epoch.load(std::sync::atomic::Ordering::Acquire) {
-            // An op that failed behind the fault that decided: not a new fault.
-            f.job.answer(Err(core.failed_error(true)), &core.counters);
-            return;
-        }
         self.shared
             .metrics_event(MetricsEvent::StickyFault { device: f.device });
         tracing::error!(device = f.device, error = %f.error, "sticky fault");
         self.quarantine(f.device, &f.suspects);
         let error = f.error.clone();
         f.job.answer(Err(RuntimeError::Gpu(f.error)), &core.counters);
-        match self.shared.config.runtime.isolation {
-            Isolation::Thread => self.process_poisoned(f.device, &error),
-            Isolation::Process => {
+        match then {
+            AfterSticky::FailEveryDevice => self.process_poisoned(f.device, &error),
+            AfterSticky::RestartDevice => {
                 // The worker is poisoned and its executor has ended: a new worker, a new epoch.
                 let reason = format!(
                     "sticky fault {} ({})",
@@ -504,81 +470,61 @@ impl SupervisorState {
         }
     }
 
+    /// Records a sticky fault of `suspects` and quarantines those that reached
+    /// `quarantine_after` faults within the window.
     fn quarantine(&mut self, device: u32, suspects: &[(u64, String)]) {
-        let cfg = &self.shared.config.supervisor;
-        let window = Duration::from_millis(cfg.quarantine_window_ms);
-        let now = Instant::now();
-        let dev = &mut self.devices[device as usize];
-        for key in suspects {
-            let faults = dev.suspect_faults.entry(key.clone()).or_default();
-            faults.push_back(now);
-            while faults.front().is_some_and(|t| now.duration_since(*t) > window) {
-                faults.pop_front();
-            }
-            if faults.len() as u32 >= cfg.quarantine_after {
-                let core = &self.shared.cores[device as usize];
-                let newly = core
-                    .quarantined
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(key.clone());
-                if newly {
-                    tracing::warn!(device, module = key.0, function = %key.1, "kernel quarantined");
-                    self.shared.metrics_event(MetricsEvent::Quarantined(QuarantineEntry {
-                        device,
-                        module: key.0,
-                        function: key.1.clone(),
-                    }));
-                }
+        let shared = self.shared.clone();
+        let reached =
+            self.devices[device as usize]
+                .suspect_faults
+                .record(&shared.config.supervisor, suspects, Instant::now());
+        let core = &shared.cores[device as usize];
+        for key in reached {
+            let newly = core
+                .quarantined
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key.clone());
+            if newly {
+                tracing::warn!(device, module = key.0, function = %key.1, "kernel quarantined");
+                shared.metrics_event(MetricsEvent::Quarantined(QuarantineEntry {
+                    device,
+                    module: key.0,
+                    function: key.1,
+                }));
             }
         }
     }
 
     /// Puts a device out of service and answers everything queued for it (the state change
-    /// does: [`Shared::set_state`]); what is queued for it later is answered too.
+    /// does: [`Shared::set_state`](crate::shared::Shared)); what is queued for it later is answered too.
     fn fail(&mut self, device: u32, reason: String) {
         self.shared.set_state(device, DeviceState::Failed, Some(reason));
         self.shared.settle_dead_queue(device);
     }
 
     /// Schedules a restart of a device part (`then`) after the restart backoff, or fails
-    /// the device when the restart intensity is exceeded.
+    /// the device when the restart intensity is exceeded ([`RestartIntensity::add_restart`]).
     fn restart(&mut self, me: &ActorRef<SupervisorMsg>, device: u32, reason: String, then: SupervisorMsg) {
-        let cfg = self.shared.config.supervisor.clone();
-        let now = Instant::now();
-        let window = Duration::from_millis(cfg.restart_window_ms);
-        let dev = &mut self.devices[device as usize];
-        while dev.restarts.front().is_some_and(|t| now.duration_since(*t) > window) {
-            dev.restarts.pop_front();
+        let shared = self.shared.clone();
+        let cfg = &shared.config.supervisor;
+        let decision = self.devices[device as usize]
+            .restarts
+            .add_restart(cfg, Instant::now(), &mut self.rng);
+        match decision {
+            RestartDecision::GiveUp { restarts } => {
+                let why = format!(
+                    "restart intensity exceeded: {restarts} restarts within {} ms (last: {reason})",
+                    cfg.restart_window_ms
+                );
+                self.fail(device, why);
+            }
+            RestartDecision::Restart { delay } => {
+                tracing::warn!(device, reason = %reason, delay_ms = delay.as_millis() as u64, "restarting device");
+                self.shared.set_state(device, DeviceState::Restarting, Some(reason));
+                me.send_after(delay, move || then);
+            }
         }
-        if dev.restarts.len() as u32 >= cfg.max_restarts {
-            let why = format!(
-                "restart intensity exceeded: {} restarts within {} ms (last: {reason})",
-                dev.restarts.len() + 1,
-                cfg.restart_window_ms
-            );
-            self.fail(device, why);
-            return;
-        }
-        // The backoff spaces restarts: the first one after a quiet period is immediate, the
-        // next ones wait min, 2×min, ... up to max (± jitter).
-        let quiet = dev
-            .last_restart
-            .is_none_or(|t| now.duration_since(t) > Duration::from_millis(cfg.restart_backoff_reset_ms));
-        let delay = if quiet {
-            dev.next_backoff = Duration::from_millis(cfg.restart_backoff_min_ms);
-            Duration::ZERO
-        } else {
-            let base = dev.next_backoff;
-            let factor = 1.0 + cfg.restart_backoff_jitter * (2.0 * self.rng.random::<f64>() - 1.0);
-            dev.next_backoff = (base * 2).min(Duration::from_millis(cfg.restart_backoff_max_ms));
-            base.mul_f64(factor.max(0.0))
-        };
-        dev.restarts.push_back(now);
-        dev.last_restart = Some(now);
-        tracing::warn!(device, reason = %reason, delay_ms = delay.as_millis() as u64, "restarting device");
-        self.shared.set_state(device, DeviceState::Restarting, Some(reason));
-        me.send_after(delay, move || then);
     }
 
     /// Probes a lost device until it answers.

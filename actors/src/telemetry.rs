@@ -39,6 +39,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use hipvisor_core::sync::lock;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
@@ -51,7 +52,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::runtime::Shared;
+use crate::shared::Shared;
 use crate::state::DeviceState;
 
 /// The dashboard page (no external assets).
@@ -461,7 +462,7 @@ impl Registry {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Conns> {
-        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.conns)
     }
 
     /// Holds a new connection: at the cap, closes the one idle longest first; `None` when
@@ -562,10 +563,7 @@ async fn route(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Bytes
         },
         "/healthz" => {
             let alive = shared.metrics.get_status() == ActorStatus::Running
-                && shared
-                    .supervisor
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
+                && lock(&shared.supervisor)
                     .as_ref()
                     .is_some_and(|s| s.get_status() == ActorStatus::Running);
             if alive {
