@@ -20,6 +20,8 @@
 //! workers with it: end of file on the socket, or the parent-death SIGKILL). SIGKILL still
 //! ends a worker at once.
 
+pub mod client;
+
 use std::os::fd::OwnedFd;
 use std::process::ExitCode;
 use std::sync::Arc;

@@ -22,7 +22,7 @@ use crate::metrics::DeviceCounters;
 use crate::queue::JobQueue;
 use crate::reply::{Port, ReplySlot};
 use crate::state::{AtomicState, DeviceState};
-use crate::worker_client::{WorkerClient, Workers};
+use hipvisor_core::worker::client::{WorkerClient, Workers};
 
 /// An op an executor is running now, for the watchdog.
 pub(crate) struct Current {

@@ -35,7 +35,7 @@ use crate::process::{self, WorkerEngine};
 use crate::queue::{Armed, Work};
 use crate::shared::Shared;
 use crate::state::DeviceState;
-use crate::worker_client::{Role, StartError};
+use hipvisor_core::worker::client::{Role, StartError};
 
 /// Starts the executor thread of `device` for a new context of `epoch`. `opened`, if given,
 /// is signalled once the context is open (or failed to open) and the supervisor told. The

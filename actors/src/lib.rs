@@ -71,7 +71,6 @@ mod supervisor;
 #[cfg(feature = "prometheus")]
 mod telemetry;
 mod watchdog;
-mod worker_client;
 
 pub use device_actor::DeviceActor;
 pub use error::{OpResult, RuntimeError};

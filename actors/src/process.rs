@@ -14,7 +14,7 @@ use hipvisor_core::{BackendKind, GpuError, ModuleSource, Op, Origin};
 
 use crate::engine::{Batches, Batching, Engine, Exec};
 use crate::shared::Shared;
-use crate::worker_client::{DeviceLink, Executed, Role, StartError, WorkerClient, WorkerLaunch};
+use hipvisor_core::worker::client::{DeviceLink, Executed, Role, StartError, WorkerClient, WorkerLaunch};
 
 impl From<Executed> for Exec {
     fn from(e: Executed) -> Exec {

@@ -28,7 +28,7 @@ use crate::shared::Shared;
 use crate::state::{DeviceState, DeviceStateChange};
 use crate::supervisor::{Supervisor, SupervisorArgs};
 use crate::watchdog;
-use crate::worker_client::{Spawner, Workers};
+use hipvisor_core::worker::client::{Spawner, Workers};
 
 /// Why the runtime could not start.
 #[derive(Debug, thiserror::Error)]

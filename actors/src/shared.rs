@@ -22,7 +22,7 @@ use crate::messages::SupervisorMsg;
 use crate::metrics::{MetricsEvent, MetricsMsg, Snapshot};
 use crate::park::SpinPolicy;
 use crate::state::DeviceStateChange;
-use crate::worker_client::{Spawner, Workers};
+use hipvisor_core::worker::client::{Spawner, Workers};
 
 /// What every part of the runtime shares.
 pub(crate) struct Shared {

@@ -17,11 +17,9 @@
 //! a malformed one is a broken worker, killed and restarted, and its ops are answered as
 //! by its death.
 //!
-//! This file depends on `hipvisor_core` and the standard library only (no tokio, no actors,
-//! nothing else of this crate): it is the half of the protocol that belongs next to the
-//! worker, in the core, and is written to move there. What it needs of the runtime (the
-//! worker program, the start budget, the device's module table, the slot naming its worker)
-//! is handed in: [`WorkerLaunch`], [`DeviceLink`].
+//! It lives next to the worker ([`super`]), in the core: synchronous, no tokio, no actors.
+//! What it needs of the runtime (the worker program, the start budget, the device's module
+//! table, the slot naming its worker) is handed in: [`WorkerLaunch`], [`DeviceLink`].
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -29,69 +27,72 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hipvisor_core::fault_plan::FaultInjector;
-use hipvisor_core::ipc::{
+use crate::backend::BackendKind;
+use crate::backend::sim::fault_plan::FaultInjector;
+use crate::error::{ErrorClass, GpuError, InvalidReason};
+use crate::ipc::{
     self, Channel, ControlPage, FromWorker, Hello, IpcError, OutputRegion, Region, RegionRef, Request, ToWorker,
 };
-use hipvisor_core::sync::lock;
-use hipvisor_core::{
-    Api, BackendKind, ErrorClass, GpuError, InvalidReason, KernelArg, ModuleHandle, ModuleSource, Op, OpKind, Origin,
-    Payload, Reply,
-};
+use crate::op::{KernelArg, ModuleHandle, ModuleSource, Op, OpKind, Origin, Payload, Reply};
+use crate::sync::lock;
 
 /// What running one op (or one op of a batch) on a worker gave.
 #[derive(Debug)]
-pub(crate) enum Executed {
+pub enum Executed {
     /// The op ran (or was rejected) and this is its result.
     Done(Result<Reply, GpuError>),
     /// The worker died under the op; `may_have_executed` says whether the op had started,
     /// `aborted` whether the worker ended by SIGABRT (how ROCm ends a process whose kernel
     /// made a memory access fault).
     Died {
+        /// Whether the op had started (the control page named it).
         may_have_executed: bool,
+        /// How the worker ended, in words.
         reason: String,
+        /// Whether it ended by SIGABRT.
         aborted: bool,
     },
 }
 
 /// How the worker is started: the same for every worker of a runtime.
-pub(crate) struct WorkerLaunch<'a> {
+pub struct WorkerLaunch<'a> {
     /// The program started as a device's worker.
-    pub(crate) program: &'a std::path::Path,
+    pub program: &'a std::path::Path,
     /// The backend the worker opens (and, for the simulator, its shape).
-    pub(crate) backend: BackendKind,
-    pub(crate) sim: Option<ipc::SimHello>,
+    pub backend: BackendKind,
+    /// For the simulator: its devices, memory and flavour.
+    pub sim: Option<ipc::SimHello>,
     /// `supervisor.worker_start_timeout_ms`: for the handshake, the reloads and the health
     /// probe together.
-    pub(crate) start_timeout: Duration,
+    pub start_timeout: Duration,
     /// The thread that spawns every worker.
-    pub(crate) spawner: &'a Spawner,
+    pub spawner: &'a Spawner,
     /// The registry every worker joins at its spawn.
-    pub(crate) workers: &'a Arc<Workers>,
+    pub workers: &'a Arc<Workers>,
     /// The runtime's closing flag: no worker is registered (so none is left behind) once it
     /// is set.
-    pub(crate) closing: &'a AtomicBool,
+    pub closing: &'a AtomicBool,
     /// How long the health probe's ops poll for their answers before blocking.
-    pub(crate) spin: Duration,
+    pub spin: Duration,
 }
 
 /// What a worker shares with the device it serves.
 #[derive(Clone)]
-pub(crate) struct DeviceLink {
+pub struct DeviceLink {
     /// The device index.
-    pub(crate) device: u32,
+    pub device: u32,
     /// The process id of the device's worker (0: none): set by an active worker from its
     /// spawn on, cleared by the worker named there when it is reaped.
-    pub(crate) worker_pid: Arc<AtomicI32>,
+    pub worker_pid: Arc<AtomicI32>,
     /// The device's modules (id → source), which outlive its workers.
-    pub(crate) modules: Arc<Mutex<BTreeMap<u64, ModuleSource>>>,
+    pub modules: Arc<Mutex<BTreeMap<u64, ModuleSource>>>,
     /// The simulator's fault plan, decided in the host for every op.
-    pub(crate) faults: Option<Arc<FaultInjector>>,
+    pub faults: Option<Arc<FaultInjector>>,
 }
 
 /// Whether a worker is to serve its device now or to wait as its warm standby.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Role {
+pub enum Role {
     /// The device's worker: its pid goes into [`DeviceLink::worker_pid`] from its spawn on.
     Active,
     /// A warm standby for the device's next epoch.
@@ -100,12 +101,17 @@ pub(crate) enum Role {
 
 /// Why a worker could not be started.
 #[derive(Debug)]
-pub(crate) enum StartError {
+pub enum StartError {
     /// The spawn failed, or the worker answered an error or went away.
     Failed(GpuError),
     /// The worker did not finish its start within `supervisor.worker_start_timeout_ms`; it
     /// has been killed. The text says where it was, and `source` what the last receive got.
-    TimedOut { reason: String, source: GpuError },
+    TimedOut {
+        /// Where the start was when its time ran out.
+        reason: String,
+        /// What the last receive got.
+        source: GpuError,
+    },
 }
 
 impl From<GpuError> for StartError {
@@ -139,7 +145,7 @@ impl std::error::Error for StartError {
 /// them all. A worker leaves the list before it is reaped, so a kill never reaches a process
 /// that reused its id; kills are sent under the list's lock for the same reason.
 #[derive(Default)]
-pub(crate) struct Workers(Mutex<Vec<Registered>>);
+pub struct Workers(Mutex<Vec<Registered>>);
 
 struct Registered {
     pid: u32,
@@ -182,7 +188,7 @@ impl Workers {
     }
 
     /// Kills a worker if it is still registered (not reaped yet, so its id is its own).
-    pub(crate) fn kill(&self, pid: u32) {
+    pub fn kill(&self, pid: u32) {
         let list = self.lock();
         if list.iter().any(|r| r.pid == pid) {
             ipc::kill(pid);
@@ -192,7 +198,7 @@ impl Workers {
     /// Kills the workers still starting past their start deadline; their starts then fail
     /// (the receive sees the connection close). Returns the (device, pid) of each, for the
     /// caller to log.
-    pub(crate) fn kill_overdue_starts(&self, now: Instant) -> Vec<(u32, u32)> {
+    pub fn kill_overdue_starts(&self, now: Instant) -> Vec<(u32, u32)> {
         let mut killed = Vec::new();
         for r in self.lock().iter_mut() {
             if r.start_deadline.is_some_and(|d| now >= d) {
@@ -206,7 +212,7 @@ impl Workers {
 
     /// Kills every worker (shutdown, a dropped runtime): their owners see the connection
     /// close and reap them.
-    pub(crate) fn kill_all(&self) {
+    pub fn kill_all(&self) {
         for r in self.lock().iter() {
             ipc::kill(r.pid);
         }
@@ -214,7 +220,7 @@ impl Workers {
 }
 
 /// A device's worker process and its connection.
-pub(crate) struct WorkerClient {
+pub struct WorkerClient {
     link: DeviceLink,
     workers: Arc<Workers>,
     start_timeout: Duration,
@@ -240,11 +246,13 @@ pub(crate) struct WorkerClient {
 /// (limits and sizes; a batch's count and regions) make a broken worker: it is restarted,
 /// and the request that tripped the limit is answered as by its death. One such answer is
 /// an invalid request (a cached region the worker could not map is one, and is sent again).
-pub(crate) const MALFORMED_IN_A_ROW: u32 = 3;
+pub const MALFORMED_IN_A_ROW: u32 = 3;
 
-fn ipc_error(device: u32, e: impl std::fmt::Display) -> GpuError {
+/// The worker could not be spoken to while doing `op` (the handshake is the worker opening
+/// its device and answering [`Op::DeviceInfo`]; a restore is [`Op::LoadModule`]).
+fn ipc_error(op: OpKind, device: u32, e: impl std::fmt::Display) -> GpuError {
     GpuError::WorkerUnavailable {
-        op: OpKind::DeviceInfo,
+        op,
         device,
         reason: e.to_string(),
     }
@@ -254,7 +262,7 @@ impl WorkerClient {
     /// Spawns and prepares a worker for `link.device` at `epoch`, reloading `modules`:
     /// within `launch.start_timeout` for the handshake, the reloads and the health probe
     /// together, or it is killed and the start has [`StartError::TimedOut`].
-    pub(crate) fn start(
+    pub fn start(
         launch: &WorkerLaunch<'_>,
         link: DeviceLink,
         epoch: u64,
@@ -264,22 +272,29 @@ impl WorkerClient {
         let device = link.device;
         let budget = launch.start_timeout;
         let deadline = Instant::now() + budget;
-        let (host_end, worker_end) = Channel::pair().map_err(|e| ipc_error(device, e))?;
-        let control = ControlPage::new().map_err(|e| ipc_error(device, e))?;
+        let (host_end, worker_end) = Channel::pair().map_err(|e| ipc_error(OpKind::DeviceInfo, device, e))?;
+        let control = ControlPage::new().map_err(|e| ipc_error(OpKind::DeviceInfo, device, e))?;
         let mut command = Command::new(launch.program);
         command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
-        let mut child = launch
-            .spawner
-            .spawn(command, worker_end)
-            .map_err(|e| ipc_error(device, format!("cannot start worker {}: {e}", launch.program.display())))?;
+        let mut child = launch.spawner.spawn(command, worker_end).map_err(|e| {
+            ipc_error(
+                OpKind::DeviceInfo,
+                device,
+                format!("cannot start worker {}: {e}", launch.program.display()),
+            )
+        })?;
         let pid = child.id();
         if !launch.workers.add(pid, device, deadline, launch.closing) {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(StartError::Failed(ipc_error(device, "the runtime is shutting down")));
+            return Err(StartError::Failed(ipc_error(
+                OpKind::DeviceInfo,
+                device,
+                "the runtime is shutting down",
+            )));
         }
         if role == Role::Active {
             link.worker_pid.store(pid as i32, Ordering::Release);
@@ -340,12 +355,13 @@ impl WorkerClient {
         };
         self.channel
             .send(&ToWorker::Hello(hello), &[self.control.raw_fd()])
-            .map_err(|e| ipc_error(device, e))?;
+            .map_err(|e| ipc_error(OpKind::DeviceInfo, device, e))?;
         // A program that is not a worker never answers: do not wait for it forever.
-        self.bound(deadline)?;
+        self.bound(OpKind::DeviceInfo, deadline)?;
         let answer = self.channel.recv::<FromWorker>().map_err(|e| {
             let program = launch.program.display();
             ipc_error(
+                OpKind::DeviceInfo,
                 device,
                 format!("no answer from worker {program} ({e}); is it a hipvisor worker?"),
             )
@@ -353,55 +369,62 @@ impl WorkerClient {
         match answer.0 {
             FromWorker::Ready { .. } => {}
             FromWorker::Failed(e) => return Err(received(e)),
-            other => return Err(ipc_error(device, format!("unexpected answer to Hello: {other:?}"))),
+            other => {
+                return Err(ipc_error(
+                    OpKind::DeviceInfo,
+                    device,
+                    format!("unexpected answer to Hello: {other:?}"),
+                ));
+            }
         }
         *phase = "module restore";
         for (id, source) in modules {
-            self.bound(deadline)?;
+            self.bound(OpKind::LoadModule, deadline)?;
             self.restore(ModuleHandle { device, id: *id }, source)?;
         }
         *phase = "health probe";
         self.health_probe(deadline, launch.spin)?;
-        self.channel.set_timeout(None).map_err(|e| ipc_error(device, e))
+        let op = OpKind::MemInfo;
+        self.channel.set_timeout(None).map_err(|e| ipc_error(op, device, e))
     }
 
     /// Makes the next receive wait at most until `deadline`; an error once it has passed.
-    fn bound(&mut self, deadline: Instant) -> Result<(), GpuError> {
+    fn bound(&mut self, op: OpKind, deadline: Instant) -> Result<(), GpuError> {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(ipc_error(self.device, "out of time"));
+            return Err(ipc_error(op, self.device, "out of time"));
         }
         // A zero timeout would mean "forever".
         let left = left.max(Duration::from_millis(1));
         self.channel
             .set_timeout(Some(left))
-            .map_err(|e| ipc_error(self.device, e))
+            .map_err(|e| ipc_error(op, self.device, e))
     }
 
     /// The worker's process id.
-    pub(crate) fn pid(&self) -> u32 {
+    pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// The epoch the worker's context was opened for.
-    pub(crate) fn epoch(&self) -> u64 {
+    pub fn epoch(&self) -> u64 {
         self.epoch
     }
 
     /// Whether the worker process is still running.
-    pub(crate) fn is_alive(&mut self) -> bool {
+    pub fn is_alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Loads the modules the device gained since this (standby) worker was prepared, within
     /// `supervisor.worker_start_timeout_ms`.
-    pub(crate) fn catch_up(&mut self, modules: &BTreeMap<u64, ModuleSource>) -> Result<(), StartError> {
+    pub fn catch_up(&mut self, modules: &BTreeMap<u64, ModuleSource>) -> Result<(), StartError> {
         let budget = self.start_timeout;
         let deadline = Instant::now() + budget;
         let caught_up = (|| {
             for (id, source) in modules {
                 if !self.restored.contains(id) {
-                    self.bound(deadline)?;
+                    self.bound(OpKind::LoadModule, deadline)?;
                     let module = ModuleHandle {
                         device: self.device,
                         id: *id,
@@ -409,7 +432,10 @@ impl WorkerClient {
                     self.restore(module, source)?;
                 }
             }
-            self.channel.set_timeout(None).map_err(|e| ipc_error(self.device, e))
+            let op = OpKind::LoadModule;
+            self.channel
+                .set_timeout(None)
+                .map_err(|e| ipc_error(op, self.device, e))
         })();
         match caught_up {
             Ok(()) => Ok(()),
@@ -430,7 +456,7 @@ impl WorkerClient {
     }
 
     fn restore(&mut self, module: ModuleHandle, source: &ModuleSource) -> Result<(), GpuError> {
-        let (source, region) = split_module(source).map_err(|e| ipc_error(self.device, e))?;
+        let (source, region) = split_module(source).map_err(|e| ipc_error(OpKind::LoadModule, self.device, e))?;
         let input = region.as_ref().map(|r| RegionRef {
             id: r.id(),
             len: r.len() as u64,
@@ -439,11 +465,11 @@ impl WorkerClient {
         let fds: Vec<_> = region.iter().map(|r| r.raw_fd()).collect();
         self.channel
             .send(&ToWorker::Restore { module, source, input }, &fds)
-            .map_err(|e| ipc_error(self.device, e))?;
+            .map_err(|e| ipc_error(OpKind::LoadModule, self.device, e))?;
         match self
             .channel
             .recv::<FromWorker>()
-            .map_err(|e| ipc_error(self.device, e))?
+            .map_err(|e| ipc_error(OpKind::LoadModule, self.device, e))?
             .0
         {
             FromWorker::Restored => {
@@ -452,6 +478,7 @@ impl WorkerClient {
             }
             FromWorker::Failed(e) => Err(received(e)),
             other => Err(ipc_error(
+                OpKind::LoadModule,
                 self.device,
                 format!("unexpected answer to Restore: {other:?}"),
             )),
@@ -462,10 +489,11 @@ impl WorkerClient {
     /// answer awaited until `deadline` at most (polled for `spin` first).
     fn health_probe(&mut self, deadline: Instant, spin: Duration) -> Result<(), GpuError> {
         let mut call = |op: Op| {
-            self.bound(deadline)?;
+            self.bound(op.kind(), deadline)?;
             match self.run(&op, Origin::Runtime, spin) {
                 Executed::Done(r) => r,
                 Executed::Died { reason, .. } => Err(ipc_error(
+                    op.kind(),
                     self.device,
                     format!("worker died during the health probe: {reason}"),
                 )),
@@ -490,7 +518,11 @@ impl WorkerClient {
             unreachable!()
         };
         if d.as_bytes() != [0x5a; 256] {
-            return Err(ipc_error(self.device, "health probe: the copy came back wrong"));
+            return Err(ipc_error(
+                OpKind::CopyFromDevice,
+                self.device,
+                "health probe: the copy came back wrong",
+            ));
         }
         let Reply::Module(m) = call(Op::LoadModule {
             source: ModuleSource::Builtin,
@@ -501,8 +533,8 @@ impl WorkerClient {
         let fill = Op::Launch {
             module: m,
             function: "fill".into(),
-            grid: hipvisor_core::Dim3::x(1),
-            block: hipvisor_core::Dim3::x(64),
+            grid: crate::op::Dim3::x(1),
+            block: crate::op::Dim3::x(64),
             shared_mem_bytes: 0,
             args: vec![KernelArg::Buffer(b), KernelArg::U32(7), KernelArg::U32(64)],
         };
@@ -646,14 +678,14 @@ impl WorkerClient {
 impl WorkerClient {
     /// How far the worker batches: the most ops in a batch, and the most
     /// [`WorkerClient::batch_cost`] in a batch.
-    pub(crate) fn batch_limits(&self) -> (usize, usize) {
+    pub fn batch_limits(&self) -> (usize, usize) {
         (ipc::MAX_BATCH, ipc::BATCH_INLINE_BYTES)
     }
 
     /// Ops whose bytes travel inline (not in a region) may be batched; the cost is the
     /// payload bytes each way, plus the launch arguments. `None`: the op cannot travel in a
     /// batch.
-    pub(crate) fn batch_cost(&self, op: &Op) -> Option<usize> {
+    pub fn batch_cost(&self, op: &Op) -> Option<usize> {
         // Ops beyond the limits go alone, to be answered at once (`run`).
         op.check_limits().ok()?;
         let inline = |n: usize| (n <= ipc::INLINE_LIMIT).then_some(n);
@@ -671,7 +703,7 @@ impl WorkerClient {
     /// past the last one handed over did not start: all of them ran, or the last one handed
     /// over poisoned the worker. When the worker dies, every op not handed over yet gets an
     /// `Executed::Died` saying whether it may have executed.
-    pub(crate) fn run_batch(&mut self, ops: Vec<(Op, Origin)>, each: &mut dyn FnMut(Executed, bool)) {
+    pub fn run_batch(&mut self, ops: Vec<(Op, Origin)>, each: &mut dyn FnMut(Executed, bool)) {
         let first = self.next_id;
         let count = ops.len();
         let requests: Vec<Request> = ops
@@ -800,7 +832,7 @@ impl WorkerClient {
     /// Runs one op on the worker. `spin`: how long to poll for the answer before blocking
     /// (the worker lingers as long for the next request), for a serial caller whose next op
     /// comes right after this answer.
-    pub(crate) fn run(&mut self, op: &Op, origin: Origin, spin: Duration) -> Executed {
+    pub fn run(&mut self, op: &Op, origin: Origin, spin: Duration) -> Executed {
         // What cannot be carried to the worker is an invalid request, answered before
         // anything is sent: the worker and the device's other users notice nothing.
         // Sizes that can never succeed are invalid requests too, refused before host memory
@@ -862,10 +894,9 @@ impl WorkerClient {
             Ok(())
         })();
         if let Err(e) = prepared {
-            // Host memory for the transfer could not be had: out of memory, transient.
-            let msg = format!("cannot prepare shared memory: {e}");
-            let code = hipvisor_core::error::hip::OUT_OF_MEMORY;
-            return Executed::Done(Err(GpuError::api_with(Api::Hip, code, op.kind(), self.device, msg)));
+            // Shared memory for the transfer could not be had: the host's failure, transient.
+            let what = format!("shared memory for the transfer: {e}");
+            return Executed::Done(Err(GpuError::host(op.kind(), self.device, what)));
         }
         let out_ref = output.as_ref().map(|r| RegionRef {
             id: r.id(),
@@ -924,9 +955,11 @@ impl WorkerClient {
                 let result = match (result, output, output_len) {
                     (Ok(Reply::Data(_)), Some(region), Some(n)) => {
                         region.into_payload(n).map(Reply::Data).map_err(|e| {
-                            let msg = format!("cannot read the copy's shared memory: {e}");
-                            let code = hipvisor_core::error::hip::OUT_OF_MEMORY;
-                            GpuError::api_with(Api::Hip, code, op.kind(), self.device, msg)
+                            GpuError::host(
+                                op.kind(),
+                                self.device,
+                                format!("a mapping of the copy's shared memory: {e}"),
+                            )
                         })
                     }
                     (r, _, _) => r.map_err(received),
@@ -967,7 +1000,7 @@ impl WorkerClient {
     }
 
     /// Whether the worker is unusable after `error`.
-    pub(crate) fn poisoned_by(&self, error: &GpuError) -> bool {
+    pub fn poisoned_by(&self, error: &GpuError) -> bool {
         // A sticky fault poisons the worker's context; only a new process recovers.
         error.class() == ErrorClass::Sticky
     }
@@ -997,7 +1030,7 @@ type SpawnRequest = (Command, Channel, std::sync::mpsc::Sender<std::io::Result<C
 /// fires when the thread that spawned it exits, so workers must not be spawned by threads
 /// that come and go (executors end at each restart; a standby outlives the executor that
 /// asked for it). The thread ends at shutdown, or when the runtime is dropped.
-pub(crate) struct Spawner {
+pub struct Spawner {
     tx: Mutex<Option<std::sync::mpsc::Sender<SpawnRequest>>>,
 }
 
@@ -1006,7 +1039,7 @@ impl Spawner {
     ///
     /// # Errors
     /// The OS could not start a thread.
-    pub(crate) fn start() -> std::io::Result<Spawner> {
+    pub fn start() -> std::io::Result<Spawner> {
         let (tx, rx) = std::sync::mpsc::channel::<SpawnRequest>();
         std::thread::Builder::new()
             .name("hipvisor-spawner".into())
@@ -1023,12 +1056,12 @@ impl Spawner {
     /// Ends the spawner thread (shutdown, a dropped runtime): nothing is spawned any more, and
     /// the kernel sends SIGKILL to every worker still alive that it spawned (their
     /// parent-death signal), whoever else still holds the runtime's parts.
-    pub(crate) fn stop(&self) {
+    pub fn stop(&self) {
         lock(&self.tx).take();
     }
 
     /// Starts `command` as a worker with `channel` as its socket.
-    pub(crate) fn spawn(&self, command: Command, channel: Channel) -> std::io::Result<Child> {
+    pub fn spawn(&self, command: Command, channel: Channel) -> std::io::Result<Child> {
         let (reply, rx) = std::sync::mpsc::channel();
         let gone = || std::io::Error::other("the spawner thread has ended");
         lock(&self.tx)
