@@ -81,13 +81,6 @@ pub trait Backend: Send + Sync {
     /// # Errors
     /// Driver errors; a device that is gone.
     fn open(&self, device: u32, epoch: u64) -> Result<Box<dyn DeviceContext>, GpuError>;
-
-    /// The run's fault plan, for backends that have one (the simulator). In process
-    /// isolation the host decides each op's fault with it and sends the decision along, so
-    /// the plan's state (counts, random streams) outlives worker processes.
-    fn fault_injector(&self) -> Option<std::sync::Arc<crate::fault_plan::FaultInjector>> {
-        None
-    }
 }
 
 /// One device's context: executes ops one at a time, blocking the calling thread.

@@ -129,7 +129,7 @@ impl DeviceCore {
         let Op::Launch { module, function, .. } = op else {
             return None;
         };
-        let q = self.quarantined.read().unwrap_or_else(|p| p.into_inner());
+        let q = hipvisor_core::sync::read(&self.quarantined);
         // Quarantine is rare: skip building the lookup key (a String clone) on the hot path.
         if q.is_empty() {
             return None;

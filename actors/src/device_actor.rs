@@ -42,7 +42,7 @@ impl Actor for DeviceActor {
         args: DeviceActorArgs,
     ) -> Result<DeviceActorState, ActorProcessingErr> {
         let core = &args.shared.cores[args.device as usize];
-        *core.actor.write().unwrap_or_else(|p| p.into_inner()) = Some(me);
+        *hipvisor_core::sync::write(&core.actor) = Some(me);
         Ok(DeviceActorState {
             shared: args.shared,
             device: args.device,

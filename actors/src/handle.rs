@@ -82,20 +82,14 @@ impl DeviceHandle {
     /// extra copy.
     ///
     /// # Errors
-    /// A transient out-of-memory error when the host has no memory for it.
+    /// A transient [`GpuError::Host`](hipvisor_core::GpuError::Host) error when the host
+    /// has no memory (or mapping) for it.
     pub fn host_buffer(&self, len: usize) -> Result<HostBuffer, RuntimeError> {
         hipvisor_core::ipc::Region::new(len)
             .map(|region| HostBuffer { region })
             .map_err(|e| {
-                let code = hipvisor_core::error::hip::OUT_OF_MEMORY;
-                let msg = format!("cannot allocate a {len}-byte host buffer: {e}");
-                RuntimeError::Gpu(hipvisor_core::GpuError::api_with(
-                    hipvisor_core::Api::Hip,
-                    code,
-                    OpKind::Alloc,
-                    self.device,
-                    msg,
-                ))
+                let what = format!("a {len}-byte host buffer in shared memory: {e}");
+                RuntimeError::Gpu(hipvisor_core::GpuError::host(OpKind::Alloc, self.device, what))
             })
     }
 

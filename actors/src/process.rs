@@ -67,7 +67,7 @@ pub(crate) fn start_worker(
         device,
         worker_pid: core.worker_pid.clone(),
         modules: core.modules.clone(),
-        faults: shared.backend.fault_injector(),
+        faults: shared.faults.clone(),
     };
     WorkerClient::start(&launch, link, epoch, modules, role)
 }

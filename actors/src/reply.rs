@@ -120,11 +120,7 @@ impl Drop for SlotInner {
     /// A slot dropped unanswered answers itself: the caller gets a typed error, never a
     /// hang. (This happens when a task holding a job is dropped: a runtime shutting down.)
     fn drop(&mut self) {
-        let taken = self
-            .port
-            .get_mut()
-            .map(Option::take)
-            .unwrap_or_else(|p| p.into_inner().take());
+        let taken = hipvisor_core::sync::get_mut(&mut self.port).take();
         if let Some((port, counters)) = taken {
             let result = Err(RuntimeError::ShuttingDown);
             if self.origin == Origin::Application {

@@ -5,9 +5,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use hipvisor_core::backend::factory;
 use hipvisor_core::config::Isolation;
 use hipvisor_core::sync::lock;
-use hipvisor_core::{Backend, BackendKind, ConfigError, GpuError, RuntimeConfig, SimBackend};
+use hipvisor_core::{Backend, BackendKind, ConfigError, GpuError, RuntimeConfig};
 use opentelemetry::metrics::Meter;
 use ractor::{Actor, ActorRef};
 use tokio::sync::broadcast;
@@ -78,7 +79,10 @@ impl RuntimeBuilder {
         self
     }
 
-    /// Uses this backend instead of the one `runtime.backend` names (tests, embedding).
+    /// Uses this backend instead of the one `runtime.backend` names (tests, embedding): for
+    /// discovery, and in thread isolation for the devices' contexts. (In process isolation
+    /// each worker opens the backend `runtime.backend` names; the simulator's fault plan of
+    /// `[sim]` is then not applied, since this backend's plan, if any, cannot be seen.)
     pub fn backend(mut self, backend: Arc<dyn Backend>) -> Self {
         self.backend = Some(backend);
         self
@@ -133,9 +137,12 @@ impl RuntimeBuilder {
                 why: Box::new(e),
             })?,
         };
-        let backend = match self.backend {
-            Some(b) => b,
-            None => make_backend(&config)?,
+        let (backend, faults) = match self.backend {
+            Some(b) => (b, None),
+            None => {
+                let built = build_backend(&config)?;
+                (built.backend, built.sim.map(|s| s.faults))
+            }
         };
         let available = backend.device_count().map_err(|error| StartError::Backend {
             backend: backend.kind(),
@@ -224,6 +231,7 @@ impl RuntimeBuilder {
         let shared = Arc::new(Shared {
             cores,
             backend,
+            faults,
             config: config.clone(),
             closing: AtomicBool::new(false),
             states,
@@ -312,20 +320,22 @@ impl RuntimeBuilder {
 /// [`StartError::Unsupported`] for a backend not compiled into this build;
 /// [`StartError::Config`] for a bad `[sim]` section.
 pub fn make_backend(config: &RuntimeConfig) -> Result<Arc<dyn Backend>, StartError> {
-    match config.runtime.backend {
-        BackendKind::Sim => {
-            let crash_allowed = config.runtime.isolation == Isolation::Process;
-            Ok(Arc::new(SimBackend::from_config(&config.sim, crash_allowed)?))
-        }
-        #[cfg(feature = "hip")]
-        BackendKind::Hip => Ok(Arc::new(hipvisor_core::backend::hip::HipBackend::new())),
-        #[cfg(feature = "cuda")]
-        BackendKind::Cuda => Ok(Arc::new(hipvisor_core::backend::cuda::CudaBackend::new())),
-        #[allow(unreachable_patterns)]
-        other => Err(StartError::Unsupported(format!(
-            "backend `{other}` is not part of this build (build with `--features {other}`)"
-        ))),
-    }
+    Ok(build_backend(config)?.backend)
+}
+
+/// The backend and, for the simulator, its fault plan, from the core's one backend factory.
+fn build_backend(config: &RuntimeConfig) -> Result<factory::Built, StartError> {
+    let crash_allowed = config.runtime.isolation == Isolation::Process;
+    factory::build(
+        config.runtime.backend,
+        &config.sim,
+        factory::Faults::Plan,
+        crash_allowed,
+    )
+    .map_err(|e| match e {
+        factory::BuildError::Config(e) => StartError::Config(e),
+        other => StartError::Unsupported(other.to_string()),
+    })
 }
 
 /// The supervised multi-GPU runtime. See the crate docs for an example.
@@ -407,9 +417,7 @@ impl Runtime {
                 device: index,
                 count: self.device_count(),
             })?;
-        core.actor
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+        hipvisor_core::sync::read(&core.actor)
             .clone()
             .ok_or(RuntimeError::DeviceRestarted {
                 device: index,
@@ -562,7 +570,7 @@ impl Drop for Runtime {
         shared.close_admission();
         self.supervisor.stop(None);
         for core in &shared.cores {
-            if let Some(actor) = core.actor.read().unwrap_or_else(|p| p.into_inner()).clone() {
+            if let Some(actor) = hipvisor_core::sync::read(&core.actor).clone() {
                 actor.stop(None);
             }
         }

@@ -22,12 +22,17 @@ use crate::messages::SupervisorMsg;
 use crate::metrics::{MetricsEvent, MetricsMsg, Snapshot};
 use crate::park::SpinPolicy;
 use crate::state::DeviceStateChange;
+use hipvisor_core::fault_plan::FaultInjector;
 use hipvisor_core::worker::client::{Spawner, Workers};
 
 /// What every part of the runtime shares.
 pub(crate) struct Shared {
     pub(crate) cores: Vec<Arc<DeviceCore>>,
     pub(crate) backend: Arc<dyn Backend>,
+    /// The simulator's fault plan, which decides each op's fault in the host in process
+    /// isolation (a worker's injector takes the decision); `None` for GPU backends and for a
+    /// backend the application supplied.
+    pub(crate) faults: Option<Arc<FaultInjector>>,
     pub(crate) config: RuntimeConfig,
     pub(crate) closing: AtomicBool,
     pub(crate) states: broadcast::Sender<DeviceStateChange>,
@@ -141,7 +146,9 @@ pub(crate) mod testing {
         config.sim.devices = devices;
         config.sim.memory_bytes = 1 << 20;
         configure(&mut config);
-        let backend = Arc::new(SimBackend::from_config(&config.sim, false).expect("sim config"));
+        let backend = SimBackend::from_config(&config.sim, false).expect("sim config");
+        let faults = Some(backend.faults().clone());
+        let backend = Arc::new(backend);
         let args = MetricsArgs {
             meter: opentelemetry::global::meter("hipvisor-test"),
             devices,
@@ -157,6 +164,7 @@ pub(crate) mod testing {
         Arc::new(Shared {
             cores,
             backend,
+            faults,
             closing: AtomicBool::new(false),
             states: broadcast::channel(16).0,
             metrics,

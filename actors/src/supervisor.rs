@@ -243,10 +243,7 @@ impl Actor for Supervisor {
         if let SupervisionEvent::ActorFailed(cell, err) = evt
             && let Some(device) = st.children.remove(&cell.get_id())
         {
-            *st.shared.cores[device as usize]
-                .actor
-                .write()
-                .unwrap_or_else(|p| p.into_inner()) = None;
+            *hipvisor_core::sync::write(&st.shared.cores[device as usize].actor) = None;
             if !st.shutting_down {
                 st.restart(
                     &me,
@@ -480,11 +477,7 @@ impl SupervisorState {
                 .record(&shared.config.supervisor, suspects, Instant::now());
         let core = &shared.cores[device as usize];
         for key in reached {
-            let newly = core
-                .quarantined
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(key.clone());
+            let newly = hipvisor_core::sync::write(&core.quarantined).insert(key.clone());
             if newly {
                 tracing::warn!(device, module = key.0, function = %key.1, "kernel quarantined");
                 shared.metrics_event(MetricsEvent::Quarantined(QuarantineEntry {

@@ -25,7 +25,7 @@ pub(crate) fn spawn(shared: Arc<Shared>, op_deadline: Duration) -> JoinHandle<()
         let mut due: Vec<Instant> = shared.cores.iter().map(|c| Instant::now() + c.deadline()).collect();
         loop {
             tick.tick().await;
-            shared.watch(&mut due);
+            shared.watch(Instant::now(), &mut due);
         }
     })
 }
@@ -49,10 +49,11 @@ impl Shared {
     /// than the earliest deadline left by the last sweep, nor than the time of that sweep
     /// plus the op deadline (every op queued since is a first submission, whose deadline is
     /// its admission plus the op deadline) — unless an op was queued again since, with its
-    /// old deadline, which its queue notes ([`JobQueue::take_requeued_deadline`](crate::queue::JobQueue::take_requeued_deadline)). So a
-    /// healthy device's queue is never taken apart, and the hot path keeps no index.
-    pub(crate) fn watch(&self, due: &mut [Instant]) {
-        let now = Instant::now();
+    /// old deadline, which its queue notes
+    /// ([`JobQueue::take_requeued_deadline`](crate::queue::JobQueue::take_requeued_deadline)).
+    /// So a healthy device's queue is never taken apart, and the hot path keeps no index.
+    /// `now` is the time of the check (a parameter, so tests choose it).
+    pub(crate) fn watch(&self, now: Instant, due: &mut [Instant]) {
         for (device, pid) in self.workers.kill_overdue_starts(now) {
             tracing::warn!(device, pid, "worker start past its deadline: killed");
         }
@@ -137,6 +138,32 @@ mod tests {
         (job, rx)
     }
 
+    /// The task itself, on tokio's paused clock: its interval ticks without real waiting.
+    #[tokio::test(start_paused = true)]
+    async fn the_watchdog_task_answers_a_hung_op_at_its_next_tick() {
+        let s = shared(1, |c| c.runtime.op_deadline_ms = 400).await;
+        let (late, late_rx) = job(&s, true);
+        lock(&s.cores[0].current).ops.push(Current {
+            slot: late.slot.clone(),
+            deadline: late.deadline,
+            op: late.kind(),
+        });
+        let watchdog = spawn(s.clone(), Duration::from_millis(400));
+        let answer = tokio::time::timeout(Duration::from_secs(10), late_rx)
+            .await
+            .expect("answered within a tick (100 ms of the paused clock)")
+            .expect("answered, not dropped");
+        assert!(matches!(
+            answer,
+            Err(RuntimeError::DeadlineExceeded {
+                may_have_executed: true,
+                ..
+            })
+        ));
+        watchdog.abort();
+        drop(late);
+    }
+
     #[tokio::test]
     async fn an_op_running_past_its_deadline_is_answered_as_one_that_may_have_run() {
         let s = shared(1, |_| {}).await;
@@ -153,7 +180,7 @@ mod tests {
             }
         }
         let mut due = vec![Instant::now() + Duration::from_secs(60)];
-        s.watch(&mut due);
+        s.watch(Instant::now(), &mut due);
         assert!(matches!(
             late_rx.try_recv(),
             Ok(Err(RuntimeError::DeadlineExceeded {
@@ -176,17 +203,17 @@ mod tests {
         // An executor is taking from the queue: it answers what is past its deadline itself.
         lock(&core.current).takers = 1;
         let mut due = vec![Instant::now() - Duration::from_secs(1)];
-        s.watch(&mut due);
+        s.watch(Instant::now(), &mut due);
         assert!(late_rx.try_recv().is_err(), "the queue is the executor's");
         // Nobody takes, but the queue is not due yet: not taken apart.
         lock(&core.current).takers = 0;
         let not_yet = Instant::now() + Duration::from_secs(60);
         let mut due = vec![not_yet];
-        s.watch(&mut due);
+        s.watch(Instant::now(), &mut due);
         assert!(late_rx.try_recv().is_err(), "not due");
         // Due: the late job is answered, the other stays, and `due` is its deadline.
         let mut due = vec![Instant::now() - Duration::from_secs(1)];
-        s.watch(&mut due);
+        s.watch(Instant::now(), &mut due);
         assert!(matches!(
             late_rx.try_recv(),
             Ok(Err(RuntimeError::DeadlineExceeded {
@@ -207,7 +234,7 @@ mod tests {
         // As a requeue racing with the drain would leave it.
         s.cores[0].queue.requeue(j);
         let mut due = vec![Instant::now() + Duration::from_secs(60)];
-        s.watch(&mut due);
+        s.watch(Instant::now(), &mut due);
         assert!(matches!(
             rx.try_recv(),
             Ok(Err(RuntimeError::DeviceFailed { device: 0, .. }))
@@ -220,7 +247,7 @@ mod tests {
         let core = &s.cores[0];
         let mut due = vec![Instant::now() - Duration::from_secs(1)];
         let before = Instant::now();
-        s.watch(&mut due);
+        s.watch(Instant::now(), &mut due);
         assert!(due[0] >= before + core.deadline());
         // A job queued again with an older deadline (sooner than a first submission's),
         // then taken: its deadline is noted.
@@ -229,7 +256,7 @@ mod tests {
         let noted = j.deadline;
         core.queue.enqueue_again(j);
         let _ = core.queue.take();
-        s.watch(&mut due);
+        s.watch(Instant::now(), &mut due);
         assert!(
             due[0] <= noted && noted - due[0] < Duration::from_micros(1),
             "{:?} vs {noted:?}",

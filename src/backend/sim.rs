@@ -239,10 +239,6 @@ impl Backend for SimBackend {
         Ok(self.info(device))
     }
 
-    fn fault_injector(&self) -> Option<Arc<FaultInjector>> {
-        Some(self.faults.clone())
-    }
-
     fn open(&self, device: u32, epoch: u64) -> Result<Box<dyn DeviceContext>, GpuError> {
         self.host.abort_if_pending();
         let info = self.device_info(device)?;

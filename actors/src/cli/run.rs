@@ -112,7 +112,7 @@ struct Job {
 
 impl Job {
     fn record(&self, f: impl FnOnce(&mut Observed)) {
-        f(&mut self.observed.lock().unwrap_or_else(|p| p.into_inner()));
+        f(&mut hipvisor_core::sync::lock(&self.observed));
     }
 
     /// Submits one op to `device`'s actor and waits for its answer. `None` is a missing
@@ -563,7 +563,7 @@ async fn finish(job: Arc<Job>, end: RunEnd) -> ExitCode {
         }
     };
     let snapshot = runtime.shutdown().await;
-    let mut o = job.observed.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut o = hipvisor_core::sync::into_inner(job.observed);
     o.latencies_us.sort_by(f64::total_cmp);
     let submitted = job.submitted.load(Ordering::Relaxed);
     let answered = o.succeeded + o.failed;
