@@ -270,6 +270,10 @@ pub struct DeviceSnapshot {
     pub reason: Option<String>,
     /// Restarts so far.
     pub restarts: u64,
+    /// Retry attempts on the device so far (the per-device part of
+    /// [`RetrySnapshot::attempts`]).
+    #[serde(default)]
+    pub retries: u64,
     /// Its circuit breaker's state.
     pub breaker: BreakerState,
 }
@@ -461,6 +465,7 @@ impl Actor for MetricsActor {
                 state: DeviceState::Ready,
                 reason: None,
                 restarts: 0,
+                retries: 0,
                 breaker: BreakerState::Closed,
             })
             .collect();
@@ -585,6 +590,9 @@ impl MetricsState {
             }
         }
         s.retries.attempts += d.retry_attempts;
+        if let Some(entry) = s.devices.get_mut(device as usize) {
+            entry.retries += d.retry_attempts;
+        }
         s.retries.succeeded += d.retry_success;
         s.retries.exhausted += d.retry_exhausted;
         s.retries.oom_waits += d.oom_waits;

@@ -507,8 +507,8 @@ fn summary(out: &Output) -> String {
 }
 
 /// The numbers of a summary's table row that starts with `first` (a device id or `total`):
-/// (state, ops, failed, restarts); `total` has no state.
-fn row(text: &str, first: &str) -> (String, u64, u64, u64) {
+/// (state, ops, failed, retries, restarts); `total` has no state.
+fn row(text: &str, first: &str) -> (String, u64, u64, u64, u64) {
     let line = text
         .lines()
         .find(|l| l.split_whitespace().next() == Some(first))
@@ -520,7 +520,7 @@ fn row(text: &str, first: &str) -> (String, u64, u64, u64) {
         words.remove(0).to_string()
     };
     let n = |i: usize| words[i].parse::<u64>().unwrap_or_else(|e| panic!("{e}: {line}"));
-    (state, n(0), n(1), n(2))
+    (state, n(0), n(1), n(2), n(3))
 }
 
 #[test]
@@ -536,21 +536,21 @@ fn run_without_json_prints_a_summary_with_a_row_per_device_and_the_totals() {
     );
     assert_eq!(
         lines[1].split_whitespace().collect::<Vec<_>>(),
-        ["device", "state", "ops", "failed", "restarts"]
+        ["device", "state", "ops", "failed", "retries", "restarts"]
     );
     let mut ops = 0;
     for id in 0..3 {
-        let (state, answered, failed, restarts) = row(&text, &id.to_string());
+        let (state, answered, failed, retries, restarts) = row(&text, &id.to_string());
         assert_eq!(
-            (state.as_str(), failed, restarts),
-            ("ready", 0, 0),
+            (state.as_str(), failed, retries, restarts),
+            ("ready", 0, 0, 0),
             "device {id}: {text}"
         );
         ops += answered;
     }
     assert!(text.lines().all(|l| l.split_whitespace().next() != Some("3")), "{text}");
-    let (_, total, failed, restarts) = row(&text, "total");
-    assert_eq!((total, failed, restarts), (ops, 0, 0), "{text}");
+    let (_, total, failed, retries, restarts) = row(&text, "total");
+    assert_eq!((total, failed, retries, restarts), (ops, 0, 0, 0), "{text}");
     assert!(total >= 400, "{text}");
     assert!(
         text.contains(&format!(

@@ -24,6 +24,8 @@ pub(crate) struct DeviceRow {
     pub(crate) ops: u64,
     /// Of which failed with a typed error.
     pub(crate) failed: u64,
+    /// Retry attempts on the device.
+    pub(crate) retries: u64,
     pub(crate) restarts: u64,
 }
 
@@ -39,6 +41,7 @@ pub(crate) fn device_rows(snapshot: &Snapshot) -> Vec<DeviceRow> {
                 reason: d.reason.clone(),
                 ops: 0,
                 failed: 0,
+                retries: d.retries,
                 restarts: d.restarts,
             };
             for c in snapshot.ops.iter().filter(|c| c.device == d.id) {
@@ -92,14 +95,14 @@ pub(crate) fn run(command: &str, report: &Value, devices: &[DeviceRow]) -> Strin
     );
     let _ = writeln!(
         out,
-        "{:>6}  {:<10} {:>9} {:>9} {:>9}",
-        "device", "state", "ops", "failed", "restarts"
+        "{:>6}  {:<10} {:>9} {:>9} {:>9} {:>9}",
+        "device", "state", "ops", "failed", "retries", "restarts"
     );
     for (i, d) in devices.iter().enumerate() {
         let _ = write!(
             out,
-            "{:>6}  {:<10} {:>9} {:>9} {:>9}",
-            d.id, d.state, d.ops, d.failed, d.restarts
+            "{:>6}  {:<10} {:>9} {:>9} {:>9} {:>9}",
+            d.id, d.state, d.ops, d.failed, d.retries, d.restarts
         );
         if let Some(r) = &d.reason {
             // A reason several devices share (one fault that poisoned the process) once.
@@ -112,11 +115,12 @@ pub(crate) fn run(command: &str, report: &Value, devices: &[DeviceRow]) -> Strin
     }
     let _ = writeln!(
         out,
-        "{:>6}  {:<10} {:>9} {:>9} {:>9}",
+        "{:>6}  {:<10} {:>9} {:>9} {:>9} {:>9}",
         "total",
         "",
         devices.iter().map(|d| d.ops).sum::<u64>(),
         devices.iter().map(|d| d.failed).sum::<u64>(),
+        devices.iter().map(|d| d.retries).sum::<u64>(),
         u(&report["restarts"]),
     );
     let _ = writeln!(
@@ -251,6 +255,7 @@ mod tests {
                 reason: None,
                 ops: 600,
                 failed: 0,
+                retries: 0,
                 restarts: 0,
             },
             DeviceRow {
@@ -259,6 +264,7 @@ mod tests {
                 reason: Some("sticky fault".into()),
                 ops: 410,
                 failed: 10,
+                retries: 41,
                 restarts: 1,
             },
         ]
@@ -272,13 +278,13 @@ mod tests {
             lines[0],
             "hipvisor run: sim backend, process isolation, 2 devices, 0.14 s"
         );
-        assert_eq!(lines[1], "device  state            ops    failed  restarts");
-        assert_eq!(lines[2], "     0  ready            600         0         0");
+        assert_eq!(lines[1], "device  state            ops    failed   retries  restarts");
+        assert_eq!(lines[2], "     0  ready            600         0         0         0");
         assert_eq!(
             lines[3],
-            "     1  failed           410        10         1  (sticky fault)"
+            "     1  failed           410        10        41         1  (sticky fault)"
         );
-        assert_eq!(lines[4], " total                  1010        10         1");
+        assert_eq!(lines[4], " total                  1010        10        41         1");
         assert_eq!(
             lines[5],
             "ops: 1010 submitted, 1000 succeeded, 10 failed, 0 missing replies, 0 wrong results"
@@ -334,6 +340,7 @@ mod tests {
             state,
             reason: None,
             restarts,
+            retries: 3 * restarts,
             breaker: hipvisor::core::BreakerState::Closed,
         };
         let count = |device, outcome, count| OpCount {
@@ -353,8 +360,14 @@ mod tests {
             ..Snapshot::default()
         };
         let rows = device_rows(&snapshot);
-        assert_eq!((rows[0].ops, rows[0].failed, rows[0].restarts), (5, 0, 0));
-        assert_eq!((rows[1].ops, rows[1].failed, rows[1].restarts), (10, 3, 2));
+        assert_eq!(
+            (rows[0].ops, rows[0].failed, rows[0].retries, rows[0].restarts),
+            (5, 0, 0, 0)
+        );
+        assert_eq!(
+            (rows[1].ops, rows[1].failed, rows[1].retries, rows[1].restarts),
+            (10, 3, 6, 2)
+        );
         assert_eq!(rows[1].state, "lost");
     }
 
