@@ -58,7 +58,10 @@ impl fmt::Display for BackendKind {
 }
 
 /// Device discovery, and the factory of device contexts.
-pub trait Backend: Send + Sync {
+///
+/// `Any`, so a runtime given a backend can see what it is (a simulator's fault plan then
+/// applies in process isolation too: the host decides each fault with it).
+pub trait Backend: std::any::Any + Send + Sync {
     /// Which API this backend drives.
     fn kind(&self) -> BackendKind;
 

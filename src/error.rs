@@ -947,6 +947,14 @@ pub enum InvalidReason {
         /// What was wrong.
         reason: String,
     },
+    /// The worker program cannot open the backend the host asked for: it was built without
+    /// the backend's feature, or the simulator's settings are bad. Permanent: the device is
+    /// failed, not probed again and again.
+    #[error("the worker cannot open this backend: {reason}")]
+    WorkerBackend {
+        /// Why.
+        reason: String,
+    },
     /// The op needs more host memory than this host could ever give it.
     #[error("{requested} bytes of host memory can never be allocated: more than {limit}")]
     HostMemory {

@@ -2,7 +2,7 @@
 //!
 //! hipvisor's locks guard tables whose every update is a single assignment or push, so a
 //! panic while one is held (a bug, caught by the executor's supervision) cannot leave the
-//! data half-written: the next holder may use it. [`lock`], [`read`], [`write`] and
+//! data half-written: the next holder may use it. [`lock`], [`read`], [`write()`] and
 //! [`get_mut`] and [`into_inner`] say that once instead of at every call site.
 
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};

@@ -79,11 +79,17 @@ fn backend_for(hello: &ipc::Hello) -> Result<Built, GpuError> {
         flavour: sim.flavour,
         ..SimConfig::default()
     };
-    factory::build(hello.backend, &sim, Faults::FromHost, true).map_err(|e| GpuError::WorkerUnavailable {
-        op: OpKind::DeviceInfo,
-        device: hello.device,
-        reason: e.to_string(),
-    })
+    factory::build(hello.backend, &sim, Faults::FromHost, true).map_err(|e| cannot_open(hello.device, &e))
+}
+
+/// A backend the worker cannot make: a worker program built without the backend's feature
+/// (or a bad `[sim]`), which no retry mends — an invalid request, so the device is failed
+/// rather than probed for ever as a lost one.
+fn cannot_open(device: u32, e: &factory::BuildError) -> GpuError {
+    let reason = InvalidReason::WorkerBackend {
+        reason: format!("{e} (in this worker program)"),
+    };
+    GpuError::invalid(OpKind::DeviceInfo, device, reason)
 }
 
 /// Serves one device until the host says `Shutdown` or goes away.
@@ -575,6 +581,22 @@ mod tests {
             );
             start <= addr && addr < end && it.next().unwrap().contains('w')
         })
+    }
+
+    /// A worker built without the backend the host asks for fails the device (an invalid
+    /// request), rather than reading as a lost device the supervisor probes for ever.
+    #[test]
+    fn a_backend_missing_from_the_worker_build_is_permanent() {
+        for kind in [BackendKind::Hip, BackendKind::Cuda] {
+            let e = cannot_open(3, &factory::BuildError::NotBuilt(kind));
+            assert_eq!(e.class(), crate::error::ErrorClass::InvalidRequest, "{e}");
+            assert_eq!((e.op(), e.device()), (OpKind::DeviceInfo, 3));
+            assert!(e.to_string().contains("not part of this build"), "{e}");
+            assert_eq!(
+                crate::supervision::decide_open_failure(e.class(), crate::config::Isolation::Process),
+                crate::supervision::OpenFailureAction::FailDevice,
+            );
+        }
     }
 
     #[test]

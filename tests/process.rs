@@ -1006,3 +1006,27 @@ async fn a_synchronize_behind_a_sticky_fault_in_a_batch_is_answered_not_rerun() 
     gpu.synchronize().await.expect("the new worker serves");
     assert_eq!(rt.shutdown().await.sticky_faults, 1);
 }
+
+/// A simulator the application built itself (`RuntimeBuilder::backend`) keeps its fault
+/// plan in process isolation: the host decides each op's fault with it, as with the one the
+/// runtime builds from `[sim]` (here empty, so the plan can only come from the backend).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_supplied_simulators_fault_plan_applies_in_process_isolation() {
+    let c = process_config(1);
+    let mut planned = c.sim.clone();
+    planned.faults.push(common::failing("mem_info", 1));
+    let backend = hipvisor::core::SimBackend::from_config(&planned, true).expect("sim config");
+    let rt = Runtime::builder()
+        .config(c)
+        .backend(std::sync::Arc::new(backend))
+        .worker(WORKER)
+        .start()
+        .await
+        .expect("runtime starts");
+    let gpu = rt.device(0).unwrap();
+    match answered(T, gpu.mem_info()).await {
+        Err(RuntimeError::Gpu(e)) => assert_eq!(e.code(), Some((hipvisor::core::Api::Sim, 1)), "{e}"),
+        other => panic!("the supplied plan's fault, got {other:?}"),
+    }
+    rt.shutdown().await;
+}

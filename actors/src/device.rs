@@ -34,7 +34,7 @@ pub(crate) struct Current {
 /// What the executors of a device are doing, for the watchdog: the ops running now, and how
 /// many executors are taking jobs from the queue. While none is (every executor is inside
 /// an op, opening its context, or there is none), the queue is nobody's but the watchdog's,
-/// which may then take it apart and put it back (see [`DeviceCore::sweep`]). Executors
+/// which may then take it apart and put it back (see [`JobQueue::sweep`](crate::queue::JobQueue::sweep)). Executors
 /// change phase under this lock at the two points where they already took it for the
 /// running ops, so the phase costs the hot path nothing more.
 #[derive(Default)]

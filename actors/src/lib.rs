@@ -41,8 +41,8 @@
 // layers below (`../shared/tools/import-loops src actors/src` checks that no file imports one
 // that imports it back):
 //
-// 1. error, state, metrics; worker_client (the worker protocol's host side: core + std only);
-//    engine (where ops run)
+// 1. error, state, metrics; engine (where ops run). (The worker protocol's host side,
+//    `WorkerClient`, is the core's: `hipvisor_core::worker::client`.)
 // 2. reply (take-once answers), job, queue (a device's two lanes and their deadlines),
 //    messages (what the actors are sent)
 // 3. device (one device's core), park (spin-then-park policy)

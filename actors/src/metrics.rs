@@ -271,7 +271,7 @@ pub struct DeviceSnapshot {
     /// Restarts so far.
     pub restarts: u64,
     /// Retry attempts on the device so far (the per-device part of
-    /// [`RetrySnapshot::attempts`]).
+    /// `retries.attempts`).
     #[serde(default)]
     pub retries: u64,
     /// Its circuit breaker's state.

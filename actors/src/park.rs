@@ -28,7 +28,15 @@ impl SpinPolicy {
 
     /// How long to poll instead of parking a thread while a device with `in_flight` ops in
     /// flight serves a serial caller (see [`spin_budget`]).
-    pub(crate) fn spin_for(&self, in_flight: u32) -> Duration {
+    pub(crate) fn spin_for(&self, in_flight: impl FnOnce() -> u32) -> Duration {
+        // Cheapest first: most deployments that turn spinning off never read the counters.
+        if self.spin_us == 0 {
+            return Duration::ZERO;
+        }
+        let in_flight = in_flight();
+        if in_flight > 1 {
+            return Duration::ZERO;
+        }
         spin_budget(self.spin_us, in_flight, self.tokio.global_queue_depth())
     }
 }

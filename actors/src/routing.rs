@@ -4,7 +4,8 @@
 //! happens to the ops queued for a device whose state changes (moved, answered, or kept).
 //!
 //! Every path here is on the hot path or next to it: an admitted op costs a route (two
-//! atomic loads), a permit, and — while the breaker is closed — no lock.
+//! atomic loads), a permit, and — while the breaker is closed — no lock but, for a launch,
+//! a read of the device's quarantine list.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

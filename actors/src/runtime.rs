@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use hipvisor_core::backend::factory;
 use hipvisor_core::config::Isolation;
 use hipvisor_core::sync::lock;
-use hipvisor_core::{Backend, BackendKind, ConfigError, GpuError, RuntimeConfig};
+use hipvisor_core::{Backend, BackendKind, ConfigError, GpuError, RuntimeConfig, SimBackend};
 use opentelemetry::metrics::Meter;
 use ractor::{Actor, ActorRef};
 use tokio::sync::broadcast;
@@ -80,9 +80,9 @@ impl RuntimeBuilder {
     }
 
     /// Uses this backend instead of the one `runtime.backend` names (tests, embedding): for
-    /// discovery, and in thread isolation for the devices' contexts. (In process isolation
-    /// each worker opens the backend `runtime.backend` names; the simulator's fault plan of
-    /// `[sim]` is then not applied, since this backend's plan, if any, cannot be seen.)
+    /// discovery, and in thread isolation for the devices' contexts. In process isolation
+    /// each worker opens a backend of this one's kind, and a [`SimBackend`]'s fault plan
+    /// decides, in the host, the fault of each op sent to a worker.
     pub fn backend(mut self, backend: Arc<dyn Backend>) -> Self {
         self.backend = Some(backend);
         self
@@ -138,7 +138,12 @@ impl RuntimeBuilder {
             })?,
         };
         let (backend, faults) = match self.backend {
-            Some(b) => (b, None),
+            // A simulator's plan decides faults in the host in process isolation.
+            Some(b) => {
+                let any: Arc<dyn std::any::Any + Send + Sync> = b.clone();
+                let faults = any.downcast::<SimBackend>().ok().map(|sim| sim.faults().clone());
+                (b, faults)
+            }
             None => {
                 let built = build_backend(&config)?;
                 (built.backend, built.sim.map(|s| s.faults))

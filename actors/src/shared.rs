@@ -55,7 +55,7 @@ impl Shared {
     /// How long to poll instead of parking a thread while `device` serves a serial caller
     /// ([`SpinPolicy::spin_for`] with the device's ops in flight).
     pub(crate) fn spin_for(&self, device: u32) -> Duration {
-        self.spin.spin_for(self.cores[device as usize].in_flight())
+        self.spin.spin_for(|| self.cores[device as usize].in_flight())
     }
 
     /// Runs a task that holds a job between attempts; shutdown aborts it (the job's slot

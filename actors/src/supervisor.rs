@@ -322,19 +322,17 @@ impl SupervisorState {
         let core = self.shared.cores[job.device as usize].clone();
         let now = Instant::now();
         let kind = job.kind();
-        let budget = if job.origin == Origin::Application {
-            let dev = &mut self.devices[job.device as usize];
-            let requests = core.requests.load(std::sync::atomic::Ordering::Relaxed);
-            for _ in dev.requests_seen..requests {
-                dev.budget.deposit(now);
-            }
-            dev.requests_seen = requests;
-            Some(&mut dev.budget)
-        } else {
-            None
-        };
+        let application = job.origin == Origin::Application;
+        let requests = core.requests.load(std::sync::atomic::Ordering::Relaxed);
+        let dev = &mut self.devices[job.device as usize];
+        let budget = application.then(|| (&mut dev.budget, requests.saturating_sub(dev.requests_seen)));
         let backoff = job.backoff.get_or_insert_with(|| self.policy.backoff(kind));
-        let delay = match decide_retry(backoff, budget, now, job.deadline, &mut self.rng) {
+        let decision = decide_retry(backoff, budget, now, job.deadline, &mut self.rng);
+        if application && decision != RetryDecision::RetriesExhausted {
+            // The budget has seen them (deposited with this decision).
+            self.devices[job.device as usize].requests_seen = requests;
+        }
+        let delay = match decision {
             RetryDecision::After(delay) => delay,
             RetryDecision::RetriesExhausted => {
                 let attempts = job.attempts;

@@ -22,10 +22,12 @@ pub(crate) fn spawn(shared: Arc<Shared>, op_deadline: Duration) -> JoinHandle<()
     let watch_every = (op_deadline / 4).clamp(Duration::from_millis(1), Duration::from_millis(100));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(watch_every);
-        let mut due: Vec<Instant> = shared.cores.iter().map(|c| Instant::now() + c.deadline()).collect();
+        // tokio's clock (the same as the system's, except under a test's paused clock).
+        let now = || tokio::time::Instant::now().into_std();
+        let mut due: Vec<Instant> = shared.cores.iter().map(|c| now() + c.deadline()).collect();
         loop {
             tick.tick().await;
-            shared.watch(Instant::now(), &mut due);
+            shared.watch(now(), &mut due);
         }
     })
 }
@@ -138,21 +140,32 @@ mod tests {
         (job, rx)
     }
 
-    /// The task itself, on tokio's paused clock: its interval ticks without real waiting.
+    /// The task itself, on tokio's paused clock: an op running on is left alone until its
+    /// deadline, and answered at the first tick after it (every 100 ms for a 400 ms
+    /// deadline), with no real waiting.
     #[tokio::test(start_paused = true)]
-    async fn the_watchdog_task_answers_a_hung_op_at_its_next_tick() {
+    async fn the_watchdog_task_answers_a_hung_op_at_the_first_tick_after_its_deadline() {
         let s = shared(1, |c| c.runtime.op_deadline_ms = 400).await;
-        let (late, late_rx) = job(&s, true);
+        let (mut hung, mut hung_rx) = job(&s, false);
+        let start = tokio::time::Instant::now();
+        hung.deadline = start.into_std() + Duration::from_millis(400);
         lock(&s.cores[0].current).ops.push(Current {
-            slot: late.slot.clone(),
-            deadline: late.deadline,
-            op: late.kind(),
+            slot: hung.slot.clone(),
+            deadline: hung.deadline,
+            op: hung.kind(),
         });
         let watchdog = spawn(s.clone(), Duration::from_millis(400));
-        let answer = tokio::time::timeout(Duration::from_secs(10), late_rx)
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert!(hung_rx.try_recv().is_err(), "answered before its deadline");
+        let answer = tokio::time::timeout(Duration::from_millis(200), &mut hung_rx)
             .await
-            .expect("answered within a tick (100 ms of the paused clock)")
+            .expect("answered by the first tick after the deadline")
             .expect("answered, not dropped");
+        let at = start.elapsed();
+        assert!(
+            at >= Duration::from_millis(400) && at <= Duration::from_millis(500),
+            "answered at {at:?}"
+        );
         assert!(matches!(
             answer,
             Err(RuntimeError::DeadlineExceeded {
@@ -161,7 +174,7 @@ mod tests {
             })
         ));
         watchdog.abort();
-        drop(late);
+        drop(hung);
     }
 
     #[tokio::test]

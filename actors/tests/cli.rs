@@ -138,13 +138,20 @@ fn bad_config_is_a_clear_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("HIPVISOR_RETRY__MAX_RETRIEZ"));
 }
 
+/// Says why a test is skipped, where `cargo test` shows it: straight to stderr, since libtest
+/// hides what a passing test prints with `eprintln!`.
+#[cfg(any(feature = "hip", feature = "cuda"))]
+fn skipped(why: &str) {
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("skipped: {why}\n").as_bytes());
+}
+
 /// Tests of a GPU backend without a GPU check what a machine without one sees; where the
 /// machine has one they are skipped, saying so.
 #[cfg(feature = "hip")]
 #[test]
 fn devices_on_hip_without_a_gpu_fails_with_a_clear_message() {
     if std::path::Path::new("/dev/kfd").exists() {
-        eprintln!("skipped: this machine has an AMD GPU (/dev/kfd): this test checks a machine without one");
+        skipped("this machine has an AMD GPU (/dev/kfd): this test checks a machine without one");
         return;
     }
     let out = hipvisor(&["devices", "--backend", "hip"]);
@@ -162,9 +169,9 @@ fn devices_on_hip_without_a_gpu_fails_with_a_clear_message() {
 #[test]
 fn devices_on_cuda_without_a_gpu_or_driver_fails_with_a_clear_message() {
     if hipvisor::core::backend::cuda::driver_present() {
-        eprintln!(
-            "skipped: this machine has the CUDA driver library (and maybe a GPU): this test checks a machine \
-             without a GPU or driver"
+        skipped(
+            "this machine has the CUDA driver library (and maybe a GPU): this test checks a machine without a GPU \
+             or driver",
         );
         return;
     }

@@ -984,7 +984,14 @@ mod tests {
     #[test]
     fn without_a_gpu_or_driver_discovery_says_so_and_does_not_panic() {
         if driver_present() {
-            eprintln!("skipped: this machine has the CUDA driver library; the GPU check covers it with a GPU");
+            let _ = std::io::Write::write_all(
+                &mut std::io::stderr(),
+                concat!(
+                    "skipped: this machine has the CUDA driver library; the GPU check covers it with a GPU",
+                    "\n"
+                )
+                .as_bytes(),
+            );
             return;
         }
         let e = CudaBackend::new().device_count().unwrap_err();

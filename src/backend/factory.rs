@@ -138,6 +138,10 @@ mod tests {
         );
         ctx.execute(&Op::MemInfo, Origin::Application)
             .expect("planned for device 0");
+        // Nor is it kept for a later op, on device 0 or any other.
+        let mut ctx0 = built.backend.open(0, 0).expect("opens");
+        ctx0.execute(&Op::MemInfo, Origin::Application)
+            .expect("the decision went with the op it was planned before");
     }
 
     #[test]

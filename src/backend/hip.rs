@@ -1543,7 +1543,14 @@ mod tests {
     fn without_a_gpu_discovery_says_no_device_was_found_and_does_not_panic() {
         // CI machines have libamdhip64 but no AMD GPU (no /dev/kfd).
         if std::path::Path::new("/dev/kfd").exists() {
-            eprintln!("skipped: this machine has an AMD GPU (/dev/kfd); the GPU check covers it");
+            let _ = std::io::Write::write_all(
+                &mut std::io::stderr(),
+                concat!(
+                    "skipped: this machine has an AMD GPU (/dev/kfd); the GPU check covers it",
+                    "\n"
+                )
+                .as_bytes(),
+            );
             return;
         }
         let e = HipBackend::new().device_count().unwrap_err();

@@ -13,8 +13,8 @@ pub enum IpcError {
     /// an answer that does not match its request, a descriptor that is not sealed).
     #[error("malformed frame: {0}")]
     Malformed(String),
-    /// A message that cannot be sent at all (its frame would exceed [`MAX_FRAME`], or it
-    /// carries more than [`MAX_FDS`] descriptors): nothing was sent, the connection is
+    /// A message that cannot be sent at all (its frame would exceed [`MAX_FRAME`](super::frame::MAX_FRAME), or it
+    /// carries more than [`MAX_FDS`](super::frame::MAX_FDS) descriptors): nothing was sent, the connection is
     /// intact. For a request, an invalid request, not a failure of the peer.
     #[error("cannot be sent: {0}")]
     Unsendable(String),

@@ -10,7 +10,7 @@ pub const PROTOCOL_VERSION: u16 = 5;
 pub const MAX_FRAME: usize = 128 * 1024;
 /// Payloads above this many bytes travel in shared memory.
 pub const INLINE_LIMIT: usize = 32 * 1024;
-/// The most ops in one [`ToWorker::Batch`].
+/// The most ops in one [`ToWorker::Batch`](super::protocol::ToWorker::Batch).
 pub const MAX_BATCH: usize = 64;
 /// The most inline payload bytes (sent and expected back) in one batch, so that both its
 /// request and its response fit in a frame.

@@ -69,7 +69,7 @@ impl Channel {
     ///
     /// The descriptor is taken over only if it is open and a `SOCK_SEQPACKET` socket. The
     /// contract that makes this sound: the variable comes from whoever started the process
-    /// ([`spawn_worker`] puts the socket there), since changing a process's own environment
+    /// ([`spawn_worker`](super::spawn::spawn_worker) puts the socket there), since changing a process's own environment
     /// needs `unsafe` (`std::env::set_var`); and it is read before anything else in the
     /// process could own that descriptor, which is why
     /// [`crate::worker::run_if_worker`] comes first in `main`.

@@ -13,7 +13,7 @@ use crate::ipc::shm::{Output, OutputRegion, Region};
 /// Cheap to clone (shared), so an op can be resubmitted on retry without copying its data.
 /// The representation is private: bytes on the heap, or a shared-memory region that a worker
 /// process maps directly (see [`Region`]; a large copy back from a worker is a
-/// region sealed against writes, mapped read-only), without changing the shape of [`Op`].
+/// region sealed against writes, mapped read-only), without changing the shape of [`Op`](super::Op).
 /// On the wire (serde) it is a plain byte string.
 #[derive(Clone)]
 pub struct Payload {

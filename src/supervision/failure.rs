@@ -138,11 +138,13 @@ pub enum RetryDecision {
 
 /// Retry a transient failure at `now`? The op's `backoff` gives the next delay (drawing its
 /// jitter from `rng`); an application's op also takes a retry from its device's `budget`
-/// (`None` for the runtime's own ops); a retry that would come at or after the op's
-/// `deadline` is not made.
+/// (`None` for the runtime's own ops), into which the `requests` the device admitted since
+/// the budget last saw them are deposited at `now` first — only once the backoff has a retry
+/// left, so an op whose retries are used up leaves them for a later look; a retry that would
+/// come at or after the op's `deadline` is not made.
 pub fn decide_retry<R: Rng + ?Sized>(
     backoff: &mut Backoff,
-    budget: Option<&mut RetryBudget>,
+    budget: Option<(&mut RetryBudget, u64)>,
     now: Instant,
     deadline: Instant,
     rng: &mut R,
@@ -150,10 +152,13 @@ pub fn decide_retry<R: Rng + ?Sized>(
     let Some(delay) = backoff.next_delay(rng) else {
         return RetryDecision::RetriesExhausted;
     };
-    if let Some(budget) = budget
-        && !budget.try_withdraw(now)
-    {
-        return RetryDecision::BudgetExhausted;
+    if let Some((budget, requests)) = budget {
+        for _ in 0..requests {
+            budget.deposit(now);
+        }
+        if !budget.try_withdraw(now) {
+            return RetryDecision::BudgetExhausted;
+        }
     }
     if now + delay >= deadline {
         return RetryDecision::DeadlineExceeded;
@@ -437,18 +442,34 @@ mod tests {
         let deadline = t0 + ms(10_000);
         // No request deposited yet: no retry to take.
         assert_eq!(
-            decide_retry(&mut backoff(3, 10), Some(&mut budget), t0, deadline, &mut rng),
+            decide_retry(&mut backoff(3, 10), Some((&mut budget, 0)), t0, deadline, &mut rng),
             RetryDecision::BudgetExhausted
         );
-        // Two requests: one retry (ratio 0.5).
-        budget.deposit(t0);
-        budget.deposit(t0);
+        // An op whose retries are used up deposits nothing: its two requests stay pending.
+        let mut spent = backoff(0, 10);
         assert_eq!(
-            decide_retry(&mut backoff(3, 10), Some(&mut budget), t0 + ms(1), deadline, &mut rng),
+            decide_retry(&mut spent, Some((&mut budget, 2)), t0, deadline, &mut rng),
+            RetryDecision::RetriesExhausted
+        );
+        // Two requests, deposited by the next retry: one retry (ratio 0.5).
+        assert_eq!(
+            decide_retry(
+                &mut backoff(3, 10),
+                Some((&mut budget, 2)),
+                t0 + ms(1),
+                deadline,
+                &mut rng
+            ),
             RetryDecision::After(ms(10))
         );
         assert_eq!(
-            decide_retry(&mut backoff(3, 10), Some(&mut budget), t0 + ms(2), deadline, &mut rng),
+            decide_retry(
+                &mut backoff(3, 10),
+                Some((&mut budget, 0)),
+                t0 + ms(2),
+                deadline,
+                &mut rng
+            ),
             RetryDecision::BudgetExhausted
         );
         // The runtime's own ops do not draw on the budget.

@@ -49,7 +49,7 @@ pub(crate) struct RunArgs {
     #[arg(long, default_value_t = 8)]
     actors: u32,
     /// Print the full report as one JSON object on stdout (and nothing else); without it,
-    /// stdout gets a short summary: per device ops, failures, restarts and state, then the
+    /// stdout gets a short summary: per device ops, failures, retries, restarts and state, then the
     /// totals (retries included).
     #[arg(long)]
     json: bool,

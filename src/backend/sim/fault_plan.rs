@@ -323,8 +323,9 @@ impl FaultInjector {
     }
 
     /// Arms the fault the host decided for the next op of `device` (`None`: no fault). A
-    /// decision applies to that one op: the next op takes it whether or not it is valid.
-    /// Does nothing on an injector that decides for itself.
+    /// decision applies to that one op: the next op takes it (and clears it) whether or not
+    /// it is valid, and whichever device it runs on. Does nothing on an injector that decides
+    /// for itself.
     pub fn plan(&self, device: u32, fault: Option<FaultAction>) {
         if let Some(slot) = &self.from_host {
             *crate::sync::lock(slot) = fault.map(|f| (device, f));
@@ -332,18 +333,13 @@ impl FaultInjector {
     }
 
     /// For an injector [`decided_by_host`](FaultInjector::decided_by_host): the fault
-    /// planned for this op of `device`, taken (`Some(None)`: none was planned). `None` for
-    /// an injector that decides with its own rules ([`FaultInjector::decide`]).
+    /// planned for this op of `device` (`Some(None)`: none was planned for it). The slot is
+    /// cleared whatever it held, so no decision outlives the op after it. `None` for an
+    /// injector that decides with its own rules ([`FaultInjector::decide`]).
     pub fn take_planned(&self, device: u32) -> Option<Option<FaultAction>> {
         let slot = self.from_host.as_ref()?;
-        let mut planned = crate::sync::lock(slot);
-        Some(match *planned {
-            Some((d, fault)) if d == device => {
-                *planned = None;
-                Some(fault)
-            }
-            _ => None,
-        })
+        let planned = crate::sync::lock(slot).take();
+        Some(planned.and_then(|(d, fault)| (d == device).then_some(fault)))
     }
 
     /// The rules.
