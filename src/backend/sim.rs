@@ -510,9 +510,15 @@ impl SimDevice {
         }
     }
 
-    fn write(&mut self, arg: &KernelArg, bytes: &[u8]) {
+    /// Writes `values` as little-endian words at the start of a buffer argument, straight
+    /// into the buffer: no byte vector in between (allocations in the kernel path made the
+    /// simulator's speed depend on the allocator's trimming of a thread's heap).
+    fn write<const N: usize>(&mut self, arg: &KernelArg, values: impl Iterator<Item = [u8; N]>) {
         if let KernelArg::Buffer(b) = arg {
-            self.t.buffers.get_mut(&b.id).expect("validated")[..bytes.len()].copy_from_slice(bytes);
+            let buffer = self.t.buffers.get_mut(&b.id).expect("validated");
+            for (bytes, value) in buffer.chunks_exact_mut(N).zip(values) {
+                bytes.copy_from_slice(&value);
+            }
         }
     }
 
@@ -522,22 +528,22 @@ impl SimDevice {
             (BuiltinKernel::Fill, [out, U32(value), _]) => {
                 let mut v = vec![0u32; n];
                 reference::fill(&mut v, *value);
-                self.write(out, &kernels::u32_bytes(&v));
+                self.write(out, v.iter().map(|x| x.to_le_bytes()));
             }
             (BuiltinKernel::VectorAdd, [a, b, out, _]) => {
                 let sum = reference::vector_add(&self.f32s(a, n), &self.f32s(b, n));
-                self.write(out, &kernels::f32_bytes(&sum));
+                self.write(out, sum.iter().map(|x| x.to_le_bytes()));
             }
             (BuiltinKernel::Saxpy, [F32(a), x, y, _]) => {
                 let xs = self.f32s(x, n);
                 let mut ys = self.f32s(y, n);
                 reference::saxpy(*a, &xs, &mut ys);
-                self.write(y, &kernels::f32_bytes(&ys));
+                self.write(y, ys.iter().map(|x| x.to_le_bytes()));
             }
             (BuiltinKernel::Scale, [x, F32(factor), _]) => {
                 let mut xs = self.f32s(x, n);
                 reference::scale(&mut xs, *factor);
-                self.write(x, &kernels::f32_bytes(&xs));
+                self.write(x, xs.iter().map(|x| x.to_le_bytes()));
             }
             (BuiltinKernel::Checksum, [KernelArg::Buffer(data), _, out]) => {
                 let sum = reference::checksum(&kernels::u32s(&self.t.buffers[&data.id][..n * 4]));
