@@ -41,6 +41,25 @@ extern "C" __global__ void checksum(const unsigned int* data, unsigned int n, un
     if (i < n) atomicAdd(out, (unsigned long long)data[i]);
 }
 
+// y[i] = b[i] + sum_j w[i*cols + j] * x[j], one row per thread, row-major w of n rows. The
+// terms are added in order of j, each with one rounding (fmaf): the reference's exact bits.
+extern "C" __global__ void gemv(const float* w, const float* x, const float* b, float* y, unsigned int n,
+                                unsigned int cols) {
+    unsigned long long i = hv_global_index();
+    if (i >= n) return;
+    const float* row = w + i * (unsigned long long)cols;
+    float acc = b[i];
+    for (unsigned int j = 0; j < cols; ++j) acc = fmaf(row[j], x[j], acc);
+    y[i] = acc;
+}
+
+// x[i] = x[i] > 0 ? x[i] : 0 (NaN and -0 become +0, as in the reference; not fmaxf, whose
+// sign of a zero result is unspecified).
+extern "C" __global__ void relu(float* x, unsigned int n) {
+    unsigned long long i = hv_global_index();
+    if (i < n) x[i] = x[i] > 0.0f ? x[i] : 0.0f;
+}
+
 // Test-only: writes through a pointer into unmapped memory, a sticky illegal-address fault.
 extern "C" __global__ void fault_illegal_address() {
     volatile unsigned int* bad = (volatile unsigned int*)0xdead0000000ull;

@@ -13,13 +13,17 @@
 //! | `saxpy` | `a: f32, x: buffer(f32), y: buffer(f32), n: u32` | `y[i] = fma(a, x[i], y[i])` |
 //! | `scale` | `x: buffer(f32), factor: f32, n: u32` | `x[i] = x[i] * factor` |
 //! | `checksum` | `data: buffer(u32), n: u32, out: buffer(u64)` | `out[0] += Σ data[i]` (wrapping) |
+//! | `gemv` | `w: buffer(f32), x: buffer(f32), b: buffer(f32), y: buffer(f32), n: u32, cols: u32` | `y[i] = b[i] + Σ_j w[i·cols + j] · x[j]` (`w` row-major, `n` rows) |
+//! | `relu` | `x: buffer(f32), n: u32` | `x[i] = x[i] > 0 ? x[i] : 0` |
 //! | `fault_illegal_address` | none | writes through a bad pointer: a sticky fault |
 //!
-//! Tolerance: `fill`, `vector_add`, `scale` and `checksum` are exact. `saxpy` is defined
-//! with a fused multiply-add (`f32::mul_add`, one rounding), which GPU `fmaf` matches
-//! bit for bit; a GPU compiler that does not fuse differs by at most
-//! [`SAXPY_TOLERANCE_ULPS`] units in the last place, so results are compared with
-//! [`within_ulps`].
+//! Tolerance: `fill`, `vector_add`, `scale`, `checksum` and `relu` are exact (`relu` of a
+//! NaN or of -0 is +0). `saxpy` is defined with a fused multiply-add (`f32::mul_add`, one
+//! rounding), which GPU `fmaf` matches bit for bit; a GPU compiler that does not fuse
+//! differs by at most [`SAXPY_TOLERANCE_ULPS`] units in the last place, so results are
+//! compared with [`within_ulps`]. `gemv` accumulates each row in order, `j` = 0, 1, ...,
+//! starting from `b[i]`, one fused multiply-add per term (`fmaf` on the GPU, written out in
+//! the source so no compiler may reorder it): exact, the same bits on every backend.
 
 use crate::error::InvalidReason;
 use crate::op::{ArgType, BufferHandle, KernelArg};
@@ -47,8 +51,25 @@ pub enum BuiltinKernel {
     Scale,
     /// `out[0] += Σ data[i]`
     Checksum,
+    /// `y = W x + b`: one row per thread
+    Gemv,
+    /// `x[i] = max(x[i], 0)`
+    Relu,
     /// Writes through a bad pointer (test-only): a sticky fault.
     FaultIllegalAddress,
+}
+
+/// How many elements of a buffer parameter a launch touches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extent {
+    /// One element.
+    One,
+    /// `n` elements.
+    N,
+    /// `cols` elements.
+    Cols,
+    /// `n × cols` elements (a row-major matrix of `n` rows).
+    NCols,
 }
 
 /// A kernel parameter: its name, its type and, for buffers, the size of one element.
@@ -58,15 +79,19 @@ pub struct Param {
     pub name: &'static str,
     /// Its type.
     pub ty: ArgType,
-    /// For buffers: bytes per element, and whether the buffer holds `n` elements (else one).
-    pub elem: Option<(u64, bool)>,
+    /// For buffers: bytes per element, and how many elements the launch touches.
+    pub elem: Option<(u64, Extent)>,
 }
 
 const fn buf(name: &'static str, elem: u64, per_n: bool) -> Param {
+    buf_of(name, elem, if per_n { Extent::N } else { Extent::One })
+}
+
+const fn buf_of(name: &'static str, elem: u64, extent: Extent) -> Param {
     Param {
         name,
         ty: ArgType::Buffer,
-        elem: Some((elem, per_n)),
+        elem: Some((elem, extent)),
     }
 }
 
@@ -76,12 +101,14 @@ const fn scalar(name: &'static str, ty: ArgType) -> Param {
 
 impl BuiltinKernel {
     /// Every built-in kernel.
-    pub const ALL: [BuiltinKernel; 6] = [
+    pub const ALL: [BuiltinKernel; 8] = [
         BuiltinKernel::Fill,
         BuiltinKernel::VectorAdd,
         BuiltinKernel::Saxpy,
         BuiltinKernel::Scale,
         BuiltinKernel::Checksum,
+        BuiltinKernel::Gemv,
+        BuiltinKernel::Relu,
         BuiltinKernel::FaultIllegalAddress,
     ];
 
@@ -93,6 +120,8 @@ impl BuiltinKernel {
             BuiltinKernel::Saxpy => "saxpy",
             BuiltinKernel::Scale => "scale",
             BuiltinKernel::Checksum => "checksum",
+            BuiltinKernel::Gemv => "gemv",
+            BuiltinKernel::Relu => "relu",
             BuiltinKernel::FaultIllegalAddress => "fault_illegal_address",
         }
     }
@@ -115,12 +144,23 @@ impl BuiltinKernel {
         const SAXPY: &[Param] = &[scalar("a", F32), buf("x", 4, true), buf("y", 4, true), scalar("n", U32)];
         const SCALE: &[Param] = &[buf("x", 4, true), scalar("factor", F32), scalar("n", U32)];
         const CHECKSUM: &[Param] = &[buf("data", 4, true), scalar("n", U32), buf("out", 8, false)];
+        const GEMV: &[Param] = &[
+            buf_of("w", 4, Extent::NCols),
+            buf_of("x", 4, Extent::Cols),
+            buf("b", 4, true),
+            buf("y", 4, true),
+            scalar("n", U32),
+            scalar("cols", U32),
+        ];
+        const RELU: &[Param] = &[buf("x", 4, true), scalar("n", U32)];
         match self {
             BuiltinKernel::Fill => FILL,
             BuiltinKernel::VectorAdd => VECTOR_ADD,
             BuiltinKernel::Saxpy => SAXPY,
             BuiltinKernel::Scale => SCALE,
             BuiltinKernel::Checksum => CHECKSUM,
+            BuiltinKernel::Gemv => GEMV,
+            BuiltinKernel::Relu => RELU,
             BuiltinKernel::FaultIllegalAddress => &[],
         }
     }
@@ -154,17 +194,28 @@ impl BuiltinKernel {
                 return Err(bad(format!("parameter `{}` is {}, got {}", p.name, p.ty, a.arg_type())));
             }
         }
-        let n = params
-            .iter()
-            .zip(args)
-            .find_map(|(p, a)| match (p.name, a) {
-                ("n", KernelArg::U32(n)) => Some(u64::from(*n)),
-                _ => None,
-            })
-            .unwrap_or(0);
+        let scalar = |name: &str| {
+            params
+                .iter()
+                .zip(args)
+                .find_map(|(p, a)| match (p.name == name, a) {
+                    (true, KernelArg::U32(v)) => Some(u64::from(*v)),
+                    _ => None,
+                })
+                .unwrap_or(0)
+        };
+        let (n, cols) = (scalar("n"), scalar("cols"));
         for (p, a) in params.iter().zip(args) {
-            if let (Some((elem, per_n)), KernelArg::Buffer(b)) = (p.elem, a) {
-                let need = if per_n { n * elem } else { elem };
+            if let (Some((elem, extent)), KernelArg::Buffer(b)) = (p.elem, a) {
+                // `n × cols × 4` can exceed `u64::MAX`: saturate, so an absurd matrix reads as
+                // too large, never as small.
+                let count = match extent {
+                    Extent::One => 1,
+                    Extent::N => n,
+                    Extent::Cols => cols,
+                    Extent::NCols => n.saturating_mul(cols),
+                };
+                let need = count.saturating_mul(elem);
                 if b.len < need {
                     return Err(bad(format!(
                         "buffer `{}` holds {} bytes, the kernel touches {need}",
@@ -254,6 +305,26 @@ pub mod reference {
     pub fn checksum(data: &[u32]) -> u64 {
         data.iter().fold(0u64, |acc, v| acc.wrapping_add(u64::from(*v)))
     }
+
+    /// `y[i] = b[i] + Σ_j w[i·cols + j] · x[j]` for the first `rows` rows of the row-major
+    /// `w`: each row from `b[i]`, one fused multiply-add per term, in order of `j`.
+    pub fn gemv(w: &[f32], x: &[f32], b: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+        (0..rows)
+            .map(|i| {
+                let row = &w[i * cols..(i + 1) * cols];
+                row.iter()
+                    .zip(&x[..cols])
+                    .fold(b[i], |acc, (wij, xj)| wij.mul_add(*xj, acc))
+            })
+            .collect()
+    }
+
+    /// `x[i] = x[i] > 0 ? x[i] : 0` (NaN and -0 become +0).
+    pub fn relu(x: &mut [f32]) {
+        for v in x {
+            *v = if *v > 0.0 { *v } else { 0.0 };
+        }
+    }
 }
 
 /// Little-endian `f32` values of a byte slice (trailing bytes ignored).
@@ -314,6 +385,68 @@ mod tests {
             BuiltinKernel::Checksum
                 .check_args(&[b(1, 4), KernelArg::U32(1), b(2, 4)])
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn gemv_checks_every_buffer_against_its_rows_and_columns() {
+        let (rows, cols) = (3u32, 5u64);
+        let args = |w: u64, x: u64, b_: u64, y: u64, n: u32, c: u32| {
+            vec![
+                b(1, w),
+                b(2, x),
+                b(3, b_),
+                b(4, y),
+                KernelArg::U32(n),
+                KernelArg::U32(c),
+            ]
+        };
+        let ok = args(4 * 15, 4 * cols, 12, 12, rows, cols as u32);
+        assert_eq!(BuiltinKernel::Gemv.check_args(&ok), Ok(u64::from(rows)));
+        for (bad, name) in [
+            (args(4 * 15 - 1, 20, 12, 12, 3, 5), "`w`"),
+            (args(60, 19, 12, 12, 3, 5), "`x`"),
+            (args(60, 20, 11, 12, 3, 5), "`b`"),
+            (args(60, 20, 12, 11, 3, 5), "`y`"),
+        ] {
+            let e = BuiltinKernel::Gemv.check_args(&bad).unwrap_err();
+            assert!(e.to_string().contains(name), "{name}: {e}");
+        }
+        // A matrix whose byte size overflows u64 is too large, not small: a `w` as long as
+        // the wrapped size would pass a wrapping multiplication.
+        let m = u64::from(u32::MAX);
+        let wrapped = (m * m).wrapping_mul(4);
+        let huge = args(wrapped, 4 * m, 4 * m, 4 * m, u32::MAX, u32::MAX);
+        let e = BuiltinKernel::Gemv.check_args(&huge).unwrap_err();
+        assert!(e.to_string().contains("`w`"), "{e}");
+        assert!(BuiltinKernel::Relu.check_args(&[b(1, 8), KernelArg::U32(3)]).is_err());
+        assert_eq!(BuiltinKernel::Relu.check_args(&[b(1, 12), KernelArg::U32(3)]), Ok(3));
+    }
+
+    #[test]
+    fn gemv_and_relu_references() {
+        // [[1, 2], [3, 4], [5, 6]] · [10, 100] + [0.5, -0.5, 1]
+        let w = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let y = reference::gemv(&w, &[10.0, 100.0], &[0.5, -0.5, 1.0], 3, 2);
+        assert_eq!(y, vec![210.5, 429.5, 651.0]);
+        // Fewer rows than the matrix has: only those.
+        assert_eq!(
+            reference::gemv(&w, &[10.0, 100.0], &[0.5, -0.5, 1.0], 1, 2),
+            vec![210.5]
+        );
+        // In order, one rounding per term: b = 1, then + 1e8 (the 1 is lost in f32), then
+        // − 1e8. Another order (− 1e8 first) would give 1: the order is part of the contract.
+        let y = reference::gemv(&[1e8, -1e8], &[1.0, 1.0], &[1.0], 1, 2);
+        assert_eq!(
+            y,
+            vec![0.0],
+            "1 is lost in 1e8 + 1 (f32), as a GPU's fmaf chain loses it"
+        );
+        let mut x = [-1.0, 0.0, -0.0, 2.5, f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
+        reference::relu(&mut x);
+        assert_eq!(
+            x.map(f32::to_bits),
+            [0.0, 0.0, 0.0, 2.5, 0.0, f32::INFINITY, 0.0].map(f32::to_bits)
         );
     }
 

@@ -1,6 +1,9 @@
 //! The simulated backend: bytes, kernels, memory, bad input, fault plans, stickiness and the
 //! flavours (how NVIDIA and AMD fail).
 
+/// The GPU conformance tests' shared checks, run here against the simulator too.
+mod gpu;
+
 use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
 
@@ -1157,4 +1160,15 @@ fn a_planned_crash_ends_by_sigkill_not_sigabrt() {
         out.status
     );
     assert!(!stderr.contains("Memory access fault"), "{stderr}");
+}
+
+/// The simulator passes the same check of the built-in kernels as the GPUs do
+/// (`tests/gpu/mod.rs`: every kernel against its CPU reference, on sizes that are not a
+/// multiple of the block).
+#[test]
+fn the_simulator_passes_the_gpu_conformance_check_of_the_built_in_kernels() {
+    let backend = SimBackend::new(1, 256 << 20);
+    let mut ctx = backend.open(0, 0).expect("opens");
+    let m = gpu::builtin(&mut *ctx);
+    gpu::check_builtin_kernels(&mut *ctx, "sim", m);
 }

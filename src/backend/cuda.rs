@@ -975,6 +975,15 @@ mod tests {
         let ptx = builtin_ptx_fallback(9, 0).unwrap();
         assert_eq!(ptx.target, "compute_90");
         assert_eq!(image::checked(&ptx.code, true).unwrap().0, image::ImageKind::Ptx);
+        // Every built-in kernel is in it, under its own (unmangled) name.
+        let text = String::from_utf8_lossy(&ptx.code);
+        for k in crate::kernels::BuiltinKernel::ALL {
+            assert!(
+                text.contains(&format!(".entry {}(", k.name())),
+                "no entry {} in the PTX",
+                k.name()
+            );
+        }
         // A GPU newer than this NVRTC gets PTX for the newest architecture it knows.
         let newer = builtin_image(99, 9).unwrap();
         assert!(newer.target.starts_with("compute_"), "{}", newer.target);

@@ -503,9 +503,11 @@ impl SimDevice {
         })
     }
 
-    fn f32s(&self, arg: &KernelArg, n: usize) -> Vec<f32> {
+    /// The first `count` elements of a buffer argument as `f32`s (checked against the
+    /// buffer's length by the kernel's signature).
+    fn f32s(&self, arg: &KernelArg, count: usize) -> Vec<f32> {
         match arg {
-            KernelArg::Buffer(b) => kernels::f32s(&self.t.buffers[&b.id][..n * 4]),
+            KernelArg::Buffer(b) => kernels::f32s(&self.t.buffers[&b.id][..count * 4]),
             _ => unreachable!("signature checked"),
         }
     }
@@ -544,6 +546,19 @@ impl SimDevice {
                 let mut xs = self.f32s(x, n);
                 reference::scale(&mut xs, *factor);
                 self.write(x, xs.iter().map(|x| x.to_le_bytes()));
+            }
+            (BuiltinKernel::Gemv, [w, x, b, y, _, U32(cols)]) => {
+                let cols = *cols as usize;
+                let ws = self.f32s(w, n * cols);
+                let xs = self.f32s(x, cols);
+                let bs = self.f32s(b, n);
+                let ys = reference::gemv(&ws, &xs, &bs, n, cols);
+                self.write(y, ys.iter().map(|v| v.to_le_bytes()));
+            }
+            (BuiltinKernel::Relu, [x, _]) => {
+                let mut xs = self.f32s(x, n);
+                reference::relu(&mut xs);
+                self.write(x, xs.iter().map(|v| v.to_le_bytes()));
             }
             (BuiltinKernel::Checksum, [KernelArg::Buffer(data), _, out]) => {
                 let sum = reference::checksum(&kernels::u32s(&self.t.buffers[&data.id][..n * 4]));

@@ -171,9 +171,10 @@ pub fn in_child(test: &str, limit: Duration) -> Child {
     Child { status, result, stderr }
 }
 
-/// Runs `fill`, `vector_add`, `saxpy`, `scale` and `checksum` of module `m` (`what` names it
-/// in messages) on 1,000,003 elements — not a multiple of the block — and checks each against
-/// its CPU reference (`saxpy` within its stated ULPs).
+/// Runs `fill`, `vector_add`, `saxpy`, `scale`, `checksum` and `relu` of module `m` (`what`
+/// names it in messages) on 1,000,003 elements — not a multiple of the block — and `gemv` on a
+/// 4,099 × 513 matrix, and checks each against its CPU reference (`saxpy` within its stated
+/// ULPs, the others exactly).
 pub fn check_builtin_kernels(ctx: &mut dyn DeviceContext, what: &str, m: ModuleHandle) {
     let n: u32 = 1_000_003;
     let x: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 0.37 - 100.0).collect();
@@ -237,8 +238,50 @@ pub fn check_builtin_kernels(ctx: &mut dyn DeviceContext, what: &str, m: ModuleH
     run(ctx, launch(m, "checksum", n, 0, args)).unwrap();
     let sum = u64::from_le_bytes(download(ctx, bsum, 8).try_into().unwrap());
     assert_eq!(sum, reference::checksum(&data), "{what} checksum");
-    for b in [bx, by, bo, bd, bsum] {
+
+    // relu, in place, on values of both signs (and zeros) from `y`.
+    upload(ctx, by, f32_bytes(&y));
+    let args = vec![KernelArg::Buffer(by), KernelArg::U32(n)];
+    run(ctx, launch(m, "relu", n, 0, args)).unwrap();
+    let mut want = y.clone();
+    reference::relu(&mut want);
+    let got = f32s(&download(ctx, by, bytes));
+    assert!(
+        got.iter().map(|v| v.to_bits()).eq(want.iter().map(|v| v.to_bits())),
+        "{what} relu"
+    );
+
+    // gemv: y = W x + b, rows not a multiple of the block.
+    let (rows, cols) = (4_099u32, 513u32);
+    let w: Vec<f32> = (0..rows * cols).map(|i| ((i % 997) as f32 - 498.0) * 0.013).collect();
+    let xv: Vec<f32> = (0..cols).map(|j| (j % 31) as f32 * 0.25 - 3.0).collect();
+    let bv: Vec<f32> = (0..rows).map(|i| (i % 7) as f32 - 3.0).collect();
+    let (bw, bxv, bb, byv) = (
+        alloc(ctx, 4 * u64::from(rows * cols)),
+        alloc(ctx, 4 * u64::from(cols)),
+        alloc(ctx, 4 * u64::from(rows)),
+        alloc(ctx, 4 * u64::from(rows)),
+    );
+    upload(ctx, bw, f32_bytes(&w));
+    upload(ctx, bxv, f32_bytes(&xv));
+    upload(ctx, bb, f32_bytes(&bv));
+    let args = vec![
+        KernelArg::Buffer(bw),
+        KernelArg::Buffer(bxv),
+        KernelArg::Buffer(bb),
+        KernelArg::Buffer(byv),
+        KernelArg::U32(rows),
+        KernelArg::U32(cols),
+    ];
+    run(ctx, launch(m, "gemv", rows, 0, args)).unwrap();
+    let want = reference::gemv(&w, &xv, &bv, rows as usize, cols as usize);
+    let got = f32s(&download(ctx, byv, 4 * u64::from(rows)));
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g.to_bits(), w.to_bits(), "{what} gemv[{i}]: {g} vs {w}");
+    }
+
+    for b in [bx, by, bo, bd, bsum, bw, bxv, bb, byv] {
         run(ctx, Op::Free { buffer: b }).unwrap();
     }
-    println!("{what}: fill, vector_add, saxpy, scale and checksum match the CPU references");
+    println!("{what}: fill, vector_add, saxpy, scale, checksum, relu and gemv match the CPU references");
 }
