@@ -13,7 +13,7 @@
 //! | `saxpy` | `a: f32, x: buffer(f32), y: buffer(f32), n: u32` | `y[i] = fma(a, x[i], y[i])` |
 //! | `scale` | `x: buffer(f32), factor: f32, n: u32` | `x[i] = x[i] * factor` |
 //! | `checksum` | `data: buffer(u32), n: u32, out: buffer(u64)` | `out[0] += Σ data[i]` (wrapping) |
-//! | `gemv` | `w: buffer(f32), x: buffer(f32), b: buffer(f32), y: buffer(f32), n: u32, cols: u32` | `y[i] = b[i] + Σ_j w[i·cols + j] · x[j]` (`w` row-major, `n` rows) |
+//! | `gemv` | `w: buffer(f32), x: buffer(f32), b: buffer(f32), y: buffer(f32), n: u32, cols: u32` | `y[i] = b[i] + Σ_j w[i·cols + j] · x[j]` (`w` row-major, `n` rows; `y` must not overlap `w` or `x`) |
 //! | `relu` | `x: buffer(f32), n: u32` | `x[i] = x[i] > 0 ? x[i] : 0` |
 //! | `fault_illegal_address` | none | writes through a bad pointer: a sticky fault |
 //!
@@ -23,7 +23,9 @@
 //! differs by at most [`SAXPY_TOLERANCE_ULPS`] units in the last place, so results are
 //! compared with [`within_ulps`]. `gemv` accumulates each row in order, `j` = 0, 1, ...,
 //! starting from `b[i]`, one fused multiply-add per term (`fmaf` on the GPU, written out in
-//! the source so no compiler may reorder it): exact, the same bits on every backend.
+//! the source so no compiler may reorder it): the same bits on every backend for every
+//! non-NaN result, denormals included (no fast-math or flush-to-zero option is used; a NaN's
+//! payload may differ).
 
 use crate::error::InvalidReason;
 use crate::op::{ArgType, BufferHandle, KernelArg};
@@ -53,7 +55,7 @@ pub enum BuiltinKernel {
     Checksum,
     /// `y = W x + b`: one row per thread
     Gemv,
-    /// `x[i] = max(x[i], 0)`
+    /// `x[i] = x[i] > 0 ? x[i] : 0`
     Relu,
     /// Writes through a bad pointer (test-only): a sticky fault.
     FaultIllegalAddress,
@@ -434,14 +436,14 @@ mod tests {
             reference::gemv(&w, &[10.0, 100.0], &[0.5, -0.5, 1.0], 1, 2),
             vec![210.5]
         );
-        // In order, one rounding per term: b = 1, then + 1e8 (the 1 is lost in f32), then
-        // − 1e8. Another order (− 1e8 first) would give 1: the order is part of the contract.
+        // From b, in order of j, one rounding per term: b = 1, + 1e8 (the 1 is lost in f32),
+        // − 1e8 = 0. Summing the products first and adding b last would give 1.
         let y = reference::gemv(&[1e8, -1e8], &[1.0, 1.0], &[1.0], 1, 2);
-        assert_eq!(
-            y,
-            vec![0.0],
-            "1 is lost in 1e8 + 1 (f32), as a GPU's fmaf chain loses it"
-        );
+        assert_eq!(y, vec![0.0], "b first: the 1 is lost in 1e8 + 1");
+        // And the terms in order: 0, + 1 = 1, + 1e8 (the 1 is lost), − 1e8 = 0; in reverse
+        // order, − 1e8 + 1e8 = 0, + 1 = 1.
+        let y = reference::gemv(&[1.0, 1e8, -1e8], &[1.0, 1.0, 1.0], &[0.0], 1, 3);
+        assert_eq!(y, vec![0.0], "j in order");
         let mut x = [-1.0, 0.0, -0.0, 2.5, f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
         reference::relu(&mut x);
         assert_eq!(

@@ -157,7 +157,8 @@ impl fmt::Display for ArgType {
 #[serde(rename_all = "snake_case")]
 pub enum ModuleSource {
     /// The runtime's built-in kernels (`fill`, `vector_add`, `saxpy`, `scale`, `checksum`,
-    /// `fault_illegal_address`), prepared for the device present.
+    /// `gemv`, `relu`, `fault_illegal_address`: [`crate::kernels`]), prepared for the device
+    /// present.
     Builtin,
     /// A module image: a HIP code object, CUDA PTX or cubin, or a simulator module (see
     /// `hipvisor_core::kernels::SIM_MODULE_MAGIC`).

@@ -1172,3 +1172,49 @@ fn the_simulator_passes_the_gpu_conformance_check_of_the_built_in_kernels() {
     let m = gpu::builtin(&mut *ctx);
     gpu::check_builtin_kernels(&mut *ctx, "sim", m);
 }
+
+/// A `gemv` launched with fewer threads than rows computes only the rows it has threads
+/// for, as a GPU would; the rest of `y` is left as it was.
+#[test]
+fn gemv_with_fewer_threads_than_rows_computes_only_those_rows() {
+    let backend = SimBackend::new(1, 1 << 20);
+    let mut ctx = backend.open(0, 0).expect("opens");
+    let app = Origin::Application;
+    let m = gpu::builtin(&mut *ctx);
+    let (rows, cols) = (300u32, 3u32);
+    let w: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+    let (bw, bx, bb, by) = (
+        gpu::alloc(&mut *ctx, 4 * u64::from(rows * cols)),
+        gpu::alloc(&mut *ctx, 4 * u64::from(cols)),
+        gpu::alloc(&mut *ctx, 4 * u64::from(rows)),
+        gpu::alloc(&mut *ctx, 4 * u64::from(rows)),
+    );
+    gpu::upload(&mut *ctx, bw, f32_bytes(&w));
+    gpu::upload(&mut *ctx, bx, f32_bytes(&[1.0, 2.0, 3.0]));
+    gpu::upload(&mut *ctx, bb, f32_bytes(&vec![0.5; rows as usize]));
+    gpu::upload(&mut *ctx, by, f32_bytes(&vec![-7.0; rows as usize]));
+    let launch = Op::Launch {
+        module: m,
+        function: "gemv".into(),
+        grid: Dim3::x(1),
+        block: Dim3::x(256),
+        shared_mem_bytes: 0,
+        args: vec![
+            KernelArg::Buffer(bw),
+            KernelArg::Buffer(bx),
+            KernelArg::Buffer(bb),
+            KernelArg::Buffer(by),
+            KernelArg::U32(rows),
+            KernelArg::U32(cols),
+        ],
+    };
+    ctx.execute(&launch, app).expect("launch");
+    let y = f32s(&gpu::download(&mut *ctx, by, 4 * u64::from(rows)));
+    let want = reference::gemv(&w, &[1.0, 2.0, 3.0], &vec![0.5; 256], 256, 3);
+    assert_eq!(&y[..256], &want[..]);
+    assert_eq!(y[1], 0.5 + 3.0 + 8.0 + 15.0, "row 1: 3·1 + 4·2 + 5·3 + 0.5");
+    assert!(
+        y[256..].iter().all(|v| *v == -7.0),
+        "rows without a thread are untouched"
+    );
+}

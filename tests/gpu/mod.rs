@@ -239,7 +239,20 @@ pub fn check_builtin_kernels(ctx: &mut dyn DeviceContext, what: &str, m: ModuleH
     let sum = u64::from_le_bytes(download(ctx, bsum, 8).try_into().unwrap());
     assert_eq!(sum, reference::checksum(&data), "{what} checksum");
 
-    // relu, in place, on values of both signs (and zeros) from `y`.
+    // relu, in place, on values of both signs from `y`, and the special ones up front (a
+    // `max` instruction or flushed denormals would differ on them).
+    let mut y = y.clone();
+    let tiny = f32::MIN_POSITIVE / 2.0;
+    y[..8].copy_from_slice(&[
+        -0.0,
+        0.0,
+        f32::NAN,
+        -f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        tiny,
+        -tiny,
+    ]);
     upload(ctx, by, f32_bytes(&y));
     let args = vec![KernelArg::Buffer(by), KernelArg::U32(n)];
     run(ctx, launch(m, "relu", n, 0, args)).unwrap();
