@@ -544,18 +544,23 @@ impl WorkerClient {
         Ok(())
     }
 
-    /// How the worker ended (after its connection closed), from its wait status: the
-    /// reason's words, and whether it was SIGABRT — how ROCm ends a process whose kernel
-    /// made a memory access fault.
-    fn exit_reason(&mut self) -> (String, bool) {
-        // Forgotten before it is reaped: nothing kills its id afterwards (kills go through
-        // the registry, under its lock), and no longer named as the device's worker.
+    /// Forgets the worker before it is reaped: out of the registry, so nothing kills its id
+    /// afterwards (kills go through the registry, under its lock), and no longer named as the
+    /// device's worker.
+    fn forget(&self) {
         let pid = self.child.id();
         self.workers.remove(pid);
         let _ = self
             .link
             .worker_pid
             .compare_exchange(pid as i32, 0, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// How the worker ended (after its connection closed), from its wait status: the
+    /// reason's words, and whether it was SIGABRT — how ROCm ends a process whose kernel
+    /// made a memory access fault.
+    fn exit_reason(&mut self) -> (String, bool) {
+        self.forget();
         // A worker that closed its connection (or sent an empty frame, which reads the same)
         // but lives on would block this wait for ever, and nothing else can kill it now: it
         // gets a second to end by itself (so a death keeps its own status, SIGABRT included),
@@ -1012,13 +1017,7 @@ impl Drop for WorkerClient {
     fn drop(&mut self) {
         let _ = self.channel.send(&ToWorker::Shutdown, &[]);
         let _ = self.child.kill();
-        // Forgotten before it is reaped: nothing kills its id afterwards.
-        let pid = self.child.id();
-        self.workers.remove(pid);
-        let _ = self
-            .link
-            .worker_pid
-            .compare_exchange(pid as i32, 0, Ordering::AcqRel, Ordering::Acquire);
+        self.forget();
         let _ = self.child.wait();
     }
 }
