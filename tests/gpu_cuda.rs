@@ -17,11 +17,9 @@ use std::time::{Duration, Instant};
 
 use hipvisor_core::backend::cuda::{self, CudaBackend};
 use hipvisor_core::backend::{Backend, DeviceContext};
-use hipvisor_core::ipc::Region;
 use hipvisor_core::kernels::u32s;
-use hipvisor_core::op::{KernelArg, ModuleSource, Op, Payload, Reply};
+use hipvisor_core::op::{KernelArg, ModuleSource, Op, Reply};
 use hipvisor_core::{ErrorClass, GpuError};
-use std::sync::Arc;
 
 fn open() -> Box<dyn DeviceContext> {
     CudaBackend::new().open(0, 1).expect("open CUDA device 0")
@@ -186,86 +184,14 @@ fn shared_memory_limit() {
 #[ignore = "needs a GPU"]
 fn large_round_trip_with_odd_tail() {
     let mut ctx = open();
-    let ctx = ctx.as_mut();
-    let len = (130 << 20) + 3; // two staging buffers and an odd tail
-    let data: Vec<u8> = (0..len)
-        .map(|i| (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17) as u8)
-        .collect();
-    let b = alloc(ctx, len as u64);
-    let payload = Payload::from(data.clone());
-    let t = Instant::now();
-    run(
-        ctx,
-        Op::CopyToDevice {
-            dst: b,
-            offset: 0,
-            data: payload,
-        },
-    )
-    .unwrap();
-    let up = t.elapsed();
-    let t = Instant::now();
-    let back = download(ctx, b, len as u64);
-    let down = t.elapsed();
-    println!(
-        "{len} bytes: host to device {:.1} GB/s, device to host {:.1} GB/s (pageable, staged)",
-        len as f64 / up.as_secs_f64() / 1e9,
-        len as f64 / down.as_secs_f64() / 1e9
-    );
-    assert!(back == data, "byte-for-byte round trip");
-    let r = run(
-        ctx,
-        Op::CopyFromDevice {
-            src: b,
-            offset: len as u64 - 5,
-            len: 5,
-        },
-    )
-    .unwrap();
-    assert!(matches!(r, Reply::Data(d) if d.as_bytes() == &data[len - 5..]));
+    check_large_round_trip(ctx.as_mut());
 }
 
 #[test]
 #[ignore = "needs a GPU"]
 fn host_memory_registration() {
     let mut ctx = open();
-    let ctx = ctx.as_mut();
-    let len = 256 << 20;
-    let mut region = Region::new(len).unwrap();
-    for (i, b) in region.as_mut_slice().iter_mut().enumerate() {
-        *b = (i * 7 + 3) as u8;
-    }
-    let region = Arc::new(region);
-    let b = alloc(ctx, len as u64);
-    // Unregistered: staged through the pinned buffer.
-    let heap = Payload::from(region.as_slice().to_vec());
-    let t = Instant::now();
-    run(
-        ctx,
-        Op::CopyToDevice {
-            dst: b,
-            offset: 0,
-            data: heap,
-        },
-    )
-    .unwrap();
-    let staged = len as f64 / t.elapsed().as_secs_f64() / 1e9;
-    assert!(ctx.register_host_memory(region.as_slice()), "cuMemHostRegister took");
-    let t = Instant::now();
-    run(
-        ctx,
-        Op::CopyToDevice {
-            dst: b,
-            offset: 0,
-            data: Payload::shared(region.clone()),
-        },
-    )
-    .unwrap();
-    let pinned = len as f64 / t.elapsed().as_secs_f64() / 1e9;
-    println!("host to device, {len} bytes: registered {pinned:.1} GB/s, pageable through staging {staged:.1} GB/s");
-    assert!(download(ctx, b, len as u64) == region.as_slice());
-    ctx.unregister_host_memory(region.as_slice());
-    ctx.unregister_host_memory(region.as_slice()); // twice is harmless
+    check_host_memory_registration(ctx.as_mut(), "cuMemHostRegister");
 }
 
 #[test]

@@ -1162,15 +1162,16 @@ fn a_planned_crash_ends_by_sigkill_not_sigabrt() {
     assert!(!stderr.contains("Memory access fault"), "{stderr}");
 }
 
-/// The simulator passes the same check of the built-in kernels as the GPUs do
-/// (`tests/gpu/mod.rs`: every kernel against its CPU reference, on sizes that are not a
-/// multiple of the block).
+/// The simulator passes the same checks as the GPUs do (`tests/gpu/mod.rs`): every built-in
+/// kernel against its CPU reference, on sizes that are not a multiple of the block, and a
+/// large round trip with an odd tail.
 #[test]
-fn the_simulator_passes_the_gpu_conformance_check_of_the_built_in_kernels() {
+fn the_simulator_passes_the_gpu_conformance_checks_of_kernels_and_copies() {
     let backend = SimBackend::new(1, 256 << 20);
     let mut ctx = backend.open(0, 0).expect("opens");
     let m = gpu::builtin(&mut *ctx);
     gpu::check_builtin_kernels(&mut *ctx, "sim", m);
+    gpu::check_large_round_trip(&mut *ctx);
 }
 
 /// A `gemv` launched with fewer threads than rows computes only the rows it has threads
