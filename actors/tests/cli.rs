@@ -1,7 +1,11 @@
 //! The `hipvisor` command line, run as a user would.
 
+mod common;
+use common::{alive, children, poll, signal_mask_has};
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 fn hipvisor(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_hipvisor"))
@@ -207,36 +211,6 @@ fn run_in_process_isolation_recovers_from_sticky_faults_and_crashes() {
     assert!(all_devices(&v, "ready"), "{v}");
 }
 
-/// The children of `pid` (its worker processes).
-fn children(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat"))
-            && let Some(rest) = stat.rsplit(')').next()
-            && rest.split_whitespace().nth(1) == Some(&pid.to_string())
-        {
-            out.push(child);
-        }
-    }
-    out
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| !s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
-}
-
-fn poll(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !cond() {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::yield_now();
-    }
-}
-
 #[test]
 fn killing_the_host_leaves_no_worker_behind() {
     let mut host = Command::new(env!("CARGO_BIN_EXE_hipvisor"))
@@ -256,13 +230,15 @@ fn killing_the_host_leaves_no_worker_behind() {
         .spawn()
         .unwrap();
     let mut workers = Vec::new();
-    poll("two workers", || {
+    poll("two workers", Duration::from_secs(30), || {
         workers = children(host.id());
         workers.len() == 2
     });
     host.kill().unwrap();
     host.wait().unwrap();
-    poll("the workers die with their host", || workers.iter().all(|w| !alive(*w)));
+    poll("the workers die with their host", Duration::from_secs(30), || {
+        workers.iter().all(|w| !alive(*w))
+    });
 }
 
 #[cfg(feature = "traces")]
@@ -423,12 +399,7 @@ fn chaos_where_no_device_becomes_ready_is_a_violation() {
 
 /// Whether `pid` blocks SIGINT (its SigBlk mask in /proc).
 fn blocks_sigint(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
-        s.lines()
-            .find_map(|l| l.strip_prefix("SigBlk:"))
-            .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
-            .is_some_and(|m| m & (1 << (2 - 1)) != 0)
-    })
+    signal_mask_has(pid, "SigBlk", 2)
 }
 
 #[test]
@@ -453,7 +424,7 @@ fn ctrl_c_stops_the_run_gracefully_without_killing_its_workers() {
     }
     let mut host = Reap(host);
     let mut workers = Vec::new();
-    poll("two workers that block SIGINT", || {
+    poll("two workers that block SIGINT", Duration::from_secs(30), || {
         workers = children(host.0.id());
         workers.len() == 2 && workers.iter().all(|w| blocks_sigint(*w))
     });
@@ -466,7 +437,7 @@ fn ctrl_c_stops_the_run_gracefully_without_killing_its_workers() {
             .success()
     );
     let mut status = None;
-    poll("the run to stop after SIGINT", || {
+    poll("the run to stop after SIGINT", Duration::from_secs(30), || {
         status = host.0.try_wait().unwrap();
         status.is_some()
     });
@@ -486,7 +457,7 @@ fn ctrl_c_stops_the_run_gracefully_without_killing_its_workers() {
     assert_eq!(v["ops"]["failed"], 0, "{v}");
     assert_eq!(v["ops"]["missing_replies"], 0, "{v}");
     assert_eq!(v["metrics_consistent"], true, "{v}");
-    poll("the workers stopped with the run", || {
+    poll("the workers stopped with the run", Duration::from_secs(30), || {
         workers.iter().all(|w| !alive(*w))
     });
 }

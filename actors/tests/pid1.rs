@@ -6,6 +6,9 @@
 //! --map-root-user` when not root). The tests skip, saying so, when `unshare` is missing or
 //! not permitted — unless `CI_REQUIRE_TOOLS=1`, where they fail.
 
+mod common;
+use common::{alive, children, poll, signal_mask_has};
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -53,43 +56,10 @@ fn json(stdout: &[u8]) -> serde_json::Value {
     serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
 }
 
-/// The children of `pid` (host PIDs: this test's /proc is the host's).
-fn children(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat"))
-            && let Some(rest) = stat.rsplit(')').next()
-            && rest.split_whitespace().nth(1) == Some(&pid.to_string())
-        {
-            out.push(child);
-        }
-    }
-    out
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| !s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
-}
-
 /// Whether `pid` runs the hipvisor binary (it has exec'd it).
 fn is_hipvisor(pid: u32) -> bool {
     std::fs::read_link(format!("/proc/{pid}/exe"))
         .is_ok_and(|p| p == std::path::Path::new(env!("CARGO_BIN_EXE_hipvisor")))
-}
-
-fn poll(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
-    let until = Instant::now() + deadline;
-    while !cond() {
-        assert!(
-            Instant::now() < until,
-            "timed out after {deadline:?} waiting for: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// Kills `unshare` (and with it, `--kill-child`, the namespace) if a test fails midway.
@@ -368,12 +338,7 @@ fn a_host_killed_outright_leaves_no_orphan() {
 
 /// Whether `pid` has a handler for SIGTERM (its SigCgt mask in /proc).
 fn catches_sigterm(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
-        s.lines()
-            .find_map(|l| l.strip_prefix("SigCgt:"))
-            .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
-            .is_some_and(|m| m & (1 << (15 - 1)) != 0)
-    })
+    signal_mask_has(pid, "SigCgt", 15)
 }
 
 #[test]
