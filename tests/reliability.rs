@@ -377,9 +377,12 @@ async fn every_op_submitted_around_the_drop_of_a_runtime_is_answered() {
         c.runtime.op_deadline_ms = 120_000;
         c.runtime.in_flight = 4;
         let rt = start_with_worker(c).await;
+        // Ops answered so far, by every submitter.
+        let answered_ops = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let submitters: Vec<_> = (0..8u32)
             .map(|i| {
                 let gpu = rt.device(i % 2).unwrap();
+                let answered_ops = answered_ops.clone();
                 tokio::spawn(async move {
                     let mut ops = 0u64;
                     loop {
@@ -396,6 +399,7 @@ async fn every_op_submitted_around_the_drop_of_a_runtime_is_answered() {
                             ops += 1;
                             answered(T, gpu.submit(hipvisor::core::Op::MemInfo)).await
                         };
+                        answered_ops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         match last {
                             Ok(_) => {}
                             Err(RuntimeError::ShuttingDown) => return ops,
@@ -409,9 +413,12 @@ async fn every_op_submitted_around_the_drop_of_a_runtime_is_answered() {
             })
             .collect();
         let gpu = rt.device(0).unwrap();
-        // Every submitter is under way.
+        // The submitters are under way: ops in flight, and a few rounds answered already.
         eventually(T, "ops in flight", || async { gpu.in_flight() > 0 }).await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        eventually(T, "64 ops answered", || async {
+            answered_ops.load(std::sync::atomic::Ordering::Relaxed) >= 64
+        })
+        .await;
         drop(rt);
         for s in submitters {
             let ops = answered(T, s).await.expect("the submitter does not panic");
