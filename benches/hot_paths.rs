@@ -51,6 +51,7 @@ fn codec(c: &mut Criterion) {
         },
         origin: Origin::Application,
         fault: None,
+        task_faults: Vec::new(),
         input: None,
         output: None,
         linger_us: 0,

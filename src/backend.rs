@@ -26,6 +26,7 @@ pub mod hip;
 pub mod image;
 pub mod sim;
 pub(crate) mod table;
+pub mod task;
 
 /// Which GPU API a backend drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]

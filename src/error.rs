@@ -955,6 +955,21 @@ pub enum InvalidReason {
         /// Why.
         reason: String,
     },
+    /// A durable buffer request the runtime cannot honour (an id that is not a durable
+    /// buffer's).
+    #[error("bad durable buffer: {reason}")]
+    BadDurable {
+        /// What was wrong.
+        reason: String,
+    },
+    /// A task that cannot run: a scratch index out of range, a plain buffer handle among its
+    /// arguments, more inputs or outputs than a task carries, a replicated buffer or module
+    /// with no replica on the device.
+    #[error("bad task: {reason}")]
+    BadTask {
+        /// What was wrong.
+        reason: String,
+    },
     /// The op needs more host memory than this host could ever give it.
     #[error("{requested} bytes of host memory can never be allocated: more than {limit}")]
     HostMemory {

@@ -46,7 +46,8 @@ pub use breaker::{Admission, BreakerConfig, BreakerState, CircuitBreaker};
 pub use config::{ConfigError, ConfigLoader, Isolation, RuntimeConfig};
 pub use error::{Api, ErrorClass, GpuError, InvalidReason};
 pub use op::{
-    BufferHandle, DeviceInfo, Dim3, KernelArg, MemInfo, ModuleHandle, ModuleSource, Op, OpKind, Payload, Reply,
+    BufferHandle, DURABLE_ID_BASE, DeviceInfo, Dim3, KernelArg, MemInfo, ModuleHandle, ModuleSource, Op, OpKind,
+    Payload, Reply, TaskOp,
 };
 pub use retry::{
     Backoff, Jitter, Retried, RetryBudget, RetryBudgetConfig, RetryConfig, RetryFailure, RetryPolicy, retry_operation,

@@ -6,15 +6,24 @@
 //! representation a transport may replace (shared memory) without changing [`Op`]'s shape.
 
 use serde::{Deserialize, Serialize};
-use std::fmt;
 
 use crate::error::InvalidReason;
 
+mod handle;
 pub(crate) mod kind;
+mod limits;
 mod payload;
+pub mod task;
+
+pub use handle::{ArgType, BufferHandle, DURABLE_ID_BASE, Dim3, KernelArg, ModuleHandle};
+pub(crate) use limits::check_launch_limits;
+pub use limits::{
+    MAX_BUFFER_BYTES, MAX_KERNEL_ARGS, MAX_KERNEL_NAME_BYTES, MAX_THREADS_PER_BLOCK, check_launch_dims, total_threads,
+};
 
 pub use kind::OpKind;
 pub use payload::Payload;
+pub use task::TaskOp;
 
 /// Who issued an op. The simulator's fault plan never faults the runtime's own ops (health
 /// probes, module reloads, memory checks for out-of-memory gating).
@@ -25,131 +34,6 @@ pub enum Origin {
     Application,
     /// An op the runtime issued itself.
     Runtime,
-}
-
-/// A device buffer. Opaque: only the device that made it can use it, and only in the
-/// context (epoch) that made it; after a device restart it fails with `BufferLost`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct BufferHandle {
-    /// The device that owns the buffer.
-    pub device: u32,
-    /// The device context (epoch) the buffer lives in.
-    pub epoch: u64,
-    /// The buffer's id within that context.
-    pub id: u64,
-    /// The buffer's length in bytes.
-    pub len: u64,
-}
-
-/// A loaded kernel module. Opaque, like [`BufferHandle`]. Unlike buffers, modules survive a
-/// device restart: the runtime reloads them into the new context under the same id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct ModuleHandle {
-    /// The device the module is loaded on.
-    pub device: u32,
-    /// The module's id on that device.
-    pub id: u64,
-}
-
-/// Grid or block dimensions of a launch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Dim3 {
-    /// x extent.
-    pub x: u32,
-    /// y extent.
-    pub y: u32,
-    /// z extent.
-    pub z: u32,
-}
-
-impl Dim3 {
-    /// A one-dimensional extent `(x, 1, 1)`.
-    pub const fn x(x: u32) -> Dim3 {
-        Dim3 { x, y: 1, z: 1 }
-    }
-
-    /// The number of elements `x * y * z`, or `None` when it does not fit in `u64`
-    /// (`(u32::MAX, u32::MAX, u32::MAX)` does not).
-    pub fn checked_volume(self) -> Option<u64> {
-        u64::from(self.x)
-            .checked_mul(u64::from(self.y))?
-            .checked_mul(u64::from(self.z))
-    }
-
-    /// The number of elements `x * y * z`, saturating at `u64::MAX` (in debug and release
-    /// alike; [`Dim3::checked_volume`] tells an overflow apart).
-    pub fn volume(self) -> u64 {
-        self.checked_volume().unwrap_or(u64::MAX)
-    }
-}
-
-/// One argument of a kernel launch.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum KernelArg {
-    /// A device buffer, passed as a device pointer.
-    Buffer(BufferHandle),
-    /// A 32-bit unsigned integer.
-    U32(u32),
-    /// A 32-bit signed integer.
-    I32(i32),
-    /// A 64-bit unsigned integer.
-    U64(u64),
-    /// A 64-bit signed integer.
-    I64(i64),
-    /// A 32-bit float.
-    F32(f32),
-    /// A 64-bit float.
-    F64(f64),
-}
-
-impl KernelArg {
-    /// The argument's type, for signature checks and error messages.
-    pub fn arg_type(&self) -> ArgType {
-        match self {
-            KernelArg::Buffer(_) => ArgType::Buffer,
-            KernelArg::U32(_) => ArgType::U32,
-            KernelArg::I32(_) => ArgType::I32,
-            KernelArg::U64(_) => ArgType::U64,
-            KernelArg::I64(_) => ArgType::I64,
-            KernelArg::F32(_) => ArgType::F32,
-            KernelArg::F64(_) => ArgType::F64,
-        }
-    }
-}
-
-/// The type of a kernel parameter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ArgType {
-    /// A device pointer.
-    Buffer,
-    /// `u32`
-    U32,
-    /// `i32`
-    I32,
-    /// `u64`
-    U64,
-    /// `i64`
-    I64,
-    /// `f32`
-    F32,
-    /// `f64`
-    F64,
-}
-
-impl fmt::Display for ArgType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ArgType::Buffer => "buffer",
-            ArgType::U32 => "u32",
-            ArgType::I32 => "i32",
-            ArgType::U64 => "u64",
-            ArgType::I64 => "i64",
-            ArgType::F32 => "f32",
-            ArgType::F64 => "f64",
-        })
-    }
 }
 
 /// What a kernel module is made of.
@@ -248,6 +132,20 @@ pub enum Op {
     MemInfo,
     /// The device's description (answered with [`Reply::DeviceInfo`]).
     DeviceInfo,
+    /// Creates the durable buffer `id` holding `data` (answered with [`Reply::Buffer`]: its
+    /// durable handle), or, when this context holds it already, fills it with `data` (a
+    /// standby worker catching up with a changed host copy). The runtime's op behind
+    /// `DeviceHandle::durable`, and how a new context gets the durable buffers of its
+    /// device back.
+    Durable {
+        /// The buffer's id, at or above [`DURABLE_ID_BASE`].
+        id: u64,
+        /// Its contents (and length: greater than zero).
+        data: Payload,
+    },
+    /// Runs a task: a short program of allocations, copies and launches executed as one
+    /// request (answered with [`Reply::Outputs`]). See [`task`].
+    Task(Box<TaskOp>),
 }
 
 impl Op {
@@ -265,6 +163,8 @@ impl Op {
             Op::Synchronize => OpKind::Synchronize,
             Op::MemInfo => OpKind::MemInfo,
             Op::DeviceInfo => OpKind::DeviceInfo,
+            Op::Durable { .. } => OpKind::Durable,
+            Op::Task(_) => OpKind::Task,
         }
     }
 
@@ -290,7 +190,13 @@ impl Op {
                     _ => None,
                 })
                 .collect(),
-            Op::Alloc { .. } | Op::LoadModule { .. } | Op::Synchronize | Op::MemInfo | Op::DeviceInfo => Vec::new(),
+            Op::Task(task) => task.durable_buffers().collect(),
+            Op::Alloc { .. }
+            | Op::LoadModule { .. }
+            | Op::Synchronize
+            | Op::MemInfo
+            | Op::DeviceInfo
+            | Op::Durable { .. } => Vec::new(),
         }
     }
 
@@ -347,7 +253,10 @@ impl Op {
                 buffer, offset, len, ..
             } => range(buffer, *offset, *len),
             Op::Launch { grid, block, .. } => check_launch_dims(*grid, *block),
-            Op::Alloc { .. }
+            Op::Durable { data, .. } if data.is_empty() => Err(InvalidReason::ZeroSizeAllocation),
+            Op::Task(task) => task.check_sizes(),
+            Op::Durable { .. }
+            | Op::Alloc { .. }
             | Op::Free { .. }
             | Op::LoadModule { .. }
             | Op::Synchronize
@@ -367,51 +276,18 @@ impl Op {
     /// # Errors
     /// [`InvalidReason::BadArguments`], naming the limit.
     pub fn check_limits(&self) -> Result<(), InvalidReason> {
-        let Op::Launch { function, args, .. } = self else {
-            return Ok(());
+        let (function, args) = match self {
+            Op::Launch { function, args, .. } => (function, args),
+            Op::Durable { id, .. } if *id < DURABLE_ID_BASE => {
+                return Err(InvalidReason::BadDurable {
+                    reason: format!("id {id} is not a durable buffer's (those are at or above {DURABLE_ID_BASE})"),
+                });
+            }
+            Op::Task(task) => return task.check_limits(),
+            _ => return Ok(()),
         };
-        let reason = if function.len() > MAX_KERNEL_NAME_BYTES {
-            format!(
-                "a kernel name of {} bytes; at most {MAX_KERNEL_NAME_BYTES}",
-                function.len()
-            )
-        } else if args.len() > MAX_KERNEL_ARGS {
-            format!("{} arguments; at most {MAX_KERNEL_ARGS}", args.len())
-        } else {
-            return Ok(());
-        };
-        Err(InvalidReason::BadArguments {
-            kernel: shortened(function),
-            reason,
-        })
+        check_launch_limits(function, args.len())
     }
-}
-
-/// The largest buffer there can be, on a device or on the host: Rust's limit for one
-/// allocation (`isize::MAX` bytes). [`Op::check_sizes`] holds every range to it whatever
-/// length a handle claims.
-pub const MAX_BUFFER_BYTES: u64 = isize::MAX as u64;
-
-/// The longest kernel name a launch may carry, in bytes. Generous for C++ mangled names
-/// (templates make them long), and small enough that a launch always fits in one frame of
-/// the worker protocol ([`crate::ipc::MAX_FRAME`]).
-pub const MAX_KERNEL_NAME_BYTES: usize = 4096;
-
-/// The most arguments a launch may carry: 4 KiB of 4-byte parameters, the classic limit of a
-/// kernel's parameter space on CUDA and HIP. With the longest name, a launch's request is
-/// well under a frame (every argument encodes in at most 36 bytes).
-pub const MAX_KERNEL_ARGS: usize = 1024;
-
-/// A name for messages: at most 64 bytes of it (on a character boundary), then `…`.
-fn shortened(name: &str) -> String {
-    if name.len() <= 64 {
-        return name.to_string();
-    }
-    let mut end = 64;
-    while !name.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &name[..end])
 }
 
 /// Free and total memory of a device, in bytes.
@@ -461,45 +337,8 @@ pub enum Reply {
     MemInfo(MemInfo),
     /// The device's description (for [`Op::DeviceInfo`]).
     DeviceInfo(DeviceInfo),
-}
-
-/// The most threads in one block.
-pub const MAX_THREADS_PER_BLOCK: u64 = 1024;
-
-/// Checks grid and block dimensions (limits common to current AMD and NVIDIA GPUs). Every
-/// product is computed with checked arithmetic, in debug and release alike: dimensions
-/// whose product does not fit in `u64` are refused, never wrapped. That includes a launch
-/// within the per-dimension limits whose total thread count ([`total_threads`]) reaches
-/// 2^64 (the limits allow 2^73): at 10^12 threads a second it would run for half a year.
-///
-/// # Errors
-/// [`InvalidReason::BadLaunchConfig`] saying which dimension is wrong.
-pub fn check_launch_dims(grid: Dim3, block: Dim3) -> Result<(), InvalidReason> {
-    let bad = |reason: String| Err(InvalidReason::BadLaunchConfig { reason });
-    if grid.x == 0 || grid.y == 0 || grid.z == 0 || block.x == 0 || block.y == 0 || block.z == 0 {
-        return bad(format!("zero dimension in grid {grid:?} or block {block:?}"));
-    }
-    match block.checked_volume() {
-        Some(threads) if threads <= MAX_THREADS_PER_BLOCK => {}
-        Some(threads) => return bad(format!("block of {threads} threads exceeds {MAX_THREADS_PER_BLOCK}")),
-        None => return bad(format!("block {block:?} exceeds {MAX_THREADS_PER_BLOCK} threads")),
-    }
-    if block.z > 64 {
-        return bad(format!("block z = {} exceeds 64", block.z));
-    }
-    if grid.x > i32::MAX as u32 || grid.y > 65535 || grid.z > 65535 {
-        return bad(format!("grid {grid:?} exceeds (2^31-1, 65535, 65535)"));
-    }
-    if total_threads(grid, block).is_none() {
-        return bad(format!("grid {grid:?} × block {block:?} is 2^64 threads or more"));
-    }
-    Ok(())
-}
-
-/// The threads of a launch, `grid` × `block`, or `None` when the product does not fit in
-/// `u64` (such a launch fails [`check_launch_dims`]).
-pub fn total_threads(grid: Dim3, block: Dim3) -> Option<u64> {
-    grid.checked_volume()?.checked_mul(block.checked_volume()?)
+    /// A task's outputs, one per output it names, in order (for [`Op::Task`]).
+    Outputs(Vec<Payload>),
 }
 
 #[cfg(test)]
@@ -565,6 +404,7 @@ mod tests {
             op: widest,
             origin: crate::backend::Origin::Application,
             fault: Some(crate::ipc::WireFault::HangMs(u64::MAX)),
+            task_faults: Vec::new(),
             input: None,
             output: None,
             linger_us: u32::MAX,

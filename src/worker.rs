@@ -266,20 +266,44 @@ impl Started<'_> {
     }
 
     /// Starts request `id` ([`Started::start`]) and executes its op with the fault the host
-    /// decided for it.
-    fn execute(
-        self,
-        ctx: &mut dyn DeviceContext,
-        id: u64,
-        op: &Op,
-        origin: crate::op::Origin,
-        fault: Option<ipc::WireFault>,
-    ) -> Result<Reply, GpuError> {
-        self.start(id);
-        if let Some(sim) = self.sim {
-            sim.faults.plan(ctx.device(), fault.map(Into::into));
+    /// decided for it — for a task, each of its ops with the fault decided for it.
+    fn execute(self, ctx: &mut dyn DeviceContext, req: &RequestFaults, op: &Op) -> Result<Reply, GpuError> {
+        self.start(req.id);
+        let device = ctx.device();
+        let sim = self.sim;
+        let mut plan = |i: usize| {
+            if let Some(sim) = sim {
+                let fault = match op {
+                    Op::Task(_) => req
+                        .task_faults
+                        .iter()
+                        .find(|(at, _)| *at as usize == i)
+                        .map(|(_, f)| *f),
+                    _ => req.fault,
+                };
+                sim.faults.plan(device, fault.map(Into::into));
+            }
+        };
+        crate::backend::task::execute(ctx, op, req.origin, &mut plan)
+    }
+}
+
+/// What [`Started::execute`] needs of a request besides its op.
+struct RequestFaults {
+    id: u64,
+    origin: crate::op::Origin,
+    fault: Option<ipc::WireFault>,
+    task_faults: Vec<(u32, ipc::WireFault)>,
+}
+
+impl RequestFaults {
+    fn of(req: &Request) -> RequestFaults {
+        RequestFaults {
+            id: req.id,
+            origin: req.origin,
+            fault: req.fault,
+            task_faults: req.task_faults.clone(),
         }
-        ctx.execute(op, origin)
     }
 }
 
@@ -481,7 +505,7 @@ fn execute_batch(
             let results = std::mem::take(&mut results);
             send_batch(channel, results, false, &kinds, device)?;
         }
-        let result = started.execute(ctx, req.id, &req.op, req.origin, req.fault);
+        let result = started.execute(ctx, &RequestFaults::of(&req), &req.op);
         let poisoned = matches!(&result, Err(e) if e.class() == crate::error::ErrorClass::Sticky);
         results.push((req.id, result));
         if poisoned {
@@ -499,11 +523,12 @@ fn execute(
     fds: Vec<OwnedFd>,
 ) -> Result<FromWorker, IpcError> {
     let mut fds = fds.into_iter();
+    let faults = RequestFaults::of(&req);
     let mut op = req.op;
     if let Some(r) = req.input {
         let payload = Payload::shared(cache.region(ctx, r, &mut fds)?);
         match &mut op {
-            Op::CopyToDevice { data, .. } => *data = payload,
+            Op::CopyToDevice { data, .. } | Op::Durable { data, .. } => *data = payload,
             Op::LoadModule { source } => *source = ModuleSource::Image(payload),
             _ => {
                 return Err(IpcError::Malformed(
@@ -521,7 +546,7 @@ fn execute(
         }
         None => None,
     };
-    let result = started.execute(ctx, req.id, &op, req.origin, req.fault);
+    let result = started.execute(ctx, &faults, &op);
     let (result, output_len) = match (result, output.as_mut()) {
         (Ok(Reply::Data(d)), Some(out)) if d.len() == out.len() => {
             out.as_mut_slice().copy_from_slice(d.as_bytes());
@@ -719,6 +744,7 @@ mod tests {
             },
             origin: Origin::Application,
             fault: None,
+            task_faults: Vec::new(),
             input: Some(*region),
             output: None,
             linger_us: 0,
@@ -820,6 +846,7 @@ mod tests {
             },
             origin: Origin::Application,
             fault: None,
+            task_faults: Vec::new(),
             input: None,
             output: Some(RegionRef {
                 id: out.id(),

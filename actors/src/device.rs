@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use hipvisor_core::sync::lock;
-use hipvisor_core::{BreakerConfig, CircuitBreaker, ModuleSource, Op, OpKind, Origin};
+use hipvisor_core::{BreakerConfig, CircuitBreaker, GpuError, ModuleSource, Op, OpKind, Origin, Payload};
 use ractor::ActorRef;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -23,6 +23,12 @@ use crate::queue::JobQueue;
 use crate::reply::{Port, ReplySlot};
 use crate::state::{AtomicState, DeviceState};
 use hipvisor_core::worker::client::{WorkerClient, Workers};
+
+/// A write into a durable buffer, for its host copy.
+enum Change<'a> {
+    Bytes(&'a Payload),
+    Fill(u64, u8),
+}
 
 /// An op an executor is running now, for the watchdog.
 pub(crate) struct Current {
@@ -64,6 +70,9 @@ pub(crate) struct DeviceCore {
     /// Modules loaded on the device (id → source), reloaded into a new context (shared
     /// with its workers, which check a new module's id against it).
     pub(crate) modules: Arc<Mutex<BTreeMap<u64, ModuleSource>>>,
+    /// The device's durable buffers (id → host copy: a sealed region, shared with the other
+    /// replicas of a replicated buffer until one is written), restored into a new context.
+    pub(crate) durables: Mutex<BTreeMap<u64, Payload>>,
     /// The ops the executor is running now (one, or a batch), and whether an executor is
     /// taking jobs from the queue.
     pub(crate) current: Mutex<Running>,
@@ -100,6 +109,7 @@ impl DeviceCore {
             breaker_successes: AtomicU64::new(0),
             quarantined: RwLock::new(HashSet::new()),
             modules: Arc::new(Mutex::new(BTreeMap::new())),
+            durables: Mutex::new(BTreeMap::new()),
             current: Mutex::new(Running::default()),
             executors: Mutex::new(Vec::new()),
             requests: AtomicU64::new(0),
@@ -108,6 +118,65 @@ impl DeviceCore {
             worker_pid: Arc::new(AtomicI32::new(0)),
             standby: Mutex::new(None),
         }
+    }
+
+    /// The host bytes the device's durable buffers hold (a copy shared by replicas counts on
+    /// each device).
+    pub(crate) fn durable_bytes(&self) -> u64 {
+        lock(&self.durables).values().map(|p| p.len() as u64).sum()
+    }
+
+    /// Keeps the host copies of durable buffers in step with an op that succeeded: a new
+    /// durable buffer's copy is recorded, a freed one's dropped, and a copy or memset into
+    /// one writes a new host copy (the old bytes with the change, in a new sealed region
+    /// that replaces the old one once complete). Device-to-device copies and kernels that
+    /// write a durable buffer leave its host copy stale until `DeviceHandle::checkpoint`.
+    ///
+    /// Whether a host copy changed.
+    ///
+    /// # Errors
+    /// The host could not make the new copy (no shared memory): a transient
+    /// [`GpuError::Host`], so the op is retried (both are idempotent) rather than answered
+    /// with a host copy that no longer matches the device.
+    pub(crate) fn track_durable(&self, op: &Op) -> Result<bool, GpuError> {
+        let (buffer, offset, change) = match op {
+            Op::Durable { id, data } => {
+                lock(&self.durables).insert(*id, data.clone());
+                return Ok(true);
+            }
+            Op::Free { buffer } if buffer.is_durable() => {
+                return Ok(lock(&self.durables).remove(&buffer.id).is_some());
+            }
+            Op::CopyToDevice { dst, offset, data } if dst.is_durable() => (dst, *offset, Change::Bytes(data)),
+            Op::Memset {
+                buffer,
+                offset,
+                len,
+                value,
+            } if buffer.is_durable() => (buffer, *offset, Change::Fill(*len, *value)),
+            _ => return Ok(false),
+        };
+        let Some(old) = lock(&self.durables).get(&buffer.id).cloned() else {
+            return Ok(false);
+        };
+        let fail = |e: &dyn std::fmt::Display| {
+            GpuError::host(
+                op.kind(),
+                self.index,
+                format!("a new host copy of durable buffer {}: {e}", buffer.id),
+            )
+        };
+        let mut region = hipvisor_core::ipc::Region::new(old.len()).map_err(|e| fail(&e))?;
+        let bytes = region.as_mut_slice();
+        bytes.copy_from_slice(old.as_bytes());
+        let at = offset as usize;
+        match change {
+            Change::Bytes(data) => bytes[at..at + data.len()].copy_from_slice(data.as_bytes()),
+            Change::Fill(len, value) => bytes[at..at + len as usize].fill(value),
+        }
+        let sealed = region.into_sealed().map_err(|e| fail(&e))?;
+        lock(&self.durables).insert(buffer.id, Payload::shared(Arc::new(sealed)));
+        Ok(true)
     }
 
     /// Ops in flight (admitted and not yet answered).

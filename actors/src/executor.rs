@@ -15,6 +15,7 @@
 //! so the device restarts as after any failure. The thread's `JoinHandle` is kept in the
 //! device's core and joined at shutdown.
 
+use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,13 +24,14 @@ use std::time::Instant;
 use hipvisor_core::config::Isolation;
 use hipvisor_core::supervision::{EngineDeath, reruns_transparently};
 use hipvisor_core::sync::lock;
-use hipvisor_core::{ErrorClass, GpuError, ModuleHandle, Op, OpKind, Origin, Reply};
+use hipvisor_core::{ErrorClass, GpuError, ModuleHandle, Op, OpKind, Origin, Payload, Reply};
 
 use crate::device::{Current, DeviceCore};
 use crate::engine::{Batches, Engine, Exec, ThreadEngine, panic_message};
 use crate::error::RuntimeError;
 use crate::job::Job;
 use crate::messages::{Failure, SupervisorMsg};
+use crate::metrics::MetricsEvent;
 use crate::park;
 use crate::process::{self, WorkerEngine};
 use crate::queue::{Armed, Work};
@@ -103,13 +105,24 @@ impl From<StartError> for OpenError {
 }
 
 fn open(shared: &Arc<Shared>, device: u32, epoch: u64) -> Result<Box<dyn Engine>, OpenError> {
-    let modules = lock(&shared.cores[device as usize].modules).clone();
+    let core = &shared.cores[device as usize];
+    let modules = lock(&core.modules).clone();
+    let durables = lock(&core.durables).clone();
+    let began = Instant::now();
     match shared.config.runtime.isolation {
         Isolation::Thread => {
             let mut ctx = shared.backend.open(device, epoch)?;
             for (id, source) in &modules {
                 ctx.restore_module(ModuleHandle { device, id: *id }, source)?;
             }
+            for (id, data) in &durables {
+                let op = Op::Durable {
+                    id: *id,
+                    data: data.clone(),
+                };
+                ctx.execute(&op, Origin::Runtime)?;
+            }
+            restored(shared, device, epoch, &durables, began);
             Ok(Box::new(ThreadEngine(ctx)))
         }
         Isolation::Process => {
@@ -123,12 +136,13 @@ fn open(shared: &Arc<Shared>, device: u32, epoch: u64) -> Result<Box<dyn Engine>
             let worker = match standby {
                 // A warm standby for this epoch takes over: milliseconds, not a cold start.
                 Some(mut w) => {
-                    w.catch_up(&modules)?;
+                    w.catch_up(&modules, &durables)?;
                     tracing::info!(device, epoch, pid = w.pid(), "standby worker took over");
                     w
                 }
-                None => process::start_worker(shared, device, epoch, &modules, Role::Active)?,
+                None => process::start_worker(shared, device, epoch, &modules, &durables, Role::Active)?,
             };
+            restored(shared, device, epoch, &durables, began);
             core.worker_pid.store(worker.pid() as i32, Ordering::Release);
             if shared.config.supervisor.standby {
                 process::prepare_standby(shared, device, epoch + 1);
@@ -136,6 +150,25 @@ fn open(shared: &Arc<Shared>, device: u32, epoch: u64) -> Result<Box<dyn Engine>
             Ok(Box::new(WorkerEngine::new(worker, shared.clone(), device)))
         }
     }
+}
+
+/// Tells the metrics actor what a new context of `device` got back of its durable buffers,
+/// and how long its open took with them (from `began`). The first context has none.
+fn restored(shared: &Shared, device: u32, epoch: u64, durables: &BTreeMap<u64, Payload>, began: Instant) {
+    if durables.is_empty() {
+        return;
+    }
+    let bytes = durables.values().map(|p| p.len() as u64).sum();
+    let seconds = began.elapsed().as_secs_f64();
+    tracing::info!(
+        device,
+        epoch,
+        buffers = durables.len(),
+        bytes,
+        seconds,
+        "durable buffers restored"
+    );
+    shared.metrics_event(MetricsEvent::DurableRestored { device, bytes, seconds });
 }
 
 fn run(
@@ -593,6 +626,22 @@ fn finish(
     epoch: u64,
     died: &mut Option<Death>,
 ) -> bool {
+    // A write into a durable buffer counts once its host copy holds it too.
+    let result = match result {
+        Exec::Done(Ok(reply)) => match core.track_durable(&job.op) {
+            Ok(false) => Exec::Done(Ok(reply)),
+            Ok(true) => {
+                let bytes = core.durable_bytes();
+                shared.metrics_event(MetricsEvent::DurableHostBytes {
+                    device: core.index,
+                    bytes,
+                });
+                Exec::Done(Ok(reply))
+            }
+            Err(e) => Exec::Done(Err(e)),
+        },
+        other => other,
+    };
     match result {
         Exec::Done(Ok(reply)) => {
             track_success(core, &job.op, &reply, suspects);

@@ -41,7 +41,7 @@
 // layers below (`../shared/tools/import-loops src actors/src` checks that no file imports one
 // that imports it back):
 //
-// 1. error, state, metrics; engine (where ops run). (The worker protocol's host side,
+// 1. error, state, metrics, recovery (durable ids, task quarantine); engine (where ops run). (The worker protocol's host side,
 //    `WorkerClient`, is the core's: `hipvisor_core::worker::client`.)
 // 2. reply (take-once answers), job, queue (a device's two lanes and their deadlines),
 //    messages (what the actors are sent)
@@ -50,8 +50,10 @@
 // 5. process (the worker as an engine), executor (the thread that runs a device's queue)
 // 6. device_actor, supervisor, handle, telemetry
 // 7. runtime (start and shutdown)
+// 8. durable, task (the API of durable buffers and tasks, on `DeviceHandle` and `Runtime`)
 mod device;
 mod device_actor;
+mod durable;
 mod engine;
 mod error;
 mod executor;
@@ -62,6 +64,7 @@ pub mod metrics;
 mod park;
 mod process;
 mod queue;
+mod recovery;
 mod reply;
 mod routing;
 mod runtime;
@@ -73,6 +76,7 @@ mod telemetry;
 mod watchdog;
 
 pub use device_actor::DeviceActor;
+pub use durable::ReplicatedBuffer;
 pub use error::{OpResult, RuntimeError};
 pub use handle::{DeviceHandle, HostBuffer};
 pub use messages::{DeviceMsg, SupervisorMsg};

@@ -276,6 +276,30 @@ pub struct DeviceSnapshot {
     pub retries: u64,
     /// Its circuit breaker's state.
     pub breaker: BreakerState,
+    /// Host bytes its durable buffers' host copies hold now.
+    #[serde(default)]
+    pub durable_bytes: u64,
+}
+
+/// What recovering without the application's help cost and did: durable buffers restored
+/// into new contexts, standbys that could not hold them, tasks rerun and quarantined.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RecoveryStats {
+    /// New contexts that got durable buffers back.
+    pub durable_restores: u64,
+    /// Device bytes those restores brought back.
+    pub durable_restored_bytes: u64,
+    /// The time those contexts took to open with their durable buffers, in all (seconds).
+    pub durable_restore_seconds: f64,
+    /// The longest of them.
+    pub durable_restore_seconds_max: f64,
+    /// Standby workers that could not hold their device's durable buffers.
+    pub standby_short: u64,
+    /// Task runs after the first (after a restart, a worker's death, a lost, failed or
+    /// refusing device).
+    pub task_reruns: u64,
+    /// Tasks answered `TaskQuarantined` when they reached the quarantine threshold.
+    pub tasks_quarantined: u64,
 }
 
 /// A quarantined kernel.
@@ -329,6 +353,9 @@ pub struct Snapshot {
     pub devices: Vec<DeviceSnapshot>,
     /// Op durations by kind.
     pub durations: BTreeMap<OpKind, DurationStats>,
+    /// Durable buffers and tasks.
+    #[serde(default)]
+    pub recovery: RecoveryStats,
 }
 
 /// Events the runtime sends the metrics actor at once.
@@ -362,6 +389,36 @@ pub enum MetricsEvent {
     },
     /// A kernel was quarantined.
     Quarantined(QuarantineEntry),
+    /// A new context got its durable buffers back.
+    DurableRestored {
+        /// The device.
+        device: u32,
+        /// Their bytes.
+        bytes: u64,
+        /// How long the context took to open with them.
+        seconds: f64,
+    },
+    /// The host bytes of a device's durable buffers changed.
+    DurableHostBytes {
+        /// The device.
+        device: u32,
+        /// The bytes now.
+        bytes: u64,
+    },
+    /// A standby worker could not hold its device's durable buffers.
+    StandbyShort {
+        /// The device.
+        device: u32,
+        /// The bytes it would have needed.
+        bytes: u64,
+    },
+    /// A task ran again.
+    TaskRerun {
+        /// The device it ran on before.
+        device: u32,
+    },
+    /// A task was answered `TaskQuarantined` when it reached the threshold.
+    TaskQuarantined,
 }
 
 /// Messages of the [`MetricsActor`].
@@ -385,6 +442,10 @@ struct Instruments {
     duration: Histogram<f64>,
     restarts: Counter<u64>,
     state: Gauge<i64>,
+    durable_bytes: Gauge<i64>,
+    restored_bytes: Counter<u64>,
+    restore_duration: Histogram<f64>,
+    task_reruns: Counter<u64>,
 }
 
 impl Instruments {
@@ -424,6 +485,26 @@ impl Instruments {
             state: meter
                 .i64_gauge("gpu.device.state")
                 .with_description("1 for the device's current state, 0 for the others")
+                .build(),
+            durable_bytes: meter
+                .i64_gauge("gpu.durable.host")
+                .with_unit("By")
+                .with_description("Host bytes held by the device's durable buffers' host copies")
+                .build(),
+            restored_bytes: meter
+                .u64_counter("gpu.durable.restored")
+                .with_unit("By")
+                .with_description("Device bytes of durable buffers restored into new contexts")
+                .build(),
+            restore_duration: meter
+                .f64_histogram("gpu.durable.restore.duration")
+                .with_unit("s")
+                .with_description("Time a new context took to open with its durable buffers restored")
+                .with_boundaries(DURATION_BUCKETS.to_vec())
+                .build(),
+            task_reruns: meter
+                .u64_counter("gpu.task.reruns")
+                .with_description("Task runs after the first (restart, worker death, lost or refusing device)")
                 .build(),
         }
     }
@@ -467,6 +548,7 @@ impl Actor for MetricsActor {
                 restarts: 0,
                 retries: 0,
                 breaker: BreakerState::Closed,
+                durable_bytes: 0,
             })
             .collect();
         let instruments = Instruments::new(&args.meter, args.max_retries);
@@ -639,6 +721,33 @@ impl MetricsState {
                 }
             }
             MetricsEvent::Quarantined(q) => self.snapshot.quarantined.push(q),
+            MetricsEvent::DurableRestored { device, bytes, seconds } => {
+                let r = &mut self.snapshot.recovery;
+                r.durable_restores += 1;
+                r.durable_restored_bytes += bytes;
+                r.durable_restore_seconds += seconds;
+                r.durable_restore_seconds_max = r.durable_restore_seconds_max.max(seconds);
+                let dev = [KeyValue::new("device", i64::from(device))];
+                self.instruments.restored_bytes.add(bytes, &dev);
+                self.instruments.restore_duration.record(seconds, &dev);
+            }
+            MetricsEvent::DurableHostBytes { device, bytes } => {
+                let dev = [KeyValue::new("device", i64::from(device))];
+                self.instruments
+                    .durable_bytes
+                    .record(i64::try_from(bytes).unwrap_or(i64::MAX), &dev);
+                if let Some(d) = self.device(device) {
+                    d.durable_bytes = bytes;
+                }
+            }
+            MetricsEvent::StandbyShort { .. } => self.snapshot.recovery.standby_short += 1,
+            MetricsEvent::TaskRerun { device } => {
+                self.snapshot.recovery.task_reruns += 1;
+                self.instruments
+                    .task_reruns
+                    .add(1, &[KeyValue::new("device", i64::from(device))]);
+            }
+            MetricsEvent::TaskQuarantined => self.snapshot.recovery.tasks_quarantined += 1,
         }
     }
 }

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use hipvisor_core::sync::lock;
-use hipvisor_core::{BackendKind, GpuError, ModuleSource, Op, Origin};
+use hipvisor_core::{BackendKind, GpuError, ModuleSource, Op, Origin, Payload};
 
 use crate::engine::{Batches, Batching, Engine, Exec};
 use crate::shared::Shared;
@@ -44,6 +44,7 @@ pub(crate) fn start_worker(
     device: u32,
     epoch: u64,
     modules: &BTreeMap<u64, ModuleSource>,
+    durables: &BTreeMap<u64, Payload>,
     role: Role,
 ) -> Result<WorkerClient, StartError> {
     let config = &shared.config;
@@ -69,7 +70,7 @@ pub(crate) fn start_worker(
         modules: core.modules.clone(),
         faults: shared.faults.clone(),
     };
-    WorkerClient::start(&launch, link, epoch, modules, role)
+    WorkerClient::start(&launch, link, epoch, modules, durables, role)
 }
 
 /// A device's worker process, as the executor's engine.
@@ -128,7 +129,8 @@ pub(crate) fn prepare_standby(shared: &Arc<Shared>, device: u32, epoch: u64) {
         .spawn(move || {
             let core = &shared.cores[device as usize];
             let modules = lock(&core.modules).clone();
-            match start_worker(&shared, device, epoch, &modules, Role::Standby) {
+            let durables = lock(&core.durables).clone();
+            match start_worker(&shared, device, epoch, &modules, &durables, Role::Standby) {
                 Ok(w) => {
                     // `closing` is read under the standby's lock, which shutdown (and a
                     // dropped runtime) takes after setting it: a standby ready too late is
@@ -139,6 +141,17 @@ pub(crate) fn prepare_standby(shared: &Arc<Shared>, device: u32, epoch: u64) {
                     }
                 }
                 Err(_) if shared.closing.load(Ordering::Acquire) => {}
+                Err(e) if e.op() == hipvisor_core::OpKind::Durable => {
+                    let bytes: u64 = durables.values().map(|p| p.len() as u64).sum();
+                    tracing::warn!(
+                        device,
+                        error = %e,
+                        durable_bytes = bytes,
+                        "a standby worker cannot hold the device's durable buffers (it would need them on the GPU \
+                         next to the active context's): the next restart starts cold"
+                    );
+                    shared.metrics_event(crate::metrics::MetricsEvent::StandbyShort { device, bytes });
+                }
                 Err(e) => tracing::warn!(device, error = %e, "could not prepare a standby worker"),
             }
         });

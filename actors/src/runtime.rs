@@ -247,6 +247,7 @@ impl RuntimeBuilder {
             worker_program,
             spawner,
             workers: Arc::new(Workers::default()),
+            recovery: crate::recovery::Recovery::default(),
             spin: SpinPolicy::new(config.runtime.spin_us, tokio::runtime::Handle::current().metrics()),
         });
         let supervisor = match Actor::spawn(None, Supervisor, SupervisorArgs { shared: shared.clone() }).await {
@@ -345,7 +346,7 @@ fn build_backend(config: &RuntimeConfig) -> Result<factory::Built, StartError> {
 
 /// The supervised multi-GPU runtime. See the crate docs for an example.
 pub struct Runtime {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     supervisor: ActorRef<SupervisorMsg>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Set once [`Runtime::shutdown`] has stopped everything; otherwise dropping the runtime

@@ -49,6 +49,8 @@ pub(crate) struct Shared {
     pub(crate) workers: Arc<Workers>,
     /// Whether waiting threads spin before they park, and how long.
     pub(crate) spin: SpinPolicy,
+    /// Durable buffer ids and task quarantine.
+    pub(crate) recovery: crate::recovery::Recovery,
 }
 
 impl Shared {
@@ -174,6 +176,7 @@ pub(crate) mod testing {
             worker_program: "/nonexistent/hipvisor-worker".into(),
             spawner: Spawner::start().expect("spawner"),
             workers: Arc::new(Workers::default()),
+            recovery: crate::recovery::Recovery::default(),
             spin: SpinPolicy::new(0, tokio::runtime::Handle::current().metrics()),
             config,
         })

@@ -131,13 +131,47 @@ pub(crate) fn execute<G: GpuCalls>(g: &mut G, op: &Op) -> Result<Reply, GpuError
             })
         }
         Op::Free { buffer } => {
-            let b = g.tables_mut().buffers.remove(&buffer.id).expect("validated");
+            let durable = buffer.is_durable();
+            let b = g.tables_mut().remove_buffer(buffer.id).expect("validated");
             if let Err(e) = g.free(&b) {
-                g.tables_mut().buffers.insert(buffer.id, b);
+                let t = g.tables_mut();
+                t.buffers.insert(buffer.id, b);
+                if durable {
+                    t.durable.insert(buffer.id);
+                }
                 return Err(e);
             }
             Reply::Done
         }
+        Op::Durable { id, data } => {
+            let len = data.len() as u64;
+            let existing = g
+                .tables()
+                .buffers
+                .get(id)
+                .filter(|b| g.tables().durable.contains(id) && b.byte_len() == len);
+            if let Some(b) = existing {
+                // Filled again in place (a standby catching up with a changed host copy).
+                let to = G::address(b, 0);
+                g.copy_to_device(to, data.as_bytes())?;
+                return Ok(Reply::Buffer(BufferHandle {
+                    device: g.tables().device,
+                    epoch: BufferHandle::DURABLE_EPOCH,
+                    id: *id,
+                    len,
+                }));
+            }
+            if let Some(old) = g.tables_mut().remove_buffer(*id) {
+                let _ = g.free(&old);
+            }
+            let buffer = g.malloc(len)?;
+            if let Err(e) = g.copy_to_device(G::address(&buffer, 0), data.as_bytes()) {
+                let _ = g.free(&buffer);
+                return Err(e);
+            }
+            g.tables_mut().insert_durable(*id, buffer)
+        }
+        Op::Task(_) => unreachable!("validated: tasks run as their ops (backend::task)"),
         Op::CopyToDevice { dst, offset, data } => {
             let to = g.device_ptr(kind, dst, *offset)?;
             g.copy_to_device(to, data.as_bytes())?;

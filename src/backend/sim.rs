@@ -434,11 +434,42 @@ impl SimDevice {
                 })
             }
             Op::Free { buffer } => {
-                if let Some(b) = self.t.buffers.remove(&buffer.id) {
+                if let Some(b) = self.t.remove_buffer(buffer.id) {
                     self.used -= b.len() as u64;
                 }
                 Reply::Done
             }
+            Op::Durable { id, data } => {
+                // Filled again in place when this context holds it with that length (a
+                // standby catching up); otherwise made anew.
+                if let Some(b) = self.t.buffers.get_mut(id).filter(|b| b.len() == data.len()) {
+                    b.copy_from_slice(data.as_bytes());
+                    self.t.durable.insert(*id);
+                    return Ok(Reply::Buffer(BufferHandle {
+                        device: self.dev(),
+                        epoch: BufferHandle::DURABLE_EPOCH,
+                        id: *id,
+                        len: data.len() as u64,
+                    }));
+                }
+                if let Some(old) = self.t.remove_buffer(*id) {
+                    self.used -= old.len() as u64;
+                }
+                let Reply::Buffer(fresh) = self.run(
+                    &Op::Alloc {
+                        bytes: data.len() as u64,
+                    },
+                    None,
+                )?
+                else {
+                    unreachable!("an allocation answers a buffer")
+                };
+                // Allocated under the context's next id: moved under the durable one.
+                let mut memory = self.t.buffers.remove(&fresh.id).expect("just allocated");
+                memory.copy_from_slice(data.as_bytes());
+                self.t.insert_durable(*id, memory)
+            }
+            Op::Task(_) => unreachable!("tasks run as their ops (backend::task)"),
             Op::CopyToDevice { dst, offset, data } => {
                 let buf = self.t.buffers.get_mut(&dst.id).expect("validated");
                 let o = *offset as usize;

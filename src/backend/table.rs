@@ -5,11 +5,11 @@
 //! `u64::MAX` bytes) is an invalid request, never a wrapped number or an out-of-memory error
 //! that would be retried. And the host memory an op needs ([`check_host_alloc`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::error::{GpuError, InvalidReason};
 use crate::kernels;
-use crate::op::{BufferHandle, MAX_BUFFER_BYTES, ModuleHandle, Op, OpKind};
+use crate::op::{BufferHandle, MAX_BUFFER_BYTES, ModuleHandle, Op, OpKind, Reply};
 
 /// A device-side buffer that knows its length.
 pub(crate) trait DeviceBuffer {
@@ -30,6 +30,9 @@ pub(crate) struct Tables<B, M> {
     pub(crate) epoch: u64,
     pub(crate) buffers: HashMap<u64, B>,
     pub(crate) modules: HashMap<u64, M>,
+    /// The ids of the buffers held as durable (their handles carry
+    /// [`BufferHandle::DURABLE_EPOCH`]).
+    pub(crate) durable: HashSet<u64>,
     next_id: u64,
 }
 
@@ -40,6 +43,7 @@ impl<B: DeviceBuffer, M> Tables<B, M> {
             epoch,
             buffers: HashMap::new(),
             modules: HashMap::new(),
+            durable: HashSet::new(),
             next_id: 1,
         }
     }
@@ -60,7 +64,27 @@ impl<B: DeviceBuffer, M> Tables<B, M> {
         self.next_id = self.next_id.max(id + 1);
     }
 
-    /// The buffer behind a handle, after checking device, epoch, id and length.
+    /// Takes a buffer out of the tables (freed), durable or not.
+    pub(crate) fn remove_buffer(&mut self, id: u64) -> Option<B> {
+        self.durable.remove(&id);
+        self.buffers.remove(&id)
+    }
+
+    /// Records a new durable buffer under its id, and its handle.
+    pub(crate) fn insert_durable(&mut self, id: u64, buffer: B) -> Reply {
+        let len = buffer.byte_len();
+        self.buffers.insert(id, buffer);
+        self.durable.insert(id);
+        Reply::Buffer(BufferHandle {
+            device: self.device,
+            epoch: BufferHandle::DURABLE_EPOCH,
+            id,
+            len,
+        })
+    }
+
+    /// The buffer behind a handle, after checking device, epoch, id and length. A durable
+    /// handle names a buffer this context holds as durable, whatever its epoch.
     pub(crate) fn buffer(&self, op: OpKind, h: &BufferHandle) -> Result<&B, GpuError> {
         if h.device != self.device {
             return Err(self.invalid(
@@ -69,6 +93,12 @@ impl<B: DeviceBuffer, M> Tables<B, M> {
                     handle_device: h.device,
                 },
             ));
+        }
+        if h.is_durable() {
+            return match self.buffers.get(&h.id) {
+                Some(b) if self.durable.contains(&h.id) => self.same_len(op, h, b),
+                _ => Err(self.invalid(op, InvalidReason::UnknownBuffer { id: h.id })),
+            };
         }
         if h.epoch < self.epoch {
             return Err(self.invalid(
@@ -79,10 +109,14 @@ impl<B: DeviceBuffer, M> Tables<B, M> {
                 },
             ));
         }
-        let buf = match self.buffers.get(&h.id) {
-            Some(b) if h.epoch == self.epoch => b,
-            _ => return Err(self.invalid(op, InvalidReason::UnknownBuffer { id: h.id })),
-        };
+        match self.buffers.get(&h.id) {
+            Some(b) if h.epoch == self.epoch && !self.durable.contains(&h.id) => self.same_len(op, h, b),
+            _ => Err(self.invalid(op, InvalidReason::UnknownBuffer { id: h.id })),
+        }
+    }
+
+    /// `buf` if its length is the handle's.
+    fn same_len<'a>(&self, op: OpKind, h: &BufferHandle, buf: &'a B) -> Result<&'a B, GpuError> {
         if buf.byte_len() != h.len {
             return Err(self.invalid(
                 op,
@@ -128,6 +162,23 @@ impl<B: DeviceBuffer, M> Tables<B, M> {
             .ok_or_else(|| self.invalid(op, InvalidReason::UnknownModule { id: m.id }))
     }
 
+    /// An allocation of `bytes`: not empty, not more than the device has.
+    fn check_alloc(&self, kind: OpKind, bytes: u64, total_memory: u64) -> Result<(), GpuError> {
+        if bytes == 0 {
+            return Err(self.invalid(kind, InvalidReason::ZeroSizeAllocation));
+        }
+        if bytes > total_memory {
+            return Err(self.invalid(
+                kind,
+                InvalidReason::ExceedsDeviceMemory {
+                    requested: bytes,
+                    total: total_memory,
+                },
+            ));
+        }
+        Ok(())
+    }
+
     /// The checks every backend makes before touching the GPU: handles, ranges, overlap,
     /// allocation size, launch dimensions and buffer arguments. (Kernel names and
     /// signatures are checked by the backend, which knows its modules.)
@@ -137,20 +188,8 @@ impl<B: DeviceBuffer, M> Tables<B, M> {
         // same answer as in process isolation (where the host checks them before sending).
         op.check_limits().map_err(|r| self.invalid(kind, r))?;
         match op {
-            Op::Alloc { bytes } => {
-                if *bytes == 0 {
-                    return Err(self.invalid(kind, InvalidReason::ZeroSizeAllocation));
-                }
-                if *bytes > total_memory {
-                    return Err(self.invalid(
-                        kind,
-                        InvalidReason::ExceedsDeviceMemory {
-                            requested: *bytes,
-                            total: total_memory,
-                        },
-                    ));
-                }
-            }
+            Op::Alloc { bytes } => self.check_alloc(kind, *bytes, total_memory)?,
+            Op::Durable { data, .. } => self.check_alloc(kind, data.len() as u64, total_memory)?,
             Op::Free { buffer } => {
                 self.buffer(kind, buffer)?;
             }
@@ -192,6 +231,15 @@ impl<B: DeviceBuffer, M> Tables<B, M> {
                 for b in kernels::buffer_args(args) {
                     self.buffer(kind, b)?;
                 }
+            }
+            // A task runs as its ops, each checked as it comes (`backend::task::execute`).
+            Op::Task(_) => {
+                return Err(self.invalid(
+                    kind,
+                    InvalidReason::BadTask {
+                        reason: "a context runs a task's ops, not the task (backend::task::execute does)".into(),
+                    },
+                ));
             }
             Op::LoadModule { .. } | Op::Synchronize | Op::MemInfo | Op::DeviceInfo => {}
         }

@@ -4,8 +4,9 @@
 /// The protocol version; host and worker must agree. (4: memfds are sealed, a received one
 /// must be; an output region is unmapped by the worker before it answers; a cached region's
 /// descriptor is mapped whenever one comes. 5: errors of the host itself,
-/// `GpuError::Host` and `InvalidReason::HostMemory`; `InvalidReason::WorkerBackend`.)
-pub const PROTOCOL_VERSION: u16 = 5;
+/// `GpuError::Host` and `InvalidReason::HostMemory`; `InvalidReason::WorkerBackend`. 6: durable
+/// buffers and tasks: `Op::Durable`, `Op::Task`, `Reply::Outputs`, a request's `task_faults`.)
+pub const PROTOCOL_VERSION: u16 = 6;
 /// The most bytes in one frame.
 pub const MAX_FRAME: usize = 128 * 1024;
 /// Payloads above this many bytes travel in shared memory.

@@ -136,6 +136,9 @@ pub struct Request {
     pub origin: Origin,
     /// The fault the host's plan decided, if any.
     pub fault: Option<WireFault>,
+    /// For a task: the faults the plan decided for its own ops, by their index in
+    /// [`TaskOp::inner_ops`](crate::op::TaskOp::inner_ops) (`fault` is then unused).
+    pub task_faults: Vec<(u32, WireFault)>,
     /// The op's payload, in the region sent with the frame.
     pub input: Option<RegionRef>,
     /// For a large copy from the device: the region (sent with the frame) to write into.
@@ -257,6 +260,22 @@ pub fn check_answer(
         return bad("output bytes with a reply that has none".into());
     }
     match (op, reply) {
+        (Op::Durable { id, data }, Reply::Buffer(h)) => {
+            let want = (device, crate::op::BufferHandle::DURABLE_EPOCH, *id, data.len() as u64);
+            if (h.device, h.epoch, h.id, h.len) != want {
+                return bad(format!(
+                    "the handle {h:?}; durable buffer {id} of {} bytes asked",
+                    data.len()
+                ));
+            }
+        }
+        (Op::Task(task), Reply::Outputs(outputs)) => {
+            let lens: Vec<u64> = outputs.iter().map(|o| o.len() as u64).collect();
+            let asked: Vec<u64> = task.outputs.iter().map(|o| o.len).collect();
+            if lens != asked {
+                return bad(format!("outputs of {lens:?} bytes; {asked:?} asked"));
+            }
+        }
         (Op::Alloc { bytes }, Reply::Buffer(h)) => {
             if (h.device, h.epoch, h.len) != (device, epoch, *bytes) {
                 return bad(format!(
@@ -312,6 +331,7 @@ fn reply_kind(r: &Reply) -> &'static str {
         Reply::Module(_) => "module",
         Reply::MemInfo(_) => "mem-info",
         Reply::DeviceInfo(_) => "device-info",
+        Reply::Outputs(_) => "outputs",
     }
 }
 

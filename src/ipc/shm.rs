@@ -21,8 +21,10 @@ use super::error::{IpcError, os};
 #[derive(Debug)]
 pub struct Region {
     id: u64,
-    /// `None` for a sealed, read-only region (see above).
+    /// `None` for a sealed, read-only region from a worker (see above).
     pub(super) fd: Option<OwnedFd>,
+    /// Mapped read-write (else read-only: sealed, or mapped so).
+    writable: bool,
     ptr: NonNull<u8>,
     len: usize,
 }
@@ -54,6 +56,12 @@ fn sealed_memfd(len: usize) -> Result<OwnedFd, IpcError> {
     nix::unistd::ftruncate(&fd, size).map_err(os("ftruncate"))?;
     nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_ADD_SEALS(size_seals())).map_err(os("fcntl(F_ADD_SEALS)"))?;
     Ok(fd)
+}
+
+/// Whether a memfd is sealed against writes.
+fn write_sealed(fd: &OwnedFd) -> bool {
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GET_SEALS)
+        .is_ok_and(|s| nix::fcntl::SealFlag::from_bits_truncate(s).contains(nix::fcntl::SealFlag::F_SEAL_WRITE))
 }
 
 /// Checks a descriptor received from the peer before anything maps it: a memfd sealed
@@ -101,7 +109,74 @@ impl Region {
             MapFlags::MAP_SHARED,
         )?;
         r.fd = Some(fd);
+        r.writable = true;
         Ok(r)
+    }
+
+    /// A region holding a copy of `bytes`, sealed against writes (`F_SEAL_WRITE`, with the
+    /// size seals) and mapped read-only, keeping its descriptor: host memory nobody can
+    /// change any more, which workers map read-only (a durable buffer's host copy). The
+    /// bytes are written through the descriptor, so no writable mapping ever exists.
+    ///
+    /// # Errors
+    /// [`IpcError::Os`].
+    pub fn sealed_copy(bytes: &[u8]) -> Result<Region, IpcError> {
+        let fd = sealed_memfd(bytes.len())?;
+        let mut at = 0;
+        while at < bytes.len() {
+            match nix::sys::uio::pwrite(&fd, &bytes[at..], at as i64) {
+                Ok(n) => at += n,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    return Err(IpcError::Os {
+                        call: "pwrite",
+                        errno: e,
+                    });
+                }
+            }
+        }
+        Region::seal_fd(fd, bytes.len())
+    }
+
+    /// This region, sealed against writes and mapped read-only (see
+    /// [`Region::sealed_copy`]): in place when it is this process's writable region and no
+    /// one else maps it writable (its mapping here is replaced), else a sealed copy.
+    ///
+    /// # Errors
+    /// [`IpcError::Os`].
+    pub fn into_sealed(mut self) -> Result<Region, IpcError> {
+        if !self.writable && self.fd.is_some() {
+            return Ok(self);
+        }
+        let Some(fd) = self.fd.take().filter(|_| self.writable) else {
+            return Region::sealed_copy(self.as_slice());
+        };
+        let len = self.len;
+        let seal = nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::F_SEAL_WRITE);
+        // Our own writable mapping goes first: the kernel refuses the seal while one exists.
+        drop(self);
+        if nix::fcntl::fcntl(&fd, seal).is_ok() {
+            let mut r = Region::sealed(&fd, len)?;
+            r.fd = Some(fd);
+            return Ok(r);
+        }
+        // Someone else maps it writable: copy what it holds now.
+        let view = Region::mapped(&fd, len, ProtFlags::PROT_READ, MapFlags::MAP_SHARED)?;
+        Region::sealed_copy(view.as_slice())
+    }
+
+    /// Seals a memfd of `len` bytes against writes and maps it read-only, keeping it.
+    fn seal_fd(fd: OwnedFd, len: usize) -> Result<Region, IpcError> {
+        let seal = nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::F_SEAL_WRITE);
+        nix::fcntl::fcntl(&fd, seal).map_err(os("fcntl(F_ADD_SEALS)"))?;
+        let mut r = Region::sealed(&fd, len)?;
+        r.fd = Some(fd);
+        Ok(r)
+    }
+
+    /// Whether the region is sealed against writes (its bytes can no longer change).
+    pub fn is_sealed(&self) -> bool {
+        !self.writable && self.fd.as_ref().is_some_and(|fd| write_sealed(fd))
     }
 
     /// Maps a region received from the peer as [`Region::map`] does, but read-only (and
@@ -113,7 +188,14 @@ impl Region {
     /// As [`Region::map`].
     pub fn map_read_only(fd: OwnedFd, len: usize) -> Result<Region, IpcError> {
         check_received(&fd, len)?;
-        Region::mapped(&fd, len, ProtFlags::PROT_READ, MapFlags::MAP_SHARED)
+        // A write-sealed memfd (a durable buffer's host copy) is mapped privately: a shared
+        // mapping of one, even read-only, is refused before Linux 6.7 (see `sealed`).
+        let flags = if write_sealed(&fd) {
+            MapFlags::MAP_PRIVATE
+        } else {
+            MapFlags::MAP_SHARED
+        };
+        Region::mapped(&fd, len, ProtFlags::PROT_READ, flags)
     }
 
     /// Maps `len` bytes of a memfd sealed against writes, shrinking and growing, read-only;
@@ -137,6 +219,7 @@ impl Region {
         Ok(Region {
             id: NEXT_REGION.fetch_add(1, Ordering::Relaxed),
             fd: None,
+            writable: false,
             ptr: ptr.cast(),
             len,
         })
@@ -157,10 +240,15 @@ impl Region {
         self.len == 0
     }
 
-    /// Whether the region has a descriptor (to send to a peer) and is writable: every
-    /// region but the sealed, read-only ones made by [`OutputRegion::into_payload`].
+    /// Whether the region has a descriptor (to send to a peer): every region but the
+    /// sealed, read-only ones made by [`OutputRegion::into_payload`].
     pub fn has_descriptor(&self) -> bool {
         self.fd.is_some()
+    }
+
+    /// Whether the region is mapped writable here ([`Region::as_mut_slice`]).
+    pub fn is_writable(&self) -> bool {
+        self.writable
     }
 
     /// The descriptor, to send to the peer.
@@ -183,9 +271,9 @@ impl Region {
     /// The bytes, writable.
     ///
     /// # Panics
-    /// For a sealed, read-only region ([`Region::has_descriptor`] is `false`).
+    /// For a read-only region ([`Region::is_writable`] is `false`).
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        assert!(self.fd.is_some(), "a sealed region received from a worker is read-only");
+        assert!(self.writable, "a sealed or read-only region cannot be written");
         // SAFETY: as above; the mapping is writable (regions with a descriptor are mapped
         // read-write), and `&mut self` makes this the only reference in this process.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }

@@ -128,6 +128,7 @@ fn messages_round_trip() {
         op: Op::MemInfo,
         origin: Origin::Runtime,
         fault: Some(WireFault::Code(700)),
+        task_faults: Vec::new(),
         input: None,
         output: Some(RegionRef {
             id: 3,
@@ -155,6 +156,7 @@ fn a_full_batch_fits_in_a_frame() {
         },
         origin: Origin::Application,
         fault: Some(WireFault::Code(700)),
+        task_faults: Vec::new(),
         input: None,
         output: None,
         linger_us: 0,
@@ -378,6 +380,43 @@ fn regions_are_sealed_against_shrinking_and_growing() {
 }
 
 #[test]
+fn host_copies_are_sealed_against_writes_in_place_or_copied_and_map_read_only() {
+    let dup = |r: &Region| nix::unistd::dup(r.fd.as_ref().unwrap()).unwrap();
+    // A writable region held once is sealed in place: the same memfd, no copy.
+    let mut own = Region::new(10_000).unwrap();
+    own.as_mut_slice()[..3].copy_from_slice(&[1, 2, 3]);
+    let ino = |r: &Region| nix::sys::stat::fstat(r.fd.as_ref().unwrap()).unwrap().st_ino;
+    let before = ino(&own);
+    let sealed = own.into_sealed().unwrap();
+    assert!(sealed.is_sealed() && !sealed.is_writable() && sealed.has_descriptor());
+    assert_eq!(ino(&sealed), before, "sealed in place");
+    assert_eq!(&sealed.as_slice()[..3], &[1, 2, 3]);
+    // Nobody can write it any more: not through a new writable mapping, not through write(2).
+    assert!(matches!(Region::map(dup(&sealed), 10_000), Err(IpcError::Os { .. })));
+    assert!(nix::unistd::write(sealed.fd.as_ref().unwrap(), b"x").is_err());
+    // A peer maps it read-only (privately: a shared mapping of a write-sealed memfd is
+    // refused before Linux 6.7) and sees the bytes.
+    let peer = Region::map_read_only(dup(&sealed), 10_000).unwrap();
+    assert_eq!(&peer.as_slice()[..3], &[1, 2, 3]);
+    // A copy of bytes that live elsewhere.
+    let copy = Region::sealed_copy(&[7; 100]).unwrap();
+    assert!(copy.is_sealed());
+    assert_eq!(copy.as_slice(), &[7; 100]);
+    // A payload held twice is copied, never sealed under its other holder.
+    let mut shared = Region::new(64).unwrap();
+    shared.as_mut_slice().fill(5);
+    let p = crate::op::Payload::shared(std::sync::Arc::new(shared));
+    let kept = p.clone();
+    let sealed = p.into_sealed().unwrap();
+    assert!(sealed.region().unwrap().is_sealed());
+    assert!(
+        kept.region().unwrap().is_writable(),
+        "the other holder's region is untouched"
+    );
+    assert_eq!(sealed.as_bytes(), kept.as_bytes());
+}
+
+#[test]
 fn a_received_descriptor_is_mapped_only_if_sealed_and_of_the_announced_size() {
     let plain = nix::sys::memfd::memfd_create(c"plain", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
     nix::unistd::ftruncate(&plain, 4096).unwrap();
@@ -557,6 +596,7 @@ fn request(id: u64, op: Op) -> Request {
         op,
         origin: Origin::Application,
         fault: None,
+        task_faults: Vec::new(),
         input: None,
         output: None,
         linger_us: 0,

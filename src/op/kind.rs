@@ -31,11 +31,15 @@ pub enum OpKind {
     MemInfo,
     /// [`Op::DeviceInfo`](super::Op::DeviceInfo)
     DeviceInfo,
+    /// [`Op::Durable`](super::Op::Durable)
+    Durable,
+    /// [`Op::Task`](super::Op::Task): counted as one op, whatever it does inside.
+    Task,
 }
 
 impl OpKind {
     /// Every kind, in declaration order.
-    pub const ALL: [OpKind; 11] = [
+    pub const ALL: [OpKind; 13] = [
         OpKind::Alloc,
         OpKind::Free,
         OpKind::CopyToDevice,
@@ -47,6 +51,8 @@ impl OpKind {
         OpKind::Synchronize,
         OpKind::MemInfo,
         OpKind::DeviceInfo,
+        OpKind::Durable,
+        OpKind::Task,
     ];
 
     /// The kind's name in `snake_case` (config keys, metric labels).
@@ -63,6 +69,8 @@ impl OpKind {
             OpKind::Synchronize => "synchronize",
             OpKind::MemInfo => "mem_info",
             OpKind::DeviceInfo => "device_info",
+            OpKind::Durable => "durable",
+            OpKind::Task => "task",
         }
     }
 
@@ -76,11 +84,15 @@ impl OpKind {
     /// The runtime may transparently resubmit an idempotent op whose first execution is in
     /// doubt (it may or may not have run). Copies, memset, synchronize and the queries are
     /// idempotent (a device-to-device copy is, because source and destination may not
-    /// overlap). `Alloc` (a second buffer would leak), `Free` (a double free), `LoadModule`
-    /// (a second module) and `Launch` (kernels may update memory in place, as `saxpy` does)
-    /// are not.
+    /// overlap), and so is filling a durable buffer. `Alloc` (a second buffer would leak),
+    /// `Free` (a double free), `LoadModule` (a second module), `Launch` (kernels may update
+    /// memory in place, as `saxpy` does) and `Task` (its kernels may write a durable buffer)
+    /// are not — a task that writes none is rerun by its own rule (`TaskOp::replayable`).
     pub fn is_idempotent(self) -> bool {
-        !matches!(self, OpKind::Alloc | OpKind::Free | OpKind::LoadModule | OpKind::Launch)
+        !matches!(
+            self,
+            OpKind::Alloc | OpKind::Free | OpKind::LoadModule | OpKind::Launch | OpKind::Task
+        )
     }
 
     /// Whether a successful op of this kind proves that the kernels launched before it
@@ -89,8 +101,11 @@ impl OpKind {
     /// kernel may still be running, and fault, after they succeed — so they prove nothing
     /// (an earlier sticky fault does surface in them: measured on an H200, every call after
     /// an illegal address returns 700).
+    ///
+    /// A task is: it ends with its copies to the host, or with a synchronize when it has
+    /// none.
     pub fn is_synchronizing(self) -> bool {
-        matches!(self, OpKind::Synchronize | OpKind::CopyFromDevice)
+        matches!(self, OpKind::Synchronize | OpKind::CopyFromDevice | OpKind::Task)
     }
 }
 

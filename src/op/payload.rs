@@ -82,6 +82,24 @@ impl Payload {
         self.len() == 0
     }
 
+    /// The same bytes in a region sealed against writes, mapped read-only, with its
+    /// descriptor ([`Region::into_sealed`]): the payload's own region when it is the only
+    /// holder of a writable one (sealed in place, no copy), else one copy.
+    ///
+    /// # Errors
+    /// [`IpcError::Os`] when the host has no shared memory for it.
+    pub fn into_sealed(self) -> Result<Payload, IpcError> {
+        let region = match self.repr {
+            Repr::Shared(r) if r.is_sealed() => return Ok(Payload::shared(r)),
+            Repr::Shared(r) => match Arc::try_unwrap(r) {
+                Ok(own) => own.into_sealed()?,
+                Err(shared) => Region::sealed_copy(shared.as_slice())?,
+            },
+            Repr::Heap(bytes) => Region::sealed_copy(&bytes)?,
+        };
+        Ok(Payload::shared(Arc::new(region)))
+    }
+
     /// The bytes as a vector (copies).
     pub fn to_vec(&self) -> Vec<u8> {
         self.as_bytes().to_vec()

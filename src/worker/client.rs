@@ -33,7 +33,7 @@ use crate::error::{ErrorClass, GpuError, InvalidReason};
 use crate::ipc::{
     self, Channel, ControlPage, FromWorker, Hello, IpcError, OutputRegion, Region, RegionRef, Request, ToWorker,
 };
-use crate::op::{KernelArg, ModuleHandle, ModuleSource, Op, OpKind, Origin, Payload, Reply};
+use crate::op::{BufferHandle, KernelArg, ModuleHandle, ModuleSource, Op, OpKind, Origin, Payload, Reply};
 use crate::sync::lock;
 
 /// What running one op (or one op of a batch) on a worker gave.
@@ -117,6 +117,17 @@ pub enum StartError {
 impl From<GpuError> for StartError {
     fn from(e: GpuError) -> Self {
         StartError::Failed(e)
+    }
+}
+
+impl StartError {
+    /// The op the start was doing when it failed (`DeviceInfo`: the handshake,
+    /// `LoadModule`: a module reload, `Durable`: a durable buffer's restore, `MemInfo`: the
+    /// health probe).
+    pub fn op(&self) -> OpKind {
+        match self {
+            StartError::Failed(e) | StartError::TimedOut { source: e, .. } => e.op(),
+        }
     }
 }
 
@@ -234,6 +245,8 @@ pub struct WorkerClient {
     regions: ipc::RegionLru,
     /// Modules loaded into this worker's context (restored or loaded by ops).
     restored: std::collections::BTreeSet<u64>,
+    /// Durable buffers in this worker's context: id → (host copy version, length).
+    durables: std::collections::HashMap<u64, (u64, u64)>,
     /// Buffers this worker's context handed out and has not freed: a new one under a live
     /// id is a malformed answer.
     live_buffers: std::collections::HashSet<u64>,
@@ -267,6 +280,7 @@ impl WorkerClient {
         link: DeviceLink,
         epoch: u64,
         modules: &BTreeMap<u64, ModuleSource>,
+        durables: &BTreeMap<u64, Payload>,
         role: Role,
     ) -> Result<WorkerClient, StartError> {
         let device = link.device;
@@ -312,11 +326,12 @@ impl WorkerClient {
             epoch,
             regions: ipc::RegionLru::default(),
             restored: modules.keys().copied().collect(),
+            durables: std::collections::HashMap::new(),
             live_buffers: std::collections::HashSet::new(),
             malformed: 0,
         };
         let mut phase = "handshake";
-        match w.prepare(launch, modules, deadline, &mut phase) {
+        match w.prepare(launch, modules, durables, deadline, &mut phase) {
             Ok(()) => {
                 launch.workers.started(pid);
                 Ok(w)
@@ -342,6 +357,7 @@ impl WorkerClient {
         &mut self,
         launch: &WorkerLaunch<'_>,
         modules: &BTreeMap<u64, ModuleSource>,
+        durables: &BTreeMap<u64, Payload>,
         deadline: Instant,
         phase: &mut &'static str,
     ) -> Result<(), GpuError> {
@@ -382,6 +398,8 @@ impl WorkerClient {
             self.bound(OpKind::LoadModule, deadline)?;
             self.restore(ModuleHandle { device, id: *id }, source)?;
         }
+        *phase = "durable buffer restore";
+        self.sync_durables(durables, deadline)?;
         *phase = "health probe";
         self.health_probe(deadline, launch.spin)?;
         let op = OpKind::MemInfo;
@@ -416,9 +434,60 @@ impl WorkerClient {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    /// Loads the modules the device gained since this (standby) worker was prepared, within
-    /// `supervisor.worker_start_timeout_ms`.
-    pub fn catch_up(&mut self, modules: &BTreeMap<u64, ModuleSource>) -> Result<(), StartError> {
+    /// Makes the worker's durable buffers the device's: restores those it lacks or holds an
+    /// older host copy of (`Op::Durable`, the runtime's own), frees those the device freed
+    /// since — each request bounded by `deadline`.
+    fn sync_durables(&mut self, durables: &BTreeMap<u64, Payload>, deadline: Instant) -> Result<(), GpuError> {
+        let op = OpKind::Durable;
+        let gone: Vec<(u64, u64)> = self
+            .durables
+            .iter()
+            .filter(|(id, _)| !durables.contains_key(id))
+            .map(|(id, (_, len))| (*id, *len))
+            .collect();
+        for (id, len) in gone {
+            self.bound(op, deadline)?;
+            let buffer = BufferHandle {
+                device: self.device,
+                epoch: BufferHandle::DURABLE_EPOCH,
+                id,
+                len,
+            };
+            self.run_start_op(&Op::Free { buffer })?;
+            self.durables.remove(&id);
+        }
+        for (id, data) in durables {
+            let version = copy_version(data);
+            if self.durables.get(id).is_some_and(|(v, _)| *v == version) {
+                continue;
+            }
+            self.bound(op, deadline)?;
+            let restore = Op::Durable {
+                id: *id,
+                data: data.clone(),
+            };
+            self.run_start_op(&restore)?;
+            self.durables.insert(*id, (version, data.len() as u64));
+        }
+        Ok(())
+    }
+
+    /// One op of the runtime's own while the worker starts or catches up.
+    fn run_start_op(&mut self, op: &Op) -> Result<(), GpuError> {
+        match self.run(op, Origin::Runtime, Duration::ZERO) {
+            Executed::Done(Ok(_)) => Ok(()),
+            Executed::Done(Err(e)) => Err(e),
+            Executed::Died { reason, .. } => Err(ipc_error(op.kind(), self.device, reason)),
+        }
+    }
+
+    /// Loads the modules the device gained since this (standby) worker was prepared, and
+    /// brings its durable buffers up to date, within `supervisor.worker_start_timeout_ms`.
+    pub fn catch_up(
+        &mut self,
+        modules: &BTreeMap<u64, ModuleSource>,
+        durables: &BTreeMap<u64, Payload>,
+    ) -> Result<(), StartError> {
         let budget = self.start_timeout;
         let deadline = Instant::now() + budget;
         let caught_up = (|| {
@@ -432,6 +501,7 @@ impl WorkerClient {
                     self.restore(module, source)?;
                 }
             }
+            self.sync_durables(durables, deadline)?;
             let op = OpKind::LoadModule;
             self.channel
                 .set_timeout(None)
@@ -612,6 +682,12 @@ fn unsendable(op: &Op, device: u32, e: impl std::fmt::Display) -> GpuError {
     GpuError::invalid(op.kind(), device, reason)
 }
 
+/// Which host copy of a durable buffer a payload is: its region's id (unique in the process,
+/// never reused; host copies are sealed regions), else its address.
+fn copy_version(p: &Payload) -> u64 {
+    p.region().map_or(p.as_bytes().as_ptr() as u64, |r| r.id())
+}
+
 /// The payload's bytes in shared memory: its own region, or a copy in a new one.
 fn region_of(p: &Payload) -> Result<Arc<Region>, IpcError> {
     if let Some(r) = p.region().filter(|r| r.has_descriptor()) {
@@ -635,6 +711,8 @@ impl WorkerClient {
     /// is malformed, never believed over the other's.
     fn check_ids(&mut self, op: &Op, result: &Result<Reply, GpuError>) -> Result<(), IpcError> {
         match (op, result) {
+            // A durable buffer's id is the host's own (made again when a standby catches up).
+            (Op::Durable { .. }, Ok(_)) => Ok(()),
             (_, Ok(Reply::Module(m))) if self.module_known(m.id) => Err(IpcError::Malformed(format!(
                 "a new module with the id {} of a loaded one",
                 m.id
@@ -655,13 +733,26 @@ impl WorkerClient {
         }
     }
 
-    /// The fault the simulator's plan decides for `op`, if any.
-    fn fault(&self, op: &Op, origin: Origin) -> Option<ipc::WireFault> {
-        self.link
-            .faults
-            .as_ref()
-            .and_then(|f| f.decide(self.device, op, origin))
-            .map(Into::into)
+    /// The faults the simulator's plan decides for `op`: its own, or for a task, those of
+    /// its ops by index (see [`Request::task_faults`]).
+    fn faults(&self, op: &Op, origin: Origin) -> (Option<ipc::WireFault>, Vec<(u32, ipc::WireFault)>) {
+        let Some(f) = self.link.faults.as_ref() else {
+            return (None, Vec::new());
+        };
+        match op {
+            Op::Task(task) => {
+                let inner = task
+                    .inner_ops()
+                    .enumerate()
+                    .filter_map(|(i, (kind, kernel))| {
+                        f.decide_for(self.device, kind, kernel, origin)
+                            .map(|a| (i as u32, a.into()))
+                    })
+                    .collect();
+                (None, inner)
+            }
+            op => (f.decide(self.device, op, origin).map(Into::into), Vec::new()),
+        }
     }
 
     /// The answer for ops whose worker died: ids from `first` up to the request the worker
@@ -698,6 +789,12 @@ impl WorkerClient {
             Op::CopyToDevice { data, .. } => inline(data.len()),
             Op::CopyFromDevice { len, .. } => inline(*len as usize),
             Op::LoadModule { .. } => None, // rare, and possibly a large image
+            Op::Durable { .. } => None,    // rare, and possibly large
+            Op::Task(task) => {
+                let names: usize = task.launches.iter().map(|l| l.function.len() + 16 * l.args.len()).sum();
+                let inputs: usize = task.inputs.iter().map(|i| i.data.len()).sum();
+                Some(names + inputs + task.output_bytes() as usize)
+            }
             Op::Launch { function, args, .. } => Some(function.len() + 16 * args.len()),
             _ => Some(0),
         }
@@ -716,12 +813,13 @@ impl WorkerClient {
             .map(|(op, origin)| {
                 let id = self.next_id;
                 self.next_id += 1;
-                let fault = self.fault(&op, origin);
+                let (fault, task_faults) = self.faults(&op, origin);
                 Request {
                     id,
                     op,
                     origin,
                     fault,
+                    task_faults,
                     input: None,
                     output: None,
                     linger_us: 0,
@@ -847,7 +945,7 @@ impl WorkerClient {
         }
         let id = self.next_id;
         self.next_id += 1;
-        let fault = self.fault(op, origin);
+        let (fault, task_faults) = self.faults(op, origin);
         // Bulk bytes go in shared memory; the op travels without them.
         let mut sent = op.clone();
         let mut regions: Vec<Arc<Region>> = Vec::new();
@@ -858,9 +956,20 @@ impl WorkerClient {
         let mut output: Option<OutputRegion> = None;
         let prepared: Result<(), IpcError> = (|| {
             match &mut sent {
+                Op::Durable { data, .. } if data.len() > ipc::INLINE_LIMIT => {
+                    // The host copy itself, sealed: mapped read-only by the worker, once.
+                    let r = region_of(data)?;
+                    input = Some(RegionRef {
+                        id: r.id(),
+                        len: r.len() as u64,
+                        cached: false,
+                    });
+                    regions.push(r);
+                    *data = Payload::default();
+                }
                 Op::CopyToDevice { data, .. } if data.len() > ipc::INLINE_LIMIT => {
                     // (A sealed region from a worker has no descriptor: copied below.)
-                    if let Some(r) = data.region().filter(|r| r.has_descriptor()) {
+                    if let Some(r) = data.region().filter(|r| r.is_writable()) {
                         input = Some(RegionRef {
                             id: r.id(),
                             len: r.len() as u64,
@@ -913,6 +1022,7 @@ impl WorkerClient {
             op: sent,
             origin,
             fault,
+            task_faults,
             input,
             output: out_ref,
             linger_us: spin.as_micros() as u32,

@@ -342,6 +342,7 @@ mod tests {
             restarts,
             retries: 3 * restarts,
             breaker: hipvisor::core::BreakerState::Closed,
+            durable_bytes: 0,
         };
         let count = |device, outcome, count| OpCount {
             device,

@@ -350,6 +350,12 @@ impl FaultInjector {
     /// Decides whether `op` on `device` faults, and how. Counts the op for every rule it
     /// matches. Runtime-issued ops are neither faulted nor counted.
     pub fn decide(&self, device: u32, op: &Op, origin: Origin) -> Option<FaultAction> {
+        self.decide_for(device, op.kind(), op.kernel(), origin)
+    }
+
+    /// [`FaultInjector::decide`] for an op known by its kind and, for a launch, its kernel
+    /// (one of a task's own ops: [`crate::op::TaskOp::inner_ops`]).
+    pub fn decide_for(&self, device: u32, kind: OpKind, kernel: Option<&str>, origin: Origin) -> Option<FaultAction> {
         if self.rules.is_empty() {
             return None;
         }
@@ -370,12 +376,11 @@ impl FaultInjector {
             rules: states,
             absent,
         } = &mut *state;
-        let kind = op.kind();
         let mut fired = None;
         for (rule, st) in self.rules.iter().zip(states.iter_mut()) {
             let matches = rule.op.is_none_or(|k| k == kind)
                 && rule.device.is_none_or(|d| d == device)
-                && rule.kernel.as_deref().is_none_or(|k| op.kernel() == Some(k));
+                && rule.kernel.as_deref().is_none_or(|k| kernel == Some(k));
             if !matches {
                 continue;
             }
