@@ -35,6 +35,7 @@ pub mod op;
 pub mod retry;
 pub mod supervision;
 pub mod sync;
+pub mod task;
 pub mod worker;
 
 /// The simulator's fault plan (it lives with the simulator: `backend::sim::fault_plan`).

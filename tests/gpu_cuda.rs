@@ -90,6 +90,7 @@ fn builtin_kernels_match_cpu_references() {
     );
     let m = builtin(ctx);
     check_builtin_kernels(ctx, "built-in", m);
+    check_durable_buffers_and_tasks(ctx, m);
 }
 
 #[test]

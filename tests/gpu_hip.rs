@@ -178,6 +178,7 @@ fn builtin_kernels_match_cpu_references() {
     }
     for (what, m) in modules {
         check_builtin_kernels(ctx, what, m);
+        check_durable_buffers_and_tasks(ctx, m);
     }
 }
 

@@ -1172,6 +1172,7 @@ fn the_simulator_passes_the_gpu_conformance_checks_of_kernels_and_copies() {
     let m = gpu::builtin(&mut *ctx);
     gpu::check_builtin_kernels(&mut *ctx, "sim", m);
     gpu::check_large_round_trip(&mut *ctx);
+    gpu::check_durable_buffers_and_tasks(&mut *ctx, m);
 }
 
 /// A `gemv` launched with fewer threads than rows computes only the rows it has threads

@@ -270,6 +270,7 @@ impl DeviceCore {
             deadline: self.queue.deadline_from(now),
             _permit: permit,
             device: self.index,
+            reruns: 0,
         }
     }
 }

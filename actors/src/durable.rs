@@ -27,60 +27,13 @@
 //!   device in the metrics), and, with `supervisor.standby`, its size again on the GPU in
 //!   the standby's context.
 
-use std::sync::Arc;
-
+use hipvisor_core::task::ReplicatedBuffer;
 use hipvisor_core::{BufferHandle, Op, Payload, Reply};
 
 use crate::error::RuntimeError;
 use crate::handle::DeviceHandle;
 use crate::runtime::Runtime;
 use crate::state::DeviceState;
-
-/// A buffer replicated on several devices ([`Runtime::replicate`]): one identity — the same
-/// durable id and length on each — that tasks name to run on any device holding a replica.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReplicatedBuffer {
-    id: u64,
-    len: u64,
-    devices: Arc<[u32]>,
-}
-
-impl ReplicatedBuffer {
-    /// The buffer's durable id, the same on every device.
-    pub fn id(&self) -> u64 {
-        self.id
-    }
-
-    /// Its length in bytes.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// `true` for an empty buffer (never: durable buffers are not empty).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The devices holding a replica.
-    pub fn devices(&self) -> &[u32] {
-        &self.devices
-    }
-
-    /// The replica's handle on `device`, if it holds one.
-    pub fn on(&self, device: u32) -> Option<BufferHandle> {
-        self.devices.contains(&device).then_some(BufferHandle {
-            device,
-            epoch: BufferHandle::DURABLE_EPOCH,
-            id: self.id,
-            len: self.len,
-        })
-    }
-
-    /// Every replica's handle.
-    pub fn handles(&self) -> impl Iterator<Item = BufferHandle> + '_ {
-        self.devices.iter().filter_map(|d| self.on(*d))
-    }
-}
 
 /// The bytes as a sealed host copy (see the module docs).
 fn host_copy(device: u32, data: Payload) -> Result<Payload, RuntimeError> {
@@ -189,10 +142,6 @@ impl Runtime {
                 .map_or(RuntimeError::NoReadyDevice, |(_, e)| e));
         }
         devices.sort_unstable();
-        Ok(ReplicatedBuffer {
-            id,
-            len,
-            devices: devices.into(),
-        })
+        Ok(ReplicatedBuffer::new(id, len, devices))
     }
 }

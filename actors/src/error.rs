@@ -75,6 +75,14 @@ pub enum RuntimeError {
         /// The kernel.
         function: String,
     },
+    /// The task faulted in `supervisor.quarantine_after` of its runs within the quarantine
+    /// window (a poison request: it faults wherever it runs), and is refused; other tasks
+    /// with the same kernels keep running.
+    #[error("task {fingerprint:016x} is quarantined: it faulted in repeated runs (a poison request)")]
+    TaskQuarantined {
+        /// The task's fingerprint (`TaskOp::fingerprint`).
+        fingerprint: u64,
+    },
     /// The device's context was replaced while the op was in flight; buffers of the old
     /// context are gone.
     #[error("device {device} restarted while the op was in flight (may have executed: {may_have_executed})")]
@@ -146,6 +154,7 @@ impl RuntimeError {
             RuntimeError::Busy { .. } => "busy",
             RuntimeError::CircuitOpen { .. } => "circuit_open",
             RuntimeError::Quarantined { .. } => "quarantined",
+            RuntimeError::TaskQuarantined { .. } => "task_quarantined",
             RuntimeError::DeviceRestarted { .. } => "device_restarted",
             RuntimeError::DeviceFailed { .. } => "device_failed",
             RuntimeError::DeviceLost { .. } => "device_lost",

@@ -418,7 +418,7 @@ fn injected_panic(armed: &mut Option<String>) {
 
 /// Whether a job must not run, and its answer if it needs one (`Some(None)`: answered
 /// while queued — by its deadline, by shutdown — so nothing to do).
-fn rejection(core: &DeviceCore, job: &Job) -> Option<Option<RuntimeError>> {
+fn rejection(shared: &Shared, core: &DeviceCore, job: &Job) -> Option<Option<RuntimeError>> {
     if job.slot.is_answered() {
         return Some(None);
     }
@@ -428,15 +428,17 @@ fn rejection(core: &DeviceCore, job: &Job) -> Option<Option<RuntimeError>> {
     if Instant::now() >= job.deadline {
         return Some(Some(core.deadline_exceeded(job.kind(), false)));
     }
-    core.is_quarantined(&job.op).map(Some)
+    core.is_quarantined(&job.op)
+        .or_else(|| shared.task_quarantined(&job.op))
+        .map(Some)
 }
 
 /// Answers the held jobs that must not run (answered while queued, failed device, deadline
 /// passed, quarantined kernel) and counts an attempt of the others, which stay held.
-fn admit(core: &DeviceCore, held: &mut Vec<Job>) {
+fn admit(shared: &Shared, core: &DeviceCore, held: &mut Vec<Job>) {
     let mut i = 0;
     while i < held.len() {
-        match rejection(core, &held[i]) {
+        match rejection(shared, core, &held[i]) {
             None => i += 1,
             Some(answer) => {
                 let job = held.remove(i);
@@ -485,7 +487,7 @@ fn execute(
     epoch: u64,
     armed: &mut Option<String>,
 ) -> bool {
-    admit(core, &mut hand.jobs);
+    admit(shared, core, &mut hand.jobs);
     if hand.jobs.is_empty() {
         return true;
     }
@@ -519,7 +521,7 @@ fn execute_batch(
     epoch: u64,
     armed: &mut Option<String>,
 ) -> bool {
-    admit(core, &mut hand.jobs);
+    admit(shared, core, &mut hand.jobs);
     if hand.jobs.is_empty() {
         return true;
     }
@@ -556,7 +558,9 @@ fn execute_batch(
         // context, ahead of the ops queued behind it — unless its answer would vouch for
         // the poisoned context's earlier work (a synchronize after the fault would answer
         // success on the new context).
-        if job.kind().is_synchronizing() {
+        // (A task vouches for nothing of the old context: its own scratch, durable buffers
+        // restored.)
+        if job.kind().is_synchronizing() && job.kind() != OpKind::Task {
             let e = RuntimeError::DeviceRestarted {
                 device: core.index,
                 may_have_executed: false,
@@ -696,7 +700,9 @@ fn finish(
                     device: core.index,
                     may_have_executed,
                 };
-                job.answer(Err(e), &core.counters);
+                // A task whose worker aborted while it ran: a GPU memory fault of its own.
+                let faulted = aborted && may_have_executed && job.kind() == OpKind::Task;
+                shared.answer_or_rerun(job, e, faulted);
             }
             false
         }

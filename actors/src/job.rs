@@ -24,6 +24,8 @@ pub(crate) struct Job {
     pub(crate) _permit: Option<OwnedSemaphorePermit>,
     /// The device the op runs on (it may move when its device is lost).
     pub(crate) device: u32,
+    /// For a task: the runs after its first (`retry.task_reruns` at most).
+    pub(crate) reruns: u32,
 }
 
 impl Job {

@@ -71,12 +71,12 @@ mod runtime;
 mod shared;
 mod state;
 mod supervisor;
+mod task;
 #[cfg(feature = "prometheus")]
 mod telemetry;
 mod watchdog;
 
 pub use device_actor::DeviceActor;
-pub use durable::ReplicatedBuffer;
 pub use error::{OpResult, RuntimeError};
 pub use handle::{DeviceHandle, HostBuffer};
 pub use messages::{DeviceMsg, SupervisorMsg};
@@ -87,6 +87,7 @@ pub use supervisor::Supervisor;
 
 /// The synchronous core: error taxonomy, retry policy, breaker, op protocol, backends, config.
 pub use hipvisor_core as core;
+pub use hipvisor_core::task::{ReplicatedBuffer, ReplicatedModule, Scratch, Task, TaskArg};
 pub use hipvisor_core::{
     BackendKind, BufferHandle, ConfigError, DeviceInfo, Dim3, ErrorClass, GpuError, InvalidReason, KernelArg, MemInfo,
     ModuleHandle, ModuleSource, Op, OpKind, Payload, Reply, RetryConfig, RuntimeConfig,

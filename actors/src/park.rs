@@ -136,6 +136,7 @@ mod tests {
             deadline: now + Duration::from_secs(10),
             _permit: None,
             device: 0,
+            reruns: 0,
         }
     }
 

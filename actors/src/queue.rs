@@ -255,6 +255,7 @@ mod tests {
             deadline,
             _permit: None,
             device: 3,
+            reruns: 0,
         };
         (job, rx)
     }

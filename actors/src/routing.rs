@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use hipvisor_core::sync::lock;
-use hipvisor_core::{CircuitBreaker, MemInfo, Op, Origin, Reply};
+use hipvisor_core::{CircuitBreaker, MemInfo, Op, Origin, Reply, TaskOp};
 
 use crate::device::DeviceCore;
 use crate::error::{OpResult, RuntimeError};
@@ -53,7 +53,7 @@ impl Shared {
 
     /// Admission of an application op on `core`: quarantine and breaker.
     pub(crate) fn admit(&self, core: &DeviceCore, op: &Op) -> Result<(), RuntimeError> {
-        if let Some(e) = core.is_quarantined(op) {
+        if let Some(e) = core.is_quarantined(op).or_else(|| self.task_quarantined(op)) {
             return Err(e);
         }
         if core.breaker.is_none() || core.breaker_closed.load(Ordering::Acquire) {
@@ -135,7 +135,13 @@ impl Shared {
         let core = &self.cores[device as usize];
         match core.state.get() {
             DeviceState::Ready | DeviceState::Restarting => {}
-            DeviceState::Failed => core.queue.drain(|_| core.failed_error(false)),
+            DeviceState::Failed => {
+                let (jobs, other) = core.queue.take();
+                for job in jobs {
+                    self.answer_or_rerun(job, core.failed_error(false), false);
+                }
+                core.queue.put_back([], other);
+            }
             DeviceState::Lost => {
                 let (jobs, other) = core.queue.take();
                 let mut stay = Vec::new();
@@ -320,7 +326,12 @@ impl Shared {
         match self.admit(core, &op) {
             Err(e) => {
                 let job = core.job(op, Origin::Application, reply, None);
-                job.answer(Err(e), &core.counters);
+                // A task refused by an open breaker runs on another device if it can.
+                if matches!(e, RuntimeError::CircuitOpen { .. }) {
+                    self.answer_or_rerun(job, e, false);
+                } else {
+                    job.answer(Err(e), &core.counters);
+                }
             }
             Ok(()) => {
                 core.requests.fetch_add(1, Ordering::Relaxed);
@@ -349,7 +360,7 @@ impl Shared {
         match core.state.get() {
             DeviceState::Failed => {
                 let e = core.failed_error(false);
-                job.answer(Err(e), &core.counters);
+                self.answer_or_rerun(job, e, false);
             }
             DeviceState::Lost => match Self::movable(&job.op)
                 .then(|| self.least_loaded(Some(job.device)))
@@ -365,9 +376,7 @@ impl Shared {
                     }
                     self.queued(other);
                 }
-                None => {
-                    job.answer(Err(core.lost_error()), &core.counters);
-                }
+                None => self.answer_or_rerun(job, core.lost_error(), false),
             },
             DeviceState::Ready | DeviceState::Restarting => {
                 let device = job.device;
@@ -405,6 +414,93 @@ impl Shared {
             Reply::MemInfo(m) => Ok(m),
             other => unreachable!("mem-info answered {other:?}"),
         }
+    }
+}
+
+/// Tasks: where one runs, and what becomes of one whose device failed it.
+impl Shared {
+    /// The answer for a task that is quarantined, if `op` is one.
+    pub(crate) fn task_quarantined(&self, op: &Op) -> Option<RuntimeError> {
+        let Op::Task(task) = op else { return None };
+        let fingerprint = task.fingerprint();
+        self.recovery
+            .is_quarantined(fingerprint)
+            .then_some(RuntimeError::TaskQuarantined { fingerprint })
+    }
+
+    /// Where a task runs: the least-loaded ready device whose breaker is not open and that
+    /// holds every durable buffer and module it names — or, when none is, `fallback` if
+    /// that device is restarting (its queue waits for the new context). The task comes
+    /// bound to the device.
+    pub(crate) fn task_target(&self, task: &TaskOp, fallback: Option<u32>) -> Option<(u32, TaskOp)> {
+        let bind = |d: u32| -> Option<TaskOp> {
+            match &task.source {
+                Some(source) => source.clone().bind_to(d),
+                // Bound by hand to one device: it runs there or nowhere.
+                None => (Some(d) == fallback).then(|| task.clone()),
+            }
+        };
+        let mut ready: Vec<&Arc<DeviceCore>> = self
+            .cores
+            .iter()
+            .filter(|c| c.state.get() == DeviceState::Ready && c.breaker_state() != hipvisor_core::BreakerState::Open)
+            .collect();
+        ready.sort_by_key(|c| c.in_flight());
+        if let Some(found) = ready.into_iter().find_map(|c| bind(c.index).map(|t| (c.index, t))) {
+            return Some(found);
+        }
+        let d = fallback?;
+        (self.cores.get(d as usize)?.state.get() == DeviceState::Restarting)
+            .then(|| bind(d).map(|t| (d, t)))
+            .flatten()
+    }
+
+    /// Answers a job with `error` — unless it is a replayable task that its device failed
+    /// (restart, death, sticky fault, lost, failed or refusing device): then the whole task
+    /// runs again ([`Shared::task_target`]), within its deadline and `retry.task_reruns`. A
+    /// task that `faulted` (a sticky fault of its own, or its worker aborted by a GPU fault
+    /// while it ran) counts towards its quarantine, and is answered `TaskQuarantined` once
+    /// it faulted in `supervisor.quarantine_after` of its runs.
+    pub(crate) fn answer_or_rerun(&self, mut job: Job, error: RuntimeError, faulted: bool) {
+        let counters = self.cores[job.device as usize].counters.clone();
+        let Op::Task(task) = &job.op else {
+            job.answer(Err(error), &counters);
+            return;
+        };
+        if faulted && job.origin == Origin::Application {
+            let fingerprint = task.fingerprint();
+            if self.recovery.task_faulted(&self.config.supervisor, fingerprint) {
+                tracing::warn!(device = job.device, fingerprint, error = %error, "task quarantined: a poison request");
+                self.metrics_event(MetricsEvent::TaskQuarantined);
+                job.answer(Err(RuntimeError::TaskQuarantined { fingerprint }), &counters);
+                return;
+            }
+        }
+        let may_rerun = job.origin == Origin::Application
+            && task.replayable()
+            && job.reruns < self.config.retry.task_reruns
+            && Instant::now() < job.deadline
+            && !self.closing.load(Ordering::Acquire);
+        let target = may_rerun.then(|| self.task_target(task, Some(job.device))).flatten();
+        let Some((device, bound)) = target else {
+            job.answer(Err(error), &counters);
+            return;
+        };
+        tracing::debug!(from = job.device, to = device, error = %error, "task rerun");
+        self.metrics_event(MetricsEvent::TaskRerun { device: job.device });
+        job.op = Op::Task(Box::new(bound));
+        job.reruns += 1;
+        job.backoff = None;
+        if device != job.device {
+            job.device = device;
+            job.slot.retarget(self.cores[device as usize].counters.clone());
+        }
+        let core = &self.cores[device as usize];
+        core.queue.enqueue_again(job);
+        if matches!(core.state.get(), DeviceState::Failed | DeviceState::Lost) {
+            self.settle_dead_queue(device);
+        }
+        self.queued(device);
     }
 }
 

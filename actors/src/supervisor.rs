@@ -52,7 +52,7 @@ use hipvisor_core::supervision::{
     RestartIntensity, RetryDecision, SuspectFaults, decide_engine_death, decide_failed_op, decide_oom_wait,
     decide_open_failure, decide_retry,
 };
-use hipvisor_core::{GpuError, Op, Origin, RetryBudget, RetryPolicy};
+use hipvisor_core::{GpuError, Op, OpKind, Origin, RetryBudget, RetryPolicy};
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
@@ -257,6 +257,15 @@ impl Actor for Supervisor {
     }
 }
 
+/// Whether a transient failure of `op` may be retried whole: any op but a task that writes
+/// a durable buffer and failed at or after its first launch.
+fn retries_whole_task(op: &Op, error: &GpuError) -> bool {
+    match op {
+        Op::Task(task) => task.replayable() || matches!(error.op(), OpKind::Alloc | OpKind::CopyToDevice),
+        _ => true,
+    }
+}
+
 impl SupervisorState {
     fn failed(&mut self, me: &ActorRef<SupervisorMsg>, f: Failure) {
         let core = self.shared.cores[f.device as usize].clone();
@@ -292,10 +301,15 @@ impl SupervisorState {
             FailedOp::Reject => {
                 f.job.answer(Err(RuntimeError::Gpu(f.error)), &core.counters);
             }
+            // A task that writes a durable buffer is retried only while nothing it did can
+            // have reached the buffer: its failure came before its first launch.
+            FailedOp::Retry if !retries_whole_task(&f.job.op, &f.error) => {
+                f.job.answer(Err(RuntimeError::Gpu(f.error)), &core.counters);
+            }
             FailedOp::Retry => self.retry(f.job, f.error),
             FailedOp::FailedBehind => {
                 // An op that failed behind the fault that decided: not a new fault.
-                f.job.answer(Err(core.failed_error(true)), &core.counters);
+                self.shared.answer_or_rerun(f.job, core.failed_error(true), false);
             }
             FailedOp::Sticky(then) => self.sticky(me, f, then),
             FailedOp::Lost { mark_lost, route } => {
@@ -306,9 +320,7 @@ impl SupervisorState {
                 }
                 let mut job = f.job;
                 match route {
-                    LostRoute::AnswerLost => {
-                        job.answer(Err(core.lost_error()), &core.counters);
-                    }
+                    LostRoute::AnswerLost => self.shared.answer_or_rerun(job, core.lost_error(), false),
                     LostRoute::Move => {
                         job.backoff = None;
                         self.shared.resubmit(job);
@@ -415,13 +427,20 @@ impl SupervisorState {
     /// The first sticky fault of a device's epoch: counted, its suspects' faults recorded
     /// (towards their quarantine), the op answered, and the device restarted (`then`).
     fn sticky(&mut self, me: &ActorRef<SupervisorMsg>, f: Failure, then: AfterSticky) {
-        let core = self.shared.cores[f.device as usize].clone();
         self.shared
             .metrics_event(MetricsEvent::StickyFault { device: f.device });
         tracing::error!(device = f.device, error = %f.error, "sticky fault");
         self.quarantine(f.device, &f.suspects);
         let error = f.error.clone();
-        f.job.answer(Err(RuntimeError::Gpu(f.error)), &core.counters);
+        match then {
+            // A task runs again elsewhere (or on the restarted device), unless it is poison.
+            AfterSticky::RestartDevice => self.shared.answer_or_rerun(f.job, RuntimeError::Gpu(f.error), true),
+            // Every device of the process is about to fail: nowhere to run it again.
+            AfterSticky::FailEveryDevice => {
+                let counters = &self.shared.cores[f.device as usize].counters;
+                f.job.answer(Err(RuntimeError::Gpu(f.error)), counters);
+            }
+        }
         match then {
             AfterSticky::FailEveryDevice => self.process_poisoned(f.device, &error),
             AfterSticky::RestartDevice => {

@@ -61,6 +61,13 @@ pub struct Dim3 {
     pub z: u32,
 }
 
+/// A one-dimensional extent.
+impl From<u32> for Dim3 {
+    fn from(x: u32) -> Dim3 {
+        Dim3::x(x)
+    }
+}
+
 impl Dim3 {
     /// A one-dimensional extent `(x, 1, 1)`.
     pub const fn x(x: u32) -> Dim3 {

@@ -79,12 +79,20 @@ pub struct TaskOutput {
     pub len: u64,
 }
 
+/// Where a bound task came from: what binds it again to another device (a rerun elsewhere),
+/// kept with the op on the host and never sent.
+pub trait TaskSource: std::fmt::Debug + Send + Sync {
+    /// The task bound to `device`, if the device holds every durable buffer and module it
+    /// names.
+    fn bind_to(self: std::sync::Arc<Self>, device: u32) -> Option<TaskOp>;
+}
+
 /// A task bound to one device: the body of `Op::Task`.
 ///
 /// It runs in this order: allocate every scratch buffer, copy every input, launch every
 /// kernel, copy every output (or, with no output, synchronize: the answer vouches for the
 /// kernels), free every scratch buffer — the last step whatever happened before.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TaskOp {
     /// The size in bytes of each scratch buffer (each greater than zero).
     pub scratch: Vec<u64>,
@@ -94,9 +102,47 @@ pub struct TaskOp {
     pub launches: Vec<TaskLaunch>,
     /// Copies out of scratch buffers, answered in this order.
     pub outputs: Vec<TaskOutput>,
+    /// What binds the task to another device, for a rerun there (host side only).
+    #[serde(skip)]
+    pub source: Option<std::sync::Arc<dyn TaskSource>>,
+}
+
+/// Equal tasks do the same (their sources aside).
+impl PartialEq for TaskOp {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.scratch, &self.inputs, &self.launches, &self.outputs)
+            == (&other.scratch, &other.inputs, &other.launches, &other.outputs)
+    }
 }
 
 impl TaskOp {
+    /// The task's identity for quarantine, the same on every device: its scratch sizes, its
+    /// inputs' bytes, its kernels' names, dimensions and arguments (durable buffers by id),
+    /// its outputs. A poison request faults the same way wherever it runs.
+    pub fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.scratch.hash(&mut h);
+        for i in &self.inputs {
+            (i.scratch, i.offset, i.data.as_bytes()).hash(&mut h);
+        }
+        for l in &self.launches {
+            (&l.function, l.grid, l.block, l.shared_mem_bytes).hash(&mut h);
+            for a in &l.args {
+                match a {
+                    TaskArg::Scratch(i) => (0u8, u64::from(*i)).hash(&mut h),
+                    TaskArg::Durable(b) => (1u8, b.id).hash(&mut h),
+                    TaskArg::DurableMut(b) => (2u8, b.id).hash(&mut h),
+                    TaskArg::Value(v) => (3u8, format!("{v:?}")).hash(&mut h),
+                }
+            }
+        }
+        for o in &self.outputs {
+            (o.scratch, o.offset, o.len).hash(&mut h);
+        }
+        h.finish()
+    }
+
     /// Whether the task may run again after a run that may have executed: it writes no
     /// durable buffer (no [`TaskArg::DurableMut`]), so a rerun's scratch is fresh and its
     /// answer is the same.

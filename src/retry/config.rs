@@ -28,6 +28,10 @@ pub struct RetryConfig {
     pub per_op: BTreeMap<OpKind, RetryOverride>,
     /// The retry budget shared by all operations of a device.
     pub budget: RetryBudgetConfig,
+    /// How many times a replayable task runs again after its device restarted, its worker
+    /// died, its device was lost or failed, or refused it (breaker open) — on the restarted
+    /// device or another holding its durable buffers, within its deadline. Default 3.
+    pub task_reruns: u32,
 }
 
 impl Default for RetryConfig {
@@ -40,6 +44,7 @@ impl Default for RetryConfig {
             jitter: Jitter::Full,
             per_op: BTreeMap::new(),
             budget: RetryBudgetConfig::default(),
+            task_reruns: 3,
         }
     }
 }

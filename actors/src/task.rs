@@ -1,0 +1,129 @@
+//! Tasks ([`Task`]): a short program for one device — scratch buffers, copies in, launches
+//! on scratch and durable buffers, copies out — submitted as one op and answered once with
+//! its outputs; its scratch buffers are always freed.
+//!
+//! A replayable task (one that writes no durable buffer) is rerun by the runtime, whole,
+//! when its device restarts, its worker dies, its device is lost or failed, or refuses it
+//! (breaker open): on the restarted device or another ready device holding the durable
+//! buffers and modules it names, within its deadline, at most `retry.task_reruns` times.
+//! Its error is answered only when no such device exists or its reruns are spent. A task
+//! that writes a durable buffer (`TaskArg::DurableMut`) is not rerun: it answers like a
+//! single op does. Transient errors inside a task are retried (the whole task) by the
+//! retry policy of `task` (`[retry.per_op.task]`), as a single op's are — for a task that
+//! writes a durable buffer, only while the failure came before its first launch.
+//!
+//! A task that faults (a sticky fault, or its worker aborted by a GPU memory fault while it
+//! ran) in `supervisor.quarantine_after` of its runs within the quarantine window is a
+//! poison request: it is answered [`RuntimeError::TaskQuarantined`] and refused from then
+//! on, while other tasks with the same kernels keep running. (Tasks do not make their
+//! kernels suspects.)
+//!
+//! In thread isolation a sticky fault fails every device of the process: a task then
+//! answers as a single op does. Recovery the application never sees needs process
+//! isolation.
+//!
+//! In the metrics a task is one op of kind `task`, whatever it does inside.
+
+use std::sync::Arc;
+
+use hipvisor_core::task::{ReplicatedModule, Task};
+use hipvisor_core::{ModuleSource, Op, OpKind, Payload, Reply};
+
+use crate::error::RuntimeError;
+use crate::handle::DeviceHandle;
+use crate::runtime::Runtime;
+use crate::state::DeviceState;
+
+/// A task bound to `device`, as an op.
+fn bound(task: &Task, device: u32) -> Result<Op, RuntimeError> {
+    Arc::new(task.clone())
+        .bind(device)
+        .map(|t| Op::Task(Box::new(t)))
+        .map_err(|reason| RuntimeError::Gpu(hipvisor_core::GpuError::invalid(OpKind::Task, device, reason)))
+}
+
+fn outputs(reply: Reply) -> Vec<Payload> {
+    match reply {
+        Reply::Outputs(o) => o,
+        other => unreachable!("a task answered {other:?}"),
+    }
+}
+
+impl DeviceHandle {
+    /// Runs a task on this device (see the module docs), answered with its outputs in the
+    /// order of [`Task::copy_out`]. A rerun may run it on another device holding what it
+    /// names.
+    ///
+    /// # Errors
+    /// The task's typed error: `BadTask` when this device lacks a durable buffer or module
+    /// it names, the first failed op's error, `TaskQuarantined`, ...
+    pub async fn run(&self, task: &Task) -> Result<Vec<Payload>, RuntimeError> {
+        let op = bound(task, self.device)?;
+        self.submit(op).await.map(outputs)
+    }
+}
+
+impl Runtime {
+    /// Runs a task on the least-loaded ready device (breaker not open) that holds every
+    /// durable buffer and module it names — a restarting one when none is ready — answered
+    /// with its outputs (see the module docs).
+    ///
+    /// # Errors
+    /// [`RuntimeError::NoReadyDevice`] when no device holds what it names and is ready or
+    /// restarting; the task's typed error.
+    pub async fn run(&self, task: &Task) -> Result<Vec<Payload>, RuntimeError> {
+        let source = Arc::new(task.clone());
+        let first = (0..self.device_count())
+            .find(|d| source.runs_on(*d))
+            .ok_or(RuntimeError::NoReadyDevice)?;
+        // Bound once to find where it goes (the routing binds it again there).
+        let probe = source
+            .bind(first)
+            .map_err(|reason| RuntimeError::Gpu(hipvisor_core::GpuError::invalid(OpKind::Task, first, reason)))?;
+        let (device, op) = match self.shared.task_target(&probe, None) {
+            Some((d, t)) => (d, Op::Task(Box::new(t))),
+            None => {
+                let restarting = (0..self.device_count())
+                    .find(|d| source.runs_on(*d) && self.states()[*d as usize] == DeviceState::Restarting);
+                match restarting {
+                    Some(d) => (d, bound(task, d)?),
+                    None => return Err(RuntimeError::NoReadyDevice),
+                }
+            }
+        };
+        self.device(device)?.submit(op).await.map(outputs)
+    }
+
+    /// Loads a module on every device that is ready or restarting, as one module tasks name
+    /// ([`ReplicatedModule`]; reloaded into new contexts like any module).
+    ///
+    /// # Errors
+    /// When no device loaded it: the first device's error.
+    pub async fn replicate_module(&self, source: ModuleSource) -> Result<ReplicatedModule, RuntimeError> {
+        let mut loads = tokio::task::JoinSet::new();
+        for h in (0..self.device_count()).filter_map(|d| self.device(d).ok()) {
+            if matches!(h.state(), DeviceState::Ready | DeviceState::Restarting) {
+                let source = source.clone();
+                loads.spawn(async move { (h.index(), h.load_module(source).await) });
+            }
+        }
+        let mut handles = Vec::new();
+        let mut errors = Vec::new();
+        while let Some(done) = loads.join_next().await {
+            let Ok((device, result)) = done else { continue };
+            match result {
+                Ok(m) => handles.push(m),
+                Err(e) => errors.push((device, e)),
+            }
+        }
+        if handles.is_empty() {
+            errors.sort_by_key(|(d, _)| *d);
+            return Err(errors
+                .into_iter()
+                .next()
+                .map_or(RuntimeError::NoReadyDevice, |(_, e)| e));
+        }
+        handles.sort_by_key(|m| m.device);
+        Ok(ReplicatedModule::new(handles))
+    }
+}
