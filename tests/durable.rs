@@ -59,16 +59,26 @@ async fn survives_restarts(standby: bool) {
     assert!(d_big.is_durable() && d_small.is_durable());
     assert_ne!(d_big.id, d_small.id);
     let plain = gpu.alloc(64).await.unwrap();
+    let gone = gpu.durable(pattern(70_000, 6)).await.unwrap();
     if standby {
         eventually(T, "a standby is ready", || async { rt.standby_pid(0).is_some() }).await;
     }
-    // Created after the standby was prepared: it catches up when it takes over.
+    // Created (and freed) after the standby was prepared: the standby follows, in the
+    // background or when it takes over.
     let late = gpu.durable(pattern(5000, 3)).await.unwrap();
+    gpu.free(gone).await.unwrap();
     for round in 0..2 {
         sticky_fault_and_restart(&rt, &gpu).await;
         assert_eq!(read(&gpu, d_big).await, big, "round {round}");
         assert_eq!(read(&gpu, d_small).await, small, "round {round}");
         assert_eq!(read(&gpu, late).await, pattern(5000, 3), "round {round}");
+        match gpu.copy_from_device(gone, 0, 16).await {
+            Err(RuntimeError::Gpu(hipvisor::GpuError::Invalid {
+                reason: InvalidReason::UnknownBuffer { .. },
+                ..
+            })) => {}
+            other => panic!("a freed durable buffer came back: {other:?}"),
+        }
         // An ordinary buffer of the old context is lost, as before.
         match gpu.copy_from_device(plain, 0, 64).await {
             Err(RuntimeError::Gpu(hipvisor::GpuError::Invalid {
@@ -85,6 +95,9 @@ async fn survives_restarts(standby: bool) {
     assert_eq!(s.restarts, 2);
     assert_eq!(s.recovery.durable_restores, 2, "{:?}", s.recovery);
     assert_eq!(s.recovery.durable_restored_bytes, 2 * 106_000, "{:?}", s.recovery);
+    if standby {
+        assert_eq!(s.recovery.standby_short, 0);
+    }
     assert_eq!(s.devices[0].durable_bytes, 106_000);
 }
 
@@ -151,15 +164,21 @@ async fn freed_durable_buffers_are_gone_and_forged_ones_refused() {
         other => panic!("expected UnknownBuffer, got {other:?}"),
     };
     unknown(gpu.copy_from_device(forged, 0, 16).await);
-    // Nor may an application make a durable buffer under an id of its own choosing.
-    let e = gpu
-        .submit(Op::Durable {
-            id: 5,
+    // Nor may an application make (or overwrite) a durable buffer by a submitted op, under
+    // any id: ids and host copies are the runtime's.
+    for id in [5, d.id, hipvisor::core::DURABLE_ID_BASE + 1000] {
+        let op = || Op::Durable {
+            id,
             data: vec![1u8; 8].into(),
-        })
-        .await
-        .unwrap_err();
-    assert!(e.to_string().contains("not a durable buffer's"), "{e}");
+        };
+        let e = gpu.submit(op()).await.unwrap_err();
+        assert!(e.to_string().contains("made by DeviceHandle::durable"), "{e}");
+        let e = gpu.try_submit(op()).await.unwrap_err();
+        assert!(e.to_string().contains("made by DeviceHandle::durable"), "{e}");
+        let answers = gpu.submit_batch([Op::MemInfo, op()]).await;
+        assert!(answers.iter().all(Result::is_err), "a batch with one is refused whole");
+    }
+    assert_eq!(read(&gpu, d).await, pattern(4096, 9), "untouched");
     gpu.free(plain).await.unwrap();
     gpu.free(d).await.unwrap();
     unknown(gpu.copy_from_device(d, 0, 16).await);

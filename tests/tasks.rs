@@ -113,7 +113,15 @@ fn task_ops(s: &hipvisor::Snapshot) -> (u64, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_runs_as_one_op_and_frees_its_scratch_even_when_it_fails() {
-    let rt = start_with_worker(process_config(1, vec![])).await;
+    runs_as_one_op(start_with_worker(process_config(1, vec![])).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_run_in_thread_isolation_too() {
+    runs_as_one_op(common::start(config(1)).await).await;
+}
+
+async fn runs_as_one_op(rt: Runtime) {
     let m = model(&rt).await;
     let gpu = rt.device(0).unwrap();
     let free = gpu.mem_info().await.unwrap().free;
@@ -242,7 +250,8 @@ async fn a_task_that_writes_a_durable_buffer_is_never_rerun() {
     assert!(!t.replayable());
     let e = answered(T, gpu.run(&t)).await.unwrap_err();
     assert_eq!(e.class(), Some(hipvisor::ErrorClass::Sticky), "{e}");
-    // Not rerun: applied twice, the durable buffer would hold 4.0.
+    // Not rerun (`task_reruns` is 0 below), and the kernel's write never reached the host
+    // copy: the restored buffer holds the uploaded values.
     common::eventually(T, "device 0 is back", || async {
         rt.states()[0] == hipvisor::DeviceState::Ready
     })

@@ -1,6 +1,7 @@
 //! Subcommands of the `hipvisor` binary.
 
 pub(crate) mod bench;
+pub(crate) mod inference;
 pub(crate) mod run;
 pub(crate) mod summary;
 #[cfg(feature = "traces")]

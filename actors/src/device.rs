@@ -22,7 +22,7 @@ use crate::metrics::DeviceCounters;
 use crate::queue::JobQueue;
 use crate::reply::{Port, ReplySlot};
 use crate::state::{AtomicState, DeviceState};
-use hipvisor_core::worker::client::{WorkerClient, Workers};
+use hipvisor_core::worker::client::{HostCopy, WorkerClient, Workers};
 
 /// A write into a durable buffer, for its host copy.
 enum Change<'a> {
@@ -72,7 +72,7 @@ pub(crate) struct DeviceCore {
     pub(crate) modules: Arc<Mutex<BTreeMap<u64, ModuleSource>>>,
     /// The device's durable buffers (id → host copy: a sealed region, shared with the other
     /// replicas of a replicated buffer until one is written), restored into a new context.
-    pub(crate) durables: Mutex<BTreeMap<u64, Payload>>,
+    pub(crate) durables: Mutex<BTreeMap<u64, HostCopy>>,
     /// The ops the executor is running now (one, or a batch), and whether an executor is
     /// taking jobs from the queue.
     pub(crate) current: Mutex<Running>,
@@ -88,6 +88,9 @@ pub(crate) struct DeviceCore {
     pub(crate) worker_pid: Arc<AtomicI32>,
     /// A warm standby worker for the next epoch (`supervisor.standby`).
     pub(crate) standby: Mutex<Option<WorkerClient>>,
+    /// Whether the standby's refresher runs (0 idle, 1 running, 2 asked again: see
+    /// `process::refresh_standby`).
+    pub(crate) standby_refresh: std::sync::atomic::AtomicU8,
 }
 
 impl DeviceCore {
@@ -117,22 +120,23 @@ impl DeviceCore {
             actor: RwLock::new(None),
             worker_pid: Arc::new(AtomicI32::new(0)),
             standby: Mutex::new(None),
+            standby_refresh: std::sync::atomic::AtomicU8::new(0),
         }
     }
 
     /// The host bytes the device's durable buffers hold (a copy shared by replicas counts on
     /// each device).
     pub(crate) fn durable_bytes(&self) -> u64 {
-        lock(&self.durables).values().map(|p| p.len() as u64).sum()
+        lock(&self.durables).values().map(|c| c.data.len() as u64).sum()
     }
 
     /// Keeps the host copies of durable buffers in step with an op that succeeded: a new
     /// durable buffer's copy is recorded, a freed one's dropped, and a copy or memset into
-    /// one writes a new host copy (the old bytes with the change, in a new sealed region
-    /// that replaces the old one once complete). Device-to-device copies and kernels that
-    /// write a durable buffer leave its host copy stale until `DeviceHandle::checkpoint`.
-    ///
-    /// Whether a host copy changed.
+    /// one writes a new host copy (the old bytes with the change, in a new one that replaces
+    /// the old one once complete; under the map's lock, so a checkpoint never installs over
+    /// it unseen: see `DeviceHandle::checkpoint`). Device-to-device copies and kernels that
+    /// write a durable buffer leave its host copy stale until a checkpoint. Whether a host
+    /// copy changed.
     ///
     /// # Errors
     /// The host could not make the new copy (no shared memory): a transient
@@ -141,7 +145,7 @@ impl DeviceCore {
     pub(crate) fn track_durable(&self, op: &Op) -> Result<bool, GpuError> {
         let (buffer, offset, change) = match op {
             Op::Durable { id, data } => {
-                lock(&self.durables).insert(*id, data.clone());
+                lock(&self.durables).insert(*id, HostCopy::new(data.clone()));
                 return Ok(true);
             }
             Op::Free { buffer } if buffer.is_durable() => {
@@ -156,7 +160,8 @@ impl DeviceCore {
             } if buffer.is_durable() => (buffer, *offset, Change::Fill(*len, *value)),
             _ => return Ok(false),
         };
-        let Some(old) = lock(&self.durables).get(&buffer.id).cloned() else {
+        let mut durables = lock(&self.durables);
+        let Some(old) = durables.get(&buffer.id) else {
             return Ok(false);
         };
         let fail = |e: &dyn std::fmt::Display| {
@@ -166,16 +171,24 @@ impl DeviceCore {
                 format!("a new host copy of durable buffer {}: {e}", buffer.id),
             )
         };
-        let mut region = hipvisor_core::ipc::Region::new(old.len()).map_err(|e| fail(&e))?;
-        let bytes = region.as_mut_slice();
-        bytes.copy_from_slice(old.as_bytes());
         let at = offset as usize;
-        match change {
-            Change::Bytes(data) => bytes[at..at + data.len()].copy_from_slice(data.as_bytes()),
-            Change::Fill(len, value) => bytes[at..at + len as usize].fill(value),
-        }
-        let sealed = region.into_sealed().map_err(|e| fail(&e))?;
-        lock(&self.durables).insert(buffer.id, Payload::shared(Arc::new(sealed)));
+        let patch = |bytes: &mut [u8]| {
+            bytes.copy_from_slice(old.data.as_bytes());
+            match change {
+                Change::Bytes(data) => bytes[at..at + data.len()].copy_from_slice(data.as_bytes()),
+                Change::Fill(len, value) => bytes[at..at + len as usize].fill(value),
+            }
+        };
+        let data = if old.data.len() <= hipvisor_core::ipc::INLINE_LIMIT {
+            let mut bytes = vec![0; old.data.len()];
+            patch(&mut bytes);
+            Payload::new(bytes)
+        } else {
+            let mut region = hipvisor_core::ipc::Region::new(old.data.len()).map_err(|e| fail(&e))?;
+            patch(region.as_mut_slice());
+            Payload::shared(Arc::new(region.into_sealed().map_err(|e| fail(&e))?))
+        };
+        durables.insert(buffer.id, HostCopy::new(data));
         Ok(true)
     }
 
@@ -194,19 +207,28 @@ impl DeviceCore {
     }
 
     /// The answer for an op that launches a quarantined kernel, if `op` does.
+    /// (A task's launches count: a kernel quarantined by single launches is refused inside
+    /// tasks too.)
     pub(crate) fn is_quarantined(&self, op: &Op) -> Option<RuntimeError> {
-        let Op::Launch { module, function, .. } = op else {
+        if !matches!(op, Op::Launch { .. } | Op::Task(_)) {
             return None;
-        };
+        }
         let q = hipvisor_core::sync::read(&self.quarantined);
         // Quarantine is rare: skip building the lookup key (a String clone) on the hot path.
         if q.is_empty() {
             return None;
         }
-        q.contains(&(module.id, function.clone()))
-            .then(|| RuntimeError::Quarantined {
+        let launches: Vec<(u64, &String)> = match op {
+            Op::Launch { module, function, .. } => vec![(module.id, function)],
+            Op::Task(t) => t.launches.iter().map(|l| (l.module.id, &l.function)).collect(),
+            _ => Vec::new(),
+        };
+        launches
+            .into_iter()
+            .find(|(m, f)| q.contains(&(*m, (*f).clone())))
+            .map(|(module, function)| RuntimeError::Quarantined {
                 device: self.index,
-                module: module.id,
+                module,
                 function: function.clone(),
             })
     }

@@ -56,6 +56,11 @@ impl Actor for DeviceActor {
         st: &mut DeviceActorState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
+            DeviceMsg::Submit { op, reply } | DeviceMsg::TrySubmit { op, reply }
+                if Shared::reserved(st.device, &op).is_some() =>
+            {
+                let _ = reply.send(Err(Shared::reserved(st.device, &op).expect("reserved")));
+            }
             DeviceMsg::Submit { op, reply } => {
                 if let Some((op, reply)) = st.shared.submit_now(st.device, op, reply.into(), false, None) {
                     // At the bound: wait for a slot in a task, so the actor keeps serving.

@@ -28,6 +28,10 @@
 //!   the standby's context.
 
 use hipvisor_core::task::ReplicatedBuffer;
+use hipvisor_core::worker::client::HostCopy;
+
+/// How many times a checkpoint reads a buffer that keeps being written before it gives up.
+const CHECKPOINT_TRIES: u32 = 3;
 use hipvisor_core::{BufferHandle, Op, Payload, Reply};
 
 use crate::error::RuntimeError;
@@ -35,9 +39,17 @@ use crate::handle::DeviceHandle;
 use crate::runtime::Runtime;
 use crate::state::DeviceState;
 
-/// The bytes as a sealed host copy (see the module docs).
+/// The bytes as a host copy (see the module docs): small ones (those that travel inline to
+/// a worker) as an immutable heap copy — no descriptor each —, others sealed in shared
+/// memory.
 fn host_copy(device: u32, data: Payload) -> Result<Payload, RuntimeError> {
     let len = data.len();
+    if len <= hipvisor_core::ipc::INLINE_LIMIT {
+        return Ok(match data.region() {
+            Some(_) => Payload::new(data.to_vec()),
+            None => data,
+        });
+    }
     data.into_sealed().map_err(|e| {
         let what = format!("a sealed host copy of {len} bytes: {e}");
         RuntimeError::Gpu(hipvisor_core::GpuError::host(
@@ -61,7 +73,7 @@ impl DeviceHandle {
     }
 
     pub(crate) async fn durable_with_id(&self, id: u64, data: Payload) -> Result<BufferHandle, RuntimeError> {
-        match self.submit(Op::Durable { id, data }).await? {
+        match self.submit_any(Op::Durable { id, data }).await? {
             Reply::Buffer(b) => Ok(b),
             other => unreachable!("a durable buffer's creation answered {other:?}"),
         }
@@ -91,15 +103,37 @@ impl DeviceHandle {
                 reason,
             )));
         }
-        let bytes = self.copy_from_device(buffer, 0, buffer.len).await?;
-        let copy = host_copy(self.device, bytes)?;
         let core = &self.shared.cores[self.device as usize];
-        let mut durables = hipvisor_core::sync::lock(&core.durables);
-        // Freed meanwhile: nothing to refresh.
-        if let Some(slot) = durables.get_mut(&buffer.id) {
-            *slot = copy;
+        let version = |id| hipvisor_core::sync::lock(&core.durables).get(&id).map(|c| c.version);
+        // A write through the host-copy path (a copy, a memset) between the read and the
+        // swap would be lost by the swap: then the checkpoint reads again.
+        for _ in 0..CHECKPOINT_TRIES {
+            let Some(before) = version(buffer.id) else {
+                return Ok(()); // freed: nothing to refresh
+            };
+            let bytes = self.copy_from_device(buffer, 0, buffer.len).await?;
+            let copy = host_copy(self.device, bytes)?;
+            let mut durables = hipvisor_core::sync::lock(&core.durables);
+            match durables.get_mut(&buffer.id) {
+                None => return Ok(()),
+                Some(slot) if slot.version == before => {
+                    *slot = HostCopy::new(copy);
+                    drop(durables);
+                    crate::process::refresh_standby(&self.shared, self.device);
+                    return Ok(());
+                }
+                Some(_) => {}
+            }
         }
-        Ok(())
+        let what = format!(
+            "checkpoint of durable buffer {}: it was written {CHECKPOINT_TRIES} times while being read",
+            buffer.id
+        );
+        Err(RuntimeError::Gpu(hipvisor_core::GpuError::host(
+            hipvisor_core::OpKind::CopyFromDevice,
+            self.device,
+            what,
+        )))
     }
 }
 

@@ -62,7 +62,10 @@ pub(crate) struct ThreadEngine(pub(crate) Box<dyn DeviceContext>);
 
 impl Engine for ThreadEngine {
     fn run(&mut self, op: &Op, origin: Origin) -> Exec {
-        match std::panic::catch_unwind(AssertUnwindSafe(|| self.0.execute(op, origin))) {
+        // A task runs as its ops (`backend::task`); any other op as itself.
+        let ctx = &mut *self.0;
+        let run = || hipvisor_core::backend::task::execute(ctx, op, origin, &mut |_| {});
+        match std::panic::catch_unwind(AssertUnwindSafe(run)) {
             Ok(r) => Exec::Done(r),
             Err(panic) => Exec::Died {
                 may_have_executed: true,

@@ -24,7 +24,7 @@ use std::time::Instant;
 use hipvisor_core::config::Isolation;
 use hipvisor_core::supervision::{EngineDeath, reruns_transparently};
 use hipvisor_core::sync::lock;
-use hipvisor_core::{ErrorClass, GpuError, ModuleHandle, Op, OpKind, Origin, Payload, Reply};
+use hipvisor_core::{ErrorClass, GpuError, ModuleHandle, Op, OpKind, Origin, Reply};
 
 use crate::device::{Current, DeviceCore};
 use crate::engine::{Batches, Engine, Exec, ThreadEngine, panic_message};
@@ -37,7 +37,7 @@ use crate::process::{self, WorkerEngine};
 use crate::queue::{Armed, Work};
 use crate::shared::Shared;
 use crate::state::DeviceState;
-use hipvisor_core::worker::client::{Role, StartError};
+use hipvisor_core::worker::client::{HostCopy, Role, StartError};
 
 /// Starts the executor thread of `device` for a new context of `epoch`. `opened`, if given,
 /// is signalled once the context is open (or failed to open) and the supervisor told. The
@@ -98,7 +98,7 @@ impl From<GpuError> for OpenError {
 impl From<StartError> for OpenError {
     fn from(e: StartError) -> Self {
         match e {
-            StartError::Failed(e) => OpenError::Failed(e),
+            StartError::Failed(e) | StartError::Restore(e) => OpenError::Failed(e),
             timed_out @ StartError::TimedOut { .. } => OpenError::TimedOut(timed_out),
         }
     }
@@ -115,10 +115,10 @@ fn open(shared: &Arc<Shared>, device: u32, epoch: u64) -> Result<Box<dyn Engine>
             for (id, source) in &modules {
                 ctx.restore_module(ModuleHandle { device, id: *id }, source)?;
             }
-            for (id, data) in &durables {
+            for (id, copy) in &durables {
                 let op = Op::Durable {
                     id: *id,
-                    data: data.clone(),
+                    data: copy.data.clone(),
                 };
                 ctx.execute(&op, Origin::Runtime)?;
             }
@@ -154,11 +154,11 @@ fn open(shared: &Arc<Shared>, device: u32, epoch: u64) -> Result<Box<dyn Engine>
 
 /// Tells the metrics actor what a new context of `device` got back of its durable buffers,
 /// and how long its open took with them (from `began`). The first context has none.
-fn restored(shared: &Shared, device: u32, epoch: u64, durables: &BTreeMap<u64, Payload>, began: Instant) {
+fn restored(shared: &Shared, device: u32, epoch: u64, durables: &BTreeMap<u64, HostCopy>, began: Instant) {
     if durables.is_empty() {
         return;
     }
-    let bytes = durables.values().map(|p| p.len() as u64).sum();
+    let bytes = durables.values().map(|c| c.data.len() as u64).sum();
     let seconds = began.elapsed().as_secs_f64();
     tracing::info!(
         device,
@@ -478,7 +478,7 @@ fn record_outcome(span: &tracing::Span, exec: &Exec) {
 /// Runs one job; `false` when the executor must end (its engine died or is poisoned).
 #[allow(clippy::too_many_arguments)]
 fn execute(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     core: &DeviceCore,
     phase: &mut Phase<'_>,
     engine: &mut dyn Engine,
@@ -512,7 +512,7 @@ fn execute(
 /// batch it ran in.
 #[allow(clippy::too_many_arguments)]
 fn execute_batch(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     core: &DeviceCore,
     phase: &mut Phase<'_>,
     engine: &mut dyn Batches,
@@ -621,7 +621,7 @@ fn report_death(
 /// the supervisor).
 #[allow(clippy::too_many_arguments)]
 fn finish(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     core: &DeviceCore,
     poisoned: bool,
     mut job: Job,
@@ -630,6 +630,18 @@ fn finish(
     epoch: u64,
     died: &mut Option<Death>,
 ) -> bool {
+    // A durable buffer made for a caller that was answered meanwhile (its deadline; a
+    // dropped future is answered too) has no handle anywhere: freed, never recorded.
+    if let (Op::Durable { .. }, Exec::Done(Ok(Reply::Buffer(buffer)))) = (&job.op, &result)
+        && job.slot.is_answered()
+    {
+        let (tx, _) = tokio::sync::oneshot::channel::<crate::error::OpResult>();
+        core.queue
+            .enqueue(core.job(Op::Free { buffer: *buffer }, Origin::Runtime, tx.into(), None));
+        shared.queued(core.index);
+        core.counters.late_completion();
+        return true;
+    }
     // A write into a durable buffer counts once its host copy holds it too.
     let result = match result {
         Exec::Done(Ok(reply)) => match core.track_durable(&job.op) {
@@ -640,6 +652,7 @@ fn finish(
                     device: core.index,
                     bytes,
                 });
+                process::refresh_standby(shared, core.index);
                 Exec::Done(Ok(reply))
             }
             Err(e) => Exec::Done(Err(e)),

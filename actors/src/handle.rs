@@ -98,6 +98,14 @@ impl DeviceHandle {
     /// # Errors
     /// The op's typed error.
     pub async fn submit(&self, op: Op) -> OpResult {
+        if let Some(e) = Shared::reserved(self.device, &op) {
+            return Err(e);
+        }
+        self.submit_any(op).await
+    }
+
+    /// [`DeviceHandle::submit`] for any op, the runtime's own kinds included.
+    pub(crate) async fn submit_any(&self, op: Op) -> OpResult {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.shared.submit(self.device, op, tx.into(), true).await;
         self.answer(rx).await
@@ -122,6 +130,9 @@ impl DeviceHandle {
     /// already queued still run, and their answers are discarded.
     pub async fn submit_batch(&self, ops: impl IntoIterator<Item = Op>) -> Vec<OpResult> {
         let ops: Vec<Op> = ops.into_iter().collect();
+        if let Some(e) = ops.iter().find_map(|op| Shared::reserved(self.device, op)) {
+            return ops.iter().map(|_| Err(e.clone())).collect();
+        }
         let sink = BatchSink::new(ops.len());
         self.shared.submit_batch(self.device, ops, &sink).await;
         sink.wait().await
@@ -132,6 +143,9 @@ impl DeviceHandle {
     /// # Errors
     /// The op's typed error, or `Busy`.
     pub async fn try_submit(&self, op: Op) -> OpResult {
+        if let Some(e) = Shared::reserved(self.device, &op) {
+            return Err(e);
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.shared.submit(self.device, op, tx.into(), false).await;
         self.answer(rx).await

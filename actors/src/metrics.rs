@@ -287,7 +287,8 @@ pub struct DeviceSnapshot {
 pub struct RecoveryStats {
     /// New contexts that got durable buffers back.
     pub durable_restores: u64,
-    /// Device bytes those restores brought back.
+    /// Device bytes of durable buffers those contexts came up with (restored as they opened,
+    /// or by a standby beforehand).
     pub durable_restored_bytes: u64,
     /// The time those contexts took to open with their durable buffers, in all (seconds).
     pub durable_restore_seconds: f64,

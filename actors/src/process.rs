@@ -10,11 +10,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use hipvisor_core::sync::lock;
-use hipvisor_core::{BackendKind, GpuError, ModuleSource, Op, Origin, Payload};
+use hipvisor_core::{BackendKind, GpuError, ModuleSource, Op, Origin};
 
 use crate::engine::{Batches, Batching, Engine, Exec};
 use crate::shared::Shared;
-use hipvisor_core::worker::client::{DeviceLink, Executed, Role, StartError, WorkerClient, WorkerLaunch};
+use hipvisor_core::worker::client::{DeviceLink, Executed, HostCopy, Role, StartError, WorkerClient, WorkerLaunch};
 
 impl From<Executed> for Exec {
     fn from(e: Executed) -> Exec {
@@ -44,7 +44,7 @@ pub(crate) fn start_worker(
     device: u32,
     epoch: u64,
     modules: &BTreeMap<u64, ModuleSource>,
-    durables: &BTreeMap<u64, Payload>,
+    durables: &BTreeMap<u64, HostCopy>,
     role: Role,
 ) -> Result<WorkerClient, StartError> {
     let config = &shared.config;
@@ -119,6 +119,76 @@ impl Batches for WorkerEngine {
     }
 }
 
+/// Brings `device`'s standby worker up to date with the device's durable buffers (and
+/// modules) in the background, after they changed: a standby holds them before it is
+/// needed, so a takeover restores nothing. One refresher per device at a time; changes
+/// while it runs make it run once more. A standby that cannot hold them (out of memory on
+/// the GPU next to the active context's copies) is dropped and says so: the next restart
+/// starts cold.
+pub(crate) fn refresh_standby(shared: &Arc<Shared>, device: u32) {
+    if shared.config.runtime.isolation != hipvisor_core::config::Isolation::Process || !shared.config.supervisor.standby
+    {
+        return;
+    }
+    let core = &shared.cores[device as usize];
+    // 0: idle, 1: running, 2: running and asked again.
+    if core.standby_refresh.fetch_add(1, Ordering::AcqRel) > 0 {
+        core.standby_refresh.store(2, Ordering::Release);
+        return;
+    }
+    let refresher = shared.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("hipvisor-refresh{device}"))
+        .spawn(move || {
+            let shared = refresher;
+            let core = &shared.cores[device as usize];
+            loop {
+                let modules = lock(&core.modules).clone();
+                let durables = lock(&core.durables).clone();
+                {
+                    let mut standby = lock(&core.standby);
+                    if let Some(w) = standby.as_mut()
+                        && let Err(e) = w.catch_up(&modules, &durables)
+                    {
+                        standby_short(&shared, device, &e, &durables);
+                        *standby = None;
+                    }
+                }
+                if core
+                    .standby_refresh
+                    .compare_exchange(1, 0, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    return;
+                }
+                core.standby_refresh.store(1, Ordering::Release);
+            }
+        });
+    if spawned.is_err() {
+        shared.cores[device as usize]
+            .standby_refresh
+            .store(0, Ordering::Release);
+    }
+}
+
+/// A standby that could not be prepared or brought up to date: logged (and counted when it
+/// could not hold the durable buffers).
+fn standby_short(shared: &Shared, device: u32, e: &StartError, durables: &BTreeMap<u64, HostCopy>) {
+    if matches!(e, StartError::Restore(_)) {
+        let bytes: u64 = durables.values().map(|c| c.data.len() as u64).sum();
+        tracing::warn!(
+            device,
+            error = %e,
+            durable_bytes = bytes,
+            "a standby worker cannot hold the device's durable buffers (it would need them on the GPU next to the \
+             active context's): the next restart starts cold"
+        );
+        shared.metrics_event(crate::metrics::MetricsEvent::StandbyShort { device, bytes });
+    } else {
+        tracing::warn!(device, error = %e, "could not prepare a standby worker");
+    }
+}
+
 /// Prepares a warm standby worker for `device`'s next epoch in the background: its
 /// context open, its modules loaded, its health probed. A restart takes it over
 /// (milliseconds) instead of starting a worker cold.
@@ -141,18 +211,7 @@ pub(crate) fn prepare_standby(shared: &Arc<Shared>, device: u32, epoch: u64) {
                     }
                 }
                 Err(_) if shared.closing.load(Ordering::Acquire) => {}
-                Err(e) if e.op() == hipvisor_core::OpKind::Durable => {
-                    let bytes: u64 = durables.values().map(|p| p.len() as u64).sum();
-                    tracing::warn!(
-                        device,
-                        error = %e,
-                        durable_bytes = bytes,
-                        "a standby worker cannot hold the device's durable buffers (it would need them on the GPU \
-                         next to the active context's): the next restart starts cold"
-                    );
-                    shared.metrics_event(crate::metrics::MetricsEvent::StandbyShort { device, bytes });
-                }
-                Err(e) => tracing::warn!(device, error = %e, "could not prepare a standby worker"),
+                Err(e) => standby_short(&shared, device, &e, &durables),
             }
         });
     if let Err(e) = spawned {

@@ -54,7 +54,11 @@ impl Recovery {
 
     /// Whether the task with `fingerprint` is quarantined.
     pub(crate) fn is_quarantined(&self, fingerprint: u64) -> bool {
-        let q = read(&self.quarantined);
-        !q.is_empty() && q.contains(&fingerprint)
+        read(&self.quarantined).contains(&fingerprint)
+    }
+
+    /// Whether any task is quarantined (checked before a task's fingerprint is computed).
+    pub(crate) fn any_quarantined(&self) -> bool {
+        !read(&self.quarantined).is_empty()
     }
 }

@@ -419,9 +419,29 @@ impl Shared {
 
 /// Tasks: where one runs, and what becomes of one whose device failed it.
 impl Shared {
+    /// The answer for an op an application may not submit itself: a durable buffer's
+    /// creation, whose id and host copy are the runtime's (`DeviceHandle::durable`).
+    pub(crate) fn reserved(device: u32, op: &Op) -> Option<RuntimeError> {
+        let Op::Durable { id, .. } = op else { return None };
+        let reason = hipvisor_core::InvalidReason::BadDurable {
+            reason: format!(
+                "durable buffer {id}: durable buffers are made by DeviceHandle::durable and Runtime::replicate, not \
+                 by a submitted op"
+            ),
+        };
+        Some(RuntimeError::Gpu(hipvisor_core::GpuError::invalid(
+            hipvisor_core::OpKind::Durable,
+            device,
+            reason,
+        )))
+    }
+
     /// The answer for a task that is quarantined, if `op` is one.
     pub(crate) fn task_quarantined(&self, op: &Op) -> Option<RuntimeError> {
         let Op::Task(task) = op else { return None };
+        if !self.recovery.any_quarantined() {
+            return None;
+        }
         let fingerprint = task.fingerprint();
         self.recovery
             .is_quarantined(fingerprint)
@@ -434,11 +454,17 @@ impl Shared {
     /// bound to the device.
     pub(crate) fn task_target(&self, task: &TaskOp, fallback: Option<u32>) -> Option<(u32, TaskOp)> {
         let bind = |d: u32| -> Option<TaskOp> {
-            match &task.source {
-                Some(source) => source.clone().bind_to(d),
+            let bound = match &task.source {
+                Some(source) => source.clone().bind_to(d)?,
                 // Bound by hand to one device: it runs there or nowhere.
-                None => (Some(d) == fallback).then(|| task.clone()),
-            }
+                None => (Some(d) == fallback).then(|| task.clone())?,
+            };
+            // A replica freed since it was made is not there any more.
+            let present = {
+                let durables = lock(&self.cores[d as usize].durables);
+                bound.durable_buffers().all(|b| durables.contains_key(&b.id))
+            };
+            present.then_some(bound)
         };
         let mut ready: Vec<&Arc<DeviceCore>> = self
             .cores
@@ -462,6 +488,9 @@ impl Shared {
     /// while it ran) counts towards its quarantine, and is answered `TaskQuarantined` once
     /// it faulted in `supervisor.quarantine_after` of its runs.
     pub(crate) fn answer_or_rerun(&self, mut job: Job, error: RuntimeError, faulted: bool) {
+        if job.slot.is_answered() {
+            return; // answered meanwhile (its deadline, shutdown): nothing to run again
+        }
         let counters = self.cores[job.device as usize].counters.clone();
         let Op::Task(task) = &job.op else {
             job.answer(Err(error), &counters);
@@ -493,7 +522,13 @@ impl Shared {
         job.backoff = None;
         if device != job.device {
             job.device = device;
-            job.slot.retarget(self.cores[device as usize].counters.clone());
+            let to = &self.cores[device as usize];
+            job.slot.retarget(to.counters.clone());
+            // In flight on its new device (the old device's slot is kept if the new one has
+            // none free: it still holds one slot somewhere until answered).
+            if let Ok(permit) = to.permits.clone().try_acquire_owned() {
+                job._permit = Some(permit);
+            }
         }
         let core = &self.cores[device as usize];
         core.queue.enqueue_again(job);

@@ -434,7 +434,11 @@ impl SupervisorState {
         let error = f.error.clone();
         match then {
             // A task runs again elsewhere (or on the restarted device), unless it is poison.
-            AfterSticky::RestartDevice => self.shared.answer_or_rerun(f.job, RuntimeError::Gpu(f.error), true),
+            // (The task's own fault only when no kernel launched before it may have made it.)
+            AfterSticky::RestartDevice => {
+                let own = f.suspects.is_empty();
+                self.shared.answer_or_rerun(f.job, RuntimeError::Gpu(f.error), own);
+            }
             // Every device of the process is about to fail: nowhere to run it again.
             AfterSticky::FailEveryDevice => {
                 let counters = &self.shared.cores[f.device as usize].counters;

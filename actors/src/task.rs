@@ -23,6 +23,32 @@
 //! isolation.
 //!
 //! In the metrics a task is one op of kind `task`, whatever it does inside.
+//!
+//! ```no_run
+//! use hipvisor::{KernelArg, ModuleSource, Runtime, RuntimeError, Task, TaskArg};
+//! use hipvisor::core::kernels::{f32_bytes, f32s};
+//!
+//! async fn serve(rt: &Runtime, weights: &[f32], bias: &[f32], x: &[f32]) -> Result<Vec<f32>, RuntimeError> {
+//!     let (rows, cols) = (bias.len(), x.len());
+//!     // State: uploaded once per device, kept on the host, restored into every new context.
+//!     let w = rt.replicate(f32_bytes(weights)).await?;
+//!     let b = rt.replicate(f32_bytes(bias)).await?;
+//!     let kernels = rt.replicate_module(ModuleSource::Builtin).await?;
+//!     // A request: one task, one round trip, rerun by the runtime when a device fails under it.
+//!     let mut t = Task::new();
+//!     let xs = t.scratch(4 * cols as u64);
+//!     let ys = t.scratch(4 * rows as u64);
+//!     t.copy_in(xs, 0, f32_bytes(x));
+//!     let n = TaskArg::value(KernelArg::U32(rows as u32));
+//!     t.launch(&kernels, "gemv", 1, rows as u32, [
+//!         TaskArg::durable(&w), xs.into(), TaskArg::durable(&b), ys.into(),
+//!         n.clone(), TaskArg::value(KernelArg::U32(cols as u32)),
+//!     ]);
+//!     t.launch(&kernels, "relu", 1, rows as u32, [ys.into(), n]);
+//!     t.copy_out(ys, 0, 4 * rows as u64);
+//!     Ok(f32s(rt.run(&t).await?[0].as_bytes()))
+//! }
+//! ```
 
 use std::sync::Arc;
 

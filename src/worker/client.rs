@@ -23,7 +23,7 @@
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -112,6 +112,9 @@ pub enum StartError {
         /// What the last receive got.
         source: GpuError,
     },
+    /// The worker could not restore the device's durable buffers (out of memory on the GPU,
+    /// typically: a standby holds them next to the active context's).
+    Restore(GpuError),
 }
 
 impl From<GpuError> for StartError {
@@ -126,7 +129,7 @@ impl StartError {
     /// health probe).
     pub fn op(&self) -> OpKind {
         match self {
-            StartError::Failed(e) | StartError::TimedOut { source: e, .. } => e.op(),
+            StartError::Failed(e) | StartError::Restore(e) | StartError::TimedOut { source: e, .. } => e.op(),
         }
     }
 }
@@ -135,6 +138,7 @@ impl std::fmt::Display for StartError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StartError::Failed(e) => write!(f, "{e}"),
+            StartError::Restore(e) => write!(f, "the device's durable buffers could not be restored: {e}"),
             StartError::TimedOut { reason, .. } => f.write_str(reason),
         }
     }
@@ -146,6 +150,7 @@ impl std::error::Error for StartError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             StartError::Failed(e) => e.source(),
+            StartError::Restore(e) => Some(e),
             StartError::TimedOut { source, .. } => Some(source),
         }
     }
@@ -247,6 +252,8 @@ pub struct WorkerClient {
     restored: std::collections::BTreeSet<u64>,
     /// Durable buffers in this worker's context: id → (host copy version, length).
     durables: std::collections::HashMap<u64, (u64, u64)>,
+    /// Restoring durable buffers now (a failure then is [`StartError::Restore`]).
+    restoring: bool,
     /// Buffers this worker's context handed out and has not freed: a new one under a live
     /// id is a malformed answer.
     live_buffers: std::collections::HashSet<u64>,
@@ -280,7 +287,7 @@ impl WorkerClient {
         link: DeviceLink,
         epoch: u64,
         modules: &BTreeMap<u64, ModuleSource>,
-        durables: &BTreeMap<u64, Payload>,
+        durables: &BTreeMap<u64, HostCopy>,
         role: Role,
     ) -> Result<WorkerClient, StartError> {
         let device = link.device;
@@ -327,6 +334,7 @@ impl WorkerClient {
             regions: ipc::RegionLru::default(),
             restored: modules.keys().copied().collect(),
             durables: std::collections::HashMap::new(),
+            restoring: false,
             live_buffers: std::collections::HashSet::new(),
             malformed: 0,
         };
@@ -347,6 +355,7 @@ impl WorkerClient {
                     source: e,
                 })
             }
+            Err(e) if w.restoring => Err(StartError::Restore(e)),
             Err(e) => Err(StartError::Failed(e)),
         }
     }
@@ -357,7 +366,7 @@ impl WorkerClient {
         &mut self,
         launch: &WorkerLaunch<'_>,
         modules: &BTreeMap<u64, ModuleSource>,
-        durables: &BTreeMap<u64, Payload>,
+        durables: &BTreeMap<u64, HostCopy>,
         deadline: Instant,
         phase: &mut &'static str,
     ) -> Result<(), GpuError> {
@@ -399,7 +408,9 @@ impl WorkerClient {
             self.restore(ModuleHandle { device, id: *id }, source)?;
         }
         *phase = "durable buffer restore";
+        self.restoring = true;
         self.sync_durables(durables, deadline)?;
+        self.restoring = false;
         *phase = "health probe";
         self.health_probe(deadline, launch.spin)?;
         let op = OpKind::MemInfo;
@@ -437,7 +448,7 @@ impl WorkerClient {
     /// Makes the worker's durable buffers the device's: restores those it lacks or holds an
     /// older host copy of (`Op::Durable`, the runtime's own), frees those the device freed
     /// since — each request bounded by `deadline`.
-    fn sync_durables(&mut self, durables: &BTreeMap<u64, Payload>, deadline: Instant) -> Result<(), GpuError> {
+    fn sync_durables(&mut self, durables: &BTreeMap<u64, HostCopy>, deadline: Instant) -> Result<(), GpuError> {
         let op = OpKind::Durable;
         let gone: Vec<(u64, u64)> = self
             .durables
@@ -456,18 +467,17 @@ impl WorkerClient {
             self.run_start_op(&Op::Free { buffer })?;
             self.durables.remove(&id);
         }
-        for (id, data) in durables {
-            let version = copy_version(data);
-            if self.durables.get(id).is_some_and(|(v, _)| *v == version) {
+        for (id, copy) in durables {
+            if self.durables.get(id).is_some_and(|(v, _)| *v == copy.version) {
                 continue;
             }
             self.bound(op, deadline)?;
             let restore = Op::Durable {
                 id: *id,
-                data: data.clone(),
+                data: copy.data.clone(),
             };
             self.run_start_op(&restore)?;
-            self.durables.insert(*id, (version, data.len() as u64));
+            self.durables.insert(*id, (copy.version, copy.data.len() as u64));
         }
         Ok(())
     }
@@ -486,7 +496,7 @@ impl WorkerClient {
     pub fn catch_up(
         &mut self,
         modules: &BTreeMap<u64, ModuleSource>,
-        durables: &BTreeMap<u64, Payload>,
+        durables: &BTreeMap<u64, HostCopy>,
     ) -> Result<(), StartError> {
         let budget = self.start_timeout;
         let deadline = Instant::now() + budget;
@@ -501,7 +511,9 @@ impl WorkerClient {
                     self.restore(module, source)?;
                 }
             }
+            self.restoring = true;
             self.sync_durables(durables, deadline)?;
+            self.restoring = false;
             let op = OpKind::LoadModule;
             self.channel
                 .set_timeout(None)
@@ -513,7 +525,7 @@ impl WorkerClient {
                 let _ = self.child.kill();
                 Err(StartError::TimedOut {
                     reason: format!(
-                        "standby worker {} did not load the device's new modules within \
+                        "standby worker {} did not load the device's new modules and durable buffers within \
                          supervisor.worker_start_timeout_ms = {} ms ({e}); killed",
                         self.pid(),
                         budget.as_millis()
@@ -521,6 +533,7 @@ impl WorkerClient {
                     source: e,
                 })
             }
+            Err(e) if std::mem::take(&mut self.restoring) => Err(StartError::Restore(e)),
             Err(e) => Err(StartError::Failed(e)),
         }
     }
@@ -682,10 +695,26 @@ fn unsendable(op: &Op, device: u32, e: impl std::fmt::Display) -> GpuError {
     GpuError::invalid(op.kind(), device, reason)
 }
 
-/// Which host copy of a durable buffer a payload is: its region's id (unique in the process,
-/// never reused; host copies are sealed regions), else its address.
-fn copy_version(p: &Payload) -> u64 {
-    p.region().map_or(p.as_bytes().as_ptr() as u64, |r| r.id())
+/// A durable buffer's host copy: its bytes (sealed shared memory, or an immutable heap
+/// copy when small), and a version unique in the process, which a worker's copy is compared
+/// with.
+#[derive(Debug, Clone)]
+pub struct HostCopy {
+    /// The bytes.
+    pub data: Payload,
+    /// Unique per host copy made (never reused).
+    pub version: u64,
+}
+
+impl HostCopy {
+    /// A new host copy of `data`, with a fresh version.
+    pub fn new(data: Payload) -> HostCopy {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        HostCopy {
+            data,
+            version: NEXT.fetch_add(1, Ordering::Relaxed),
+        }
+    }
 }
 
 /// The payload's bytes in shared memory: its own region, or a copy in a new one.

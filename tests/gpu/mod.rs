@@ -380,18 +380,20 @@ pub fn check_durable_buffers_and_tasks(ctx: &mut dyn DeviceContext, m: ModuleHan
             other => panic!("{other:?}"),
         };
     let base = hipvisor_core::DURABLE_ID_BASE;
+    let free_now = |ctx: &mut dyn DeviceContext| match run(ctx, Op::MemInfo).unwrap() {
+        Reply::MemInfo(mi) => mi.free,
+        other => panic!("{other:?}"),
+    };
     let dw = durable(ctx, base + 1, f32_bytes(&w));
     let db = durable(ctx, base + 2, vec![0; rows * 4]);
-    // Filled again under the same id (a standby catching up): in place.
+    // Filled again under the same id (a standby catching up): in place, no new memory.
+    let free = free_now(ctx);
     let db = {
         let again = durable(ctx, base + 2, f32_bytes(&b));
         assert_eq!(again, db);
         again
     };
-    let free = match run(ctx, Op::MemInfo).unwrap() {
-        Reply::MemInfo(mi) => mi.free,
-        other => panic!("{other:?}"),
-    };
+    assert_eq!(free_now(ctx), free, "filled in place");
     let task = TaskOp {
         scratch: vec![(cols * 4) as u64, (rows * 4) as u64],
         inputs: vec![TaskInput {

@@ -26,7 +26,9 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use hipvisor::core::kernels::{self, SAXPY_TOLERANCE_ULPS, f32_bytes, f32s, reference};
-use hipvisor::{BufferHandle, DeviceMsg, Dim3, KernelArg, ModuleHandle, ModuleSource, Op, OpResult, Reply, Runtime};
+use hipvisor::{
+    BufferHandle, DeviceMsg, Dim3, KernelArg, ModuleHandle, ModuleSource, Op, OpResult, Reply, Runtime, RuntimeError,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, MessagingErr};
@@ -35,16 +37,31 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 use crate::CommonArgs;
+use crate::cli::inference::Mlp;
 use crate::cli::{SIGINT, SIGTERM, signal_name, summary};
+
+/// What the application actors do.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub(crate) enum Workload {
+    /// Single ops: alloc, upload, `vector_add` or `saxpy`, download, verify, free.
+    #[default]
+    Ops,
+    /// Requests to a small MLP with replicated durable weights, one task per request
+    /// (`--ops` counts requests).
+    Inference,
+}
 
 /// Flags of `hipvisor run`.
 #[derive(Args, Debug)]
 pub(crate) struct RunArgs {
     #[command(flatten)]
     common: CommonArgs,
-    /// Device operations to submit.
+    /// Device operations to submit (requests, with `--workload inference`).
     #[arg(long, default_value_t = 10_000)]
     ops: u64,
+    /// What the application actors do.
+    #[arg(long, value_enum, default_value_t = Workload::Ops)]
+    workload: Workload,
     /// Application actors.
     #[arg(long, default_value_t = 8)]
     actors: u32,
@@ -125,26 +142,36 @@ impl Job {
         self.submitted.fetch_add(1, Ordering::Relaxed);
         self.progress.inc(1);
         let started = Instant::now();
-        let result = match self.runtime.device_ref(device) {
-            Ok(actor) => match actor
-                .call(
-                    |reply| DeviceMsg::Submit { op, reply },
-                    Some(self.op_deadline + REPLY_MARGIN),
-                )
-                .await
-            {
-                Ok(CallResult::Success(r)) => Some(r),
-                Ok(CallResult::Timeout | CallResult::SenderError) => None,
-                // The actor is being restarted: use the typed path, which does not need it.
-                Err(MessagingErr::SendErr(DeviceMsg::Submit { op, .. })) => Some(self.direct(device, op).await),
-                Err(_) => None,
-            },
-            Err(_) => Some(self.direct(device, op).await),
-        };
+        let result = self.submit(device, op).await;
+        self.observe(started, &result);
+        result
+    }
+
+    /// Runs one task (a request of the inference workload) where the runtime places it, and
+    /// waits for its answer; `None` as for [`Job::op`].
+    async fn task(&self, task: &hipvisor::Task) -> Option<Result<Vec<hipvisor::Payload>, RuntimeError>> {
+        if self.stopped() {
+            return None;
+        }
+        self.submitted.fetch_add(1, Ordering::Relaxed);
+        self.progress.inc(1);
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.op_deadline + REPLY_MARGIN, self.runtime.run(task))
+            .await
+            .ok();
+        let observed = result
+            .as_ref()
+            .map(|r| r.as_ref().map(|_| Reply::Done).map_err(Clone::clone));
+        self.observe(started, &observed);
+        result
+    }
+
+    /// Records an answer (or its absence) that took from `started`.
+    fn observe(&self, started: Instant, result: &Option<OpResult>) {
         let elapsed_us = started.elapsed().as_secs_f64() * 1e6;
         // A second of slack for scheduling on a loaded machine.
         let past_deadline = started.elapsed() > self.op_deadline + Duration::from_secs(1);
-        self.record(|o| match &result {
+        self.record(|o| match result {
             None => o.missing += 1,
             Some(Ok(_)) => {
                 o.succeeded += 1;
@@ -159,7 +186,26 @@ impl Job {
                 o.latencies_us.push(elapsed_us);
             }
         });
-        result
+    }
+
+    /// Submits one op to `device`'s actor (or, while the actor restarts, its handle).
+    async fn submit(&self, device: u32, op: Op) -> Option<OpResult> {
+        match self.runtime.device_ref(device) {
+            Ok(actor) => match actor
+                .call(
+                    |reply| DeviceMsg::Submit { op, reply },
+                    Some(self.op_deadline + REPLY_MARGIN),
+                )
+                .await
+            {
+                Ok(CallResult::Success(r)) => Some(r),
+                Ok(CallResult::Timeout | CallResult::SenderError) => None,
+                // The actor is being restarted: use the typed path, which does not need it.
+                Err(MessagingErr::SendErr(DeviceMsg::Submit { op, .. })) => Some(self.direct(device, op).await),
+                Err(_) => None,
+            },
+            Err(_) => Some(self.direct(device, op).await),
+        }
     }
 
     async fn direct(&self, device: u32, op: Op) -> OpResult {
@@ -213,6 +259,50 @@ impl Actor for AppActor {
         } else {
             me.cast(Step)?;
         }
+        Ok(())
+    }
+}
+
+/// One request actor of the inference workload: sends a request (one task), checks its
+/// answer against the CPU, sends the next, until the job's budget is spent.
+struct RequestActor;
+
+struct RequestState {
+    job: Arc<Job>,
+    mlp: Arc<Mlp>,
+    rng: SmallRng,
+}
+
+impl Actor for RequestActor {
+    type Msg = Step;
+    type State = RequestState;
+    type Arguments = (Arc<Job>, Arc<Mlp>, u64);
+
+    async fn pre_start(
+        &self,
+        me: ActorRef<Step>,
+        (job, mlp, seed): (Arc<Job>, Arc<Mlp>, u64),
+    ) -> Result<RequestState, ActorProcessingErr> {
+        me.cast(Step)?;
+        Ok(RequestState {
+            job,
+            mlp,
+            rng: SmallRng::seed_from_u64(seed),
+        })
+    }
+
+    async fn handle(&self, me: ActorRef<Step>, _: Step, st: &mut RequestState) -> Result<(), ActorProcessingErr> {
+        if st.job.exhausted() {
+            me.stop(None);
+            return Ok(());
+        }
+        let x = Mlp::input(&mut st.rng);
+        if let Some(Ok(outputs)) = st.job.task(&st.mlp.request(&x)).await
+            && !st.mlp.is_answer(&x, &outputs)
+        {
+            st.job.record(|o| o.wrong += 1);
+        }
+        me.cast(Step)?;
         Ok(())
     }
 }
@@ -465,12 +555,31 @@ async fn run(args: RunArgs, config: hipvisor::RuntimeConfig) -> ExitCode {
         op_deadline,
         stop: stop.clone(),
     });
+    // The inference workload's model, on every device (its ops are not requests).
+    let mlp = match args.workload {
+        Workload::Ops => None,
+        Workload::Inference => match Mlp::load(&runtime, seed).await {
+            Ok(m) => Some(Arc::new(m)),
+            Err(e) => {
+                eprintln!("hipvisor: the inference model could not be loaded on any device: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     let started = Instant::now();
     let mut handles = Vec::new();
     for i in 0..args.actors.max(1) {
         let worker_seed = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(u64::from(i));
-        match Actor::spawn(None, AppActor, (job.clone(), worker_seed)).await {
-            Ok((_, h)) => handles.push(h),
+        let spawned = match &mlp {
+            None => Actor::spawn(None, AppActor, (job.clone(), worker_seed))
+                .await
+                .map(|(_, h)| h),
+            Some(m) => Actor::spawn(None, RequestActor, (job.clone(), m.clone(), worker_seed))
+                .await
+                .map(|(_, h)| h),
+        };
+        match spawned {
+            Ok(h) => handles.push(h),
             Err(e) => {
                 eprintln!("hipvisor: cannot start an application actor: {e}");
                 return ExitCode::FAILURE;
@@ -515,6 +624,7 @@ async fn run(args: RunArgs, config: hipvisor::RuntimeConfig) -> ExitCode {
     let end = RunEnd {
         json: args.json,
         chaos: args.chaos,
+        workload: args.workload,
         backend: runtime.backend(),
         isolation,
         devices: runtime.device_count(),
@@ -530,6 +640,7 @@ async fn run(args: RunArgs, config: hipvisor::RuntimeConfig) -> ExitCode {
 struct RunEnd {
     json: bool,
     chaos: bool,
+    workload: Workload,
     backend: hipvisor::BackendKind,
     isolation: hipvisor::core::config::Isolation,
     devices: u32,
@@ -544,6 +655,7 @@ async fn finish(job: Arc<Job>, end: RunEnd) -> ExitCode {
     let RunEnd {
         json: json_out,
         chaos,
+        workload,
         backend,
         isolation,
         devices,
@@ -567,7 +679,22 @@ async fn finish(job: Arc<Job>, end: RunEnd) -> ExitCode {
     o.latencies_us.sort_by(f64::total_cmp);
     let submitted = job.submitted.load(Ordering::Relaxed);
     let answered = o.succeeded + o.failed;
-    let consistent = snapshot.ops_total == answered && snapshot.ops_succeeded == o.succeeded;
+    // The inference workload's requests are its tasks (the model's setup ops aside): one op
+    // of kind `task` each in the metrics.
+    let (metric_answered, metric_succeeded) = match workload {
+        Workload::Ops => (snapshot.ops_total, snapshot.ops_succeeded),
+        Workload::Inference => {
+            snapshot
+                .ops
+                .iter()
+                .filter(|c| c.op == hipvisor::OpKind::Task)
+                .fold((0, 0), |(a, s), c| {
+                    let ok = c.outcome == hipvisor::metrics::Outcome::Success;
+                    (a + c.count, s + if ok { c.count } else { 0 })
+                })
+        }
+    };
+    let consistent = metric_answered == answered && metric_succeeded == o.succeeded;
     let class = |k: &str| o.by_class.get(k).copied().unwrap_or(0);
     let device_states = || {
         snapshot
@@ -639,6 +766,22 @@ async fn finish(job: Arc<Job>, end: RunEnd) -> ExitCode {
         "interrupted": interrupted.map(signal_name),
         "could_not_run": could_not_run,
     });
+    // Failed requests the application would have to handle: all but its own invalid ones
+    // and poison requests (quarantined tasks).
+    let app_visible = o.failed - class("invalid_request") - o.by_error.get("task_quarantined").copied().unwrap_or(0);
+    if workload == Workload::Inference {
+        report["workload"] = json!("inference");
+        report["requests"] = json!({"submitted": submitted, "succeeded": o.succeeded, "failed": o.failed});
+        report["app_visible_failures"] = json!(app_visible);
+        report["task_reruns"] = json!(snapshot.recovery.task_reruns);
+        report["tasks_quarantined"] = json!(snapshot.recovery.tasks_quarantined);
+        report["request_latency_us"] = json!({
+            "p50": percentile(&o.latencies_us, 0.5),
+            "p99": percentile(&o.latencies_us, 0.99),
+            "max": o.latencies_us.last().copied().unwrap_or(0.0),
+        });
+        report["durable"] = json!(snapshot.recovery);
+    }
     let mut violations: Vec<String> = Vec::new();
     if chaos {
         if o.missing > 0 {
@@ -653,11 +796,17 @@ async fn finish(job: Arc<Job>, end: RunEnd) -> ExitCode {
         if !consistent {
             violations.push(format!(
                 "metrics disagree with the application: {} answered / {} succeeded in the metrics, {answered} / {} observed",
-                snapshot.ops_total, snapshot.ops_succeeded, o.succeeded
+                metric_answered, metric_succeeded, o.succeeded
             ));
         }
         if let Some(why) = &could_not_run {
             violations.push(format!("the job could not run: {why}"));
+        }
+        if workload == Workload::Inference && app_visible > 0 {
+            violations.push(format!(
+                "{app_visible} requests failed visibly to the application ({:?})",
+                o.by_error
+            ));
         }
         // An interrupted soak did not wait for its devices to return.
         for d in snapshot
@@ -684,7 +833,7 @@ async fn finish(job: Arc<Job>, end: RunEnd) -> ExitCode {
         eprintln!(
             "hipvisor: metrics disagree with what the application observed: metrics {} answered / {} succeeded, \
              observed {answered} / {}",
-            snapshot.ops_total, snapshot.ops_succeeded, o.succeeded
+            metric_answered, metric_succeeded, o.succeeded
         );
     }
     for v in &violations {
