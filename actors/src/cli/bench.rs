@@ -15,7 +15,14 @@
 //! - `recovery_sticky_process_ms`, `recovery_sticky_standby_ms`: a sticky fault → the next
 //!   successful op on that device, with a cold worker and with a warm standby;
 //! - `telemetry_on_pipelined`, `telemetry_off_pipelined`: the Prometheus exporter recording,
-//!   and a no-op meter.
+//!   and a no-op meter;
+//! - `runtime_{thread,process}_ops8_us`, `runtime_{thread,process}_task8_us`: one request of
+//!   8 ops (alloc, copy in, 4 launches, copy out, free), one caller, submitted op by op and
+//!   as one task;
+//! - `request_fault_cold_ms`, `request_fault_standby_ms`: the latency a sticky fault adds to
+//!   the request it hits (its latency less the median request's), on one device in process
+//!   isolation with durable weights, with a cold worker and with a warm standby that holds
+//!   them.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -24,7 +31,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use hipvisor::core::Origin;
 use hipvisor::core::config::Isolation;
-use hipvisor::{KernelArg, ModuleSource, Op, Reply, Runtime, RuntimeConfig};
+use hipvisor::{KernelArg, ModuleSource, Op, Reply, Runtime, RuntimeConfig, Task, TaskArg};
 use serde_json::json;
 
 use crate::CommonArgs;
@@ -322,6 +329,104 @@ async fn recovery(mut config: RuntimeConfig, standby: bool) -> Result<f64, Strin
     Ok(ms)
 }
 
+/// Launches per request in `*_ops8_us` / `*_task8_us` (with alloc, copy in, copy out and
+/// free: 8 ops).
+const REQUEST_LAUNCHES: u32 = 4;
+
+/// Microseconds per request of 8 ops, one caller: `(op by op, as one task)`.
+async fn requests(config: RuntimeConfig, n: u64) -> Result<(f64, f64), String> {
+    let rt = start(config, false).await?;
+    let gpu = rt.device(0).map_err(|e| e.to_string())?;
+    let err = |e: hipvisor::RuntimeError| e.to_string();
+    let m = gpu.load_module(ModuleSource::Builtin).await.map_err(err)?;
+    let data = vec![1u8; 4096];
+    let scale = |b| vec![KernelArg::Buffer(b), KernelArg::F32(1.0), KernelArg::U32(1024)];
+    let started = Instant::now();
+    for _ in 0..n {
+        let b = gpu.alloc(4096).await.map_err(err)?;
+        gpu.copy_to_device(b, 0, data.clone()).await.map_err(err)?;
+        for _ in 0..REQUEST_LAUNCHES {
+            gpu.launch(m, "scale", 4, 256, scale(b)).await.map_err(err)?;
+        }
+        gpu.copy_from_device(b, 0, 4096).await.map_err(err)?;
+        gpu.free(b).await.map_err(err)?;
+    }
+    let ops = started.elapsed().as_secs_f64() * 1e6 / n as f64;
+    let mut task = Task::new();
+    let x = task.scratch(4096);
+    task.copy_in(x, 0, data.clone());
+    for _ in 0..REQUEST_LAUNCHES {
+        let args = [
+            x.into(),
+            TaskArg::value(KernelArg::F32(1.0)),
+            TaskArg::value(KernelArg::U32(1024)),
+        ];
+        task.launch(m, "scale", 4, 256, args);
+    }
+    task.copy_out(x, 0, 4096);
+    let started = Instant::now();
+    for _ in 0..n {
+        gpu.run(&task).await.map_err(err)?;
+    }
+    let tasks = started.elapsed().as_secs_f64() * 1e6 / n as f64;
+    drop(gpu);
+    stop(rt).await;
+    Ok((ops, tasks))
+}
+
+/// Milliseconds a sticky fault adds to the request it hits: one device, weights in durable
+/// buffers, requests (a `gemv` task each) one after another; the 50th request's `gemv`
+/// faults, and the task reruns on the restarted device.
+async fn request_fault(mut config: RuntimeConfig, standby: bool) -> Result<f64, String> {
+    const HIT: u64 = 50;
+    config.supervisor.standby = standby;
+    let mut spec = hipvisor::core::fault_plan::FaultSpec::default();
+    spec.op = "launch".into();
+    spec.kernel = Some("gemv".into());
+    spec.nth = Some(HIT);
+    spec.code = Some(700);
+    config.sim.faults = vec![spec];
+    let rt = start(config, false).await?;
+    let err = |e: hipvisor::RuntimeError| e.to_string();
+    let (rows, cols) = (512u32, 512u32);
+    let weights = rt.replicate(vec![0u8; (rows * cols * 4) as usize]).await.map_err(err)?;
+    let bias = rt.replicate(vec![0u8; (rows * 4) as usize]).await.map_err(err)?;
+    let kernels = rt.replicate_module(ModuleSource::Builtin).await.map_err(err)?;
+    if standby {
+        let until = Instant::now() + Duration::from_secs(60);
+        while rt.standby_pid(0).is_none() {
+            if Instant::now() > until {
+                return Err("no standby worker became ready".into());
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    let mut task = Task::new();
+    let x = task.scratch(u64::from(cols) * 4);
+    let y = task.scratch(u64::from(rows) * 4);
+    task.copy_in(x, 0, vec![0u8; cols as usize * 4]);
+    let args = [
+        TaskArg::durable(&weights),
+        x.into(),
+        TaskArg::durable(&bias),
+        y.into(),
+        TaskArg::value(KernelArg::U32(rows)),
+        TaskArg::value(KernelArg::U32(cols)),
+    ];
+    task.launch(&kernels, "gemv", rows.div_ceil(128), 128, args);
+    task.copy_out(y, 0, u64::from(rows) * 4);
+    let mut latencies = Vec::new();
+    for _ in 0..HIT + 20 {
+        let started = Instant::now();
+        rt.run(&task).await.map_err(err)?;
+        latencies.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    let hit = latencies[HIT as usize - 1];
+    let typical = median(&latencies);
+    stop(rt).await;
+    Ok(hit - typical)
+}
+
 async fn telemetry(config: RuntimeConfig, ops: u64, on: bool) -> Result<f64, String> {
     let rt = start(config, on).await?;
     let gpu = rt.device(0).map_err(|e| e.to_string())?;
@@ -374,6 +479,12 @@ pub(crate) fn main(args: BenchArgs) -> ExitCode {
             ("recovery_sticky_standby_ms", "ms"),
             ("telemetry_on_pipelined", "ns_per_op"),
             ("telemetry_off_pipelined", "ns_per_op"),
+            ("runtime_thread_ops8_us", "us_per_request"),
+            ("runtime_thread_task8_us", "us_per_request"),
+            ("runtime_process_ops8_us", "us_per_request"),
+            ("runtime_process_task8_us", "us_per_request"),
+            ("request_fault_cold_ms", "ms"),
+            ("request_fault_standby_ms", "ms"),
         ];
         let mut series: Vec<Series> = names.iter().map(|(name, unit)| Series { name, unit, values: Vec::new() }).collect();
         let thread_cfg = runtime_config(&config, Isolation::Thread, h2d);
@@ -400,6 +511,13 @@ pub(crate) fn main(args: BenchArgs) -> ExitCode {
                 (telemetry(thread_cfg.clone(), args.ops, true).await?, off)
             };
             v.extend([on, off]);
+            let n = (args.ops / 100).max(10);
+            let (t_ops, t_task) = requests(thread_cfg.clone(), n).await?;
+            let (p_ops, p_task) = requests(process_cfg.clone(), n).await?;
+            v.extend([t_ops, t_task, p_ops, p_task]);
+            let fault_cold = request_fault(process_cfg.clone(), false).await?;
+            let fault_standby = request_fault(process_cfg.clone(), true).await?;
+            v.extend([fault_cold, fault_standby]);
             for (s, x) in series.iter_mut().zip(v) {
                 s.values.push(x);
             }
@@ -417,6 +535,8 @@ pub(crate) fn main(args: BenchArgs) -> ExitCode {
             "runtime_thread_h2d / direct_h2d": m("runtime_thread_h2d") / m("direct_h2d"),
             "runtime_process_h2d / direct_h2d": m("runtime_process_h2d") / m("direct_h2d"),
             "telemetry_on_pipelined / telemetry_off_pipelined": m("telemetry_on_pipelined") / m("telemetry_off_pipelined"),
+            "runtime_thread_ops8 / runtime_thread_task8": m("runtime_thread_ops8_us") / m("runtime_thread_task8_us"),
+            "runtime_process_ops8 / runtime_process_task8": m("runtime_process_ops8_us") / m("runtime_process_task8_us"),
         });
         Ok(json!({
             "backend": backend.as_str(),

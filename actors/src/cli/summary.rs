@@ -203,6 +203,7 @@ pub(crate) fn bench(report: &Value) -> String {
         let unit = match unit.as_str() {
             "ns_per_op" => "ns/op",
             "gbps" => "GB/s",
+            "us_per_request" => "µs/request",
             other => other,
         };
         let _ = writeln!(
