@@ -142,24 +142,26 @@ fn config() -> RuntimeConfig {
         spec
     };
     c.sim.faults = vec![
-        // Sticky faults in one launch in 500, anywhere.
+        // Sticky faults in one launch in 4000, anywhere. (Far more often than on a healthy
+        // GPU: at rates where every device restarts again and again, the restart backoff —
+        // `supervisor.restart_backoff_*` — makes requests wait for a device to come back.)
         fault(|f| {
             f.op = "launch".into();
-            f.probability = Some(0.002);
+            f.probability = Some(0.00025);
             f.code = Some(700);
         }),
-        // Device 1's worker is killed at its 3000th op.
+        // Device 1's worker is killed at its 10,000th op.
         fault(|f| {
             f.device = Some(1);
-            f.nth = Some(3000);
+            f.nth = Some(10_000);
             f.crash = Some(true);
         }),
-        // Device 2 is lost for a second from its 2000th op.
+        // Device 2 is lost for 300 ms from its 20,000th op.
         fault(|f| {
             f.device = Some(2);
-            f.after = Some(2000);
+            f.after = Some(20_000);
             f.code = Some(100);
-            f.duration_ms = Some(1000);
+            f.duration_ms = Some(300);
         }),
     ];
     c
@@ -170,7 +172,7 @@ fn main() -> std::process::ExitCode {
     if let Some(code) = hipvisor::core::worker::run_if_worker() {
         return code;
     }
-    let requests: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(4000);
+    let requests: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(20_000);
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -204,6 +206,17 @@ async fn serve(requests: u64) -> std::process::ExitCode {
         layers.push((w, b, weights, bias));
     }
     let model = Arc::new(Model { kernels, layers });
+    // Counts the lost device's departures, as an operator's dashboard would.
+    let runtime_lost = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let mut changes = runtime.subscribe();
+    let counter = runtime_lost.clone();
+    tokio::spawn(async move {
+        while let Ok(c) = changes.recv().await {
+            if c.to == hipvisor::DeviceState::Lost {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
     let stats = Arc::new(Mutex::new(Stats::default()));
     let clients = 8;
     let started = Instant::now();
@@ -254,6 +267,9 @@ async fn serve(requests: u64) -> std::process::ExitCode {
         snapshot.recovery.durable_restores,
         snapshot.recovery.durable_restored_bytes
     );
+    let lost = runtime_lost.load(std::sync::atomic::Ordering::Relaxed);
+    let states: Vec<&str> = snapshot.devices.iter().map(|d| d.state.as_str()).collect();
+    println!("device 2 was lost {lost} time(s) meanwhile; devices at the end: {states:?}");
     for e in stats.failed.iter().take(5) {
         println!("failed: {e}");
     }

@@ -134,7 +134,27 @@ impl Shared {
     pub(crate) fn settle_dead_queue(&self, device: u32) {
         let core = &self.cores[device as usize];
         match core.state.get() {
-            DeviceState::Ready | DeviceState::Restarting => {}
+            DeviceState::Ready => {}
+            // Tasks waiting for a device that restarts (a backoff, a new worker) run on a
+            // ready device holding what they name instead; the rest waits for it.
+            DeviceState::Restarting => {
+                let (jobs, other) = core.queue.take();
+                if jobs.iter().all(|j| !matches!(j.op, Op::Task(_))) {
+                    core.queue.put_back(jobs, other);
+                    return;
+                }
+                let mut stay = Vec::new();
+                for job in jobs {
+                    if job.slot.is_answered() {
+                        continue;
+                    }
+                    if let Err(job) = self.move_task(job) {
+                        stay.push(job);
+                    }
+                }
+                core.queue.put_back(stay, other);
+                self.queued(device);
+            }
             DeviceState::Failed => {
                 let (jobs, other) = core.queue.take();
                 for job in jobs {
@@ -306,6 +326,14 @@ impl Shared {
     /// index out of range (no device to count it under), answered directly.
     fn answer_unqueued(&self, device: u32, op: Op, reply: Port, e: RuntimeError) {
         match self.cores.get(device as usize) {
+            // A task sent to a device that is out of service by now runs elsewhere if it can.
+            Some(core)
+                if matches!(op, Op::Task(_))
+                    && matches!(e, RuntimeError::DeviceLost { .. } | RuntimeError::DeviceFailed { .. }) =>
+            {
+                let job = core.job(op, Origin::Application, reply, None);
+                self.answer_or_rerun(job, e, false);
+            }
             Some(core) => {
                 core.job(op, Origin::Application, reply, None)
                     .answer(Err(e), &core.counters);
@@ -481,6 +509,38 @@ impl Shared {
             .flatten()
     }
 
+    /// Moves a queued task that has not run to a ready device holding what it names (not a
+    /// rerun: it did not run); gives back what cannot move.
+    fn move_task(&self, mut job: Job) -> Result<(), Job> {
+        let Op::Task(task) = &job.op else { return Err(job) };
+        if job.origin != Origin::Application || !task.replayable() {
+            return Err(job);
+        }
+        let Some((device, bound)) = self.task_target(task, None).filter(|(d, _)| *d != job.device) else {
+            return Err(job);
+        };
+        job.op = Op::Task(Box::new(bound));
+        self.relocate(&mut job, device);
+        let core = &self.cores[device as usize];
+        core.queue.enqueue_again(job);
+        self.queued(device);
+        Ok(())
+    }
+
+    /// Points a job at another device: its counters and, when one is free, an in-flight slot
+    /// there (else it keeps the one it holds: one slot somewhere until it is answered).
+    fn relocate(&self, job: &mut Job, device: u32) {
+        if device == job.device {
+            return;
+        }
+        job.device = device;
+        let to = &self.cores[device as usize];
+        job.slot.retarget(to.counters.clone());
+        if let Ok(permit) = to.permits.clone().try_acquire_owned() {
+            job._permit = Some(permit);
+        }
+    }
+
     /// Answers a job with `error` — unless it is a replayable task that its device failed
     /// (restart, death, sticky fault, lost, failed or refusing device): then the whole task
     /// runs again ([`Shared::task_target`]), within its deadline and `retry.task_reruns`. A
@@ -520,16 +580,7 @@ impl Shared {
         job.op = Op::Task(Box::new(bound));
         job.reruns += 1;
         job.backoff = None;
-        if device != job.device {
-            job.device = device;
-            let to = &self.cores[device as usize];
-            job.slot.retarget(to.counters.clone());
-            // In flight on its new device (the old device's slot is kept if the new one has
-            // none free: it still holds one slot somewhere until answered).
-            if let Ok(permit) = to.permits.clone().try_acquire_owned() {
-                job._permit = Some(permit);
-            }
-        }
+        self.relocate(&mut job, device);
         let core = &self.cores[device as usize];
         core.queue.enqueue_again(job);
         if matches!(core.state.get(), DeviceState::Failed | DeviceState::Lost) {

@@ -375,17 +375,12 @@ async fn requests(config: RuntimeConfig, n: u64) -> Result<(f64, f64), String> {
 }
 
 /// Milliseconds a sticky fault adds to the request it hits: one device, weights in durable
-/// buffers, requests (a `gemv` task each) one after another; the 50th request's `gemv`
-/// faults, and the task reruns on the restarted device.
+/// buffers, requests (a `gemv` task each) one after another. Before the 50th, a single
+/// launch of `fault_illegal_address` faults the device; the fault surfaces in that request,
+/// which reruns on the restarted device. The same on the simulator and a GPU.
 async fn request_fault(mut config: RuntimeConfig, standby: bool) -> Result<f64, String> {
-    const HIT: u64 = 50;
+    const HIT: usize = 50;
     config.supervisor.standby = standby;
-    let mut spec = hipvisor::core::fault_plan::FaultSpec::default();
-    spec.op = "launch".into();
-    spec.kernel = Some("gemv".into());
-    spec.nth = Some(HIT);
-    spec.code = Some(700);
-    config.sim.faults = vec![spec];
     let rt = start(config, false).await?;
     let err = |e: hipvisor::RuntimeError| e.to_string();
     let (rows, cols) = (512u32, 512u32);
@@ -415,15 +410,30 @@ async fn request_fault(mut config: RuntimeConfig, standby: bool) -> Result<f64, 
     ];
     task.launch(&kernels, "gemv", rows.div_ceil(128), 128, args);
     task.copy_out(y, 0, u64::from(rows) * 4);
+    let gpu = rt.device(0).map_err(|e| e.to_string())?;
+    let fault = kernels.on(0).ok_or("no module on device 0")?;
     let mut latencies = Vec::new();
-    for _ in 0..HIT + 20 {
+    for i in 0..HIT + 20 {
+        if i + 1 == HIT {
+            // On AMD the worker aborts; on NVIDIA the launch returns and the fault surfaces
+            // at the next call. Either way the next request meets it.
+            let _ = gpu.launch(fault, "fault_illegal_address", 1, 1, vec![]).await;
+        }
         let started = Instant::now();
         rt.run(&task).await.map_err(err)?;
         latencies.push(started.elapsed().as_secs_f64() * 1e3);
     }
-    let hit = latencies[HIT as usize - 1];
+    let hit = latencies[HIT - 1];
     let typical = median(&latencies);
+    let s = rt.snapshot().await.map_err(err)?;
+    drop(gpu);
     stop(rt).await;
+    if s.restarts != 1 || s.recovery.task_reruns != 1 {
+        return Err(format!(
+            "the fault was not absorbed by one restart and one rerun: {} restarts, {} reruns",
+            s.restarts, s.recovery.task_reruns
+        ));
+    }
     Ok(hit - typical)
 }
 

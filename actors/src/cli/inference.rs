@@ -10,7 +10,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 /// The layer widths: input, hidden, hidden, output.
-pub(crate) const WIDTHS: [usize; 4] = [64, 256, 256, 16];
+pub(crate) const WIDTHS: [usize; 4] = [64, 128, 128, 16];
 
 /// Threads per block of the launches.
 const BLOCK: u32 = 128;
