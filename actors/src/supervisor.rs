@@ -338,7 +338,11 @@ impl SupervisorState {
         let requests = core.requests.load(std::sync::atomic::Ordering::Relaxed);
         let dev = &mut self.devices[job.device as usize];
         let budget = application.then(|| (&mut dev.budget, requests.saturating_sub(dev.requests_seen)));
-        let backoff = job.backoff.get_or_insert_with(|| self.policy.backoff(kind));
+        let policy = &self.policy;
+        let backoff = job.backoff.get_or_insert_with(|| match &job.op {
+            Op::Task(task) => policy.task_backoff(task.inner_ops().map(|(k, _)| k)),
+            _ => policy.backoff(kind),
+        });
         let decision = decide_retry(backoff, budget, now, job.deadline, &mut self.rng);
         if application && decision != RetryDecision::RetriesExhausted {
             // The budget has seen them (deposited with this decision).

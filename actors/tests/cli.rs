@@ -326,6 +326,31 @@ fn chaos_with_the_example_plan_has_no_violation() {
     assert!(all_devices(&v, "ready"));
 }
 
+#[test]
+fn chaos_inference_absorbs_the_example_plan_without_visible_failures() {
+    let out = hipvisor(&[
+        "chaos",
+        "--workload",
+        "inference",
+        "--ops",
+        "3000",
+        "--json",
+        "--config",
+        "../config/chaos.toml",
+    ]);
+    let v = json(&out);
+    assert!(out.status.success(), "{v}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(v["violations"], serde_json::json!([]), "{v}");
+    assert_eq!(v["workload"], "inference");
+    assert_eq!(v["requests"]["submitted"], 3000, "{v}");
+    assert_eq!(v["app_visible_failures"], 0, "{v}");
+    assert_eq!(v["ops"]["wrong_results"], 0);
+    assert_eq!(v["metrics_consistent"], true);
+    assert!(v["restarts"].as_u64().unwrap() >= 3, "three worker crashes: {v}");
+    assert!(v["task_reruns"].as_u64().unwrap() >= 1, "the crashes hit requests: {v}");
+    assert!(v["request_latency_us"]["max"].as_f64().unwrap() > 0.0);
+}
+
 /// A job asked to submit ops that could not run is a failure (exit 1) whose report and
 /// stderr say why.
 fn assert_could_not_run(out: &Output, why: &str) -> serde_json::Value {

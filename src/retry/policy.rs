@@ -51,6 +51,20 @@ impl RetryPolicy {
     pub fn backoff(&self, op: OpKind) -> Backoff {
         Backoff::new(*self.params(op))
     }
+
+    /// A fresh backoff for a task made of ops of these kinds, which a transient failure
+    /// reruns whole: the delays of kind `task`, and as many retries as its ops would have
+    /// had together (one of ten ops failing 1% of the time fails a task 10% of the time; a
+    /// task must not give up sooner than its ops would).
+    pub fn task_backoff(&self, inner: impl IntoIterator<Item = OpKind>) -> Backoff {
+        let mut params = *self.params(OpKind::Task);
+        params.max_retries = inner
+            .into_iter()
+            .map(|k| self.params(k).max_retries)
+            .fold(0u32, u32::saturating_add)
+            .max(params.max_retries);
+        Backoff::new(params)
+    }
 }
 
 impl Default for RetryPolicy {

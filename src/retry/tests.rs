@@ -298,3 +298,25 @@ proptest! {
         prop_assert_eq!(seq(seed), seq(seed));
     }
 }
+
+#[test]
+fn a_task_gets_as_many_retries_as_its_ops_would_have_together() {
+    let mut config = RetryConfig::default();
+    config.per_op.insert(
+        OpKind::Launch,
+        crate::retry::RetryOverride {
+            max_retries: Some(0),
+            ..Default::default()
+        },
+    );
+    let policy = RetryPolicy::new(config).unwrap();
+    let ops = [
+        OpKind::Alloc,
+        OpKind::CopyToDevice,
+        OpKind::Launch,
+        OpKind::CopyFromDevice,
+    ];
+    assert_eq!(policy.task_backoff(ops).max_retries(), 3 + 3 + 3);
+    // Never fewer than a task's own.
+    assert_eq!(policy.task_backoff([OpKind::Launch]).max_retries(), 3);
+}
