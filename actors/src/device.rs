@@ -24,6 +24,47 @@ use crate::reply::{Port, ReplySlot};
 use crate::state::{AtomicState, DeviceState};
 use hipvisor_core::worker::client::{HostCopy, WorkerClient, Workers};
 
+/// Whether a device's standby refresher runs, and whether a change came that it may not have
+/// seen: callers [`ask`](Refresh::ask) (and start a refresher only when none runs); the
+/// refresher [`claim`](Refresh::claim)s the changes before it reads them and ends only when
+/// [`done`](Refresh::done) says none came since. No change is left unseen by a refresher.
+#[derive(Default)]
+pub(crate) struct Refresh(std::sync::atomic::AtomicU8);
+
+const IDLE: u8 = 0;
+const CLEAN: u8 = 1;
+const DIRTY: u8 = 2;
+
+impl Refresh {
+    /// Marks a change; `true` when no refresher runs (the caller starts one).
+    pub(crate) fn ask(&self) -> bool {
+        self.0.swap(DIRTY, std::sync::atomic::Ordering::AcqRel) == IDLE
+    }
+
+    /// The refresher is about to read the state: every change so far will be seen.
+    pub(crate) fn claim(&self) {
+        self.0.store(CLEAN, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The refresher has applied what it read: `true` if it may end (no change since its
+    /// claim), `false` if it must go round again.
+    pub(crate) fn done(&self) -> bool {
+        self.0
+            .compare_exchange(
+                CLEAN,
+                IDLE,
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+            )
+            .is_ok()
+    }
+
+    /// No refresher runs after all (the runtime closes, no thread could be started).
+    pub(crate) fn abandon(&self) {
+        self.0.store(IDLE, std::sync::atomic::Ordering::Release);
+    }
+}
+
 /// A write into a durable buffer, for its host copy.
 enum Change<'a> {
     Bytes(&'a Payload),
@@ -88,9 +129,8 @@ pub(crate) struct DeviceCore {
     pub(crate) worker_pid: Arc<AtomicI32>,
     /// A warm standby worker for the next epoch (`supervisor.standby`).
     pub(crate) standby: Mutex<Option<WorkerClient>>,
-    /// Whether the standby's refresher runs (0 idle, 1 running, 2 asked again: see
-    /// `process::refresh_standby`).
-    pub(crate) standby_refresh: std::sync::atomic::AtomicU8,
+    /// Whether the standby's refresher runs (`process::refresh_standby`).
+    pub(crate) standby_refresh: Refresh,
 }
 
 impl DeviceCore {
@@ -120,7 +160,7 @@ impl DeviceCore {
             actor: RwLock::new(None),
             worker_pid: Arc::new(AtomicI32::new(0)),
             standby: Mutex::new(None),
-            standby_refresh: std::sync::atomic::AtomicU8::new(0),
+            standby_refresh: Refresh::default(),
         }
     }
 
@@ -133,8 +173,8 @@ impl DeviceCore {
     /// Keeps the host copies of durable buffers in step with an op that succeeded: a new
     /// durable buffer's copy is recorded, a freed one's dropped, and a copy or memset into
     /// one writes a new host copy (the old bytes with the change, in a new one that replaces
-    /// the old one once complete; under the map's lock, so a checkpoint never installs over
-    /// it unseen: see `DeviceHandle::checkpoint`). Device-to-device copies and kernels that
+    /// the old one once complete, only over the copy it was made from: a checkpoint and a
+    /// write never overwrite each other unseen; see `DeviceHandle::checkpoint`). Device-to-device copies and kernels that
     /// write a durable buffer leave its host copy stale until a checkpoint. Whether a host
     /// copy changed.
     ///
@@ -160,10 +200,6 @@ impl DeviceCore {
             } if buffer.is_durable() => (buffer, *offset, Change::Fill(*len, *value)),
             _ => return Ok(false),
         };
-        let mut durables = lock(&self.durables);
-        let Some(old) = durables.get(&buffer.id) else {
-            return Ok(false);
-        };
         let fail = |e: &dyn std::fmt::Display| {
             GpuError::host(
                 op.kind(),
@@ -171,25 +207,40 @@ impl DeviceCore {
                 format!("a new host copy of durable buffer {}: {e}", buffer.id),
             )
         };
-        let at = offset as usize;
-        let patch = |bytes: &mut [u8]| {
-            bytes.copy_from_slice(old.data.as_bytes());
-            match change {
-                Change::Bytes(data) => bytes[at..at + data.len()].copy_from_slice(data.as_bytes()),
-                Change::Fill(len, value) => bytes[at..at + len as usize].fill(value),
+        // The new copy is made outside the map's lock (a large buffer takes a while), and
+        // swapped in only over the copy it was made from; a checkpoint that swapped its own in
+        // meanwhile makes it start again from that one.
+        loop {
+            let Some(old) = lock(&self.durables).get(&buffer.id).cloned() else {
+                return Ok(false);
+            };
+            let at = offset as usize;
+            let patch = |bytes: &mut [u8]| {
+                bytes.copy_from_slice(old.data.as_bytes());
+                match change {
+                    Change::Bytes(data) => bytes[at..at + data.len()].copy_from_slice(data.as_bytes()),
+                    Change::Fill(len, value) => bytes[at..at + len as usize].fill(value),
+                }
+            };
+            let data = if old.data.len() <= hipvisor_core::ipc::INLINE_LIMIT {
+                let mut bytes = vec![0; old.data.len()];
+                patch(&mut bytes);
+                Payload::new(bytes)
+            } else {
+                let mut region = hipvisor_core::ipc::Region::new(old.data.len()).map_err(|e| fail(&e))?;
+                patch(region.as_mut_slice());
+                Payload::shared(Arc::new(region.into_sealed().map_err(|e| fail(&e))?))
+            };
+            let mut durables = lock(&self.durables);
+            match durables.get_mut(&buffer.id) {
+                None => return Ok(false),
+                Some(slot) if slot.version == old.version => {
+                    *slot = HostCopy::new(data);
+                    return Ok(true);
+                }
+                Some(_) => {}
             }
-        };
-        let data = if old.data.len() <= hipvisor_core::ipc::INLINE_LIMIT {
-            let mut bytes = vec![0; old.data.len()];
-            patch(&mut bytes);
-            Payload::new(bytes)
-        } else {
-            let mut region = hipvisor_core::ipc::Region::new(old.data.len()).map_err(|e| fail(&e))?;
-            patch(region.as_mut_slice());
-            Payload::shared(Arc::new(region.into_sealed().map_err(|e| fail(&e))?))
-        };
-        durables.insert(buffer.id, HostCopy::new(data));
-        Ok(true)
+        }
     }
 
     /// Ops in flight (admitted and not yet answered).
@@ -294,5 +345,27 @@ impl DeviceCore {
             device: self.index,
             reruns: 0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Refresh;
+
+    #[test]
+    fn a_refresh_asked_while_one_runs_is_never_lost() {
+        let r = Refresh::default();
+        assert!(r.ask(), "idle: the caller starts a refresher");
+        assert!(!r.ask(), "one runs (or is starting): no second");
+        r.claim();
+        assert!(r.done(), "nothing came since its claim");
+        // A change between the claim and the end makes it go round again.
+        assert!(r.ask());
+        r.claim();
+        assert!(!r.ask(), "it runs: it will see this one");
+        assert!(!r.done(), "so it must not end yet");
+        r.claim();
+        assert!(r.done());
+        assert!(r.ask(), "idle again: a new change starts a new refresher");
     }
 }

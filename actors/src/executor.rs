@@ -106,11 +106,13 @@ impl From<StartError> for OpenError {
 
 fn open(shared: &Arc<Shared>, device: u32, epoch: u64) -> Result<Box<dyn Engine>, OpenError> {
     let core = &shared.cores[device as usize];
-    let modules = lock(&core.modules).clone();
-    let durables = lock(&core.durables).clone();
     let began = Instant::now();
+    // (After the standby is taken, in process isolation: a refresher may hold it, and then
+    // applies changes newer than a snapshot taken before.)
+    let snapshot = || (lock(&core.modules).clone(), lock(&core.durables).clone());
     match shared.config.runtime.isolation {
         Isolation::Thread => {
+            let (modules, durables) = snapshot();
             let mut ctx = shared.backend.open(device, epoch)?;
             for (id, source) in &modules {
                 ctx.restore_module(ModuleHandle { device, id: *id }, source)?;
@@ -126,8 +128,8 @@ fn open(shared: &Arc<Shared>, device: u32, epoch: u64) -> Result<Box<dyn Engine>
             Ok(Box::new(ThreadEngine(ctx)))
         }
         Isolation::Process => {
-            let core = &shared.cores[device as usize];
             let mut standby = lock(&core.standby).take();
+            let (modules, durables) = snapshot();
             if let Some(w) = standby.as_mut()
                 && !(w.epoch() == epoch && w.is_alive())
             {
@@ -635,10 +637,7 @@ fn finish(
     if let (Op::Durable { .. }, Exec::Done(Ok(Reply::Buffer(buffer)))) = (&job.op, &result)
         && job.slot.is_answered()
     {
-        let (tx, _) = tokio::sync::oneshot::channel::<crate::error::OpResult>();
-        core.queue
-            .enqueue(core.job(Op::Free { buffer: *buffer }, Origin::Runtime, tx.into(), None));
-        shared.queued(core.index);
+        free_unowned(shared, core, *buffer);
         core.counters.late_completion();
         return true;
     }
@@ -665,7 +664,18 @@ fn finish(
             if job.origin == Origin::Application {
                 shared.breaker_result(core, true);
             }
-            job.answer(Ok(reply), &core.counters);
+            let made = match (&job.op, &reply) {
+                (Op::Durable { id, .. }, Reply::Buffer(b)) => Some((*id, *b)),
+                _ => None,
+            };
+            // Answered meanwhile (its deadline, between the check above and here): the
+            // durable buffer it made has no handle anywhere: forgotten and freed.
+            if !job.answer(Ok(reply), &core.counters)
+                && let Some((id, buffer)) = made
+            {
+                lock(&core.durables).remove(&id);
+                free_unowned(shared, core, buffer);
+            }
             true
         }
         Exec::Done(Err(error)) => {
@@ -720,6 +730,15 @@ fn finish(
             false
         }
     }
+}
+
+/// Frees a durable buffer made for a caller that was answered meanwhile (the runtime's own
+/// op, on the priority lane; its answer goes nowhere).
+fn free_unowned(shared: &Shared, core: &DeviceCore, buffer: hipvisor_core::BufferHandle) {
+    let (tx, _) = tokio::sync::oneshot::channel::<crate::error::OpResult>();
+    core.queue
+        .enqueue(core.job(Op::Free { buffer }, Origin::Runtime, tx.into(), None));
+    shared.queued(core.index);
 }
 
 /// Bookkeeping after a successful op: loaded modules (for reloads) and the kernels launched

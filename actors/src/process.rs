@@ -131,9 +131,7 @@ pub(crate) fn refresh_standby(shared: &Arc<Shared>, device: u32) {
         return;
     }
     let core = &shared.cores[device as usize];
-    // 0: idle, 1: running, 2: running and asked again.
-    if core.standby_refresh.fetch_add(1, Ordering::AcqRel) > 0 {
-        core.standby_refresh.store(2, Ordering::Release);
+    if !core.standby_refresh.ask() {
         return;
     }
     let refresher = shared.clone();
@@ -143,31 +141,29 @@ pub(crate) fn refresh_standby(shared: &Arc<Shared>, device: u32) {
             let shared = refresher;
             let core = &shared.cores[device as usize];
             loop {
-                let modules = lock(&core.modules).clone();
-                let durables = lock(&core.durables).clone();
-                {
-                    let mut standby = lock(&core.standby);
-                    if let Some(w) = standby.as_mut()
-                        && let Err(e) = w.catch_up(&modules, &durables)
-                    {
+                core.standby_refresh.claim();
+                if shared.closing.load(Ordering::Acquire) {
+                    core.standby_refresh.abandon();
+                    return;
+                }
+                let mut standby = lock(&core.standby);
+                if let Some(w) = standby.as_mut() {
+                    let modules = lock(&core.modules).clone();
+                    let durables = lock(&core.durables).clone();
+                    if let Err(e) = w.catch_up(&modules, &durables) {
                         standby_short(&shared, device, &e, &durables);
                         *standby = None;
                     }
                 }
-                if core
-                    .standby_refresh
-                    .compare_exchange(1, 0, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
+                drop(standby);
+                if core.standby_refresh.done() {
                     return;
                 }
-                core.standby_refresh.store(1, Ordering::Release);
             }
         });
     if spawned.is_err() {
-        shared.cores[device as usize]
-            .standby_refresh
-            .store(0, Ordering::Release);
+        // No refresher: the next change starts one (and a takeover catches up anyway).
+        core.standby_refresh.abandon();
     }
 }
 
@@ -208,6 +204,9 @@ pub(crate) fn prepare_standby(shared: &Arc<Shared>, device: u32, epoch: u64) {
                     let mut standby = lock(&core.standby);
                     if !shared.closing.load(Ordering::Acquire) {
                         *standby = Some(w);
+                        drop(standby);
+                        // What changed while it started (its snapshot was taken before).
+                        refresh_standby(&shared, device);
                     }
                 }
                 Err(_) if shared.closing.load(Ordering::Acquire) => {}

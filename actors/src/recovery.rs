@@ -4,7 +4,7 @@
 //! poison kernels).
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::Instant;
 
@@ -21,6 +21,8 @@ pub(crate) struct Recovery {
     task_faults: Mutex<SuspectFaults>,
     /// Fingerprints of quarantined tasks.
     quarantined: RwLock<HashSet<u64>>,
+    /// Whether any task was ever bound (`Op::Task` jobs may be queued).
+    tasks_seen: AtomicBool,
 }
 
 impl Default for Recovery {
@@ -29,6 +31,7 @@ impl Default for Recovery {
             next_durable: AtomicU64::new(DURABLE_ID_BASE),
             task_faults: Mutex::new(SuspectFaults::new()),
             quarantined: RwLock::new(HashSet::new()),
+            tasks_seen: AtomicBool::new(false),
         }
     }
 }
@@ -55,6 +58,18 @@ impl Recovery {
     /// Whether the task with `fingerprint` is quarantined.
     pub(crate) fn is_quarantined(&self, fingerprint: u64) -> bool {
         read(&self.quarantined).contains(&fingerprint)
+    }
+
+    /// Records that tasks are in use.
+    pub(crate) fn saw_task(&self) {
+        if !self.tasks_seen.load(Ordering::Relaxed) {
+            self.tasks_seen.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether any task was ever submitted.
+    pub(crate) fn tasks_seen(&self) -> bool {
+        self.tasks_seen.load(Ordering::Relaxed)
     }
 
     /// Whether any task is quarantined (checked before a task's fingerprint is computed).

@@ -136,25 +136,19 @@ impl Shared {
         match core.state.get() {
             DeviceState::Ready => {}
             // Tasks waiting for a device that restarts (a backoff, a new worker) run on a
-            // ready device holding what they name instead; the rest waits for it.
-            DeviceState::Restarting => {
+            // ready device holding what they name instead; the rest waits for it. (Only once
+            // tasks exist: a runtime without them keeps its queues untouched.)
+            DeviceState::Restarting if self.recovery.tasks_seen() => {
                 let (jobs, other) = core.queue.take();
-                if jobs.iter().all(|j| !matches!(j.op, Op::Task(_))) {
-                    core.queue.put_back(jobs, other);
-                    return;
-                }
-                let mut stay = Vec::new();
-                for job in jobs {
-                    if job.slot.is_answered() {
-                        continue;
-                    }
-                    if let Err(job) = self.move_task(job) {
-                        stay.push(job);
-                    }
-                }
+                let stay: Vec<Job> = jobs
+                    .into_iter()
+                    .filter(|j| !j.slot.is_answered())
+                    .filter_map(|j| self.move_task(j))
+                    .collect();
                 core.queue.put_back(stay, other);
                 self.queued(device);
             }
+            DeviceState::Restarting => {}
             DeviceState::Failed => {
                 let (jobs, other) = core.queue.take();
                 for job in jobs {
@@ -187,6 +181,14 @@ impl Shared {
     pub(crate) fn requeue(&self, job: Job) {
         let device = job.device;
         let core = &self.cores[device as usize];
+        // A task put back while its device restarts runs on a ready one if it can.
+        let job = match core.state.get() {
+            DeviceState::Restarting if matches!(job.op, Op::Task(_)) => match self.move_task(job) {
+                None => return,
+                Some(job) => job,
+            },
+            _ => job,
+        };
         core.queue.requeue(job);
         // After the job is in: a drain that ran before it cannot have taken it, so look again.
         // (A drain racing with this is caught by the watchdog's next look.)
@@ -222,6 +224,9 @@ impl Shared {
         busy_is_final: bool,
         hold: Option<&mut Vec<Job>>,
     ) -> Option<(Op, Port)> {
+        if matches!(op, Op::Task(_)) {
+            self.recovery.saw_task();
+        }
         match self.route(device, &op) {
             Err(e) => {
                 self.answer_unqueued(device, op, reply, e);
@@ -327,12 +332,16 @@ impl Shared {
     fn answer_unqueued(&self, device: u32, op: Op, reply: Port, e: RuntimeError) {
         match self.cores.get(device as usize) {
             // A task sent to a device that is out of service by now runs elsewhere if it can.
+            // (It did not run: a move, not a rerun.)
             Some(core)
                 if matches!(op, Op::Task(_))
                     && matches!(e, RuntimeError::DeviceLost { .. } | RuntimeError::DeviceFailed { .. }) =>
             {
+                core.requests.fetch_add(1, Ordering::Relaxed);
                 let job = core.job(op, Origin::Application, reply, None);
-                self.answer_or_rerun(job, e, false);
+                if let Some(job) = self.move_task(job) {
+                    job.answer(Err(e), &core.counters);
+                }
             }
             Some(core) => {
                 core.job(op, Origin::Application, reply, None)
@@ -509,22 +518,22 @@ impl Shared {
             .flatten()
     }
 
-    /// Moves a queued task that has not run to a ready device holding what it names (not a
-    /// rerun: it did not run); gives back what cannot move.
-    fn move_task(&self, mut job: Job) -> Result<(), Job> {
-        let Op::Task(task) = &job.op else { return Err(job) };
+    /// Moves a task that has not run to a ready device holding what it names (not a rerun:
+    /// it did not run); gives back what cannot move.
+    fn move_task(&self, mut job: Job) -> Option<Job> {
+        let Op::Task(task) = &job.op else { return Some(job) };
         if job.origin != Origin::Application || !task.replayable() {
-            return Err(job);
+            return Some(job);
         }
         let Some((device, bound)) = self.task_target(task, None).filter(|(d, _)| *d != job.device) else {
-            return Err(job);
+            return Some(job);
         };
         job.op = Op::Task(Box::new(bound));
         self.relocate(&mut job, device);
         let core = &self.cores[device as usize];
         core.queue.enqueue_again(job);
         self.queued(device);
-        Ok(())
+        None
     }
 
     /// Points a job at another device: its counters and, when one is free, an in-flight slot

@@ -176,7 +176,7 @@ impl Region {
 
     /// Whether the region is sealed against writes (its bytes can no longer change).
     pub fn is_sealed(&self) -> bool {
-        !self.writable && self.fd.as_ref().is_some_and(|fd| write_sealed(fd))
+        !self.writable && self.fd.as_ref().is_some_and(write_sealed)
     }
 
     /// Maps a region received from the peer as [`Region::map`] does, but read-only (and

@@ -53,16 +53,19 @@ impl RetryPolicy {
     }
 
     /// A fresh backoff for a task made of ops of these kinds, which a transient failure
-    /// reruns whole: the delays of kind `task`, and as many retries as its ops would have
-    /// had together (one of ten ops failing 1% of the time fails a task 10% of the time; a
-    /// task must not give up sooner than its ops would).
+    /// reruns whole: the delays of kind `task`, and — unless `[retry.per_op.task]` sets
+    /// `max_retries` — as many retries as its ops would have had together (one of ten ops
+    /// failing 1% of the time fails a task 10% of the time; a task must not give up sooner
+    /// than its ops would).
     pub fn task_backoff(&self, inner: impl IntoIterator<Item = OpKind>) -> Backoff {
         let mut params = *self.params(OpKind::Task);
-        params.max_retries = inner
-            .into_iter()
-            .map(|k| self.params(k).max_retries)
-            .fold(0u32, u32::saturating_add)
-            .max(params.max_retries);
+        let explicit = self.config.per_op.get(&OpKind::Task).and_then(|o| o.max_retries);
+        if explicit.is_none() {
+            params.max_retries = inner
+                .into_iter()
+                .map(|k| self.params(k).max_retries)
+                .fold(0u32, u32::saturating_add);
+        }
         Backoff::new(params)
     }
 }

@@ -309,7 +309,7 @@ fn a_task_gets_as_many_retries_as_its_ops_would_have_together() {
             ..Default::default()
         },
     );
-    let policy = RetryPolicy::new(config).unwrap();
+    let policy = RetryPolicy::new(config.clone()).unwrap();
     let ops = [
         OpKind::Alloc,
         OpKind::CopyToDevice,
@@ -317,6 +317,15 @@ fn a_task_gets_as_many_retries_as_its_ops_would_have_together() {
         OpKind::CopyFromDevice,
     ];
     assert_eq!(policy.task_backoff(ops).max_retries(), 3 + 3 + 3);
-    // Never fewer than a task's own.
-    assert_eq!(policy.task_backoff([OpKind::Launch]).max_retries(), 3);
+    assert_eq!(policy.task_backoff([OpKind::Launch]).max_retries(), 0);
+    // `[retry.per_op.task] max_retries` is the operator's word, whatever the task holds.
+    config.per_op.insert(
+        OpKind::Task,
+        crate::retry::RetryOverride {
+            max_retries: Some(1),
+            ..Default::default()
+        },
+    );
+    let policy = RetryPolicy::new(config).unwrap();
+    assert_eq!(policy.task_backoff(ops).max_retries(), 1);
 }

@@ -405,7 +405,7 @@ pub fn check_durable_buffers_and_tasks(ctx: &mut dyn DeviceContext, m: ModuleHan
             TaskLaunch {
                 module: m,
                 function: "gemv".into(),
-                grid: Dim3::x(((rows + 127) / 128) as u32),
+                grid: Dim3::x(rows.div_ceil(128) as u32),
                 block: Dim3::x(128),
                 shared_mem_bytes: 0,
                 args: vec![
@@ -420,7 +420,7 @@ pub fn check_durable_buffers_and_tasks(ctx: &mut dyn DeviceContext, m: ModuleHan
             TaskLaunch {
                 module: m,
                 function: "relu".into(),
-                grid: Dim3::x(((rows + 127) / 128) as u32),
+                grid: Dim3::x(rows.div_ceil(128) as u32),
                 block: Dim3::x(128),
                 shared_mem_bytes: 0,
                 args: vec![TaskArg::Scratch(1), TaskArg::Value(KernelArg::U32(rows as u32))],

@@ -768,7 +768,8 @@ async fn finish(job: Arc<Job>, end: RunEnd) -> ExitCode {
     });
     // Failed requests the application would have to handle: all but its own invalid ones
     // and poison requests (quarantined tasks).
-    let app_visible = o.failed - class("invalid_request") - o.by_error.get("task_quarantined").copied().unwrap_or(0);
+    let quarantined = o.by_error.get("task_quarantined").copied().unwrap_or(0);
+    let app_visible = o.failed.saturating_sub(class("invalid_request") + quarantined);
     if workload == Workload::Inference {
         report["workload"] = json!("inference");
         report["requests"] = json!({"submitted": submitted, "succeeded": o.succeeded, "failed": o.failed});
@@ -801,6 +802,13 @@ async fn finish(job: Arc<Job>, end: RunEnd) -> ExitCode {
         }
         if let Some(why) = &could_not_run {
             violations.push(format!("the job could not run: {why}"));
+        }
+        // The inference workload sends no invalid request: one is the runtime's doing.
+        if workload == Workload::Inference && class("invalid_request") > 0 {
+            violations.push(format!(
+                "{} requests answered as invalid, which the workload never sends",
+                class("invalid_request")
+            ));
         }
         if workload == Workload::Inference && app_visible > 0 {
             violations.push(format!(
