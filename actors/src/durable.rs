@@ -37,7 +37,6 @@ use hipvisor_core::{BufferHandle, Op, Payload, Reply};
 use crate::error::RuntimeError;
 use crate::handle::DeviceHandle;
 use crate::runtime::Runtime;
-use crate::state::DeviceState;
 
 /// The bytes as a host copy (see the module docs): small ones (those that travel inline to
 /// a worker) as an immutable heap copy — no descriptor each —, others sealed in shared
@@ -149,33 +148,13 @@ impl Runtime {
         let data = host_copy(0, data.into())?;
         let len = data.len() as u64;
         let id = self.shared.recovery.durable_id();
-        let mut uploads = tokio::task::JoinSet::new();
-        for h in (0..self.device_count()).filter_map(|d| self.device(d).ok()) {
-            if matches!(h.state(), DeviceState::Ready | DeviceState::Restarting) {
+        let made = self
+            .on_every_device(&format!("a replica of durable buffer {id}"), |h| {
                 let data = data.clone();
-                uploads.spawn(async move { (h.index(), h.durable_with_id(id, data).await) });
-            }
-        }
-        let mut devices = Vec::new();
-        let mut errors = Vec::new();
-        while let Some(done) = uploads.join_next().await {
-            let Ok((device, result)) = done else { continue };
-            match result {
-                Ok(_) => devices.push(device),
-                Err(e) => {
-                    tracing::warn!(device, error = %e, "no replica of durable buffer {id} on this device");
-                    errors.push((device, e));
-                }
-            }
-        }
-        if devices.is_empty() {
-            errors.sort_by_key(|(d, _)| *d);
-            return Err(errors
-                .into_iter()
-                .next()
-                .map_or(RuntimeError::NoReadyDevice, |(_, e)| e));
-        }
-        devices.sort_unstable();
+                async move { h.durable_with_id(id, data).await }
+            })
+            .await?;
+        let devices: Vec<u32> = made.into_iter().map(|(d, _)| d).collect();
         Ok(ReplicatedBuffer::new(id, len, devices))
     }
 }

@@ -448,6 +448,45 @@ impl Runtime {
         lock(&core.standby).as_ref().map(|w| w.pid())
     }
 
+    /// Runs `f` on every device that is ready or restarting, concurrently, and gathers what
+    /// succeeded by device (in device order) — or, when nothing did, the lowest device's
+    /// error (`NoReadyDevice` when no device was tried). Each failure is logged as `what`.
+    pub(crate) async fn on_every_device<T, F, Fut>(&self, what: &str, f: F) -> Result<Vec<(u32, T)>, RuntimeError>
+    where
+        T: Send + 'static,
+        F: Fn(DeviceHandle) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RuntimeError>> + Send + 'static,
+    {
+        let mut running = tokio::task::JoinSet::new();
+        for h in (0..self.device_count()).filter_map(|d| self.device(d).ok()) {
+            if matches!(h.state(), DeviceState::Ready | DeviceState::Restarting) {
+                let device = h.index();
+                let fut = f(h);
+                running.spawn(async move { (device, fut.await) });
+            }
+        }
+        let (mut done, mut errors) = (Vec::new(), Vec::new());
+        while let Some(joined) = running.join_next().await {
+            let Ok((device, result)) = joined else { continue };
+            match result {
+                Ok(t) => done.push((device, t)),
+                Err(e) => {
+                    tracing::warn!(device, error = %e, "{what} failed on this device");
+                    errors.push((device, e));
+                }
+            }
+        }
+        if done.is_empty() {
+            errors.sort_by_key(|(d, _)| *d);
+            return Err(errors
+                .into_iter()
+                .next()
+                .map_or(RuntimeError::NoReadyDevice, |(_, e)| e));
+        }
+        done.sort_by_key(|(d, _)| *d);
+        Ok(done)
+    }
+
     /// The state of every device now.
     pub fn states(&self) -> Vec<DeviceState> {
         self.shared.cores.iter().map(|c| c.state.get()).collect()

@@ -126,30 +126,13 @@ impl Runtime {
     /// # Errors
     /// When no device loaded it: the first device's error.
     pub async fn replicate_module(&self, source: ModuleSource) -> Result<ReplicatedModule, RuntimeError> {
-        let mut loads = tokio::task::JoinSet::new();
-        for h in (0..self.device_count()).filter_map(|d| self.device(d).ok()) {
-            if matches!(h.state(), DeviceState::Ready | DeviceState::Restarting) {
+        let loaded = self
+            .on_every_device("a replicated module's load", |h| {
                 let source = source.clone();
-                loads.spawn(async move { (h.index(), h.load_module(source).await) });
-            }
-        }
-        let mut handles = Vec::new();
-        let mut errors = Vec::new();
-        while let Some(done) = loads.join_next().await {
-            let Ok((device, result)) = done else { continue };
-            match result {
-                Ok(m) => handles.push(m),
-                Err(e) => errors.push((device, e)),
-            }
-        }
-        if handles.is_empty() {
-            errors.sort_by_key(|(d, _)| *d);
-            return Err(errors
-                .into_iter()
-                .next()
-                .map_or(RuntimeError::NoReadyDevice, |(_, e)| e));
-        }
-        handles.sort_by_key(|m| m.device);
+                async move { h.load_module(source).await }
+            })
+            .await?;
+        let handles: Vec<_> = loaded.into_iter().map(|(_, m)| m).collect();
         Ok(ReplicatedModule::new(handles))
     }
 }

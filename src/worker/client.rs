@@ -717,6 +717,16 @@ impl HostCopy {
     }
 }
 
+/// How a request names a region it carries (`cached`: an application's host buffer, which
+/// the worker keeps mapped).
+fn region_ref(r: &Region, cached: bool) -> RegionRef {
+    RegionRef {
+        id: r.id(),
+        len: r.len() as u64,
+        cached,
+    }
+}
+
 /// The payload's bytes in shared memory: its own region, or a copy in a new one.
 fn region_of(p: &Payload) -> Result<Arc<Region>, IpcError> {
     if let Some(r) = p.region().filter(|r| r.has_descriptor()) {
@@ -988,30 +998,18 @@ impl WorkerClient {
                 Op::Durable { data, .. } if data.len() > ipc::INLINE_LIMIT => {
                     // The host copy itself, sealed: mapped read-only by the worker, once.
                     let r = region_of(data)?;
-                    input = Some(RegionRef {
-                        id: r.id(),
-                        len: r.len() as u64,
-                        cached: false,
-                    });
+                    input = Some(region_ref(&r, false));
                     regions.push(r);
                     *data = Payload::default();
                 }
                 Op::CopyToDevice { data, .. } if data.len() > ipc::INLINE_LIMIT => {
                     // (A sealed region from a worker has no descriptor: copied below.)
                     if let Some(r) = data.region().filter(|r| r.is_writable()) {
-                        input = Some(RegionRef {
-                            id: r.id(),
-                            len: r.len() as u64,
-                            cached: true,
-                        });
+                        input = Some(region_ref(r, true));
                         cached = Some(r.clone());
                     } else {
                         let r = region_of(data)?;
-                        input = Some(RegionRef {
-                            id: r.id(),
-                            len: r.len() as u64,
-                            cached: false,
-                        });
+                        input = Some(region_ref(&r, false));
                         regions.push(r);
                     }
                     *data = Payload::default();

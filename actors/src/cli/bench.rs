@@ -286,18 +286,24 @@ async fn through_runtime(config: RuntimeConfig, ops: u64, h2d_bytes: usize) -> R
     Ok([serial, pipelined, launch, gbps, batch])
 }
 
+/// Waits (a minute at most) for device 0's standby worker.
+async fn standby_ready(rt: &Runtime) -> Result<(), String> {
+    let until = Instant::now() + Duration::from_secs(60);
+    while rt.standby_pid(0).is_none() {
+        if Instant::now() > until {
+            return Err("no standby worker became ready".into());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(())
+}
+
 /// Milliseconds from a sticky fault to the next successful op on the device.
 async fn recovery(mut config: RuntimeConfig, standby: bool) -> Result<f64, String> {
     config.supervisor.standby = standby;
     let rt = start(config, false).await?;
     if standby {
-        let until = Instant::now() + Duration::from_secs(60);
-        while rt.standby_pid(0).is_none() {
-            if Instant::now() > until {
-                return Err("no standby worker became ready".into());
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        standby_ready(&rt).await?;
     }
     let gpu = rt.device(0).map_err(|e| e.to_string())?;
     let m = gpu
@@ -388,13 +394,7 @@ async fn request_fault(mut config: RuntimeConfig, standby: bool) -> Result<f64, 
     let bias = rt.replicate(vec![0u8; (rows * 4) as usize]).await.map_err(err)?;
     let kernels = rt.replicate_module(ModuleSource::Builtin).await.map_err(err)?;
     if standby {
-        let until = Instant::now() + Duration::from_secs(60);
-        while rt.standby_pid(0).is_none() {
-            if Instant::now() > until {
-                return Err("no standby worker became ready".into());
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        standby_ready(&rt).await?;
     }
     let mut task = Task::new();
     let x = task.scratch(u64::from(cols) * 4);
