@@ -11,8 +11,8 @@ use crate::error::OpResult;
 use crate::job::Job;
 use crate::state::DeviceState;
 
-/// Messages of a `DeviceActor`. Plain data and a reply port: no hand-written `Message`
-/// impl, so the type can later travel through `ractor_cluster`.
+/// Messages of a `DeviceActor`: plain data and a reply port. Local-only for now (with the
+/// `cluster` feature, `Message` is implemented without serialization).
 #[derive(Debug)]
 pub enum DeviceMsg {
     /// Executes an op; waits for an in-flight slot when the device is at its bound.
@@ -93,3 +93,10 @@ pub enum SupervisorMsg {
     /// The runtime is shutting down: restart nothing more, answer failures at once.
     Shutdown(ractor::RpcReplyPort<()>),
 }
+
+// With ractor's `cluster` feature ractor implements `Message` for no type of ours: the
+// runtime's messages are local-only (they carry reply ports, jobs and answers in memory).
+#[cfg(feature = "cluster")]
+impl ractor::Message for DeviceMsg {}
+#[cfg(feature = "cluster")]
+impl ractor::Message for SupervisorMsg {}

@@ -433,6 +433,9 @@ pub enum MetricsMsg {
     Snapshot(RpcReplyPort<Snapshot>),
 }
 
+#[cfg(feature = "cluster")]
+impl ractor::Message for MetricsMsg {}
+
 /// The OpenTelemetry instruments.
 struct Instruments {
     retry_attempts: Counter<u64>,

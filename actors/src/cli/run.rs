@@ -235,6 +235,9 @@ struct AppState {
 
 struct Step;
 
+#[cfg(feature = "cluster")]
+impl ractor::Message for Step {}
+
 impl Actor for AppActor {
     type Msg = Step;
     type State = AppState;
