@@ -2,6 +2,8 @@
 
 pub(crate) mod bench;
 pub(crate) mod inference;
+#[cfg(feature = "cluster")]
+pub(crate) mod node;
 pub(crate) mod run;
 pub(crate) mod summary;
 #[cfg(feature = "traces")]

@@ -111,6 +111,24 @@ pub enum RuntimeError {
         /// Whether the op may have run on the GPU.
         may_have_executed: bool,
     },
+    /// The node serving the device went away (its session closed) or did not answer by the
+    /// request's deadline (feature `cluster`).
+    #[error("node {node} is lost (op may have executed: {may_have_executed})")]
+    NodeLost {
+        /// The node.
+        node: String,
+        /// Whether the op may have run there.
+        may_have_executed: bool,
+    },
+    /// A node could not be reached or refused to join, or a message from it could not be
+    /// understood (feature `cluster`).
+    #[error("node {node}: {reason}")]
+    Remote {
+        /// The node (its name, or the address dialled).
+        node: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// `Runtime::any` found no healthy device.
     #[error("no device is ready")]
     NoReadyDevice,
@@ -158,6 +176,8 @@ impl RuntimeError {
             RuntimeError::DeviceRestarted { .. } => "device_restarted",
             RuntimeError::DeviceFailed { .. } => "device_failed",
             RuntimeError::DeviceLost { .. } => "device_lost",
+            RuntimeError::NodeLost { .. } => "node_lost",
+            RuntimeError::Remote { .. } => "remote",
             RuntimeError::NoReadyDevice => "no_ready_device",
             RuntimeError::NoSuchDevice { .. } => "no_such_device",
             RuntimeError::ShuttingDown => "shutting_down",

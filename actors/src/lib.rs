@@ -51,6 +51,9 @@
 // 6. device_actor, supervisor, handle, telemetry
 // 7. runtime (start and shutdown)
 // 8. durable, task (the API of durable buffers and tasks, on `DeviceHandle` and `Runtime`)
+// 9. cluster (feature `cluster`: nodes and remote devices)
+#[cfg(feature = "cluster")]
+pub mod cluster;
 mod device;
 mod device_actor;
 mod durable;

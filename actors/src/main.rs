@@ -48,6 +48,9 @@ enum Command {
     Devices(CommonArgs),
     /// Print the effective configuration (file, environment, flags) as TOML.
     Config(CommonArgs),
+    /// Serve this host's devices to application actors on other hosts (feature `cluster`).
+    #[cfg(feature = "cluster")]
+    Node(cli::node::NodeArgs),
 }
 
 /// Flags shared by every command; each overrides the configuration.
@@ -179,6 +182,8 @@ fn main() -> ExitCode {
         }
         Command::Chaos(args) => cli::run::main(args.for_chaos()),
         Command::Devices(args) => cli::devices(&args),
+        #[cfg(feature = "cluster")]
+        Command::Node(args) => cli::node::main(args),
         Command::Config(args) => match args.load() {
             Ok(c) => {
                 print!("{}", c.to_toml());

@@ -1,0 +1,419 @@
+//! Beyond one machine (feature `cluster`): a node serves its devices to application actors on
+//! other hosts through `ractor_cluster`, and an application joins nodes and uses their
+//! devices.
+//!
+//! - **A node** ([`serve`], `hipvisor node`) runs a runtime on its local devices and, per
+//!   device, a [`RemoteDeviceMsg`] server actor in the process group [`DEVICE_GROUP`], behind
+//!   a `ractor_cluster` node server that authenticates peers by cookie.
+//! - **An application** joins nodes ([`Cluster::join`]) and finds their devices
+//!   ([`Cluster::devices`]): a [`RemoteDevice`] submits an op and gets exactly one answer — a
+//!   reply or a typed [`RuntimeError`].
+//! - **The protocol** is versioned ([`PROTOCOL`], in the group's name and in every message)
+//!   and checked: requests and answers travel as bytes this module encodes and decodes
+//!   itself, so an undecodable one is a typed error (`Remote`), never a message ractor drops
+//!   silently while the caller waits.
+//! - **Failures:** every remote request has an id and a deadline; a peer that goes away
+//!   answers its pending requests `NodeLost { may_have_executed: true }` at once (ractor
+//!   drops their reply ports with the session), and one that does not answer within the
+//!   deadline answers `NodeLost` too.
+//!
+//! What this does not do yet: detect a frozen peer before a request's deadline (ractor's
+//! pings have no timeout), reconnect, chunk copies above the transport's 16 MiB frame, place
+//! tasks cluster-wide, or rerun them on other nodes. Those come next.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use hipvisor_core::Op;
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor_cluster::node::{NodeConnectionMode, NodeServerSessionInformation};
+use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage, RactorClusterMessage};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{OpResult, RuntimeError};
+use crate::handle::DeviceHandle;
+use crate::runtime::Runtime;
+
+/// The version of the remote protocol: in every request and answer, and in the name of the
+/// device group, so nodes of other versions never meet.
+pub const PROTOCOL: u16 = 1;
+
+/// The process group of every node's device servers.
+pub const DEVICE_GROUP: &str = "hipvisor.device.v1";
+
+/// How long [`Cluster::join`] waits for a node to accept it.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Slack beyond a request's deadline before the caller gives up on the node.
+const REPLY_MARGIN: Duration = Duration::from_secs(2);
+
+/// The messages of a device server: bytes in, bytes out, encoded here.
+#[derive(RactorClusterMessage)]
+pub enum RemoteDeviceMsg {
+    /// An op ([`Request`] bytes), answered with [`Answer`] bytes.
+    #[rpc]
+    Submit(Vec<u8>, RpcReplyPort<Vec<u8>>),
+    /// Which node and device this is ([`Description`] bytes).
+    #[rpc]
+    Describe(RpcReplyPort<Vec<u8>>),
+}
+
+#[derive(Serialize, Deserialize)]
+struct Request {
+    version: u16,
+    id: u64,
+    deadline_ms: u64,
+    op: Op,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Answer {
+    version: u16,
+    id: u64,
+    result: OpResult,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Description {
+    version: u16,
+    node: String,
+    device: u32,
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("plain data encodes")
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &str) -> Result<T, String> {
+    let (value, rest) = postcard::take_from_bytes(bytes).map_err(|e| format!("an undecodable {what}: {e}"))?;
+    if !rest.is_empty() {
+        return Err(format!("{} trailing bytes after a {what}", rest.len()));
+    }
+    Ok(value)
+}
+
+/// A device server: executes the ops its peers send on one local device.
+struct DeviceServer;
+
+struct ServerState {
+    gpu: DeviceHandle,
+    node: String,
+}
+
+impl Actor for DeviceServer {
+    type Msg = RemoteDeviceMsg;
+    type State = ServerState;
+    type Arguments = ServerState;
+
+    async fn pre_start(
+        &self,
+        _: ActorRef<RemoteDeviceMsg>,
+        st: ServerState,
+    ) -> Result<ServerState, ActorProcessingErr> {
+        Ok(st)
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<RemoteDeviceMsg>,
+        msg: RemoteDeviceMsg,
+        st: &mut ServerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            RemoteDeviceMsg::Describe(reply) => {
+                let d = Description {
+                    version: PROTOCOL,
+                    node: st.node.clone(),
+                    device: st.gpu.index(),
+                };
+                let _ = reply.send(encode(&d));
+            }
+            RemoteDeviceMsg::Submit(bytes, reply) => {
+                let node = st.node.clone();
+                let request = decode::<Request>(&bytes, "request").and_then(|r| {
+                    if r.version == PROTOCOL {
+                        Ok(r)
+                    } else {
+                        Err(format!("protocol version {}, this node speaks {PROTOCOL}", r.version))
+                    }
+                });
+                let request = match request {
+                    Ok(r) => r,
+                    Err(reason) => {
+                        let answer = Answer {
+                            version: PROTOCOL,
+                            id: 0,
+                            result: Err(RuntimeError::Remote { node, reason }),
+                        };
+                        let _ = reply.send(encode(&answer));
+                        return Ok(());
+                    }
+                };
+                // The device answers by the op's deadline at the latest; the actor serves on.
+                let gpu = st.gpu.clone();
+                tokio::spawn(async move {
+                    let result = gpu.submit(request.op).await;
+                    let answer = Answer {
+                        version: PROTOCOL,
+                        id: request.id,
+                        result,
+                    };
+                    let _ = reply.send(encode(&answer));
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A node serving its devices: dropping it stops serving (the runtime is the caller's).
+pub struct Node {
+    server: ActorRef<NodeServerMessage>,
+    devices: Vec<ActorRef<RemoteDeviceMsg>>,
+    name: String,
+}
+
+impl Node {
+    /// The node's name (`hipvisor-node-PORT@HOST`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        for d in &self.devices {
+            d.stop(None);
+        }
+        self.server.stop(None);
+    }
+}
+
+/// Serves `runtime`'s devices on `listen` to peers that know `cookie`.
+///
+/// # Errors
+/// The address cannot be bound, or an actor cannot be started.
+pub async fn serve(runtime: &Runtime, listen: SocketAddr, cookie: &str) -> Result<Node, String> {
+    let name = format!("hipvisor-node-{}", listen.port());
+    let server = NodeServer::new(
+        listen.port(),
+        cookie.to_string(),
+        name.clone(),
+        listen.ip().to_string(),
+        None,
+        Some(NodeConnectionMode::Isolated),
+    )
+    .with_listen_addr(listen.ip());
+    // Bound once the spawn returns (the listener binds in its own start).
+    let (server, _) = Actor::spawn(None, server, ())
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let node = format!("{name}@{}", listen.ip());
+    let mut devices = Vec::new();
+    for d in 0..runtime.device_count() {
+        let gpu = runtime.device(d).map_err(|e| e.to_string())?;
+        let st = ServerState {
+            gpu,
+            node: node.clone(),
+        };
+        let (actor, _) = Actor::spawn(None, DeviceServer, st)
+            .await
+            .map_err(|e| format!("cannot start the server of device {d}: {e}"))?;
+        ractor::pg::join(DEVICE_GROUP.to_string(), vec![actor.get_cell()]);
+        devices.push(actor);
+    }
+    Ok(Node {
+        server,
+        devices,
+        name: node,
+    })
+}
+
+/// Session events of the application's node server, as they come.
+struct Events(tokio::sync::mpsc::UnboundedSender<(bool, NodeServerSessionInformation)>);
+
+impl NodeEventSubscription for Events {
+    fn node_session_opened(&self, _: NodeServerSessionInformation) {}
+    fn node_session_authenticated(&self, _: NodeServerSessionInformation) {}
+    fn node_session_disconnected(&self, s: NodeServerSessionInformation) {
+        let _ = self.0.send((false, s));
+    }
+    fn node_session_ready(&self, s: NodeServerSessionInformation) {
+        let _ = self.0.send((true, s));
+    }
+}
+
+static CLIENTS: AtomicU64 = AtomicU64::new(0);
+
+/// An application's membership of a cluster: the nodes it joined. Dropping it leaves them.
+pub struct Cluster {
+    server: ActorRef<NodeServerMessage>,
+    deadline: Duration,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.server.stop(None);
+    }
+}
+
+impl Cluster {
+    /// Joins the nodes at `addrs`, authenticating with `cookie` (a trailing newline, as a
+    /// cookie file has, is ignored); requests to their devices get `op_deadline` each.
+    ///
+    /// # Errors
+    /// [`RuntimeError::Remote`] naming the node that could not be reached or refused the
+    /// cookie.
+    pub async fn join(addrs: &[SocketAddr], cookie: &str, op_deadline: Duration) -> Result<Cluster, RuntimeError> {
+        let cookie = cookie.trim_end_matches(['\n', '\r']).to_string();
+        let me = format!(
+            "hipvisor-client-{}-{}",
+            std::process::id(),
+            CLIENTS.fetch_add(1, Ordering::Relaxed)
+        );
+        let local = std::net::IpAddr::from([127, 0, 0, 1]);
+        let server = NodeServer::new(
+            0,
+            cookie,
+            me,
+            local.to_string(),
+            None,
+            Some(NodeConnectionMode::Isolated),
+        )
+        .with_listen_addr(local);
+        let refused = |node: String, reason: String| RuntimeError::Remote { node, reason };
+        let (server, _) = Actor::spawn(None, server, ())
+            .await
+            .map_err(|e| refused("(this process)".into(), format!("cannot start a node server: {e}")))?;
+        let cluster = Cluster {
+            server,
+            deadline: op_deadline,
+        };
+        let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        cluster
+            .server
+            .cast(NodeServerMessage::SubscribeToEvents {
+                id: "hipvisor-join".into(),
+                subscription: Box::new(Events(tx)),
+            })
+            .map_err(|e| refused("(this process)".into(), e.to_string()))?;
+        for addr in addrs {
+            let node = addr.to_string();
+            ractor_cluster::client_connect(&cluster.server, addr.to_string())
+                .await
+                .map_err(|e| refused(node.clone(), format!("cannot connect: {e}")))?;
+            // Ready (authenticated, its groups known), or closed: a wrong cookie, or not a node.
+            match tokio::time::timeout(JOIN_TIMEOUT, events.recv()).await {
+                Ok(Some((true, _))) => {}
+                Ok(Some((false, _)) | None) => {
+                    return Err(refused(
+                        node,
+                        "the node closed the session: a wrong cookie, or not a hipvisor node".into(),
+                    ));
+                }
+                Err(_) => return Err(refused(node, format!("no answer within {JOIN_TIMEOUT:?}"))),
+            }
+        }
+        Ok(cluster)
+    }
+
+    /// Every device of every joined node, in no particular order.
+    pub async fn devices(&self) -> Vec<RemoteDevice> {
+        let mut found = Vec::new();
+        for cell in ractor::pg::get_members(&DEVICE_GROUP.to_string()) {
+            if cell.get_id().is_local() {
+                continue; // this process's own, if it serves too
+            }
+            let actor: ActorRef<RemoteDeviceMsg> = cell.into();
+            let described = actor.call(RemoteDeviceMsg::Describe, Some(JOIN_TIMEOUT)).await;
+            let Ok(CallResult::Success(bytes)) = described else {
+                continue;
+            };
+            let Ok(d) = decode::<Description>(&bytes, "description") else {
+                continue;
+            };
+            if d.version == PROTOCOL {
+                found.push(RemoteDevice {
+                    actor,
+                    node: d.node,
+                    device: d.device,
+                    deadline: self.deadline,
+                    next_id: std::sync::Arc::new(AtomicU64::new(1)),
+                });
+            }
+        }
+        found.sort_by(|a, b| (&a.node, a.device).cmp(&(&b.node, b.device)));
+        found
+    }
+}
+
+/// A device of another node: the same ops and answers as a local device.
+#[derive(Clone)]
+pub struct RemoteDevice {
+    actor: ActorRef<RemoteDeviceMsg>,
+    node: String,
+    device: u32,
+    deadline: Duration,
+    next_id: std::sync::Arc<AtomicU64>,
+}
+
+impl RemoteDevice {
+    /// The node it belongs to.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Its index on its node.
+    pub fn index(&self) -> u32 {
+        self.device
+    }
+
+    /// Submits an op and waits for its one answer.
+    ///
+    /// # Errors
+    /// The op's typed error; `NodeLost { may_have_executed: true }` when the node went away
+    /// or did not answer by the deadline; `Remote` for an answer that cannot be decoded.
+    pub async fn submit(&self, op: Op) -> OpResult {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let request = Request {
+            version: PROTOCOL,
+            id,
+            deadline_ms: self.deadline.as_millis() as u64,
+            op,
+        };
+        let lost = || RuntimeError::NodeLost {
+            node: self.node.clone(),
+            may_have_executed: true,
+        };
+        let sent = self
+            .actor
+            .call(
+                |reply| RemoteDeviceMsg::Submit(encode(&request), reply),
+                Some(self.deadline + REPLY_MARGIN),
+            )
+            .await;
+        let bytes = match sent {
+            Ok(CallResult::Success(bytes)) => bytes,
+            // The session closed (its reply ports are dropped at once) or no answer came.
+            Ok(CallResult::SenderError | CallResult::Timeout) | Err(_) => return Err(lost()),
+        };
+        let remote = |reason: String| RuntimeError::Remote {
+            node: self.node.clone(),
+            reason,
+        };
+        let answer = decode::<Answer>(&bytes, "answer").map_err(remote)?;
+        if answer.version != PROTOCOL {
+            return Err(remote(format!("an answer of protocol version {}", answer.version)));
+        }
+        if answer.id != id {
+            // The node could not read the request (it answers id 0 with why) or is broken.
+            return match answer.result {
+                Err(e @ RuntimeError::Remote { .. }) => Err(e),
+                _ => Err(remote(format!("the answer to request {} for request {id}", answer.id))),
+            };
+        }
+        answer.result
+    }
+}

@@ -1,0 +1,175 @@
+//! Beyond one machine (feature `cluster`), with real processes on loopback: `hipvisor node`s
+//! serve their devices, an application joins them, uses every device, is refused with a
+//! wrong cookie, and gets `NodeLost` — not a hang — from a node that was killed.
+#![cfg(feature = "cluster")]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hipvisor::cluster::Cluster;
+use hipvisor::core::kernels::u32s;
+use hipvisor::{KernelArg, ModuleSource, Op, Reply, RuntimeError};
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// A `hipvisor node` on a free loopback port, its cookie in a file; waits for its
+/// `listening on` line.
+struct Node {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn cookie_file(name: &str, cookie: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("hipvisor-{}-{name}.cookie", std::process::id()));
+    std::fs::write(&path, format!("{cookie}\n")).unwrap();
+    path
+}
+
+fn node(cookie: &std::path::Path, devices: u32) -> Node {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hipvisor"))
+        .args(["node", "--listen", &addr.to_string(), "--cookie-file"])
+        .arg(cookie)
+        .args(["--devices", &devices.to_string(), "--isolation", "thread"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("hipvisor node starts");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.starts_with("listening on") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("the node says `listening on` within 30 s");
+    Node { child, addr }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_uses_every_device_of_two_nodes() {
+    let cookie = cookie_file("two", "s3cret");
+    let (a, b) = (node(&cookie, 2), node(&cookie, 1));
+    let cluster = Cluster::join(&[a.addr, b.addr], "s3cret\n", DEADLINE)
+        .await
+        .expect("joins both nodes");
+    let devices = cluster.devices().await;
+    assert_eq!(devices.len(), 3, "two devices of one node, one of the other");
+    let nodes: std::collections::BTreeSet<&str> = devices.iter().map(|d| d.node()).collect();
+    assert_eq!(nodes.len(), 2);
+    for (i, gpu) in devices.iter().enumerate() {
+        let value = 7 + i as u32;
+        let Reply::Module(m) = gpu
+            .submit(Op::LoadModule {
+                source: ModuleSource::Builtin,
+            })
+            .await
+            .unwrap()
+        else {
+            panic!("a module")
+        };
+        let Reply::Buffer(b) = gpu.submit(Op::Alloc { bytes: 64 }).await.unwrap() else {
+            panic!("a buffer")
+        };
+        let fill = Op::Launch {
+            module: m,
+            function: "fill".into(),
+            grid: hipvisor::Dim3::x(1),
+            block: hipvisor::Dim3::x(16),
+            shared_mem_bytes: 0,
+            args: vec![KernelArg::Buffer(b), KernelArg::U32(value), KernelArg::U32(16)],
+        };
+        gpu.submit(fill).await.unwrap();
+        let Reply::Data(d) = gpu
+            .submit(Op::CopyFromDevice {
+                src: b,
+                offset: 0,
+                len: 64,
+            })
+            .await
+            .unwrap()
+        else {
+            panic!("data")
+        };
+        assert_eq!(
+            u32s(d.as_bytes()),
+            vec![value; 16],
+            "{} device {}",
+            gpu.node(),
+            gpu.index()
+        );
+        // Typed errors cross too.
+        let e = gpu.submit(Op::Alloc { bytes: 0 }).await.unwrap_err();
+        assert_eq!(e.class(), Some(hipvisor::ErrorClass::InvalidRequest), "{e}");
+    }
+    // What a remote op costs here (printed, not asserted: a shared machine is noisy).
+    let started = Instant::now();
+    for _ in 0..500 {
+        devices[0].submit(Op::MemInfo).await.unwrap();
+    }
+    println!(
+        "remote mem-info, one caller, loopback: {:.0} µs per op",
+        started.elapsed().as_secs_f64() * 1e6 / 500.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_cookie_is_refused() {
+    let right = cookie_file("right", "right-cookie");
+    let n = node(&right, 1);
+    let started = Instant::now();
+    let refused = Cluster::join(&[n.addr], "wrong-cookie", DEADLINE).await;
+    match refused {
+        Err(RuntimeError::Remote { node, reason }) => {
+            assert_eq!(node, n.addr.to_string());
+            assert!(reason.contains("wrong cookie"), "{reason}");
+        }
+        Err(other) => panic!("expected Remote, got {other}"),
+        Ok(_) => panic!("joined with a wrong cookie"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(10), "refused promptly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_answers_node_lost_not_a_hang() {
+    let cookie = cookie_file("kill", "k");
+    let mut n = node(&cookie, 1);
+    let cluster = Cluster::join(&[n.addr], "k", DEADLINE).await.unwrap();
+    let gpu = cluster.devices().await.pop().expect("one device");
+    gpu.submit(Op::MemInfo).await.expect("served while alive");
+    n.child.kill().unwrap();
+    n.child.wait().unwrap();
+    let started = Instant::now();
+    match gpu.submit(Op::MemInfo).await {
+        Err(RuntimeError::NodeLost {
+            node,
+            may_have_executed,
+        }) => {
+            assert_eq!(node, gpu.node());
+            assert!(may_have_executed, "the runtime cannot know");
+        }
+        other => panic!("expected NodeLost, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < DEADLINE,
+        "answered without waiting for the deadline: {:?}",
+        started.elapsed()
+    );
+}
