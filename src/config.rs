@@ -64,6 +64,30 @@ pub struct RuntimeConfig {
     pub telemetry: TelemetryConfig,
     /// `[sim]`: the simulated backend and its fault plan.
     pub sim: SimConfig,
+    /// `[cluster]`: nodes on other hosts (feature `cluster` of `hipvisor`).
+    pub cluster: ClusterConfig,
+}
+
+/// `[cluster]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// How often an application checks that each joined node answers, in milliseconds.
+    /// Default 500.
+    pub heartbeat_interval_ms: u64,
+    /// A node that has not answered a heartbeat for this long is lost: its requests in
+    /// flight are answered `NodeLost`, its devices leave (a frozen process is detected
+    /// this way; a dead one at once). Default 3000.
+    pub heartbeat_timeout_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            heartbeat_interval_ms: 500,
+            heartbeat_timeout_ms: 3000,
+        }
+    }
 }
 
 /// `[runtime]`.
@@ -331,6 +355,17 @@ impl RuntimeConfig {
         }
         self.breaker.validate()?;
         positive("telemetry.flush_interval_ms", self.telemetry.flush_interval_ms)?;
+        let c = &self.cluster;
+        positive("cluster.heartbeat_interval_ms", c.heartbeat_interval_ms)?;
+        if c.heartbeat_timeout_ms <= c.heartbeat_interval_ms {
+            return Err(ConfigError::invalid(
+                "cluster.heartbeat_timeout_ms",
+                format!(
+                    "must exceed heartbeat_interval_ms ({} ms), got {}",
+                    c.heartbeat_interval_ms, c.heartbeat_timeout_ms
+                ),
+            ));
+        }
         positive("telemetry.max_connections", u64::from(self.telemetry.max_connections))?;
         if let Some(addr) = &self.telemetry.listen
             && addr.parse::<std::net::SocketAddr>().is_err()

@@ -175,14 +175,16 @@ async fn a_sticky_fault_inside_a_task_is_absorbed_by_a_rerun() {
         vec![fault(|f| {
             f.op = "launch".into();
             f.kernel = Some("relu".into());
+            f.device = Some(0);
             f.nth = Some(3);
             f.code = Some(700);
         })],
         20,
     )
     .await;
-    assert_eq!(s.sticky_faults, 2, "the plan's nth counts per device: {s:?}");
-    assert!(s.recovery.task_reruns >= 2, "{:?}", s.recovery);
+    // (Serial requests go to the least-loaded device, device 0 on a tie: its third relu.)
+    assert_eq!(s.sticky_faults, 1, "{s:?}");
+    assert!(s.recovery.task_reruns >= 1, "{:?}", s.recovery);
     assert_eq!(task_ops(&s), (20, 0));
 }
 

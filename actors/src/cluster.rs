@@ -15,11 +15,12 @@
 //! - **Failures:** every remote request has an id and a deadline; a peer that goes away
 //!   answers its pending requests `NodeLost { may_have_executed: true }` at once (ractor
 //!   drops their reply ports with the session), and one that does not answer within the
-//!   deadline answers `NodeLost` too.
+//!   deadline answers `NodeLost` too. Heartbeats (`[cluster]`) find a frozen peer, whose
+//!   socket stays open and whom ractor's own pings never time out: once silent for
+//!   `heartbeat_timeout_ms` it is lost, and its requests are answered then.
 //!
-//! What this does not do yet: detect a frozen peer before a request's deadline (ractor's
-//! pings have no timeout), reconnect, chunk copies above the transport's 16 MiB frame, place
-//! tasks cluster-wide, or rerun them on other nodes. Those come next.
+//! What this does not do yet: reconnect, chunk copies above the transport's 16 MiB frame,
+//! place tasks cluster-wide, or rerun them on other nodes. Those come next.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -231,17 +232,50 @@ pub async fn serve(runtime: &Runtime, listen: SocketAddr, cookie: &str) -> Resul
     })
 }
 
-/// Session events of the application's node server, as they come.
-struct Events(tokio::sync::mpsc::UnboundedSender<(bool, NodeServerSessionInformation)>);
+/// Session events of the application's node server, as they come: to [`Cluster::join`]
+/// while it joins, and the disconnections to the node watch afterwards.
+struct Events {
+    join: tokio::sync::mpsc::UnboundedSender<bool>,
+    nodes: Nodes,
+}
 
 impl NodeEventSubscription for Events {
     fn node_session_opened(&self, _: NodeServerSessionInformation) {}
     fn node_session_authenticated(&self, _: NodeServerSessionInformation) {}
     fn node_session_disconnected(&self, s: NodeServerSessionInformation) {
-        let _ = self.0.send((false, s));
+        let _ = self.join.send(false);
+        if let Some(peer) = s.peer_name {
+            self.nodes.lose(&peer.name, "its session closed");
+        }
     }
-    fn node_session_ready(&self, s: NodeServerSessionInformation) {
-        let _ = self.0.send((true, s));
+    fn node_session_ready(&self, _: NodeServerSessionInformation) {
+        let _ = self.join.send(true);
+    }
+}
+
+/// Whether each joined node is lost, by node name: a node is lost once its session closes or
+/// it misses its heartbeats, and its requests in flight are answered then.
+#[derive(Clone, Default)]
+struct Nodes(std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, tokio::sync::watch::Sender<bool>>>>);
+
+impl Nodes {
+    /// The watch of `node` (made on first sight).
+    fn watch(&self, node: &str) -> tokio::sync::watch::Receiver<bool> {
+        let mut nodes = hipvisor_core::sync::lock(&self.0);
+        nodes
+            .entry(node.to_string())
+            .or_insert_with(|| tokio::sync::watch::channel(false).0)
+            .subscribe()
+    }
+
+    fn lose(&self, node: &str, why: &str) {
+        let nodes = hipvisor_core::sync::lock(&self.0);
+        if let Some(tx) = nodes.get(node)
+            && !*tx.borrow()
+        {
+            tracing::warn!(node, why, "node lost");
+            let _ = tx.send(true);
+        }
     }
 }
 
@@ -251,22 +285,34 @@ static CLIENTS: AtomicU64 = AtomicU64::new(0);
 pub struct Cluster {
     server: ActorRef<NodeServerMessage>,
     deadline: Duration,
+    nodes: Nodes,
+    heartbeat: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if let Some(h) = self.heartbeat.take() {
+            h.abort();
+        }
         self.server.stop(None);
     }
 }
 
 impl Cluster {
     /// Joins the nodes at `addrs`, authenticating with `cookie` (a trailing newline, as a
-    /// cookie file has, is ignored); requests to their devices get `op_deadline` each.
+    /// cookie file has, is ignored). Requests to their devices get `runtime.op_deadline_ms`
+    /// each; every `cluster.heartbeat_interval_ms` each node is asked whether it answers,
+    /// and one silent for `cluster.heartbeat_timeout_ms` is lost.
     ///
     /// # Errors
     /// [`RuntimeError::Remote`] naming the node that could not be reached or refused the
     /// cookie.
-    pub async fn join(addrs: &[SocketAddr], cookie: &str, op_deadline: Duration) -> Result<Cluster, RuntimeError> {
+    pub async fn join(
+        addrs: &[SocketAddr],
+        cookie: &str,
+        config: &hipvisor_core::RuntimeConfig,
+    ) -> Result<Cluster, RuntimeError> {
+        let op_deadline = Duration::from_millis(config.runtime.op_deadline_ms);
         let cookie = cookie.trim_end_matches(['\n', '\r']).to_string();
         let me = format!(
             "hipvisor-client-{}-{}",
@@ -287,16 +333,21 @@ impl Cluster {
         let (server, _) = Actor::spawn(None, server, ())
             .await
             .map_err(|e| refused("(this process)".into(), format!("cannot start a node server: {e}")))?;
-        let cluster = Cluster {
+        let mut cluster = Cluster {
             server,
             deadline: op_deadline,
+            nodes: Nodes::default(),
+            heartbeat: None,
         };
         let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
         cluster
             .server
             .cast(NodeServerMessage::SubscribeToEvents {
                 id: "hipvisor-join".into(),
-                subscription: Box::new(Events(tx)),
+                subscription: Box::new(Events {
+                    join: tx,
+                    nodes: cluster.nodes.clone(),
+                }),
             })
             .map_err(|e| refused("(this process)".into(), e.to_string()))?;
         for addr in addrs {
@@ -306,8 +357,8 @@ impl Cluster {
                 .map_err(|e| refused(node.clone(), format!("cannot connect: {e}")))?;
             // Ready (authenticated, its groups known), or closed: a wrong cookie, or not a node.
             match tokio::time::timeout(JOIN_TIMEOUT, events.recv()).await {
-                Ok(Some((true, _))) => {}
-                Ok(Some((false, _)) | None) => {
+                Ok(Some(true)) => {}
+                Ok(Some(false) | None) => {
                     return Err(refused(
                         node,
                         "the node closed the session: a wrong cookie, or not a hipvisor node".into(),
@@ -316,6 +367,9 @@ impl Cluster {
                 Err(_) => return Err(refused(node, format!("no answer within {JOIN_TIMEOUT:?}"))),
             }
         }
+        let every = Duration::from_millis(config.cluster.heartbeat_interval_ms);
+        let silence = Duration::from_millis(config.cluster.heartbeat_timeout_ms);
+        cluster.heartbeat = Some(tokio::spawn(heartbeats(cluster.nodes.clone(), every, silence)));
         Ok(cluster)
     }
 
@@ -334,18 +388,55 @@ impl Cluster {
             let Ok(d) = decode::<Description>(&bytes, "description") else {
                 continue;
             };
-            if d.version == PROTOCOL {
+            let lost = self.nodes.watch(&d.node);
+            if d.version == PROTOCOL && !*lost.borrow() {
                 found.push(RemoteDevice {
                     actor,
                     node: d.node,
                     device: d.device,
                     deadline: self.deadline,
                     next_id: std::sync::Arc::new(AtomicU64::new(1)),
+                    lost,
                 });
             }
         }
         found.sort_by(|a, b| (&a.node, a.device).cmp(&(&b.node, b.device)));
         found
+    }
+}
+
+/// Asks every joined node, every `every`, whether it answers (a `Describe` of one of its
+/// devices); a node with no answer for `silence` is lost.
+async fn heartbeats(nodes: Nodes, every: Duration, silence: Duration) {
+    let mut last_heard: std::collections::HashMap<String, std::time::Instant> = std::collections::HashMap::new();
+    loop {
+        tokio::time::sleep(every).await;
+        let mut probes = tokio::task::JoinSet::new();
+        for cell in ractor::pg::get_members(&DEVICE_GROUP.to_string()) {
+            if cell.get_id().is_local() {
+                continue;
+            }
+            let actor: ActorRef<RemoteDeviceMsg> = cell.into();
+            probes.spawn(async move {
+                match actor.call(RemoteDeviceMsg::Describe, Some(every)).await {
+                    Ok(CallResult::Success(bytes)) => decode::<Description>(&bytes, "description").ok().map(|d| d.node),
+                    _ => None,
+                }
+            });
+        }
+        let now = std::time::Instant::now();
+        while let Some(heard) = probes.join_next().await {
+            if let Ok(Some(node)) = heard {
+                last_heard.insert(node, now);
+            }
+        }
+        let known: Vec<String> = hipvisor_core::sync::lock(&nodes.0).keys().cloned().collect();
+        for node in known {
+            let heard = *last_heard.entry(node.clone()).or_insert(now);
+            if now.duration_since(heard) >= silence {
+                nodes.lose(&node, "it missed its heartbeats");
+            }
+        }
     }
 }
 
@@ -357,6 +448,8 @@ pub struct RemoteDevice {
     device: u32,
     deadline: Duration,
     next_id: std::sync::Arc<AtomicU64>,
+    /// Whether its node is lost (session closed, heartbeats missed).
+    lost: tokio::sync::watch::Receiver<bool>,
 }
 
 impl RemoteDevice {
@@ -387,13 +480,26 @@ impl RemoteDevice {
             node: self.node.clone(),
             may_have_executed: true,
         };
-        let sent = self
-            .actor
-            .call(
-                |reply| RemoteDeviceMsg::Submit(encode(&request), reply),
-                Some(self.deadline + REPLY_MARGIN),
-            )
-            .await;
+        if *self.lost.borrow() {
+            return Err(RuntimeError::NodeLost {
+                node: self.node.clone(),
+                may_have_executed: false,
+            });
+        }
+        let call = self.actor.call(
+            |reply| RemoteDeviceMsg::Submit(encode(&request), reply),
+            Some(self.deadline + REPLY_MARGIN),
+        );
+        let mut gone = self.lost.clone();
+        let sent = tokio::select! {
+            sent = call => sent,
+            // Lost while the request was out (a frozen node misses its heartbeats): answered
+            // now, not at the deadline.
+            _ = gone.wait_for(|l| *l) => return Err(RuntimeError::NodeLost {
+                node: self.node.clone(),
+                may_have_executed: true,
+            }),
+        };
         let bytes = match sent {
             Ok(CallResult::Success(bytes)) => bytes,
             // The session closed (its reply ports are dropped at once) or no answer came.

@@ -14,6 +14,15 @@ use hipvisor::{KernelArg, ModuleSource, Op, Reply, RuntimeError};
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
+/// Requests get 10 s; a node silent for 1 s is lost.
+fn config() -> hipvisor::RuntimeConfig {
+    let mut c = hipvisor::RuntimeConfig::default();
+    c.runtime.op_deadline_ms = DEADLINE.as_millis() as u64;
+    c.cluster.heartbeat_interval_ms = 200;
+    c.cluster.heartbeat_timeout_ms = 1000;
+    c
+}
+
 /// A `hipvisor node` on a free loopback port, its cookie in a file; waits for its
 /// `listening on` line.
 struct Node {
@@ -67,7 +76,7 @@ fn node(cookie: &std::path::Path, devices: u32) -> Node {
 async fn an_application_uses_every_device_of_two_nodes() {
     let cookie = cookie_file("two", "s3cret");
     let (a, b) = (node(&cookie, 2), node(&cookie, 1));
-    let cluster = Cluster::join(&[a.addr, b.addr], "s3cret\n", DEADLINE)
+    let cluster = Cluster::join(&[a.addr, b.addr], "s3cret\n", &config())
         .await
         .expect("joins both nodes");
     let devices = cluster.devices().await;
@@ -135,7 +144,7 @@ async fn a_wrong_cookie_is_refused() {
     let right = cookie_file("right", "right-cookie");
     let n = node(&right, 1);
     let started = Instant::now();
-    let refused = Cluster::join(&[n.addr], "wrong-cookie", DEADLINE).await;
+    let refused = Cluster::join(&[n.addr], "wrong-cookie", &config()).await;
     match refused {
         Err(RuntimeError::Remote { node, reason }) => {
             assert_eq!(node, n.addr.to_string());
@@ -151,7 +160,7 @@ async fn a_wrong_cookie_is_refused() {
 async fn a_killed_node_answers_node_lost_not_a_hang() {
     let cookie = cookie_file("kill", "k");
     let mut n = node(&cookie, 1);
-    let cluster = Cluster::join(&[n.addr], "k", DEADLINE).await.unwrap();
+    let cluster = Cluster::join(&[n.addr], "k", &config()).await.unwrap();
     let gpu = cluster.devices().await.pop().expect("one device");
     gpu.submit(Op::MemInfo).await.expect("served while alive");
     n.child.kill().unwrap();
@@ -172,4 +181,35 @@ async fn a_killed_node_answers_node_lost_not_a_hang() {
         "answered without waiting for the deadline: {:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_node_is_detected_within_the_heartbeat_timeout() {
+    let cookie = cookie_file("frozen", "f");
+    let n = node(&cookie, 1);
+    let cluster = Cluster::join(&[n.addr], "f", &config()).await.unwrap();
+    let gpu = cluster.devices().await.pop().expect("one device");
+    gpu.submit(Op::MemInfo).await.expect("served while running");
+    let pid = nix::unistd::Pid::from_raw(n.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let started = Instant::now();
+    // The process is alive (its socket open) but answers nothing: only the heartbeats tell.
+    match gpu.submit(Op::MemInfo).await {
+        Err(RuntimeError::NodeLost { .. }) => {}
+        other => panic!("expected NodeLost, got {other:?}"),
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(5),
+        "within the 1 s timeout and a beat or two: {waited:?}"
+    );
+    // Lost for good: later requests answer at once.
+    assert!(matches!(
+        gpu.submit(Op::MemInfo).await,
+        Err(RuntimeError::NodeLost {
+            may_have_executed: false,
+            ..
+        })
+    ));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
 }
