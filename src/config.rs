@@ -357,11 +357,12 @@ impl RuntimeConfig {
         positive("telemetry.flush_interval_ms", self.telemetry.flush_interval_ms)?;
         let c = &self.cluster;
         positive("cluster.heartbeat_interval_ms", c.heartbeat_interval_ms)?;
-        if c.heartbeat_timeout_ms <= c.heartbeat_interval_ms {
+        // A late heartbeat or two must not lose a node: there is no rejoining yet.
+        if c.heartbeat_timeout_ms < c.heartbeat_interval_ms.saturating_mul(3) {
             return Err(ConfigError::invalid(
                 "cluster.heartbeat_timeout_ms",
                 format!(
-                    "must exceed heartbeat_interval_ms ({} ms), got {}",
+                    "must be at least 3 × heartbeat_interval_ms ({} ms), got {}",
                     c.heartbeat_interval_ms, c.heartbeat_timeout_ms
                 ),
             ));

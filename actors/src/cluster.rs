@@ -5,7 +5,8 @@
 //! - **A node** ([`serve`], `hipvisor node`) runs a runtime on its local devices and, per
 //!   device, a [`RemoteDeviceMsg`] server actor in the process group [`DEVICE_GROUP`], behind
 //!   a `ractor_cluster` node server that authenticates peers by cookie.
-//! - **An application** joins nodes ([`Cluster::join`]) and finds their devices
+//! - **An application** joins nodes ([`Cluster::join`], one `Cluster` per process: ractor's
+//!   process groups are the process's) and finds their devices
 //!   ([`Cluster::devices`]): a [`RemoteDevice`] submits an op and gets exactly one answer — a
 //!   reply or a typed [`RuntimeError`].
 //! - **The protocol** is versioned ([`PROTOCOL`], in the group's name and in every message)
@@ -14,8 +15,8 @@
 //!   silently while the caller waits.
 //! - **Failures:** every remote request has an id and a deadline; a peer that goes away
 //!   answers its pending requests `NodeLost { may_have_executed: true }` at once (ractor
-//!   drops their reply ports with the session), and one that does not answer within the
-//!   deadline answers `NodeLost` too. Heartbeats (`[cluster]`) find a frozen peer, whose
+//!   drops their reply ports with the session); a request a node does not answer by its
+//!   deadline (the node enforces it too) answers `DeadlineExceeded`. Heartbeats (`[cluster]`) find a frozen peer, whose
 //!   socket stays open and whom ractor's own pings never time out: once silent for
 //!   `heartbeat_timeout_ms` it is lost, and its requests are answered then.
 //!
@@ -44,7 +45,7 @@ pub const PROTOCOL: u16 = 1;
 /// The process group of every node's device servers.
 pub const DEVICE_GROUP: &str = "hipvisor.device.v1";
 
-/// How long [`Cluster::join`] waits for a node to accept it.
+/// How long [`Cluster::join`] waits for each node: its connection and its acceptance.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Slack beyond a request's deadline before the caller gives up on the node.
@@ -152,10 +153,21 @@ impl Actor for DeviceServer {
                         return Ok(());
                     }
                 };
-                // The device answers by the op's deadline at the latest; the actor serves on.
+                // Answered by the caller's deadline at the latest (a slot on a busy device
+                // included); the actor serves on meanwhile.
                 let gpu = st.gpu.clone();
                 tokio::spawn(async move {
-                    let result = gpu.submit(request.op).await;
+                    let kind = request.op.kind();
+                    let deadline = Duration::from_millis(request.deadline_ms);
+                    let result = match tokio::time::timeout(deadline, gpu.submit(request.op)).await {
+                        Ok(result) => result,
+                        Err(_) => Err(RuntimeError::DeadlineExceeded {
+                            device: gpu.index(),
+                            op: kind,
+                            deadline_ms: request.deadline_ms,
+                            may_have_executed: true,
+                        }),
+                    };
                     let answer = Answer {
                         version: PROTOCOL,
                         id: request.id,
@@ -177,7 +189,7 @@ pub struct Node {
 }
 
 impl Node {
-    /// The node's name (`hipvisor-node-PORT@HOST`).
+    /// The node's name (`hipvisor-node-PORT-TAG@HOST`, as its peers know it).
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -197,12 +209,20 @@ impl Drop for Node {
 /// # Errors
 /// The address cannot be bound, or an actor cannot be started.
 pub async fn serve(runtime: &Runtime, listen: SocketAddr, cookie: &str) -> Result<Node, String> {
-    let name = format!("hipvisor-node-{}", listen.port());
+    // Unique among nodes (ractor_cluster takes two peers of one name for one, and closes a
+    // session): the host's name, the port and a random tag; `--listen 0.0.0.0` on many
+    // hosts is fine.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| listen.ip().to_string());
+    let name = format!("hipvisor-node-{}-{:08x}", listen.port(), rand::random::<u32>());
     let server = NodeServer::new(
         listen.port(),
         cookie.to_string(),
         name.clone(),
-        listen.ip().to_string(),
+        host.clone(),
         None,
         Some(NodeConnectionMode::Isolated),
     )
@@ -211,7 +231,7 @@ pub async fn serve(runtime: &Runtime, listen: SocketAddr, cookie: &str) -> Resul
     let (server, _) = Actor::spawn(None, server, ())
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    let node = format!("{name}@{}", listen.ip());
+    let node = format!("{name}@{host}");
     let mut devices = Vec::new();
     for d in 0..runtime.device_count() {
         let gpu = runtime.device(d).map_err(|e| e.to_string())?;
@@ -232,10 +252,11 @@ pub async fn serve(runtime: &Runtime, listen: SocketAddr, cookie: &str) -> Resul
     })
 }
 
-/// Session events of the application's node server, as they come: to [`Cluster::join`]
-/// while it joins, and the disconnections to the node watch afterwards.
+/// Session events of the application's node server, as they come: the outcome of each
+/// session it dialled (by the address dialled) to [`Cluster::join`], and the disconnections
+/// to the node watch.
 struct Events {
-    join: tokio::sync::mpsc::UnboundedSender<bool>,
+    join: tokio::sync::mpsc::UnboundedSender<(String, bool)>,
     nodes: Nodes,
 }
 
@@ -243,13 +264,17 @@ impl NodeEventSubscription for Events {
     fn node_session_opened(&self, _: NodeServerSessionInformation) {}
     fn node_session_authenticated(&self, _: NodeServerSessionInformation) {}
     fn node_session_disconnected(&self, s: NodeServerSessionInformation) {
-        let _ = self.join.send(false);
+        if !s.is_server {
+            let _ = self.join.send((s.peer_addr.clone(), false));
+        }
         if let Some(peer) = s.peer_name {
             self.nodes.lose(&peer.name, "its session closed");
         }
     }
-    fn node_session_ready(&self, _: NodeServerSessionInformation) {
-        let _ = self.join.send(true);
+    fn node_session_ready(&self, s: NodeServerSessionInformation) {
+        if !s.is_server {
+            let _ = self.join.send((s.peer_addr, true));
+        }
     }
 }
 
@@ -287,6 +312,18 @@ pub struct Cluster {
     deadline: Duration,
     nodes: Nodes,
     heartbeat: Option<tokio::task::JoinHandle<()>>,
+    _joined: Joined,
+}
+
+static JOINED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// This process's one joined [`Cluster`]: leaving lets another join.
+struct Joined;
+
+impl Drop for Joined {
+    fn drop(&mut self) {
+        JOINED.store(false, Ordering::Release);
+    }
 }
 
 impl Drop for Cluster {
@@ -312,12 +349,23 @@ impl Cluster {
         cookie: &str,
         config: &hipvisor_core::RuntimeConfig,
     ) -> Result<Cluster, RuntimeError> {
+        // ractor's process groups are the process's: two clusters would see each other's
+        // devices and sessions.
+        if JOINED.swap(true, Ordering::AcqRel) {
+            return Err(RuntimeError::Remote {
+                node: "(this process)".into(),
+                reason: "a Cluster is joined already in this process: one at a time".into(),
+            });
+        }
+        let joined = Joined;
         let op_deadline = Duration::from_millis(config.runtime.op_deadline_ms);
         let cookie = cookie.trim_end_matches(['\n', '\r']).to_string();
+        // Unique among the node's peers: two applications in containers share a PID.
         let me = format!(
-            "hipvisor-client-{}-{}",
+            "hipvisor-client-{}-{}-{:08x}",
             std::process::id(),
-            CLIENTS.fetch_add(1, Ordering::Relaxed)
+            CLIENTS.fetch_add(1, Ordering::Relaxed),
+            rand::random::<u32>()
         );
         let local = std::net::IpAddr::from([127, 0, 0, 1]);
         let server = NodeServer::new(
@@ -330,14 +378,22 @@ impl Cluster {
         )
         .with_listen_addr(local);
         let refused = |node: String, reason: String| RuntimeError::Remote { node, reason };
-        let (server, _) = Actor::spawn(None, server, ())
-            .await
-            .map_err(|e| refused("(this process)".into(), format!("cannot start a node server: {e}")))?;
+        let (server, _) = match Actor::spawn(None, server, ()).await {
+            Ok(s) => s,
+            Err(e) => {
+                drop(joined);
+                return Err(refused(
+                    "(this process)".into(),
+                    format!("cannot start a node server: {e}"),
+                ));
+            }
+        };
         let mut cluster = Cluster {
             server,
             deadline: op_deadline,
             nodes: Nodes::default(),
             heartbeat: None,
+            _joined: joined,
         };
         let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
         cluster
@@ -352,19 +408,29 @@ impl Cluster {
             .map_err(|e| refused("(this process)".into(), e.to_string()))?;
         for addr in addrs {
             let node = addr.to_string();
-            ractor_cluster::client_connect(&cluster.server, addr.to_string())
-                .await
-                .map_err(|e| refused(node.clone(), format!("cannot connect: {e}")))?;
-            // Ready (authenticated, its groups known), or closed: a wrong cookie, or not a node.
-            match tokio::time::timeout(JOIN_TIMEOUT, events.recv()).await {
-                Ok(Some(true)) => {}
-                Ok(Some(false) | None) => {
-                    return Err(refused(
-                        node,
-                        "the node closed the session: a wrong cookie, or not a hipvisor node".into(),
-                    ));
+            let until = tokio::time::Instant::now() + JOIN_TIMEOUT;
+            match tokio::time::timeout_at(until, ractor_cluster::client_connect(&cluster.server, node.clone())).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(refused(node, format!("cannot connect: {e}"))),
+                Err(_) => return Err(refused(node, format!("cannot connect within {JOIN_TIMEOUT:?}"))),
+            }
+            // Ready (authenticated, its groups known), or closed: a wrong cookie, or not a
+            // node. (Events of other sessions are not this one's.)
+            loop {
+                match tokio::time::timeout_at(until, events.recv()).await {
+                    Ok(Some((peer, ready))) if peer == node => {
+                        if ready {
+                            break;
+                        }
+                        return Err(refused(
+                            node,
+                            "the node closed the session: a wrong cookie, or not a hipvisor node".into(),
+                        ));
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => return Err(refused(node, "this process's node server stopped".into())),
+                    Err(_) => return Err(refused(node, format!("no answer within {JOIN_TIMEOUT:?}"))),
                 }
-                Err(_) => return Err(refused(node, format!("no answer within {JOIN_TIMEOUT:?}"))),
             }
         }
         let every = Duration::from_millis(config.cluster.heartbeat_interval_ms);
@@ -406,41 +472,41 @@ impl Cluster {
 }
 
 /// Asks every joined node, every `every`, whether it answers (a `Describe` of one of its
-/// devices); a node with no answer for `silence` is lost.
+/// devices, allowed `silence` to come back); a node last heard of `silence` ago is lost.
 async fn heartbeats(nodes: Nodes, every: Duration, silence: Duration) {
-    let mut last_heard: std::collections::HashMap<String, std::time::Instant> = std::collections::HashMap::new();
+    use std::collections::HashMap;
+    use std::time::Instant;
+    let heard: std::sync::Arc<std::sync::Mutex<HashMap<String, Instant>>> = Default::default();
     loop {
         tokio::time::sleep(every).await;
-        let mut probes = tokio::task::JoinSet::new();
         for cell in ractor::pg::get_members(&DEVICE_GROUP.to_string()) {
             if cell.get_id().is_local() {
                 continue;
             }
             let actor: ActorRef<RemoteDeviceMsg> = cell.into();
-            probes.spawn(async move {
-                match actor.call(RemoteDeviceMsg::Describe, Some(every)).await {
-                    Ok(CallResult::Success(bytes)) => decode::<Description>(&bytes, "description").ok().map(|d| d.node),
-                    _ => None,
+            let heard = heard.clone();
+            tokio::spawn(async move {
+                if let Ok(CallResult::Success(bytes)) = actor.call(RemoteDeviceMsg::Describe, Some(silence)).await
+                    && let Ok(d) = decode::<Description>(&bytes, "description")
+                {
+                    hipvisor_core::sync::lock(&heard).insert(d.node, Instant::now());
                 }
             });
         }
-        let now = std::time::Instant::now();
-        while let Some(heard) = probes.join_next().await {
-            if let Ok(Some(node)) = heard {
-                last_heard.insert(node, now);
-            }
-        }
+        let now = Instant::now();
         let known: Vec<String> = hipvisor_core::sync::lock(&nodes.0).keys().cloned().collect();
+        let mut heard = hipvisor_core::sync::lock(&heard);
         for node in known {
-            let heard = *last_heard.entry(node.clone()).or_insert(now);
-            if now.duration_since(heard) >= silence {
+            let last = *heard.entry(node.clone()).or_insert(now);
+            if now.duration_since(last) >= silence {
                 nodes.lose(&node, "it missed its heartbeats");
             }
         }
     }
 }
 
-/// A device of another node: the same ops and answers as a local device.
+/// A device of another node: the same ops and answers as a local device. It belongs to the
+/// [`Cluster`] that found it: once that is dropped, it answers `NodeLost`.
 #[derive(Clone)]
 pub struct RemoteDevice {
     actor: ActorRef<RemoteDeviceMsg>,
@@ -466,10 +532,13 @@ impl RemoteDevice {
     /// Submits an op and waits for its one answer.
     ///
     /// # Errors
-    /// The op's typed error; `NodeLost { may_have_executed: true }` when the node went away
-    /// or did not answer by the deadline; `Remote` for an answer that cannot be decoded.
+    /// The op's typed error; `NodeLost` when its node went away or missed its heartbeats
+    /// (`may_have_executed: false` when it was lost before the request was sent);
+    /// `DeadlineExceeded` when a node still there did not answer by the deadline; `Remote`
+    /// for an answer that cannot be decoded.
     pub async fn submit(&self, op: Op) -> OpResult {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let kind = op.kind();
         let request = Request {
             version: PROTOCOL,
             id,
@@ -495,6 +564,7 @@ impl RemoteDevice {
             sent = call => sent,
             // Lost while the request was out (a frozen node misses its heartbeats): answered
             // now, not at the deadline.
+            // (A closed watch — its `Cluster` dropped — is lost too.)
             _ = gone.wait_for(|l| *l) => return Err(RuntimeError::NodeLost {
                 node: self.node.clone(),
                 may_have_executed: true,
@@ -502,8 +572,18 @@ impl RemoteDevice {
         };
         let bytes = match sent {
             Ok(CallResult::Success(bytes)) => bytes,
-            // The session closed (its reply ports are dropped at once) or no answer came.
-            Ok(CallResult::SenderError | CallResult::Timeout) | Err(_) => return Err(lost()),
+            // The session closed (its reply ports are dropped at once, and the node is lost
+            // by then), or no answer came by the deadline from a node still there (ractor
+            // reports either as a sender error or a timeout).
+            Ok(CallResult::SenderError | CallResult::Timeout) | Err(_) if *self.lost.borrow() => return Err(lost()),
+            Ok(CallResult::SenderError | CallResult::Timeout) | Err(_) => {
+                return Err(RuntimeError::DeadlineExceeded {
+                    device: self.device,
+                    op: kind,
+                    deadline_ms: self.deadline.as_millis() as u64,
+                    may_have_executed: true,
+                });
+            }
         };
         let remote = |reason: String| RuntimeError::Remote {
             node: self.node.clone(),
