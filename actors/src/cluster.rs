@@ -20,8 +20,11 @@
 //!   socket stays open and whom ractor's own pings never time out: once silent for
 //!   `heartbeat_timeout_ms` it is lost, and its requests are answered then.
 //!
-//! What this does not do yet: reconnect, chunk copies above the transport's 16 MiB frame,
-//! place tasks cluster-wide, or rerun them on other nodes. Those come next.
+//! - **Payloads of any size:** copies travel in chunks of 8 MiB, under the transport's 16 MiB
+//!   frame (a larger frame closes the whole session).
+//!
+//! What this does not do yet: reconnect, place tasks cluster-wide, or rerun them on other
+//! nodes. Those come next.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,6 +50,9 @@ pub const DEVICE_GROUP: &str = "hipvisor.device.v1";
 
 /// How long [`Cluster::join`] waits for each node: its connection and its acceptance.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The most bulk bytes in one request or answer: well under `ractor_cluster`'s 16 MiB frame.
+const CHUNK: usize = 8 << 20;
 
 /// Slack beyond a request's deadline before the caller gives up on the node.
 const REPLY_MARGIN: Duration = Duration::from_secs(2);
@@ -537,6 +543,51 @@ impl RemoteDevice {
     /// `DeadlineExceeded` when a node still there did not answer by the deadline; `Remote`
     /// for an answer that cannot be decoded.
     pub async fn submit(&self, op: Op) -> OpResult {
+        // Bulk bytes travel in chunks under the transport's frame limit (16 MiB; a larger
+        // frame closes the whole session): a copy is its chunks' copies, in order, answered
+        // with the first error (copies are idempotent) or the whole.
+        match op {
+            Op::CopyToDevice { dst, offset, data } if data.len() > CHUNK => {
+                for (i, chunk) in data.as_bytes().chunks(CHUNK).enumerate() {
+                    let part = Op::CopyToDevice {
+                        dst,
+                        offset: offset + (i * CHUNK) as u64,
+                        data: chunk.to_vec().into(),
+                    };
+                    self.submit_one(part).await?;
+                }
+                Ok(hipvisor_core::Reply::Done)
+            }
+            Op::CopyFromDevice { src, offset, len } if len > CHUNK as u64 => {
+                let mut bytes = Vec::new();
+                bytes
+                    .try_reserve_exact(len as usize)
+                    .map_err(|_| RuntimeError::Remote {
+                        node: self.node.clone(),
+                        reason: format!("no host memory for the {len} bytes of a copy back"),
+                    })?;
+                let mut at = 0;
+                while at < len {
+                    let n = (len - at).min(CHUNK as u64);
+                    let part = Op::CopyFromDevice {
+                        src,
+                        offset: offset + at,
+                        len: n,
+                    };
+                    match self.submit_one(part).await? {
+                        hipvisor_core::Reply::Data(d) => bytes.extend_from_slice(d.as_bytes()),
+                        other => unreachable!("a copy back answered {other:?}"),
+                    }
+                    at += n;
+                }
+                Ok(hipvisor_core::Reply::Data(bytes.into()))
+            }
+            op => self.submit_one(op).await,
+        }
+    }
+
+    /// One request, one answer.
+    async fn submit_one(&self, op: Op) -> OpResult {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let kind = op.kind();
         let request = Request {
