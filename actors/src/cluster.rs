@@ -23,8 +23,10 @@
 //! - **Payloads of any size:** copies travel in chunks of 8 MiB, under the transport's 16 MiB
 //!   frame (a larger frame closes the whole session).
 //!
-//! What this does not do yet: reconnect, place tasks cluster-wide, or rerun them on other
-//! nodes. Those come next.
+//! - **Rejoining:** a lost node's address is dialled again with backoff; a node that answers
+//!   there (restarted, or resumed) is live again, and [`Cluster::devices`] lists its devices.
+//!
+//! What this does not do yet: place tasks cluster-wide, or rerun them on other nodes.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -279,34 +281,129 @@ impl NodeEventSubscription for Events {
     }
     fn node_session_ready(&self, s: NodeServerSessionInformation) {
         if !s.is_server {
+            if let Some(peer) = &s.peer_name {
+                self.nodes.ready(&peer.name, s.peer_addr.clone(), s.actor.clone());
+            }
             let _ = self.join.send((s.peer_addr, true));
         }
     }
 }
 
 /// Whether each joined node is lost, by node name: a node is lost once its session closes or
-/// it misses its heartbeats, and its requests in flight are answered then.
+/// it misses its heartbeats, and its requests in flight are answered then. A lost node's
+/// address is dialled again (with backoff) until a node answers there; a node that comes
+/// back is live again (its devices listed anew by [`Cluster::devices`]).
 #[derive(Clone, Default)]
-struct Nodes(std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, tokio::sync::watch::Sender<bool>>>>);
+struct Nodes(std::sync::Arc<std::sync::Mutex<NodeTable>>);
+
+#[derive(Default)]
+struct NodeTable {
+    /// By node name: lost or not, and since when it is live (heartbeats count from then).
+    watch: std::collections::HashMap<String, (tokio::sync::watch::Sender<bool>, std::time::Instant)>,
+    /// By node name: the address it was dialled at, and its session.
+    session: std::collections::HashMap<String, (String, ActorRef<ractor_cluster::NodeSessionMessage>)>,
+    /// Where addresses to dial again go.
+    redial: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+}
 
 impl Nodes {
     /// The watch of `node` (made on first sight).
     fn watch(&self, node: &str) -> tokio::sync::watch::Receiver<bool> {
-        let mut nodes = hipvisor_core::sync::lock(&self.0);
-        nodes
+        let mut t = hipvisor_core::sync::lock(&self.0);
+        t.watch
             .entry(node.to_string())
-            .or_insert_with(|| tokio::sync::watch::channel(false).0)
+            .or_insert_with(|| (tokio::sync::watch::channel(false).0, std::time::Instant::now()))
+            .0
             .subscribe()
     }
 
-    fn lose(&self, node: &str, why: &str) {
-        let nodes = hipvisor_core::sync::lock(&self.0);
-        if let Some(tx) = nodes.get(node)
-            && !*tx.borrow()
-        {
-            tracing::warn!(node, why, "node lost");
-            let _ = tx.send(true);
+    /// A session to `node`, dialled at `addr`, is ready: the node is live (again).
+    fn ready(&self, node: &str, addr: String, session: ActorRef<ractor_cluster::NodeSessionMessage>) {
+        let mut t = hipvisor_core::sync::lock(&self.0);
+        let fresh = t.watch.get(node).is_none_or(|(tx, _)| *tx.borrow());
+        if fresh {
+            if t.watch.contains_key(node) {
+                tracing::info!(node, "node back");
+            }
+            t.watch.insert(
+                node.to_string(),
+                (tokio::sync::watch::channel(false).0, std::time::Instant::now()),
+            );
         }
+        t.session.insert(node.to_string(), (addr, session));
+    }
+
+    /// Since when `node` is live, if it is.
+    fn live_since(&self, node: &str) -> Option<std::time::Instant> {
+        let t = hipvisor_core::sync::lock(&self.0);
+        t.watch
+            .get(node)
+            .filter(|(tx, _)| !*tx.borrow())
+            .map(|(_, since)| *since)
+    }
+
+    /// Whether a live node was dialled at `addr`.
+    fn live_at(&self, addr: &str) -> bool {
+        let t = hipvisor_core::sync::lock(&self.0);
+        t.session
+            .iter()
+            .any(|(node, (a, _))| a == addr && t.watch.get(node).is_some_and(|(tx, _)| !*tx.borrow()))
+    }
+
+    fn lose(&self, node: &str, why: &str) {
+        let mut t = hipvisor_core::sync::lock(&self.0);
+        let Some((tx, _)) = t.watch.get(node) else { return };
+        if *tx.borrow() {
+            return;
+        }
+        tracing::warn!(node, why, "node lost");
+        let _ = tx.send(true);
+        // Its session goes (a frozen node's stays open otherwise), and its address is
+        // dialled again.
+        if let Some((addr, session)) = t.session.remove(node) {
+            session.stop(None);
+            if let Some(redial) = &t.redial {
+                let _ = redial.send(addr);
+            }
+        }
+    }
+
+    /// Names of every node seen, lost or not.
+    fn names(&self) -> Vec<String> {
+        hipvisor_core::sync::lock(&self.0).watch.keys().cloned().collect()
+    }
+}
+
+/// Dials lost nodes' addresses again, with backoff (100 ms doubling to 5 s), until a node
+/// answers there.
+async fn redial(
+    server: ActorRef<NodeServerMessage>,
+    nodes: Nodes,
+    mut addrs: tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    while let Some(addr) = addrs.recv().await {
+        let (server, nodes) = (server.clone(), nodes.clone());
+        tokio::spawn(async move {
+            let mut wait = Duration::from_millis(100);
+            loop {
+                tokio::time::sleep(wait).await;
+                if nodes.live_at(&addr) {
+                    return;
+                }
+                let dialled =
+                    tokio::time::timeout(JOIN_TIMEOUT, ractor_cluster::client_connect(&server, addr.clone())).await;
+                if matches!(dialled, Ok(Ok(()))) {
+                    let until = tokio::time::Instant::now() + JOIN_TIMEOUT;
+                    while tokio::time::Instant::now() < until && !nodes.live_at(&addr) {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    if nodes.live_at(&addr) {
+                        return;
+                    }
+                }
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        });
     }
 }
 
@@ -318,6 +415,7 @@ pub struct Cluster {
     deadline: Duration,
     nodes: Nodes,
     heartbeat: Option<tokio::task::JoinHandle<()>>,
+    redial: Option<tokio::task::JoinHandle<()>>,
     _joined: Joined,
 }
 
@@ -334,7 +432,7 @@ impl Drop for Joined {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        if let Some(h) = self.heartbeat.take() {
+        for h in [self.heartbeat.take(), self.redial.take()].into_iter().flatten() {
             h.abort();
         }
         self.server.stop(None);
@@ -399,6 +497,7 @@ impl Cluster {
             deadline: op_deadline,
             nodes: Nodes::default(),
             heartbeat: None,
+            redial: None,
             _joined: joined,
         };
         let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
@@ -442,6 +541,13 @@ impl Cluster {
         let every = Duration::from_millis(config.cluster.heartbeat_interval_ms);
         let silence = Duration::from_millis(config.cluster.heartbeat_timeout_ms);
         cluster.heartbeat = Some(tokio::spawn(heartbeats(cluster.nodes.clone(), every, silence)));
+        let (tx, addrs) = tokio::sync::mpsc::unbounded_channel();
+        hipvisor_core::sync::lock(&cluster.nodes.0).redial = Some(tx);
+        cluster.redial = Some(tokio::spawn(redial(
+            cluster.server.clone(),
+            cluster.nodes.clone(),
+            addrs,
+        )));
         Ok(cluster)
     }
 
@@ -500,10 +606,11 @@ async fn heartbeats(nodes: Nodes, every: Duration, silence: Duration) {
             });
         }
         let now = Instant::now();
-        let known: Vec<String> = hipvisor_core::sync::lock(&nodes.0).keys().cloned().collect();
-        let mut heard = hipvisor_core::sync::lock(&heard);
-        for node in known {
-            let last = *heard.entry(node.clone()).or_insert(now);
+        let heard = hipvisor_core::sync::lock(&heard).clone();
+        for node in nodes.names() {
+            // Live since when (a node back counts from its return), heard of when.
+            let Some(since) = nodes.live_since(&node) else { continue };
+            let last = heard.get(&node).copied().map_or(since, |h| h.max(since));
             if now.duration_since(last) >= silence {
                 nodes.lose(&node, "it missed its heartbeats");
             }
@@ -606,6 +713,7 @@ impl RemoteDevice {
                 may_have_executed: false,
             });
         }
+        let sent_at = std::time::Instant::now();
         let call = self.actor.call(
             |reply| RemoteDeviceMsg::Submit(encode(&request), reply),
             Some(self.deadline + REPLY_MARGIN),
@@ -626,7 +734,13 @@ impl RemoteDevice {
             // The session closed (its reply ports are dropped at once, and the node is lost
             // by then), or no answer came by the deadline from a node still there (ractor
             // reports either as a sender error or a timeout).
-            Ok(CallResult::SenderError | CallResult::Timeout) | Err(_) if *self.lost.borrow() => return Err(lost()),
+            // (Before the deadline it cannot be one: the session dropped, and the event that
+            // marks the node lost may lag behind the dropped reply port.)
+            Ok(CallResult::SenderError | CallResult::Timeout) | Err(_)
+                if *self.lost.borrow() || sent_at.elapsed() < self.deadline =>
+            {
+                return Err(lost());
+            }
             Ok(CallResult::SenderError | CallResult::Timeout) | Err(_) => {
                 return Err(RuntimeError::DeadlineExceeded {
                     device: self.device,

@@ -57,6 +57,10 @@ fn node_with(cookie: &std::path::Path, devices: u32, extra: &[&str]) -> Node {
         .local_addr()
         .unwrap()
         .port();
+    node_on(port, cookie, devices, extra)
+}
+
+fn node_on(port: u16, cookie: &std::path::Path, devices: u32, extra: &[&str]) -> Node {
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_hipvisor"))
         .args(["node", "--listen", &addr.to_string(), "--cookie-file"])
@@ -285,4 +289,57 @@ async fn a_frozen_node_is_detected_within_the_heartbeat_timeout() {
         })
     ));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+}
+
+/// Polls the cluster's devices until one of a node other than `not` (`None`: any) answers.
+async fn serving_again(cluster: &Cluster, not: Option<&str>) -> hipvisor::cluster::RemoteDevice {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        for gpu in cluster.devices().await {
+            if Some(gpu.node()) != not && gpu.submit(Op::MemInfo).await.is_ok() {
+                return gpu;
+            }
+        }
+        assert!(Instant::now() < until, "no node served again within 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_on_its_address_is_rejoined_and_serves_again() {
+    let _one = SERIAL.lock().await;
+    let cookie = cookie_file("restart", "r");
+    let mut first = node(&cookie, 1);
+    let port = first.addr.port();
+    let cluster = Cluster::join(&[first.addr], "r", &config()).await.unwrap();
+    let gpu = cluster.devices().await.pop().expect("one device");
+    gpu.submit(Op::MemInfo).await.unwrap();
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    assert!(matches!(
+        gpu.submit(Op::MemInfo).await,
+        Err(RuntimeError::NodeLost { .. })
+    ));
+    // The same address, a new process (a new node name): the cluster dials it again.
+    let _second = node_on(port, &cookie, 1, &[]);
+    let again = serving_again(&cluster, Some(gpu.node())).await;
+    assert_ne!(again.node(), gpu.node(), "a new node");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_node_that_resumes_serves_again() {
+    let _one = SERIAL.lock().await;
+    let cookie = cookie_file("resume", "z");
+    let n = node(&cookie, 1);
+    let cluster = Cluster::join(&[n.addr], "z", &config()).await.unwrap();
+    let gpu = cluster.devices().await.pop().expect("one device");
+    let pid = nix::unistd::Pid::from_raw(n.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    assert!(matches!(
+        gpu.submit(Op::MemInfo).await,
+        Err(RuntimeError::NodeLost { .. })
+    ));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let again = serving_again(&cluster, None).await;
+    assert_eq!(again.node(), gpu.node(), "the same node, rejoined");
 }
