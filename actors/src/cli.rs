@@ -71,12 +71,9 @@ pub(crate) fn exit_on_signal() {
 
 /// `hipvisor devices`: one line per device, or a clear error (exit status 1).
 pub(crate) fn devices(args: &CommonArgs) -> ExitCode {
-    let config = match args.load() {
+    let config = match args.config() {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("hipvisor: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let backend = match hipvisor::make_backend(&config) {
         Ok(b) => b,

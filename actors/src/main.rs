@@ -88,7 +88,15 @@ enum IsolationArg {
 
 impl CommonArgs {
     /// Loads the configuration: file, then environment, then these flags.
-    pub(crate) fn load(&self) -> Result<RuntimeConfig, String> {
+    /// The configuration, or — after saying why on stderr — the exit status of a bad one (2).
+    pub(crate) fn config(&self) -> Result<RuntimeConfig, ExitCode> {
+        self.load().map_err(|e| {
+            eprintln!("hipvisor: {e}");
+            ExitCode::from(2)
+        })
+    }
+
+    fn load(&self) -> Result<RuntimeConfig, String> {
         let default = PathBuf::from("config/default.toml");
         let path = self.config.clone().or_else(|| default.exists().then_some(default));
         let mut overrides = Vec::new();
@@ -184,15 +192,12 @@ fn main() -> ExitCode {
         Command::Devices(args) => cli::devices(&args),
         #[cfg(feature = "cluster")]
         Command::Node(args) => cli::node::main(args),
-        Command::Config(args) => match args.load() {
+        Command::Config(args) => match args.config() {
             Ok(c) => {
                 print!("{}", c.to_toml());
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                eprintln!("hipvisor: {e}");
-                ExitCode::from(2)
-            }
+            Err(code) => code,
         },
     };
     if let Some(flush) = flush_traces {

@@ -221,16 +221,17 @@ async fn a_node_killed_with_a_request_in_flight_answers_it_node_lost_at_once() {
     let cluster = Cluster::join(&[n.addr], "k", &config_for_kill()).await.unwrap();
     let gpu = cluster.devices().await.pop().expect("one device");
     gpu.submit(Op::MemInfo).await.expect("served while alive");
-    let in_flight = tokio::spawn({
-        let gpu = gpu.clone();
-        async move { gpu.submit(Op::MemInfo).await }
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!in_flight.is_finished(), "hanging on the node");
+    // Polled once, the request is sent (in the session, or already hanging on the node) and
+    // not answered: outstanding when the node dies.
+    let mut in_flight = Box::pin(gpu.submit(Op::MemInfo));
+    assert!(
+        tokio::time::timeout(Duration::ZERO, &mut in_flight).await.is_err(),
+        "sent, not answered yet"
+    );
     n.child.kill().unwrap();
     n.child.wait().unwrap();
     let started = Instant::now();
-    match in_flight.await.unwrap() {
+    match in_flight.await {
         Err(RuntimeError::NodeLost {
             node,
             may_have_executed,

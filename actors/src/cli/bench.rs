@@ -455,12 +455,9 @@ async fn telemetry(config: RuntimeConfig, ops: u64, on: bool) -> Result<f64, Str
 
 /// Runs the benchmarks and prints the report.
 pub(crate) fn main(args: BenchArgs) -> ExitCode {
-    let config = match args.common.load() {
+    let config = match args.common.config() {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("hipvisor: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let Ok(tokio_rt) = tokio::runtime::Builder::new_multi_thread().enable_all().build() else {
         eprintln!("hipvisor: cannot start tokio");

@@ -29,12 +29,9 @@ pub(crate) struct NodeArgs {
 
 /// Runs the node; exit status 0 after a signal, 1 when it cannot serve, 2 for bad flags.
 pub(crate) fn main(args: NodeArgs) -> ExitCode {
-    let config = match args.common.load() {
+    let config = match args.common.config() {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("hipvisor: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let cookie = match std::fs::read_to_string(&args.cookie_file) {
         Ok(c) if !c.trim_end_matches(['\n', '\r']).is_empty() => c.trim_end_matches(['\n', '\r']).to_string(),

@@ -439,12 +439,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// Runs the job; see the module docs for the exit status.
 pub(crate) fn main(args: RunArgs) -> ExitCode {
-    let config = match args.common.load() {
+    let config = match args.common.config() {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("hipvisor: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
