@@ -215,22 +215,14 @@ impl DeviceCore {
                 return Ok(false);
             };
             let at = offset as usize;
-            let patch = |bytes: &mut [u8]| {
+            let data = HostCopy::build(old.data.len(), |bytes| {
                 bytes.copy_from_slice(old.data.as_bytes());
                 match change {
                     Change::Bytes(data) => bytes[at..at + data.len()].copy_from_slice(data.as_bytes()),
                     Change::Fill(len, value) => bytes[at..at + len as usize].fill(value),
                 }
-            };
-            let data = if old.data.len() <= hipvisor_core::ipc::INLINE_LIMIT {
-                let mut bytes = vec![0; old.data.len()];
-                patch(&mut bytes);
-                Payload::new(bytes)
-            } else {
-                let mut region = hipvisor_core::ipc::Region::new(old.data.len()).map_err(|e| fail(&e))?;
-                patch(region.as_mut_slice());
-                Payload::shared(Arc::new(region.into_sealed().map_err(|e| fail(&e))?))
-            };
+            })
+            .map_err(|e| fail(&e))?;
             let mut durables = lock(&self.durables);
             match durables.get_mut(&buffer.id) {
                 None => return Ok(false),

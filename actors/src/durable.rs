@@ -38,18 +38,10 @@ use crate::error::RuntimeError;
 use crate::handle::DeviceHandle;
 use crate::runtime::Runtime;
 
-/// The bytes as a host copy (see the module docs): small ones (those that travel inline to
-/// a worker) as an immutable heap copy — no descriptor each —, others sealed in shared
-/// memory.
+/// The bytes as a host copy (see the module docs and [`HostCopy::keep`]).
 fn host_copy(device: u32, data: Payload) -> Result<Payload, RuntimeError> {
     let len = data.len();
-    if len <= hipvisor_core::ipc::INLINE_LIMIT {
-        return Ok(match data.region() {
-            Some(_) => Payload::new(data.to_vec()),
-            None => data,
-        });
-    }
-    data.into_sealed().map_err(|e| {
+    HostCopy::keep(data).map_err(|e| {
         let what = format!("a sealed host copy of {len} bytes: {e}");
         RuntimeError::Gpu(hipvisor_core::GpuError::host(
             hipvisor_core::OpKind::Durable,

@@ -430,9 +430,7 @@ fn rejection(shared: &Shared, core: &DeviceCore, job: &Job) -> Option<Option<Run
     if Instant::now() >= job.deadline {
         return Some(Some(core.deadline_exceeded(job.kind(), false)));
     }
-    core.is_quarantined(&job.op)
-        .or_else(|| shared.task_quarantined(&job.op))
-        .map(Some)
+    shared.quarantined(core, &job.op).map(Some)
 }
 
 /// Answers the held jobs that must not run (answered while queued, failed device, deadline

@@ -53,7 +53,7 @@ impl Shared {
 
     /// Admission of an application op on `core`: quarantine and breaker.
     pub(crate) fn admit(&self, core: &DeviceCore, op: &Op) -> Result<(), RuntimeError> {
-        if let Some(e) = core.is_quarantined(op).or_else(|| self.task_quarantined(op)) {
+        if let Some(e) = self.quarantined(core, op) {
             return Err(e);
         }
         if core.breaker.is_none() || core.breaker_closed.load(Ordering::Acquire) {
@@ -473,8 +473,14 @@ impl Shared {
         )))
     }
 
+    /// The answer for an op refused by quarantine: a quarantined kernel of `core` (launched
+    /// alone or in a task), or a quarantined task.
+    pub(crate) fn quarantined(&self, core: &DeviceCore, op: &Op) -> Option<RuntimeError> {
+        core.is_quarantined(op).or_else(|| self.task_quarantined(op))
+    }
+
     /// The answer for a task that is quarantined, if `op` is one.
-    pub(crate) fn task_quarantined(&self, op: &Op) -> Option<RuntimeError> {
+    fn task_quarantined(&self, op: &Op) -> Option<RuntimeError> {
         let Op::Task(task) = op else { return None };
         if !self.recovery.any_quarantined() {
             return None;

@@ -707,6 +707,39 @@ pub struct HostCopy {
 }
 
 impl HostCopy {
+    /// The bytes of `data` as a host copy can hold them: up to [`ipc::INLINE_LIMIT`] (what
+    /// travels inline to a worker anyway) an immutable heap copy, with no descriptor each;
+    /// above it a region sealed against writes ([`Payload::into_sealed`]: in place when
+    /// nothing else holds `data`'s region).
+    ///
+    /// # Errors
+    /// [`IpcError::Os`] when the host has no shared memory for it.
+    pub fn keep(data: Payload) -> Result<Payload, IpcError> {
+        if data.len() > ipc::INLINE_LIMIT {
+            return data.into_sealed();
+        }
+        Ok(match data.region() {
+            Some(_) => Payload::new(data.to_vec()),
+            None => data,
+        })
+    }
+
+    /// `len` bytes written by `fill`, held as [`HostCopy::keep`] would hold them (without an
+    /// intermediate copy).
+    ///
+    /// # Errors
+    /// As [`HostCopy::keep`].
+    pub fn build(len: usize, fill: impl FnOnce(&mut [u8])) -> Result<Payload, IpcError> {
+        if len <= ipc::INLINE_LIMIT {
+            let mut bytes = vec![0; len];
+            fill(&mut bytes);
+            return Ok(Payload::new(bytes));
+        }
+        let mut region = Region::new(len)?;
+        fill(region.as_mut_slice());
+        Ok(Payload::shared(Arc::new(region.into_sealed()?)))
+    }
+
     /// A new host copy of `data`, with a fresh version.
     pub fn new(data: Payload) -> HostCopy {
         static NEXT: AtomicU64 = AtomicU64::new(1);
