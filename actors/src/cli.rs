@@ -6,6 +6,7 @@ pub(crate) mod inference;
 pub(crate) mod node;
 pub(crate) mod run;
 pub(crate) mod summary;
+pub(crate) mod target;
 #[cfg(feature = "traces")]
 pub(crate) mod traces;
 

@@ -6,9 +6,15 @@
 //!   device, a [`RemoteDeviceMsg`] server actor in the process group [`DEVICE_GROUP`], behind
 //!   a `ractor_cluster` node server that authenticates peers by cookie.
 //! - **An application** joins nodes ([`Cluster::join`], one `Cluster` per process: ractor's
-//!   process groups are the process's) and finds their devices
-//!   ([`Cluster::devices`]): a [`RemoteDevice`] submits an op and gets exactly one answer — a
-//!   reply or a typed [`RuntimeError`].
+//!   process groups are the process's) and finds their devices ([`Cluster::devices`]): a
+//!   [`RemoteDevice`] offers the typed ops of a local device (and is a [`crate::Device`], the
+//!   one device type for local and remote devices), each answered once — a reply or a typed
+//!   [`RuntimeError`].
+//! - **Tasks across the cluster:** [`Cluster::replicate`] and [`Cluster::replicate_module`]
+//!   put a durable buffer and a module on every device of every live node, and
+//!   [`Cluster::run`] places a task on the least-loaded ready device that holds what it
+//!   names, cluster-wide — and runs a replayable task again on another device when its node
+//!   is lost under it or its device cannot run it.
 //! - **The protocol** is versioned ([`PROTOCOL`], in the group's name and in every message)
 //!   and checked: requests and answers travel as bytes this module encodes and decodes
 //!   itself, so an undecodable one is a typed error (`Remote`), never a message ractor drops
@@ -16,248 +22,187 @@
 //! - **Failures:** every remote request has an id and a deadline; a peer that goes away
 //!   answers its pending requests `NodeLost { may_have_executed: true }` at once (ractor
 //!   drops their reply ports with the session); a request a node does not answer by its
-//!   deadline (the node enforces it too) answers `DeadlineExceeded`. Heartbeats (`[cluster]`) find a frozen peer, whose
-//!   socket stays open and whom ractor's own pings never time out: once silent for
-//!   `heartbeat_timeout_ms` it is lost, and its requests are answered then.
-//!
+//!   deadline (the node enforces it too) answers `DeadlineExceeded`. Heartbeats
+//!   (`[cluster]`) find a frozen peer, whose socket stays open and whom ractor's own pings
+//!   never time out: once silent for `heartbeat_timeout_ms` it is lost, and its requests
+//!   are answered then.
 //! - **Payloads of any size:** copies travel in chunks of 8 MiB, under the transport's 16 MiB
 //!   frame (a larger frame closes the whole session).
-//!
 //! - **Rejoining:** a lost node's address is dialled again with backoff; a node that answers
-//!   there (restarted, or resumed) is live again, and [`Cluster::devices`] lists its devices.
-//!
-//! What this does not do yet: place tasks cluster-wide, or rerun them on other nodes.
+//!   there (restarted, or resumed) is live again, and its devices take work again. A
+//!   restarted node is a new process: the replicas made before are not on it (replicate
+//!   again to use it for tasks that name them).
 
+mod remote;
+mod replicas;
+mod server;
+mod wire;
+
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hipvisor_core::Op;
+use hipvisor_core::ModuleSource;
+use hipvisor_core::sync::lock;
 use ractor::rpc::CallResult;
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorRef};
 use ractor_cluster::node::{NodeConnectionMode, NodeServerSessionInformation};
-use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage, RactorClusterMessage};
-use serde::{Deserialize, Serialize};
+use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
 
-use crate::error::{OpResult, RuntimeError};
-use crate::handle::DeviceHandle;
-use crate::runtime::Runtime;
+pub use remote::RemoteDevice;
+pub use replicas::CLUSTER_DEVICE;
+pub use server::{Node, serve};
+use wire::{Counted, Description, decode};
+pub use wire::{DEVICE_GROUP, NodeCounts, PROTOCOL, RemoteDeviceMsg};
 
-/// The version of the remote protocol: in every request and answer, and in the name of the
-/// device group, so nodes of other versions never meet.
-pub const PROTOCOL: u16 = 1;
-
-/// The process group of every node's device servers.
-pub const DEVICE_GROUP: &str = "hipvisor.device.v1";
+use crate::error::RuntimeError;
+use crate::state::DeviceState;
 
 /// How long [`Cluster::join`] waits for each node: its connection and its acceptance.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The most bulk bytes in one request or answer: well under `ractor_cluster`'s 16 MiB frame.
-const CHUNK: usize = 8 << 20;
-
 /// Slack beyond a request's deadline before the caller gives up on the node.
 const REPLY_MARGIN: Duration = Duration::from_secs(2);
 
-/// The messages of a device server: bytes in, bytes out, encoded here.
-#[derive(RactorClusterMessage)]
-pub enum RemoteDeviceMsg {
-    /// An op ([`Request`] bytes), answered with [`Answer`] bytes.
-    #[rpc]
-    Submit(Vec<u8>, RpcReplyPort<Vec<u8>>),
-    /// Which node and device this is ([`Description`] bytes).
-    #[rpc]
-    Describe(RpcReplyPort<Vec<u8>>),
+/// What a cluster's parts share: its nodes, the devices it has seen, and what each node
+/// answered.
+struct Inner {
+    nodes: Nodes,
+    /// Every device seen, by slot (its number in this cluster, never reused).
+    known: Mutex<Vec<Known>>,
+    /// By node name: the requests it answered through its runtime (and of those, how many
+    /// succeeded) — what its metrics counted.
+    tally: Mutex<HashMap<String, (u64, u64)>>,
+    /// By node name: its counts when this application first saw it, before sending it
+    /// anything ([`Cluster::report`] gives what was counted since).
+    baseline: Mutex<HashMap<String, NodeCounts>>,
+    /// Every replica's bytes, for devices seen later.
+    replicas: Mutex<Vec<replicas::Replica>>,
+    /// Every replicated module, by the id its `ReplicatedModule` carries.
+    modules: Mutex<Vec<(u64, ModuleSource)>>,
+    next_module: AtomicU64,
+    /// Each request's deadline.
+    deadline: Duration,
+    next_id: AtomicU64,
+    /// How often [`Cluster::run`] may run a task again (`retry.task_reruns`).
+    task_reruns: u32,
+    /// Tasks run again on another device.
+    reruns: AtomicU64,
 }
 
-#[derive(Serialize, Deserialize)]
-struct Request {
-    version: u16,
-    id: u64,
-    deadline_ms: u64,
-    op: Op,
-}
-
-#[derive(Serialize, Deserialize)]
-struct Answer {
-    version: u16,
-    id: u64,
-    result: OpResult,
-}
-
-#[derive(Serialize, Deserialize)]
-struct Description {
-    version: u16,
+/// A device seen: where it is, and how it was doing when last described.
+struct Known {
     node: String,
-    device: u32,
+    index: u32,
+    actor: ActorRef<RemoteDeviceMsg>,
+    state: DeviceState,
+    in_flight: u32,
+    /// This application's requests to it now.
+    outstanding: Arc<AtomicU32>,
+    /// The cluster replicas it holds.
+    held: std::collections::HashSet<u64>,
+    /// The cluster's modules loaded on it: the id its node gave each.
+    modules: HashMap<u64, u64>,
+    /// One provisioning at a time.
+    provisioning: Arc<tokio::sync::Mutex<()>>,
 }
 
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    postcard::to_stdvec(value).expect("plain data encodes")
-}
-
-fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &str) -> Result<T, String> {
-    let (value, rest) = postcard::take_from_bytes(bytes).map_err(|e| format!("an undecodable {what}: {e}"))?;
-    if !rest.is_empty() {
-        return Err(format!("{} trailing bytes after a {what}", rest.len()));
-    }
-    Ok(value)
-}
-
-/// A device server: executes the ops its peers send on one local device.
-struct DeviceServer;
-
-struct ServerState {
-    gpu: DeviceHandle,
-    node: String,
-}
-
-impl Actor for DeviceServer {
-    type Msg = RemoteDeviceMsg;
-    type State = ServerState;
-    type Arguments = ServerState;
-
-    async fn pre_start(
-        &self,
-        _: ActorRef<RemoteDeviceMsg>,
-        st: ServerState,
-    ) -> Result<ServerState, ActorProcessingErr> {
-        Ok(st)
-    }
-
-    async fn handle(
-        &self,
-        _: ActorRef<RemoteDeviceMsg>,
-        msg: RemoteDeviceMsg,
-        st: &mut ServerState,
-    ) -> Result<(), ActorProcessingErr> {
-        match msg {
-            RemoteDeviceMsg::Describe(reply) => {
-                let d = Description {
-                    version: PROTOCOL,
-                    node: st.node.clone(),
-                    device: st.gpu.index(),
-                };
-                let _ = reply.send(encode(&d));
-            }
-            RemoteDeviceMsg::Submit(bytes, reply) => {
-                let node = st.node.clone();
-                let request = decode::<Request>(&bytes, "request").and_then(|r| {
-                    if r.version == PROTOCOL {
-                        Ok(r)
-                    } else {
-                        Err(format!("protocol version {}, this node speaks {PROTOCOL}", r.version))
-                    }
-                });
-                let request = match request {
-                    Ok(r) => r,
-                    Err(reason) => {
-                        let answer = Answer {
-                            version: PROTOCOL,
-                            id: 0,
-                            result: Err(RuntimeError::Remote { node, reason }),
-                        };
-                        let _ = reply.send(encode(&answer));
-                        return Ok(());
-                    }
-                };
-                // Answered by the caller's deadline at the latest (a slot on a busy device
-                // included); the actor serves on meanwhile.
-                let gpu = st.gpu.clone();
-                tokio::spawn(async move {
-                    let kind = request.op.kind();
-                    let deadline = Duration::from_millis(request.deadline_ms);
-                    let result = match tokio::time::timeout(deadline, gpu.submit(request.op)).await {
-                        Ok(result) => result,
-                        Err(_) => Err(RuntimeError::DeadlineExceeded {
-                            device: gpu.index(),
-                            op: kind,
-                            deadline_ms: request.deadline_ms,
-                            may_have_executed: true,
-                        }),
-                    };
-                    let answer = Answer {
-                        version: PROTOCOL,
-                        id: request.id,
-                        result,
-                    };
-                    let _ = reply.send(encode(&answer));
-                });
-            }
+impl Inner {
+    /// A device described by its server, seen for the first time or again: its slot. A
+    /// node seen for the first time has its counts taken first (before any request of this
+    /// application can reach it).
+    /// A device seen for the first time is given the cluster's replicas and modules, in
+    /// the background (tasks go to it once it holds what they name).
+    async fn see(self: &Arc<Self>, actor: ActorRef<RemoteDeviceMsg>, d: &Description) -> u32 {
+        let first = !lock(&self.baseline).contains_key(&d.node);
+        if first {
+            let counts = counts_of(&actor).await.unwrap_or_default();
+            lock(&self.baseline).entry(d.node.clone()).or_insert(counts);
         }
-        Ok(())
-    }
-}
-
-/// A node serving its devices: dropping it stops serving (the runtime is the caller's).
-pub struct Node {
-    server: ActorRef<NodeServerMessage>,
-    devices: Vec<ActorRef<RemoteDeviceMsg>>,
-    name: String,
-}
-
-impl Node {
-    /// The node's name (`hipvisor-node-PORT-TAG@HOST`, as its peers know it).
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        for d in &self.devices {
-            d.stop(None);
+        let (slot, new) = self.learn(actor, d);
+        let something = !lock(&self.replicas).is_empty() || !lock(&self.modules).is_empty();
+        if new && something {
+            let inner = self.clone();
+            tokio::spawn(async move {
+                let _ = inner.provision(slot).await;
+            });
         }
-        self.server.stop(None);
+        slot
     }
-}
 
-/// Serves `runtime`'s devices on `listen` to peers that know `cookie`.
-///
-/// # Errors
-/// The address cannot be bound, or an actor cannot be started.
-pub async fn serve(runtime: &Runtime, listen: SocketAddr, cookie: &str) -> Result<Node, String> {
-    // Unique among nodes (ractor_cluster takes two peers of one name for one, and closes a
-    // session): the host's name, the port and a random tag; `--listen 0.0.0.0` on many
-    // hosts is fine.
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| listen.ip().to_string());
-    let name = format!("hipvisor-node-{}-{:08x}", listen.port(), rand::random::<u32>());
-    let server = NodeServer::new(
-        listen.port(),
-        cookie.to_string(),
-        name.clone(),
-        host.clone(),
-        None,
-        Some(NodeConnectionMode::Isolated),
-    )
-    .with_listen_addr(listen.ip());
-    // Bound once the spawn returns (the listener binds in its own start).
-    let (server, _) = Actor::spawn(None, server, ())
-        .await
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    let node = format!("{name}@{host}");
-    let mut devices = Vec::new();
-    for d in 0..runtime.device_count() {
-        let gpu = runtime.device(d).map_err(|e| e.to_string())?;
-        let st = ServerState {
-            gpu,
-            node: node.clone(),
-        };
-        let (actor, _) = Actor::spawn(None, DeviceServer, st)
-            .await
-            .map_err(|e| format!("cannot start the server of device {d}: {e}"))?;
-        ractor::pg::join(DEVICE_GROUP.to_string(), vec![actor.get_cell()]);
-        devices.push(actor);
+    /// A device described by its server: its slot (a new one for a device not seen
+    /// before), and whether it is new.
+    fn learn(&self, actor: ActorRef<RemoteDeviceMsg>, d: &Description) -> (u32, bool) {
+        let mut known = lock(&self.known);
+        if let Some(slot) = known.iter().position(|k| k.node == d.node && k.index == d.device) {
+            let k = &mut known[slot];
+            (k.actor, k.state, k.in_flight) = (actor, d.state, d.in_flight);
+            return (slot as u32, false);
+        }
+        known.push(Known {
+            node: d.node.clone(),
+            index: d.device,
+            actor,
+            state: d.state,
+            in_flight: d.in_flight,
+            outstanding: Arc::default(),
+            held: Default::default(),
+            modules: HashMap::new(),
+            provisioning: Arc::default(),
+        });
+        ((known.len() - 1) as u32, true)
     }
-    Ok(Node {
-        server,
-        devices,
-        name: node,
-    })
+
+    /// The device in `slot`, while its node is live.
+    fn device(self: &Arc<Self>, slot: u32) -> Option<RemoteDevice> {
+        let known = lock(&self.known);
+        let k = known.get(slot as usize)?;
+        let lost = self.nodes.watch(&k.node);
+        if *lost.borrow() {
+            return None;
+        }
+        Some(RemoteDevice {
+            inner: self.clone(),
+            actor: k.actor.clone(),
+            node: k.node.clone(),
+            device: k.index,
+            slot,
+            lost,
+            outstanding: k.outstanding.clone(),
+        })
+    }
+
+    /// Every device of every live node, by slot.
+    fn live(self: &Arc<Self>) -> Vec<RemoteDevice> {
+        let n = lock(&self.known).len() as u32;
+        (0..n).filter_map(|slot| self.device(slot)).collect()
+    }
+
+    /// The node's device `index`, while the node is live.
+    fn sibling(self: &Arc<Self>, node: &str, index: u32) -> Option<RemoteDevice> {
+        let slot = lock(&self.known)
+            .iter()
+            .position(|k| k.node == node && k.index == index)?;
+        self.device(slot as u32)
+    }
+
+    /// The state and load of `slot` as last described (load: requests in flight from every
+    /// application, and this one's now).
+    fn load(&self, slot: u32) -> (DeviceState, u32) {
+        let known = lock(&self.known);
+        let k = &known[slot as usize];
+        (k.state, k.in_flight.max(k.outstanding.load(Ordering::Relaxed)))
+    }
+
+    /// A request `node`'s runtime answered (and counted).
+    fn answered(&self, node: &str, ok: bool) {
+        let mut tally = lock(&self.tally);
+        let t = tally.entry(node.to_string()).or_default();
+        t.0 += 1;
+        t.1 += u64::from(ok);
+    }
 }
 
 /// Session events of the application's node server, as they come: the outcome of each
@@ -294,14 +239,18 @@ impl NodeEventSubscription for Events {
 /// address is dialled again (with backoff) until a node answers there; a node that comes
 /// back is live again (its devices listed anew by [`Cluster::devices`]).
 #[derive(Clone, Default)]
-struct Nodes(std::sync::Arc<std::sync::Mutex<NodeTable>>);
+struct Nodes(Arc<Mutex<NodeTable>>);
 
 #[derive(Default)]
 struct NodeTable {
     /// By node name: lost or not, and since when it is live (heartbeats count from then).
-    watch: std::collections::HashMap<String, (tokio::sync::watch::Sender<bool>, std::time::Instant)>,
+    watch: HashMap<String, (tokio::sync::watch::Sender<bool>, std::time::Instant)>,
     /// By node name: the address it was dialled at, and its session.
-    session: std::collections::HashMap<String, (String, ActorRef<ractor_cluster::NodeSessionMessage>)>,
+    session: HashMap<String, (String, ActorRef<ractor_cluster::NodeSessionMessage>)>,
+    /// By node name: the address it was last dialled at (kept once it is lost).
+    addrs: HashMap<String, String>,
+    /// By node name: how often it was lost.
+    losses: HashMap<String, u32>,
     /// Where addresses to dial again go.
     redial: Option<tokio::sync::mpsc::UnboundedSender<String>>,
 }
@@ -309,7 +258,7 @@ struct NodeTable {
 impl Nodes {
     /// The watch of `node` (made on first sight).
     fn watch(&self, node: &str) -> tokio::sync::watch::Receiver<bool> {
-        let mut t = hipvisor_core::sync::lock(&self.0);
+        let mut t = lock(&self.0);
         t.watch
             .entry(node.to_string())
             .or_insert_with(|| (tokio::sync::watch::channel(false).0, std::time::Instant::now()))
@@ -319,7 +268,7 @@ impl Nodes {
 
     /// A session to `node`, dialled at `addr`, is ready: the node is live (again).
     fn ready(&self, node: &str, addr: String, session: ActorRef<ractor_cluster::NodeSessionMessage>) {
-        let mut t = hipvisor_core::sync::lock(&self.0);
+        let mut t = lock(&self.0);
         let fresh = t.watch.get(node).is_none_or(|(tx, _)| *tx.borrow());
         if fresh {
             if t.watch.contains_key(node) {
@@ -330,12 +279,13 @@ impl Nodes {
                 (tokio::sync::watch::channel(false).0, std::time::Instant::now()),
             );
         }
+        t.addrs.insert(node.to_string(), addr.clone());
         t.session.insert(node.to_string(), (addr, session));
     }
 
     /// Since when `node` is live, if it is.
     fn live_since(&self, node: &str) -> Option<std::time::Instant> {
-        let t = hipvisor_core::sync::lock(&self.0);
+        let t = lock(&self.0);
         t.watch
             .get(node)
             .filter(|(tx, _)| !*tx.borrow())
@@ -344,20 +294,21 @@ impl Nodes {
 
     /// Whether a live node was dialled at `addr`.
     fn live_at(&self, addr: &str) -> bool {
-        let t = hipvisor_core::sync::lock(&self.0);
+        let t = lock(&self.0);
         t.session
             .iter()
             .any(|(node, (a, _))| a == addr && t.watch.get(node).is_some_and(|(tx, _)| !*tx.borrow()))
     }
 
     fn lose(&self, node: &str, why: &str) {
-        let mut t = hipvisor_core::sync::lock(&self.0);
+        let mut t = lock(&self.0);
         let Some((tx, _)) = t.watch.get(node) else { return };
         if *tx.borrow() {
             return;
         }
         tracing::warn!(node, why, "node lost");
         let _ = tx.send(true);
+        *t.losses.entry(node.to_string()).or_default() += 1;
         // Its session goes (a frozen node's stays open otherwise), and its address is
         // dialled again.
         if let Some((addr, session)) = t.session.remove(node) {
@@ -368,9 +319,19 @@ impl Nodes {
         }
     }
 
+    /// The address `node` was last dialled at.
+    fn addr(&self, node: &str) -> Option<String> {
+        lock(&self.0).addrs.get(node).cloned()
+    }
+
+    /// How often `node` was lost.
+    fn losses(&self, node: &str) -> u32 {
+        lock(&self.0).losses.get(node).copied().unwrap_or(0)
+    }
+
     /// Names of every node seen, lost or not.
     fn names(&self) -> Vec<String> {
-        hipvisor_core::sync::lock(&self.0).watch.keys().cloned().collect()
+        lock(&self.0).watch.keys().cloned().collect()
     }
 }
 
@@ -412,8 +373,7 @@ static CLIENTS: AtomicU64 = AtomicU64::new(0);
 /// An application's membership of a cluster: the nodes it joined. Dropping it leaves them.
 pub struct Cluster {
     server: ActorRef<NodeServerMessage>,
-    deadline: Duration,
-    nodes: Nodes,
+    inner: Arc<Inner>,
     heartbeat: Option<tokio::task::JoinHandle<()>>,
     redial: Option<tokio::task::JoinHandle<()>>,
     _joined: Joined,
@@ -494,8 +454,19 @@ impl Cluster {
         };
         let mut cluster = Cluster {
             server,
-            deadline: op_deadline,
-            nodes: Nodes::default(),
+            inner: Arc::new(Inner {
+                nodes: Nodes::default(),
+                known: Mutex::default(),
+                tally: Mutex::default(),
+                baseline: Mutex::default(),
+                replicas: Mutex::default(),
+                modules: Mutex::default(),
+                next_module: AtomicU64::new(1),
+                deadline: op_deadline,
+                next_id: AtomicU64::new(1),
+                task_reruns: config.retry.task_reruns,
+                reruns: AtomicU64::new(0),
+            }),
             heartbeat: None,
             redial: None,
             _joined: joined,
@@ -507,7 +478,7 @@ impl Cluster {
                 id: "hipvisor-join".into(),
                 subscription: Box::new(Events {
                     join: tx,
-                    nodes: cluster.nodes.clone(),
+                    nodes: cluster.inner.nodes.clone(),
                 }),
             })
             .map_err(|e| refused("(this process)".into(), e.to_string()))?;
@@ -540,18 +511,20 @@ impl Cluster {
         }
         let every = Duration::from_millis(config.cluster.heartbeat_interval_ms);
         let silence = Duration::from_millis(config.cluster.heartbeat_timeout_ms);
-        cluster.heartbeat = Some(tokio::spawn(heartbeats(cluster.nodes.clone(), every, silence)));
+        cluster.heartbeat = Some(tokio::spawn(heartbeats(cluster.inner.clone(), every, silence)));
         let (tx, addrs) = tokio::sync::mpsc::unbounded_channel();
-        hipvisor_core::sync::lock(&cluster.nodes.0).redial = Some(tx);
+        hipvisor_core::sync::lock(&cluster.inner.nodes.0).redial = Some(tx);
         cluster.redial = Some(tokio::spawn(redial(
             cluster.server.clone(),
-            cluster.nodes.clone(),
+            cluster.inner.nodes.clone(),
             addrs,
         )));
+        // Its devices, known before the first heartbeat.
+        cluster.devices().await;
         Ok(cluster)
     }
 
-    /// Every device of every joined node, in no particular order.
+    /// Every device of every live node, described now, in order of node and index.
     pub async fn devices(&self) -> Vec<RemoteDevice> {
         let mut found = Vec::new();
         for cell in ractor::pg::get_members(&DEVICE_GROUP.to_string()) {
@@ -566,29 +539,120 @@ impl Cluster {
             let Ok(d) = decode::<Description>(&bytes, "description") else {
                 continue;
             };
-            let lost = self.nodes.watch(&d.node);
-            if d.version == PROTOCOL && !*lost.borrow() {
-                found.push(RemoteDevice {
-                    actor,
-                    node: d.node,
-                    device: d.device,
-                    deadline: self.deadline,
-                    next_id: std::sync::Arc::new(AtomicU64::new(1)),
-                    lost,
-                });
+            if d.version != PROTOCOL {
+                continue;
             }
+            let slot = self.inner.see(actor, &d).await;
+            found.extend(self.inner.device(slot));
         }
         found.sort_by(|a, b| (&a.node, a.device).cmp(&(&b.node, b.device)));
         found
     }
+
+    /// The least-loaded ready device of a live node (else a restarting one), by what its
+    /// node last reported and this application's requests to it now.
+    pub fn any(&self) -> Option<RemoteDevice> {
+        self.least_loaded(|_| true)
+    }
+
+    pub(crate) fn least_loaded(&self, take: impl Fn(u32) -> bool) -> Option<RemoteDevice> {
+        let mut best: Option<((bool, u32), RemoteDevice)> = None;
+        for d in self.inner.live().into_iter().filter(|d| take(d.slot)) {
+            let (state, load) = self.inner.load(d.slot);
+            let rank = match state {
+                DeviceState::Ready => (false, load),
+                DeviceState::Restarting => (true, load),
+                DeviceState::Lost | DeviceState::Failed => continue,
+            };
+            if best.as_ref().is_none_or(|(r, _)| rank < *r) {
+                best = Some((rank, d));
+            }
+        }
+        best.map(|(_, d)| d)
+    }
+
+    /// Tasks [`Cluster::run`] ran again on another device so far.
+    pub fn task_reruns(&self) -> u64 {
+        self.inner.reruns.load(Ordering::Relaxed)
+    }
+
+    /// Every node seen — live or lost — with its devices, what this application's requests
+    /// did there, and (for a live node) its own counts, asked now.
+    pub async fn report(&self) -> Vec<NodeReport> {
+        let mut names = self.inner.nodes.names();
+        names.sort();
+        let mut reports = Vec::new();
+        for node in names {
+            let live = self.inner.nodes.live_since(&node).is_some();
+            let (answered, succeeded) = lock(&self.inner.tally).get(&node).copied().unwrap_or_default();
+            let servers: Vec<ActorRef<RemoteDeviceMsg>> = lock(&self.inner.known)
+                .iter()
+                .filter(|k| k.node == node)
+                .map(|k| k.actor.clone())
+                .collect();
+            let counts = match servers.first() {
+                Some(server) if live => counts_of(server).await.map(|now| {
+                    let before = lock(&self.inner.baseline).get(&node).cloned().unwrap_or_default();
+                    now.since(&before)
+                }),
+                _ => None,
+            };
+            reports.push(NodeReport {
+                addr: self.inner.nodes.addr(&node),
+                losses: self.inner.nodes.losses(&node),
+                devices: servers.len() as u32,
+                node,
+                live,
+                answered,
+                succeeded,
+                counts,
+            });
+        }
+        reports
+    }
 }
 
-/// Asks every joined node, every `every`, whether it answers (a `Describe` of one of its
-/// devices, allowed `silence` to come back); a node last heard of `silence` ago is lost.
-async fn heartbeats(nodes: Nodes, every: Duration, silence: Duration) {
-    use std::collections::HashMap;
+/// A node's counts, asked of one of its device servers.
+async fn counts_of(server: &ActorRef<RemoteDeviceMsg>) -> Option<NodeCounts> {
+    match server.call(RemoteDeviceMsg::Counts, Some(JOIN_TIMEOUT)).await {
+        Ok(CallResult::Success(bytes)) => decode::<Counted>(&bytes, "counts")
+            .ok()
+            .filter(|c| c.version == PROTOCOL)
+            .and_then(|c| c.counts.ok()),
+        _ => None,
+    }
+}
+
+/// One node as [`Cluster::report`] sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeReport {
+    /// Its name.
+    pub node: String,
+    /// The address it was dialled at.
+    pub addr: Option<String>,
+    /// Whether it is live now.
+    pub live: bool,
+    /// How often it was lost (its session closed, or it missed its heartbeats) since this
+    /// application joined: a node lost and back may have run requests answered `NodeLost`.
+    pub losses: u32,
+    /// Its devices seen.
+    pub devices: u32,
+    /// This application's requests its runtime answered (each chunk of a large copy is
+    /// one).
+    pub answered: u64,
+    /// Of which succeeded.
+    pub succeeded: u64,
+    /// Its own counts since this application first saw it (every application's requests:
+    /// with one application per node, exactly this one's), for a live node that answered.
+    pub counts: Option<NodeCounts>,
+}
+
+/// Asks every joined node, every `every`, whether it answers and how its devices are doing
+/// (a `Describe` of each of its devices, allowed `silence` to come back); a node last heard
+/// of `silence` ago is lost.
+async fn heartbeats(inner: Arc<Inner>, every: Duration, silence: Duration) {
     use std::time::Instant;
-    let heard: std::sync::Arc<std::sync::Mutex<HashMap<String, Instant>>> = Default::default();
+    let heard: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     loop {
         tokio::time::sleep(every).await;
         for cell in ractor::pg::get_members(&DEVICE_GROUP.to_string()) {
@@ -596,175 +660,28 @@ async fn heartbeats(nodes: Nodes, every: Duration, silence: Duration) {
                 continue;
             }
             let actor: ActorRef<RemoteDeviceMsg> = cell.into();
-            let heard = heard.clone();
+            let (heard, inner) = (heard.clone(), inner.clone());
             tokio::spawn(async move {
                 if let Ok(CallResult::Success(bytes)) = actor.call(RemoteDeviceMsg::Describe, Some(silence)).await
                     && let Ok(d) = decode::<Description>(&bytes, "description")
+                    && d.version == PROTOCOL
                 {
-                    hipvisor_core::sync::lock(&heard).insert(d.node, Instant::now());
+                    inner.see(actor, &d).await;
+                    lock(&heard).insert(d.node, Instant::now());
                 }
             });
         }
         let now = Instant::now();
-        let heard = hipvisor_core::sync::lock(&heard).clone();
-        for node in nodes.names() {
+        let heard = lock(&heard).clone();
+        for node in inner.nodes.names() {
             // Live since when (a node back counts from its return), heard of when.
-            let Some(since) = nodes.live_since(&node) else { continue };
+            let Some(since) = inner.nodes.live_since(&node) else {
+                continue;
+            };
             let last = heard.get(&node).copied().map_or(since, |h| h.max(since));
             if now.duration_since(last) >= silence {
-                nodes.lose(&node, "it missed its heartbeats");
+                inner.nodes.lose(&node, "it missed its heartbeats");
             }
         }
-    }
-}
-
-/// A device of another node: the same ops and answers as a local device. It belongs to the
-/// [`Cluster`] that found it: once that is dropped, it answers `NodeLost`.
-#[derive(Clone)]
-pub struct RemoteDevice {
-    actor: ActorRef<RemoteDeviceMsg>,
-    node: String,
-    device: u32,
-    deadline: Duration,
-    next_id: std::sync::Arc<AtomicU64>,
-    /// Whether its node is lost (session closed, heartbeats missed).
-    lost: tokio::sync::watch::Receiver<bool>,
-}
-
-impl RemoteDevice {
-    /// The node it belongs to.
-    pub fn node(&self) -> &str {
-        &self.node
-    }
-
-    /// Its index on its node.
-    pub fn index(&self) -> u32 {
-        self.device
-    }
-
-    /// Submits an op and waits for its one answer.
-    ///
-    /// # Errors
-    /// The op's typed error; `NodeLost` when its node went away or missed its heartbeats
-    /// (`may_have_executed: false` when it was lost before the request was sent);
-    /// `DeadlineExceeded` when a node still there did not answer by the deadline; `Remote`
-    /// for an answer that cannot be decoded.
-    pub async fn submit(&self, op: Op) -> OpResult {
-        // Bulk bytes travel in chunks under the transport's frame limit (16 MiB; a larger
-        // frame closes the whole session): a copy is its chunks' copies, in order, answered
-        // with the first error (copies are idempotent) or the whole.
-        match op {
-            Op::CopyToDevice { dst, offset, data } if data.len() > CHUNK => {
-                for (i, chunk) in data.as_bytes().chunks(CHUNK).enumerate() {
-                    let part = Op::CopyToDevice {
-                        dst,
-                        offset: offset + (i * CHUNK) as u64,
-                        data: chunk.to_vec().into(),
-                    };
-                    self.submit_one(part).await?;
-                }
-                Ok(hipvisor_core::Reply::Done)
-            }
-            Op::CopyFromDevice { src, offset, len } if len > CHUNK as u64 => {
-                let mut bytes = Vec::new();
-                bytes
-                    .try_reserve_exact(len as usize)
-                    .map_err(|_| RuntimeError::Remote {
-                        node: self.node.clone(),
-                        reason: format!("no host memory for the {len} bytes of a copy back"),
-                    })?;
-                let mut at = 0;
-                while at < len {
-                    let n = (len - at).min(CHUNK as u64);
-                    let part = Op::CopyFromDevice {
-                        src,
-                        offset: offset + at,
-                        len: n,
-                    };
-                    match self.submit_one(part).await? {
-                        hipvisor_core::Reply::Data(d) => bytes.extend_from_slice(d.as_bytes()),
-                        other => unreachable!("a copy back answered {other:?}"),
-                    }
-                    at += n;
-                }
-                Ok(hipvisor_core::Reply::Data(bytes.into()))
-            }
-            op => self.submit_one(op).await,
-        }
-    }
-
-    /// One request, one answer.
-    async fn submit_one(&self, op: Op) -> OpResult {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let kind = op.kind();
-        let request = Request {
-            version: PROTOCOL,
-            id,
-            deadline_ms: self.deadline.as_millis() as u64,
-            op,
-        };
-        let lost = || RuntimeError::NodeLost {
-            node: self.node.clone(),
-            may_have_executed: true,
-        };
-        if *self.lost.borrow() {
-            return Err(RuntimeError::NodeLost {
-                node: self.node.clone(),
-                may_have_executed: false,
-            });
-        }
-        let sent_at = std::time::Instant::now();
-        let call = self.actor.call(
-            |reply| RemoteDeviceMsg::Submit(encode(&request), reply),
-            Some(self.deadline + REPLY_MARGIN),
-        );
-        let mut gone = self.lost.clone();
-        let sent = tokio::select! {
-            sent = call => sent,
-            // Lost while the request was out (a frozen node misses its heartbeats): answered
-            // now, not at the deadline.
-            // (A closed watch — its `Cluster` dropped — is lost too.)
-            _ = gone.wait_for(|l| *l) => return Err(RuntimeError::NodeLost {
-                node: self.node.clone(),
-                may_have_executed: true,
-            }),
-        };
-        let bytes = match sent {
-            Ok(CallResult::Success(bytes)) => bytes,
-            // The session closed (its reply ports are dropped at once, and the node is lost
-            // by then), or no answer came by the deadline from a node still there (ractor
-            // reports either as a sender error or a timeout).
-            // (Before the deadline it cannot be one: the session dropped, and the event that
-            // marks the node lost may lag behind the dropped reply port.)
-            Ok(CallResult::SenderError | CallResult::Timeout) | Err(_)
-                if *self.lost.borrow() || sent_at.elapsed() < self.deadline =>
-            {
-                return Err(lost());
-            }
-            Ok(CallResult::SenderError | CallResult::Timeout) | Err(_) => {
-                return Err(RuntimeError::DeadlineExceeded {
-                    device: self.device,
-                    op: kind,
-                    deadline_ms: self.deadline.as_millis() as u64,
-                    may_have_executed: true,
-                });
-            }
-        };
-        let remote = |reason: String| RuntimeError::Remote {
-            node: self.node.clone(),
-            reason,
-        };
-        let answer = decode::<Answer>(&bytes, "answer").map_err(remote)?;
-        if answer.version != PROTOCOL {
-            return Err(remote(format!("an answer of protocol version {}", answer.version)));
-        }
-        if answer.id != id {
-            // The node could not read the request (it answers id 0 with why) or is broken.
-            return match answer.result {
-                Err(e @ RuntimeError::Remote { .. }) => Err(e),
-                _ => Err(remote(format!("the answer to request {} for request {id}", answer.id))),
-            };
-        }
-        answer.result
     }
 }

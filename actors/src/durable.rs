@@ -39,7 +39,7 @@ use crate::handle::DeviceHandle;
 use crate::runtime::Runtime;
 
 /// The bytes as a host copy (see the module docs and [`HostCopy::keep`]).
-fn host_copy(device: u32, data: Payload) -> Result<Payload, RuntimeError> {
+pub(crate) fn host_copy(device: u32, data: Payload) -> Result<Payload, RuntimeError> {
     let len = data.len();
     HostCopy::keep(data).map_err(|e| {
         let what = format!("a sealed host copy of {len} bytes: {e}");

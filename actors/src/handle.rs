@@ -3,9 +3,7 @@
 
 use std::sync::Arc;
 
-use hipvisor_core::{
-    BufferHandle, DeviceInfo, Dim3, KernelArg, MemInfo, ModuleHandle, ModuleSource, Op, OpKind, Payload, Reply,
-};
+use hipvisor_core::{Op, OpKind, Payload};
 
 use crate::error::{OpResult, RuntimeError};
 use crate::park;
@@ -61,6 +59,142 @@ macro_rules! expect_reply {
         }
     };
 }
+pub(crate) use expect_reply;
+
+/// The typed ops of a device — alloc, copies, memset, module loads, launches, synchronize,
+/// mem-info, device-info — over its `submit`: written once for every device type (a local
+/// [`DeviceHandle`], a cluster's remote device, either as a `Device`).
+macro_rules! typed_ops {
+    () => {
+    /// Allocates `bytes` of device memory.
+    ///
+    /// # Errors
+    /// The op's typed error (out of memory after retries, more than the device has, ...).
+    pub async fn alloc(&self, bytes: u64) -> Result<hipvisor_core::BufferHandle, $crate::RuntimeError> {
+        $crate::handle::expect_reply!(self.submit(hipvisor_core::Op::Alloc { bytes }).await, hipvisor_core::Reply::Buffer(b) => b)
+    }
+
+    /// Frees a buffer.
+    ///
+    /// # Errors
+    /// The op's typed error (unknown or stale handle, ...).
+    pub async fn free(&self, buffer: hipvisor_core::BufferHandle) -> Result<(), $crate::RuntimeError> {
+        $crate::handle::expect_reply!(self.submit(hipvisor_core::Op::Free { buffer }).await, hipvisor_core::Reply::Done => ())
+    }
+
+    /// Copies host bytes into `dst` at `offset`.
+    ///
+    /// # Errors
+    /// The op's typed error (out of bounds, stale handle, ...).
+    pub async fn copy_to_device(
+        &self,
+        dst: hipvisor_core::BufferHandle,
+        offset: u64,
+        data: impl Into<hipvisor_core::Payload>,
+    ) -> Result<(), $crate::RuntimeError> {
+        let op = hipvisor_core::Op::CopyToDevice {
+            dst,
+            offset,
+            data: data.into(),
+        };
+        $crate::handle::expect_reply!(self.submit(op).await, hipvisor_core::Reply::Done => ())
+    }
+
+    /// Copies `len` bytes at `offset` of `src` to the host.
+    ///
+    /// # Errors
+    /// The op's typed error (out of bounds, stale handle, ...).
+    pub async fn copy_from_device(&self, src: hipvisor_core::BufferHandle, offset: u64, len: u64) -> Result<hipvisor_core::Payload, $crate::RuntimeError> {
+        $crate::handle::expect_reply!(self.submit(hipvisor_core::Op::CopyFromDevice { src, offset, len }).await, hipvisor_core::Reply::Data(d) => d)
+    }
+
+    /// Copies between two buffers of this device.
+    ///
+    /// # Errors
+    /// The op's typed error (out of bounds, overlap, ...).
+    pub async fn copy_device_to_device(
+        &self,
+        src: hipvisor_core::BufferHandle,
+        src_offset: u64,
+        dst: hipvisor_core::BufferHandle,
+        dst_offset: u64,
+        len: u64,
+    ) -> Result<(), $crate::RuntimeError> {
+        let op = hipvisor_core::Op::CopyDeviceToDevice {
+            src,
+            src_offset,
+            dst,
+            dst_offset,
+            len,
+        };
+        $crate::handle::expect_reply!(self.submit(op).await, hipvisor_core::Reply::Done => ())
+    }
+
+    /// Sets `len` bytes at `offset` of `buffer` to `value`.
+    ///
+    /// # Errors
+    /// The op's typed error.
+    pub async fn memset(&self, buffer: hipvisor_core::BufferHandle, offset: u64, len: u64, value: u8) -> Result<(), $crate::RuntimeError> {
+        $crate::handle::expect_reply!(self.submit(hipvisor_core::Op::Memset { buffer, offset, len, value }).await, hipvisor_core::Reply::Done => ())
+    }
+
+    /// Loads a kernel module.
+    ///
+    /// # Errors
+    /// The op's typed error (bad image, ...).
+    pub async fn load_module(&self, source: hipvisor_core::ModuleSource) -> Result<hipvisor_core::ModuleHandle, $crate::RuntimeError> {
+        $crate::handle::expect_reply!(self.submit(hipvisor_core::Op::LoadModule { source }).await, hipvisor_core::Reply::Module(m) => m)
+    }
+
+    /// Launches `function` of `module` with one-dimensional `grid` × `block`.
+    ///
+    /// # Errors
+    /// The op's typed error (unknown kernel, bad arguments, quarantined, ...).
+    pub async fn launch(
+        &self,
+        module: hipvisor_core::ModuleHandle,
+        function: &str,
+        grid: u32,
+        block: u32,
+        args: Vec<hipvisor_core::KernelArg>,
+    ) -> Result<(), $crate::RuntimeError> {
+        let op = hipvisor_core::Op::Launch {
+            module,
+            function: function.to_string(),
+            grid: hipvisor_core::Dim3::x(grid),
+            block: hipvisor_core::Dim3::x(block),
+            shared_mem_bytes: 0,
+            args,
+        };
+        $crate::handle::expect_reply!(self.submit(op).await, hipvisor_core::Reply::Done => ())
+    }
+
+    /// Waits for the device's earlier work.
+    ///
+    /// # Errors
+    /// The op's typed error (a sticky fault of an earlier launch surfaces here).
+    pub async fn synchronize(&self) -> Result<(), $crate::RuntimeError> {
+        $crate::handle::expect_reply!(self.submit(hipvisor_core::Op::Synchronize).await, hipvisor_core::Reply::Done => ())
+    }
+
+    /// Free and total memory.
+    ///
+    /// # Errors
+    /// The op's typed error.
+    pub async fn mem_info(&self) -> Result<hipvisor_core::MemInfo, $crate::RuntimeError> {
+        $crate::handle::expect_reply!(self.submit(hipvisor_core::Op::MemInfo).await, hipvisor_core::Reply::MemInfo(m) => m)
+    }
+
+    /// The device's description.
+    ///
+    /// # Errors
+    /// The op's typed error.
+    pub async fn device_info(&self) -> Result<hipvisor_core::DeviceInfo, $crate::RuntimeError> {
+        $crate::handle::expect_reply!(self.submit(hipvisor_core::Op::DeviceInfo).await, hipvisor_core::Reply::DeviceInfo(i) => i)
+    }
+    };
+}
+pub(crate) use typed_ops;
 
 impl DeviceHandle {
     /// The device index.
@@ -151,130 +285,5 @@ impl DeviceHandle {
         self.answer(rx).await
     }
 
-    /// Allocates `bytes` of device memory.
-    ///
-    /// # Errors
-    /// The op's typed error (out of memory after retries, more than the device has, ...).
-    pub async fn alloc(&self, bytes: u64) -> Result<BufferHandle, RuntimeError> {
-        expect_reply!(self.submit(Op::Alloc { bytes }).await, Reply::Buffer(b) => b)
-    }
-
-    /// Frees a buffer.
-    ///
-    /// # Errors
-    /// The op's typed error (unknown or stale handle, ...).
-    pub async fn free(&self, buffer: BufferHandle) -> Result<(), RuntimeError> {
-        expect_reply!(self.submit(Op::Free { buffer }).await, Reply::Done => ())
-    }
-
-    /// Copies host bytes into `dst` at `offset`.
-    ///
-    /// # Errors
-    /// The op's typed error (out of bounds, stale handle, ...).
-    pub async fn copy_to_device(
-        &self,
-        dst: BufferHandle,
-        offset: u64,
-        data: impl Into<Payload>,
-    ) -> Result<(), RuntimeError> {
-        let op = Op::CopyToDevice {
-            dst,
-            offset,
-            data: data.into(),
-        };
-        expect_reply!(self.submit(op).await, Reply::Done => ())
-    }
-
-    /// Copies `len` bytes at `offset` of `src` to the host.
-    ///
-    /// # Errors
-    /// The op's typed error (out of bounds, stale handle, ...).
-    pub async fn copy_from_device(&self, src: BufferHandle, offset: u64, len: u64) -> Result<Payload, RuntimeError> {
-        expect_reply!(self.submit(Op::CopyFromDevice { src, offset, len }).await, Reply::Data(d) => d)
-    }
-
-    /// Copies between two buffers of this device.
-    ///
-    /// # Errors
-    /// The op's typed error (out of bounds, overlap, ...).
-    pub async fn copy_device_to_device(
-        &self,
-        src: BufferHandle,
-        src_offset: u64,
-        dst: BufferHandle,
-        dst_offset: u64,
-        len: u64,
-    ) -> Result<(), RuntimeError> {
-        let op = Op::CopyDeviceToDevice {
-            src,
-            src_offset,
-            dst,
-            dst_offset,
-            len,
-        };
-        expect_reply!(self.submit(op).await, Reply::Done => ())
-    }
-
-    /// Sets `len` bytes at `offset` of `buffer` to `value`.
-    ///
-    /// # Errors
-    /// The op's typed error.
-    pub async fn memset(&self, buffer: BufferHandle, offset: u64, len: u64, value: u8) -> Result<(), RuntimeError> {
-        expect_reply!(self.submit(Op::Memset { buffer, offset, len, value }).await, Reply::Done => ())
-    }
-
-    /// Loads a kernel module.
-    ///
-    /// # Errors
-    /// The op's typed error (bad image, ...).
-    pub async fn load_module(&self, source: ModuleSource) -> Result<ModuleHandle, RuntimeError> {
-        expect_reply!(self.submit(Op::LoadModule { source }).await, Reply::Module(m) => m)
-    }
-
-    /// Launches `function` of `module` with one-dimensional `grid` × `block`.
-    ///
-    /// # Errors
-    /// The op's typed error (unknown kernel, bad arguments, quarantined, ...).
-    pub async fn launch(
-        &self,
-        module: ModuleHandle,
-        function: &str,
-        grid: u32,
-        block: u32,
-        args: Vec<KernelArg>,
-    ) -> Result<(), RuntimeError> {
-        let op = Op::Launch {
-            module,
-            function: function.to_string(),
-            grid: Dim3::x(grid),
-            block: Dim3::x(block),
-            shared_mem_bytes: 0,
-            args,
-        };
-        expect_reply!(self.submit(op).await, Reply::Done => ())
-    }
-
-    /// Waits for the device's earlier work.
-    ///
-    /// # Errors
-    /// The op's typed error (a sticky fault of an earlier launch surfaces here).
-    pub async fn synchronize(&self) -> Result<(), RuntimeError> {
-        expect_reply!(self.submit(Op::Synchronize).await, Reply::Done => ())
-    }
-
-    /// Free and total memory.
-    ///
-    /// # Errors
-    /// The op's typed error.
-    pub async fn mem_info(&self) -> Result<MemInfo, RuntimeError> {
-        expect_reply!(self.submit(Op::MemInfo).await, Reply::MemInfo(m) => m)
-    }
-
-    /// The device's description.
-    ///
-    /// # Errors
-    /// The op's typed error.
-    pub async fn device_info(&self) -> Result<DeviceInfo, RuntimeError> {
-        expect_reply!(self.submit(Op::DeviceInfo).await, Reply::DeviceInfo(i) => i)
-    }
+    typed_ops!();
 }

@@ -52,6 +52,8 @@
 // 7. runtime (start and shutdown)
 // 8. durable, task (the API of durable buffers and tasks, on `DeviceHandle` and `Runtime`)
 // 9. cluster (feature `cluster`: nodes and remote devices)
+// 10. any_device (one device type for application code: local or remote)
+mod any_device;
 #[cfg(feature = "cluster")]
 pub mod cluster;
 mod device;
@@ -79,6 +81,7 @@ mod task;
 mod telemetry;
 mod watchdog;
 
+pub use any_device::Device;
 pub use device_actor::DeviceActor;
 pub use error::{OpResult, RuntimeError};
 pub use handle::{DeviceHandle, HostBuffer};

@@ -1,6 +1,8 @@
 //! Beyond one machine (feature `cluster`), with real processes on loopback: `hipvisor node`s
 //! serve their devices, an application joins them, uses every device, is refused with a
-//! wrong cookie, and gets `NodeLost` — not a hang — from a node that was killed.
+//! wrong cookie, and gets `NodeLost` — not a hang — from a node that was killed; tasks are
+//! placed on every node and move to another when theirs is killed or frozen; `hipvisor run
+//! --join` survives a node's SIGKILL and uses it again once restarted.
 #![cfg(feature = "cluster")]
 
 use std::io::{BufRead, BufReader};
@@ -32,6 +34,8 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 struct Node {
     child: Child,
     addr: SocketAddr,
+    /// Its metrics endpoint, when started with `--metrics-addr`.
+    metrics: Option<SocketAddr>,
 }
 
 impl Drop for Node {
@@ -74,15 +78,20 @@ fn node_on(port: u16, cookie: &std::path::Path, devices: u32, extra: &[&str]) ->
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        let mut metrics = None;
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line.strip_prefix("metrics on ") {
+                metrics = addr.parse::<SocketAddr>().ok();
+            }
             if line.starts_with("listening on") {
-                let _ = tx.send(());
+                let _ = tx.send(metrics);
             }
         }
     });
-    rx.recv_timeout(Duration::from_secs(30))
+    let metrics = rx
+        .recv_timeout(Duration::from_secs(30))
         .expect("the node says `listening on` within 30 s");
-    Node { child, addr }
+    Node { child, addr, metrics }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -343,4 +352,274 @@ async fn a_frozen_node_that_resumes_serves_again() {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
     let again = serving_again(&cluster, None).await;
     assert_eq!(again.node(), gpu.node(), "the same node, rejoined");
+}
+
+/// A small layer, `y = W·x + b`, replicated on every device of the cluster.
+struct Model {
+    w: hipvisor::ReplicatedBuffer,
+    b: hipvisor::ReplicatedBuffer,
+    kernels: hipvisor::ReplicatedModule,
+    weights: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+const ROWS: usize = 16;
+const COLS: usize = 32;
+
+impl Model {
+    async fn load(cluster: &Cluster) -> Model {
+        use hipvisor::core::kernels::f32_bytes;
+        let weights: Vec<f32> = (0..ROWS * COLS).map(|i| ((i % 13) as f32 - 6.0) / 8.0).collect();
+        let bias: Vec<f32> = (0..ROWS).map(|i| i as f32 / 4.0).collect();
+        Model {
+            w: cluster.replicate(f32_bytes(&weights)).await.expect("replicated"),
+            b: cluster.replicate(f32_bytes(&bias)).await.expect("replicated"),
+            kernels: cluster.replicate_module(ModuleSource::Builtin).await.expect("loaded"),
+            weights,
+            bias,
+        }
+    }
+
+    fn task(&self, x: &[f32]) -> hipvisor::Task {
+        use hipvisor::TaskArg;
+        let mut t = hipvisor::Task::new();
+        let xs = t.scratch(4 * COLS as u64);
+        let ys = t.scratch(4 * ROWS as u64);
+        t.copy_in(xs, 0, hipvisor::core::kernels::f32_bytes(x));
+        t.launch(
+            &self.kernels,
+            "gemv",
+            1,
+            ROWS as u32,
+            [
+                TaskArg::durable(&self.w),
+                xs.into(),
+                TaskArg::durable(&self.b),
+                ys.into(),
+                TaskArg::value(KernelArg::U32(ROWS as u32)),
+                TaskArg::value(KernelArg::U32(COLS as u32)),
+            ],
+        );
+        t.copy_out(ys, 0, 4 * ROWS as u64);
+        t
+    }
+
+    fn is_answer(&self, x: &[f32], out: &[hipvisor::Payload]) -> bool {
+        let want = hipvisor::core::kernels::reference::gemv(&self.weights, x, &self.bias, ROWS, COLS);
+        let got = hipvisor::core::kernels::f32s(out[0].as_bytes());
+        got.iter().map(|v| v.to_bits()).eq(want.iter().map(|v| v.to_bits()))
+    }
+}
+
+/// Polls `what` until it holds, for 60 s at most.
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}: not within 60 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tasks_run_on_every_node_and_move_when_theirs_is_killed_or_frozen() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let _one = SERIAL.lock().await;
+    let cookie = cookie_file("tasks", "t");
+    let (mut a, b, c) = (node(&cookie, 1), node(&cookie, 1), node(&cookie, 1));
+    let cluster = Arc::new(Cluster::join(&[a.addr, b.addr, c.addr], "t", &config()).await.unwrap());
+    let model = Arc::new(Model::load(&cluster).await);
+    let devices = cluster.devices().await;
+    assert_eq!(devices.len(), 3);
+    assert!(
+        devices
+            .iter()
+            .all(|d| d.replica(&model.w).is_some() && d.replica(&model.b).is_some()),
+        "a replica on every node's device"
+    );
+    let (served, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+    let mut workers = Vec::new();
+    for i in 0..6u32 {
+        let (cluster, model, served, stop) = (cluster.clone(), model.clone(), served.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let x: Vec<f32> = (0..COLS).map(|j| ((i * 31 + n + j as u32) % 17) as f32 / 8.0).collect();
+                match cluster.run(&model.task(&x)).await {
+                    Ok(out) if model.is_answer(&x, &out) => {
+                        served.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => failures.push("a wrong answer".to_string()),
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+            failures
+        }));
+    }
+    until("300 tasks served", || served.load(Ordering::Relaxed) >= 300).await;
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    until("300 more tasks served", || served.load(Ordering::Relaxed) >= 600).await;
+    let b_pid = nix::unistd::Pid::from_raw(b.child.id() as i32);
+    nix::sys::signal::kill(b_pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    until("300 more tasks served", || served.load(Ordering::Relaxed) >= 900).await;
+    // The frozen node is lost by its heartbeats; what it held moved on.
+    let lost = || async {
+        let r = cluster.report().await;
+        r.iter().filter(|n| !n.live).count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while lost().await < 2 {
+        assert!(Instant::now() < deadline, "the frozen node is lost within 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let at = served.load(Ordering::Relaxed);
+    until("tasks served after the freeze was detected", || {
+        served.load(Ordering::Relaxed) >= at + 100
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let failures = w.await.unwrap();
+        assert!(failures.is_empty(), "every task answered right: {failures:?}");
+    }
+    let report = cluster.report().await;
+    assert_eq!(report.len(), 3);
+    for n in &report {
+        assert!(n.answered > 0, "{} ran tasks: {n:?}", n.node);
+    }
+    let live: Vec<_> = report.iter().filter(|n| n.live).collect();
+    assert_eq!(live.len(), 1, "{report:?}");
+    let counts = live[0].counts.as_ref().expect("the live node's counts");
+    assert_eq!(
+        (counts.ops_total, counts.ops_succeeded),
+        (live[0].answered, live[0].succeeded),
+        "the live node counted exactly what it answered this application"
+    );
+    assert!(
+        cluster.task_reruns() >= 1,
+        "tasks in flight on the killed or frozen node ran again elsewhere"
+    );
+    nix::sys::signal::kill(b_pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_larger_than_a_frame_reaches_every_node_and_forged_ids_are_refused() {
+    let _one = SERIAL.lock().await;
+    let cookie = cookie_file("replica", "p");
+    let (a, b) = (node(&cookie, 1), node(&cookie, 2));
+    let cluster = Cluster::join(&[a.addr, b.addr], "p", &config()).await.unwrap();
+    let len = 12 << 20;
+    let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+    let r = cluster.replicate(data.clone()).await.expect("replicated");
+    let devices = cluster.devices().await;
+    assert_eq!(devices.len(), 3);
+    for gpu in devices {
+        let h = gpu.replica(&r).expect("a replica here");
+        assert_eq!((h.device, h.len), (gpu.index(), len as u64));
+        let back = gpu.copy_from_device(h, 0, len as u64).await.expect("read back");
+        assert!(
+            back.as_bytes() == data.as_slice(),
+            "{} device {}",
+            gpu.node(),
+            gpu.index()
+        );
+    }
+    // Durable buffers are made by replicate and durable, not by a submitted op.
+    let gpu = cluster.devices().await.pop().unwrap();
+    let forged = Op::Durable {
+        id: hipvisor::core::DURABLE_ID_BASE + 1,
+        data: vec![1u8; 8].into(),
+    };
+    let refused = gpu.submit(forged).await.unwrap_err();
+    assert_eq!(refused.label(), "invalid_request", "{refused}");
+}
+
+/// `GET path` of an HTTP endpoint, its body as JSON.
+fn get_json(addr: SocketAddr, path: &str) -> Option<serde_json::Value> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    serde_json::from_str(text.split("\r\n\r\n").nth(1)?).ok()
+}
+
+/// Ops a node's runtime answered, by its metrics endpoint.
+fn node_ops(n: &Node) -> u64 {
+    n.metrics
+        .and_then(|m| get_json(m, "/api/snapshot"))
+        .and_then(|s| s["ops_total"].as_u64())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_join_uses_three_nodes_survives_a_sigkill_and_uses_the_node_restarted() {
+    let _one = SERIAL.lock().await;
+    let cookie = cookie_file("run", "j");
+    let metrics = ["--metrics-addr", "127.0.0.1:0"];
+    let (a, mut b, c) = (
+        node_with(&cookie, 1, &metrics),
+        node_with(&cookie, 2, &metrics),
+        node_with(&cookie, 1, &metrics),
+    );
+    let join = format!("{},{},{}", a.addr, b.addr, c.addr);
+    let runner = Command::new(env!("CARGO_BIN_EXE_hipvisor"))
+        .args(["run", "--join", &join, "--cookie-file"])
+        .arg(&cookie)
+        .args(["--workload", "inference", "--ops", "100000000", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("hipvisor run starts");
+    let b_port = b.addr.port();
+    until("every node serves the run", || {
+        [&a, &b, &c].iter().all(|n| node_ops(n) > 50)
+    })
+    .await;
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+    let at = node_ops(&a) + node_ops(&c);
+    until("the run goes on after the kill", || {
+        node_ops(&a) + node_ops(&c) > at + 500
+    })
+    .await;
+    // The same address, a new process: dialled again, given the model's replicas, and then
+    // requests.
+    let again = node_on(b_port, &cookie, 2, &metrics);
+    until("the restarted node serves the run", || node_ops(&again) > 50).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(runner.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = runner.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "interrupted by SIGINT");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+    assert_eq!(report["ops"]["missing_replies"], 0, "{report}");
+    assert_eq!(report["ops"]["wrong_results"], 0, "{report}");
+    assert_eq!(report["metrics_consistent"], true, "{report}");
+    assert_eq!(
+        report["app_visible_failures"], 0,
+        "tasks moved off the killed node: {report}"
+    );
+    let nodes = report["nodes"].as_array().expect("nodes");
+    let dead: Vec<_> = nodes.iter().filter(|n| n["live"] == false).collect();
+    assert_eq!(dead.len(), 1, "the killed node, reported: {report}");
+    assert!(dead[0]["ops"].as_u64().unwrap() > 0);
+    assert_eq!(dead[0]["checked"], false, "its counts are excluded");
+    let live: Vec<_> = nodes.iter().filter(|n| n["live"] == true).collect();
+    assert_eq!(live.len(), 3, "two nodes and the restarted one: {report}");
+    assert!(
+        live.iter()
+            .all(|n| n["ops"].as_u64().unwrap() > 0 && n["checked"] == true),
+        "{report}"
+    );
+    assert!(
+        live.iter().any(|n| n["addr"] == dead[0]["addr"]),
+        "the restarted node, on the dead one's address: {report}"
+    );
 }

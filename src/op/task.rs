@@ -154,6 +154,21 @@ impl TaskOp {
             .any(|a| matches!(a, TaskArg::DurableMut(_)))
     }
 
+    /// The same task for `device`: every module and durable buffer it names is taken to
+    /// be that device's (a task bound by another numbering of devices — a cluster's — sent
+    /// to the node that numbers its device `device`). Scratch buffers and values are the
+    /// same everywhere.
+    pub fn retarget(&mut self, device: u32) {
+        for l in &mut self.launches {
+            l.module.device = device;
+            for a in &mut l.args {
+                if let TaskArg::Durable(b) | TaskArg::DurableMut(b) = a {
+                    b.device = device;
+                }
+            }
+        }
+    }
+
     /// The durable buffers the task names (once per argument).
     pub fn durable_buffers(&self) -> impl Iterator<Item = BufferHandle> + '_ {
         self.launches.iter().flat_map(|l| &l.args).filter_map(|a| match a {

@@ -5,7 +5,9 @@
 //! request costs it latency, not an error: the runtime reruns the task.
 
 use hipvisor::core::kernels::{f32_bytes, f32s, reference};
-use hipvisor::{KernelArg, ModuleSource, ReplicatedBuffer, ReplicatedModule, Runtime, RuntimeError, Task, TaskArg};
+use hipvisor::{KernelArg, ModuleSource, ReplicatedBuffer, ReplicatedModule, RuntimeError, Task, TaskArg};
+
+use crate::cli::target::Target;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -36,7 +38,7 @@ impl Mlp {
     ///
     /// # Errors
     /// When no device got a replica of something.
-    pub(crate) async fn load(rt: &Runtime, seed: u64) -> Result<Mlp, RuntimeError> {
+    pub(crate) async fn load(rt: &Target, seed: u64) -> Result<Mlp, RuntimeError> {
         let mut rng = SmallRng::seed_from_u64(seed);
         let kernels = rt.replicate_module(ModuleSource::Builtin).await?;
         let mut layers = Vec::new();

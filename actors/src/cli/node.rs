@@ -33,19 +33,9 @@ pub(crate) fn main(args: NodeArgs) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let cookie = match std::fs::read_to_string(&args.cookie_file) {
-        Ok(c) if !c.trim_end_matches(['\n', '\r']).is_empty() => c.trim_end_matches(['\n', '\r']).to_string(),
-        Ok(_) => {
-            eprintln!("hipvisor: the cookie file {} is empty", args.cookie_file.display());
-            return ExitCode::from(2);
-        }
-        Err(e) => {
-            eprintln!(
-                "hipvisor: cannot read the cookie file {}: {e}",
-                args.cookie_file.display()
-            );
-            return ExitCode::from(2);
-        }
+    let cookie = match read_cookie(&args.cookie_file) {
+        Ok(c) => c,
+        Err(code) => return code,
     };
     let Ok(tokio) = tokio::runtime::Builder::new_multi_thread().enable_all().build() else {
         eprintln!("hipvisor: cannot start tokio");
@@ -95,4 +85,88 @@ pub(crate) fn main(args: NodeArgs) -> ExitCode {
         runtime.shutdown().await;
         ExitCode::SUCCESS
     })
+}
+
+/// The cookie in `path`, without its trailing newline; exit status 2 when it cannot be read
+/// or is empty.
+pub(crate) fn read_cookie(path: &std::path::Path) -> Result<String, ExitCode> {
+    match std::fs::read_to_string(path) {
+        Ok(c) if !c.trim_end_matches(['\n', '\r']).is_empty() => Ok(c.trim_end_matches(['\n', '\r']).to_string()),
+        Ok(_) => {
+            eprintln!("hipvisor: the cookie file {} is empty", path.display());
+            Err(ExitCode::from(2))
+        }
+        Err(e) => {
+            eprintln!("hipvisor: cannot read the cookie file {}: {e}", path.display());
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+/// What `run --join` reports of the cluster at its end: the nodes' counts merged into one
+/// snapshot, and the check that each node's metrics counted exactly the requests this
+/// application got answers for from it.
+pub(crate) struct ClusterEnd {
+    /// The live nodes' counts, summed (ops, retries, restarts, task reruns — the cluster's
+    /// own reruns across nodes included).
+    pub(crate) snapshot: hipvisor::Snapshot,
+    /// Answered and succeeded, by the checked nodes' metrics.
+    pub(crate) metric: (u64, u64),
+    /// Answered and succeeded, as this application saw them from the same nodes.
+    pub(crate) answered: (u64, u64),
+    /// `[{"addr", "node", "devices", "ops", ...}]`, one per node seen.
+    pub(crate) nodes: serde_json::Value,
+}
+
+impl ClusterEnd {
+    /// The end of a run on `cluster`. A node lost during the run (dead, or frozen and back)
+    /// is excluded from the check and reported: requests it ran may have been answered
+    /// `NodeLost` here, and a dead one cannot be asked.
+    pub(crate) async fn of(cluster: &hipvisor::cluster::Cluster) -> ClusterEnd {
+        let mut end = ClusterEnd {
+            snapshot: hipvisor::Snapshot::default(),
+            metric: (0, 0),
+            answered: (0, 0),
+            nodes: serde_json::Value::Array(Vec::new()),
+        };
+        let s = &mut end.snapshot;
+        let mut nodes = Vec::new();
+        for r in cluster.report().await {
+            let checked = r.live && r.losses == 0;
+            if checked {
+                end.answered.0 += r.answered;
+                end.answered.1 += r.succeeded;
+                // A live node that did not give its counts disagrees with what was seen.
+                if let Some(c) = &r.counts {
+                    end.metric.0 += c.ops_total;
+                    end.metric.1 += c.ops_succeeded;
+                }
+            }
+            if let Some(c) = r.counts.as_ref().filter(|_| r.live) {
+                s.ops_total += c.ops_total;
+                s.ops_succeeded += c.ops_succeeded;
+                s.ops_failed += c.ops_total - c.ops_succeeded;
+                s.restarts += c.restarts;
+                s.retries.attempts += c.retries.attempts;
+                s.retries.succeeded += c.retries.succeeded;
+                s.retries.exhausted += c.retries.exhausted;
+                s.recovery.task_reruns += c.task_reruns;
+            }
+            nodes.push(serde_json::json!({
+                "addr": r.addr,
+                "node": r.node,
+                "live": r.live,
+                "lost": r.losses,
+                "devices": r.devices,
+                "ops": r.answered,
+                "succeeded": r.succeeded,
+                "node_ops": r.counts.as_ref().map(|c| c.ops_total),
+                "device_states": r.counts.as_ref().map(|c| c.devices.iter().map(|d| d.as_str()).collect::<Vec<_>>()),
+                "checked": checked,
+            }));
+        }
+        end.snapshot.recovery.task_reruns += cluster.task_reruns();
+        end.nodes = serde_json::Value::Array(nodes);
+        end
+    }
 }

@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use hipvisor::core::kernels::{self, SAXPY_TOLERANCE_ULPS, f32_bytes, f32s, reference};
 use hipvisor::{
-    BufferHandle, DeviceMsg, Dim3, KernelArg, ModuleHandle, ModuleSource, Op, OpResult, Reply, Runtime, RuntimeError,
+    BufferHandle, Device, DeviceMsg, Dim3, KernelArg, ModuleHandle, ModuleSource, Op, OpResult, Reply, Runtime,
+    RuntimeError,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use ractor::rpc::CallResult;
@@ -38,6 +39,7 @@ use serde_json::json;
 
 use crate::CommonArgs;
 use crate::cli::inference::Mlp;
+use crate::cli::target::Target;
 use crate::cli::{SIGINT, SIGTERM, signal_name, summary};
 
 /// What the application actors do.
@@ -81,6 +83,15 @@ pub(crate) struct RunArgs {
     /// OpenTelemetry, as JSON lines on stderr.
     #[arg(long)]
     pub(crate) otel_traces: bool,
+    /// Run against the devices of the `hipvisor node`s at these addresses (comma-separated)
+    /// instead of this process's own: the report adds `nodes`.
+    #[cfg(feature = "cluster")]
+    #[arg(long, value_delimiter = ',', requires = "cookie_file")]
+    join: Vec<std::net::SocketAddr>,
+    /// File holding the cluster's cookie (with `--join`; a trailing newline is ignored).
+    #[cfg(feature = "cluster")]
+    #[arg(long)]
+    cookie_file: Option<std::path::PathBuf>,
     /// Set by `hipvisor chaos`: wait for every device to be ready, check the invariants.
     #[arg(skip)]
     pub(crate) chaos: bool,
@@ -117,7 +128,7 @@ struct Observed {
 }
 
 struct Job {
-    runtime: Arc<Runtime>,
+    target: Target,
     budget: u64,
     submitted: AtomicU64,
     observed: Mutex<Observed>,
@@ -132,10 +143,11 @@ impl Job {
         f(&mut hipvisor_core::sync::lock(&self.observed));
     }
 
-    /// Submits one op to `device`'s actor and waits for its answer. `None` is a missing
-    /// reply: no answer within the deadline (plus a margin), or a reply port dropped
-    /// unanswered — or, once a signal stopped the job, an op not submitted (not counted).
-    async fn op(&self, device: u32, op: Op) -> Option<OpResult> {
+    /// Submits one op to `device` (a local one through its actor) and waits for its answer.
+    /// `None` is a missing reply: no answer within the deadline (plus a margin), or a reply
+    /// port dropped unanswered — or, once a signal stopped the job, an op not submitted (not
+    /// counted).
+    async fn op(&self, device: &Device, op: Op) -> Option<OpResult> {
         if self.stopped() {
             return None;
         }
@@ -156,7 +168,7 @@ impl Job {
         self.submitted.fetch_add(1, Ordering::Relaxed);
         self.progress.inc(1);
         let started = Instant::now();
-        let result = tokio::time::timeout(self.op_deadline + REPLY_MARGIN, self.runtime.run(task))
+        let result = tokio::time::timeout(self.op_deadline + REPLY_MARGIN, self.target.run(task))
             .await
             .ok();
         let observed = result
@@ -188,9 +200,20 @@ impl Job {
         });
     }
 
-    /// Submits one op to `device`'s actor (or, while the actor restarts, its handle).
-    async fn submit(&self, device: u32, op: Op) -> Option<OpResult> {
-        match self.runtime.device_ref(device) {
+    /// Submits one op to a local device's actor (or, while the actor restarts, its handle),
+    /// or to a remote device.
+    async fn submit(&self, device: &Device, op: Op) -> Option<OpResult> {
+        let runtime = match (&self.target, device) {
+            (Target::Local(rt), Device::Local(_)) => rt,
+            #[cfg(feature = "cluster")]
+            _ => {
+                return tokio::time::timeout(self.op_deadline + REPLY_MARGIN, device.submit(op))
+                    .await
+                    .ok();
+            }
+        };
+        let device = device.index();
+        match runtime.device_ref(device) {
             Ok(actor) => match actor
                 .call(
                     |reply| DeviceMsg::Submit { op, reply },
@@ -201,17 +224,10 @@ impl Job {
                 Ok(CallResult::Success(r)) => Some(r),
                 Ok(CallResult::Timeout | CallResult::SenderError) => None,
                 // The actor is being restarted: use the typed path, which does not need it.
-                Err(MessagingErr::SendErr(DeviceMsg::Submit { op, .. })) => Some(self.direct(device, op).await),
+                Err(MessagingErr::SendErr(DeviceMsg::Submit { op, .. })) => Some(direct(runtime, device, op).await),
                 Err(_) => None,
             },
-            Err(_) => Some(self.direct(device, op).await),
-        }
-    }
-
-    async fn direct(&self, device: u32, op: Op) -> OpResult {
-        match self.runtime.device(device) {
-            Ok(h) => h.submit(op).await,
-            Err(e) => Err(e),
+            Err(_) => Some(direct(runtime, device, op).await),
         }
     }
 
@@ -224,13 +240,21 @@ impl Job {
     }
 }
 
+async fn direct(runtime: &Runtime, device: u32, op: Op) -> OpResult {
+    match runtime.device(device) {
+        Ok(h) => h.submit(op).await,
+        Err(e) => Err(e),
+    }
+}
+
 /// One application actor.
 struct AppActor;
 
 struct AppState {
     job: Arc<Job>,
     rng: SmallRng,
-    modules: HashMap<u32, ModuleHandle>,
+    /// By node (none: this process's) and device index.
+    modules: HashMap<(Option<String>, u32), ModuleHandle>,
 }
 
 struct Step;
@@ -313,14 +337,15 @@ impl Actor for RequestActor {
 /// One iteration; `false` when no device can take work any more.
 async fn iteration(st: &mut AppState) -> bool {
     let job = st.job.clone();
-    let Ok(device) = job.runtime.any().map(|h| h.index()) else {
+    let Some(gpu) = job.target.pick() else {
         return false;
     };
-    let module = match st.modules.get(&device) {
+    let (node, device) = (gpu.node().map(str::to_string), gpu.index());
+    let module = match st.modules.get(&(node.clone(), device)) {
         Some(m) => *m,
         None => match job
             .op(
-                device,
+                &gpu,
                 Op::LoadModule {
                     source: ModuleSource::Builtin,
                 },
@@ -328,7 +353,7 @@ async fn iteration(st: &mut AppState) -> bool {
             .await
         {
             Some(Ok(Reply::Module(m))) => {
-                st.modules.insert(m.device, m);
+                st.modules.insert((node, m.device), m);
                 if m.device != device {
                     return true;
                 }
@@ -347,7 +372,7 @@ async fn iteration(st: &mut AppState) -> bool {
     let verified = async {
         let count = if saxpy { 2 } else { 3 };
         for _ in 0..count {
-            match job.op(device, Op::Alloc { bytes }).await {
+            match job.op(&gpu, Op::Alloc { bytes }).await {
                 Some(Ok(Reply::Buffer(b))) => buffers.push(b),
                 _ => return,
             }
@@ -361,7 +386,7 @@ async fn iteration(st: &mut AppState) -> bool {
                 offset: 0,
                 data: f32_bytes(data).into(),
             };
-            if !matches!(job.op(device, op).await, Some(Ok(_))) {
+            if !matches!(job.op(&gpu, op).await, Some(Ok(_))) {
                 return;
             }
         }
@@ -390,12 +415,12 @@ async fn iteration(st: &mut AppState) -> bool {
             shared_mem_bytes: 0,
             args,
         };
-        if !matches!(job.op(device, launch).await, Some(Ok(_))) {
+        if !matches!(job.op(&gpu, launch).await, Some(Ok(_))) {
             return;
         }
         let got = match job
             .op(
-                device,
+                &gpu,
                 Op::CopyFromDevice {
                     src: result,
                     offset: 0,
@@ -424,7 +449,9 @@ async fn iteration(st: &mut AppState) -> bool {
     };
     verified.await;
     for b in buffers {
-        job.op(b.device, Op::Free { buffer: b }).await;
+        if let Some(owner) = job.target.device_of(&gpu, b.device) {
+            job.op(&owner, Op::Free { buffer: b }).await;
+        }
     }
     true
 }
@@ -506,6 +533,32 @@ async fn run(args: RunArgs, config: hipvisor::RuntimeConfig) -> ExitCode {
     let op_deadline = Duration::from_millis(config.runtime.op_deadline_ms);
     let stop = Arc::new(AtomicI32::new(0));
     let mut stop_rx = listen_for_signals(stop.clone());
+    #[cfg(feature = "cluster")]
+    if !args.join.is_empty() {
+        let cluster = match join(&args, &config).await {
+            Ok(c) => Arc::new(c),
+            Err(code) => return code,
+        };
+        let devices = cluster.devices().await.len() as u32;
+        let ever_ready = cluster.any().is_some();
+        let target = Target::Cluster(cluster);
+        let (job, elapsed, interrupted) = match drive(target, &args, seed, op_deadline, stop).await {
+            Ok(done) => done,
+            Err(code) => return code,
+        };
+        let end = RunEnd {
+            json: args.json,
+            chaos: false,
+            workload: args.workload,
+            backend: "cluster",
+            isolation: "remote",
+            devices,
+            elapsed,
+            interrupted,
+            ever_ready,
+        };
+        return finish(job, end).await;
+    }
     let mut builder = Runtime::builder().config(config);
     if let Some(addr) = args.metrics_addr {
         builder = builder.serve_metrics(addr);
@@ -541,62 +594,11 @@ async fn run(args: RunArgs, config: hipvisor::RuntimeConfig) -> ExitCode {
             }
         })
     };
-    let progress = ProgressBar::new(args.ops);
-    progress.set_style(
-        ProgressStyle::with_template("{spinner} {pos}/{len} ops [{bar:40}] {per_sec} {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    let job = Arc::new(Job {
-        runtime: runtime.clone(),
-        budget: args.ops,
-        submitted: AtomicU64::new(0),
-        observed: Mutex::new(Observed::default()),
-        progress: progress.clone(),
-        op_deadline,
-        stop: stop.clone(),
-    });
-    // The inference workload's model, on every device (its ops are not requests).
-    let mlp = match args.workload {
-        Workload::Ops => None,
-        Workload::Inference => match Mlp::load(&runtime, seed).await {
-            Ok(m) => Some(Arc::new(m)),
-            Err(e) => {
-                eprintln!("hipvisor: the inference model could not be loaded on any device: {e}");
-                return ExitCode::FAILURE;
-            }
-        },
-    };
-    let started = Instant::now();
-    let mut handles = Vec::new();
-    for i in 0..args.actors.max(1) {
-        let worker_seed = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(u64::from(i));
-        let spawned = match &mlp {
-            None => Actor::spawn(None, AppActor, (job.clone(), worker_seed))
-                .await
-                .map(|(_, h)| h),
-            Some(m) => Actor::spawn(None, RequestActor, (job.clone(), m.clone(), worker_seed))
-                .await
-                .map(|(_, h)| h),
+    let (job, elapsed, mut interrupted) =
+        match drive(Target::Local(runtime.clone()), &args, seed, op_deadline, stop.clone()).await {
+            Ok(done) => done,
+            Err(code) => return code,
         };
-        match spawned {
-            Ok(h) => handles.push(h),
-            Err(e) => {
-                eprintln!("hipvisor: cannot start an application actor: {e}");
-                return ExitCode::FAILURE;
-            }
-        }
-    }
-    for h in handles {
-        let _ = h.await;
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    progress.finish_and_clear();
-    // Interrupted: a signal stopped the job before it had submitted its ops.
-    let mut interrupted = match stop.load(Ordering::Relaxed) {
-        0 => None,
-        _ if job.submitted.load(Ordering::Relaxed) >= job.budget => None,
-        s => Some(s),
-    };
     if args.chaos && interrupted.is_none() {
         // Every device must be ready at the end: give lost and restarting ones time to
         // return (a failed one is out of service for good: no use waiting for it; a signal
@@ -625,8 +627,8 @@ async fn run(args: RunArgs, config: hipvisor::RuntimeConfig) -> ExitCode {
         json: args.json,
         chaos: args.chaos,
         workload: args.workload,
-        backend: runtime.backend(),
-        isolation,
+        backend: runtime.backend().as_str(),
+        isolation: isolation.as_str(),
         devices: runtime.device_count(),
         elapsed,
         interrupted,
@@ -636,13 +638,108 @@ async fn run(args: RunArgs, config: hipvisor::RuntimeConfig) -> ExitCode {
     finish(job, end).await
 }
 
+/// Joins the nodes of `--join` with the cookie of `--cookie-file`; exit status 2 for flags
+/// that do not go with it, 1 when a node cannot be joined.
+#[cfg(feature = "cluster")]
+async fn join(args: &RunArgs, config: &hipvisor::RuntimeConfig) -> Result<hipvisor::cluster::Cluster, ExitCode> {
+    if args.chaos {
+        eprintln!(
+            "hipvisor: chaos does not take --join: run `hipvisor chaos` on each node (cluster-wide chaos is not built)"
+        );
+        return Err(ExitCode::from(2));
+    }
+    if args.metrics_addr.is_some() {
+        eprintln!("hipvisor: --metrics-addr with --join: each node serves its own (`hipvisor node --metrics-addr`)");
+        return Err(ExitCode::from(2));
+    }
+    let Some(path) = &args.cookie_file else {
+        eprintln!("hipvisor: --join needs --cookie-file");
+        return Err(ExitCode::from(2));
+    };
+    let cookie = crate::cli::node::read_cookie(path)?;
+    hipvisor::cluster::Cluster::join(&args.join, &cookie, config)
+        .await
+        .map_err(|e| {
+            eprintln!("hipvisor: cannot join the cluster: {e}");
+            ExitCode::FAILURE
+        })
+}
+
+/// Runs the application actors against `target` until the job's ops are submitted (or a
+/// signal stops it): the job, its seconds, and the signal that stopped it early.
+async fn drive(
+    target: Target,
+    args: &RunArgs,
+    seed: u64,
+    op_deadline: Duration,
+    stop: Arc<AtomicI32>,
+) -> Result<(Arc<Job>, f64, Option<i32>), ExitCode> {
+    let progress = ProgressBar::new(args.ops);
+    progress.set_style(
+        ProgressStyle::with_template("{spinner} {pos}/{len} ops [{bar:40}] {per_sec} {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let job = Arc::new(Job {
+        target,
+        budget: args.ops,
+        submitted: AtomicU64::new(0),
+        observed: Mutex::new(Observed::default()),
+        progress: progress.clone(),
+        op_deadline,
+        stop: stop.clone(),
+    });
+    // The inference workload's model, on every device (its ops are not requests).
+    let mlp = match args.workload {
+        Workload::Ops => None,
+        Workload::Inference => match Mlp::load(&job.target, seed).await {
+            Ok(m) => Some(Arc::new(m)),
+            Err(e) => {
+                eprintln!("hipvisor: the inference model could not be loaded on any device: {e}");
+                return Err(ExitCode::FAILURE);
+            }
+        },
+    };
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for i in 0..args.actors.max(1) {
+        let worker_seed = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(u64::from(i));
+        let spawned = match &mlp {
+            None => Actor::spawn(None, AppActor, (job.clone(), worker_seed))
+                .await
+                .map(|(_, h)| h),
+            Some(m) => Actor::spawn(None, RequestActor, (job.clone(), m.clone(), worker_seed))
+                .await
+                .map(|(_, h)| h),
+        };
+        match spawned {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                eprintln!("hipvisor: cannot start an application actor: {e}");
+                return Err(ExitCode::FAILURE);
+            }
+        }
+    }
+    for h in handles {
+        let _ = h.await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    progress.finish_and_clear();
+    // Interrupted: a signal stopped the job before it had submitted its ops.
+    let interrupted = match stop.load(Ordering::Relaxed) {
+        0 => None,
+        _ if job.submitted.load(Ordering::Relaxed) >= job.budget => None,
+        s => Some(s),
+    };
+    Ok((job, elapsed, interrupted))
+}
+
 /// How the run went, beside what the job observed.
 struct RunEnd {
     json: bool,
     chaos: bool,
     workload: Workload,
-    backend: hipvisor::BackendKind,
-    isolation: hipvisor::core::config::Isolation,
+    backend: &'static str,
+    isolation: &'static str,
     devices: u32,
     elapsed: f64,
     /// The signal that stopped the job before it had submitted its ops.
@@ -667,34 +764,42 @@ async fn finish(job: Arc<Job>, end: RunEnd) -> ExitCode {
         eprintln!("hipvisor: internal error: the job is still shared");
         return ExitCode::FAILURE;
     };
-    let runtime = match Arc::try_unwrap(job.runtime) {
-        Ok(r) => r,
-        Err(_) => {
-            eprintln!("hipvisor: internal error: the runtime is still shared");
-            return ExitCode::FAILURE;
-        }
-    };
-    let snapshot = runtime.shutdown().await;
     let mut o = hipvisor_core::sync::into_inner(job.observed);
     o.latencies_us.sort_by(f64::total_cmp);
     let submitted = job.submitted.load(Ordering::Relaxed);
     let answered = o.succeeded + o.failed;
-    // The inference workload's requests are its tasks (the model's setup ops aside): one op
-    // of kind `task` each in the metrics.
-    let (metric_answered, metric_succeeded) = match workload {
-        Workload::Ops => (snapshot.ops_total, snapshot.ops_succeeded),
-        Workload::Inference => {
-            snapshot
-                .ops
-                .iter()
-                .filter(|c| c.op == hipvisor::OpKind::Task)
-                .fold((0, 0), |(a, s), c| {
-                    let ok = c.outcome == hipvisor::metrics::Outcome::Success;
-                    (a + c.count, s + if ok { c.count } else { 0 })
-                })
+    // What the metrics say was answered and succeeded, against what was observed.
+    let (snapshot, (metric_answered, metric_succeeded), (answered, succeeded), nodes) = match job.target {
+        Target::Local(runtime) => {
+            let Ok(runtime) = Arc::try_unwrap(runtime) else {
+                eprintln!("hipvisor: internal error: the runtime is still shared");
+                return ExitCode::FAILURE;
+            };
+            let snapshot = runtime.shutdown().await;
+            // The inference workload's requests are its tasks (the model's setup ops
+            // aside): one op of kind `task` each in the metrics.
+            let metric = match workload {
+                Workload::Ops => (snapshot.ops_total, snapshot.ops_succeeded),
+                Workload::Inference => {
+                    snapshot
+                        .ops
+                        .iter()
+                        .filter(|c| c.op == hipvisor::OpKind::Task)
+                        .fold((0, 0), |(a, s), c| {
+                            let ok = c.outcome == hipvisor::metrics::Outcome::Success;
+                            (a + c.count, s + if ok { c.count } else { 0 })
+                        })
+                }
+            };
+            (snapshot, metric, (answered, o.succeeded), None)
+        }
+        #[cfg(feature = "cluster")]
+        Target::Cluster(cluster) => {
+            let end = crate::cli::node::ClusterEnd::of(&cluster).await;
+            (end.snapshot, end.metric, end.answered, Some(end.nodes))
         }
     };
-    let consistent = metric_answered == answered && metric_succeeded == o.succeeded;
+    let consistent = metric_answered == answered && metric_succeeded == succeeded;
     let class = |k: &str| o.by_class.get(k).copied().unwrap_or(0);
     let device_states = || {
         snapshot
@@ -734,8 +839,8 @@ async fn finish(job: Arc<Job>, end: RunEnd) -> ExitCode {
         None
     };
     let mut report = json!({
-        "backend": backend.as_str(),
-        "isolation": isolation.as_str(),
+        "backend": backend,
+        "isolation": isolation,
         "devices": devices,
         "ops": {
             "submitted": submitted,
@@ -783,6 +888,9 @@ async fn finish(job: Arc<Job>, end: RunEnd) -> ExitCode {
         });
         report["durable"] = json!(snapshot.recovery);
     }
+    if let Some(nodes) = nodes {
+        report["nodes"] = nodes;
+    }
     let mut violations: Vec<String> = Vec::new();
     if chaos {
         if o.missing > 0 {
@@ -797,7 +905,7 @@ async fn finish(job: Arc<Job>, end: RunEnd) -> ExitCode {
         if !consistent {
             violations.push(format!(
                 "metrics disagree with the application: {} answered / {} succeeded in the metrics, {answered} / {} observed",
-                metric_answered, metric_succeeded, o.succeeded
+                metric_answered, metric_succeeded, succeeded
             ));
         }
         if let Some(why) = &could_not_run {
@@ -841,7 +949,7 @@ async fn finish(job: Arc<Job>, end: RunEnd) -> ExitCode {
         eprintln!(
             "hipvisor: metrics disagree with what the application observed: metrics {} answered / {} succeeded, \
              observed {answered} / {}",
-            metric_answered, metric_succeeded, o.succeeded
+            metric_answered, metric_succeeded, succeeded
         );
     }
     for v in &violations {

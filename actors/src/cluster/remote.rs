@@ -1,0 +1,259 @@
+//! A device of another node ([`RemoteDevice`]): the typed ops of a local device, each one
+//! request with an id and a deadline, answered once.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use hipvisor_core::{BufferHandle, Op, OpKind, Payload, Reply};
+use ractor::ActorRef;
+use ractor::rpc::CallResult;
+
+use super::wire::{Answer, CHUNK, Call, PEER_DURABLE_BASE, PROTOCOL, RemoteDeviceMsg, Request, decode, encode};
+use super::{Inner, REPLY_MARGIN};
+use crate::error::{OpResult, RuntimeError};
+use crate::handle::typed_ops;
+use crate::shared::Shared;
+use crate::state::DeviceState;
+
+/// A device of another node: the same typed ops and answers as a local device
+/// ([`crate::DeviceHandle`]; both are a [`crate::Device`]). It belongs to the
+/// [`Cluster`](super::Cluster) that found it: once its node is lost, or the `Cluster` is
+/// dropped, it answers `NodeLost`.
+///
+/// The handles it gives carry its index on its node ([`RemoteDevice::index`]); its number
+/// among every device the cluster has seen is [`RemoteDevice::slot`] — the numbering of
+/// [`Cluster::replicate`](super::Cluster::replicate)'s and
+/// [`Cluster::replicate_module`](super::Cluster::replicate_module)'s replicas.
+#[derive(Clone)]
+pub struct RemoteDevice {
+    pub(super) inner: Arc<Inner>,
+    pub(super) actor: ActorRef<RemoteDeviceMsg>,
+    pub(super) node: String,
+    pub(super) device: u32,
+    pub(super) slot: u32,
+    /// Whether its node is lost (session closed, heartbeats missed).
+    pub(super) lost: tokio::sync::watch::Receiver<bool>,
+    /// This application's requests to it now.
+    pub(super) outstanding: Arc<AtomicU32>,
+}
+
+/// Counts a request out while it is out.
+struct Out<'a>(&'a AtomicU32);
+
+impl<'a> Out<'a> {
+    fn new(n: &'a AtomicU32) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Out(n)
+    }
+}
+
+impl Drop for Out<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl RemoteDevice {
+    /// The node it belongs to.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Its index on its node (the `device` of the handles it gives).
+    pub fn index(&self) -> u32 {
+        self.device
+    }
+
+    /// Its number in its cluster, among every device of every node seen (never reused: a
+    /// restarted node's devices get new ones).
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+
+    /// Its state as of its node's last heartbeat; `Lost` once the node is lost.
+    pub fn state(&self) -> DeviceState {
+        if *self.lost.borrow() {
+            DeviceState::Lost
+        } else {
+            self.inner.load(self.slot).0
+        }
+    }
+
+    /// Submits an op and waits for its one answer.
+    ///
+    /// Bulk bytes travel in chunks under the transport's frame limit (16 MiB; a larger
+    /// frame closes the whole session): a copy is its chunks' copies, in order, answered
+    /// with the first error (copies are idempotent: the caller may repeat the whole) or the
+    /// whole.
+    ///
+    /// # Errors
+    /// The op's typed error; `NodeLost` when its node went away or missed its heartbeats
+    /// (`may_have_executed: false` when it was lost before the request was sent);
+    /// `DeadlineExceeded` when a node still there did not answer by the deadline; `Remote`
+    /// for an answer that cannot be decoded, or a request the node would not take.
+    pub async fn submit(&self, op: Op) -> OpResult {
+        if let Some(e) = Shared::reserved(self.device, &op) {
+            return Err(e);
+        }
+        match op {
+            Op::CopyToDevice { dst, offset, data } if data.len() > CHUNK => {
+                self.copy_in_chunks(dst, offset, &data).await?;
+                Ok(Reply::Done)
+            }
+            Op::CopyFromDevice { src, offset, len } if len > CHUNK as u64 => {
+                let mut bytes = Vec::new();
+                bytes
+                    .try_reserve_exact(len as usize)
+                    .map_err(|_| RuntimeError::Remote {
+                        node: self.node.clone(),
+                        reason: format!("no host memory for the {len} bytes of a copy back"),
+                    })?;
+                let mut at = 0;
+                while at < len {
+                    let n = (len - at).min(CHUNK as u64);
+                    let part = Op::CopyFromDevice {
+                        src,
+                        offset: offset + at,
+                        len: n,
+                    };
+                    match self.call(Call::Op(part)).await? {
+                        Reply::Data(d) => bytes.extend_from_slice(d.as_bytes()),
+                        other => unreachable!("a copy back answered {other:?}"),
+                    }
+                    at += n;
+                }
+                Ok(Reply::Data(bytes.into()))
+            }
+            op => self.call(Call::Op(op)).await,
+        }
+    }
+
+    async fn copy_in_chunks(&self, dst: BufferHandle, offset: u64, data: &Payload) -> Result<(), RuntimeError> {
+        for (i, chunk) in data.as_bytes().chunks(CHUNK).enumerate() {
+            let part = Op::CopyToDevice {
+                dst,
+                offset: offset + (i * CHUNK) as u64,
+                data: chunk.to_vec().into(),
+            };
+            self.call(Call::Op(part)).await?;
+        }
+        Ok(())
+    }
+
+    /// Uploads `data` as a new durable buffer of this device: its node keeps its host copy
+    /// and restores it into the device's new contexts, as for its own durable buffers.
+    ///
+    /// # Errors
+    /// The op's typed error; `NodeLost`, `Remote`.
+    pub async fn durable(&self, data: impl Into<Payload>) -> Result<BufferHandle, RuntimeError> {
+        let id = PEER_DURABLE_BASE + rand::random::<u64>() % (1 << 61);
+        self.durable_with_id(id, data.into()).await
+    }
+
+    /// A durable buffer with id `id` (a peer's: at or above `PEER_DURABLE_BASE`): one
+    /// request up to a chunk, else a zeroed buffer filled by chunked copies.
+    pub(super) async fn durable_with_id(&self, id: u64, data: Payload) -> Result<BufferHandle, RuntimeError> {
+        let len = data.len() as u64;
+        let call = if data.len() <= CHUNK {
+            Call::Op(Op::Durable { id, data: data.clone() })
+        } else {
+            Call::DurableZeroed { id, len }
+        };
+        let buffer = match self.call(call).await? {
+            Reply::Buffer(b) => b,
+            other => unreachable!("a durable buffer's creation answered {other:?}"),
+        };
+        if data.len() > CHUNK {
+            self.copy_in_chunks(buffer, 0, &data).await?;
+        }
+        Ok(buffer)
+    }
+
+    /// The node's device `index` (where a buffer the node moved lives), while the node is
+    /// live.
+    pub fn sibling(&self, index: u32) -> Option<RemoteDevice> {
+        self.inner.sibling(&self.node, index)
+    }
+
+    /// One request, one answer.
+    async fn call(&self, call: Call) -> OpResult {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let kind = match &call {
+            Call::Op(op) => op.kind(),
+            Call::DurableZeroed { .. } => OpKind::Durable,
+        };
+        let deadline = self.inner.deadline;
+        let request = Request {
+            version: PROTOCOL,
+            id,
+            deadline_ms: deadline.as_millis() as u64,
+            call,
+        };
+        let lost = || RuntimeError::NodeLost {
+            node: self.node.clone(),
+            may_have_executed: true,
+        };
+        if *self.lost.borrow() {
+            return Err(RuntimeError::NodeLost {
+                node: self.node.clone(),
+                may_have_executed: false,
+            });
+        }
+        let _out = Out::new(&self.outstanding);
+        let sent_at = std::time::Instant::now();
+        let call = self.actor.call(
+            |reply| RemoteDeviceMsg::Submit(encode(&request), reply),
+            Some(deadline + REPLY_MARGIN),
+        );
+        let mut gone = self.lost.clone();
+        let sent = tokio::select! {
+            sent = call => sent,
+            // Lost while the request was out (a frozen node misses its heartbeats): answered
+            // now, not at the deadline. (A closed watch — its `Cluster` dropped, or the node
+            // back under a fresh watch — is lost too.)
+            _ = gone.wait_for(|l| *l) => return Err(lost()),
+        };
+        let bytes = match sent {
+            Ok(CallResult::Success(bytes)) => bytes,
+            // The session closed (its reply ports are dropped at once, and the node is lost
+            // by then), or no answer came by the deadline from a node still there (ractor
+            // reports either as a sender error or a timeout). (Before the deadline it cannot
+            // be the latter: the session dropped, and the event that marks the node lost may
+            // lag behind the dropped reply port.)
+            Ok(CallResult::SenderError | CallResult::Timeout) | Err(_)
+                if *self.lost.borrow() || sent_at.elapsed() < deadline =>
+            {
+                return Err(lost());
+            }
+            Ok(CallResult::SenderError | CallResult::Timeout) | Err(_) => {
+                return Err(RuntimeError::DeadlineExceeded {
+                    device: self.device,
+                    op: kind,
+                    deadline_ms: deadline.as_millis() as u64,
+                    may_have_executed: true,
+                });
+            }
+        };
+        let remote = |reason: String| RuntimeError::Remote {
+            node: self.node.clone(),
+            reason,
+        };
+        let answer = decode::<Answer>(&bytes, "answer").map_err(remote)?;
+        if answer.version != PROTOCOL {
+            return Err(remote(format!("an answer of protocol version {}", answer.version)));
+        }
+        if answer.id != id {
+            // The node could not read the request (it answers id 0 with why) or is broken.
+            return match answer.result {
+                Err(e @ RuntimeError::Remote { .. }) => Err(e),
+                _ => Err(remote(format!("the answer to request {} for request {id}", answer.id))),
+            };
+        }
+        if answer.counted {
+            self.inner.answered(&self.node, answer.result.is_ok());
+        }
+        answer.result
+    }
+
+    typed_ops!();
+}

@@ -1,0 +1,307 @@
+//! Replicas and tasks across a cluster: durable buffers and modules on every device of every
+//! live node — given to a node's devices again when it comes back as a new process — and
+//! tasks placed on the least-loaded device that holds what they name, run again elsewhere
+//! when their node is lost under them.
+//!
+//! A cluster replica names no device: its `ReplicatedBuffer` and `ReplicatedModule` list the
+//! one pseudo-device [`CLUSTER_DEVICE`], and this application keeps, per device seen, which
+//! replicas it holds (and the id its node gave each module). A task is bound once to
+//! `CLUSTER_DEVICE` and then, for the device it goes to, given that device's index and
+//! module ids. The application keeps each replica's bytes (and each module's source) so
+//! that a node seen later gets them too.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use hipvisor_core::task::{ReplicatedBuffer, ReplicatedModule, Task};
+use hipvisor_core::{BufferHandle, InvalidReason, ModuleHandle, ModuleSource, Op, OpKind, Payload, TaskOp};
+
+use super::wire::PEER_DURABLE_BASE;
+use super::{Cluster, Inner, RemoteDevice};
+use crate::error::RuntimeError;
+use crate::state::DeviceState;
+
+/// The pseudo-device of every cluster replica (see the module docs).
+pub const CLUSTER_DEVICE: u32 = u32::MAX;
+
+/// A replica's bytes, kept for nodes seen later.
+#[derive(Clone)]
+pub(super) struct Replica {
+    id: u64,
+    data: Payload,
+}
+
+impl Inner {
+    /// Gives device `slot` every replica and module it lacks (one provisioning of a device
+    /// at a time); the first error.
+    pub(super) async fn provision(self: &Arc<Self>, slot: u32) -> Result<(), RuntimeError> {
+        let Some(device) = self.device(slot) else {
+            return Ok(()); // its node is lost: nothing to give it
+        };
+        let one_at_a_time = super::lock(&self.known)[slot as usize].provisioning.clone();
+        let _held = one_at_a_time.lock().await;
+        let mut first = Ok(());
+        let replicas: Vec<Replica> = super::lock(&self.replicas).clone();
+        for r in replicas {
+            if self.holds(slot, r.id) {
+                continue;
+            }
+            match device.durable_with_id(r.id, r.data).await {
+                Ok(_) => {
+                    super::lock(&self.known)[slot as usize].held.insert(r.id);
+                }
+                Err(e) => {
+                    tracing::warn!(node = device.node(), device = device.index(), error = %e, "a replica could not be made");
+                    first = first.and(Err(e));
+                }
+            }
+        }
+        let modules: Vec<(u64, ModuleSource)> = super::lock(&self.modules).clone();
+        for (vid, source) in modules {
+            if super::lock(&self.known)[slot as usize].modules.contains_key(&vid) {
+                continue;
+            }
+            match device.load_module(source).await {
+                // (Loaded on another device of its node — this one lost meanwhile — is not
+                // this device's.)
+                Ok(m) if m.device == device.index() => {
+                    super::lock(&self.known)[slot as usize].modules.insert(vid, m.id);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(node = device.node(), device = device.index(), error = %e, "a module could not be loaded");
+                    first = first.and(Err(e));
+                }
+            }
+        }
+        first
+    }
+
+    /// Whether device `slot` holds replica `id`.
+    pub(super) fn holds(&self, slot: u32, id: u64) -> bool {
+        super::lock(&self.known)
+            .get(slot as usize)
+            .is_some_and(|k| k.held.contains(&id))
+    }
+
+    /// `task` (bound to [`CLUSTER_DEVICE`]) for device `slot`: its index, its modules' ids;
+    /// `None` when the device lacks a replica or module it names.
+    pub(super) fn localize(&self, task: &TaskOp, slot: u32) -> Option<TaskOp> {
+        let known = super::lock(&self.known);
+        let k = known.get(slot as usize)?;
+        if !task.durable_buffers().all(|b| k.held.contains(&b.id)) {
+            return None;
+        }
+        let mut op = task.clone();
+        for l in &mut op.launches {
+            l.module.id = *k.modules.get(&l.module.id)?;
+        }
+        op.retarget(k.index);
+        op.source = None;
+        Some(op)
+    }
+}
+
+/// `task` bound to [`CLUSTER_DEVICE`].
+fn bind(task: &Task) -> Result<TaskOp, RuntimeError> {
+    Arc::new(task.clone()).bind(CLUSTER_DEVICE).map_err(|_| {
+        let reason = InvalidReason::BadTask {
+            reason: "it names a durable buffer or module that is not a cluster replica (Cluster::replicate, \
+                     Cluster::replicate_module)"
+                .into(),
+        };
+        RuntimeError::Gpu(hipvisor_core::GpuError::invalid(OpKind::Task, CLUSTER_DEVICE, reason))
+    })
+}
+
+impl Cluster {
+    /// Uploads `data` as a durable buffer on every device of every live node that is ready
+    /// or restarting, and on the devices of nodes seen later (a node restarted as a new
+    /// process included): one identity that tasks name. Each node keeps its replicas' host
+    /// copies and restores them into its new contexts, as for its own durable buffers;
+    /// this application keeps the bytes too, for nodes seen later, until
+    /// [`Cluster::free`].
+    ///
+    /// # Errors
+    /// When no device got a replica: the first device's error (`NoReadyDevice` when there
+    /// is none).
+    pub async fn replicate(&self, data: impl Into<Payload>) -> Result<ReplicatedBuffer, RuntimeError> {
+        let data = data.into();
+        let len = data.len() as u64;
+        let id = PEER_DURABLE_BASE + rand::random::<u64>() % (1 << 61);
+        super::lock(&self.inner.replicas).push(Replica { id, data });
+        let first = self.provision_all().await;
+        if !self.inner.live().iter().any(|d| self.inner.holds(d.slot, id)) {
+            super::lock(&self.inner.replicas).retain(|r| r.id != id);
+            return Err(first.err().unwrap_or(RuntimeError::NoReadyDevice));
+        }
+        Ok(ReplicatedBuffer::new(id, len, vec![CLUSTER_DEVICE]))
+    }
+
+    /// Loads a module on every device of every live node that is ready or restarting, and
+    /// on the devices of nodes seen later: one module tasks name.
+    ///
+    /// # Errors
+    /// When no device loaded it: the first device's error.
+    pub async fn replicate_module(&self, source: ModuleSource) -> Result<ReplicatedModule, RuntimeError> {
+        let vid = self.inner.next_module.fetch_add(1, Ordering::Relaxed);
+        super::lock(&self.inner.modules).push((vid, source));
+        let first = self.provision_all().await;
+        let loaded = self.inner.live().iter().any(|d| {
+            super::lock(&self.inner.known)[d.slot as usize]
+                .modules
+                .contains_key(&vid)
+        });
+        if !loaded {
+            super::lock(&self.inner.modules).retain(|(v, _)| *v != vid);
+            return Err(first.err().unwrap_or(RuntimeError::NoReadyDevice));
+        }
+        Ok(ReplicatedModule::new(vec![ModuleHandle {
+            device: CLUSTER_DEVICE,
+            id: vid,
+        }]))
+    }
+
+    /// Frees a cluster replica on every live device that holds it, and forgets its bytes.
+    ///
+    /// # Errors
+    /// The first device's error (the others are freed regardless).
+    pub async fn free(&self, replica: &ReplicatedBuffer) -> Result<(), RuntimeError> {
+        super::lock(&self.inner.replicas).retain(|r| r.id != replica.id());
+        let mut first = Ok(());
+        for d in self.inner.live() {
+            if let Some(handle) = d.replica(replica) {
+                first = first.and(d.free(handle).await);
+                super::lock(&self.inner.known)[d.slot as usize]
+                    .held
+                    .remove(&replica.id());
+            }
+        }
+        first
+    }
+
+    /// Provisions every live device that is ready or restarting, at once: the first error.
+    async fn provision_all(&self) -> Result<(), RuntimeError> {
+        let mut running = tokio::task::JoinSet::new();
+        for d in self.inner.live() {
+            if matches!(self.inner.load(d.slot).0, DeviceState::Ready | DeviceState::Restarting) {
+                let inner = self.inner.clone();
+                running.spawn(async move { inner.provision(d.slot).await });
+            }
+        }
+        let mut first = Ok(());
+        while let Some(done) = running.join_next().await {
+            if let Ok(result) = done {
+                first = first.and(result);
+            }
+        }
+        first
+    }
+
+    /// Runs a task on the least-loaded ready device of a live node that holds every
+    /// replica and module it names (a restarting one when none is ready), answered with its
+    /// outputs. A replayable task whose node is lost under it, or whose device cannot run it
+    /// (lost, failed, restarting past its reruns, breaker open, busy, shutting down), runs
+    /// again on another such device — within its deadline, at most `retry.task_reruns`
+    /// times. (A node reruns a task on its own device after a restart by itself.)
+    ///
+    /// # Errors
+    /// `BadTask` when it names what is not a cluster replica; `NoReadyDevice` when no live
+    /// device holds what it names; the task's typed error; `NodeLost` when its node was
+    /// lost and it could not run elsewhere.
+    pub async fn run(&self, task: &Task) -> Result<Vec<Payload>, RuntimeError> {
+        let bound = bind(task)?;
+        let until = std::time::Instant::now() + self.inner.deadline;
+        let mut tried: Vec<u32> = Vec::new();
+        let mut reruns = 0;
+        loop {
+            let Some((device, op)) = self.place(&bound, &tried) else {
+                return Err(RuntimeError::NoReadyDevice);
+            };
+            match device.call_task(op).await {
+                Err(e)
+                    if bound.replayable()
+                        && rerunnable(&e)
+                        && reruns < self.inner.task_reruns
+                        && std::time::Instant::now() < until =>
+                {
+                    tracing::debug!(node = device.node(), device = device.index(), error = %e, "task run again elsewhere");
+                    tried.push(device.slot);
+                    // Nowhere else to go: the error it got.
+                    if self.place(&bound, &tried).is_none() {
+                        return Err(e);
+                    }
+                    reruns += 1;
+                    self.inner.reruns.fetch_add(1, Ordering::Relaxed);
+                }
+                answered => return answered,
+            }
+        }
+    }
+
+    /// Where a task goes: the least-loaded ready device (else a restarting one) of a live
+    /// node that holds what it names, not in `tried`; the task for that device.
+    fn place(&self, task: &TaskOp, tried: &[u32]) -> Option<(RemoteDevice, TaskOp)> {
+        let device = self.least_loaded(|slot| !tried.contains(&slot) && self.inner.localize(task, slot).is_some())?;
+        let op = self.inner.localize(task, device.slot)?;
+        Some((device, op))
+    }
+}
+
+impl RemoteDevice {
+    /// Runs a task on this device (its replicas and modules: the cluster's, see
+    /// [`Cluster::replicate`]), answered with its outputs. Its node reruns it on this device
+    /// after a restart; it does not move it to another device ([`Cluster::run`] does, across
+    /// nodes).
+    ///
+    /// # Errors
+    /// The task's typed error: `BadTask` when this device lacks a replica it names;
+    /// `NodeLost`, `Remote`.
+    pub async fn run(&self, task: &Task) -> Result<Vec<Payload>, RuntimeError> {
+        let bound = bind(task)?;
+        let op = self.inner.localize(&bound, self.slot).ok_or_else(|| {
+            let reason = InvalidReason::BadTask {
+                reason: format!(
+                    "a durable buffer or module it names has no replica on device {} of {}",
+                    self.device, self.node
+                ),
+            };
+            RuntimeError::Gpu(hipvisor_core::GpuError::invalid(OpKind::Task, self.device, reason))
+        })?;
+        self.call_task(op).await
+    }
+
+    /// A task already for this device.
+    async fn call_task(&self, op: TaskOp) -> Result<Vec<Payload>, RuntimeError> {
+        match self.submit(Op::Task(Box::new(op))).await? {
+            hipvisor_core::Reply::Outputs(o) => Ok(o),
+            other => unreachable!("a task answered {other:?}"),
+        }
+    }
+
+    /// The handle of a cluster replica ([`Cluster::replicate`]) on this device, if it holds
+    /// one.
+    pub fn replica(&self, buffer: &ReplicatedBuffer) -> Option<BufferHandle> {
+        let on = buffer.on(CLUSTER_DEVICE)?;
+        self.inner.holds(self.slot, buffer.id()).then_some(BufferHandle {
+            device: self.device,
+            ..on
+        })
+    }
+}
+
+/// Whether a replayable task that got `e` may run on another device: it did not run to an
+/// answer where it was (its node or device went away or would not take it).
+fn rerunnable(e: &RuntimeError) -> bool {
+    matches!(
+        e,
+        RuntimeError::NodeLost { .. }
+            | RuntimeError::DeviceLost { .. }
+            | RuntimeError::DeviceFailed { .. }
+            | RuntimeError::DeviceRestarted { .. }
+            | RuntimeError::CircuitOpen { .. }
+            | RuntimeError::Busy { .. }
+            | RuntimeError::NoReadyDevice
+            | RuntimeError::ShuttingDown
+    )
+}
