@@ -1,6 +1,8 @@
 //! Subcommands of the `hipvisor` binary.
 
 pub(crate) mod bench;
+#[cfg(feature = "cluster")]
+pub(crate) mod bench_remote;
 pub(crate) mod inference;
 #[cfg(feature = "cluster")]
 pub(crate) mod node;

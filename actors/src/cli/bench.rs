@@ -22,7 +22,10 @@
 //! - `request_fault_cold_ms`, `request_fault_standby_ms`: the latency a sticky fault adds to
 //!   the request it hits (its latency less the median request's), on one device in process
 //!   isolation with durable weights, with a cold worker and with a warm standby that holds
-//!   them.
+//!   them;
+//! - with feature `cluster`, `remote_{serial,pipelined}_null` and `remote_{h2d,d2h}`: the
+//!   thread-isolation device through a `hipvisor node` on loopback (copies of at most 64
+//!   MiB, in 8 MiB chunks), against the local figures (`bench_remote`).
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -56,7 +59,7 @@ pub(crate) struct BenchArgs {
     json: bool,
 }
 
-const IN_FLIGHT: u64 = 64;
+pub(crate) const IN_FLIGHT: u64 = 64;
 /// Callers submitting batches concurrently in `runtime_*_batch_null`: while one batch
 /// runs, the next is being admitted.
 const BATCH_CALLERS: u64 = 4;
@@ -83,7 +86,7 @@ impl Series {
 }
 
 /// Nanoseconds per op for `ops` ops of `f`, spread over `in_flight` concurrent tasks.
-async fn per_op<F, Fut>(ops: u64, in_flight: u64, f: F) -> f64
+pub(crate) async fn per_op<F, Fut>(ops: u64, in_flight: u64, f: F) -> f64
 where
     F: Fn() -> Fut + Send + Sync + Clone + 'static,
     Fut: std::future::Future<Output = ()> + Send,
@@ -468,7 +471,8 @@ pub(crate) fn main(args: BenchArgs) -> ExitCode {
     let h2d = (args.h2d_mib.max(1) << 20) as usize;
     let backend = config.runtime.backend;
     let result: Result<serde_json::Value, String> = tokio_rt.block_on(async {
-        let names = [
+        #[cfg_attr(not(feature = "cluster"), allow(unused_mut))]
+        let mut names = vec![
             ("channel_baseline_serial", "ns_per_op"),
             ("channel_baseline_pipelined", "ns_per_op"),
             ("direct_null", "ns_per_op"),
@@ -495,6 +499,8 @@ pub(crate) fn main(args: BenchArgs) -> ExitCode {
             ("request_fault_cold_ms", "ms"),
             ("request_fault_standby_ms", "ms"),
         ];
+        #[cfg(feature = "cluster")]
+        names.extend(crate::cli::bench_remote::NAMES);
         let mut series: Vec<Series> = names.iter().map(|(name, unit)| Series { name, unit, values: Vec::new() }).collect();
         let thread_cfg = runtime_config(&config, Isolation::Thread, h2d);
         let process_cfg = runtime_config(&config, Isolation::Process, h2d);
@@ -527,12 +533,15 @@ pub(crate) fn main(args: BenchArgs) -> ExitCode {
             let fault_cold = request_fault(process_cfg.clone(), false).await?;
             let fault_standby = request_fault(process_cfg.clone(), true).await?;
             v.extend([fault_cold, fault_standby]);
+            #[cfg(feature = "cluster")]
+            v.extend(crate::cli::bench_remote::remote(&thread_cfg, args.ops, h2d.min(64 << 20)).await?);
             for (s, x) in series.iter_mut().zip(v) {
                 s.values.push(x);
             }
         }
         let m = |name: &str| series.iter().find(|s| s.name == name).map_or(f64::NAN, |s| median(&s.values));
-        let derived = json!({
+        #[cfg_attr(not(feature = "cluster"), allow(unused_mut))]
+        let mut derived = json!({
             "runtime_thread_pipelined_null / channel_baseline_pipelined": m("runtime_thread_pipelined_null") / m("channel_baseline_pipelined"),
             "runtime_thread_serial_overhead_us": (m("runtime_thread_serial_null") - m("direct_null")) / 1e3,
             "runtime_process_serial_overhead_us": (m("runtime_process_serial_null") - m("direct_null")) / 1e3,
@@ -547,6 +556,10 @@ pub(crate) fn main(args: BenchArgs) -> ExitCode {
             "runtime_thread_ops8 / runtime_thread_task8": m("runtime_thread_ops8_us") / m("runtime_thread_task8_us"),
             "runtime_process_ops8 / runtime_process_task8": m("runtime_process_ops8_us") / m("runtime_process_task8_us"),
         });
+        #[cfg(feature = "cluster")]
+        for (ratio, a, b) in crate::cli::bench_remote::RATIOS {
+            derived[ratio] = json!(m(a) / m(b));
+        }
         Ok(json!({
             "backend": backend.as_str(),
             "cores": cores,

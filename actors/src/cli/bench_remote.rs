@@ -1,0 +1,127 @@
+//! `hipvisor bench` (feature `cluster`): the same device through a `hipvisor node` on
+//! loopback against the runtime in this process — serial and pipelined mem-info, and copies
+//! both ways — so the ratios say what a remote device costs over a local one.
+//!
+//! The node is this binary (`hipvisor node`), started with the bench's thread-isolation
+//! config (one device) on a free loopback port with a random cookie, and killed at the end.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hipvisor::RuntimeConfig;
+use hipvisor::cluster::{Cluster, RemoteDevice};
+
+use super::bench::{IN_FLIGHT, per_op};
+
+/// The measurements, in this order.
+pub(crate) const NAMES: [(&str, &str); 4] = [
+    ("remote_serial_null", "ns_per_op"),
+    ("remote_pipelined_null", "ns_per_op"),
+    ("remote_h2d", "gbps"),
+    ("remote_d2h", "gbps"),
+];
+
+/// The ratios against the local figures of the same run.
+pub(crate) const RATIOS: [(&str, &str, &str); 3] = [
+    (
+        "remote_serial_null / runtime_thread_serial_null",
+        "remote_serial_null",
+        "runtime_thread_serial_null",
+    ),
+    (
+        "remote_pipelined_null / runtime_thread_pipelined_null",
+        "remote_pipelined_null",
+        "runtime_thread_pipelined_null",
+    ),
+    ("runtime_thread_h2d / remote_h2d", "runtime_thread_h2d", "remote_h2d"),
+];
+
+/// A node process, killed when dropped.
+struct NodeProcess(Child);
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts a node with `config`; its address once it says `listening on`.
+fn start_node(config: &RuntimeConfig, dir: &std::path::Path, cookie: &str) -> Result<(NodeProcess, std::net::SocketAddr), String> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("no free port: {e}"))?
+        .port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let config_file = dir.join("node.toml");
+    let cookie_file = dir.join("cookie");
+    std::fs::write(&config_file, config.to_toml()).map_err(|e| e.to_string())?;
+    std::fs::write(&cookie_file, cookie).map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = Command::new(exe)
+        .args(["node", "--listen", &addr.to_string(), "--config"])
+        .arg(&config_file)
+        .arg("--cookie-file")
+        .arg(&cookie_file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start a node: {e}"))?;
+    let stderr = child.stderr.take().ok_or("no stderr")?;
+    let node = NodeProcess(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.starts_with("listening on") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .map_err(|_| "the node did not start within 60 s".to_string())?;
+    Ok((node, addr))
+}
+
+/// The measurements of [`NAMES`] against one node serving the device of `config`.
+pub(crate) async fn remote(config: &RuntimeConfig, ops: u64, copy_bytes: usize) -> Result<[f64; 4], String> {
+    let dir = std::env::temp_dir().join(format!("hipvisor-bench-{}-{:08x}", std::process::id(), rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let cookie = format!("{:032x}", rand::random::<u128>());
+    let started = start_node(config, &dir, &cookie);
+    let _ = std::fs::remove_dir_all(&dir);
+    let (_node, addr) = started?;
+    let cluster = Cluster::join(&[addr], &cookie, config).await.map_err(|e| e.to_string())?;
+    let gpu: RemoteDevice = cluster.devices().await.pop().ok_or("the node serves no device")?;
+    let g = gpu.clone();
+    let serial = per_op((ops / 20).max(10), 1, move || {
+        let g = g.clone();
+        async move {
+            let _ = g.mem_info().await;
+        }
+    })
+    .await;
+    let g = gpu.clone();
+    let pipelined = per_op((ops / 4).max(IN_FLIGHT), IN_FLIGHT, move || {
+        let g = g.clone();
+        async move {
+            let _ = g.mem_info().await;
+        }
+    })
+    .await;
+    let big = gpu.alloc(copy_bytes as u64).await.map_err(|e| e.to_string())?;
+    let data: hipvisor::Payload = vec![7u8; copy_bytes].into();
+    let started = Instant::now();
+    gpu.copy_to_device(big, 0, data).await.map_err(|e| e.to_string())?;
+    let h2d = copy_bytes as f64 / started.elapsed().as_secs_f64() / 1e9;
+    let started = Instant::now();
+    let back = gpu
+        .copy_from_device(big, 0, copy_bytes as u64)
+        .await
+        .map_err(|e| e.to_string())?;
+    let d2h = copy_bytes as f64 / started.elapsed().as_secs_f64() / 1e9;
+    if back.len() != copy_bytes {
+        return Err(format!("a copy back of {} bytes, not {copy_bytes}", back.len()));
+    }
+    Ok([serial, pipelined, h2d, d2h])
+}
