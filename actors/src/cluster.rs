@@ -160,7 +160,9 @@ impl Inner {
         let known = lock(&self.known);
         let k = known.get(slot as usize)?;
         let lost = self.nodes.watch(&k.node);
-        if *lost.borrow() {
+        // A node back under a new session: its devices' actors of the old one are stopped
+        // until the next description gives the new ones.
+        if *lost.borrow() || !reachable(&k.actor) {
             return None;
         }
         Some(RemoteDevice {
@@ -307,7 +309,8 @@ impl Nodes {
             return;
         }
         tracing::warn!(node, why, "node lost");
-        let _ = tx.send(true);
+        // (`send` would not store it with no receiver left: `send_replace` does.)
+        tx.send_replace(true);
         *t.losses.entry(node.to_string()).or_default() += 1;
         // Its session goes (a frozen node's stays open otherwise), and its address is
         // dialled again.
@@ -576,32 +579,53 @@ impl Cluster {
         self.inner.reruns.load(Ordering::Relaxed)
     }
 
-    /// Every node seen — live or lost — with its devices, what this application's requests
-    /// did there, and (for a live node) its own counts, asked now.
-    pub async fn report(&self) -> Vec<NodeReport> {
+    /// Every node seen, live or lost, now (no request is sent).
+    pub fn nodes(&self) -> Vec<NodeStatus> {
         let mut names = self.inner.nodes.names();
         names.sort();
+        names
+            .into_iter()
+            .map(|node| NodeStatus {
+                addr: self.inner.nodes.addr(&node),
+                live: self.inner.nodes.live_since(&node).is_some(),
+                losses: self.inner.nodes.losses(&node),
+                node,
+            })
+            .collect()
+    }
+
+    /// Every node seen — live or lost — with its devices, what this application's requests
+    /// did there, and (for a live node) its own counts since this application first saw it,
+    /// asked now (a node lost meanwhile answers none).
+    pub async fn report(&self) -> Vec<NodeReport> {
         let mut reports = Vec::new();
-        for node in names {
-            let live = self.inner.nodes.live_since(&node).is_some();
-            let (answered, succeeded) = lock(&self.inner.tally).get(&node).copied().unwrap_or_default();
-            let servers: Vec<ActorRef<RemoteDeviceMsg>> = lock(&self.inner.known)
-                .iter()
-                .filter(|k| k.node == node)
-                .map(|k| k.actor.clone())
-                .collect();
-            let counts = match servers.first() {
-                Some(server) if live => counts_of(server).await.map(|now| {
-                    let before = lock(&self.inner.baseline).get(&node).cloned().unwrap_or_default();
-                    now.since(&before)
-                }),
+        for status in self.nodes() {
+            let node = &status.node;
+            let (answered, succeeded) = lock(&self.inner.tally).get(node).copied().unwrap_or_default();
+            let (devices, server) = {
+                let known = lock(&self.inner.known);
+                let mine: Vec<&Known> = known.iter().filter(|k| &k.node == node).collect();
+                let server = mine.iter().map(|k| k.actor.clone()).find(reachable);
+                (mine.len() as u32, server)
+            };
+            let mut lost = self.inner.nodes.watch(node);
+            let counts = match server {
+                Some(server) if status.live => tokio::select! {
+                    counts = counts_of(&server) => counts,
+                    _ = lost.wait_for(|l| *l) => None,
+                },
                 _ => None,
             };
+            let live = self.inner.nodes.live_since(node).is_some();
+            let counts = counts.filter(|_| live).map(|now| {
+                let before = lock(&self.inner.baseline).get(node).cloned().unwrap_or_default();
+                now.since(&before)
+            });
             reports.push(NodeReport {
-                addr: self.inner.nodes.addr(&node),
-                losses: self.inner.nodes.losses(&node),
-                devices: servers.len() as u32,
-                node,
+                addr: status.addr,
+                losses: self.inner.nodes.losses(node),
+                devices,
+                node: status.node,
                 live,
                 answered,
                 succeeded,
@@ -610,6 +634,14 @@ impl Cluster {
         }
         reports
     }
+}
+
+/// Whether a device server's actor can be sent to: one of a session that closed is stopped.
+fn reachable(actor: &ActorRef<RemoteDeviceMsg>) -> bool {
+    matches!(
+        actor.get_status(),
+        ractor::ActorStatus::Running | ractor::ActorStatus::Upgrading
+    )
 }
 
 /// A node's counts, asked of one of its device servers.
@@ -621,6 +653,19 @@ async fn counts_of(server: &ActorRef<RemoteDeviceMsg>) -> Option<NodeCounts> {
             .and_then(|c| c.counts.ok()),
         _ => None,
     }
+}
+
+/// One node as [`Cluster::nodes`] sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeStatus {
+    /// Its name.
+    pub node: String,
+    /// The address it was dialled at.
+    pub addr: Option<String>,
+    /// Whether it is live now.
+    pub live: bool,
+    /// How often it was lost since this application joined.
+    pub losses: u32,
 }
 
 /// One node as [`Cluster::report`] sees it.

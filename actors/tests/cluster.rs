@@ -623,3 +623,30 @@ async fn run_join_uses_three_nodes_survives_a_sigkill_and_uses_the_node_restarte
         "the restarted node, on the dead one's address: {report}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_node_nobody_waits_on_is_lost_and_serves_at_once_when_back() {
+    let _one = SERIAL.lock().await;
+    let cookie = cookie_file("stale", "s");
+    let (a, b) = (node(&cookie, 1), node(&cookie, 1));
+    let cluster = Cluster::join(&[a.addr, b.addr], "s", &config()).await.unwrap();
+    let pid = nix::unistd::Pid::from_raw(b.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster.nodes().iter().all(|n| n.live) {
+        assert!(Instant::now() < deadline, "the frozen node is lost within 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cluster.nodes().iter().all(|n| n.live) {
+        assert!(Instant::now() < deadline, "the node is back within 30 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // At once: every op placed on a live node is answered by it.
+    for _ in 0..300 {
+        let gpu = cluster.any().expect("a live device");
+        let answer = gpu.submit(Op::MemInfo).await;
+        assert!(answer.is_ok(), "{} device {}: {answer:?}", gpu.node(), gpu.index());
+    }
+}

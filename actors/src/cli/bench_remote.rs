@@ -48,7 +48,11 @@ impl Drop for NodeProcess {
 }
 
 /// Starts a node with `config`; its address once it says `listening on`.
-fn start_node(config: &RuntimeConfig, dir: &std::path::Path, cookie: &str) -> Result<(NodeProcess, std::net::SocketAddr), String> {
+fn start_node(
+    config: &RuntimeConfig,
+    dir: &std::path::Path,
+    cookie: &str,
+) -> Result<(NodeProcess, std::net::SocketAddr), String> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map_err(|e| format!("no free port: {e}"))?
@@ -85,13 +89,19 @@ fn start_node(config: &RuntimeConfig, dir: &std::path::Path, cookie: &str) -> Re
 
 /// The measurements of [`NAMES`] against one node serving the device of `config`.
 pub(crate) async fn remote(config: &RuntimeConfig, ops: u64, copy_bytes: usize) -> Result<[f64; 4], String> {
-    let dir = std::env::temp_dir().join(format!("hipvisor-bench-{}-{:08x}", std::process::id(), rand::random::<u32>()));
+    let dir = std::env::temp_dir().join(format!(
+        "hipvisor-bench-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let cookie = format!("{:032x}", rand::random::<u128>());
     let started = start_node(config, &dir, &cookie);
     let _ = std::fs::remove_dir_all(&dir);
     let (_node, addr) = started?;
-    let cluster = Cluster::join(&[addr], &cookie, config).await.map_err(|e| e.to_string())?;
+    let cluster = Cluster::join(&[addr], &cookie, config)
+        .await
+        .map_err(|e| e.to_string())?;
     let gpu: RemoteDevice = cluster.devices().await.pop().ok_or("the node serves no device")?;
     let g = gpu.clone();
     let serial = per_op((ops / 20).max(10), 1, move || {
