@@ -33,343 +33,37 @@
 //!   restarted node is a new process: the replicas made before are not on it (replicate
 //!   again to use it for tasks that name them).
 
+mod nodes;
 mod remote;
 mod replicas;
 mod server;
+mod state;
 mod wire;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hipvisor_core::ModuleSource;
 use hipvisor_core::sync::lock;
+use hipvisor_core::task::{ReplicatedBuffer, ReplicatedModule, Task};
+use hipvisor_core::{ModuleSource, Payload};
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
-use ractor_cluster::node::{NodeConnectionMode, NodeServerSessionInformation};
-use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
+use ractor_cluster::NodeServer;
+use ractor_cluster::NodeServerMessage;
+use ractor_cluster::node::NodeConnectionMode;
 
+use nodes::{Events, Nodes, redial};
 pub use remote::RemoteDevice;
 pub use replicas::CLUSTER_DEVICE;
 pub use server::{Node, serve};
-use wire::{Counted, Description, decode};
+use state::{Inner, Known, counts_of, reachable};
 pub use wire::{DEVICE_GROUP, NodeCounts, PROTOCOL, RemoteDeviceMsg};
+use wire::{Description, JOIN_TIMEOUT, decode};
 
 use crate::error::RuntimeError;
-use crate::state::DeviceState;
-
-/// How long [`Cluster::join`] waits for each node: its connection and its acceptance.
-const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Slack beyond a request's deadline before the caller gives up on the node.
-const REPLY_MARGIN: Duration = Duration::from_secs(2);
-
-/// What a cluster's parts share: its nodes, the devices it has seen, and what each node
-/// answered.
-struct Inner {
-    nodes: Nodes,
-    /// Every device seen, by slot (its number in this cluster, never reused).
-    known: Mutex<Vec<Known>>,
-    /// By node name: the requests it answered through its runtime (and of those, how many
-    /// succeeded) — what its metrics counted.
-    tally: Mutex<HashMap<String, (u64, u64)>>,
-    /// By node name: its counts when this application first saw it, before sending it
-    /// anything ([`Cluster::report`] gives what was counted since).
-    baseline: Mutex<HashMap<String, NodeCounts>>,
-    /// Every replica's bytes, for devices seen later.
-    replicas: Mutex<Vec<replicas::Replica>>,
-    /// Every replicated module, by the id its `ReplicatedModule` carries.
-    modules: Mutex<Vec<(u64, ModuleSource)>>,
-    next_module: AtomicU64,
-    /// Each request's deadline.
-    deadline: Duration,
-    next_id: AtomicU64,
-    /// How often [`Cluster::run`] may run a task again (`retry.task_reruns`).
-    task_reruns: u32,
-    /// Tasks run again on another device.
-    reruns: AtomicU64,
-}
-
-/// A device seen: where it is, and how it was doing when last described.
-struct Known {
-    node: String,
-    index: u32,
-    actor: ActorRef<RemoteDeviceMsg>,
-    state: DeviceState,
-    in_flight: u32,
-    /// This application's requests to it now.
-    outstanding: Arc<AtomicU32>,
-    /// The cluster replicas it holds.
-    held: std::collections::HashSet<u64>,
-    /// The cluster's modules loaded on it: the id its node gave each.
-    modules: HashMap<u64, u64>,
-    /// One provisioning at a time.
-    provisioning: Arc<tokio::sync::Mutex<()>>,
-}
-
-impl Inner {
-    /// A device described by its server, seen for the first time or again: its slot. A
-    /// node seen for the first time has its counts taken first (before any request of this
-    /// application can reach it).
-    /// A device seen for the first time is given the cluster's replicas and modules, in
-    /// the background (tasks go to it once it holds what they name).
-    async fn see(self: &Arc<Self>, actor: ActorRef<RemoteDeviceMsg>, d: &Description) -> u32 {
-        let first = !lock(&self.baseline).contains_key(&d.node);
-        if first {
-            let counts = counts_of(&actor).await.unwrap_or_default();
-            lock(&self.baseline).entry(d.node.clone()).or_insert(counts);
-        }
-        let (slot, new) = self.learn(actor, d);
-        let something = !lock(&self.replicas).is_empty() || !lock(&self.modules).is_empty();
-        if new && something {
-            let inner = self.clone();
-            tokio::spawn(async move {
-                let _ = inner.provision(slot).await;
-            });
-        }
-        slot
-    }
-
-    /// A device described by its server: its slot (a new one for a device not seen
-    /// before), and whether it is new.
-    fn learn(&self, actor: ActorRef<RemoteDeviceMsg>, d: &Description) -> (u32, bool) {
-        let mut known = lock(&self.known);
-        if let Some(slot) = known.iter().position(|k| k.node == d.node && k.index == d.device) {
-            let k = &mut known[slot];
-            (k.actor, k.state, k.in_flight) = (actor, d.state, d.in_flight);
-            return (slot as u32, false);
-        }
-        known.push(Known {
-            node: d.node.clone(),
-            index: d.device,
-            actor,
-            state: d.state,
-            in_flight: d.in_flight,
-            outstanding: Arc::default(),
-            held: Default::default(),
-            modules: HashMap::new(),
-            provisioning: Arc::default(),
-        });
-        ((known.len() - 1) as u32, true)
-    }
-
-    /// The device in `slot`, while its node is live.
-    fn device(self: &Arc<Self>, slot: u32) -> Option<RemoteDevice> {
-        let known = lock(&self.known);
-        let k = known.get(slot as usize)?;
-        let lost = self.nodes.watch(&k.node);
-        // A node back under a new session: its devices' actors of the old one are stopped
-        // until the next description gives the new ones.
-        if *lost.borrow() || !reachable(&k.actor) {
-            return None;
-        }
-        Some(RemoteDevice {
-            inner: self.clone(),
-            actor: k.actor.clone(),
-            node: k.node.clone(),
-            device: k.index,
-            slot,
-            lost,
-            outstanding: k.outstanding.clone(),
-        })
-    }
-
-    /// Every device of every live node, by slot.
-    fn live(self: &Arc<Self>) -> Vec<RemoteDevice> {
-        let n = lock(&self.known).len() as u32;
-        (0..n).filter_map(|slot| self.device(slot)).collect()
-    }
-
-    /// The node's device `index`, while the node is live.
-    fn sibling(self: &Arc<Self>, node: &str, index: u32) -> Option<RemoteDevice> {
-        let slot = lock(&self.known)
-            .iter()
-            .position(|k| k.node == node && k.index == index)?;
-        self.device(slot as u32)
-    }
-
-    /// The state and load of `slot` as last described (load: requests in flight from every
-    /// application, and this one's now).
-    fn load(&self, slot: u32) -> (DeviceState, u32) {
-        let known = lock(&self.known);
-        let k = &known[slot as usize];
-        (k.state, k.in_flight.max(k.outstanding.load(Ordering::Relaxed)))
-    }
-
-    /// A request `node`'s runtime answered (and counted).
-    fn answered(&self, node: &str, ok: bool) {
-        let mut tally = lock(&self.tally);
-        let t = tally.entry(node.to_string()).or_default();
-        t.0 += 1;
-        t.1 += u64::from(ok);
-    }
-}
-
-/// Session events of the application's node server, as they come: the outcome of each
-/// session it dialled (by the address dialled) to [`Cluster::join`], and the disconnections
-/// to the node watch.
-struct Events {
-    join: tokio::sync::mpsc::UnboundedSender<(String, bool)>,
-    nodes: Nodes,
-}
-
-impl NodeEventSubscription for Events {
-    fn node_session_opened(&self, _: NodeServerSessionInformation) {}
-    fn node_session_authenticated(&self, _: NodeServerSessionInformation) {}
-    fn node_session_disconnected(&self, s: NodeServerSessionInformation) {
-        if !s.is_server {
-            let _ = self.join.send((s.peer_addr.clone(), false));
-        }
-        if let Some(peer) = s.peer_name {
-            self.nodes.lose(&peer.name, "its session closed");
-        }
-    }
-    fn node_session_ready(&self, s: NodeServerSessionInformation) {
-        if !s.is_server {
-            if let Some(peer) = &s.peer_name {
-                self.nodes.ready(&peer.name, s.peer_addr.clone(), s.actor.clone());
-            }
-            let _ = self.join.send((s.peer_addr, true));
-        }
-    }
-}
-
-/// Whether each joined node is lost, by node name: a node is lost once its session closes or
-/// it misses its heartbeats, and its requests in flight are answered then. A lost node's
-/// address is dialled again (with backoff) until a node answers there; a node that comes
-/// back is live again (its devices listed anew by [`Cluster::devices`]).
-#[derive(Clone, Default)]
-struct Nodes(Arc<Mutex<NodeTable>>);
-
-#[derive(Default)]
-struct NodeTable {
-    /// By node name: lost or not, and since when it is live (heartbeats count from then).
-    watch: HashMap<String, (tokio::sync::watch::Sender<bool>, std::time::Instant)>,
-    /// By node name: the address it was dialled at, and its session.
-    session: HashMap<String, (String, ActorRef<ractor_cluster::NodeSessionMessage>)>,
-    /// By node name: the address it was last dialled at (kept once it is lost).
-    addrs: HashMap<String, String>,
-    /// By node name: how often it was lost.
-    losses: HashMap<String, u32>,
-    /// Where addresses to dial again go.
-    redial: Option<tokio::sync::mpsc::UnboundedSender<String>>,
-}
-
-impl Nodes {
-    /// The watch of `node` (made on first sight).
-    fn watch(&self, node: &str) -> tokio::sync::watch::Receiver<bool> {
-        let mut t = lock(&self.0);
-        t.watch
-            .entry(node.to_string())
-            .or_insert_with(|| (tokio::sync::watch::channel(false).0, std::time::Instant::now()))
-            .0
-            .subscribe()
-    }
-
-    /// A session to `node`, dialled at `addr`, is ready: the node is live (again).
-    fn ready(&self, node: &str, addr: String, session: ActorRef<ractor_cluster::NodeSessionMessage>) {
-        let mut t = lock(&self.0);
-        let fresh = t.watch.get(node).is_none_or(|(tx, _)| *tx.borrow());
-        if fresh {
-            if t.watch.contains_key(node) {
-                tracing::info!(node, "node back");
-            }
-            t.watch.insert(
-                node.to_string(),
-                (tokio::sync::watch::channel(false).0, std::time::Instant::now()),
-            );
-        }
-        t.addrs.insert(node.to_string(), addr.clone());
-        t.session.insert(node.to_string(), (addr, session));
-    }
-
-    /// Since when `node` is live, if it is.
-    fn live_since(&self, node: &str) -> Option<std::time::Instant> {
-        let t = lock(&self.0);
-        t.watch
-            .get(node)
-            .filter(|(tx, _)| !*tx.borrow())
-            .map(|(_, since)| *since)
-    }
-
-    /// Whether a live node was dialled at `addr`.
-    fn live_at(&self, addr: &str) -> bool {
-        let t = lock(&self.0);
-        t.session
-            .iter()
-            .any(|(node, (a, _))| a == addr && t.watch.get(node).is_some_and(|(tx, _)| !*tx.borrow()))
-    }
-
-    fn lose(&self, node: &str, why: &str) {
-        let mut t = lock(&self.0);
-        let Some((tx, _)) = t.watch.get(node) else { return };
-        if *tx.borrow() {
-            return;
-        }
-        tracing::warn!(node, why, "node lost");
-        // (`send` would not store it with no receiver left: `send_replace` does.)
-        tx.send_replace(true);
-        *t.losses.entry(node.to_string()).or_default() += 1;
-        // Its session goes (a frozen node's stays open otherwise), and its address is
-        // dialled again.
-        if let Some((addr, session)) = t.session.remove(node) {
-            session.stop(None);
-            if let Some(redial) = &t.redial {
-                let _ = redial.send(addr);
-            }
-        }
-    }
-
-    /// The address `node` was last dialled at.
-    fn addr(&self, node: &str) -> Option<String> {
-        lock(&self.0).addrs.get(node).cloned()
-    }
-
-    /// How often `node` was lost.
-    fn losses(&self, node: &str) -> u32 {
-        lock(&self.0).losses.get(node).copied().unwrap_or(0)
-    }
-
-    /// Names of every node seen, lost or not.
-    fn names(&self) -> Vec<String> {
-        lock(&self.0).watch.keys().cloned().collect()
-    }
-}
-
-/// Dials lost nodes' addresses again, with backoff (100 ms doubling to 5 s), until a node
-/// answers there.
-async fn redial(
-    server: ActorRef<NodeServerMessage>,
-    nodes: Nodes,
-    mut addrs: tokio::sync::mpsc::UnboundedReceiver<String>,
-) {
-    while let Some(addr) = addrs.recv().await {
-        let (server, nodes) = (server.clone(), nodes.clone());
-        tokio::spawn(async move {
-            let mut wait = Duration::from_millis(100);
-            loop {
-                tokio::time::sleep(wait).await;
-                if nodes.live_at(&addr) {
-                    return;
-                }
-                let dialled =
-                    tokio::time::timeout(JOIN_TIMEOUT, ractor_cluster::client_connect(&server, addr.clone())).await;
-                if matches!(dialled, Ok(Ok(()))) {
-                    let until = tokio::time::Instant::now() + JOIN_TIMEOUT;
-                    while tokio::time::Instant::now() < until && !nodes.live_at(&addr) {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    if nodes.live_at(&addr) {
-                        return;
-                    }
-                }
-                wait = (wait * 2).min(Duration::from_secs(5));
-            }
-        });
-    }
-}
 
 static CLIENTS: AtomicU64 = AtomicU64::new(0);
 
@@ -552,26 +246,56 @@ impl Cluster {
         found
     }
 
+    /// Uploads `data` as a durable buffer on every device of every live node that is ready
+    /// or restarting, and on the devices of nodes seen later (a node restarted as a new
+    /// process included): one identity that tasks name. Each node keeps its replicas' host
+    /// copies and restores them into its new contexts, as for its own durable buffers;
+    /// this application keeps the bytes too, for nodes seen later, until
+    /// [`Cluster::free`].
+    ///
+    /// # Errors
+    /// When no device got a replica: the first device's error (`NoReadyDevice` when there
+    /// is none).
+    pub async fn replicate(&self, data: impl Into<Payload>) -> Result<ReplicatedBuffer, RuntimeError> {
+        self.inner.replicate(data).await
+    }
+
+    /// Loads a module on every device of every live node that is ready or restarting, and
+    /// on the devices of nodes seen later: one module tasks name.
+    ///
+    /// # Errors
+    /// When no device loaded it: the first device's error.
+    pub async fn replicate_module(&self, source: ModuleSource) -> Result<ReplicatedModule, RuntimeError> {
+        self.inner.replicate_module(source).await
+    }
+
+    /// Frees a cluster replica on every live device that holds it, and forgets its bytes.
+    ///
+    /// # Errors
+    /// The first device's error (the others are freed regardless).
+    pub async fn free(&self, replica: &ReplicatedBuffer) -> Result<(), RuntimeError> {
+        self.inner.free(replica).await
+    }
+
+    /// Runs a task on the least-loaded ready device of a live node that holds every
+    /// replica and module it names (a restarting one when none is ready), answered with its
+    /// outputs. A replayable task whose node is lost under it, or whose device cannot run it
+    /// (lost, failed, restarting past its reruns, breaker open, busy, shutting down), runs
+    /// again on another such device — within its deadline, at most `retry.task_reruns`
+    /// times. (A node reruns a task on its own device after a restart by itself.)
+    ///
+    /// # Errors
+    /// `BadTask` when it names what is not a cluster replica; `NoReadyDevice` when no live
+    /// device holds what it names; the task's typed error; `NodeLost` when its node was
+    /// lost and it could not run elsewhere.
+    pub async fn run(&self, task: &Task) -> Result<Vec<Payload>, RuntimeError> {
+        self.inner.run(task).await
+    }
+
     /// The least-loaded ready device of a live node (else a restarting one), by what its
     /// node last reported and this application's requests to it now.
     pub fn any(&self) -> Option<RemoteDevice> {
-        self.least_loaded(|_| true)
-    }
-
-    pub(crate) fn least_loaded(&self, take: impl Fn(u32) -> bool) -> Option<RemoteDevice> {
-        let mut best: Option<((bool, u32), RemoteDevice)> = None;
-        for d in self.inner.live().into_iter().filter(|d| take(d.slot)) {
-            let (state, load) = self.inner.load(d.slot);
-            let rank = match state {
-                DeviceState::Ready => (false, load),
-                DeviceState::Restarting => (true, load),
-                DeviceState::Lost | DeviceState::Failed => continue,
-            };
-            if best.as_ref().is_none_or(|(r, _)| rank < *r) {
-                best = Some((rank, d));
-            }
-        }
-        best.map(|(_, d)| d)
+        self.inner.least_loaded(|_| true)
     }
 
     /// Tasks [`Cluster::run`] ran again on another device so far.
@@ -633,25 +357,6 @@ impl Cluster {
             });
         }
         reports
-    }
-}
-
-/// Whether a device server's actor can be sent to: one of a session that closed is stopped.
-fn reachable(actor: &ActorRef<RemoteDeviceMsg>) -> bool {
-    matches!(
-        actor.get_status(),
-        ractor::ActorStatus::Running | ractor::ActorStatus::Upgrading
-    )
-}
-
-/// A node's counts, asked of one of its device servers.
-async fn counts_of(server: &ActorRef<RemoteDeviceMsg>) -> Option<NodeCounts> {
-    match server.call(RemoteDeviceMsg::Counts, Some(JOIN_TIMEOUT)).await {
-        Ok(CallResult::Success(bytes)) => decode::<Counted>(&bytes, "counts")
-            .ok()
-            .filter(|c| c.version == PROTOCOL)
-            .and_then(|c| c.counts.ok()),
-        _ => None,
     }
 }
 

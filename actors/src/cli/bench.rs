@@ -38,6 +38,7 @@ use hipvisor::{KernelArg, ModuleSource, Op, Reply, Runtime, RuntimeConfig, Task,
 use serde_json::json;
 
 use crate::CommonArgs;
+use crate::cli::measure::{IN_FLIGHT, per_op};
 
 /// Flags of `hipvisor bench`.
 #[derive(Args, Debug)]
@@ -59,7 +60,6 @@ pub(crate) struct BenchArgs {
     json: bool,
 }
 
-pub(crate) const IN_FLIGHT: u64 = 64;
 /// Callers submitting batches concurrently in `runtime_*_batch_null`: while one batch
 /// runs, the next is being admitted.
 const BATCH_CALLERS: u64 = 4;
@@ -83,30 +83,6 @@ impl Series {
         s.sort_by(f64::total_cmp);
         json!({"name": self.name, self.unit: {"median": median(&s), "min": s[0], "max": s[s.len() - 1]}})
     }
-}
-
-/// Nanoseconds per op for `ops` ops of `f`, spread over `in_flight` concurrent tasks.
-pub(crate) async fn per_op<F, Fut>(ops: u64, in_flight: u64, f: F) -> f64
-where
-    F: Fn() -> Fut + Send + Sync + Clone + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
-{
-    let each = (ops / in_flight).max(1);
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..in_flight)
-        .map(|_| {
-            let f = f.clone();
-            tokio::spawn(async move {
-                for _ in 0..each {
-                    f().await;
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        let _ = t.await;
-    }
-    started.elapsed().as_nanos() as f64 / (each * in_flight) as f64
 }
 
 async fn channel(ops: u64, in_flight: u64) -> f64 {

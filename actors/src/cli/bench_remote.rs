@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use hipvisor::RuntimeConfig;
 use hipvisor::cluster::{Cluster, RemoteDevice};
 
-use super::bench::{IN_FLIGHT, per_op};
+use crate::cli::measure::{IN_FLIGHT, per_op};
 
 /// The measurements, in this order.
 pub(crate) const NAMES: [(&str, &str); 4] = [

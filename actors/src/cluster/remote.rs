@@ -8,12 +8,14 @@ use hipvisor_core::{BufferHandle, Op, OpKind, Payload, Reply};
 use ractor::ActorRef;
 use ractor::rpc::CallResult;
 
+use super::state::{Inner, reachable};
+use super::wire::REPLY_MARGIN;
 use super::wire::{Answer, CHUNK, Call, PEER_DURABLE_BASE, PROTOCOL, RemoteDeviceMsg, Request, decode, encode};
-use super::{Inner, REPLY_MARGIN};
 use crate::error::{OpResult, RuntimeError};
 use crate::handle::typed_ops;
 use crate::shared::Shared;
 use crate::state::DeviceState;
+use hipvisor_core::sync::lock;
 
 /// A device of another node: the same typed ops and answers as a local device
 /// ([`crate::DeviceHandle`]; both are a [`crate::Device`]). It belongs to the
@@ -256,4 +258,60 @@ impl RemoteDevice {
     }
 
     typed_ops!();
+}
+
+impl Inner {
+    /// The device in `slot`, while its node is live.
+    pub(super) fn device(self: &Arc<Self>, slot: u32) -> Option<RemoteDevice> {
+        let known = lock(&self.known);
+        let k = known.get(slot as usize)?;
+        let lost = self.nodes.watch(&k.node);
+        // A node back under a new session: its devices' actors of the old one are stopped
+        // until the next description gives the new ones.
+        if *lost.borrow() || !reachable(&k.actor) {
+            return None;
+        }
+        Some(RemoteDevice {
+            inner: self.clone(),
+            actor: k.actor.clone(),
+            node: k.node.clone(),
+            device: k.index,
+            slot,
+            lost,
+            outstanding: k.outstanding.clone(),
+        })
+    }
+
+    /// Every device of every live node, by slot.
+    pub(super) fn live(self: &Arc<Self>) -> Vec<RemoteDevice> {
+        let n = lock(&self.known).len() as u32;
+        (0..n).filter_map(|slot| self.device(slot)).collect()
+    }
+
+    /// The node's device `index`, while the node is live.
+    pub(super) fn sibling(self: &Arc<Self>, node: &str, index: u32) -> Option<RemoteDevice> {
+        let slot = lock(&self.known)
+            .iter()
+            .position(|k| k.node == node && k.index == index)?;
+        self.device(slot as u32)
+    }
+
+    /// The least-loaded ready device of a live node (else a restarting one) among the slots
+    /// `take` takes, by what its node last reported and this application's requests to it
+    /// now.
+    pub(super) fn least_loaded(self: &Arc<Self>, take: impl Fn(u32) -> bool) -> Option<RemoteDevice> {
+        let mut best: Option<((bool, u32), RemoteDevice)> = None;
+        for d in self.live().into_iter().filter(|d| take(d.slot)) {
+            let (state, load) = self.load(d.slot);
+            let rank = match state {
+                DeviceState::Ready => (false, load),
+                DeviceState::Restarting => (true, load),
+                DeviceState::Lost | DeviceState::Failed => continue,
+            };
+            if best.as_ref().is_none_or(|(r, _)| rank < *r) {
+                best = Some((rank, d));
+            }
+        }
+        best.map(|(_, d)| d)
+    }
 }

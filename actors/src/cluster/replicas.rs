@@ -13,42 +13,61 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use hipvisor_core::sync::lock;
+use ractor::ActorRef;
+
 use hipvisor_core::task::{ReplicatedBuffer, ReplicatedModule, Task};
 use hipvisor_core::{BufferHandle, InvalidReason, ModuleHandle, ModuleSource, Op, OpKind, Payload, TaskOp};
 
-use super::wire::PEER_DURABLE_BASE;
-use super::{Cluster, Inner, RemoteDevice};
+use super::remote::RemoteDevice;
+use super::state::{Inner, Replica, counts_of};
+use super::wire::{Description, PEER_DURABLE_BASE, RemoteDeviceMsg};
 use crate::error::RuntimeError;
 use crate::state::DeviceState;
 
 /// The pseudo-device of every cluster replica (see the module docs).
 pub const CLUSTER_DEVICE: u32 = u32::MAX;
 
-/// A replica's bytes, kept for nodes seen later.
-#[derive(Clone)]
-pub(super) struct Replica {
-    id: u64,
-    data: Payload,
-}
-
 impl Inner {
+    /// A device described by its server, seen for the first time or again: its slot. A
+    /// node seen for the first time has its counts taken first (before any request of this
+    /// application can reach it).
+    /// A device seen for the first time is given the cluster's replicas and modules, in
+    /// the background (tasks go to it once it holds what they name).
+    pub(super) async fn see(self: &Arc<Self>, actor: ActorRef<RemoteDeviceMsg>, d: &Description) -> u32 {
+        let first = !lock(&self.baseline).contains_key(&d.node);
+        if first {
+            let counts = counts_of(&actor).await.unwrap_or_default();
+            lock(&self.baseline).entry(d.node.clone()).or_insert(counts);
+        }
+        let (slot, new) = self.learn(actor, d);
+        let something = !lock(&self.replicas).is_empty() || !lock(&self.modules).is_empty();
+        if new && something {
+            let inner = self.clone();
+            tokio::spawn(async move {
+                let _ = inner.provision(slot).await;
+            });
+        }
+        slot
+    }
+
     /// Gives device `slot` every replica and module it lacks (one provisioning of a device
     /// at a time); the first error.
     pub(super) async fn provision(self: &Arc<Self>, slot: u32) -> Result<(), RuntimeError> {
         let Some(device) = self.device(slot) else {
             return Ok(()); // its node is lost: nothing to give it
         };
-        let one_at_a_time = super::lock(&self.known)[slot as usize].provisioning.clone();
+        let one_at_a_time = lock(&self.known)[slot as usize].provisioning.clone();
         let _held = one_at_a_time.lock().await;
         let mut first = Ok(());
-        let replicas: Vec<Replica> = super::lock(&self.replicas).clone();
+        let replicas: Vec<Replica> = lock(&self.replicas).clone();
         for r in replicas {
             if self.holds(slot, r.id) {
                 continue;
             }
             match device.durable_with_id(r.id, r.data).await {
                 Ok(_) => {
-                    super::lock(&self.known)[slot as usize].held.insert(r.id);
+                    lock(&self.known)[slot as usize].held.insert(r.id);
                 }
                 Err(e) => {
                     tracing::warn!(node = device.node(), device = device.index(), error = %e, "a replica could not be made");
@@ -56,16 +75,16 @@ impl Inner {
                 }
             }
         }
-        let modules: Vec<(u64, ModuleSource)> = super::lock(&self.modules).clone();
+        let modules: Vec<(u64, ModuleSource)> = lock(&self.modules).clone();
         for (vid, source) in modules {
-            if super::lock(&self.known)[slot as usize].modules.contains_key(&vid) {
+            if lock(&self.known)[slot as usize].modules.contains_key(&vid) {
                 continue;
             }
             match device.load_module(source).await {
                 // (Loaded on another device of its node — this one lost meanwhile — is not
                 // this device's.)
                 Ok(m) if m.device == device.index() => {
-                    super::lock(&self.known)[slot as usize].modules.insert(vid, m.id);
+                    lock(&self.known)[slot as usize].modules.insert(vid, m.id);
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -79,7 +98,7 @@ impl Inner {
 
     /// Whether device `slot` holds replica `id`.
     pub(super) fn holds(&self, slot: u32, id: u64) -> bool {
-        super::lock(&self.known)
+        lock(&self.known)
             .get(slot as usize)
             .is_some_and(|k| k.held.contains(&id))
     }
@@ -87,7 +106,7 @@ impl Inner {
     /// `task` (bound to [`CLUSTER_DEVICE`]) for device `slot`: its index, its modules' ids;
     /// `None` when the device lacks a replica or module it names.
     pub(super) fn localize(&self, task: &TaskOp, slot: u32) -> Option<TaskOp> {
-        let known = super::lock(&self.known);
+        let known = lock(&self.known);
         let k = known.get(slot as usize)?;
         if !task.durable_buffers().all(|b| k.held.contains(&b.id)) {
             return None;
@@ -114,46 +133,38 @@ fn bind(task: &Task) -> Result<TaskOp, RuntimeError> {
     })
 }
 
-impl Cluster {
-    /// Uploads `data` as a durable buffer on every device of every live node that is ready
-    /// or restarting, and on the devices of nodes seen later (a node restarted as a new
-    /// process included): one identity that tasks name. Each node keeps its replicas' host
-    /// copies and restores them into its new contexts, as for its own durable buffers;
-    /// this application keeps the bytes too, for nodes seen later, until
-    /// [`Cluster::free`].
-    ///
-    /// # Errors
-    /// When no device got a replica: the first device's error (`NoReadyDevice` when there
-    /// is none).
-    pub async fn replicate(&self, data: impl Into<Payload>) -> Result<ReplicatedBuffer, RuntimeError> {
+impl Inner {
+    /// See `Cluster::replicate`.
+    pub(super) async fn replicate(
+        self: &Arc<Self>,
+        data: impl Into<Payload>,
+    ) -> Result<ReplicatedBuffer, RuntimeError> {
         let data = data.into();
         let len = data.len() as u64;
         let id = PEER_DURABLE_BASE + rand::random::<u64>() % (1 << 61);
-        super::lock(&self.inner.replicas).push(Replica { id, data });
+        lock(&self.replicas).push(Replica { id, data });
         let first = self.provision_all().await;
-        if !self.inner.live().iter().any(|d| self.inner.holds(d.slot, id)) {
-            super::lock(&self.inner.replicas).retain(|r| r.id != id);
+        if !self.live().iter().any(|d| self.holds(d.slot, id)) {
+            lock(&self.replicas).retain(|r| r.id != id);
             return Err(first.err().unwrap_or(RuntimeError::NoReadyDevice));
         }
         Ok(ReplicatedBuffer::new(id, len, vec![CLUSTER_DEVICE]))
     }
 
-    /// Loads a module on every device of every live node that is ready or restarting, and
-    /// on the devices of nodes seen later: one module tasks name.
-    ///
-    /// # Errors
-    /// When no device loaded it: the first device's error.
-    pub async fn replicate_module(&self, source: ModuleSource) -> Result<ReplicatedModule, RuntimeError> {
-        let vid = self.inner.next_module.fetch_add(1, Ordering::Relaxed);
-        super::lock(&self.inner.modules).push((vid, source));
+    /// See `Cluster::replicate_module`.
+    pub(super) async fn replicate_module(
+        self: &Arc<Self>,
+        source: ModuleSource,
+    ) -> Result<ReplicatedModule, RuntimeError> {
+        let vid = self.next_module.fetch_add(1, Ordering::Relaxed);
+        lock(&self.modules).push((vid, source));
         let first = self.provision_all().await;
-        let loaded = self.inner.live().iter().any(|d| {
-            super::lock(&self.inner.known)[d.slot as usize]
-                .modules
-                .contains_key(&vid)
-        });
+        let loaded = self
+            .live()
+            .iter()
+            .any(|d| lock(&self.known)[d.slot as usize].modules.contains_key(&vid));
         if !loaded {
-            super::lock(&self.inner.modules).retain(|(v, _)| *v != vid);
+            lock(&self.modules).retain(|(v, _)| *v != vid);
             return Err(first.err().unwrap_or(RuntimeError::NoReadyDevice));
         }
         Ok(ReplicatedModule::new(vec![ModuleHandle {
@@ -162,30 +173,25 @@ impl Cluster {
         }]))
     }
 
-    /// Frees a cluster replica on every live device that holds it, and forgets its bytes.
-    ///
-    /// # Errors
-    /// The first device's error (the others are freed regardless).
-    pub async fn free(&self, replica: &ReplicatedBuffer) -> Result<(), RuntimeError> {
-        super::lock(&self.inner.replicas).retain(|r| r.id != replica.id());
+    /// See `Cluster::free`.
+    pub(super) async fn free(self: &Arc<Self>, replica: &ReplicatedBuffer) -> Result<(), RuntimeError> {
+        lock(&self.replicas).retain(|r| r.id != replica.id());
         let mut first = Ok(());
-        for d in self.inner.live() {
+        for d in self.live() {
             if let Some(handle) = d.replica(replica) {
                 first = first.and(d.free(handle).await);
-                super::lock(&self.inner.known)[d.slot as usize]
-                    .held
-                    .remove(&replica.id());
+                lock(&self.known)[d.slot as usize].held.remove(&replica.id());
             }
         }
         first
     }
 
     /// Provisions every live device that is ready or restarting, at once: the first error.
-    async fn provision_all(&self) -> Result<(), RuntimeError> {
+    async fn provision_all(self: &Arc<Self>) -> Result<(), RuntimeError> {
         let mut running = tokio::task::JoinSet::new();
-        for d in self.inner.live() {
-            if matches!(self.inner.load(d.slot).0, DeviceState::Ready | DeviceState::Restarting) {
-                let inner = self.inner.clone();
+        for d in self.live() {
+            if matches!(self.load(d.slot).0, DeviceState::Ready | DeviceState::Restarting) {
+                let inner = self.clone();
                 running.spawn(async move { inner.provision(d.slot).await });
             }
         }
@@ -198,20 +204,10 @@ impl Cluster {
         first
     }
 
-    /// Runs a task on the least-loaded ready device of a live node that holds every
-    /// replica and module it names (a restarting one when none is ready), answered with its
-    /// outputs. A replayable task whose node is lost under it, or whose device cannot run it
-    /// (lost, failed, restarting past its reruns, breaker open, busy, shutting down), runs
-    /// again on another such device — within its deadline, at most `retry.task_reruns`
-    /// times. (A node reruns a task on its own device after a restart by itself.)
-    ///
-    /// # Errors
-    /// `BadTask` when it names what is not a cluster replica; `NoReadyDevice` when no live
-    /// device holds what it names; the task's typed error; `NodeLost` when its node was
-    /// lost and it could not run elsewhere.
-    pub async fn run(&self, task: &Task) -> Result<Vec<Payload>, RuntimeError> {
+    /// See `Cluster::run`.
+    pub(super) async fn run(self: &Arc<Self>, task: &Task) -> Result<Vec<Payload>, RuntimeError> {
         let bound = bind(task)?;
-        let until = std::time::Instant::now() + self.inner.deadline;
+        let until = std::time::Instant::now() + self.deadline;
         let mut tried: Vec<u32> = Vec::new();
         let mut reruns = 0;
         loop {
@@ -222,7 +218,7 @@ impl Cluster {
                 Err(e)
                     if bound.replayable()
                         && rerunnable(&e)
-                        && reruns < self.inner.task_reruns
+                        && reruns < self.task_reruns
                         && std::time::Instant::now() < until =>
                 {
                     tracing::debug!(node = device.node(), device = device.index(), error = %e, "task run again elsewhere");
@@ -232,7 +228,7 @@ impl Cluster {
                         return Err(e);
                     }
                     reruns += 1;
-                    self.inner.reruns.fetch_add(1, Ordering::Relaxed);
+                    self.reruns.fetch_add(1, Ordering::Relaxed);
                 }
                 answered => return answered,
             }
@@ -241,17 +237,17 @@ impl Cluster {
 
     /// Where a task goes: the least-loaded ready device (else a restarting one) of a live
     /// node that holds what it names, not in `tried`; the task for that device.
-    fn place(&self, task: &TaskOp, tried: &[u32]) -> Option<(RemoteDevice, TaskOp)> {
-        let device = self.least_loaded(|slot| !tried.contains(&slot) && self.inner.localize(task, slot).is_some())?;
-        let op = self.inner.localize(task, device.slot)?;
+    fn place(self: &Arc<Self>, task: &TaskOp, tried: &[u32]) -> Option<(RemoteDevice, TaskOp)> {
+        let device = self.least_loaded(|slot| !tried.contains(&slot) && self.localize(task, slot).is_some())?;
+        let op = self.localize(task, device.slot)?;
         Some((device, op))
     }
 }
 
 impl RemoteDevice {
     /// Runs a task on this device (its replicas and modules: the cluster's, see
-    /// [`Cluster::replicate`]), answered with its outputs. Its node reruns it on this device
-    /// after a restart; it does not move it to another device ([`Cluster::run`] does, across
+    /// `Cluster::replicate`), answered with its outputs. Its node reruns it on this device
+    /// after a restart; it does not move it to another device (`Cluster::run` does, across
     /// nodes).
     ///
     /// # Errors
@@ -279,7 +275,7 @@ impl RemoteDevice {
         }
     }
 
-    /// The handle of a cluster replica ([`Cluster::replicate`]) on this device, if it holds
+    /// The handle of a cluster replica (`Cluster::replicate`) on this device, if it holds
     /// one.
     pub fn replica(&self, buffer: &ReplicatedBuffer) -> Option<BufferHandle> {
         let on = buffer.on(CLUSTER_DEVICE)?;

@@ -22,6 +22,13 @@ pub const PROTOCOL: u16 = 2;
 /// The process group of every node's device servers.
 pub const DEVICE_GROUP: &str = "hipvisor.device.v2";
 
+/// How long `Cluster::join` waits for each node (its connection and its acceptance), and a
+/// description or count asked of a node.
+pub(crate) const JOIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Slack beyond a request's deadline before the caller gives up on the node.
+pub(crate) const REPLY_MARGIN: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The most bulk bytes in one request or answer: well under `ractor_cluster`'s 16 MiB
 /// frame (a larger frame closes the whole session).
 pub(crate) const CHUNK: usize = 8 << 20;
