@@ -59,6 +59,7 @@ use nodes::{Events, Nodes, redial};
 pub use remote::RemoteDevice;
 pub use replicas::CLUSTER_DEVICE;
 pub use server::{Node, serve};
+pub use state::Tally;
 use state::{Inner, Known, counts_of, reachable};
 pub use wire::{DEVICE_GROUP, NodeCounts, PROTOCOL, RemoteDeviceMsg};
 use wire::{Description, JOIN_TIMEOUT, decode};
@@ -156,6 +157,7 @@ impl Cluster {
                 known: Mutex::default(),
                 tally: Mutex::default(),
                 baseline: Mutex::default(),
+                first_seen: Mutex::default(),
                 replicas: Mutex::default(),
                 modules: Mutex::default(),
                 next_module: AtomicU64::new(1),
@@ -325,7 +327,7 @@ impl Cluster {
         let mut reports = Vec::new();
         for status in self.nodes() {
             let node = &status.node;
-            let (answered, succeeded) = lock(&self.inner.tally).get(node).copied().unwrap_or_default();
+            let tally = lock(&self.inner.tally).get(node).copied().unwrap_or_default();
             let (devices, server) = {
                 let known = lock(&self.inner.known);
                 let mine: Vec<&Known> = known.iter().filter(|k| &k.node == node).collect();
@@ -341,18 +343,19 @@ impl Cluster {
                 _ => None,
             };
             let live = self.inner.nodes.live_since(node).is_some();
-            let counts = counts.filter(|_| live).map(|now| {
-                let before = lock(&self.inner.baseline).get(node).cloned().unwrap_or_default();
-                now.since(&before)
-            });
+            // (A node whose counts could not be taken when first seen has none since.)
+            let before = lock(&self.inner.baseline).get(node).cloned();
+            let counts = counts
+                .filter(|_| live)
+                .zip(before)
+                .map(|(now, before)| now.since(&before));
             reports.push(NodeReport {
                 addr: status.addr,
                 losses: self.inner.nodes.losses(node),
                 devices,
                 node: status.node,
                 live,
-                answered,
-                succeeded,
+                tally,
                 counts,
             });
         }
@@ -387,14 +390,27 @@ pub struct NodeReport {
     pub losses: u32,
     /// Its devices seen.
     pub devices: u32,
-    /// This application's requests its runtime answered (each chunk of a large copy is
-    /// one).
-    pub answered: u64,
-    /// Of which succeeded.
-    pub succeeded: u64,
+    /// What this application's requests did there (each chunk of a large copy is one
+    /// request).
+    pub tally: Tally,
     /// Its own counts since this application first saw it (every application's requests:
-    /// with one application per node, exactly this one's), for a live node that answered.
+    /// with one application per node, exactly this one's), for a live node that answered
+    /// (then and now).
     pub counts: Option<NodeCounts>,
+}
+
+impl NodeReport {
+    /// Whether its counts agree with what this application saw: every request its runtime
+    /// answered counted once, and at most the abandoned ones besides (those may have been
+    /// answered after the application stopped waiting, or may yet be). `None` when there is
+    /// nothing to compare: a node lost meanwhile (lost, it may have run requests answered
+    /// `NodeLost`), or one that gave no counts.
+    pub fn consistent(&self) -> Option<bool> {
+        let c = self.counts.as_ref().filter(|_| self.live && self.losses == 0)?;
+        let t = &self.tally;
+        let within = |node: u64, seen: u64| node >= seen && node - seen <= t.abandoned;
+        Some(within(c.ops_total, t.answered) && within(c.ops_succeeded, t.succeeded))
+    }
 }
 
 /// Asks every joined node, every `every`, whether it answers and how its devices are doing

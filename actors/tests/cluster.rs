@@ -488,14 +488,14 @@ async fn tasks_run_on_every_node_and_move_when_theirs_is_killed_or_frozen() {
     let report = cluster.report().await;
     assert_eq!(report.len(), 3);
     for n in &report {
-        assert!(n.answered > 0, "{} ran tasks: {n:?}", n.node);
+        assert!(n.tally.answered > 0, "{} ran tasks: {n:?}", n.node);
     }
     let live: Vec<_> = report.iter().filter(|n| n.live).collect();
     assert_eq!(live.len(), 1, "{report:?}");
     let counts = live[0].counts.as_ref().expect("the live node's counts");
     assert_eq!(
         (counts.ops_total, counts.ops_succeeded),
-        (live[0].answered, live[0].succeeded),
+        (live[0].tally.answered, live[0].tally.succeeded),
         "the live node counted exactly what it answered this application"
     );
     assert!(
@@ -527,7 +527,8 @@ async fn a_replica_larger_than_a_frame_reaches_every_node_and_forged_ids_are_ref
             gpu.index()
         );
     }
-    // Durable buffers are made by replicate and durable, not by a submitted op.
+    // Durable buffers are made by replicate and durable, not by a submitted op (refused
+    // here; the node's own check of a peer's ids is unit-tested in cluster/server.rs).
     let gpu = cluster.devices().await.pop().unwrap();
     let forged = Op::Durable {
         id: hipvisor::core::DURABLE_ID_BASE + 1,
@@ -648,5 +649,130 @@ async fn a_frozen_node_nobody_waits_on_is_lost_and_serves_at_once_when_back() {
         let gpu = cluster.any().expect("a live device");
         let answer = gpu.submit(Op::MemInfo).await;
         assert!(answer.is_ok(), "{} device {}: {answer:?}", gpu.node(), gpu.index());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_too_large_for_a_frame_is_refused_before_it_is_sent_and_no_node_is_lost() {
+    let _one = SERIAL.lock().await;
+    let cookie = cookie_file("large", "l");
+    let (a, b) = (node(&cookie, 1), node(&cookie, 1));
+    let cluster = Cluster::join(&[a.addr, b.addr], "l", &config()).await.unwrap();
+    let kernels = cluster.replicate_module(ModuleSource::Builtin).await.unwrap();
+    // A task with 20 MiB of input: past the transport's frame.
+    let mut t = hipvisor::Task::new();
+    let s = t.scratch(20 << 20);
+    t.copy_in(s, 0, vec![1u8; 20 << 20]);
+    t.launch(
+        &kernels,
+        "fill",
+        1,
+        1,
+        [
+            s.into(),
+            hipvisor::TaskArg::value(KernelArg::U32(1)),
+            hipvisor::TaskArg::value(KernelArg::U32(1)),
+        ],
+    );
+    let e = cluster.run(&t).await.unwrap_err();
+    assert_eq!(e.label(), "invalid_request", "{e}");
+    // A 20 MiB module image.
+    let gpu = cluster.devices().await.pop().unwrap();
+    let e = gpu
+        .load_module(ModuleSource::Image(vec![0u8; 20 << 20].into()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.label(), "invalid_request", "{e}");
+    // Nothing was lost on the way, and the devices still serve.
+    assert!(
+        cluster.nodes().iter().all(|n| n.live && n.losses == 0),
+        "{:?}",
+        cluster.nodes()
+    );
+    gpu.mem_info().await.expect("served");
+    assert_eq!(cluster.task_reruns(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_away_while_a_replica_was_made_gets_it_once_back() {
+    let _one = SERIAL.lock().await;
+    let cookie = cookie_file("away", "w");
+    let (a, b) = (node(&cookie, 1), node(&cookie, 1));
+    let cluster = Cluster::join(&[a.addr, b.addr], "w", &config()).await.unwrap();
+    let pid = nix::unistd::Pid::from_raw(b.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster.nodes().iter().all(|n| n.live) {
+        assert!(Instant::now() < deadline, "the frozen node is lost within 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = cluster.replicate(vec![5u8; 4096]).await.expect("made on the live node");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let devices = cluster.devices().await;
+        if devices.len() == 2 && devices.iter().all(|d| d.replica(&r).is_some()) {
+            for d in devices {
+                let h = d.replica(&r).unwrap();
+                assert_eq!(
+                    d.copy_from_device(h, 0, 4096).await.unwrap().as_bytes(),
+                    &[5u8; 4096][..]
+                );
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "the node back holds the replica within 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_abandoned_at_the_deadline_keep_the_counts_consistent() {
+    let _one = SERIAL.lock().await;
+    let cookie = cookie_file("abandon", "d");
+    // Half the ops on the node hang 4 s: past this application's 1 s deadline and its 2 s
+    // margin, well within the node's own deadline.
+    let plan = std::env::temp_dir().join(format!("hipvisor-{}-hang.toml", std::process::id()));
+    std::fs::write(
+        &plan,
+        "[[sim.faults]]\nop = \"any\"\nprobability = 0.5\nhang_ms = 4000\n",
+    )
+    .unwrap();
+    let n = node_with(&cookie, 1, &["--config", plan.to_str().unwrap()]);
+    let mut c = config();
+    c.runtime.op_deadline_ms = 1000;
+    let cluster = Cluster::join(&[n.addr], "d", &c).await.unwrap();
+    let gpu = cluster.devices().await.pop().unwrap();
+    let calls: Vec<_> = (0..12)
+        .map(|_| {
+            let gpu = gpu.clone();
+            tokio::spawn(async move { gpu.mem_info().await })
+        })
+        .collect();
+    let mut late = 0;
+    for c in calls {
+        if let Err(e) = c.await.unwrap() {
+            assert!(matches!(e, RuntimeError::DeadlineExceeded { .. }), "{e}");
+            late += 1;
+        }
+    }
+    assert!(late > 0, "some ops hung past the deadline");
+    let report = cluster.report().await;
+    assert_eq!(report[0].tally.abandoned, late);
+    assert_eq!(report[0].consistent(), Some(true), "{report:?}");
+    // Once the node has answered them all, it counted each once.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = &cluster.report().await[0];
+        let c = r.counts.as_ref().expect("counts");
+        if c.ops_total == r.tally.answered + r.tally.abandoned {
+            assert_eq!(r.consistent(), Some(true));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node answered everything within 30 s: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

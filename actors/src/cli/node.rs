@@ -114,6 +114,9 @@ pub(crate) struct ClusterEnd {
     pub(crate) metric: (u64, u64),
     /// Answered and succeeded, as this application saw them from the same nodes.
     pub(crate) answered: (u64, u64),
+    /// Whether every node that stayed live counted what it answered this run (and at most
+    /// the requests abandoned besides): [`hipvisor::cluster::NodeReport::consistent`].
+    pub(crate) consistent: bool,
     /// `[{"addr", "node", "devices", "ops", ...}]`, one per node seen.
     pub(crate) nodes: serde_json::Value,
 }
@@ -127,20 +130,26 @@ impl ClusterEnd {
             snapshot: hipvisor::Snapshot::default(),
             metric: (0, 0),
             answered: (0, 0),
+            consistent: true,
             nodes: serde_json::Value::Array(Vec::new()),
         };
         let s = &mut end.snapshot;
         let mut nodes = Vec::new();
         for r in cluster.report().await {
-            let checked = r.live && r.losses == 0;
+            let verdict = r.consistent();
+            let checked = verdict.is_some();
             if checked {
-                end.answered.0 += r.answered;
-                end.answered.1 += r.succeeded;
-                // A live node that did not give its counts disagrees with what was seen.
+                end.answered.0 += r.tally.answered;
+                end.answered.1 += r.tally.succeeded;
                 if let Some(c) = &r.counts {
                     end.metric.0 += c.ops_total;
                     end.metric.1 += c.ops_succeeded;
                 }
+            }
+            // A node that stayed live and gave no counts cannot vouch for what it did.
+            let unvouched = r.live && r.losses == 0 && r.counts.is_none();
+            if verdict == Some(false) || unvouched {
+                end.consistent = false;
             }
             if let Some(c) = r.counts.as_ref().filter(|_| r.live) {
                 s.ops_total += c.ops_total;
@@ -158,8 +167,9 @@ impl ClusterEnd {
                 "live": r.live,
                 "lost": r.losses,
                 "devices": r.devices,
-                "ops": r.answered,
-                "succeeded": r.succeeded,
+                "ops": r.tally.answered,
+                "succeeded": r.tally.succeeded,
+                "abandoned": r.tally.abandoned,
                 "node_ops": r.counts.as_ref().map(|c| c.ops_total),
                 "device_states": r.counts.as_ref().map(|c| c.devices.iter().map(|d| d.as_str()).collect::<Vec<_>>()),
                 "checked": checked,

@@ -769,7 +769,7 @@ async fn finish(job: Arc<Job>, end: RunEnd) -> ExitCode {
     let submitted = job.submitted.load(Ordering::Relaxed);
     let answered = o.succeeded + o.failed;
     // What the metrics say was answered and succeeded, against what was observed.
-    let (snapshot, (metric_answered, metric_succeeded), (answered, succeeded), nodes) = match job.target {
+    let (snapshot, (metric_answered, metric_succeeded), (answered, succeeded), nodes, verdict) = match job.target {
         Target::Local(runtime) => {
             let Ok(runtime) = Arc::try_unwrap(runtime) else {
                 eprintln!("hipvisor: internal error: the runtime is still shared");
@@ -791,15 +791,21 @@ async fn finish(job: Arc<Job>, end: RunEnd) -> ExitCode {
                         })
                 }
             };
-            (snapshot, metric, (answered, o.succeeded), None)
+            (snapshot, metric, (answered, o.succeeded), None, None)
         }
         #[cfg(feature = "cluster")]
         Target::Cluster(cluster) => {
             let end = crate::cli::node::ClusterEnd::of(&cluster).await;
-            (end.snapshot, end.metric, end.answered, Some(end.nodes))
+            (
+                end.snapshot,
+                end.metric,
+                end.answered,
+                Some(end.nodes),
+                Some(end.consistent),
+            )
         }
     };
-    let consistent = metric_answered == answered && metric_succeeded == succeeded;
+    let consistent = verdict.unwrap_or(metric_answered == answered && metric_succeeded == succeeded);
     let class = |k: &str| o.by_class.get(k).copied().unwrap_or(0);
     let device_states = || {
         snapshot

@@ -29,7 +29,7 @@ impl NodeEventSubscription for Events {
             let _ = self.join.send((s.peer_addr.clone(), false));
         }
         if let Some(peer) = s.peer_name {
-            self.nodes.lose(&peer.name, "its session closed");
+            self.nodes.closed(&peer.name, s.actor.get_id());
         }
     }
     fn node_session_ready(&self, s: NodeServerSessionInformation) {
@@ -138,6 +138,18 @@ impl Nodes {
         lock(&self.0).losses.get(node).copied().unwrap_or(0)
     }
 
+    /// A session to `node` closed: the node is lost if that was its session (not another
+    /// one, such as a duplicate the transport closed, or one of before it was lost).
+    pub(super) fn closed(&self, node: &str, session: ractor::ActorId) {
+        let current = lock(&self.0)
+            .session
+            .get(node)
+            .is_some_and(|(_, s)| s.get_id() == session);
+        if current {
+            self.lose(node, "its session closed");
+        }
+    }
+
     /// Names of every node seen, lost or not.
     pub(super) fn names(&self) -> Vec<String> {
         lock(&self.0).watch.keys().cloned().collect()
@@ -151,9 +163,12 @@ pub(super) async fn redial(
     nodes: Nodes,
     mut addrs: tokio::sync::mpsc::UnboundedReceiver<String>,
 ) {
+    // Every address's dialling stops with this task (the `Cluster` dropped).
+    let mut dialling = tokio::task::JoinSet::new();
     while let Some(addr) = addrs.recv().await {
+        while dialling.try_join_next().is_some() {}
         let (server, nodes) = (server.clone(), nodes.clone());
-        tokio::spawn(async move {
+        dialling.spawn(async move {
             let mut wait = Duration::from_millis(100);
             loop {
                 tokio::time::sleep(wait).await;

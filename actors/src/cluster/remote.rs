@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Instant;
 
 use hipvisor_core::{BufferHandle, Op, OpKind, Payload, Reply};
 use ractor::ActorRef;
@@ -10,7 +11,9 @@ use ractor::rpc::CallResult;
 
 use super::state::{Inner, reachable};
 use super::wire::REPLY_MARGIN;
-use super::wire::{Answer, CHUNK, Call, PEER_DURABLE_BASE, PROTOCOL, RemoteDeviceMsg, Request, decode, encode};
+use super::wire::{
+    Answer, CHUNK, Call, MAX_REQUEST, PEER_DURABLE_BASE, PROTOCOL, RemoteDeviceMsg, Request, decode, encode,
+};
 use crate::error::{OpResult, RuntimeError};
 use crate::handle::typed_ops;
 use crate::shared::Shared;
@@ -37,6 +40,28 @@ pub struct RemoteDevice {
     pub(super) lost: tokio::sync::watch::Receiver<bool>,
     /// This application's requests to it now.
     pub(super) outstanding: Arc<AtomicU32>,
+}
+
+/// A request sent and not yet answered: abandoned (see [`Inner::abandoned`]) if dropped
+/// before [`Pending::settle`].
+struct Pending<'a> {
+    inner: &'a Inner,
+    node: &'a str,
+    settled: bool,
+}
+
+impl Pending<'_> {
+    fn settle(mut self) {
+        self.settled = true;
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.inner.abandoned(self.node);
+        }
+    }
 }
 
 /// Counts a request out while it is out.
@@ -97,9 +122,11 @@ impl RemoteDevice {
         if let Some(e) = Shared::reserved(self.device, &op) {
             return Err(e);
         }
+        // One deadline for the whole op, its chunks included.
+        let until = Instant::now() + self.inner.deadline;
         match op {
             Op::CopyToDevice { dst, offset, data } if data.len() > CHUNK => {
-                self.copy_in_chunks(dst, offset, &data).await?;
+                self.copy_in_chunks(dst, offset, &data, until).await?;
                 Ok(Reply::Done)
             }
             Op::CopyFromDevice { src, offset, len } if len > CHUNK as u64 => {
@@ -118,7 +145,7 @@ impl RemoteDevice {
                         offset: offset + at,
                         len: n,
                     };
-                    match self.call(Call::Op(part)).await? {
+                    match self.call(Call::Op(part), until).await? {
                         Reply::Data(d) => bytes.extend_from_slice(d.as_bytes()),
                         other => unreachable!("a copy back answered {other:?}"),
                     }
@@ -126,18 +153,24 @@ impl RemoteDevice {
                 }
                 Ok(Reply::Data(bytes.into()))
             }
-            op => self.call(Call::Op(op)).await,
+            op => self.call(Call::Op(op), until).await,
         }
     }
 
-    async fn copy_in_chunks(&self, dst: BufferHandle, offset: u64, data: &Payload) -> Result<(), RuntimeError> {
+    async fn copy_in_chunks(
+        &self,
+        dst: BufferHandle,
+        offset: u64,
+        data: &Payload,
+        until: Instant,
+    ) -> Result<(), RuntimeError> {
         for (i, chunk) in data.as_bytes().chunks(CHUNK).enumerate() {
             let part = Op::CopyToDevice {
                 dst,
                 offset: offset + (i * CHUNK) as u64,
                 data: chunk.to_vec().into(),
             };
-            self.call(Call::Op(part)).await?;
+            self.call(Call::Op(part), until).await?;
         }
         Ok(())
     }
@@ -153,21 +186,31 @@ impl RemoteDevice {
     }
 
     /// A durable buffer with id `id` (a peer's: at or above `PEER_DURABLE_BASE`): one
-    /// request up to a chunk, else a zeroed buffer filled by chunked copies.
+    /// request up to a chunk, else parts the node assembles — within one deadline.
     pub(super) async fn durable_with_id(&self, id: u64, data: Payload) -> Result<BufferHandle, RuntimeError> {
+        let until = Instant::now() + self.inner.deadline;
         let len = data.len() as u64;
-        let call = if data.len() <= CHUNK {
-            Call::Op(Op::Durable { id, data: data.clone() })
-        } else {
-            Call::DurableZeroed { id, len }
-        };
-        let buffer = match self.call(call).await? {
-            Reply::Buffer(b) => b,
-            other => unreachable!("a durable buffer's creation answered {other:?}"),
-        };
-        if data.len() > CHUNK {
-            self.copy_in_chunks(buffer, 0, &data).await?;
+        if data.len() <= CHUNK {
+            return match self.call(Call::Op(Op::Durable { id, data }), until).await? {
+                Reply::Buffer(b) => Ok(b),
+                other => unreachable!("a durable buffer's creation answered {other:?}"),
+            };
         }
+        // In parts, assembled on the node, made once whole.
+        let mut made = None;
+        for (i, chunk) in data.as_bytes().chunks(CHUNK).enumerate() {
+            let part = Call::DurablePart {
+                id,
+                len,
+                offset: (i * CHUNK) as u64,
+                data: chunk.to_vec().into(),
+            };
+            made = Some(self.call(part, until).await?);
+        }
+        let buffer = match made {
+            Some(Reply::Buffer(b)) => b,
+            other => unreachable!("a durable buffer's last part answered {other:?}"),
+        };
         Ok(buffer)
     }
 
@@ -177,65 +220,73 @@ impl RemoteDevice {
         self.inner.sibling(&self.node, index)
     }
 
-    /// One request, one answer.
-    async fn call(&self, call: Call) -> OpResult {
+    /// One request, one answer, by `until` (and a margin for the answer's way back).
+    pub(super) async fn call(&self, call: Call, until: Instant) -> OpResult {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let kind = match &call {
             Call::Op(op) => op.kind(),
-            Call::DurableZeroed { .. } => OpKind::Durable,
+            Call::DurablePart { .. } => OpKind::Durable,
         };
-        let deadline = self.inner.deadline;
-        let request = Request {
+        let bytes = encode(&Request {
             version: PROTOCOL,
             id,
-            deadline_ms: deadline.as_millis() as u64,
             call,
-        };
-        let lost = || RuntimeError::NodeLost {
+        });
+        // A larger frame would close the whole session (every request on it lost).
+        if bytes.len() > MAX_REQUEST {
+            return Err(self.too_large(kind, bytes.len()));
+        }
+        let lost = |may_have_executed| RuntimeError::NodeLost {
             node: self.node.clone(),
-            may_have_executed: true,
+            may_have_executed,
+        };
+        let past = |may_have_executed| RuntimeError::DeadlineExceeded {
+            device: self.device,
+            op: kind,
+            deadline_ms: self.inner.deadline.as_millis() as u64,
+            may_have_executed,
         };
         if *self.lost.borrow() {
-            return Err(RuntimeError::NodeLost {
-                node: self.node.clone(),
-                may_have_executed: false,
-            });
+            return Err(lost(false));
         }
+        let Some(wait) = until.checked_duration_since(Instant::now()) else {
+            return Err(past(false));
+        };
         let _out = Out::new(&self.outstanding);
-        let sent_at = std::time::Instant::now();
-        let call = self.actor.call(
-            |reply| RemoteDeviceMsg::Submit(encode(&request), reply),
-            Some(deadline + REPLY_MARGIN),
-        );
+        let pending = Pending {
+            inner: &self.inner,
+            node: &self.node,
+            settled: false,
+        };
+        let call = self
+            .actor
+            .call(|reply| RemoteDeviceMsg::Submit(bytes, reply), Some(wait + REPLY_MARGIN));
         let mut gone = self.lost.clone();
         let sent = tokio::select! {
             sent = call => sent,
             // Lost while the request was out (a frozen node misses its heartbeats): answered
             // now, not at the deadline. (A closed watch — its `Cluster` dropped, or the node
             // back under a fresh watch — is lost too.)
-            _ = gone.wait_for(|l| *l) => return Err(lost()),
+            _ = gone.wait_for(|l| *l) => return Err(lost(true)),
         };
         let bytes = match sent {
             Ok(CallResult::Success(bytes)) => bytes,
+            // Not sent: the actor of the node's session is gone.
+            Err(_) => {
+                pending.settle();
+                return Err(lost(false));
+            }
             // The session closed (its reply ports are dropped at once, and the node is lost
-            // by then), or no answer came by the deadline from a node still there (ractor
-            // reports either as a sender error or a timeout). (Before the deadline it cannot
-            // be the latter: the session dropped, and the event that marks the node lost may
-            // lag behind the dropped reply port.)
-            Ok(CallResult::SenderError | CallResult::Timeout) | Err(_)
-                if *self.lost.borrow() || sent_at.elapsed() < deadline =>
-            {
-                return Err(lost());
+            // by then), or no answer came in time from a node still there (ractor reports
+            // either as a sender error or a timeout). (Before `until` it cannot be the
+            // latter: the session dropped, and the event that marks the node lost may lag
+            // behind the dropped reply port.)
+            Ok(CallResult::SenderError | CallResult::Timeout) if *self.lost.borrow() || Instant::now() < until => {
+                return Err(lost(true));
             }
-            Ok(CallResult::SenderError | CallResult::Timeout) | Err(_) => {
-                return Err(RuntimeError::DeadlineExceeded {
-                    device: self.device,
-                    op: kind,
-                    deadline_ms: deadline.as_millis() as u64,
-                    may_have_executed: true,
-                });
-            }
+            Ok(CallResult::SenderError | CallResult::Timeout) => return Err(past(true)),
         };
+        pending.settle();
         let remote = |reason: String| RuntimeError::Remote {
             node: self.node.clone(),
             reason,
@@ -255,6 +306,25 @@ impl RemoteDevice {
             self.inner.answered(&self.node, answer.result.is_ok());
         }
         answer.result
+    }
+
+    /// The error for a request of `len` bytes, too large to send.
+    fn too_large(&self, kind: OpKind, len: usize) -> RuntimeError {
+        let what = format!(
+            "a request of {len} bytes: a remote request carries at most {MAX_REQUEST} (copies and durable buffers \
+             travel in chunks; a task or module image this large cannot go to a node)"
+        );
+        let reason = match kind {
+            OpKind::Task => hipvisor_core::InvalidReason::BadTask { reason: what },
+            OpKind::LoadModule => hipvisor_core::InvalidReason::BadModuleImage { reason: what },
+            _ => {
+                return RuntimeError::Remote {
+                    node: self.node.clone(),
+                    reason: what,
+                };
+            }
+        };
+        RuntimeError::Gpu(hipvisor_core::GpuError::invalid(kind, self.device, reason))
     }
 
     typed_ops!();

@@ -25,6 +25,9 @@ use super::wire::{Description, PEER_DURABLE_BASE, RemoteDeviceMsg};
 use crate::error::RuntimeError;
 use crate::state::DeviceState;
 
+/// How long after a failed provisioning a device is tried again.
+const PROVISION_PAUSE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The pseudo-device of every cluster replica (see the module docs).
 pub const CLUSTER_DEVICE: u32 = u32::MAX;
 
@@ -35,30 +38,50 @@ impl Inner {
     /// A device seen for the first time is given the cluster's replicas and modules, in
     /// the background (tasks go to it once it holds what they name).
     pub(super) async fn see(self: &Arc<Self>, actor: ActorRef<RemoteDeviceMsg>, d: &Description) -> u32 {
-        let first = !lock(&self.baseline).contains_key(&d.node);
-        if first {
-            let counts = counts_of(&actor).await.unwrap_or_default();
+        let first = lock(&self.first_seen).insert(d.node.clone());
+        if first && let Some(counts) = counts_of(&actor).await {
             lock(&self.baseline).entry(d.node.clone()).or_insert(counts);
         }
-        let (slot, new) = self.learn(actor, d);
-        let something = !lock(&self.replicas).is_empty() || !lock(&self.modules).is_empty();
-        if new && something {
+        let (slot, _) = self.learn(actor, d);
+        // A device that lacks something — new, back, ready again, or whose last try failed
+        // (retried after a pause) — is given it, unless that is under way.
+        let due = {
+            let known = lock(&self.known);
+            let k = &known[slot as usize];
+            (d.state == DeviceState::Ready && std::time::Instant::now() >= k.retry_at && self.lacks(k))
+                .then(|| k.provisioning.clone().try_lock_owned().ok())
+                .flatten()
+        };
+        if let Some(one_at_a_time) = due {
             let inner = self.clone();
             tokio::spawn(async move {
-                let _ = inner.provision(slot).await;
+                let _held = one_at_a_time;
+                let _ = inner.provision_now(slot).await;
             });
         }
         slot
     }
 
+    /// Whether a device lacks a replica or module of the cluster's.
+    fn lacks(&self, k: &super::state::Known) -> bool {
+        lock(&self.replicas).iter().any(|r| !k.held.contains(&r.id))
+            || lock(&self.modules).iter().any(|(vid, _)| !k.modules.contains_key(vid))
+    }
+
     /// Gives device `slot` every replica and module it lacks (one provisioning of a device
     /// at a time); the first error.
     pub(super) async fn provision(self: &Arc<Self>, slot: u32) -> Result<(), RuntimeError> {
+        let one_at_a_time = lock(&self.known)[slot as usize].provisioning.clone();
+        let _held = one_at_a_time.lock().await;
+        self.provision_now(slot).await
+    }
+
+    /// [`Inner::provision`], its device's turn held. A replica freed (or given up) while it
+    /// was being made is freed again at once.
+    async fn provision_now(self: &Arc<Self>, slot: u32) -> Result<(), RuntimeError> {
         let Some(device) = self.device(slot) else {
             return Ok(()); // its node is lost: nothing to give it
         };
-        let one_at_a_time = lock(&self.known)[slot as usize].provisioning.clone();
-        let _held = one_at_a_time.lock().await;
         let mut first = Ok(());
         let replicas: Vec<Replica> = lock(&self.replicas).clone();
         for r in replicas {
@@ -66,8 +89,13 @@ impl Inner {
                 continue;
             }
             match device.durable_with_id(r.id, r.data).await {
-                Ok(_) => {
-                    lock(&self.known)[slot as usize].held.insert(r.id);
+                Ok(handle) => {
+                    let wanted = lock(&self.replicas).iter().any(|w| w.id == r.id);
+                    if wanted {
+                        lock(&self.known)[slot as usize].held.insert(r.id);
+                    } else {
+                        let _ = device.free(handle).await;
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(node = device.node(), device = device.index(), error = %e, "a replica could not be made");
@@ -92,6 +120,9 @@ impl Inner {
                     first = first.and(Err(e));
                 }
             }
+        }
+        if first.is_err() {
+            lock(&self.known)[slot as usize].retry_at = std::time::Instant::now() + PROVISION_PAUSE;
         }
         first
     }
@@ -214,9 +245,17 @@ impl Inner {
             let Some((device, op)) = self.place(&bound, &tried) else {
                 return Err(RuntimeError::NoReadyDevice);
             };
-            match device.call_task(op).await {
+            match device.call_task(op, until).await {
+                // (A task that never reached its node runs elsewhere, replayable or not.)
                 Err(e)
-                    if bound.replayable()
+                    if (bound.replayable()
+                        || matches!(
+                            e,
+                            RuntimeError::NodeLost {
+                                may_have_executed: false,
+                                ..
+                            }
+                        ))
                         && rerunnable(&e)
                         && reruns < self.task_reruns
                         && std::time::Instant::now() < until =>
@@ -264,12 +303,13 @@ impl RemoteDevice {
             };
             RuntimeError::Gpu(hipvisor_core::GpuError::invalid(OpKind::Task, self.device, reason))
         })?;
-        self.call_task(op).await
+        self.call_task(op, std::time::Instant::now() + self.inner.deadline)
+            .await
     }
 
-    /// A task already for this device.
-    async fn call_task(&self, op: TaskOp) -> Result<Vec<Payload>, RuntimeError> {
-        match self.submit(Op::Task(Box::new(op))).await? {
+    /// A task already for this device, answered by `until` (its first run's deadline).
+    async fn call_task(&self, op: TaskOp, until: std::time::Instant) -> Result<Vec<Payload>, RuntimeError> {
+        match self.call(super::wire::Call::Op(Op::Task(Box::new(op))), until).await? {
             hipvisor_core::Reply::Outputs(o) => Ok(o),
             other => unreachable!("a task answered {other:?}"),
         }

@@ -2,10 +2,13 @@
 //! device group that executes its peers' requests through the node's runtime, behind a
 //! `ractor_cluster` node server that authenticates peers by cookie.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use hipvisor_core::{Op, Reply};
+use hipvisor_core::sync::lock;
+use hipvisor_core::{BufferHandle, Op, Payload, Reply};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::node::NodeConnectionMode;
 use ractor_cluster::{NodeServer, NodeServerMessage};
@@ -24,6 +27,7 @@ struct DeviceServer;
 struct ServerState {
     gpu: DeviceHandle,
     node: String,
+    staging: Staging,
 }
 
 impl Actor for DeviceServer {
@@ -91,11 +95,11 @@ impl Actor for DeviceServer {
                         return Ok(());
                     }
                 };
-                // Answered by the caller's deadline at the latest (a slot on a busy device
-                // included); the actor serves on meanwhile.
-                let gpu = st.gpu.clone();
+                // Answered by the node's runtime (by its op deadline once the device has a
+                // slot for it); the actor serves on meanwhile.
+                let (gpu, staging) = (st.gpu.clone(), st.staging.clone());
                 tokio::spawn(async move {
-                    let answer = execute(&gpu, node, request).await;
+                    let answer = execute(&gpu, &staging, node, request).await;
                     let _ = reply.send(encode(&answer));
                 });
             }
@@ -114,60 +118,121 @@ fn refusal(id: u64, node: String, reason: String) -> Answer {
     }
 }
 
-/// Runs one request through the node's runtime, by its deadline.
-async fn execute(gpu: &DeviceHandle, node: String, request: Request) -> Answer {
-    let Request {
-        id, deadline_ms, call, ..
-    } = request;
+/// A replica too large for one request, being assembled from its parts.
+pub(super) struct Staged {
+    region: hipvisor_core::ipc::Region,
+    filled: u64,
+    touched: Instant,
+}
+
+/// Replicas being assembled on one device, by id.
+pub(super) type Staging = Arc<Mutex<HashMap<u64, Staged>>>;
+
+/// A replica whose parts stopped coming this long ago (its application gone) is dropped.
+const STAGING_IDLE: Duration = Duration::from_secs(60);
+
+/// Runs one request through the node's runtime, which answers it by its own op deadline
+/// (the application stops waiting at its own): every request it takes in, it counts once.
+async fn execute(gpu: &DeviceHandle, staging: &Staging, node: String, request: Request) -> Answer {
+    let Request { id, call, .. } = request;
     // A replica's durable buffer: the application chose its id (the same on every node).
     let (d, data) = match call {
         Call::Op(Op::Durable { id: d, data }) => (d, data),
-        Call::DurableZeroed { id: d, len } => {
-            let zeros = usize::try_from(len)
-                .map_err(|_| format!("a durable buffer of {len} bytes"))
-                .and_then(|n| {
-                    hipvisor_core::worker::client::HostCopy::build(n, |_| {})
-                        .map_err(|e| format!("no host memory for a durable buffer of {len} bytes: {e}"))
-                });
-            match zeros {
-                Ok(data) => (d, data),
-                Err(reason) => return refusal(id, node, reason),
+        Call::DurablePart {
+            id: d,
+            len,
+            offset,
+            data,
+        } => match stage(staging, d, len, offset, &data) {
+            Ok(Some(whole)) => (d, whole),
+            Ok(None) => {
+                return Answer {
+                    version: PROTOCOL,
+                    id,
+                    result: Ok(Reply::Done),
+                    counted: false,
+                };
             }
-        }
-        Call::Op(op) => {
-            let deadline = Duration::from_millis(deadline_ms);
-            let kind = op.kind();
-            let result = match tokio::time::timeout(deadline, gpu.submit(op)).await {
-                Ok(result) => result,
-                Err(_) => Err(RuntimeError::DeadlineExceeded {
-                    device: gpu.index(),
-                    op: kind,
-                    deadline_ms,
-                    may_have_executed: true,
-                }),
-            };
-            return answered(id, result);
-        }
+            Err(reason) => return refusal(id, node, reason),
+        },
+        Call::Op(op) => return answered(id, gpu.submit(op).await),
     };
     if d < PEER_DURABLE_BASE {
         let reason = format!("durable buffer id {d}: a peer's ids are at or above {PEER_DURABLE_BASE}");
         return refusal(id, node, reason);
     }
+    // Made already (an earlier attempt whose answer was lost): the same buffer again, never
+    // another application's overwritten.
+    let held = lock(&gpu.shared.cores[gpu.index() as usize].durables)
+        .get(&d)
+        .map(|c| c.data.len() as u64);
+    if let Some(held) = held {
+        if held != data.len() as u64 {
+            let reason = format!(
+                "durable buffer {d} exists on this device with {held} bytes, not {}",
+                data.len()
+            );
+            return refusal(id, node, reason);
+        }
+        let existing = BufferHandle {
+            device: gpu.index(),
+            epoch: BufferHandle::DURABLE_EPOCH,
+            id: d,
+            len: held,
+        };
+        return Answer {
+            version: PROTOCOL,
+            id,
+            result: Ok(Reply::Buffer(existing)),
+            counted: false,
+        };
+    }
     let data = match crate::durable::host_copy(gpu.index(), data) {
         Ok(data) => data,
         Err(e) => return refusal(id, node, e.to_string()),
     };
-    let deadline = Duration::from_millis(deadline_ms);
-    let result = match tokio::time::timeout(deadline, gpu.durable_with_id(d, data)).await {
-        Ok(made) => made.map(Reply::Buffer),
-        Err(_) => Err(RuntimeError::DeadlineExceeded {
-            device: gpu.index(),
-            op: hipvisor_core::OpKind::Durable,
-            deadline_ms,
-            may_have_executed: true,
-        }),
+    answered(id, gpu.durable_with_id(d, data).await.map(Reply::Buffer))
+}
+
+/// Puts a part of replica `d` (`len` bytes in all) in place: the whole once its last part
+/// came (parts come in order, each once).
+fn stage(staging: &Staging, d: u64, len: u64, offset: u64, data: &Payload) -> Result<Option<Payload>, String> {
+    let end = offset.checked_add(data.len() as u64).filter(|e| *e <= len);
+    let Some(end) = end else {
+        return Err(format!(
+            "a part [{offset}, +{}) of a {len}-byte durable buffer",
+            data.len()
+        ));
     };
-    answered(id, result)
+    let mut staged = lock(staging);
+    staged.retain(|_, s| s.touched.elapsed() < STAGING_IDLE);
+    let s = match staged.entry(d) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => {
+            let n = usize::try_from(len).map_err(|_| format!("a durable buffer of {len} bytes"))?;
+            let region = hipvisor_core::ipc::Region::new(n)
+                .map_err(|e| format!("no host memory for a durable buffer of {len} bytes: {e}"))?;
+            e.insert(Staged {
+                region,
+                filled: 0,
+                touched: Instant::now(),
+            })
+        }
+    };
+    if s.region.len() as u64 != len || offset != s.filled {
+        staged.remove(&d);
+        return Err(format!(
+            "a part at {offset} of durable buffer {d} ({len} bytes): parts come in order, from 0"
+        ));
+    }
+    s.region.as_mut_slice()[offset as usize..end as usize].copy_from_slice(data.as_bytes());
+    s.filled = end;
+    s.touched = Instant::now();
+    if end < len {
+        return Ok(None);
+    }
+    let whole = staged.remove(&d).map(|s| s.region);
+    Ok(whole.map(|r| Payload::shared(Arc::new(r))))
 }
 
 fn answered(id: u64, result: OpResult) -> Answer {
@@ -236,6 +301,7 @@ pub async fn serve(runtime: &Runtime, listen: SocketAddr, cookie: &str) -> Resul
         let st = ServerState {
             gpu,
             node: node.clone(),
+            staging: Staging::default(),
         };
         let (actor, _) = Actor::spawn(None, DeviceServer, st)
             .await
@@ -248,4 +314,112 @@ pub async fn serve(runtime: &Runtime, listen: SocketAddr, cookie: &str) -> Resul
         devices,
         name: node,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hipvisor_core::config::Isolation;
+
+    async fn runtime() -> Runtime {
+        let mut c = hipvisor_core::RuntimeConfig::default();
+        c.runtime.isolation = Isolation::Thread;
+        c.sim.devices = 1;
+        c.sim.faults.clear();
+        Runtime::builder().config(c).start().await.expect("a runtime")
+    }
+
+    fn request(id: u64, call: Call) -> Request {
+        Request {
+            version: PROTOCOL,
+            id,
+            call,
+        }
+    }
+
+    fn durable(id: u64, bytes: &[u8]) -> Call {
+        Call::Op(Op::Durable {
+            id,
+            data: bytes.to_vec().into(),
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn peer_durable_ids_are_checked_made_once_and_never_overwritten() {
+        let rt = runtime().await;
+        let gpu = rt.device(0).unwrap();
+        let staging = Staging::default();
+        let node = || "n".to_string();
+        // Not a peer's id: refused by the server, not counted.
+        let a = execute(
+            &gpu,
+            &staging,
+            node(),
+            request(1, durable(hipvisor_core::DURABLE_ID_BASE + 1, &[1; 8])),
+        )
+        .await;
+        assert!(
+            matches!(a.result, Err(RuntimeError::Remote { .. })) && !a.counted,
+            "{a:?}"
+        );
+        // A peer's: made through the runtime, counted.
+        let id = PEER_DURABLE_BASE + 42;
+        let a = execute(&gpu, &staging, node(), request(2, durable(id, &[1; 8]))).await;
+        let Ok(Reply::Buffer(b)) = a.result else {
+            panic!("{a:?}")
+        };
+        assert!(a.counted && b.is_durable() && b.id == id);
+        // Again (an attempt whose answer was lost): the same buffer, its bytes untouched.
+        let a = execute(&gpu, &staging, node(), request(3, durable(id, &[9; 8]))).await;
+        assert!(
+            matches!(a.result, Ok(Reply::Buffer(x)) if x == b) && !a.counted,
+            "{a:?}"
+        );
+        assert_eq!(gpu.copy_from_device(b, 0, 8).await.unwrap().as_bytes(), &[1; 8]);
+        // Another length: refused, the buffer kept.
+        let a = execute(&gpu, &staging, node(), request(4, durable(id, &[9; 16]))).await;
+        assert!(matches!(a.result, Err(RuntimeError::Remote { .. })), "{a:?}");
+        assert_eq!(gpu.copy_from_device(b, 0, 8).await.unwrap().as_bytes(), &[1; 8]);
+        rt.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replica_in_parts_is_made_once_whole_and_parts_out_of_order_are_refused() {
+        let rt = runtime().await;
+        let gpu = rt.device(0).unwrap();
+        let staging = Staging::default();
+        let id = PEER_DURABLE_BASE + 7;
+        let part = |offset: u64, bytes: Vec<u8>| Call::DurablePart {
+            id,
+            len: 8,
+            offset,
+            data: bytes.into(),
+        };
+        let a = execute(&gpu, &staging, "n".into(), request(1, part(0, vec![1, 2, 3, 4]))).await;
+        assert!(matches!(a.result, Ok(Reply::Done)) && !a.counted, "{a:?}");
+        let a = execute(&gpu, &staging, "n".into(), request(2, part(4, vec![5, 6, 7, 8]))).await;
+        let Ok(Reply::Buffer(b)) = a.result else {
+            panic!("{a:?}")
+        };
+        assert!(a.counted);
+        assert_eq!(
+            gpu.copy_from_device(b, 0, 8).await.unwrap().as_bytes(),
+            &[1, 2, 3, 4, 5, 6, 7, 8]
+        );
+        assert!(lock(&staging).is_empty(), "nothing left staged");
+        // Out of order, or past the end: refused, and nothing staged is kept.
+        let other = PEER_DURABLE_BASE + 8;
+        let part = |offset: u64, len: u64, bytes: Vec<u8>| Call::DurablePart {
+            id: other,
+            len,
+            offset,
+            data: bytes.into(),
+        };
+        let a = execute(&gpu, &staging, "n".into(), request(3, part(4, 8, vec![1; 4]))).await;
+        assert!(matches!(a.result, Err(RuntimeError::Remote { .. })), "{a:?}");
+        let a = execute(&gpu, &staging, "n".into(), request(4, part(6, 8, vec![1; 4]))).await;
+        assert!(matches!(a.result, Err(RuntimeError::Remote { .. })), "{a:?}");
+        assert!(lock(&staging).is_empty());
+        rt.shutdown().await;
+    }
 }

@@ -24,10 +24,12 @@ pub(super) struct Inner {
     pub(super) known: Mutex<Vec<Known>>,
     /// By node name: the requests it answered through its runtime (and of those, how many
     /// succeeded) — what its metrics counted.
-    pub(super) tally: Mutex<HashMap<String, (u64, u64)>>,
+    pub(super) tally: Mutex<HashMap<String, Tally>>,
     /// By node name: its counts when this application first saw it, before sending it
     /// anything ([`Cluster::report`] gives what was counted since).
     pub(super) baseline: Mutex<HashMap<String, NodeCounts>>,
+    /// Nodes seen (their baseline asked for, given or not).
+    pub(super) first_seen: Mutex<std::collections::HashSet<String>>,
     /// Every replica's bytes, for devices seen later.
     pub(super) replicas: Mutex<Vec<Replica>>,
     /// Every replicated module, by the id its `ReplicatedModule` carries.
@@ -49,6 +51,18 @@ pub(super) struct Replica {
     pub(super) data: Payload,
 }
 
+/// What this application's requests did on one node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Requests its runtime answered (and counted).
+    pub answered: u64,
+    /// Of which succeeded.
+    pub succeeded: u64,
+    /// Requests sent whose answer was not waited for (a deadline, a caller gone): the node
+    /// counts each once its runtime answers it, which may be after the application looked.
+    pub abandoned: u64,
+}
+
 /// A device seen: where it is, and how it was doing when last described.
 pub(super) struct Known {
     pub(super) node: String,
@@ -64,6 +78,8 @@ pub(super) struct Known {
     pub(super) modules: HashMap<u64, u64>,
     /// One provisioning at a time.
     pub(super) provisioning: Arc<tokio::sync::Mutex<()>>,
+    /// No provisioning before then (after a failed one).
+    pub(super) retry_at: std::time::Instant,
 }
 
 impl Inner {
@@ -86,6 +102,7 @@ impl Inner {
             held: Default::default(),
             modules: HashMap::new(),
             provisioning: Arc::default(),
+            retry_at: std::time::Instant::now(),
         });
         ((known.len() - 1) as u32, true)
     }
@@ -102,8 +119,14 @@ impl Inner {
     pub(super) fn answered(&self, node: &str, ok: bool) {
         let mut tally = lock(&self.tally);
         let t = tally.entry(node.to_string()).or_default();
-        t.0 += 1;
-        t.1 += u64::from(ok);
+        t.answered += 1;
+        t.succeeded += u64::from(ok);
+    }
+
+    /// A request sent to `node` whose answer this application stopped waiting for (its
+    /// deadline, or its caller gone): the node may have counted it, or may yet.
+    pub(super) fn abandoned(&self, node: &str) {
+        lock(&self.tally).entry(node.to_string()).or_default().abandoned += 1;
     }
 }
 

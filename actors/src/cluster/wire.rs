@@ -6,7 +6,7 @@
 //! group's name ([`DEVICE_GROUP`]): nodes and applications of other versions never meet,
 //! and a forged or truncated message is refused by name.
 
-use hipvisor_core::{DURABLE_ID_BASE, Op};
+use hipvisor_core::{DURABLE_ID_BASE, Op, Payload};
 use ractor::RpcReplyPort;
 use ractor_cluster::RactorClusterMessage;
 use serde::{Deserialize, Serialize};
@@ -33,6 +33,10 @@ pub(crate) const REPLY_MARGIN: std::time::Duration = std::time::Duration::from_s
 /// frame (a larger frame closes the whole session).
 pub(crate) const CHUNK: usize = 8 << 20;
 
+/// The most bytes one encoded request may have: a chunk and room to spare, under the
+/// transport's 16 MiB frame.
+pub(crate) const MAX_REQUEST: usize = 15 << 20;
+
 /// Durable buffers an application replicates across nodes get ids from here up (random, the
 /// same on every node); a node's own durable buffers are numbered from [`DURABLE_ID_BASE`]
 /// and never get this far.
@@ -58,16 +62,23 @@ pub(crate) enum Call {
     /// An op, as a local caller submits it; `Op::Durable` only with an id at or above
     /// [`PEER_DURABLE_BASE`].
     Op(Op),
-    /// A durable buffer of `len` zero bytes with id `id` (at or above
-    /// [`PEER_DURABLE_BASE`]): a replica too large for one frame, filled by chunked copies.
-    DurableZeroed { id: u64, len: u64 },
+    /// A part of a durable buffer of `len` bytes with id `id` (at or above
+    /// [`PEER_DURABLE_BASE`]) too large for one request: the bytes at `offset`. Parts come
+    /// in order; the last one makes the buffer (answered with its handle), the others are
+    /// answered `Done` (and not counted: the buffer's creation is one op).
+    DurablePart {
+        id: u64,
+        len: u64,
+        offset: u64,
+        data: Payload,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct Request {
     pub(crate) version: u16,
+    /// Unique among this application's requests; the answer carries it.
     pub(crate) id: u64,
-    pub(crate) deadline_ms: u64,
     pub(crate) call: Call,
 }
 
@@ -162,12 +173,11 @@ mod tests {
         let r = Request {
             version: PROTOCOL,
             id: 7,
-            deadline_ms: 100,
             call: Call::Op(Op::MemInfo),
         };
         let bytes = encode(&r);
         let back: Request = decode(&bytes, "request").unwrap();
-        assert_eq!((back.version, back.id, back.deadline_ms), (PROTOCOL, 7, 100));
+        assert_eq!((back.version, back.id), (PROTOCOL, 7));
         assert!(matches!(back.call, Call::Op(Op::MemInfo)));
         // Truncated, extended, garbage: named errors.
         assert!(
