@@ -776,3 +776,44 @@ async fn requests_abandoned_at_the_deadline_keep_the_counts_consistent() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_join_finishes_its_ops_when_a_node_is_killed_mid_run() {
+    let _one = SERIAL.lock().await;
+    let cookie = cookie_file("finish", "f9");
+    let metrics = ["--metrics-addr", "127.0.0.1:0"];
+    let (a, mut b, c) = (
+        node_with(&cookie, 1, &metrics),
+        node_with(&cookie, 1, &metrics),
+        node_with(&cookie, 1, &metrics),
+    );
+    let join = format!("{},{},{}", a.addr, b.addr, c.addr);
+    let runner = Command::new(env!("CARGO_BIN_EXE_hipvisor"))
+        .args(["run", "--join", &join, "--cookie-file"])
+        .arg(&cookie)
+        .args(["--workload", "inference", "--ops", "20000", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("hipvisor run starts");
+    until("the run reaches the node", || node_ops(&b) > 50).await;
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+    let out = runner.wait_with_output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    assert_eq!(report["requests"]["submitted"], 20000, "{report}");
+    assert_eq!(report["ops"]["missing_replies"], 0, "{report}");
+    assert_eq!(report["ops"]["wrong_results"], 0, "{report}");
+    assert_eq!(report["app_visible_failures"], 0, "{report}");
+    assert_eq!(report["metrics_consistent"], true, "{report}");
+    let nodes = report["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), 3, "{report}");
+    assert!(
+        nodes.iter().all(|n| n["ops"].as_u64().unwrap() > 0),
+        "every node served: {report}"
+    );
+    let dead: Vec<_> = nodes.iter().filter(|n| n["live"] == false).collect();
+    assert_eq!(dead.len(), 1, "{report}");
+    assert_eq!(dead[0]["addr"], b.addr.to_string(), "{report}");
+}
