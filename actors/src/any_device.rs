@@ -15,7 +15,11 @@ use crate::handle::{DeviceHandle, typed_ops};
 use crate::state::DeviceState;
 
 /// A device of this process's runtime or of a cluster node. Cheap to clone.
+///
+/// (Non-exhaustive: its `Remote` variant exists with feature `cluster`, which another crate
+/// of the same build may turn on.)
 #[derive(Clone)]
+#[non_exhaustive]
 pub enum Device {
     /// A device of this process's runtime.
     Local(DeviceHandle),
@@ -78,7 +82,10 @@ impl Device {
         }
     }
 
-    /// Runs a task on this device (see [`DeviceHandle::run`]).
+    /// Runs a task on this device (see [`DeviceHandle::run`]). The replicas and modules it
+    /// names are this device's kind: a local device runs tasks naming
+    /// `Runtime::replicate`'s, a remote one tasks naming `Cluster::replicate`'s (the other
+    /// kind answers `BadTask`).
     ///
     /// # Errors
     /// The task's typed error; for a remote device also `NodeLost`, `Remote`.

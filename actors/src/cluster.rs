@@ -19,19 +19,21 @@
 //!   and checked: requests and answers travel as bytes this module encodes and decodes
 //!   itself, so an undecodable one is a typed error (`Remote`), never a message ractor drops
 //!   silently while the caller waits.
-//! - **Failures:** every remote request has an id and a deadline; a peer that goes away
-//!   answers its pending requests `NodeLost { may_have_executed: true }` at once (ractor
-//!   drops their reply ports with the session); a request a node does not answer by its
-//!   deadline (the node enforces it too) answers `DeadlineExceeded`. Heartbeats
+//! - **Failures:** every remote request has an id and a deadline (the application's: the
+//!   node's runtime answers by its own); a peer that goes away answers its pending requests
+//!   `NodeLost { may_have_executed: true }` at once (ractor drops their reply ports with the
+//!   session); a request a node does not answer by the deadline (and a margin) answers
+//!   `DeadlineExceeded`. Heartbeats
 //!   (`[cluster]`) find a frozen peer, whose socket stays open and whom ractor's own pings
 //!   never time out: once silent for `heartbeat_timeout_ms` it is lost, and its requests
 //!   are answered then.
-//! - **Payloads of any size:** copies travel in chunks of 8 MiB, under the transport's 16 MiB
-//!   frame (a larger frame closes the whole session).
+//! - **Payloads of any size:** copies and replicas travel in chunks of 8 MiB, under the
+//!   transport's 16 MiB frame (a larger frame closes the whole session: a request that
+//!   would need one is refused before it is sent).
 //! - **Rejoining:** a lost node's address is dialled again with backoff; a node that answers
-//!   there (restarted, or resumed) is live again, and its devices take work again. A
-//!   restarted node is a new process: the replicas made before are not on it (replicate
-//!   again to use it for tasks that name them).
+//!   there (restarted, or resumed) is live again, and its devices take work again once they
+//!   hold the cluster's replicas and modules, which they are given (a restarted node is a
+//!   new process that holds none).
 
 mod nodes;
 mod remote;

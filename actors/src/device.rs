@@ -133,6 +133,14 @@ pub(crate) struct DeviceCore {
     pub(crate) standby_refresh: Refresh,
 }
 
+/// The epoch of every device's first context in this process: random (between 2^16 and
+/// 2^31), so that handles of another process's runtime — a cluster's other node — carry
+/// other epochs and ids, and are refused rather than taken for this one's.
+pub(crate) fn first_epoch() -> u64 {
+    static FIRST: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *FIRST.get_or_init(|| rand::random_range((1u64 << 16)..(1u64 << 31)))
+}
+
 impl DeviceCore {
     pub(crate) fn new(index: u32, capacity: u32, deadline: Duration, breaker: &BreakerConfig) -> DeviceCore {
         let counters = Arc::new(DeviceCounters::default());
@@ -140,7 +148,7 @@ impl DeviceCore {
             index,
             state: AtomicState::new(DeviceState::Ready),
             reason: Mutex::new(None),
-            epoch: AtomicU64::new(0),
+            epoch: AtomicU64::new(first_epoch()),
             capacity,
             permits: Arc::new(Semaphore::new(capacity as usize)),
             queue: JobQueue::new(index, deadline, counters.clone()),

@@ -289,9 +289,11 @@ impl RuntimeBuilder {
         let mut opened = Vec::new();
         for d in 0..devices {
             let (tx, rx) = tokio::sync::oneshot::channel();
-            executor::spawn(shared.clone(), d, 0, Some(tx)).map_err(|e| StartError::Spawn {
-                what: format!("the executor of device {d}"),
-                why: Box::new(e),
+            executor::spawn(shared.clone(), d, crate::device::first_epoch(), Some(tx)).map_err(|e| {
+                StartError::Spawn {
+                    what: format!("the executor of device {d}"),
+                    why: Box::new(e),
+                }
             })?;
             opened.push(rx);
         }

@@ -37,6 +37,11 @@ pub(crate) struct Tables<B, M> {
 }
 
 impl<B: DeviceBuffer, M> Tables<B, M> {
+    /// The tables of a new context of `epoch`. Its ids start from its epoch's (low 32 bits,
+    /// times 2^20): contexts of one device do not reuse each other's ids, and contexts of
+    /// different processes — whose runtimes start at random epochs — do not meet, so a
+    /// handle another process's device gave (a cluster's other node) is refused here, never
+    /// taken for one of this device's. (Epoch 0 starts at 1.)
     pub(crate) fn new(device: u32, epoch: u64) -> Self {
         Tables {
             device,
@@ -44,7 +49,7 @@ impl<B: DeviceBuffer, M> Tables<B, M> {
             buffers: HashMap::new(),
             modules: HashMap::new(),
             durable: HashSet::new(),
-            next_id: 1,
+            next_id: 1 + ((epoch & 0xFFFF_FFFF) << 20),
         }
     }
 

@@ -7,6 +7,8 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hipvisor::RuntimeConfig;
@@ -103,22 +105,25 @@ pub(crate) async fn remote(config: &RuntimeConfig, ops: u64, copy_bytes: usize) 
         .await
         .map_err(|e| e.to_string())?;
     let gpu: RemoteDevice = cluster.devices().await.pop().ok_or("the node serves no device")?;
-    let g = gpu.clone();
-    let serial = per_op((ops / 20).max(10), 1, move || {
-        let g = g.clone();
-        async move {
-            let _ = g.mem_info().await;
+    // A failed op would make the figures meaningless (a node gone answers at once).
+    let failed = Arc::new(AtomicU64::new(0));
+    let mem_info = |gpu: &RemoteDevice| {
+        let (g, failed) = (gpu.clone(), failed.clone());
+        move || {
+            let (g, failed) = (g.clone(), failed.clone());
+            async move {
+                if g.mem_info().await.is_err() {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
-    })
-    .await;
-    let g = gpu.clone();
-    let pipelined = per_op((ops / 4).max(IN_FLIGHT), IN_FLIGHT, move || {
-        let g = g.clone();
-        async move {
-            let _ = g.mem_info().await;
-        }
-    })
-    .await;
+    };
+    let serial = per_op((ops / 20).max(10), 1, mem_info(&gpu)).await;
+    let pipelined = per_op((ops / 4).max(IN_FLIGHT), IN_FLIGHT, mem_info(&gpu)).await;
+    let failed = failed.load(Ordering::Relaxed);
+    if failed > 0 {
+        return Err(format!("{failed} remote mem-infos failed"));
+    }
     let big = gpu.alloc(copy_bytes as u64).await.map_err(|e| e.to_string())?;
     let data: hipvisor::Payload = vec![7u8; copy_bytes].into();
     let started = Instant::now();

@@ -205,7 +205,6 @@ impl Job {
     async fn submit(&self, device: &Device, op: Op) -> Option<OpResult> {
         let runtime = match (&self.target, device) {
             (Target::Local(rt), Device::Local(_)) => rt,
-            #[cfg(feature = "cluster")]
             _ => {
                 return tokio::time::timeout(self.op_deadline + REPLY_MARGIN, device.submit(op))
                     .await
@@ -648,8 +647,10 @@ async fn join(args: &RunArgs, config: &hipvisor::RuntimeConfig) -> Result<hipvis
         );
         return Err(ExitCode::from(2));
     }
-    if args.metrics_addr.is_some() {
-        eprintln!("hipvisor: --metrics-addr with --join: each node serves its own (`hipvisor node --metrics-addr`)");
+    if args.metrics_addr.is_some() || args.linger > 0.0 {
+        eprintln!(
+            "hipvisor: --metrics-addr and --linger with --join: each node serves its own (`hipvisor node --metrics-addr`)"
+        );
         return Err(ExitCode::from(2));
     }
     let Some(path) = &args.cookie_file else {

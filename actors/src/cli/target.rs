@@ -58,7 +58,7 @@ impl Target {
             #[cfg(feature = "cluster")]
             (Target::Cluster(_), Device::Remote(d)) => d.sibling(index).map(Device::from),
             #[cfg(feature = "cluster")]
-            (Target::Cluster(_), Device::Local(_)) => None,
+            (Target::Cluster(_), _) => None,
         }
     }
 }

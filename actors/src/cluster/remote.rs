@@ -64,6 +64,29 @@ impl Drop for Pending<'_> {
     }
 }
 
+/// Whether `reply` is an answer to an op of `kind` (a durable buffer's parts: `Done`).
+fn fits(kind: OpKind, reply: &Reply) -> bool {
+    match reply {
+        Reply::Done => !matches!(
+            kind,
+            OpKind::Alloc
+                | OpKind::CopyFromDevice
+                | OpKind::LoadModule
+                | OpKind::MemInfo
+                | OpKind::DeviceInfo
+                | OpKind::Task
+        ),
+        Reply::Buffer(_) => matches!(kind, OpKind::Alloc | OpKind::Durable),
+        Reply::Data(_) => kind == OpKind::CopyFromDevice,
+        Reply::Module(_) => kind == OpKind::LoadModule,
+        Reply::MemInfo(_) => kind == OpKind::MemInfo,
+        Reply::DeviceInfo(_) => kind == OpKind::DeviceInfo,
+        Reply::Outputs(_) => kind == OpKind::Task,
+        #[allow(unreachable_patterns)]
+        _ => false,
+    }
+}
+
 /// Counts a request out while it is out.
 struct Out<'a>(&'a AtomicU32);
 
@@ -99,10 +122,9 @@ impl RemoteDevice {
 
     /// Its state as of its node's last heartbeat; `Lost` once the node is lost.
     pub fn state(&self) -> DeviceState {
-        if *self.lost.borrow() {
-            DeviceState::Lost
-        } else {
-            self.inner.load(self.slot).0
+        match self.inner.device(self.slot) {
+            Some(_) => self.inner.load(self.slot).0,
+            None => DeviceState::Lost,
         }
     }
 
@@ -227,6 +249,17 @@ impl RemoteDevice {
             Call::Op(op) => op.kind(),
             Call::DurablePart { .. } => OpKind::Durable,
         };
+        // What the node would refuse, refused here (a task's inputs and outputs bounded, so
+        // its answer fits a frame too).
+        if let Call::Op(op) = &call
+            && let Err(reason) = op.check_limits()
+        {
+            return Err(RuntimeError::Gpu(hipvisor_core::GpuError::invalid(
+                kind,
+                self.device,
+                reason,
+            )));
+        }
         let bytes = encode(&Request {
             version: PROTOCOL,
             id,
@@ -246,9 +279,10 @@ impl RemoteDevice {
             deadline_ms: self.inner.deadline.as_millis() as u64,
             may_have_executed,
         };
-        if *self.lost.borrow() {
+        // Its node's session now (a node lost and back has a new one), while it is live.
+        let Some(now) = self.inner.device(self.slot) else {
             return Err(lost(false));
-        }
+        };
         let Some(wait) = until.checked_duration_since(Instant::now()) else {
             return Err(past(false));
         };
@@ -258,10 +292,10 @@ impl RemoteDevice {
             node: &self.node,
             settled: false,
         };
-        let call = self
+        let call = now
             .actor
             .call(|reply| RemoteDeviceMsg::Submit(bytes, reply), Some(wait + REPLY_MARGIN));
-        let mut gone = self.lost.clone();
+        let mut gone = now.lost.clone();
         let sent = tokio::select! {
             sent = call => sent,
             // Lost while the request was out (a frozen node misses its heartbeats): answered
@@ -281,7 +315,7 @@ impl RemoteDevice {
             // either as a sender error or a timeout). (Before `until` it cannot be the
             // latter: the session dropped, and the event that marks the node lost may lag
             // behind the dropped reply port.)
-            Ok(CallResult::SenderError | CallResult::Timeout) if *self.lost.borrow() || Instant::now() < until => {
+            Ok(CallResult::SenderError | CallResult::Timeout) if *now.lost.borrow() || Instant::now() < until => {
                 return Err(lost(true));
             }
             Ok(CallResult::SenderError | CallResult::Timeout) => return Err(past(true)),
@@ -305,7 +339,11 @@ impl RemoteDevice {
         if answer.counted {
             self.inner.answered(&self.node, answer.result.is_ok());
         }
-        answer.result
+        // A reply of another kind (a broken or forged node) is an error, never a panic.
+        match answer.result {
+            Ok(reply) if !fits(kind, &reply) => Err(remote(format!("a {kind:?} answered with {reply:?}"))),
+            result => result,
+        }
     }
 
     /// The error for a request of `len` bytes, too large to send.
@@ -383,5 +421,23 @@ impl Inner {
             }
         }
         best.map(|(_, d)| d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_reply_of_the_op_s_kind_fits() {
+        use hipvisor_core::MemInfo;
+        let mem = Reply::MemInfo(MemInfo { free: 1, total: 2 });
+        assert!(fits(OpKind::MemInfo, &mem));
+        assert!(!fits(OpKind::CopyFromDevice, &Reply::Done), "a copy back answers data");
+        assert!(!fits(OpKind::Alloc, &mem));
+        assert!(fits(OpKind::Launch, &Reply::Done));
+        assert!(fits(OpKind::Durable, &Reply::Done), "a durable buffer's parts");
+        assert!(!fits(OpKind::Task, &Reply::Done));
+        assert!(fits(OpKind::Task, &Reply::Outputs(Vec::new())));
     }
 }

@@ -38,10 +38,16 @@ impl Inner {
     /// A device seen for the first time is given the cluster's replicas and modules, in
     /// the background (tasks go to it once it holds what they name).
     pub(super) async fn see(self: &Arc<Self>, actor: ActorRef<RemoteDeviceMsg>, d: &Description) -> u32 {
-        let first = lock(&self.first_seen).insert(d.node.clone());
-        if first && let Some(counts) = counts_of(&actor).await {
-            lock(&self.baseline).entry(d.node.clone()).or_insert(counts);
-        }
+        // Every device of a node waits for the node's baseline: none of this application's
+        // requests reaches the node before it.
+        let taken = lock(&self.first_seen).entry(d.node.clone()).or_default().clone();
+        taken
+            .get_or_init(|| async {
+                if let Some(counts) = counts_of(&actor).await {
+                    lock(&self.baseline).insert(d.node.clone(), counts);
+                }
+            })
+            .await;
         let (slot, _) = self.learn(actor, d);
         // A device that lacks something — new, back, ready again, or whose last try failed
         // (retried after a pause) — is given it, unless that is under way.
@@ -174,7 +180,7 @@ impl Inner {
         let len = data.len() as u64;
         let id = PEER_DURABLE_BASE + rand::random::<u64>() % (1 << 61);
         lock(&self.replicas).push(Replica { id, data });
-        let first = self.provision_all().await;
+        let first = self.provision_all_within(OpKind::Durable).await;
         if !self.live().iter().any(|d| self.holds(d.slot, id)) {
             lock(&self.replicas).retain(|r| r.id != id);
             return Err(first.err().unwrap_or(RuntimeError::NoReadyDevice));
@@ -189,7 +195,7 @@ impl Inner {
     ) -> Result<ReplicatedModule, RuntimeError> {
         let vid = self.next_module.fetch_add(1, Ordering::Relaxed);
         lock(&self.modules).push((vid, source));
-        let first = self.provision_all().await;
+        let first = self.provision_all_within(OpKind::LoadModule).await;
         let loaded = self
             .live()
             .iter()
@@ -215,6 +221,23 @@ impl Inner {
             }
         }
         first
+    }
+
+    /// [`Inner::provision_all`] within one deadline (what is still under way then goes on in
+    /// the background): the first error.
+    async fn provision_all_within(self: &Arc<Self>, op: OpKind) -> Result<(), RuntimeError> {
+        let inner = self.clone();
+        let all = tokio::spawn(async move { inner.provision_all().await });
+        match tokio::time::timeout(self.deadline, all).await {
+            Ok(Ok(first)) => first,
+            Ok(Err(_)) => Err(RuntimeError::ShuttingDown),
+            Err(_) => Err(RuntimeError::DeadlineExceeded {
+                device: CLUSTER_DEVICE,
+                op,
+                deadline_ms: self.deadline.as_millis() as u64,
+                may_have_executed: true,
+            }),
+        }
     }
 
     /// Provisions every live device that is ready or restarting, at once: the first error.

@@ -28,8 +28,9 @@ pub(super) struct Inner {
     /// By node name: its counts when this application first saw it, before sending it
     /// anything ([`Cluster::report`] gives what was counted since).
     pub(super) baseline: Mutex<HashMap<String, NodeCounts>>,
-    /// Nodes seen (their baseline asked for, given or not).
-    pub(super) first_seen: Mutex<std::collections::HashSet<String>>,
+    /// By node name: its baseline taken (given or not), which every first sight of one of
+    /// its devices waits for.
+    pub(super) first_seen: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<()>>>>,
     /// Every replica's bytes, for devices seen later.
     pub(super) replicas: Mutex<Vec<Replica>>,
     /// Every replicated module, by the id its `ReplicatedModule` carries.
