@@ -612,30 +612,36 @@ fn node_ops(n: &Node) -> u64 {
         .unwrap_or(0)
 }
 
+/// Three nodes serving their metrics (the second with `b_devices` devices), and `hipvisor run
+/// --join` of `ops` inference requests on them.
+fn three_nodes_running(name: &str, b_devices: u32, ops: &str) -> (std::path::PathBuf, [Node; 3], Runner) {
+    let cookie = cookie_file(name, name);
+    let metrics = ["--metrics-addr", "127.0.0.1:0"];
+    let nodes = [
+        node_with(&cookie, 1, &metrics),
+        node_with(&cookie, b_devices, &metrics),
+        node_with(&cookie, 1, &metrics),
+    ];
+    let join = format!("{},{},{}", nodes[0].addr, nodes[1].addr, nodes[2].addr);
+    let args = [
+        "run",
+        "--join",
+        &join,
+        "--workload",
+        "inference",
+        "--ops",
+        ops,
+        "--json",
+    ];
+    let runner = Runner::start(&args, &cookie);
+    (cookie, nodes, runner)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_join_uses_three_nodes_survives_a_sigkill_and_uses_the_node_restarted() {
     let _one = SERIAL.lock().await;
-    let cookie = cookie_file("run", "j");
+    let (cookie, [a, mut b, c], runner) = three_nodes_running("run", 2, "100000000");
     let metrics = ["--metrics-addr", "127.0.0.1:0"];
-    let (a, mut b, c) = (
-        node_with(&cookie, 1, &metrics),
-        node_with(&cookie, 2, &metrics),
-        node_with(&cookie, 1, &metrics),
-    );
-    let join = format!("{},{},{}", a.addr, b.addr, c.addr);
-    let runner = Runner::start(
-        &[
-            "run",
-            "--join",
-            &join,
-            "--workload",
-            "inference",
-            "--ops",
-            "100000000",
-            "--json",
-        ],
-        &cookie,
-    );
     let b_port = b.addr.port();
     until("every node serves the run", || {
         [&a, &b, &c].iter().all(|n| node_ops(n) > 50)
@@ -680,19 +686,25 @@ async fn run_join_uses_three_nodes_survives_a_sigkill_and_uses_the_node_restarte
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_frozen_node_nobody_waits_on_is_lost_and_serves_at_once_when_back() {
-    let _one = SERIAL.lock().await;
-    let cookie = cookie_file("stale", "s");
-    let (a, b) = (node(&cookie, 1), node(&cookie, 1));
-    let cluster = Cluster::join(&[a.addr, b.addr], "s", &config()).await.unwrap();
-    let pid = nix::unistd::Pid::from_raw(b.child.id() as i32);
+/// SIGSTOPs `n` and waits (30 s at most) until `cluster` has lost a node; its pid.
+async fn freeze_until_lost(cluster: &Cluster, n: &Node) -> nix::unistd::Pid {
+    let pid = nix::unistd::Pid::from_raw(n.child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while cluster.nodes().iter().all(|n| n.live) {
         assert!(Instant::now() < deadline, "the frozen node is lost within 30 s");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    pid
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_node_nobody_waits_on_is_lost_and_serves_at_once_when_back() {
+    let _one = SERIAL.lock().await;
+    let cookie = cookie_file("stale", "s");
+    let (a, b) = (node(&cookie, 1), node(&cookie, 1));
+    let cluster = Cluster::join(&[a.addr, b.addr], "s", &config()).await.unwrap();
+    let pid = freeze_until_lost(&cluster, &b).await;
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !cluster.nodes().iter().all(|n| n.live) {
@@ -754,13 +766,7 @@ async fn a_node_away_while_a_replica_was_made_gets_it_once_back() {
     let cookie = cookie_file("away", "w");
     let (a, b) = (node(&cookie, 1), node(&cookie, 1));
     let cluster = Cluster::join(&[a.addr, b.addr], "w", &config()).await.unwrap();
-    let pid = nix::unistd::Pid::from_raw(b.child.id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while cluster.nodes().iter().all(|n| n.live) {
-        assert!(Instant::now() < deadline, "the frozen node is lost within 30 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let pid = freeze_until_lost(&cluster, &b).await;
     let r = cluster.replicate(vec![5u8; 4096]).await.expect("made on the live node");
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -835,27 +841,7 @@ async fn requests_abandoned_at_the_deadline_keep_the_counts_consistent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_join_finishes_its_ops_when_a_node_is_killed_mid_run() {
     let _one = SERIAL.lock().await;
-    let cookie = cookie_file("finish", "f9");
-    let metrics = ["--metrics-addr", "127.0.0.1:0"];
-    let (a, mut b, c) = (
-        node_with(&cookie, 1, &metrics),
-        node_with(&cookie, 1, &metrics),
-        node_with(&cookie, 1, &metrics),
-    );
-    let join = format!("{},{},{}", a.addr, b.addr, c.addr);
-    let runner = Runner::start(
-        &[
-            "run",
-            "--join",
-            &join,
-            "--workload",
-            "inference",
-            "--ops",
-            "20000",
-            "--json",
-        ],
-        &cookie,
-    );
+    let (_cookie, [_a, mut b, _c], runner) = three_nodes_running("finish", 1, "20000");
     until("the run reaches the node", || node_ops(&b) > 50).await;
     b.child.kill().unwrap();
     b.child.wait().unwrap();
