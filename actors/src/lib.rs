@@ -41,7 +41,7 @@
 // layers below (`../shared/tools/import-loops src actors/src` checks that no file imports one
 // that imports it back):
 //
-// 1. error, state, metrics, recovery (durable ids, task quarantine); engine (where ops run). (The worker protocol's host side,
+// 1. error, state, history (the dashboard's samples), metrics, recovery (durable ids, task quarantine); engine (where ops run). (The worker protocol's host side,
 //    `WorkerClient`, is the core's: `hipvisor_core::worker::client`.)
 // 2. reply (take-once answers), job, queue (a device's two lanes and their deadlines),
 //    messages (what the actors are sent)
@@ -63,6 +63,7 @@ mod engine;
 mod error;
 mod executor;
 mod handle;
+mod history;
 mod job;
 mod messages;
 pub mod metrics;

@@ -26,6 +26,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 
 use crate::error::OpResult;
+use crate::history::{History, Labels};
 use crate::state::DeviceState;
 
 /// The outcome of an answered op, as a metric label.
@@ -431,6 +432,8 @@ pub enum MetricsMsg {
     Event(MetricsEvent),
     /// Asks for the aggregate so far.
     Snapshot(RpcReplyPort<Snapshot>),
+    /// Asks for the last so many seconds of history ([`History::view`]).
+    History(usize, RpcReplyPort<serde_json::Value>),
 }
 
 #[cfg(feature = "cluster")]
@@ -529,6 +532,30 @@ pub struct MetricsState {
     snapshot: Snapshot,
     ops: BTreeMap<(u32, OpKind, Outcome), u64>,
     instruments: Instruments,
+    history: History,
+}
+
+/// Unix milliseconds now.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The names the history labels its counts with.
+fn history_labels() -> Labels {
+    static NAMES: std::sync::OnceLock<(Vec<&'static str>, Vec<&'static str>)> = std::sync::OnceLock::new();
+    let (kinds, outcomes) = NAMES.get_or_init(|| {
+        (
+            OpKind::ALL.iter().map(|k| k.as_str()).collect(),
+            Outcome::ALL.iter().map(|o| o.as_str()).collect(),
+        )
+    });
+    Labels {
+        kinds,
+        outcomes,
+        buckets: &DURATION_BUCKETS,
+    }
 }
 
 /// Aggregates the runtime's counters and events; answers [`MetricsMsg::Snapshot`].
@@ -572,6 +599,7 @@ impl Actor for MetricsActor {
             },
             ops: BTreeMap::new(),
             instruments,
+            history: History::new(args.devices, history_labels()),
         })
     }
 
@@ -598,6 +626,9 @@ impl Actor for MetricsActor {
                     .collect();
                 let _ = port.send(s);
             }
+            MetricsMsg::History(seconds, port) => {
+                let _ = port.send(st.history.view(now_ms(), seconds));
+            }
         }
         Ok(())
     }
@@ -620,13 +651,18 @@ impl MetricsState {
         }
         let s = &mut self.snapshot;
         let ins = &self.instruments;
+        let now = now_ms();
+        let h = &mut self.history;
+        h.retries(now, d.retry_attempts, d.retry_success, d.retry_exhausted);
         let dev = KeyValue::new("device", i64::from(device));
         for (k, op) in OpKind::ALL.iter().enumerate() {
+            h.durations(now, k, &d.durations[k]);
             for (o, outcome) in Outcome::ALL.iter().enumerate() {
                 let n = d.ops[k][o];
                 if n == 0 {
                     continue;
                 }
+                h.ops(now, o, n);
                 *self.ops.entry((device, *op, *outcome)).or_default() += n;
                 *s.ops_by_outcome.entry(*outcome).or_default() += n;
                 s.ops_total += n;
@@ -700,6 +736,20 @@ impl MetricsState {
     }
 
     fn event(&mut self, e: MetricsEvent) {
+        let now = now_ms();
+        let h = &mut self.history;
+        match &e {
+            MetricsEvent::State { device, state, reason } => h.state(now, *device, state.as_str(), reason.as_deref()),
+            MetricsEvent::Restart { device } => h.restart(now, *device),
+            MetricsEvent::StickyFault { device } => h.sticky_fault(now, *device),
+            MetricsEvent::Breaker { device, state } => h.breaker(now, *device, state.as_str()),
+            MetricsEvent::Quarantined(q) => h.kernel_quarantined(now, q.device, &q.function),
+            MetricsEvent::TaskRerun { .. } => h.task_rerun(now),
+            MetricsEvent::TaskQuarantined => h.task_quarantined(now),
+            MetricsEvent::DurableRestored { .. }
+            | MetricsEvent::DurableHostBytes { .. }
+            | MetricsEvent::StandbyShort { .. } => {}
+        }
         match e {
             MetricsEvent::State { device, state, reason } => {
                 record_state(&self.instruments, device, state);

@@ -507,6 +507,16 @@ impl Runtime {
         self.shared.snapshot().await
     }
 
+    /// The last `seconds` (at most 900) of the runtime's history, one sample a second, and
+    /// its events with their reasons: what `/api/history` serves (the schema is in the
+    /// README, "Observability").
+    ///
+    /// # Errors
+    /// `ShuttingDown` once the metrics actor has stopped.
+    pub async fn history(&self, seconds: usize) -> Result<serde_json::Value, RuntimeError> {
+        self.shared.history(seconds).await
+    }
+
     /// The address of the metrics endpoint, when one is served.
     pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
         #[cfg(feature = "prometheus")]

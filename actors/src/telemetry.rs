@@ -541,6 +541,24 @@ fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Re
         .expect("a valid response")
 }
 
+/// The `seconds` of `/api/history?seconds=N` (1 to 900; 900 without it).
+fn history_seconds(query: Option<&str>) -> Result<usize, String> {
+    let mut seconds = 900;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("seconds", v)) => {
+                seconds = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|s| (1..=900).contains(s))
+                    .ok_or_else(|| format!("seconds={v}: a whole number of seconds from 1 to 900"))?;
+            }
+            _ => return Err(format!("unknown query `{pair}`: /api/history takes seconds=N")),
+        }
+    }
+    Ok(seconds)
+}
+
 async fn route(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let shared = &state.shared;
     match req.uri().path() {
@@ -593,6 +611,16 @@ async fn route(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Bytes
                 "application/json",
                 json!({"ready": ready, "devices": devices}).to_string(),
             )
+        }
+        "/api/history" => {
+            let seconds = match history_seconds(req.uri().query()) {
+                Ok(s) => s,
+                Err(why) => return respond(StatusCode::BAD_REQUEST, "text/plain", format!("{why}\n")),
+            };
+            match shared.history(seconds).await {
+                Ok(h) => respond(StatusCode::OK, "application/json", h.to_string()),
+                Err(e) => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", e.to_string()),
+            }
         }
         "/api/snapshot" => match shared.snapshot().await {
             Ok(s) => respond(

@@ -455,3 +455,76 @@ async fn the_grafana_dashboard_queries_only_metrics_the_endpoint_exports() {
     }
     rt.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_history_serves_per_second_samples_that_add_up_and_the_restart_with_its_reason() {
+    // A sticky fault on device 1's 5th op: its worker replaced, the device restarted.
+    let sticky = FaultSpec {
+        device: Some(1),
+        nth: Some(5),
+        code: Some(700),
+        ..FaultSpec::default()
+    };
+    let mut c = config(vec![sticky]);
+    c.runtime.isolation = Isolation::Process;
+    // (The `hipvisor` program is a worker when started as one; this test binary is not.)
+    let rt = Runtime::builder()
+        .config(c)
+        .worker(env!("CARGO_BIN_EXE_hipvisor"))
+        .serve_metrics("127.0.0.1:0".parse().unwrap())
+        .start()
+        .await
+        .unwrap();
+    let addr = rt.metrics_addr().unwrap();
+    work(&rt, 20).await;
+    let history = |q: &'static str| tokio::task::spawn_blocking(move || get(addr, q));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let h = loop {
+        let (status, body) = history("/api/history?seconds=120").await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        let h: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let restarted = h["events"].as_array().unwrap().iter().any(|e| e["kind"] == "restart");
+        if restarted && rt.states().iter().all(|s| *s == hipvisor::DeviceState::Ready) {
+            break h;
+        }
+        assert!(Instant::now() < deadline, "a restart in the history within 30 s: {h}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let samples = h["samples"].as_array().unwrap();
+    assert_eq!(h["seconds"].as_u64().unwrap() as usize, samples.len());
+    let t: Vec<u64> = samples.iter().map(|s| s["t"].as_u64().unwrap()).collect();
+    assert!(t.windows(2).all(|w| w[1] == w[0] + 1), "one sample a second: {t:?}");
+    assert!(samples.iter().all(|s| s["devices"].as_array().unwrap().len() == 2));
+    // Every answered op is in exactly one second's counts.
+    let answered: u64 = samples
+        .iter()
+        .flat_map(|s| s["ops"].as_object().unwrap().values())
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    let snap = rt.snapshot().await.unwrap();
+    assert_eq!(answered, snap.ops_total);
+    assert_eq!(
+        samples.iter().map(|s| s["restarts"].as_u64().unwrap()).sum::<u64>(),
+        snap.restarts
+    );
+    assert!(
+        h["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "state" && e["detail"].as_str().unwrap().starts_with("restarting")),
+        "the state change with its reason: {h}"
+    );
+    // The query is checked.
+    for bad in [
+        "/api/history?seconds=0",
+        "/api/history?seconds=901",
+        "/api/history?s=5",
+        "/api/history?seconds=x",
+    ] {
+        let (status, body) = history(bad).await.unwrap();
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
+    assert_eq!(history("/api/history").await.unwrap().0, 200);
+    rt.shutdown().await;
+}
