@@ -186,7 +186,11 @@ async fn health_snapshot_and_dashboard_routes() {
     let snap: serde_json::Value = serde_json::from_str(&snap.1).unwrap();
     assert_eq!(snap["ops_total"], 20);
     assert_eq!(page.0, 200);
-    assert!(page.1.contains("<title>hipvisor</title>") && !page.1.contains("http://") && !page.1.contains("https://"));
+    assert!(page.1.contains("<title>hipvisor</title>"));
+    // No external assets: nothing loaded from elsewhere (the SVG namespace is a name).
+    for external in ["src=\"http", "href=\"http", "url(http", "@import", "<link"] {
+        assert!(!page.1.contains(external), "{external}");
+    }
     assert_eq!(missing.0, 404);
     rt.shutdown().await;
 }
@@ -380,39 +384,101 @@ async fn a_real_prometheus_scrapes_the_endpoint() {
     rt.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_dashboard_shows_device_states_in_headless_chromium() {
-    let Some(chromium) = tool("chromium") else { return };
-    let rt = start(config(vec![])).await;
-    let addr = rt.metrics_addr().unwrap();
-    work(&rt, 10).await;
+/// The DOM headless Chromium renders of `url`, after 5 s of the page's (virtual) time.
+fn rendered_dom(chromium: &str, url: &str) -> String {
     let profile = std::env::temp_dir().join(format!("hipvisor-chromium-{}", std::process::id()));
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(chromium)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--virtual-time-budget=5000",
-                "--dump-dom",
-            ])
-            .arg(format!("--user-data-dir={}", profile.display()))
-            .arg(format!("http://{addr}/"))
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let dom = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        dom.contains("data-state=\"ready\""),
-        "the rendered DOM shows device states:\n{dom}"
-    );
+    let out = Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(url)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The value of attribute `name` in the first tag of `dom` that contains `marker`.
+fn attr<'a>(dom: &'a str, marker: &str, name: &str) -> Option<&'a str> {
+    let at = dom.find(marker)?;
+    let tag = &dom[dom[..at].rfind('<')?..at + dom[at..].find('>')?];
+    let key = format!("{name}=\"");
+    let from = tag.find(&key)? + key.len();
+    Some(&tag[from..from + tag[from..].find('"')?])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_draws_the_history_and_the_restart_in_headless_chromium() {
+    let Some(chromium) = tool("chromium") else { return };
+    // A sticky fault on device 1's 5th op: its worker replaced, the device restarted.
+    let sticky = FaultSpec {
+        device: Some(1),
+        nth: Some(5),
+        code: Some(700),
+        ..FaultSpec::default()
+    };
+    let mut c = config(vec![sticky]);
+    c.runtime.isolation = Isolation::Process;
+    let rt = Runtime::builder()
+        .config(c)
+        .worker(env!("CARGO_BIN_EXE_hipvisor"))
+        .serve_metrics("127.0.0.1:0".parse().unwrap())
+        .start()
+        .await
+        .unwrap();
+    let addr = rt.metrics_addr().unwrap();
+    work(&rt, 20).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rt.snapshot().await.unwrap().restarts == 0 {
+        assert!(Instant::now() < deadline, "the device restarted within 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let dom = tokio::task::spawn_blocking(move || rendered_dom(chromium, &format!("http://{addr}/")))
+        .await
+        .unwrap();
+    let (_, history) = tokio::task::spawn_blocking(move || get(addr, "/api/history?seconds=300"))
+        .await
+        .unwrap();
+    let history: serde_json::Value = serde_json::from_str(&history).unwrap();
+    assert!(dom.contains("<p id=\"errors\"></p>"), "no script error:\n{dom}");
+    // Each chart has one point per sample of the history it drew (a second or two older
+    // than the history fetched after it).
+    let samples = history["seconds"].as_u64().unwrap();
+    for chart in ["chart-ops", "chart-retries", "chart-latency", "id=\"timeline\""] {
+        let marker = if chart.starts_with("id=") {
+            chart.to_string()
+        } else {
+            format!("id=\"{chart}\"")
+        };
+        let drawn: u64 = attr(&dom, &marker, "data-samples")
+            .unwrap_or_else(|| panic!("{chart} drawn:\n{dom}"))
+            .parse()
+            .unwrap();
+        assert!(
+            drawn >= 1 && drawn <= samples && samples - drawn <= 10,
+            "{chart}: {drawn} of {samples}"
+        );
+        if !chart.starts_with("id=") {
+            let points = attr(&dom, "data-series=\"success\"", "data-points")
+                .or_else(|| attr(&dom, "data-series=\"attempts\"", "data-points"))
+                .unwrap();
+            assert_eq!(points.parse::<u64>().unwrap(), drawn, "{chart}: a point per sample");
+        }
+    }
+    // The restart is on device 1's row of the timeline, and its state changes are bands.
+    assert!(dom.contains("class=\"marker restart\" data-device=\"1\""), "{dom}");
+    assert!(dom.contains("class=\"band ready\""), "{dom}");
+    // The device table as before.
+    assert!(dom.contains("data-state=\"ready\""), "{dom}");
     assert!(dom.contains("data-device=\"1\""), "{dom}");
     rt.shutdown().await;
 }
