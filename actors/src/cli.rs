@@ -4,6 +4,7 @@ pub(crate) mod bench;
 #[cfg(feature = "cluster")]
 pub(crate) mod bench_remote;
 pub(crate) mod inference;
+pub(crate) mod latency;
 pub(crate) mod measure;
 #[cfg(feature = "cluster")]
 pub(crate) mod node;

@@ -122,7 +122,7 @@ struct Observed {
     by_class: BTreeMap<&'static str, u64>,
     /// Failures by error (variant name).
     by_error: BTreeMap<&'static str, u64>,
-    latencies_us: Vec<f64>,
+    latencies_us: crate::cli::latency::Latencies,
     /// Answers later than the op deadline (a hang the runtime should have cut short).
     late: u64,
 }
@@ -188,14 +188,14 @@ impl Job {
             Some(Ok(_)) => {
                 o.succeeded += 1;
                 o.late += u64::from(past_deadline);
-                o.latencies_us.push(elapsed_us);
+                o.latencies_us.record(elapsed_us);
             }
             Some(Err(e)) => {
                 o.failed += 1;
                 o.late += u64::from(past_deadline);
                 *o.by_class.entry(e.label()).or_default() += 1;
                 *o.by_error.entry(e.name()).or_default() += 1;
-                o.latencies_us.push(elapsed_us);
+                o.latencies_us.record(elapsed_us);
             }
         });
     }
@@ -453,14 +453,6 @@ async fn iteration(st: &mut AppState) -> bool {
         }
     }
     true
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[i]
 }
 
 /// Runs the job; see the module docs for the exit status.
@@ -765,8 +757,7 @@ async fn finish(job: Arc<Job>, end: RunEnd) -> ExitCode {
         eprintln!("hipvisor: internal error: the job is still shared");
         return ExitCode::FAILURE;
     };
-    let mut o = hipvisor_core::sync::into_inner(job.observed);
-    o.latencies_us.sort_by(f64::total_cmp);
+    let o = hipvisor_core::sync::into_inner(job.observed);
     let submitted = job.submitted.load(Ordering::Relaxed);
     let answered = o.succeeded + o.failed;
     // What the metrics say was answered and succeeded, against what was observed.
@@ -871,7 +862,7 @@ async fn finish(job: Arc<Job>, end: RunEnd) -> ExitCode {
         },
         "restarts": snapshot.restarts,
         "devices_final": snapshot.devices.iter().map(|d| json!({"id": d.id, "state": d.state.as_str()})).collect::<Vec<_>>(),
-        "latency_us": {"p50": percentile(&o.latencies_us, 0.5), "p99": percentile(&o.latencies_us, 0.99)},
+        "latency_us": {"p50": o.latencies_us.quantile(0.5), "p99": o.latencies_us.quantile(0.99)},
         "throughput_ops_per_s": if elapsed > 0.0 { submitted as f64 / elapsed } else { 0.0 },
         "elapsed_s": elapsed,
         "metrics_consistent": consistent,
@@ -889,9 +880,9 @@ async fn finish(job: Arc<Job>, end: RunEnd) -> ExitCode {
         report["task_reruns"] = json!(snapshot.recovery.task_reruns);
         report["tasks_quarantined"] = json!(snapshot.recovery.tasks_quarantined);
         report["request_latency_us"] = json!({
-            "p50": percentile(&o.latencies_us, 0.5),
-            "p99": percentile(&o.latencies_us, 0.99),
-            "max": o.latencies_us.last().copied().unwrap_or(0.0),
+            "p50": o.latencies_us.quantile(0.5),
+            "p99": o.latencies_us.quantile(0.99),
+            "max": o.latencies_us.max(),
         });
         report["durable"] = json!(snapshot.recovery);
     }
