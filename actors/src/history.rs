@@ -1,26 +1,30 @@
 //! The runtime's recent history for the dashboard ([`History`]): one sample per second for
 //! the last [`HISTORY_SECONDS`] — ops by outcome, retries, latency percentiles by op kind,
-//! every device's state and breaker state, restarts, sticky faults, task reruns and
-//! quarantines — and the events with their reasons (state changes, restarts, sticky faults,
-//! breaker changes, quarantines), the last [`MAX_EVENTS`] of them.
+//! every device's state (at the second's end, and the worst it was in during it) and breaker
+//! state, restarts, sticky faults, task reruns and quarantines — and the events with their
+//! reasons (state changes, restarts, sticky faults, breaker changes, quarantines), the last
+//! [`MAX_EVENTS_PER_KIND`] of each kind.
 //!
 //! It is built by the metrics actor from what it receives anyway (the devices' flushes, every
-//! `telemetry.flush_interval_ms`, and the events), off the ops' path; memory is bounded by
-//! the two caps whatever the run's length. A second's counts are those flushed during it
-//! (an op answered near a second's end may count in the next). Seconds with nothing
-//! flushed are samples of zeros, with the devices' states carried over.
+//! `telemetry.flush_interval_ms`, and the events), off the ops' path, on a monotonic clock;
+//! memory is bounded by the caps whatever the run's length (a closed second keeps its
+//! percentiles, not its latency histogram). A second's counts are those flushed during it
+//! (an op answered near a second's end may count in the next). Seconds with nothing flushed
+//! are samples of zeros, with the devices' states carried over.
 //!
-//! `/api/history?seconds=N` serves [`History::view`] (see its docs for the JSON schema).
+//! `/api/history?seconds=N` serves [`History::view`] (see [`HistoryView`] for the JSON
+//! schema); the metrics actor copies the samples, and the JSON is made outside it.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
-use serde_json::{Value, json};
+use serde::Serialize;
 
 /// Seconds of samples kept: 15 minutes.
 pub(crate) const HISTORY_SECONDS: usize = 900;
 
-/// Events kept (the oldest go first).
-pub(crate) const MAX_EVENTS: usize = 2000;
+/// Events kept of each kind (the oldest go first), so that a flapping breaker does not push
+/// the restarts out.
+pub(crate) const MAX_EVENTS_PER_KIND: usize = 1000;
 
 /// The names of what a sample counts, fixed when the history is made.
 #[derive(Debug, Clone, Copy)]
@@ -33,67 +37,142 @@ pub(crate) struct Labels {
     pub(crate) buckets: &'static [f64],
 }
 
+/// Device states, least to most severe (the worst of a second is the most severe).
+const SEVERITY: [&str; 4] = ["ready", "restarting", "lost", "failed"];
+
+fn severity(state: &str) -> usize {
+    SEVERITY.iter().position(|s| *s == state).unwrap_or(0)
+}
+
+/// One device in one second.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct DeviceSample {
+    /// Its state at the second's end.
+    state: &'static str,
+    /// The most severe state it was in during the second (ready < restarting < lost <
+    /// failed): a restart of a few milliseconds shows.
+    worst: &'static str,
+    /// Its breaker's state at the second's end.
+    breaker: &'static str,
+}
+
+/// One op kind's latency in one second.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct Latency {
+    count: u64,
+    /// Milliseconds: the upper bound of the bucket the median falls in.
+    p50: f64,
+    /// Milliseconds: the upper bound of the bucket the 99th percentile falls in.
+    p99: f64,
+}
+
+/// Retries in one second.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub(crate) struct Retries {
+    attempts: u64,
+    succeeded: u64,
+    exhausted: u64,
+}
+
 /// What happened in one second.
-#[derive(Debug, Clone)]
-struct Sample {
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Sample {
     /// Unix seconds.
     t: u64,
     /// Answered ops by outcome.
-    ops: Vec<u64>,
-    /// Op durations by kind and bucket.
-    durations: Vec<Vec<u64>>,
-    retry_attempts: u64,
-    retry_succeeded: u64,
-    retry_exhausted: u64,
+    ops: BTreeMap<&'static str, u64>,
+    retries: Retries,
+    /// By op kind, the kinds with ops answered that second.
+    latency_ms: BTreeMap<&'static str, Latency>,
     restarts: u64,
     sticky_faults: u64,
     task_reruns: u64,
     tasks_quarantined: u64,
     kernels_quarantined: u64,
-    /// Each device's state and breaker state at the second's end.
-    devices: Vec<(&'static str, &'static str)>,
+    devices: Vec<DeviceSample>,
 }
 
 /// One event, with its reason.
-#[derive(Debug, Clone)]
-struct Event {
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Event {
     /// Unix milliseconds.
     t_ms: u64,
+    /// The order events came in (of equal times too).
+    #[serde(skip)]
+    seq: u64,
     device: Option<u32>,
     kind: &'static str,
     detail: Option<String>,
+}
+
+/// What `/api/history` serves:
+///
+/// ```text
+/// { "interval_s": 1, "now_ms": <unix ms>, "seconds": <samples>,
+///   "samples": [ { "t": <unix s>,
+///                  "ops": { "<outcome>": n, ... },          // every outcome
+///                  "retries": { "attempts": n, "succeeded": n, "exhausted": n },
+///                  "latency_ms": { "<op kind>": { "count": n, "p50": ms, "p99": ms } },
+///                  "restarts": n, "sticky_faults": n, "task_reruns": n,
+///                  "tasks_quarantined": n, "kernels_quarantined": n,
+///                  "devices": [ { "state": s, "worst": s, "breaker": b }, ... ] } ],
+///   "events": [ { "t_ms": <unix ms>, "device": n | null, "kind": k, "detail": d } ] }
+/// ```
+///
+/// Samples are oldest first, one per second, the last the second under way (partial).
+/// `latency_ms` lists the kinds with ops answered that second; a percentile is the upper
+/// bound of the bucket it falls in (1, 2.5, 5 steps from 1 µs to 10 s; beyond: 20 s).
+/// Events are those within the window, oldest first; `detail` is, by kind: `state` — "new
+/// state" or "new state: reason"; `breaker` — its new state; `restart` — why; `sticky_fault`
+/// — the error; `kernel_quarantined` — "kernel (module id)"; `task_quarantined` — null.
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryView {
+    interval_s: u32,
+    now_ms: u64,
+    seconds: usize,
+    samples: Vec<Sample>,
+    events: Vec<Event>,
 }
 
 /// The recent history (see the module docs).
 #[derive(Debug)]
 pub(crate) struct History {
     labels: Labels,
-    /// Closed seconds, oldest first; the last is the second under way.
+    /// Oldest first; the last is the second under way.
     samples: VecDeque<Sample>,
-    events: VecDeque<Event>,
+    /// The second under way's durations, by kind and bucket.
+    durations: Vec<Vec<u64>>,
+    /// By kind, oldest first.
+    events: BTreeMap<&'static str, VecDeque<Event>>,
+    /// Events so far.
+    seq: u64,
 }
 
 impl History {
     /// A history of `devices` devices, every one ready with its breaker closed.
     pub(crate) fn new(devices: u32, labels: Labels) -> History {
-        let devices = (0..devices).map(|_| ("ready", "closed")).collect();
+        let ready = DeviceSample {
+            state: "ready",
+            worst: "ready",
+            breaker: "closed",
+        };
         let mut h = History {
             labels,
             samples: VecDeque::with_capacity(HISTORY_SECONDS + 1),
-            events: VecDeque::new(),
+            durations: vec![vec![0; labels.buckets.len() + 1]; labels.kinds.len()],
+            events: BTreeMap::new(),
+            seq: 0,
         };
-        h.samples.push_back(h.empty(0, devices));
+        h.samples.push_back(h.empty(0, vec![ready; devices as usize]));
         h
     }
 
-    fn empty(&self, t: u64, devices: Vec<(&'static str, &'static str)>) -> Sample {
+    fn empty(&self, t: u64, devices: Vec<DeviceSample>) -> Sample {
         Sample {
             t,
-            ops: vec![0; self.labels.outcomes.len()],
-            durations: vec![vec![0; self.labels.buckets.len() + 1]; self.labels.kinds.len()],
-            retry_attempts: 0,
-            retry_succeeded: 0,
-            retry_exhausted: 0,
+            ops: self.labels.outcomes.iter().map(|o| (*o, 0)).collect(),
+            retries: Retries::default(),
+            latency_ms: BTreeMap::new(),
             restarts: 0,
             sticky_faults: 0,
             task_reruns: 0,
@@ -111,72 +190,113 @@ impl History {
         if self.samples.len() == 1 && self.samples[0].t == 0 {
             self.samples[0].t = now; // the first second
         } else if now > last {
-            let devices = self.samples.back().map(|s| s.devices.clone()).unwrap_or_default();
+            self.close_latency();
+            let carried: Vec<DeviceSample> = self
+                .samples
+                .back()
+                .map(|s| {
+                    s.devices
+                        .iter()
+                        .map(|d| DeviceSample { worst: d.state, ..*d })
+                        .collect()
+                })
+                .unwrap_or_default();
             let from = last.max(now.saturating_sub(HISTORY_SECONDS as u64)) + 1;
             for t in from..=now {
-                let s = self.empty(t, devices.clone());
+                let s = self.empty(t, carried.clone());
                 self.samples.push_back(s);
             }
             while self.samples.len() > HISTORY_SECONDS {
                 self.samples.pop_front();
             }
         }
-        // (A clock stepped back: counted in the latest second.)
+        // (The clock is monotonic: `now` is never before the latest second.)
         self.samples.back_mut().expect("never empty")
     }
 
-    /// `n` ops answered with outcome `outcome`.
+    /// The latency percentiles of the second under way, from its durations (which start
+    /// again at zero for the next).
+    fn close_latency(&mut self) {
+        let latency = self.latency_now();
+        if let Some(s) = self.samples.back_mut() {
+            s.latency_ms = latency;
+        }
+        for d in &mut self.durations {
+            d.fill(0);
+        }
+    }
+
+    fn latency_now(&self) -> BTreeMap<&'static str, Latency> {
+        let mut latency = BTreeMap::new();
+        for (kind, counts) in self.labels.kinds.iter().zip(&self.durations) {
+            let count: u64 = counts.iter().sum();
+            if count > 0 {
+                let p = |q: f64| self.percentile_ms(counts, count, q);
+                latency.insert(
+                    *kind,
+                    Latency {
+                        count,
+                        p50: p(0.5),
+                        p99: p(0.99),
+                    },
+                );
+            }
+        }
+        latency
+    }
+
+    /// `n` ops answered with outcome `outcome` (an index of the labels' outcomes).
     pub(crate) fn ops(&mut self, now_ms: u64, outcome: usize, n: u64) {
-        self.at(now_ms).ops[outcome] += n;
+        let name = self.labels.outcomes[outcome];
+        *self.at(now_ms).ops.entry(name).or_default() += n;
     }
 
     /// Durations of ops of kind `kind`, by bucket.
     pub(crate) fn durations(&mut self, now_ms: u64, kind: usize, counts: &[u64]) {
-        let d = &mut self.at(now_ms).durations[kind];
-        for (slot, n) in d.iter_mut().zip(counts) {
+        self.at(now_ms);
+        for (slot, n) in self.durations[kind].iter_mut().zip(counts) {
             *slot += n;
         }
     }
 
     /// Retries made, ops that succeeded after a retry, ops whose retries ran out.
     pub(crate) fn retries(&mut self, now_ms: u64, attempts: u64, succeeded: u64, exhausted: u64) {
-        let s = self.at(now_ms);
-        s.retry_attempts += attempts;
-        s.retry_succeeded += succeeded;
-        s.retry_exhausted += exhausted;
+        let r = &mut self.at(now_ms).retries;
+        r.attempts += attempts;
+        r.succeeded += succeeded;
+        r.exhausted += exhausted;
     }
 
     /// A device changed state.
     pub(crate) fn state(&mut self, now_ms: u64, device: u32, state: &'static str, reason: Option<&str>) {
         if let Some(d) = self.at(now_ms).devices.get_mut(device as usize) {
-            d.0 = state;
+            d.state = state;
+            if severity(state) > severity(d.worst) {
+                d.worst = state;
+            }
         }
-        self.event(
-            now_ms,
-            Some(device),
-            "state",
-            Some(reason.map_or_else(|| state.to_string(), |r| format!("{state}: {r}"))),
-        );
+        let detail = reason.map_or_else(|| state.to_string(), |r| format!("{state}: {r}"));
+        self.event(now_ms, Some(device), "state", Some(detail));
     }
 
     /// A device's breaker changed state.
     pub(crate) fn breaker(&mut self, now_ms: u64, device: u32, state: &'static str) {
         if let Some(d) = self.at(now_ms).devices.get_mut(device as usize) {
-            d.1 = state;
+            d.breaker = state;
         }
         self.event(now_ms, Some(device), "breaker", Some(state.to_string()));
     }
 
-    /// A device restarted.
-    pub(crate) fn restart(&mut self, now_ms: u64, device: u32) {
+    /// A device restarted, and why.
+    pub(crate) fn restart(&mut self, now_ms: u64, device: u32, reason: &str) {
         self.at(now_ms).restarts += 1;
-        self.event(now_ms, Some(device), "restart", None);
+        self.event(now_ms, Some(device), "restart", Some(reason.to_string()));
     }
 
     /// A sticky fault surfaced on a device.
-    pub(crate) fn sticky_fault(&mut self, now_ms: u64, device: u32) {
+    pub(crate) fn sticky_fault(&mut self, now_ms: u64, device: u32, error: &str) {
         self.at(now_ms).sticky_faults += 1;
-        self.event(now_ms, Some(device), "sticky_fault", None);
+        self.event(now_ms, Some(device), "sticky_fault", Some(error.to_string()));
     }
 
     /// A kernel was quarantined.
@@ -197,88 +317,44 @@ impl History {
     }
 
     fn event(&mut self, now_ms: u64, device: Option<u32>, kind: &'static str, detail: Option<String>) {
-        if self.events.len() == MAX_EVENTS {
-            self.events.pop_front();
+        self.seq += 1;
+        let seq = self.seq;
+        let events = self.events.entry(kind).or_default();
+        if events.len() == MAX_EVENTS_PER_KIND {
+            events.pop_front();
         }
-        self.events.push_back(Event {
+        events.push_back(Event {
             t_ms: now_ms,
+            seq,
             device,
             kind,
             detail,
         });
     }
 
-    /// The last `seconds` seconds (at most [`HISTORY_SECONDS`]) as of `now_ms`, as JSON:
-    ///
-    /// ```text
-    /// { "interval_s": 1, "now_ms": <unix ms>, "seconds": <samples>,
-    ///   "samples": [ { "t": <unix s>,
-    ///                  "ops": { "<outcome>": n, ... },          // every outcome
-    ///                  "retries": { "attempts": n, "succeeded": n, "exhausted": n },
-    ///                  "latency_ms": { "<op kind>": { "count": n, "p50": ms, "p99": ms } },
-    ///                  "restarts": n, "sticky_faults": n, "task_reruns": n,
-    ///                  "tasks_quarantined": n, "kernels_quarantined": n,
-    ///                  "devices": [ { "state": "ready", "breaker": "closed" }, ... ] } ],
-    ///   "events": [ { "t_ms": <unix ms>, "device": n | null, "kind": "state" | "breaker"
-    ///                 | "restart" | "sticky_fault" | "kernel_quarantined" | "task_quarantined",
-    ///                 "detail": "..." | null } ] }                 // within the window
-    /// ```
-    ///
-    /// Samples are oldest first, one per second, the last the second under way. Latency
-    /// percentiles are the upper bounds of the buckets they fall in (1, 2.5, 5 steps from
-    /// 1 µs to 10 s; beyond: twice the last), for the kinds with ops in that second.
-    pub(crate) fn view(&mut self, now_ms: u64, seconds: usize) -> Value {
+    /// The last `seconds` seconds (1 to [`HISTORY_SECONDS`]) as of `now_ms` (a copy: see
+    /// [`HistoryView`] for what it serializes to).
+    pub(crate) fn view(&mut self, now_ms: u64, seconds: usize) -> HistoryView {
         self.at(now_ms);
         let n = seconds.clamp(1, HISTORY_SECONDS).min(self.samples.len());
-        let samples: Vec<Value> = self
-            .samples
-            .iter()
-            .skip(self.samples.len() - n)
-            .map(|s| self.sample_json(s))
-            .collect();
-        let since_ms = self.samples.get(self.samples.len() - n).map_or(0, |s| s.t * 1000);
-        let events: Vec<Value> = self
-            .events
-            .iter()
-            .filter(|e| e.t_ms >= since_ms)
-            .map(|e| json!({"t_ms": e.t_ms, "device": e.device, "kind": e.kind, "detail": e.detail}))
-            .collect();
-        json!({"interval_s": 1, "now_ms": now_ms, "seconds": samples.len(), "samples": samples, "events": events})
-    }
-
-    fn sample_json(&self, s: &Sample) -> Value {
-        let ops: serde_json::Map<String, Value> = self
-            .labels
-            .outcomes
-            .iter()
-            .zip(&s.ops)
-            .map(|(o, n)| (o.to_string(), json!(n)))
-            .collect();
-        let mut latency = serde_json::Map::new();
-        for (kind, counts) in self.labels.kinds.iter().zip(&s.durations) {
-            let count: u64 = counts.iter().sum();
-            if count > 0 {
-                let p = |q: f64| self.percentile_ms(counts, count, q);
-                latency.insert(kind.to_string(), json!({"count": count, "p50": p(0.5), "p99": p(0.99)}));
-            }
+        let mut samples: Vec<Sample> = self.samples.iter().skip(self.samples.len() - n).cloned().collect();
+        if let Some(last) = samples.last_mut() {
+            last.latency_ms = self.latency_now(); // the second under way, so far
         }
-        let devices: Vec<Value> = s
-            .devices
-            .iter()
-            .map(|(st, b)| json!({"state": st, "breaker": b}))
+        let since_ms = samples.first().map_or(0, |s| s.t * 1000);
+        let mut events: Vec<Event> = self
+            .events
+            .values()
+            .flat_map(|e| e.iter().filter(|e| e.t_ms >= since_ms).cloned())
             .collect();
-        json!({
-            "t": s.t,
-            "ops": ops,
-            "retries": {"attempts": s.retry_attempts, "succeeded": s.retry_succeeded, "exhausted": s.retry_exhausted},
-            "latency_ms": latency,
-            "restarts": s.restarts,
-            "sticky_faults": s.sticky_faults,
-            "task_reruns": s.task_reruns,
-            "tasks_quarantined": s.tasks_quarantined,
-            "kernels_quarantined": s.kernels_quarantined,
-            "devices": devices,
-        })
+        events.sort_by_key(|e| (e.t_ms, e.seq));
+        HistoryView {
+            interval_s: 1,
+            now_ms,
+            seconds: samples.len(),
+            samples,
+            events,
+        }
     }
 
     /// The upper bound (ms) of the bucket where the `q` quantile of `count` durations falls.
@@ -299,12 +375,17 @@ impl History {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{Value, json};
 
     const LABELS: Labels = Labels {
         kinds: &["alloc", "launch"],
         outcomes: &["success", "transient"],
         buckets: &[0.001, 0.01, 0.1],
     };
+
+    fn view(h: &mut History, now_ms: u64, seconds: usize) -> Value {
+        json!(h.view(now_ms, seconds))
+    }
 
     #[test]
     fn seconds_are_contiguous_idle_ones_zero_and_the_window_bounded() {
@@ -313,7 +394,7 @@ mod tests {
         h.ops(t0, 0, 5);
         h.ops(t0 + 400, 1, 1);
         h.ops(t0 + 3_200, 0, 2); // seconds 1 and 2 idle
-        let v = h.view(t0 + 3_500, 60);
+        let v = view(&mut h, t0 + 3_500, 60);
         let samples = v["samples"].as_array().unwrap();
         assert_eq!(samples.len(), 4);
         let t: Vec<u64> = samples.iter().map(|s| s["t"].as_u64().unwrap()).collect();
@@ -323,32 +404,47 @@ mod tests {
         assert_eq!(samples[1]["ops"]["success"], 0);
         assert_eq!(samples[3]["ops"]["success"], 2);
         // Asked for fewer: the latest.
-        let v = h.view(t0 + 3_500, 2);
+        let v = view(&mut h, t0 + 3_500, 2);
         assert_eq!(v["samples"][0]["t"], 1_000_002);
         // An hour later: the window holds 15 minutes, however long the run.
         h.ops(t0 + 3_600_000, 0, 1);
         assert_eq!(h.samples.len(), HISTORY_SECONDS);
-        let v = h.view(t0 + 3_600_000, 100_000);
+        let v = view(&mut h, t0 + 3_600_000, 100_000);
         assert_eq!(v["seconds"], HISTORY_SECONDS);
         assert_eq!(v["samples"][HISTORY_SECONDS - 1]["ops"]["success"], 1);
     }
 
     #[test]
-    fn device_states_carry_over_and_events_keep_their_reasons_within_the_window() {
+    fn device_states_carry_over_a_short_restart_shows_and_events_keep_their_reasons() {
         let mut h = History::new(2, LABELS);
         let t0 = 2_000_000_000;
         h.ops(t0, 0, 1);
-        h.sticky_fault(t0 + 100, 1);
+        h.sticky_fault(t0 + 100, 1, "hipErrorIllegalAddress (700)");
         h.state(t0 + 100, 1, "restarting", Some("sticky fault: illegal address"));
-        h.restart(t0 + 150, 1);
+        h.restart(t0 + 150, 1, "restarting: sticky fault");
         h.state(t0 + 2_100, 1, "ready", None);
         h.breaker(t0 + 2_200, 0, "open");
-        let v = h.view(t0 + 2_500, 60);
+        // A restart of 20 ms within one second.
+        h.state(t0 + 3_100, 0, "restarting", None);
+        h.state(t0 + 3_120, 0, "ready", None);
+        let v = view(&mut h, t0 + 4_500, 60);
         let s = v["samples"].as_array().unwrap();
         assert_eq!(s[0]["devices"][1]["state"], "restarting");
         assert_eq!(s[1]["devices"][1]["state"], "restarting", "carried over an idle second");
         assert_eq!(s[2]["devices"][1]["state"], "ready");
+        assert_eq!(
+            s[2]["devices"][1]["worst"], "restarting",
+            "restarting until it was ready"
+        );
         assert_eq!(s[2]["devices"][0]["breaker"], "open");
+        assert_eq!(
+            (
+                s[3]["devices"][0]["state"].as_str(),
+                s[3]["devices"][0]["worst"].as_str()
+            ),
+            (Some("ready"), Some("restarting"))
+        );
+        assert_eq!(s[4]["devices"][0]["worst"], "ready");
         assert_eq!(
             (s[0]["restarts"].as_u64(), s[0]["sticky_faults"].as_u64()),
             (Some(1), Some(1))
@@ -359,31 +455,44 @@ mod tests {
             .iter()
             .map(|e| e["kind"].as_str().unwrap())
             .collect();
-        assert_eq!(kinds, vec!["sticky_fault", "state", "restart", "state", "breaker"]);
+        assert_eq!(
+            kinds,
+            vec!["sticky_fault", "state", "restart", "state", "breaker", "state", "state"]
+        );
+        assert_eq!(v["events"][0]["detail"], "hipErrorIllegalAddress (700)");
         assert_eq!(v["events"][1]["detail"], "restarting: sticky fault: illegal address");
+        assert_eq!(v["events"][2]["detail"], "restarting: sticky fault");
         // Outside the window asked for: left out.
-        let v = h.view(t0 + 2_500, 1);
+        let v = view(&mut h, t0 + 4_500, 2);
         assert_eq!(v["events"].as_array().unwrap().len(), 2);
-        // Bounded.
-        for i in 0..(MAX_EVENTS as u64 + 10) {
-            h.restart(t0 + 3_000 + i, 0);
+        // Bounded by kind: a flapping breaker does not push the restarts out.
+        for i in 0..(MAX_EVENTS_PER_KIND as u64 + 10) {
+            h.breaker(t0 + 5_000 + i, 0, "open");
         }
-        assert_eq!(h.events.len(), MAX_EVENTS);
+        assert_eq!(h.events["breaker"].len(), MAX_EVENTS_PER_KIND);
+        assert_eq!(h.events["restart"].len(), 1);
     }
 
     #[test]
-    fn latency_percentiles_are_bucket_bounds_per_kind() {
+    fn latency_percentiles_are_bucket_bounds_per_kind_and_kept_as_such() {
         let mut h = History::new(1, LABELS);
         let t0 = 3_000_000_000;
         // 98 launches under 1 ms, 2 under 100 ms: p50 1 ms, p99 100 ms.
         h.durations(t0, 1, &[98, 0, 2, 0]);
         h.durations(t0, 0, &[0, 0, 0, 1]); // one alloc beyond the last bound
-        let v = h.view(t0, 1);
+        let v = view(&mut h, t0, 1);
         let l = &v["samples"][0]["latency_ms"];
         assert_eq!(l["launch"]["count"], 100);
         assert_eq!(l["launch"]["p50"], 1.0);
         assert_eq!(l["launch"]["p99"], 100.0);
         assert_eq!(l["alloc"]["p50"], 200.0);
-        assert!(v["samples"][0]["latency_ms"].get("free").is_none());
+        assert!(l.get("free").is_none());
+        // The next second: that one's percentiles kept, the new one's from zero.
+        h.durations(t0 + 1_000, 1, &[0, 1, 0, 0]);
+        let v = view(&mut h, t0 + 1_000, 2);
+        assert_eq!(v["samples"][0]["latency_ms"]["launch"]["p99"], 100.0);
+        assert_eq!(v["samples"][1]["latency_ms"]["launch"]["count"], 1);
+        assert_eq!(v["samples"][1]["latency_ms"]["launch"]["p50"], 10.0);
+        assert!(v["samples"][1]["latency_ms"].get("alloc").is_none());
     }
 }

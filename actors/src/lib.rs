@@ -63,7 +63,7 @@ mod engine;
 mod error;
 mod executor;
 mod handle;
-mod history;
+pub mod history;
 mod job;
 mod messages;
 pub mod metrics;

@@ -26,7 +26,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 
 use crate::error::OpResult;
-use crate::history::{History, Labels};
+use crate::history::{History, HistoryView, Labels};
 use crate::state::DeviceState;
 
 /// The outcome of an answered op, as a metric label.
@@ -376,11 +376,15 @@ pub enum MetricsEvent {
     Restart {
         /// The device.
         device: u32,
+        /// Why.
+        reason: String,
     },
     /// A sticky fault (one event, however many ops it failed).
     StickyFault {
         /// The device where it surfaced.
         device: u32,
+        /// The error.
+        reason: String,
     },
     /// A breaker changed state.
     Breaker {
@@ -433,7 +437,7 @@ pub enum MetricsMsg {
     /// Asks for the aggregate so far.
     Snapshot(RpcReplyPort<Snapshot>),
     /// Asks for the last so many seconds of history ([`History::view`]).
-    History(usize, RpcReplyPort<serde_json::Value>),
+    History(usize, RpcReplyPort<HistoryView>),
 }
 
 #[cfg(feature = "cluster")]
@@ -535,11 +539,20 @@ pub struct MetricsState {
     history: History,
 }
 
-/// Unix milliseconds now.
+/// Quarantine entries the snapshot keeps (the latest).
+const MAX_QUARANTINED: usize = 1000;
+
+/// Unix milliseconds now, on a monotonic clock: the wall clock when the process first asked,
+/// plus the time since (a clock stepped back or forward leaves the history's seconds alone).
 fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    static START: std::sync::OnceLock<(u64, std::time::Instant)> = std::sync::OnceLock::new();
+    let (unix_ms, at) = START.get_or_init(|| {
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        (unix, std::time::Instant::now())
+    });
+    unix_ms + at.elapsed().as_millis() as u64
 }
 
 /// The names the history labels its counts with.
@@ -740,10 +753,12 @@ impl MetricsState {
         let h = &mut self.history;
         match &e {
             MetricsEvent::State { device, state, reason } => h.state(now, *device, state.as_str(), reason.as_deref()),
-            MetricsEvent::Restart { device } => h.restart(now, *device),
-            MetricsEvent::StickyFault { device } => h.sticky_fault(now, *device),
+            MetricsEvent::Restart { device, reason } => h.restart(now, *device, reason),
+            MetricsEvent::StickyFault { device, reason } => h.sticky_fault(now, *device, reason),
             MetricsEvent::Breaker { device, state } => h.breaker(now, *device, state.as_str()),
-            MetricsEvent::Quarantined(q) => h.kernel_quarantined(now, q.device, &q.function),
+            MetricsEvent::Quarantined(q) => {
+                h.kernel_quarantined(now, q.device, &format!("{} (module {})", q.function, q.module))
+            }
             MetricsEvent::TaskRerun { .. } => h.task_rerun(now),
             MetricsEvent::TaskQuarantined => h.task_quarantined(now),
             MetricsEvent::DurableRestored { .. }
@@ -758,7 +773,7 @@ impl MetricsState {
                     d.reason = reason;
                 }
             }
-            MetricsEvent::Restart { device } => {
+            MetricsEvent::Restart { device, .. } => {
                 self.snapshot.restarts += 1;
                 self.instruments
                     .restarts
@@ -774,7 +789,15 @@ impl MetricsState {
                     d.breaker = state;
                 }
             }
-            MetricsEvent::Quarantined(q) => self.snapshot.quarantined.push(q),
+            MetricsEvent::Quarantined(q) => {
+                // The latest ones, bounded (a long run under faults quarantines again and
+                // again).
+                let list = &mut self.snapshot.quarantined;
+                if list.len() == MAX_QUARANTINED {
+                    list.remove(0);
+                }
+                list.push(q);
+            }
             MetricsEvent::DurableRestored { device, bytes, seconds } => {
                 let r = &mut self.snapshot.recovery;
                 r.durable_restores += 1;

@@ -514,7 +514,8 @@ impl Runtime {
     /// # Errors
     /// `ShuttingDown` once the metrics actor has stopped.
     pub async fn history(&self, seconds: usize) -> Result<serde_json::Value, RuntimeError> {
-        self.shared.history(seconds).await
+        let view = self.shared.history(seconds).await?;
+        Ok(serde_json::to_value(view).expect("plain data"))
     }
 
     /// The address of the metrics endpoint, when one is served.

@@ -18,6 +18,7 @@ use tokio::sync::broadcast;
 
 use crate::device::DeviceCore;
 use crate::error::RuntimeError;
+use crate::history::HistoryView;
 use crate::messages::SupervisorMsg;
 use crate::metrics::{MetricsEvent, MetricsMsg, Snapshot};
 use crate::park::SpinPolicy;
@@ -121,15 +122,15 @@ impl Shared {
         }
     }
 
-    /// The metrics aggregate so far, counters flushed first (also a barrier: every delta
-    /// flushed before it is included).
     /// The last `seconds` of the dashboard's history (`History::view`), every delta flushed
     /// so far counted.
-    pub(crate) async fn history(&self, seconds: usize) -> Result<serde_json::Value, RuntimeError> {
+    pub(crate) async fn history(&self, seconds: usize) -> Result<HistoryView, RuntimeError> {
         self.flush();
         ractor::call!(self.metrics, MetricsMsg::History, seconds).map_err(|_| RuntimeError::ShuttingDown)
     }
 
+    /// The metrics aggregate so far, counters flushed first (also a barrier: every delta
+    /// flushed before it is included).
     pub(crate) async fn snapshot(&self) -> Result<Snapshot, RuntimeError> {
         self.flush();
         let mut s = ractor::call!(self.metrics, MetricsMsg::Snapshot).map_err(|_| RuntimeError::ShuttingDown)?;

@@ -207,7 +207,12 @@ impl Actor for Supervisor {
                     + 1;
                 match executor::spawn(st.shared.clone(), device, epoch, None) {
                     // The executor reports `Opened` (→ ready) or `OpenFailed`.
-                    Ok(()) if counted => st.shared.metrics_event(MetricsEvent::Restart { device }),
+                    Ok(()) if counted => {
+                        let reason = st.shared.cores[device as usize]
+                            .reason()
+                            .unwrap_or_else(|| "restarted".to_string());
+                        st.shared.metrics_event(MetricsEvent::Restart { device, reason });
+                    }
                     Ok(()) => {}
                     Err(e) => st.fail(device, format!("could not start an executor thread: {e}")),
                 }
@@ -221,7 +226,8 @@ impl Actor for Supervisor {
                 }
                 let actor = device_actor::spawn(st.shared.clone(), device, me.get_cell()).await?;
                 st.children.insert(actor.get_id(), device);
-                st.shared.metrics_event(MetricsEvent::Restart { device });
+                let reason = "its device actor stopped and was started again".to_string();
+                st.shared.metrics_event(MetricsEvent::Restart { device, reason });
                 st.shared.set_state(device, DeviceState::Ready, None);
             }
             SupervisorMsg::Shutdown(reply) => {
@@ -431,8 +437,10 @@ impl SupervisorState {
     /// The first sticky fault of a device's epoch: counted, its suspects' faults recorded
     /// (towards their quarantine), the op answered, and the device restarted (`then`).
     fn sticky(&mut self, me: &ActorRef<SupervisorMsg>, f: Failure, then: AfterSticky) {
-        self.shared
-            .metrics_event(MetricsEvent::StickyFault { device: f.device });
+        self.shared.metrics_event(MetricsEvent::StickyFault {
+            device: f.device,
+            reason: f.error.to_string(),
+        });
         tracing::error!(device = f.device, error = %f.error, "sticky fault");
         self.quarantine(f.device, &f.suspects);
         let error = f.error.clone();
@@ -467,7 +475,10 @@ impl SupervisorState {
     /// AMD that is how a kernel's memory access fault ends its process, so it counts as a
     /// sticky fault of those kernels (towards their quarantine). Returns the restart reason.
     fn aborted_by_gpu_fault(&mut self, device: u32, suspects: &[(u64, String)], reason: String) -> String {
-        self.shared.metrics_event(MetricsEvent::StickyFault { device });
+        self.shared.metrics_event(MetricsEvent::StickyFault {
+            device,
+            reason: reason.clone(),
+        });
         let kernels = suspects
             .iter()
             .map(|(m, f)| format!("{f} (module {m})"))

@@ -618,7 +618,12 @@ async fn route(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Bytes
                 Err(why) => return respond(StatusCode::BAD_REQUEST, "text/plain", format!("{why}\n")),
             };
             match shared.history(seconds).await {
-                Ok(h) => respond(StatusCode::OK, "application/json", h.to_string()),
+                // (Serialized here, not in the metrics actor.)
+                Ok(h) => respond(
+                    StatusCode::OK,
+                    "application/json",
+                    serde_json::to_vec(&h).unwrap_or_default(),
+                ),
                 Err(e) => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", e.to_string()),
             }
         }
