@@ -457,7 +457,13 @@ async fn the_dashboard_draws_the_history_and_the_restart_in_headless_chromium() 
     // Each chart has one point per sample of the history it drew (a second or two older
     // than the history fetched after it; the rate charts leave out the second under way).
     let samples = history["seconds"].as_u64().unwrap();
-    for chart in ["chart-ops", "chart-retries", "chart-latency", "timeline"] {
+    for chart in [
+        "chart-ops",
+        "chart-failures",
+        "chart-retries",
+        "chart-latency",
+        "timeline",
+    ] {
         let marker = format!("id=\"{chart}\"");
         let svg = &dom[dom.find(&marker).unwrap_or_else(|| panic!("{chart} drawn:\n{dom}"))..];
         let svg = &svg[..svg.find("</svg>").unwrap()];
@@ -466,7 +472,7 @@ async fn the_dashboard_draws_the_history_and_the_restart_in_headless_chromium() 
             drawn >= 1 && drawn <= samples && samples - drawn <= 10,
             "{chart}: {drawn} of {samples}"
         );
-        if chart == "chart-ops" || chart == "chart-retries" {
+        if chart != "chart-latency" && chart != "timeline" {
             // Every series of a rate chart: a point per second (zeros are points).
             let series: Vec<&str> = svg
                 .match_indices("data-points=\"")
@@ -481,7 +487,16 @@ async fn the_dashboard_draws_the_history_and_the_restart_in_headless_chromium() 
     }
     // The restart is on device 1's row of the timeline, and its state changes are bands.
     assert!(dom.contains("class=\"marker restart\" data-device=\"1\""), "{dom}");
+    assert!(
+        dom.contains("<title>restart on device 1: "),
+        "the restart's reason on hover:\n{dom}"
+    );
     assert!(dom.contains("class=\"band ready\""), "{dom}");
+    // The attempt histogram: a bar for the ops that succeeded on the first attempt.
+    let first = &dom[dom
+        .find("data-attempt=\"1\"")
+        .unwrap_or_else(|| panic!("attempt 1 drawn:\n{dom}"))..];
+    assert!(first[..first.find("</tr>").unwrap()].contains("class=\"bar\""), "{dom}");
     // The device table as before.
     assert!(dom.contains("data-state=\"ready\""), "{dom}");
     assert!(dom.contains("data-device=\"1\""), "{dom}");
