@@ -1,9 +1,9 @@
 //! The runtime's recent history for the dashboard ([`History`]): one sample per second for
-//! the last [`HISTORY_SECONDS`] — ops by outcome, retries, latency percentiles by op kind,
+//! the last [`HISTORY_SECONDS`] and the second under way ([`HISTORY_SAMPLES`]) — ops by outcome, retries, latency percentiles by op kind,
 //! every device's state (at the second's end, and the worst it was in during it) and breaker
 //! state, restarts, sticky faults, task reruns and quarantines — and the events with their
 //! reasons (state changes, restarts, sticky faults, breaker changes, quarantines), the last
-//! [`MAX_EVENTS_PER_KIND`] of each kind.
+//! [`MAX_EVENTS`] of each kind on each device.
 //!
 //! It is built by the metrics actor from what it receives anyway (the devices' flushes, every
 //! `telemetry.flush_interval_ms`, and the events), off the ops' path, on a monotonic clock;
@@ -19,12 +19,15 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::Serialize;
 
-/// Seconds of samples kept: 15 minutes.
+/// Complete seconds of samples kept: 15 minutes.
 pub(crate) const HISTORY_SECONDS: usize = 900;
 
-/// Events kept of each kind (the oldest go first), so that a flapping breaker does not push
-/// the restarts out.
-pub(crate) const MAX_EVENTS_PER_KIND: usize = 1000;
+/// Samples kept: the complete seconds and the second under way.
+pub(crate) const HISTORY_SAMPLES: usize = HISTORY_SECONDS + 1;
+
+/// Events kept of each kind on each device (the oldest go first), so that a flapping
+/// breaker does not push the restarts out, nor a busy device another's.
+pub(crate) const MAX_EVENTS: usize = 1000;
 
 /// The names of what a sample counts, fixed when the history is made.
 #[derive(Debug, Clone, Copy)]
@@ -108,7 +111,7 @@ pub(crate) struct Event {
 /// What `/api/history` serves:
 ///
 /// ```text
-/// { "interval_s": 1, "now_ms": <unix ms>, "seconds": <samples>,
+/// { "interval_s": 1, "started_ms": <unix ms>, "now_ms": <unix ms>, "seconds": <samples>,
 ///   "samples": [ { "t": <unix s>,
 ///                  "ops": { "<outcome>": n, ... },          // every outcome
 ///                  "retries": { "attempts": n, "succeeded": n, "exhausted": n },
@@ -122,12 +125,16 @@ pub(crate) struct Event {
 /// Samples are oldest first, one per second, the last the second under way (partial).
 /// `latency_ms` lists the kinds with ops answered that second; a percentile is the upper
 /// bound of the bucket it falls in (1, 2.5, 5 steps from 1 µs to 10 s; beyond: 20 s).
-/// Events are those within the window, oldest first; `detail` is, by kind: `state` — "new
+/// Events are those within the window, oldest first (the last [`MAX_EVENTS`] of each kind
+/// on each device); `detail` is, by kind: `state` — "new
 /// state" or "new state: reason"; `breaker` — its new state; `restart` — why; `sticky_fault`
 /// — the error; `kernel_quarantined` — "kernel (module id)"; `task_quarantined` — null.
 #[derive(Debug, Clone, Serialize)]
 pub struct HistoryView {
     interval_s: u32,
+    /// When the history began (the runtime's start): a client that merges polls tells
+    /// another process's history by it.
+    started_ms: u64,
     now_ms: u64,
     seconds: usize,
     samples: Vec<Sample>,
@@ -138,19 +145,22 @@ pub struct HistoryView {
 #[derive(Debug)]
 pub(crate) struct History {
     labels: Labels,
+    /// When it began (unix ms, on the monotonic clock).
+    started_ms: u64,
     /// Oldest first; the last is the second under way.
     samples: VecDeque<Sample>,
     /// The second under way's durations, by kind and bucket.
     durations: Vec<Vec<u64>>,
-    /// By kind, oldest first.
-    events: BTreeMap<&'static str, VecDeque<Event>>,
+    /// By kind and device, oldest first.
+    events: BTreeMap<(&'static str, Option<u32>), VecDeque<Event>>,
     /// Events so far.
     seq: u64,
 }
 
 impl History {
-    /// A history of `devices` devices, every one ready with its breaker closed.
-    pub(crate) fn new(devices: u32, labels: Labels) -> History {
+    /// A history of `devices` devices, every one ready with its breaker closed, begun at
+    /// `started_ms`.
+    pub(crate) fn new(devices: u32, labels: Labels, started_ms: u64) -> History {
         let ready = DeviceSample {
             state: "ready",
             worst: "ready",
@@ -158,7 +168,8 @@ impl History {
         };
         let mut h = History {
             labels,
-            samples: VecDeque::with_capacity(HISTORY_SECONDS + 1),
+            started_ms,
+            samples: VecDeque::with_capacity(HISTORY_SAMPLES),
             durations: vec![vec![0; labels.buckets.len() + 1]; labels.kinds.len()],
             events: BTreeMap::new(),
             seq: 0,
@@ -201,12 +212,12 @@ impl History {
                         .collect()
                 })
                 .unwrap_or_default();
-            let from = last.max(now.saturating_sub(HISTORY_SECONDS as u64)) + 1;
+            let from = last.max(now.saturating_sub(HISTORY_SAMPLES as u64)) + 1;
             for t in from..=now {
                 let s = self.empty(t, carried.clone());
                 self.samples.push_back(s);
             }
-            while self.samples.len() > HISTORY_SECONDS {
+            while self.samples.len() > HISTORY_SAMPLES {
                 self.samples.pop_front();
             }
         }
@@ -319,8 +330,8 @@ impl History {
     fn event(&mut self, now_ms: u64, device: Option<u32>, kind: &'static str, detail: Option<String>) {
         self.seq += 1;
         let seq = self.seq;
-        let events = self.events.entry(kind).or_default();
-        if events.len() == MAX_EVENTS_PER_KIND {
+        let events = self.events.entry((kind, device)).or_default();
+        if events.len() == MAX_EVENTS {
             events.pop_front();
         }
         events.push_back(Event {
@@ -332,11 +343,11 @@ impl History {
         });
     }
 
-    /// The last `seconds` seconds (1 to [`HISTORY_SECONDS`]) as of `now_ms` (a copy: see
+    /// The last `seconds` samples (1 to [`HISTORY_SAMPLES`]) as of `now_ms` (a copy: see
     /// [`HistoryView`] for what it serializes to).
     pub(crate) fn view(&mut self, now_ms: u64, seconds: usize) -> HistoryView {
         self.at(now_ms);
-        let n = seconds.clamp(1, HISTORY_SECONDS).min(self.samples.len());
+        let n = seconds.clamp(1, HISTORY_SAMPLES).min(self.samples.len());
         let mut samples: Vec<Sample> = self.samples.iter().skip(self.samples.len() - n).cloned().collect();
         if let Some(last) = samples.last_mut() {
             last.latency_ms = self.latency_now(); // the second under way, so far
@@ -350,6 +361,7 @@ impl History {
         events.sort_by_key(|e| (e.t_ms, e.seq));
         HistoryView {
             interval_s: 1,
+            started_ms: self.started_ms,
             now_ms,
             seconds: samples.len(),
             samples,
@@ -389,7 +401,7 @@ mod tests {
 
     #[test]
     fn seconds_are_contiguous_idle_ones_zero_and_the_window_bounded() {
-        let mut h = History::new(2, LABELS);
+        let mut h = History::new(2, LABELS, 0);
         let t0 = 1_000_000_000;
         h.ops(t0, 0, 5);
         h.ops(t0 + 400, 1, 1);
@@ -406,17 +418,19 @@ mod tests {
         // Asked for fewer: the latest.
         let v = view(&mut h, t0 + 3_500, 2);
         assert_eq!(v["samples"][0]["t"], 1_000_002);
-        // An hour later: the window holds 15 minutes, however long the run.
+        // An hour later: the window holds 15 minutes and the second under way, however
+        // long the run.
         h.ops(t0 + 3_600_000, 0, 1);
-        assert_eq!(h.samples.len(), HISTORY_SECONDS);
+        assert_eq!(h.samples.len(), HISTORY_SAMPLES);
         let v = view(&mut h, t0 + 3_600_000, 100_000);
-        assert_eq!(v["seconds"], HISTORY_SECONDS);
-        assert_eq!(v["samples"][HISTORY_SECONDS - 1]["ops"]["success"], 1);
+        assert_eq!(v["seconds"], HISTORY_SAMPLES);
+        assert_eq!(v["samples"][HISTORY_SECONDS]["ops"]["success"], 1);
+        assert_eq!(v["samples"][0]["t"], 1_000_000 + 3_600 - HISTORY_SECONDS as u64);
     }
 
     #[test]
     fn device_states_carry_over_a_short_restart_shows_and_events_keep_their_reasons() {
-        let mut h = History::new(2, LABELS);
+        let mut h = History::new(2, LABELS, 0);
         let t0 = 2_000_000_000;
         h.ops(t0, 0, 1);
         h.sticky_fault(t0 + 100, 1, "hipErrorIllegalAddress (700)");
@@ -465,17 +479,21 @@ mod tests {
         // Outside the window asked for: left out.
         let v = view(&mut h, t0 + 4_500, 2);
         assert_eq!(v["events"].as_array().unwrap().len(), 2);
-        // Bounded by kind: a flapping breaker does not push the restarts out.
-        for i in 0..(MAX_EVENTS_PER_KIND as u64 + 10) {
+        // Bounded by kind and device: a flapping breaker does not push the restarts out,
+        // nor a busy device another's events.
+        for i in 0..(MAX_EVENTS as u64 + 10) {
             h.breaker(t0 + 5_000 + i, 0, "open");
+            h.state(t0 + 5_000 + i, 0, "ready", None);
         }
-        assert_eq!(h.events["breaker"].len(), MAX_EVENTS_PER_KIND);
-        assert_eq!(h.events["restart"].len(), 1);
+        assert_eq!(h.events[&("breaker", Some(0))].len(), MAX_EVENTS);
+        assert_eq!(h.events[&("state", Some(0))].len(), MAX_EVENTS);
+        assert_eq!(h.events[&("state", Some(1))].len(), 2);
+        assert_eq!(h.events[&("restart", Some(1))].len(), 1);
     }
 
     #[test]
     fn latency_percentiles_are_bucket_bounds_per_kind_and_kept_as_such() {
-        let mut h = History::new(1, LABELS);
+        let mut h = History::new(1, LABELS, 0);
         let t0 = 3_000_000_000;
         // 98 launches under 1 ms, 2 under 100 ms: p50 1 ms, p99 100 ms.
         h.durations(t0, 1, &[98, 0, 2, 0]);

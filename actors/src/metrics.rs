@@ -349,7 +349,8 @@ pub struct Snapshot {
     pub late_completions: u64,
     /// Circuit breaker state changes.
     pub breaker_transitions: u64,
-    /// Quarantined kernels.
+    /// Kernels quarantined, oldest first: the latest 1,000 (a long run under faults
+    /// quarantines the kernels of each new context's modules again, under new module ids).
     pub quarantined: Vec<QuarantineEntry>,
     /// The devices.
     pub devices: Vec<DeviceSnapshot>,
@@ -612,7 +613,7 @@ impl Actor for MetricsActor {
             },
             ops: BTreeMap::new(),
             instruments,
-            history: History::new(args.devices, history_labels()),
+            history: History::new(args.devices, history_labels(), now_ms()),
         })
     }
 
@@ -790,8 +791,8 @@ impl MetricsState {
                 }
             }
             MetricsEvent::Quarantined(q) => {
-                // The latest ones, bounded (a long run under faults quarantines again and
-                // again).
+                // The latest ones, bounded: a long run under faults quarantines kernels of
+                // each new context's modules again (new module ids each time).
                 let list = &mut self.snapshot.quarantined;
                 if list.len() == MAX_QUARANTINED {
                     list.remove(0);

@@ -507,9 +507,9 @@ impl Runtime {
         self.shared.snapshot().await
     }
 
-    /// The last `seconds` (at most 900) of the runtime's history, one sample a second, and
-    /// its events with their reasons: what `/api/history` serves (the schema is in the
-    /// README, "Observability").
+    /// The last `seconds` samples (at most 901: 15 minutes and the second under way) of the
+    /// runtime's history, one a second, and its events with their reasons: what
+    /// `/api/history` serves (the schema is in the README, "Observability").
     ///
     /// # Errors
     /// `ShuttingDown` once the metrics actor has stopped.

@@ -541,17 +541,18 @@ fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Re
         .expect("a valid response")
 }
 
-/// The `seconds` of `/api/history?seconds=N` (1 to 900; 900 without it).
+/// The `seconds` of `/api/history?seconds=N` (1 to 901, the samples kept; all of them without it).
 fn history_seconds(query: Option<&str>) -> Result<usize, String> {
-    let mut seconds = 900;
+    let most = crate::history::HISTORY_SAMPLES;
+    let mut seconds = most;
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
             Some(("seconds", v)) => {
                 seconds = v
                     .parse::<usize>()
                     .ok()
-                    .filter(|s| (1..=900).contains(s))
-                    .ok_or_else(|| format!("seconds={v}: a whole number of seconds from 1 to 900"))?;
+                    .filter(|s| (1..=most).contains(s))
+                    .ok_or_else(|| format!("seconds={v}: a whole number of seconds from 1 to {most}"))?;
             }
             _ => return Err(format!("unknown query `{pair}`: /api/history takes seconds=N")),
         }

@@ -384,8 +384,30 @@ async fn a_real_prometheus_scrapes_the_endpoint() {
     rt.shutdown().await;
 }
 
-/// The DOM headless Chromium renders of `url`, after 5 s of the page's (virtual) time.
-fn rendered_dom(chromium: &str, url: &str) -> String {
+/// A runtime in process isolation, serving its endpoint, whose device 1 meets a sticky fault
+/// on its 5th op: its worker is replaced and the device restarted.
+async fn restarting_runtime() -> Runtime {
+    let sticky = FaultSpec {
+        device: Some(1),
+        nth: Some(5),
+        code: Some(700),
+        ..FaultSpec::default()
+    };
+    let mut c = config(vec![sticky]);
+    c.runtime.isolation = Isolation::Process;
+    // (The `hipvisor` program is a worker when started as one; this test binary is not.)
+    Runtime::builder()
+        .config(c)
+        .worker(env!("CARGO_BIN_EXE_hipvisor"))
+        .serve_metrics("127.0.0.1:0".parse().unwrap())
+        .start()
+        .await
+        .unwrap()
+}
+
+/// The DOM headless Chromium renders of `url`, after 5 s of the page's (virtual) time, and
+/// what it logged (the page's console among it).
+fn rendered_dom(chromium: &str, url: &str) -> (String, String) {
     let profile = std::env::temp_dir().join(format!("hipvisor-chromium-{}", std::process::id()));
     let out = Command::new(chromium)
         .args([
@@ -398,13 +420,18 @@ fn rendered_dom(chromium: &str, url: &str) -> String {
             "--disable-component-update",
             "--disable-sync",
             "--virtual-time-budget=5000",
+            "--enable-logging=stderr",
+            "--v=0",
             "--dump-dom",
         ])
         .arg(format!("--user-data-dir={}", profile.display()))
         .arg(url)
         .output()
         .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// The value of attribute `name` in the first tag of `dom` that contains `marker`.
@@ -419,22 +446,7 @@ fn attr<'a>(dom: &'a str, marker: &str, name: &str) -> Option<&'a str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_draws_the_history_and_the_restart_in_headless_chromium() {
     let Some(chromium) = tool("chromium") else { return };
-    // A sticky fault on device 1's 5th op: its worker replaced, the device restarted.
-    let sticky = FaultSpec {
-        device: Some(1),
-        nth: Some(5),
-        code: Some(700),
-        ..FaultSpec::default()
-    };
-    let mut c = config(vec![sticky]);
-    c.runtime.isolation = Isolation::Process;
-    let rt = Runtime::builder()
-        .config(c)
-        .worker(env!("CARGO_BIN_EXE_hipvisor"))
-        .serve_metrics("127.0.0.1:0".parse().unwrap())
-        .start()
-        .await
-        .unwrap();
+    let rt = restarting_runtime().await;
     let addr = rt.metrics_addr().unwrap();
     work(&rt, 20).await;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -442,21 +454,38 @@ async fn the_dashboard_draws_the_history_and_the_restart_in_headless_chromium() 
         assert!(Instant::now() < deadline, "the device restarted within 30 s");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let dom = tokio::task::spawn_blocking(move || rendered_dom(chromium, &format!("http://{addr}/")))
+    // A history of several seconds before the page opens (the page fetches it whole, then
+    // only the last seconds and merges them in: what it draws must be all of it).
+    let count = move || -> u64 {
+        let (_, h) = get(addr, "/api/history?seconds=300");
+        serde_json::from_str::<serde_json::Value>(&h).unwrap()["seconds"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = loop {
+        let n = tokio::task::spawn_blocking(count).await.unwrap();
+        if n >= 8 {
+            break n;
+        }
+        assert!(Instant::now() < deadline + Duration::from_secs(15), "8 s of history");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (dom, console) = tokio::task::spawn_blocking(move || rendered_dom(chromium, &format!("http://{addr}/")))
         .await
         .unwrap();
-    let (_, history) = tokio::task::spawn_blocking(move || get(addr, "/api/history?seconds=300"))
-        .await
-        .unwrap();
-    let history: serde_json::Value = serde_json::from_str(&history).unwrap();
+    let after = tokio::task::spawn_blocking(count).await.unwrap();
     assert!(dom.contains("<p id=\"errors\"></p>"), "no script error:\n{dom}");
+    let uncaught: Vec<&str> = console
+        .lines()
+        .filter(|l| l.contains(":CONSOLE") && (l.contains("Uncaught") || l.contains("Error")))
+        .collect();
+    assert!(uncaught.is_empty(), "no error in the console: {uncaught:?}");
     assert!(
         dom.contains("<p id=\"status\">updated "),
         "rendered, not unreachable:\n{dom}"
     );
-    // Each chart has one point per sample of the history it drew (a second or two older
-    // than the history fetched after it; the rate charts leave out the second under way).
-    let samples = history["seconds"].as_u64().unwrap();
+    // Each chart has one point per sample of the history it drew last, which had at least
+    // `before` samples and at most `after`; the rate charts leave out the second under way.
     for chart in [
         "chart-ops",
         "chart-failures",
@@ -468,20 +497,26 @@ async fn the_dashboard_draws_the_history_and_the_restart_in_headless_chromium() 
         let svg = &dom[dom.find(&marker).unwrap_or_else(|| panic!("{chart} drawn:\n{dom}"))..];
         let svg = &svg[..svg.find("</svg>").unwrap()];
         let drawn: u64 = attr(&dom, &marker, "data-samples").unwrap().parse().unwrap();
+        let partial = u64::from(chart != "timeline");
         assert!(
-            drawn >= 1 && drawn <= samples && samples - drawn <= 10,
-            "{chart}: {drawn} of {samples}"
+            (before - partial..=after - partial).contains(&drawn),
+            "{chart}: {drawn} samples drawn, the history had {before} to {after}"
         );
         if chart != "chart-latency" && chart != "timeline" {
-            // Every series of a rate chart: a point per second (zeros are points).
-            let series: Vec<&str> = svg
-                .match_indices("data-points=\"")
-                .map(|(i, _)| &svg[i + 13..])
-                .collect();
+            // Every series of a rate chart: a point per second (zeros are points), counted
+            // in its lines' coordinates.
+            let series: Vec<&str> = svg.split("<g class=\"series\"").skip(1).collect();
             assert!(!series.is_empty(), "{chart} has lines");
-            for s in series {
-                let points: u64 = s[..s.find('"').unwrap()].parse().unwrap();
-                assert_eq!(points, drawn, "{chart}: a point per second");
+            for g in series {
+                let g = &g[..g.find("</g>").unwrap()];
+                let points: usize = g
+                    .match_indices(" points=\"")
+                    .map(|(i, _)| {
+                        let p = &g[i + 9..];
+                        p[..p.find('"').unwrap()].split_whitespace().count()
+                    })
+                    .sum();
+                assert_eq!(points as u64, drawn, "{chart}: a point per second in {g}");
             }
         }
     }
@@ -492,6 +527,8 @@ async fn the_dashboard_draws_the_history_and_the_restart_in_headless_chromium() 
         "the restart's reason on hover:\n{dom}"
     );
     assert!(dom.contains("class=\"band ready\""), "{dom}");
+    // Its restart lasted milliseconds: the second it was in shows it (the worst state).
+    assert!(dom.contains("class=\"band restarting\" data-device=\"1\""), "{dom}");
     // The attempt histogram: a bar for the ops that succeeded on the first attempt.
     let first = &dom[dom
         .find("data-attempt=\"1\"")
@@ -544,23 +581,7 @@ async fn the_grafana_dashboard_queries_only_metrics_the_endpoint_exports() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_history_serves_per_second_samples_that_add_up_and_the_restart_with_its_reason() {
-    // A sticky fault on device 1's 5th op: its worker replaced, the device restarted.
-    let sticky = FaultSpec {
-        device: Some(1),
-        nth: Some(5),
-        code: Some(700),
-        ..FaultSpec::default()
-    };
-    let mut c = config(vec![sticky]);
-    c.runtime.isolation = Isolation::Process;
-    // (The `hipvisor` program is a worker when started as one; this test binary is not.)
-    let rt = Runtime::builder()
-        .config(c)
-        .worker(env!("CARGO_BIN_EXE_hipvisor"))
-        .serve_metrics("127.0.0.1:0".parse().unwrap())
-        .start()
-        .await
-        .unwrap();
+    let rt = restarting_runtime().await;
     let addr = rt.metrics_addr().unwrap();
     work(&rt, 20).await;
     let history = |q: &'static str| tokio::task::spawn_blocking(move || get(addr, q));
@@ -604,13 +625,20 @@ async fn api_history_serves_per_second_samples_that_add_up_and_the_restart_with_
     // The query is checked.
     for bad in [
         "/api/history?seconds=0",
-        "/api/history?seconds=901",
+        "/api/history?seconds=902",
         "/api/history?s=5",
         "/api/history?seconds=x",
     ] {
         let (status, body) = history(bad).await.unwrap();
         assert_eq!(status, 400, "{bad}: {body}");
     }
-    assert_eq!(history("/api/history").await.unwrap().0, 200);
+    // All of it by default (with the run's start: a client merging polls tells another
+    // process by it).
+    let (status, body) = history("/api/history").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let all: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(all["seconds"].as_u64().unwrap() >= samples.len() as u64);
+    assert_eq!(all["started_ms"], h["started_ms"]);
+    assert!(all["started_ms"].as_u64().unwrap() <= all["now_ms"].as_u64().unwrap());
     rt.shutdown().await;
 }

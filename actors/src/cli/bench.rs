@@ -15,7 +15,9 @@
 //! - `recovery_sticky_process_ms`, `recovery_sticky_standby_ms`: a sticky fault → the next
 //!   successful op on that device, with a cold worker and with a warm standby;
 //! - `telemetry_on_pipelined`, `telemetry_off_pipelined`: the Prometheus exporter recording,
-//!   and a no-op meter;
+//!   the endpoint served and polled as a dashboard and a scraper would (every 100 ms:
+//!   `/api/snapshot`, `/api/history`, `/metrics`), against a no-op meter and no endpoint (the
+//!   metrics actor and its history run in both); ten times `--ops` each;
 //! - `runtime_{thread,process}_ops8_us`, `runtime_{thread,process}_task8_us`: one request of
 //!   8 ops (alloc, copy in, 4 launches, copy out, free), one caller, submitted op by op and
 //!   as one task;
@@ -421,6 +423,20 @@ async fn request_fault(mut config: RuntimeConfig, standby: bool) -> Result<f64, 
 async fn telemetry(config: RuntimeConfig, ops: u64, on: bool) -> Result<f64, String> {
     let rt = start(config, on).await?;
     let gpu = rt.device(0).map_err(|e| e.to_string())?;
+    // On: a dashboard open, ten times as often as the page polls (its snapshot, and its
+    // history: the whole window first, then the last seconds), and /metrics scraped.
+    let poller = rt.metrics_addr().map(|addr| {
+        tokio::spawn(async move {
+            let mut history = "/api/history?seconds=300";
+            loop {
+                for path in ["/api/snapshot", history, "/metrics"] {
+                    let _ = http_get(addr, path).await;
+                }
+                history = "/api/history?seconds=4";
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    });
     let ns = per_op(ops, IN_FLIGHT, move || {
         let g = gpu.clone();
         async move {
@@ -428,8 +444,22 @@ async fn telemetry(config: RuntimeConfig, ops: u64, on: bool) -> Result<f64, Str
         }
     })
     .await;
+    if let Some(p) = poller {
+        p.abort();
+    }
     stop(rt).await;
     Ok(ns)
+}
+
+/// The body of `GET path` from the endpoint at `addr` (HTTP/1.1, one request).
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await?;
+    Ok(out)
 }
 
 /// Runs the benchmarks and prints the report.
@@ -493,13 +523,15 @@ pub(crate) fn main(args: BenchArgs) -> ExitCode {
             let p = through_runtime(process_cfg.clone(), args.ops, h2d).await?;
             v.extend([t[0], t[1], p[0], p[1], t[4], p[4], t[2], p[2], gbps, t[3], p[3]]);
             v.extend([cold, standby]);
-            // Alternate the order, so drift on a shared machine favours neither side.
+            // Alternate the order, so drift on a shared machine favours neither side; ten
+            // times the ops, so that each side runs long enough for the polls and flushes.
+            let long = 10 * args.ops;
             let (on, off) = if rep % 2 == 0 {
-                let on = telemetry(thread_cfg.clone(), args.ops, true).await?;
-                (on, telemetry(thread_cfg.clone(), args.ops, false).await?)
+                let on = telemetry(thread_cfg.clone(), long, true).await?;
+                (on, telemetry(thread_cfg.clone(), long, false).await?)
             } else {
-                let off = telemetry(thread_cfg.clone(), args.ops, false).await?;
-                (telemetry(thread_cfg.clone(), args.ops, true).await?, off)
+                let off = telemetry(thread_cfg.clone(), long, false).await?;
+                (telemetry(thread_cfg.clone(), long, true).await?, off)
             };
             v.extend([on, off]);
             let n = (args.ops / 100).max(10);
