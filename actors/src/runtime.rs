@@ -203,6 +203,11 @@ impl RuntimeBuilder {
         };
         #[cfg(not(feature = "prometheus"))]
         let meter = self.meter.unwrap_or_else(|| opentelemetry::global::meter("hipvisor"));
+        // hipvisor's own endpoint serves the histograms from their bucket counts.
+        #[cfg(feature = "prometheus")]
+        let histograms = exporter.as_ref().map(|e| e.histograms.clone());
+        #[cfg(not(feature = "prometheus"))]
+        let histograms = None;
         let spawn_err = |what: &str| {
             let what = what.to_string();
             move |e: ractor::SpawnErr| StartError::Spawn { what, why: Box::new(e) }
@@ -214,6 +219,7 @@ impl RuntimeBuilder {
                 meter,
                 devices,
                 max_retries: config.retry.max_retries,
+                histograms,
             },
         )
         .await
@@ -305,7 +311,7 @@ impl RuntimeBuilder {
         let runtime = {
             let mut runtime = runtime;
             if let Some(addr) = listen {
-                let registry = exporter.as_ref().map(|e| e.registry.clone());
+                let registry = exporter.as_ref().map(|e| (e.registry.clone(), e.histograms.clone()));
                 let endpoint = crate::telemetry::serve(addr, shared.clone(), registry)
                     .await
                     .map_err(|e| StartError::Spawn {

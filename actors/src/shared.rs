@@ -163,6 +163,7 @@ pub(crate) mod testing {
             meter: opentelemetry::global::meter("hipvisor-test"),
             devices,
             max_retries: config.retry.max_retries,
+            histograms: None,
         };
         let (metrics, _) = ractor::Actor::spawn(None, MetricsActor, args)
             .await

@@ -52,6 +52,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::{JoinHandle, JoinSet};
 
+use crate::metrics::BucketHistograms;
 use crate::shared::Shared;
 use crate::state::DeviceState;
 
@@ -62,6 +63,8 @@ const DASHBOARD: &str = include_str!("dashboard.html");
 pub(crate) struct Exporter {
     pub(crate) provider: SdkMeterProvider,
     pub(crate) registry: prometheus::Registry,
+    /// The histograms served from their bucket counts (see [`BucketHistograms`]).
+    pub(crate) histograms: BucketHistograms,
 }
 
 impl Exporter {
@@ -76,7 +79,11 @@ impl Exporter {
             .build()
             .map_err(|e| e.to_string())?;
         let provider = SdkMeterProvider::builder().with_reader(exporter).build();
-        Ok(Exporter { provider, registry })
+        Ok(Exporter {
+            provider,
+            registry,
+            histograms: BucketHistograms::new(),
+        })
     }
 
     pub(crate) fn meter(&self) -> opentelemetry::metrics::Meter {
@@ -98,7 +105,7 @@ impl Drop for Endpoint {
 
 struct State {
     shared: Arc<Shared>,
-    registry: Option<prometheus::Registry>,
+    registry: Option<(prometheus::Registry, BucketHistograms)>,
 }
 
 /// Binds `addr` (port 0 picks a free port) and serves the routes, with the connection
@@ -106,7 +113,7 @@ struct State {
 pub(crate) async fn serve(
     addr: SocketAddr,
     shared: Arc<Shared>,
-    registry: Option<prometheus::Registry>,
+    registry: Option<(prometheus::Registry, BucketHistograms)>,
 ) -> std::io::Result<Endpoint> {
     raise_open_files_limit();
     let listener = TcpListener::bind(addr).await?;
@@ -541,6 +548,95 @@ fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Re
         .expect("a valid response")
 }
 
+/// `gpu_op_duration_seconds{device,op}` and `gpu_retry_attempt{device}`, the histograms
+/// hipvisor serves from their bucket counts: the names, help, labels and buckets the
+/// OpenTelemetry exporter would give them.
+fn histogram_families(histograms: &BucketHistograms) -> Vec<prometheus::proto::MetricFamily> {
+    use prometheus::proto::{Bucket, Histogram, LabelPair, Metric, MetricFamily, MetricType};
+    fn metric(labels: &[(&str, String)], bounds: &[f64], counts: &[u64], sum: f64) -> Metric {
+        let mut m = Metric::from_label(
+            labels
+                .iter()
+                .map(|(k, v)| {
+                    let mut l = LabelPair::default();
+                    l.set_name((*k).to_string());
+                    l.set_value(v.clone());
+                    l
+                })
+                .collect(),
+        );
+        let mut h = Histogram::default();
+        let mut cumulative = 0;
+        h.set_bucket(
+            bounds
+                .iter()
+                .enumerate()
+                .map(|(i, bound)| {
+                    cumulative += counts.get(i).copied().unwrap_or(0);
+                    let mut b = Bucket::default();
+                    b.set_upper_bound(*bound);
+                    b.set_cumulative_count(cumulative);
+                    b
+                })
+                .collect(),
+        );
+        h.set_sample_count(counts.iter().sum());
+        h.set_sample_sum(sum);
+        m.set_histogram(h);
+        m
+    }
+    fn family(name: &str, help: &str, metrics: Vec<Metric>) -> MetricFamily {
+        let mut f = MetricFamily::default();
+        f.set_name(name.to_string());
+        f.set_help(help.to_string());
+        f.set_field_type(MetricType::HISTOGRAM);
+        f.set_metric(metrics);
+        f
+    }
+    histograms.read(|b| {
+        let duration: Vec<Metric> = b
+            .duration
+            .iter()
+            .map(|((device, op), (counts, sum))| {
+                let labels = [("device", device.to_string()), ("op", op.as_str().to_string())];
+                metric(&labels, &crate::metrics::DURATION_BUCKETS, counts, *sum)
+            })
+            .collect();
+        let attempt: Vec<Metric> = b
+            .attempt
+            .iter()
+            .map(|(device, counts)| {
+                // Attempt i succeeded i times over: the sum of the attempts.
+                let sum = counts.iter().enumerate().map(|(i, n)| i as f64 * *n as f64).sum();
+                // By bucket: (-inf, 1], (1, 2], ... and beyond the last bound.
+                let bounds = &b.attempt_bounds;
+                let mut by_bound = vec![0; bounds.len() + 1];
+                for (attempt, n) in counts.iter().enumerate() {
+                    let slot = bounds.iter().position(|b| attempt as f64 <= *b).unwrap_or(bounds.len());
+                    by_bound[slot] += n;
+                }
+                metric(&[("device", device.to_string())], &b.attempt_bounds, &by_bound, sum)
+            })
+            .collect();
+        let mut out = Vec::new();
+        if !duration.is_empty() {
+            out.push(family(
+                "gpu_op_duration_seconds",
+                "Time from submission to answer of GPU operations",
+                duration,
+            ));
+        }
+        if !attempt.is_empty() {
+            out.push(family(
+                "gpu_retry_attempt",
+                "The attempt on which a GPU operation succeeded (1 = first try)",
+                attempt,
+            ));
+        }
+        out
+    })
+}
+
 /// The `seconds` of `/api/history?seconds=N` (1 to 901, the samples kept; all of them without it).
 fn history_seconds(query: Option<&str>) -> Result<usize, String> {
     let most = crate::history::HISTORY_SAMPLES;
@@ -564,12 +660,15 @@ async fn route(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Bytes
     let shared = &state.shared;
     match req.uri().path() {
         "/metrics" => match &state.registry {
-            Some(registry) => {
+            Some((registry, histograms)) => {
                 // The snapshot is a barrier: every delta flushed so far is recorded first.
                 let _ = shared.snapshot().await;
+                let mut families = registry.gather();
+                families.extend(histogram_families(histograms));
+                families.sort_by(|a, b| a.name().cmp(b.name()));
                 let mut out = Vec::new();
                 let encoder = prometheus::TextEncoder::new();
-                match prometheus::Encoder::encode(&encoder, &registry.gather(), &mut out) {
+                match prometheus::Encoder::encode(&encoder, &families, &mut out) {
                     Ok(()) => respond(StatusCode::OK, prometheus::TEXT_FORMAT, out),
                     Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
                 }

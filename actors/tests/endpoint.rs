@@ -143,6 +143,51 @@ async fn scraped_counters_equal_the_snapshot_and_the_exposition_is_well_formed()
         text.contains("gpu_retry_attempt_bucket{") && text.contains("le=\"3\""),
         "1..max_retries+1"
     );
+    // The histograms (served from their bucket counts): every bucket of every op kind, summed
+    // over the devices, equals the snapshot's; so do the sums and the attempts.
+    let sample = |name: &str, want: &[&str]| -> f64 {
+        text.lines()
+            .filter(|l| l.split('{').next() == Some(name) && want.iter().all(|w| l.contains(w)))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum()
+    };
+    for (op, stats) in &snapshot.durations {
+        let op_label = format!("op=\"{}\"", op.as_str());
+        for (i, bound) in hipvisor::metrics::DURATION_BUCKETS.iter().enumerate() {
+            let le = format!("le=\"{bound}\"");
+            assert_eq!(
+                sample("gpu_op_duration_seconds_bucket", &[&op_label, &le]),
+                stats.buckets[i] as f64,
+                "{op_label} {le}"
+            );
+        }
+        let served = sample("gpu_op_duration_seconds_sum", &[&op_label]);
+        assert!(
+            (served - stats.sum_seconds).abs() <= 1e-9 * stats.count as f64,
+            "{op_label}: {served} s"
+        );
+        assert_eq!(
+            sample("gpu_op_duration_seconds_count", &[&op_label]),
+            stats.count as f64
+        );
+    }
+    let by_attempt = |a: u32| snapshot.retries.success_by_attempt.get(&a).copied().unwrap_or(0);
+    assert!(by_attempt(2) > 0, "{:?}", snapshot.retries.success_by_attempt);
+    assert_eq!(
+        sample("gpu_retry_attempt_bucket", &["le=\"1\""]),
+        (by_attempt(0) + by_attempt(1)) as f64
+    );
+    assert_eq!(
+        sample("gpu_retry_attempt_bucket", &["le=\"2\""]),
+        (by_attempt(0) + by_attempt(1) + by_attempt(2)) as f64
+    );
+    let attempts: u64 = snapshot
+        .retries
+        .success_by_attempt
+        .iter()
+        .map(|(a, n)| u64::from(*a) * n)
+        .sum();
+    assert_eq!(sample("gpu_retry_attempt_sum", &[]), attempts as f64);
     if let Some(promtool) = tool("promtool") {
         let mut child = Command::new(promtool)
             .args(["check", "metrics"])

@@ -15,7 +15,7 @@
 //! - `recovery_sticky_process_ms`, `recovery_sticky_standby_ms`: a sticky fault → the next
 //!   successful op on that device, with a cold worker and with a warm standby;
 //! - `telemetry_on_pipelined`, `telemetry_off_pipelined`: the Prometheus exporter recording,
-//!   the endpoint served and polled as a dashboard and a scraper would (every 100 ms:
+//!   the endpoint served and polled as a dashboard and a scraper would (every second:
 //!   `/api/snapshot`, `/api/history`, `/metrics`), against a no-op meter and no endpoint (the
 //!   metrics actor and its history run in both); ten times `--ops` each;
 //! - `runtime_{thread,process}_ops8_us`, `runtime_{thread,process}_task8_us`: one request of
@@ -423,8 +423,9 @@ async fn request_fault(mut config: RuntimeConfig, standby: bool) -> Result<f64, 
 async fn telemetry(config: RuntimeConfig, ops: u64, on: bool) -> Result<f64, String> {
     let rt = start(config, on).await?;
     let gpu = rt.device(0).map_err(|e| e.to_string())?;
-    // On: a dashboard open, ten times as often as the page polls (its snapshot, and its
-    // history: the whole window first, then the last seconds), and /metrics scraped.
+    // On: a dashboard open (every second, as the page: its snapshot, and its history — the
+    // whole window first, then the last seconds), and /metrics scraped every second (a
+    // Prometheus scrapes every 15 s by default).
     let poller = rt.metrics_addr().map(|addr| {
         tokio::spawn(async move {
             let mut history = "/api/history?seconds=300";
@@ -433,7 +434,7 @@ async fn telemetry(config: RuntimeConfig, ops: u64, on: bool) -> Result<f64, Str
                     let _ = http_get(addr, path).await;
                 }
                 history = "/api/history?seconds=4";
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         })
     });
