@@ -13,9 +13,11 @@
 //! are samples of zeros, with the devices' states carried over.
 //!
 //! `/api/history?seconds=N` serves [`History::view`] (see [`HistoryView`] for the JSON
-//! schema); the metrics actor copies the samples, and the JSON is made outside it.
+//! schema); the metrics actor copies pointers to the samples and events (shared, never
+//! changed once their second is closed), and the JSON is made outside it.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -137,8 +139,15 @@ pub struct HistoryView {
     started_ms: u64,
     now_ms: u64,
     seconds: usize,
-    samples: Vec<Sample>,
-    events: Vec<Event>,
+    #[serde(serialize_with = "shared")]
+    samples: Vec<Arc<Sample>>,
+    #[serde(serialize_with = "shared")]
+    events: Vec<Arc<Event>>,
+}
+
+/// Serializes shared values as the values.
+fn shared<T: Serialize, S: serde::Serializer>(v: &[Arc<T>], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(|x| &**x))
 }
 
 /// The recent history (see the module docs).
@@ -147,12 +156,13 @@ pub(crate) struct History {
     labels: Labels,
     /// When it began (unix ms, on the monotonic clock).
     started_ms: u64,
-    /// Oldest first; the last is the second under way.
-    samples: VecDeque<Sample>,
+    /// Oldest first; the last is the second under way. Shared with the views that copied
+    /// them (a closed second does not change), so a view copies pointers, not samples.
+    samples: VecDeque<Arc<Sample>>,
     /// The second under way's durations, by kind and bucket.
     durations: Vec<Vec<u64>>,
     /// By kind and device, oldest first.
-    events: BTreeMap<(&'static str, Option<u32>), VecDeque<Event>>,
+    events: BTreeMap<(&'static str, Option<u32>), VecDeque<Arc<Event>>>,
     /// Events so far.
     seq: u64,
 }
@@ -174,7 +184,7 @@ impl History {
             events: BTreeMap::new(),
             seq: 0,
         };
-        h.samples.push_back(h.empty(0, vec![ready; devices as usize]));
+        h.samples.push_back(Arc::new(h.empty(0, vec![ready; devices as usize])));
         h
     }
 
@@ -199,7 +209,7 @@ impl History {
         let now = now_ms / 1000;
         let last = self.samples.back().map_or(0, |s| s.t);
         if self.samples.len() == 1 && self.samples[0].t == 0 {
-            self.samples[0].t = now; // the first second
+            Arc::make_mut(&mut self.samples[0]).t = now; // the first second
         } else if now > last {
             self.close_latency();
             let carried: Vec<DeviceSample> = self
@@ -215,14 +225,15 @@ impl History {
             let from = last.max(now.saturating_sub(HISTORY_SAMPLES as u64)) + 1;
             for t in from..=now {
                 let s = self.empty(t, carried.clone());
-                self.samples.push_back(s);
+                self.samples.push_back(Arc::new(s));
             }
             while self.samples.len() > HISTORY_SAMPLES {
                 self.samples.pop_front();
             }
         }
-        // (The clock is monotonic: `now` is never before the latest second.)
-        self.samples.back_mut().expect("never empty")
+        // (The clock is monotonic: `now` is never before the latest second.) A view may still
+        // hold the second under way: it keeps what it copied.
+        Arc::make_mut(self.samples.back_mut().expect("never empty"))
     }
 
     /// The latency percentiles of the second under way, from its durations (which start
@@ -230,7 +241,7 @@ impl History {
     fn close_latency(&mut self) {
         let latency = self.latency_now();
         if let Some(s) = self.samples.back_mut() {
-            s.latency_ms = latency;
+            Arc::make_mut(s).latency_ms = latency;
         }
         for d in &mut self.durations {
             d.fill(0);
@@ -334,13 +345,13 @@ impl History {
         if events.len() == MAX_EVENTS {
             events.pop_front();
         }
-        events.push_back(Event {
+        events.push_back(Arc::new(Event {
             t_ms: now_ms,
             seq,
             device,
             kind,
             detail,
-        });
+        }));
     }
 
     /// The last `seconds` samples (1 to [`HISTORY_SAMPLES`]) as of `now_ms` (a copy: see
@@ -348,12 +359,12 @@ impl History {
     pub(crate) fn view(&mut self, now_ms: u64, seconds: usize) -> HistoryView {
         self.at(now_ms);
         let n = seconds.clamp(1, HISTORY_SAMPLES).min(self.samples.len());
-        let mut samples: Vec<Sample> = self.samples.iter().skip(self.samples.len() - n).cloned().collect();
+        let mut samples: Vec<Arc<Sample>> = self.samples.iter().skip(self.samples.len() - n).cloned().collect();
         if let Some(last) = samples.last_mut() {
-            last.latency_ms = self.latency_now(); // the second under way, so far
+            Arc::make_mut(last).latency_ms = self.latency_now(); // the second under way, so far
         }
         let since_ms = samples.first().map_or(0, |s| s.t * 1000);
-        let mut events: Vec<Event> = self
+        let mut events: Vec<Arc<Event>> = self
             .events
             .values()
             .flat_map(|e| e.iter().filter(|e| e.t_ms >= since_ms).cloned())
@@ -489,6 +500,24 @@ mod tests {
         assert_eq!(h.events[&("state", Some(0))].len(), MAX_EVENTS);
         assert_eq!(h.events[&("state", Some(1))].len(), 2);
         assert_eq!(h.events[&("restart", Some(1))].len(), 1);
+    }
+
+    #[test]
+    fn a_view_keeps_what_it_copied_while_the_history_moves_on() {
+        let mut h = History::new(1, LABELS, 0);
+        let t0 = 4_000_000_000;
+        h.ops(t0, 0, 1);
+        h.restart(t0, 0, "first");
+        let early = h.view(t0 + 10, 5); // shares the samples and events
+        h.ops(t0 + 20, 0, 2); // the same second, after the view
+        h.ops(t0 + 1_000, 0, 4); // the next
+        let early = json!(early);
+        assert_eq!(early["samples"].as_array().unwrap().len(), 1);
+        assert_eq!(early["samples"][0]["ops"]["success"], 1);
+        let now = view(&mut h, t0 + 1_000, 5);
+        assert_eq!(now["samples"][0]["ops"]["success"], 3);
+        assert_eq!(now["samples"][1]["ops"]["success"], 4);
+        assert_eq!(now["events"][0]["detail"], "first");
     }
 
     #[test]
