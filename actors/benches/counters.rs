@@ -1,5 +1,6 @@
 //! Criterion benches for the metrics hot path: what every answered op pays (atomic
-//! counters), the flush that takes the deltas for the snapshot, and a whole snapshot.
+//! counters), the flush that takes the deltas for the snapshot, a whole snapshot, and one
+//! OpenTelemetry histogram record.
 //! `cargo bench -p hipvisor`.
 
 use std::hint::black_box;
@@ -55,5 +56,26 @@ fn snapshot(c: &mut Criterion) {
     tokio.block_on(rt.shutdown());
 }
 
-criterion_group!(benches, counters, snapshot);
+/// One OpenTelemetry histogram record with a device and an op kind: what an application's
+/// own meter costs the metrics actor per answered op (twice: the duration and the attempt),
+/// and what hipvisor's own endpoint no longer pays (it serves the flushed bucket counts).
+fn otel_record(c: &mut Criterion) {
+    use opentelemetry::KeyValue;
+    use opentelemetry::metrics::MeterProvider;
+    use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
+    let provider = SdkMeterProvider::builder()
+        .with_reader(PeriodicReader::builder(InMemoryMetricExporter::default()).build())
+        .build();
+    let histogram = provider
+        .meter("hipvisor")
+        .f64_histogram("gpu.op.duration")
+        .with_boundaries(hipvisor::metrics::DURATION_BUCKETS.to_vec())
+        .build();
+    let attrs = [KeyValue::new("device", 0i64), KeyValue::new("op", "mem_info")];
+    c.bench_function("metrics: one OpenTelemetry histogram record (device, op)", |b| {
+        b.iter(|| histogram.record(black_box(2.5e-6), &attrs))
+    });
+}
+
+criterion_group!(benches, counters, snapshot, otel_record);
 criterion_main!(benches);

@@ -715,8 +715,8 @@ impl MetricsState {
         let s = &mut self.snapshot;
         let ins = &self.instruments;
         // The histograms' bucket counts, when hipvisor's endpoint serves them (else the
-        // OpenTelemetry histograms, a call per op).
-        let mut buckets = self.histograms.as_ref().map(|h| lock(&h.0));
+        // OpenTelemetry histograms, a call per op); locked only to add to them.
+        let buckets = self.histograms.as_ref();
         let now = now_ms();
         let h = &mut self.history;
         h.retries(now, d.retry_attempts, d.retry_success, d.retry_exhausted);
@@ -754,7 +754,8 @@ impl MetricsState {
                 });
                 stats.count += count;
                 stats.sum_seconds += d.duration_ns[k] as f64 / 1e9;
-                if let Some(b) = buckets.as_mut() {
+                if let Some(b) = buckets {
+                    let mut b = lock(&b.0);
                     let (counts, sum) = b.duration.entry((device, *op)).or_insert_with(|| (vec![0; NB], 0.0));
                     counts.iter_mut().zip(&d.durations[k]).for_each(|(c, n)| *c += n);
                     *sum += d.duration_ns[k] as f64 / 1e9;
@@ -779,7 +780,8 @@ impl MetricsState {
         for (attempt, n) in d.success_attempt.iter().enumerate() {
             if *n > 0 {
                 *s.retries.success_by_attempt.entry(attempt as u32).or_default() += n;
-                if let Some(b) = buckets.as_mut() {
+                if let Some(b) = buckets {
+                    let mut b = lock(&b.0);
                     let counts = b.attempt.entry(device).or_default();
                     if counts.len() <= attempt {
                         counts.resize(attempt + 1, 0);

@@ -181,6 +181,14 @@ async fn scraped_counters_equal_the_snapshot_and_the_exposition_is_well_formed()
         sample("gpu_retry_attempt_bucket", &["le=\"2\""]),
         (by_attempt(0) + by_attempt(1) + by_attempt(2)) as f64
     );
+    assert_eq!(
+        sample("gpu_retry_attempt_bucket", &["le=\"3\""]),
+        (0..=3).map(by_attempt).sum::<u64>() as f64
+    );
+    assert_eq!(
+        sample("gpu_retry_attempt_bucket", &["le=\"+Inf\""]),
+        snapshot.ops_succeeded as f64
+    );
     let attempts: u64 = snapshot
         .retries
         .success_by_attempt
@@ -522,7 +530,9 @@ async fn the_dashboard_draws_the_history_and_the_restart_in_headless_chromium() 
     assert!(dom.contains("<p id=\"errors\"></p>"), "no script error:\n{dom}");
     let uncaught: Vec<&str> = console
         .lines()
-        .filter(|l| l.contains(":CONSOLE") && (l.contains("Uncaught") || l.contains("Error")))
+        .filter(|l| {
+            l.contains(":CONSOLE") && (l.contains("Uncaught") || l.contains("Error") || l.contains("Failed to load"))
+        })
         .collect();
     assert!(uncaught.is_empty(), "no error in the console: {uncaught:?}");
     assert!(
@@ -542,6 +552,10 @@ async fn the_dashboard_draws_the_history_and_the_restart_in_headless_chromium() 
         let svg = &dom[dom.find(&marker).unwrap_or_else(|| panic!("{chart} drawn:\n{dom}"))..];
         let svg = &svg[..svg.find("</svg>").unwrap()];
         let drawn: u64 = attr(&dom, &marker, "data-samples").unwrap().parse().unwrap();
+        // One second after another, each once (a merge that repeated or lost one fails).
+        let from: u64 = attr(&dom, &marker, "data-from").unwrap().parse().unwrap();
+        let to: u64 = attr(&dom, &marker, "data-to").unwrap().parse().unwrap();
+        assert_eq!(to + 1 - from, drawn, "{chart}: seconds {from} to {to}");
         let partial = u64::from(chart != "timeline");
         assert!(
             (before - partial..=after - partial).contains(&drawn),
@@ -565,6 +579,10 @@ async fn the_dashboard_draws_the_history_and_the_restart_in_headless_chromium() 
             }
         }
     }
+    // The page merged later polls into what it drew (it polled several times).
+    let merges = &dom[dom.find("data-merges=\"").unwrap_or_else(|| panic!("merged:\n{dom}")) + 13..];
+    let merges: u64 = merges[..merges.find('"').unwrap()].parse().unwrap();
+    assert!(merges >= 1, "{merges} merges");
     // The restart is on device 1's row of the timeline, and its state changes are bands.
     assert!(dom.contains("class=\"marker restart\" data-device=\"1\""), "{dom}");
     assert!(

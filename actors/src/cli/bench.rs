@@ -17,7 +17,7 @@
 //! - `telemetry_on_pipelined`, `telemetry_off_pipelined`: the Prometheus exporter recording,
 //!   the endpoint served and polled as a dashboard and a scraper would (every second:
 //!   `/api/snapshot`, `/api/history`, `/metrics`), against a no-op meter and no endpoint (the
-//!   metrics actor and its history run in both); ten times `--ops` each;
+//!   metrics actor and its history run in both); thirty times `--ops` each;
 //! - `runtime_{thread,process}_ops8_us`, `runtime_{thread,process}_task8_us`: one request of
 //!   8 ops (alloc, copy in, 4 launches, copy out, free), one caller, submitted op by op and
 //!   as one task;
@@ -524,9 +524,10 @@ pub(crate) fn main(args: BenchArgs) -> ExitCode {
             let p = through_runtime(process_cfg.clone(), args.ops, h2d).await?;
             v.extend([t[0], t[1], p[0], p[1], t[4], p[4], t[2], p[2], gbps, t[3], p[3]]);
             v.extend([cold, standby]);
-            // Alternate the order, so drift on a shared machine favours neither side; ten
-            // times the ops, so that each side runs long enough for the polls and flushes.
-            let long = 10 * args.ops;
+            // Alternate the order, so drift on a shared machine favours neither side; thirty
+            // times the ops (about 3 s a side at the default), so that each side runs long
+            // enough for several polls and a dozen flushes.
+            let long = 30 * args.ops;
             let (on, off) = if rep % 2 == 0 {
                 let on = telemetry(thread_cfg.clone(), long, true).await?;
                 (on, telemetry(thread_cfg.clone(), long, false).await?)
@@ -534,6 +535,7 @@ pub(crate) fn main(args: BenchArgs) -> ExitCode {
                 let off = telemetry(thread_cfg.clone(), long, false).await?;
                 (telemetry(thread_cfg.clone(), long, true).await?, off)
             };
+            eprintln!("bench: telemetry on {on:.0} ns/op, off {off:.0} ns/op (ratio {:.3})", on / off);
             v.extend([on, off]);
             let n = (args.ops / 100).max(10);
             let (t_ops, t_task) = requests(thread_cfg.clone(), n).await?;
@@ -549,6 +551,13 @@ pub(crate) fn main(args: BenchArgs) -> ExitCode {
             }
         }
         let m = |name: &str| series.iter().find(|s| s.name == name).map_or(f64::NAN, |s| median(&s.values));
+        // The median of the repetitions' own ratios: each pair ran back to back, so drift on a
+        // shared machine between repetitions cancels out.
+        let v = |name: &str| series.iter().find(|s| s.name == name).map_or(Vec::new(), |s| s.values.clone());
+        let paired = |a: &str, b: &str| {
+            let ratios: Vec<f64> = v(a).iter().zip(v(b)).map(|(x, y)| x / y).collect();
+            if ratios.is_empty() { f64::NAN } else { median(&ratios) }
+        };
         #[cfg_attr(not(feature = "cluster"), allow(unused_mut))]
         let mut derived = json!({
             "runtime_thread_pipelined_null / channel_baseline_pipelined": m("runtime_thread_pipelined_null") / m("channel_baseline_pipelined"),
@@ -562,6 +571,7 @@ pub(crate) fn main(args: BenchArgs) -> ExitCode {
             "runtime_thread_h2d / direct_h2d": m("runtime_thread_h2d") / m("direct_h2d"),
             "runtime_process_h2d / direct_h2d": m("runtime_process_h2d") / m("direct_h2d"),
             "telemetry_on_pipelined / telemetry_off_pipelined": m("telemetry_on_pipelined") / m("telemetry_off_pipelined"),
+            "telemetry_on_pipelined / telemetry_off_pipelined, paired": paired("telemetry_on_pipelined", "telemetry_off_pipelined"),
             "runtime_thread_ops8 / runtime_thread_task8": m("runtime_thread_ops8_us") / m("runtime_thread_task8_us"),
             "runtime_process_ops8 / runtime_process_task8": m("runtime_process_ops8_us") / m("runtime_process_task8_us"),
         });
