@@ -863,6 +863,17 @@ async fn run_join_finishes_its_ops_when_a_node_is_killed_mid_run() {
     let dead: Vec<_> = nodes.iter().filter(|n| n["live"] == false).collect();
     assert_eq!(dead.len(), 1, "{report}");
     assert_eq!(dead[0]["addr"], b.addr.to_string(), "{report}");
+    // The final device states are the nodes': each live node's device, ready, by address.
+    let finals = report["devices_final"].as_array().expect("devices_final");
+    for n in nodes.iter().filter(|n| n["live"] == true) {
+        assert!(
+            finals
+                .iter()
+                .any(|d| d["node"] == n["addr"] && d["id"] == 0 && d["state"] == "ready" && d["live"] == true),
+            "{} in devices_final: {report}",
+            n["addr"]
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -887,6 +887,22 @@ async fn finish(job: Arc<Job>, end: RunEnd) -> ExitCode {
         report["durable"] = json!(snapshot.recovery);
     }
     if let Some(nodes) = nodes {
+        // The runner serves no device: the final states are the nodes' (as each last reported
+        // them; none for a node that gave no counts).
+        let finals: Vec<serde_json::Value> = nodes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|n| {
+                let states = n["device_states"].as_array().cloned().unwrap_or_default();
+                states
+                    .into_iter()
+                    .enumerate()
+                    .map(|(id, state)| json!({"node": n["addr"], "id": id, "state": state, "live": n["live"]}))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        report["devices_final"] = json!(finals);
         report["nodes"] = nodes;
     }
     let mut violations: Vec<String> = Vec::new();
