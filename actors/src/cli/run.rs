@@ -783,7 +783,13 @@ async fn finish(job: Arc<Job>, end: RunEnd) -> ExitCode {
                         })
                 }
             };
-            (snapshot, metric, (answered, o.succeeded), None, None)
+            (
+                snapshot,
+                metric,
+                (answered, o.succeeded),
+                None::<serde_json::Value>,
+                None,
+            )
         }
         #[cfg(feature = "cluster")]
         Target::Cluster(cluster) => {
