@@ -707,16 +707,57 @@ fn record_state(ins: &Instruments, device: u32, state: DeviceState) {
     }
 }
 
+/// A flush's share of the op-duration and attempt histograms: added to the bucket counts
+/// hipvisor's endpoint serves, or, on an application's meter, one OpenTelemetry record per op
+/// (the API has no count argument).
+fn record_histograms(histograms: Option<&BucketHistograms>, ins: &Instruments, device: u32, d: &CounterDelta) {
+    if let Some(h) = histograms {
+        let mut b = lock(&h.0);
+        for (k, op) in OpKind::ALL.iter().enumerate() {
+            if d.durations[k].iter().any(|n| *n > 0) {
+                let (counts, sum) = b.duration.entry((device, *op)).or_insert_with(|| (vec![0; NB], 0.0));
+                counts.iter_mut().zip(&d.durations[k]).for_each(|(c, n)| *c += n);
+                *sum += d.duration_ns[k] as f64 / 1e9;
+            }
+        }
+        if d.success_attempt.iter().any(|n| *n > 0) {
+            let counts = b.attempt.entry(device).or_default();
+            if counts.len() < d.success_attempt.len() {
+                counts.resize(d.success_attempt.len(), 0);
+            }
+            counts.iter_mut().zip(&d.success_attempt).for_each(|(c, n)| *c += n);
+        }
+        return;
+    }
+    let dev = KeyValue::new("device", i64::from(device));
+    for (k, op) in OpKind::ALL.iter().enumerate() {
+        let attrs = [dev.clone(), KeyValue::new("op", op.as_str())];
+        for (b, n) in d.durations[k].iter().enumerate() {
+            // The bucket's upper bound lands in that bucket (beyond the last: twice it).
+            let value = DURATION_BUCKETS
+                .get(b)
+                .copied()
+                .unwrap_or(2.0 * DURATION_BUCKETS[NB - 2]);
+            for _ in 0..*n {
+                ins.duration.record(value, &attrs);
+            }
+        }
+    }
+    for (attempt, n) in d.success_attempt.iter().enumerate() {
+        for _ in 0..*n {
+            ins.retry_attempt.record(attempt as u64, std::slice::from_ref(&dev));
+        }
+    }
+}
+
 impl MetricsState {
     fn apply(&mut self, device: u32, d: &CounterDelta) {
         if d.is_empty() {
             return;
         }
+        record_histograms(self.histograms.as_ref(), &self.instruments, device, d);
         let s = &mut self.snapshot;
         let ins = &self.instruments;
-        // The histograms' bucket counts, when hipvisor's endpoint serves them (else the
-        // OpenTelemetry histograms, a call per op); locked only to add to them.
-        let buckets = self.histograms.as_ref();
         let now = now_ms();
         let h = &mut self.history;
         h.retries(now, d.retry_attempts, d.retry_success, d.retry_exhausted);
@@ -754,44 +795,16 @@ impl MetricsState {
                 });
                 stats.count += count;
                 stats.sum_seconds += d.duration_ns[k] as f64 / 1e9;
-                if let Some(b) = buckets {
-                    let mut b = lock(&b.0);
-                    let (counts, sum) = b.duration.entry((device, *op)).or_insert_with(|| (vec![0; NB], 0.0));
-                    counts.iter_mut().zip(&d.durations[k]).for_each(|(c, n)| *c += n);
-                    *sum += d.duration_ns[k] as f64 / 1e9;
-                }
                 let mut cumulative = 0;
-                let attrs = [dev.clone(), KeyValue::new("op", op.as_str())];
                 for (b, n) in d.durations[k].iter().enumerate() {
                     cumulative += n;
                     stats.buckets[b] += cumulative;
-                    let value = DURATION_BUCKETS
-                        .get(b)
-                        .copied()
-                        .unwrap_or(2.0 * DURATION_BUCKETS[NB - 2]);
-                    if buckets.is_none() {
-                        for _ in 0..*n {
-                            ins.duration.record(value, &attrs);
-                        }
-                    }
                 }
             }
         }
         for (attempt, n) in d.success_attempt.iter().enumerate() {
             if *n > 0 {
                 *s.retries.success_by_attempt.entry(attempt as u32).or_default() += n;
-                if let Some(b) = buckets {
-                    let mut b = lock(&b.0);
-                    let counts = b.attempt.entry(device).or_default();
-                    if counts.len() <= attempt {
-                        counts.resize(attempt + 1, 0);
-                    }
-                    counts[attempt] += n;
-                } else {
-                    for _ in 0..*n {
-                        ins.retry_attempt.record(attempt as u64, std::slice::from_ref(&dev));
-                    }
-                }
             }
         }
         s.retries.attempts += d.retry_attempts;
