@@ -32,12 +32,9 @@ use hipvisor_core::sync::lock;
 #[derive(Clone)]
 pub struct RemoteDevice {
     pub(super) inner: Arc<Inner>,
-    pub(super) actor: ActorRef<RemoteDeviceMsg>,
     pub(super) node: String,
     pub(super) device: u32,
     pub(super) slot: u32,
-    /// Whether its node is lost (session closed, heartbeats missed).
-    pub(super) lost: tokio::sync::watch::Receiver<bool>,
     /// This application's requests to it now.
     pub(super) outstanding: Arc<AtomicU32>,
 }
@@ -82,8 +79,6 @@ fn fits(kind: OpKind, reply: &Reply) -> bool {
         Reply::MemInfo(_) => kind == OpKind::MemInfo,
         Reply::DeviceInfo(_) => kind == OpKind::DeviceInfo,
         Reply::Outputs(_) => kind == OpKind::Task,
-        #[allow(unreachable_patterns)]
-        _ => false,
     }
 }
 
@@ -122,7 +117,7 @@ impl RemoteDevice {
 
     /// Its state as of its node's last heartbeat; `Lost` once the node is lost.
     pub fn state(&self) -> DeviceState {
-        match self.inner.device(self.slot) {
+        match self.inner.route(self.slot) {
             Some(_) => self.inner.load(self.slot).0,
             None => DeviceState::Lost,
         }
@@ -213,10 +208,10 @@ impl RemoteDevice {
         let until = Instant::now() + self.inner.deadline;
         let len = data.len() as u64;
         if data.len() <= CHUNK {
-            return match self.call(Call::Op(Op::Durable { id, data }), until).await? {
-                Reply::Buffer(b) => Ok(b),
-                other => unreachable!("a durable buffer's creation answered {other:?}"),
-            };
+            return crate::handle::expect_reply!(
+                self.call(Call::Op(Op::Durable { id, data }), until).await,
+                Reply::Buffer(b) => b
+            );
         }
         // In parts, assembled on the node, made once whole.
         let mut made = None;
@@ -280,7 +275,7 @@ impl RemoteDevice {
             may_have_executed,
         };
         // Its node's session now (a node lost and back has a new one), while it is live.
-        let Some(now) = self.inner.device(self.slot) else {
+        let Some((actor, mut gone)) = self.inner.route(self.slot) else {
             return Err(lost(false));
         };
         let Some(wait) = until.checked_duration_since(Instant::now()) else {
@@ -292,10 +287,7 @@ impl RemoteDevice {
             node: &self.node,
             settled: false,
         };
-        let call = now
-            .actor
-            .call(|reply| RemoteDeviceMsg::Submit(bytes, reply), Some(wait + REPLY_MARGIN));
-        let mut gone = now.lost.clone();
+        let call = actor.call(|reply| RemoteDeviceMsg::Submit(bytes, reply), Some(wait + REPLY_MARGIN));
         let sent = tokio::select! {
             sent = call => sent,
             // Lost while the request was out (a frozen node misses its heartbeats): answered
@@ -315,7 +307,7 @@ impl RemoteDevice {
             // either as a sender error or a timeout). (Before `until` it cannot be the
             // latter: the session dropped, and the event that marks the node lost may lag
             // behind the dropped reply port.)
-            Ok(CallResult::SenderError | CallResult::Timeout) if *now.lost.borrow() || Instant::now() < until => {
+            Ok(CallResult::SenderError | CallResult::Timeout) if *gone.borrow() || Instant::now() < until => {
                 return Err(lost(true));
             }
             Ok(CallResult::SenderError | CallResult::Timeout) => return Err(past(true)),
@@ -369,8 +361,9 @@ impl RemoteDevice {
 }
 
 impl Inner {
-    /// The device in `slot`, while its node is live.
-    pub(super) fn device(self: &Arc<Self>, slot: u32) -> Option<RemoteDevice> {
+    /// Where a request to the device in `slot` goes now — its server on its node's current
+    /// session — and whether that node is lost, while it is live.
+    pub(super) fn route(&self, slot: u32) -> Option<(ActorRef<RemoteDeviceMsg>, tokio::sync::watch::Receiver<bool>)> {
         let known = lock(&self.known);
         let k = known.get(slot as usize)?;
         let lost = self.nodes.watch(&k.node);
@@ -379,13 +372,19 @@ impl Inner {
         if *lost.borrow() || !reachable(&k.actor) {
             return None;
         }
+        Some((k.actor.clone(), lost))
+    }
+
+    /// The device in `slot`, while its node is live.
+    pub(super) fn device(self: &Arc<Self>, slot: u32) -> Option<RemoteDevice> {
+        self.route(slot)?;
+        let known = lock(&self.known);
+        let k = known.get(slot as usize)?;
         Some(RemoteDevice {
             inner: self.clone(),
-            actor: k.actor.clone(),
             node: k.node.clone(),
             device: k.index,
             slot,
-            lost,
             outstanding: k.outstanding.clone(),
         })
     }

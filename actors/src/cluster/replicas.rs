@@ -332,10 +332,10 @@ impl RemoteDevice {
 
     /// A task already for this device, answered by `until` (its first run's deadline).
     async fn call_task(&self, op: TaskOp, until: std::time::Instant) -> Result<Vec<Payload>, RuntimeError> {
-        match self.call(super::wire::Call::Op(Op::Task(Box::new(op))), until).await? {
-            hipvisor_core::Reply::Outputs(o) => Ok(o),
-            other => unreachable!("a task answered {other:?}"),
-        }
+        crate::handle::expect_reply!(
+            self.call(super::wire::Call::Op(Op::Task(Box::new(op))), until).await,
+            hipvisor_core::Reply::Outputs(o) => o
+        )
     }
 
     /// The handle of a cluster replica (`Cluster::replicate`) on this device, if it holds

@@ -80,26 +80,22 @@ impl Actor for DeviceServer {
                 });
             }
             RemoteDeviceMsg::Submit(bytes, reply) => {
-                let node = st.node.clone();
-                let request = decode::<Request>(&bytes, "request").and_then(|r| {
-                    if r.version == PROTOCOL {
-                        Ok(r)
-                    } else {
-                        Err(format!("protocol version {}, this node speaks {PROTOCOL}", r.version))
-                    }
-                });
-                let request = match request {
-                    Ok(r) => r,
-                    Err(reason) => {
-                        let _ = reply.send(encode(&refusal(0, node, reason)));
-                        return Ok(());
-                    }
-                };
-                // Answered by the node's runtime (by its op deadline once the device has a
-                // slot for it); the actor serves on meanwhile.
-                let (gpu, staging) = (st.gpu.clone(), st.staging.clone());
+                // Decoded and answered by the node's runtime (by its op deadline once the
+                // device has a slot for it) off the actor, which serves on meanwhile (a
+                // request of megabytes does not hold up the heartbeats).
+                let (node, gpu, staging) = (st.node.clone(), st.gpu.clone(), st.staging.clone());
                 tokio::spawn(async move {
-                    let answer = execute(&gpu, &staging, node, request).await;
+                    let request = decode::<Request>(&bytes, "request").and_then(|r| {
+                        if r.version == PROTOCOL {
+                            Ok(r)
+                        } else {
+                            Err(format!("protocol version {}, this node speaks {PROTOCOL}", r.version))
+                        }
+                    });
+                    let answer = match request {
+                        Ok(request) => execute(&gpu, &staging, node, request).await,
+                        Err(reason) => refusal(0, node, reason),
+                    };
                     let _ = reply.send(encode(&answer));
                 });
             }
