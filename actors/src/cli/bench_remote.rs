@@ -98,8 +98,17 @@ pub(crate) async fn remote(config: &RuntimeConfig, ops: u64, copy_bytes: usize) 
     ));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let cookie = format!("{:032x}", rand::random::<u128>());
-    let started = start_node(config, &dir, &cookie);
-    let _ = std::fs::remove_dir_all(&dir);
+    // (Blocking: files, a process, and a wait for its first line — off the tokio workers.)
+    let started = {
+        let (config, dir, cookie) = (config.clone(), dir.clone(), cookie.clone());
+        tokio::task::spawn_blocking(move || {
+            let started = start_node(&config, &dir, &cookie);
+            let _ = std::fs::remove_dir_all(&dir);
+            started
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    };
     let (_node, addr) = started?;
     let cluster = Cluster::join(&[addr], &cookie, config)
         .await

@@ -211,8 +211,7 @@ impl Job {
                     .ok();
             }
         };
-        let device = device.index();
-        match runtime.device_ref(device) {
+        match runtime.device_ref(device.index()) {
             Ok(actor) => match actor
                 .call(
                     |reply| DeviceMsg::Submit { op, reply },
@@ -223,10 +222,10 @@ impl Job {
                 Ok(CallResult::Success(r)) => Some(r),
                 Ok(CallResult::Timeout | CallResult::SenderError) => None,
                 // The actor is being restarted: use the typed path, which does not need it.
-                Err(MessagingErr::SendErr(DeviceMsg::Submit { op, .. })) => Some(direct(runtime, device, op).await),
+                Err(MessagingErr::SendErr(DeviceMsg::Submit { op, .. })) => Some(device.submit(op).await),
                 Err(_) => None,
             },
-            Err(_) => Some(direct(runtime, device, op).await),
+            Err(_) => Some(device.submit(op).await),
         }
     }
 
@@ -236,13 +235,6 @@ impl Job {
 
     fn stopped(&self) -> bool {
         self.stop.load(Ordering::Relaxed) != 0
-    }
-}
-
-async fn direct(runtime: &Runtime, device: u32, op: Op) -> OpResult {
-    match runtime.device(device) {
-        Ok(h) => h.submit(op).await,
-        Err(e) => Err(e),
     }
 }
 
