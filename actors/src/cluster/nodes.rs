@@ -61,6 +61,8 @@ pub(super) struct NodeTable {
     pub(super) losses: HashMap<String, u32>,
     /// Where addresses to dial again go.
     pub(super) redial: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+    /// Told whenever a session becomes ready (a redial waits on it).
+    pub(super) readied: Arc<tokio::sync::Notify>,
 }
 
 impl Nodes {
@@ -89,6 +91,7 @@ impl Nodes {
         }
         t.addrs.insert(node.to_string(), addr.clone());
         t.session.insert(node.to_string(), (addr, session));
+        t.readied.notify_waiters();
     }
 
     /// Since when `node` is live, if it is.
@@ -178,12 +181,19 @@ pub(super) async fn redial(
                 let dialled =
                     tokio::time::timeout(JOIN_TIMEOUT, ractor_cluster::client_connect(&server, addr.clone())).await;
                 if matches!(dialled, Ok(Ok(()))) {
+                    // Until its session is ready (told by `ready`), within the join timeout.
+                    let readied = lock(&nodes.0).readied.clone();
                     let until = tokio::time::Instant::now() + JOIN_TIMEOUT;
-                    while tokio::time::Instant::now() < until && !nodes.live_at(&addr) {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    if nodes.live_at(&addr) {
-                        return;
+                    loop {
+                        let notified = readied.notified();
+                        tokio::pin!(notified);
+                        notified.as_mut().enable(); // before the check: no wake-up is missed
+                        if nodes.live_at(&addr) {
+                            return;
+                        }
+                        if tokio::time::timeout_at(until, notified).await.is_err() {
+                            break;
+                        }
                     }
                 }
                 wait = (wait * 2).min(Duration::from_secs(5));
