@@ -119,6 +119,9 @@ pub(crate) struct ClusterEnd {
     pub(crate) consistent: bool,
     /// `[{"addr", "node", "devices", "ops", ...}]`, one per node seen.
     pub(crate) nodes: serde_json::Value,
+    /// The nodes' devices (`node`, `id`, `state`, `live`) as each node last reported them
+    /// (none for a node that gave no counts): the run's `devices_final`.
+    pub(crate) devices: serde_json::Value,
 }
 
 impl ClusterEnd {
@@ -132,10 +135,14 @@ impl ClusterEnd {
             answered: (0, 0),
             consistent: true,
             nodes: serde_json::Value::Array(Vec::new()),
+            devices: serde_json::Value::Array(Vec::new()),
         };
         let s = &mut end.snapshot;
-        let mut nodes = Vec::new();
+        let (mut nodes, mut devices) = (Vec::new(), Vec::new());
         for r in cluster.report().await {
+            for (id, state) in r.counts.iter().flat_map(|c| c.devices.iter().enumerate()) {
+                devices.push(serde_json::json!({"node": r.addr, "id": id, "state": state.as_str(), "live": r.live}));
+            }
             let verdict = r.consistent();
             let checked = verdict.is_some();
             if checked {
@@ -177,6 +184,7 @@ impl ClusterEnd {
         }
         end.snapshot.recovery.task_reruns += cluster.task_reruns();
         end.nodes = serde_json::Value::Array(nodes);
+        end.devices = serde_json::Value::Array(devices);
         end
     }
 }

@@ -779,7 +779,7 @@ async fn finish(job: Arc<Job>, end: RunEnd) -> ExitCode {
                 snapshot,
                 metric,
                 (answered, o.succeeded),
-                None::<serde_json::Value>,
+                None::<(serde_json::Value, serde_json::Value)>,
                 None,
             )
         }
@@ -790,7 +790,7 @@ async fn finish(job: Arc<Job>, end: RunEnd) -> ExitCode {
                 end.snapshot,
                 end.metric,
                 end.answered,
-                Some(end.nodes),
+                Some((end.nodes, end.devices)),
                 Some(end.consistent),
             )
         }
@@ -884,23 +884,9 @@ async fn finish(job: Arc<Job>, end: RunEnd) -> ExitCode {
         });
         report["durable"] = json!(snapshot.recovery);
     }
-    if let Some(nodes) = nodes {
-        // The runner serves no device: the final states are the nodes' (as each last reported
-        // them; none for a node that gave no counts).
-        let finals: Vec<serde_json::Value> = nodes
-            .as_array()
-            .into_iter()
-            .flatten()
-            .flat_map(|n| {
-                let states = n["device_states"].as_array().cloned().unwrap_or_default();
-                states
-                    .into_iter()
-                    .enumerate()
-                    .map(|(id, state)| json!({"node": n["addr"], "id": id, "state": state, "live": n["live"]}))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        report["devices_final"] = json!(finals);
+    if let Some((nodes, devices)) = nodes {
+        // The runner serves no device: the final states are the nodes'.
+        report["devices_final"] = devices;
         report["nodes"] = nodes;
     }
     let mut violations: Vec<String> = Vec::new();
