@@ -99,9 +99,14 @@ async fn work(rt: &Runtime, ops: usize) {
 
 /// The sum of a metric's samples in an exposition text.
 fn sum(text: &str, name: &str) -> f64 {
+    sum_of(text, name, &[])
+}
+
+/// The sum of a metric's samples whose labels include each of `labels` (`key="value"`).
+fn sum_of(text: &str, name: &str, labels: &[&str]) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name) && labels.iter().all(|w| l.contains(w)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
@@ -145,12 +150,7 @@ async fn scraped_counters_equal_the_snapshot_and_the_exposition_is_well_formed()
     );
     // The histograms (served from their bucket counts): every bucket of every op kind, summed
     // over the devices, equals the snapshot's; so do the sums and the attempts.
-    let sample = |name: &str, want: &[&str]| -> f64 {
-        text.lines()
-            .filter(|l| l.split('{').next() == Some(name) && want.iter().all(|w| l.contains(w)))
-            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-            .sum()
-    };
+    let sample = |name: &str, labels: &[&str]| sum_of(&text, name, labels);
     for (op, stats) in &snapshot.durations {
         let op_label = format!("op=\"{}\"", op.as_str());
         for (i, bound) in hipvisor::metrics::DURATION_BUCKETS.iter().enumerate() {
