@@ -466,10 +466,15 @@ impl Model {
 }
 
 /// Polls `what` until it holds, for 60 s at most.
-async fn until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
+async fn until(what: &str, cond: impl FnMut() -> bool) {
+    within(what, 60, cond).await
+}
+
+/// Polls `cond` until it holds, failing the test after `secs` seconds.
+async fn within(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
     while !cond() {
-        assert!(Instant::now() < deadline, "{what}: not within 60 s");
+        assert!(Instant::now() < deadline, "{what}: not within {secs} s");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -520,15 +525,10 @@ async fn tasks_run_on_every_node_and_move_when_theirs_is_killed_or_frozen() {
     nix::sys::signal::kill(b_pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
     until("300 more tasks served", || served.load(Ordering::Relaxed) >= 900).await;
     // The frozen node is lost by its heartbeats; what it held moved on.
-    let lost = || async {
-        let r = cluster.report().await;
-        r.iter().filter(|n| !n.live).count()
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while lost().await < 2 {
-        assert!(Instant::now() < deadline, "the frozen node is lost within 30 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    within("the frozen node is lost", 30, || {
+        cluster.nodes().iter().filter(|n| !n.live).count() >= 2
+    })
+    .await;
     let at = served.load(Ordering::Relaxed);
     until("tasks served after the freeze was detected", || {
         served.load(Ordering::Relaxed) >= at + 100
@@ -690,11 +690,10 @@ async fn run_join_uses_three_nodes_survives_a_sigkill_and_uses_the_node_restarte
 async fn freeze_until_lost(cluster: &Cluster, n: &Node) -> nix::unistd::Pid {
     let pid = nix::unistd::Pid::from_raw(n.child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while cluster.nodes().iter().all(|n| n.live) {
-        assert!(Instant::now() < deadline, "the frozen node is lost within 30 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    within("the frozen node is lost", 30, || {
+        !cluster.nodes().iter().all(|n| n.live)
+    })
+    .await;
     pid
 }
 
@@ -706,11 +705,7 @@ async fn a_frozen_node_nobody_waits_on_is_lost_and_serves_at_once_when_back() {
     let cluster = Cluster::join(&[a.addr, b.addr], "s", &config()).await.unwrap();
     let pid = freeze_until_lost(&cluster, &b).await;
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !cluster.nodes().iter().all(|n| n.live) {
-        assert!(Instant::now() < deadline, "the node is back within 30 s");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    within("the node is back", 30, || cluster.nodes().iter().all(|n| n.live)).await;
     // At once: every op placed on a live node is answered by it.
     for _ in 0..300 {
         let gpu = cluster.any().expect("a live device");
