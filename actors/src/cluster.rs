@@ -51,7 +51,6 @@ use std::time::Duration;
 use hipvisor_core::sync::lock;
 use hipvisor_core::task::{ReplicatedBuffer, ReplicatedModule, Task};
 use hipvisor_core::{ModuleSource, Payload};
-use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
 use ractor_cluster::NodeServer;
 use ractor_cluster::NodeServerMessage;
@@ -63,8 +62,8 @@ pub use replicas::CLUSTER_DEVICE;
 pub use server::{Node, serve};
 pub use state::Tally;
 use state::{Inner, Known, counts_of, reachable};
+use wire::JOIN_TIMEOUT;
 pub use wire::{DEVICE_GROUP, NodeCounts, PROTOCOL, RemoteDeviceMsg};
-use wire::{Description, JOIN_TIMEOUT, decode};
 
 use crate::error::RuntimeError;
 
@@ -228,21 +227,10 @@ impl Cluster {
     /// Every device of every live node, described now, in order of node and index.
     pub async fn devices(&self) -> Vec<RemoteDevice> {
         let mut found = Vec::new();
-        for cell in ractor::pg::get_members(&DEVICE_GROUP.to_string()) {
-            if cell.get_id().is_local() {
-                continue; // this process's own, if it serves too
-            }
-            let actor: ActorRef<RemoteDeviceMsg> = cell.into();
-            let described = actor.call(RemoteDeviceMsg::Describe, Some(JOIN_TIMEOUT)).await;
-            let Ok(CallResult::Success(bytes)) = described else {
+        for actor in state::remote_servers() {
+            let Some(d) = state::describe(&actor, JOIN_TIMEOUT).await else {
                 continue;
             };
-            let Ok(d) = decode::<Description>(&bytes, "description") else {
-                continue;
-            };
-            if d.version != PROTOCOL {
-                continue;
-            }
             let slot = self.inner.see(actor, &d).await;
             found.extend(self.inner.device(slot));
         }
@@ -423,17 +411,10 @@ async fn heartbeats(inner: Arc<Inner>, every: Duration, silence: Duration) {
     let heard: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     loop {
         tokio::time::sleep(every).await;
-        for cell in ractor::pg::get_members(&DEVICE_GROUP.to_string()) {
-            if cell.get_id().is_local() {
-                continue;
-            }
-            let actor: ActorRef<RemoteDeviceMsg> = cell.into();
+        for actor in state::remote_servers() {
             let (heard, inner) = (heard.clone(), inner.clone());
             tokio::spawn(async move {
-                if let Ok(CallResult::Success(bytes)) = actor.call(RemoteDeviceMsg::Describe, Some(silence)).await
-                    && let Ok(d) = decode::<Description>(&bytes, "description")
-                    && d.version == PROTOCOL
-                {
+                if let Some(d) = state::describe(&actor, silence).await {
                     inner.see(actor, &d).await;
                     lock(&heard).insert(d.node, Instant::now());
                 }

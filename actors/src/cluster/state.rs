@@ -13,7 +13,7 @@ use ractor::ActorRef;
 use ractor::rpc::CallResult;
 
 use super::nodes::Nodes;
-use super::wire::{Counted, Description, JOIN_TIMEOUT, NodeCounts, PROTOCOL, RemoteDeviceMsg, decode};
+use super::wire::{Counted, DEVICE_GROUP, Description, JOIN_TIMEOUT, NodeCounts, PROTOCOL, RemoteDeviceMsg, decode};
 use crate::state::DeviceState;
 
 /// What a cluster's parts share: its nodes, the devices it has seen, and what each node
@@ -140,6 +140,26 @@ pub(super) fn reachable(actor: &ActorRef<RemoteDeviceMsg>) -> bool {
 }
 
 /// A node's counts, asked of one of its device servers.
+/// The device servers of the other processes in the group (this process's own, if it serves
+/// too, left out).
+pub(super) fn remote_servers() -> impl Iterator<Item = ActorRef<RemoteDeviceMsg>> {
+    ractor::pg::get_members(&DEVICE_GROUP.to_string())
+        .into_iter()
+        .filter(|cell| !cell.get_id().is_local())
+        .map(ActorRef::from)
+}
+
+/// What a device server says of its device, within `wait`: `None` if it does not answer in
+/// time or answers what cannot be read (another protocol version included).
+pub(super) async fn describe(server: &ActorRef<RemoteDeviceMsg>, wait: std::time::Duration) -> Option<Description> {
+    match server.call(RemoteDeviceMsg::Describe, Some(wait)).await {
+        Ok(CallResult::Success(bytes)) => decode::<Description>(&bytes, "description")
+            .ok()
+            .filter(|d| d.version == PROTOCOL),
+        _ => None,
+    }
+}
+
 pub(super) async fn counts_of(server: &ActorRef<RemoteDeviceMsg>) -> Option<NodeCounts> {
     match server.call(RemoteDeviceMsg::Counts, Some(JOIN_TIMEOUT)).await {
         Ok(CallResult::Success(bytes)) => decode::<Counted>(&bytes, "counts")
