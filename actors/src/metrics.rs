@@ -261,6 +261,28 @@ pub struct RetryStats {
     pub success_by_attempt: BTreeMap<u32, u64>,
 }
 
+impl RetryStats {
+    /// What was counted since `before` (an earlier reading of the same counters).
+    pub fn since(&self, before: &RetryStats) -> RetryStats {
+        RetryStats {
+            attempts: self.attempts.saturating_sub(before.attempts),
+            succeeded: self.succeeded.saturating_sub(before.succeeded),
+            exhausted: self.exhausted.saturating_sub(before.exhausted),
+            oom_waits: self.oom_waits.saturating_sub(before.oom_waits),
+            success_by_attempt: self
+                .success_by_attempt
+                .iter()
+                .map(|(a, n)| {
+                    (
+                        *a,
+                        n.saturating_sub(before.success_by_attempt.get(a).copied().unwrap_or(0)),
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
 /// One device in a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceSnapshot {
@@ -909,5 +931,33 @@ impl MetricsState {
             }
             MetricsEvent::TaskQuarantined => self.snapshot.recovery.tasks_quarantined += 1,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_stats_since_an_earlier_reading_are_the_differences() {
+        let before = RetryStats {
+            attempts: 5,
+            succeeded: 4,
+            exhausted: 1,
+            oom_waits: 2,
+            success_by_attempt: BTreeMap::from([(1, 100), (2, 4)]),
+        };
+        let now = RetryStats {
+            attempts: 9,
+            succeeded: 7,
+            exhausted: 1,
+            oom_waits: 3,
+            success_by_attempt: BTreeMap::from([(1, 150), (2, 7), (3, 1)]),
+        };
+        let d = now.since(&before);
+        assert_eq!((d.attempts, d.succeeded, d.exhausted, d.oom_waits), (4, 3, 0, 1));
+        assert_eq!(d.success_by_attempt, BTreeMap::from([(1, 50), (2, 3), (3, 1)]));
+        // A reading from another run (counters restarted) does not underflow.
+        assert_eq!(before.since(&now).attempts, 0);
     }
 }

@@ -124,14 +124,7 @@ pub struct NodeCounts {
 impl NodeCounts {
     /// What was counted since `before` (device states: now's).
     pub fn since(&self, before: &NodeCounts) -> NodeCounts {
-        let mut retries = self.retries.clone();
-        retries.attempts = retries.attempts.saturating_sub(before.retries.attempts);
-        retries.succeeded = retries.succeeded.saturating_sub(before.retries.succeeded);
-        retries.exhausted = retries.exhausted.saturating_sub(before.retries.exhausted);
-        retries.oom_waits = retries.oom_waits.saturating_sub(before.retries.oom_waits);
-        for (attempt, n) in &mut retries.success_by_attempt {
-            *n = n.saturating_sub(before.retries.success_by_attempt.get(attempt).copied().unwrap_or(0));
-        }
+        let retries = self.retries.since(&before.retries);
         NodeCounts {
             ops_total: self.ops_total.saturating_sub(before.ops_total),
             ops_succeeded: self.ops_succeeded.saturating_sub(before.ops_succeeded),
