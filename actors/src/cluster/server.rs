@@ -27,7 +27,7 @@ struct DeviceServer;
 struct ServerState {
     gpu: DeviceHandle,
     node: String,
-    staging: Staging,
+    replicas: Arc<Replicas>,
 }
 
 impl Actor for DeviceServer {
@@ -83,7 +83,7 @@ impl Actor for DeviceServer {
                 // Decoded and answered by the node's runtime (by its op deadline once the
                 // device has a slot for it) off the actor, which serves on meanwhile (a
                 // request of megabytes does not hold up the heartbeats).
-                let (node, gpu, staging) = (st.node.clone(), st.gpu.clone(), st.staging.clone());
+                let (node, gpu, replicas) = (st.node.clone(), st.gpu.clone(), st.replicas.clone());
                 tokio::spawn(async move {
                     let request = decode::<Request>(&bytes, "request").and_then(|r| {
                         if r.version == PROTOCOL {
@@ -93,7 +93,7 @@ impl Actor for DeviceServer {
                         }
                     });
                     let answer = match request {
-                        Ok(request) => execute(&gpu, &staging, node, request).await,
+                        Ok(request) => execute(&gpu, &replicas, node, request).await,
                         Err(reason) => refusal(0, node, reason),
                     };
                     let _ = reply.send(encode(&answer));
@@ -121,15 +121,39 @@ pub(super) struct Staged {
     touched: Instant,
 }
 
-/// Replicas being assembled on one device, by id.
-pub(super) type Staging = Arc<Mutex<HashMap<u64, Staged>>>;
+/// The replicas being made on one device, by id: those too large for one request being
+/// assembled from their parts, and a gate for each id being made, so that two requests for
+/// one id (an attempt and its retry, both at the node) are made one after the other and the
+/// second finds the first's buffer.
+#[derive(Default)]
+pub(super) struct Replicas {
+    staged: Mutex<HashMap<u64, Staged>>,
+    gates: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Replicas {
+    /// Runs `make` for replica `d` once no other request for `d` is being made.
+    async fn one_at_a_time<F: Future<Output = Answer>>(&self, d: u64, make: F) -> Answer {
+        let gate = lock(&self.gates).entry(d).or_default().clone();
+        let answer = {
+            let _made = gate.lock().await;
+            make.await
+        };
+        let mut gates = lock(&self.gates);
+        // Ours and the map's: nobody waits for it (a clone is taken under this lock).
+        if Arc::strong_count(&gate) == 2 {
+            gates.remove(&d);
+        }
+        answer
+    }
+}
 
 /// A replica whose parts stopped coming this long ago (its application gone) is dropped.
 const STAGING_IDLE: Duration = Duration::from_secs(60);
 
 /// Runs one request through the node's runtime, which answers it by its own op deadline
 /// (the application stops waiting at its own): every request it takes in, it counts once.
-async fn execute(gpu: &DeviceHandle, staging: &Staging, node: String, request: Request) -> Answer {
+async fn execute(gpu: &DeviceHandle, replicas: &Replicas, node: String, request: Request) -> Answer {
     let Request { id, call, .. } = request;
     // A replica's durable buffer: the application chose its id (the same on every node).
     let (d, data) = match call {
@@ -139,7 +163,7 @@ async fn execute(gpu: &DeviceHandle, staging: &Staging, node: String, request: R
             len,
             offset,
             data,
-        } => match stage(staging, d, len, offset, &data) {
+        } => match stage(&replicas.staged, d, len, offset, &data) {
             Ok(Some(whole)) => (d, whole),
             Ok(None) => {
                 return Answer {
@@ -157,6 +181,11 @@ async fn execute(gpu: &DeviceHandle, staging: &Staging, node: String, request: R
         let reason = format!("durable buffer id {d}: a peer's ids are at or above {PEER_DURABLE_BASE}");
         return refusal(id, node, reason);
     }
+    replicas.one_at_a_time(d, make_replica(gpu, node, id, d, data)).await
+}
+
+/// Makes replica `d` from `data` on `gpu`, or answers the one made already.
+async fn make_replica(gpu: &DeviceHandle, node: String, id: u64, d: u64, data: Payload) -> Answer {
     // Made already (an earlier attempt whose answer was lost): the same buffer again, never
     // another application's overwritten.
     let held = lock(&gpu.shared.cores[gpu.index() as usize].durables)
@@ -192,7 +221,13 @@ async fn execute(gpu: &DeviceHandle, staging: &Staging, node: String, request: R
 
 /// Puts a part of replica `d` (`len` bytes in all) in place: the whole once its last part
 /// came (parts come in order, each once).
-fn stage(staging: &Staging, d: u64, len: u64, offset: u64, data: &Payload) -> Result<Option<Payload>, String> {
+fn stage(
+    staging: &Mutex<HashMap<u64, Staged>>,
+    d: u64,
+    len: u64,
+    offset: u64,
+    data: &Payload,
+) -> Result<Option<Payload>, String> {
     let end = offset.checked_add(data.len() as u64).filter(|e| *e <= len);
     let Some(end) = end else {
         return Err(format!(
@@ -297,7 +332,7 @@ pub async fn serve(runtime: &Runtime, listen: SocketAddr, cookie: &str) -> Resul
         let st = ServerState {
             gpu,
             node: node.clone(),
-            staging: Staging::default(),
+            replicas: Arc::default(),
         };
         let (actor, _) = Actor::spawn(None, DeviceServer, st)
             .await
@@ -344,12 +379,12 @@ mod tests {
     async fn peer_durable_ids_are_checked_made_once_and_never_overwritten() {
         let rt = runtime().await;
         let gpu = rt.device(0).unwrap();
-        let staging = Staging::default();
+        let replicas = Replicas::default();
         let node = || "n".to_string();
         // Not a peer's id: refused by the server, not counted.
         let a = execute(
             &gpu,
-            &staging,
+            &replicas,
             node(),
             request(1, durable(hipvisor_core::DURABLE_ID_BASE + 1, &[1; 8])),
         )
@@ -360,22 +395,48 @@ mod tests {
         );
         // A peer's: made through the runtime, counted.
         let id = PEER_DURABLE_BASE + 42;
-        let a = execute(&gpu, &staging, node(), request(2, durable(id, &[1; 8]))).await;
+        let a = execute(&gpu, &replicas, node(), request(2, durable(id, &[1; 8]))).await;
         let Ok(Reply::Buffer(b)) = a.result else {
             panic!("{a:?}")
         };
         assert!(a.counted && b.is_durable() && b.id == id);
         // Again (an attempt whose answer was lost): the same buffer, its bytes untouched.
-        let a = execute(&gpu, &staging, node(), request(3, durable(id, &[9; 8]))).await;
+        let a = execute(&gpu, &replicas, node(), request(3, durable(id, &[9; 8]))).await;
         assert!(
             matches!(a.result, Ok(Reply::Buffer(x)) if x == b) && !a.counted,
             "{a:?}"
         );
         assert_eq!(gpu.copy_from_device(b, 0, 8).await.unwrap().as_bytes(), &[1; 8]);
         // Another length: refused, the buffer kept.
-        let a = execute(&gpu, &staging, node(), request(4, durable(id, &[9; 16]))).await;
+        let a = execute(&gpu, &replicas, node(), request(4, durable(id, &[9; 16]))).await;
         assert!(matches!(a.result, Err(RuntimeError::Remote { .. })), "{a:?}");
         assert_eq!(gpu.copy_from_device(b, 0, 8).await.unwrap().as_bytes(), &[1; 8]);
+        rt.shutdown().await;
+    }
+
+    /// Requests for one replica at once (an attempt and its retry, both at the node): made
+    /// once; the others get its buffer and leave its bytes alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_for_one_replica_at_once_make_it_once() {
+        let rt = runtime().await;
+        let gpu = rt.device(0).unwrap();
+        let replicas = Replicas::default();
+        let id = PEER_DURABLE_BASE + 9;
+        let one = |i: u8| execute(&gpu, &replicas, "n".into(), request(u64::from(i), durable(id, &[i; 8])));
+        // Polled in turn in one task: each starts before any is made.
+        let answers = tokio::join!(one(1), one(2), one(3), one(4));
+        let answers = [answers.0, answers.1, answers.2, answers.3];
+        let made: Vec<_> = answers.iter().filter(|a| a.counted).collect();
+        assert_eq!(made.len(), 1, "made once: {answers:?}");
+        let Ok(Reply::Buffer(b)) = made[0].result else {
+            panic!("{answers:?}")
+        };
+        for a in &answers {
+            assert!(matches!(a.result, Ok(Reply::Buffer(x)) if x == b), "{a:?}");
+        }
+        let bytes = gpu.copy_from_device(b, 0, 8).await.unwrap();
+        assert_eq!(bytes.as_bytes(), &[made[0].id as u8; 8], "the bytes of the one made");
+        assert!(lock(&replicas.gates).is_empty(), "no gate left");
         rt.shutdown().await;
     }
 
@@ -383,7 +444,7 @@ mod tests {
     async fn a_replica_in_parts_is_made_once_whole_and_parts_out_of_order_are_refused() {
         let rt = runtime().await;
         let gpu = rt.device(0).unwrap();
-        let staging = Staging::default();
+        let replicas = Replicas::default();
         let id = PEER_DURABLE_BASE + 7;
         let part = |offset: u64, bytes: Vec<u8>| Call::DurablePart {
             id,
@@ -391,9 +452,9 @@ mod tests {
             offset,
             data: bytes.into(),
         };
-        let a = execute(&gpu, &staging, "n".into(), request(1, part(0, vec![1, 2, 3, 4]))).await;
+        let a = execute(&gpu, &replicas, "n".into(), request(1, part(0, vec![1, 2, 3, 4]))).await;
         assert!(matches!(a.result, Ok(Reply::Done)) && !a.counted, "{a:?}");
-        let a = execute(&gpu, &staging, "n".into(), request(2, part(4, vec![5, 6, 7, 8]))).await;
+        let a = execute(&gpu, &replicas, "n".into(), request(2, part(4, vec![5, 6, 7, 8]))).await;
         let Ok(Reply::Buffer(b)) = a.result else {
             panic!("{a:?}")
         };
@@ -402,7 +463,7 @@ mod tests {
             gpu.copy_from_device(b, 0, 8).await.unwrap().as_bytes(),
             &[1, 2, 3, 4, 5, 6, 7, 8]
         );
-        assert!(lock(&staging).is_empty(), "nothing left staged");
+        assert!(lock(&replicas.staged).is_empty(), "nothing left staged");
         // Out of order, or past the end: refused, and nothing staged is kept.
         let other = PEER_DURABLE_BASE + 8;
         let part = |offset: u64, len: u64, bytes: Vec<u8>| Call::DurablePart {
@@ -411,11 +472,11 @@ mod tests {
             offset,
             data: bytes.into(),
         };
-        let a = execute(&gpu, &staging, "n".into(), request(3, part(4, 8, vec![1; 4]))).await;
+        let a = execute(&gpu, &replicas, "n".into(), request(3, part(4, 8, vec![1; 4]))).await;
         assert!(matches!(a.result, Err(RuntimeError::Remote { .. })), "{a:?}");
-        let a = execute(&gpu, &staging, "n".into(), request(4, part(6, 8, vec![1; 4]))).await;
+        let a = execute(&gpu, &replicas, "n".into(), request(4, part(6, 8, vec![1; 4]))).await;
         assert!(matches!(a.result, Err(RuntimeError::Remote { .. })), "{a:?}");
-        assert!(lock(&staging).is_empty());
+        assert!(lock(&replicas.staged).is_empty());
         rt.shutdown().await;
     }
 }
