@@ -140,6 +140,15 @@ impl Inner {
             .is_some_and(|k| k.held.contains(&id))
     }
 
+    /// Whether device `slot` holds every replica and module `task` names (what
+    /// [`localize`](Self::localize) needs, without making the task).
+    fn can_run(&self, task: &TaskOp, slot: u32) -> bool {
+        lock(&self.known).get(slot as usize).is_some_and(|k| {
+            task.durable_buffers().all(|b| k.held.contains(&b.id))
+                && task.launches.iter().all(|l| k.modules.contains_key(&l.module.id))
+        })
+    }
+
     /// `task` (bound to [`CLUSTER_DEVICE`]) for device `slot`: its index, its modules' ids;
     /// `None` when the device lacks a replica or module it names.
     pub(super) fn localize(&self, task: &TaskOp, slot: u32) -> Option<TaskOp> {
@@ -264,8 +273,9 @@ impl Inner {
         let until = std::time::Instant::now() + self.deadline;
         let mut tried: Vec<u32> = Vec::new();
         let mut reruns = 0;
+        let mut next = self.place(&bound, &tried);
         loop {
-            let Some((device, op)) = self.place(&bound, &tried) else {
+            let Some((device, op)) = next.take() else {
                 return Err(RuntimeError::NoReadyDevice);
             };
             match device.call_task(op, until).await {
@@ -285,8 +295,9 @@ impl Inner {
                 {
                     tracing::debug!(node = device.node(), device = device.index(), error = %e, "task run again elsewhere");
                     tried.push(device.slot);
+                    next = self.place(&bound, &tried);
                     // Nowhere else to go: the error it got.
-                    if self.place(&bound, &tried).is_none() {
+                    if next.is_none() {
                         return Err(e);
                     }
                     reruns += 1;
@@ -300,7 +311,7 @@ impl Inner {
     /// Where a task goes: the least-loaded ready device (else a restarting one) of a live
     /// node that holds what it names, not in `tried`; the task for that device.
     fn place(self: &Arc<Self>, task: &TaskOp, tried: &[u32]) -> Option<(RemoteDevice, TaskOp)> {
-        let device = self.least_loaded(|slot| !tried.contains(&slot) && self.localize(task, slot).is_some())?;
+        let device = self.least_loaded(|slot| !tried.contains(&slot) && self.can_run(task, slot))?;
         let op = self.localize(task, device.slot)?;
         Some((device, op))
     }
