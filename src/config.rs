@@ -357,7 +357,8 @@ impl RuntimeConfig {
         positive("telemetry.flush_interval_ms", self.telemetry.flush_interval_ms)?;
         let c = &self.cluster;
         positive("cluster.heartbeat_interval_ms", c.heartbeat_interval_ms)?;
-        // A late heartbeat or two must not lose a node: there is no rejoining yet.
+        // A late heartbeat or two must not lose a node: its requests in flight would answer
+        // `NodeLost` (the node is redialled; only replayable tasks run again, elsewhere).
         if c.heartbeat_timeout_ms < c.heartbeat_interval_ms.saturating_mul(3) {
             return Err(ConfigError::invalid(
                 "cluster.heartbeat_timeout_ms",

@@ -277,7 +277,10 @@ async fn a_node_killed_with_a_request_in_flight_answers_it_node_lost_at_once() {
     )
     .unwrap();
     let mut n = node_with(&cookie, 1, &["--config", config.to_str().unwrap()]);
-    let cluster = Cluster::join(&[n.addr], "k", &config_for_kill()).await.unwrap();
+    // Heartbeats that never time out within the test: only the closed session can answer.
+    let mut c = config_for_kill();
+    c.cluster.heartbeat_timeout_ms = 600_000;
+    let cluster = Cluster::join(&[n.addr], "k", &c).await.unwrap();
     let gpu = cluster.devices().await.pop().expect("one device");
     gpu.submit(Op::MemInfo).await.expect("served while alive");
     // Polled once, the request is sent (in the session, or already hanging on the node) and
@@ -302,7 +305,7 @@ async fn a_node_killed_with_a_request_in_flight_answers_it_node_lost_at_once() {
     }
     assert!(
         started.elapsed() < Duration::from_secs(30),
-        "answered when the session closed, not at the 60 s deadline: {:?}",
+        "answered when the session closed, not at the 60 s deadline or the 600 s heartbeat timeout: {:?}",
         started.elapsed()
     );
     // Lost for good: a later request answers at once, and did not run.
