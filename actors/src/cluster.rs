@@ -158,7 +158,6 @@ impl Cluster {
                 known: Mutex::default(),
                 tally: Mutex::default(),
                 baseline: Mutex::default(),
-                first_seen: Mutex::default(),
                 replicas: Mutex::default(),
                 modules: Mutex::default(),
                 next_module: AtomicU64::new(1),
@@ -334,7 +333,9 @@ impl Cluster {
             };
             let live = self.inner.nodes.live_since(node).is_some();
             // (A node whose counts could not be taken when first seen has none since.)
-            let before = lock(&self.inner.baseline).get(node).cloned();
+            let before = lock(&self.inner.baseline)
+                .get(node)
+                .and_then(|taken| taken.get().cloned().flatten());
             let counts = counts
                 .filter(|_| live)
                 .zip(before)

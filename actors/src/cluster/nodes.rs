@@ -53,8 +53,8 @@ pub(super) struct Nodes(pub(super) Arc<Mutex<NodeTable>>);
 pub(super) struct NodeTable {
     /// By node name: lost or not, and since when it is live (heartbeats count from then).
     pub(super) watch: HashMap<String, (tokio::sync::watch::Sender<bool>, std::time::Instant)>,
-    /// By node name: the address it was dialled at, and its session.
-    pub(super) session: HashMap<String, (String, ActorRef<ractor_cluster::NodeSessionMessage>)>,
+    /// By node name: its session, while it is live.
+    pub(super) session: HashMap<String, ActorRef<ractor_cluster::NodeSessionMessage>>,
     /// By node name: the address it was last dialled at (kept once it is lost).
     pub(super) addrs: HashMap<String, String>,
     /// By node name: how often it was lost.
@@ -89,8 +89,8 @@ impl Nodes {
                 (tokio::sync::watch::channel(false).0, std::time::Instant::now()),
             );
         }
-        t.addrs.insert(node.to_string(), addr.clone());
-        t.session.insert(node.to_string(), (addr, session));
+        t.addrs.insert(node.to_string(), addr);
+        t.session.insert(node.to_string(), session);
         t.readied.notify_waiters();
     }
 
@@ -106,9 +106,9 @@ impl Nodes {
     /// Whether a live node was dialled at `addr`.
     pub(super) fn live_at(&self, addr: &str) -> bool {
         let t = lock(&self.0);
-        t.session
-            .iter()
-            .any(|(node, (a, _))| a == addr && t.watch.get(node).is_some_and(|(tx, _)| !*tx.borrow()))
+        t.session.keys().any(|node| {
+            t.addrs.get(node).is_some_and(|a| a == addr) && t.watch.get(node).is_some_and(|(tx, _)| !*tx.borrow())
+        })
     }
 
     pub(super) fn lose(&self, node: &str, why: &str) {
@@ -123,10 +123,10 @@ impl Nodes {
         *t.losses.entry(node.to_string()).or_default() += 1;
         // Its session goes (a frozen node's stays open otherwise), and its address is
         // dialled again.
-        if let Some((addr, session)) = t.session.remove(node) {
+        if let Some(session) = t.session.remove(node) {
             session.stop(None);
-            if let Some(redial) = &t.redial {
-                let _ = redial.send(addr);
+            if let (Some(redial), Some(addr)) = (&t.redial, t.addrs.get(node)) {
+                let _ = redial.send(addr.clone());
             }
         }
     }
@@ -144,10 +144,7 @@ impl Nodes {
     /// A session to `node` closed: the node is lost if that was its session (not another
     /// one, such as a duplicate the transport closed, or one of before it was lost).
     pub(super) fn closed(&self, node: &str, session: ractor::ActorId) {
-        let current = lock(&self.0)
-            .session
-            .get(node)
-            .is_some_and(|(_, s)| s.get_id() == session);
+        let current = lock(&self.0).session.get(node).is_some_and(|s| s.get_id() == session);
         if current {
             self.lose(node, "its session closed");
         }

@@ -40,14 +40,8 @@ impl Inner {
     pub(super) async fn see(self: &Arc<Self>, actor: ActorRef<RemoteDeviceMsg>, d: &Description) -> u32 {
         // Every device of a node waits for the node's baseline: none of this application's
         // requests reaches the node before it.
-        let taken = lock(&self.first_seen).entry(d.node.clone()).or_default().clone();
-        taken
-            .get_or_init(|| async {
-                if let Some(counts) = counts_of(&actor).await {
-                    lock(&self.baseline).insert(d.node.clone(), counts);
-                }
-            })
-            .await;
+        let baseline = lock(&self.baseline).entry(d.node.clone()).or_default().clone();
+        baseline.get_or_init(|| counts_of(&actor)).await;
         let (slot, _) = self.learn(actor, d);
         // A device that lacks something — new, back, ready again, or whose last try failed
         // (retried after a pause) — is given it, unless that is under way.

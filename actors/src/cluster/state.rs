@@ -26,11 +26,9 @@ pub(super) struct Inner {
     /// succeeded) — what its metrics counted.
     pub(super) tally: Mutex<HashMap<String, Tally>>,
     /// By node name: its counts when this application first saw it, before sending it
-    /// anything ([`Cluster::report`] gives what was counted since).
-    pub(super) baseline: Mutex<HashMap<String, NodeCounts>>,
-    /// By node name: its baseline taken (given or not), which every first sight of one of
-    /// its devices waits for.
-    pub(super) first_seen: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<()>>>>,
+    /// anything ([`Cluster::report`] gives what was counted since); `None` when they could
+    /// not be taken. Every first sight of one of its devices waits for them to be taken.
+    pub(super) baseline: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Option<NodeCounts>>>>>,
     /// Every replica's bytes, for devices seen later.
     pub(super) replicas: Mutex<Vec<Replica>>,
     /// Every replicated module, by the id its `ReplicatedModule` carries.
