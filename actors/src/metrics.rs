@@ -669,40 +669,7 @@ impl Actor for MetricsActor {
         _me: ActorRef<MetricsMsg>,
         args: MetricsArgs,
     ) -> Result<MetricsState, ActorProcessingErr> {
-        let devices = (0..args.devices)
-            .map(|id| DeviceSnapshot {
-                id,
-                state: DeviceState::Ready,
-                reason: None,
-                restarts: 0,
-                retries: 0,
-                breaker: BreakerState::Closed,
-                durable_bytes: 0,
-            })
-            .collect();
-        let instruments = Instruments::new(&args.meter, args.max_retries);
-        if let Some(h) = &args.histograms {
-            lock(&h.0).attempt_bounds = attempt_bounds(args.max_retries);
-        }
-        for d in 0..args.devices {
-            record_state(&instruments, d, DeviceState::Ready);
-            // Every series exists from the start, at zero.
-            let dev = [KeyValue::new("device", i64::from(d))];
-            instruments.retry_attempts.add(0, &dev);
-            instruments.retry_success.add(0, &dev);
-            instruments.retry_failed.add(0, &dev);
-            instruments.restarts.add(0, &dev);
-        }
-        Ok(MetricsState {
-            snapshot: Snapshot {
-                devices,
-                ..Snapshot::default()
-            },
-            ops: BTreeMap::new(),
-            instruments,
-            histograms: args.histograms,
-            history: History::new(args.devices, history_labels(), now_ms()),
-        })
+        Ok(MetricsState::new(args))
     }
 
     async fn handle(
@@ -736,6 +703,46 @@ impl Actor for MetricsActor {
     }
 }
 
+impl MetricsState {
+    /// The state the actor starts with: every device ready, every series at zero.
+    fn new(args: MetricsArgs) -> MetricsState {
+        let devices = (0..args.devices)
+            .map(|id| DeviceSnapshot {
+                id,
+                state: DeviceState::Ready,
+                reason: None,
+                restarts: 0,
+                retries: 0,
+                breaker: BreakerState::Closed,
+                durable_bytes: 0,
+            })
+            .collect();
+        let instruments = Instruments::new(&args.meter, args.max_retries);
+        if let Some(h) = &args.histograms {
+            lock(&h.0).attempt_bounds = attempt_bounds(args.max_retries);
+        }
+        for d in 0..args.devices {
+            record_state(&instruments, d, DeviceState::Ready);
+            // Every series exists from the start, at zero.
+            let dev = [KeyValue::new("device", i64::from(d))];
+            instruments.retry_attempts.add(0, &dev);
+            instruments.retry_success.add(0, &dev);
+            instruments.retry_failed.add(0, &dev);
+            instruments.restarts.add(0, &dev);
+        }
+        MetricsState {
+            snapshot: Snapshot {
+                devices,
+                ..Snapshot::default()
+            },
+            ops: BTreeMap::new(),
+            instruments,
+            histograms: args.histograms,
+            history: History::new(args.devices, history_labels(), now_ms()),
+        }
+    }
+}
+
 fn record_state(ins: &Instruments, device: u32, state: DeviceState) {
     for s in DeviceState::ALL {
         let attrs = [
@@ -753,7 +760,8 @@ fn record_histograms(histograms: Option<&BucketHistograms>, ins: &Instruments, d
     if let Some(h) = histograms {
         let mut b = lock(&h.0);
         for (k, op) in OpKind::ALL.iter().enumerate() {
-            if d.durations[k].iter().any(|n| *n > 0) {
+            // (A flush can take an op's bucket and leave its nanoseconds for the next.)
+            if d.durations[k].iter().any(|n| *n > 0) || d.duration_ns[k] > 0 {
                 let (counts, sum) = b.duration.entry((device, *op)).or_insert_with(|| (vec![0; NB], 0.0));
                 counts.iter_mut().zip(&d.durations[k]).for_each(|(c, n)| *c += n);
                 *sum += d.duration_ns[k] as f64 / 1e9;
@@ -827,7 +835,7 @@ impl MetricsState {
                 );
             }
             let count: u64 = d.durations[k].iter().sum();
-            if count > 0 {
+            if count > 0 || d.duration_ns[k] > 0 {
                 let stats = s.durations.entry(*op).or_insert_with(|| DurationStats {
                     buckets: vec![0; NB],
                     ..DurationStats::default()
@@ -954,6 +962,67 @@ impl MetricsState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A delta split by a flush at any field, applied as two, counts as the whole applied as
+    /// one: in the snapshot (durations, their sums, retries) and in the endpoint's buckets.
+    #[test]
+    fn an_op_split_between_two_flushes_counts_as_one() {
+        let c = DeviceCounters::default();
+        c.opened();
+        c.answered(
+            OpKind::CopyToDevice,
+            Outcome::Success,
+            Duration::from_micros(1234),
+            3,
+            false,
+        );
+        c.opened();
+        c.answered(OpKind::Launch, Outcome::Transient, Duration::from_millis(7), 4, true);
+        let whole = c.take();
+        let zero = c.take();
+        // The fields in the order `answered` bumps them: the first `n` go in the first delta.
+        let split = |n: usize| {
+            let (mut a, mut b) = (zero.clone(), whole.clone());
+            type Move = fn(&mut CounterDelta, &mut CounterDelta);
+            let moves: [Move; 6] = [
+                |a, b| std::mem::swap(&mut a.ops, &mut b.ops),
+                |a, b| std::mem::swap(&mut a.durations, &mut b.durations),
+                |a, b| std::mem::swap(&mut a.duration_ns, &mut b.duration_ns),
+                |a, b| std::mem::swap(&mut a.success_attempt, &mut b.success_attempt),
+                |a, b| std::mem::swap(&mut a.retry_success, &mut b.retry_success),
+                |a, b| std::mem::swap(&mut a.retry_exhausted, &mut b.retry_exhausted),
+            ];
+            for m in &moves[..n] {
+                m(&mut a, &mut b);
+            }
+            (a, b)
+        };
+        let state = || {
+            MetricsState::new(MetricsArgs {
+                meter: opentelemetry::global::meter("test"),
+                devices: 1,
+                max_retries: 3,
+                histograms: Some(BucketHistograms::new()),
+            })
+        };
+        let seen = |st: &MetricsState| {
+            let buckets = st
+                .histograms
+                .as_ref()
+                .unwrap()
+                .read(|b| format!("{:?} {:?}", b.duration, b.attempt));
+            (serde_json::to_string(&st.snapshot).unwrap(), buckets)
+        };
+        let mut one = state();
+        one.apply(0, &whole);
+        for n in 1..6 {
+            let (first, second) = split(n);
+            let mut two = state();
+            two.apply(0, &first);
+            two.apply(0, &second);
+            assert_eq!(seen(&two), seen(&one), "split after {n} fields");
+        }
+    }
 
     /// `answered` bumps its counters one by one, so a flush can take an op's outcome and
     /// leave its duration and attempt for the next one. A delta holding only such a tail is
