@@ -134,17 +134,31 @@ pub(super) struct Replicas {
 impl Replicas {
     /// Runs `make` for replica `d` once no other request for `d` is being made.
     async fn one_at_a_time<F: Future<Output = Answer>>(&self, d: u64, make: F) -> Answer {
-        let gate = lock(&self.gates).entry(d).or_default().clone();
-        let answer = {
-            let _made = gate.lock().await;
-            make.await
+        let gate = Gate {
+            replicas: self,
+            d,
+            gate: lock(&self.gates).entry(d).or_default().clone(),
         };
-        let mut gates = lock(&self.gates);
+        let _made = gate.gate.lock().await;
+        make.await
+    }
+}
+
+/// A request's hold on the gate of replica `d`: the gate goes from the map with the last
+/// request for `d`, answered or dropped.
+struct Gate<'a> {
+    replicas: &'a Replicas,
+    d: u64,
+    gate: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for Gate<'_> {
+    fn drop(&mut self) {
+        let mut gates = lock(&self.replicas.gates);
         // Ours and the map's: nobody waits for it (a clone is taken under this lock).
-        if Arc::strong_count(&gate) == 2 {
-            gates.remove(&d);
+        if Arc::strong_count(&self.gate) == 2 {
+            gates.remove(&self.d);
         }
-        answer
     }
 }
 
@@ -220,7 +234,7 @@ async fn make_replica(gpu: &DeviceHandle, node: String, id: u64, d: u64, data: P
 }
 
 /// Puts a part of replica `d` (`len` bytes in all) in place: the whole once its last part
-/// came (parts come in order, each once).
+/// came (parts come in order, each once; a part at 0 starts the replica over).
 fn stage(
     staging: &Mutex<HashMap<u64, Staged>>,
     d: u64,
@@ -237,6 +251,11 @@ fn stage(
     };
     let mut staged = lock(staging);
     staged.retain(|_, s| s.touched.elapsed() < STAGING_IDLE);
+    // A first part starts over: the application sends again from the start a replica whose
+    // earlier try it gave up halfway (its deadline), when it provisions the device again.
+    if offset == 0 {
+        staged.remove(&d);
+    }
     let s = match staged.entry(d) {
         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
         std::collections::hash_map::Entry::Vacant(e) => {
@@ -437,6 +456,12 @@ mod tests {
         let bytes = gpu.copy_from_device(b, 0, 8).await.unwrap();
         assert_eq!(bytes.as_bytes(), &[made[0].id as u8; 8], "the bytes of the one made");
         assert!(lock(&replicas.gates).is_empty(), "no gate left");
+        // A request dropped while it holds the gate (the node shutting down) leaves none.
+        let mut held = Box::pin(replicas.one_at_a_time(id, std::future::pending()));
+        assert!(tokio::time::timeout(Duration::ZERO, &mut held).await.is_err());
+        assert_eq!(lock(&replicas.gates).len(), 1);
+        drop(held);
+        assert!(lock(&replicas.gates).is_empty(), "no gate left by a dropped request");
         rt.shutdown().await;
     }
 
@@ -477,6 +502,26 @@ mod tests {
         let a = execute(&gpu, &replicas, "n".into(), request(4, part(6, 8, vec![1; 4]))).await;
         assert!(matches!(a.result, Err(RuntimeError::Remote { .. })), "{a:?}");
         assert!(lock(&replicas.staged).is_empty());
+        // A try given up halfway, sent again from the start: made from the second try.
+        let again = PEER_DURABLE_BASE + 10;
+        let part = |offset: u64, bytes: Vec<u8>| Call::DurablePart {
+            id: again,
+            len: 8,
+            offset,
+            data: bytes.into(),
+        };
+        let a = execute(&gpu, &replicas, "n".into(), request(5, part(0, vec![1; 4]))).await;
+        assert!(matches!(a.result, Ok(Reply::Done)), "{a:?}");
+        let a = execute(&gpu, &replicas, "n".into(), request(6, part(0, vec![2; 4]))).await;
+        assert!(matches!(a.result, Ok(Reply::Done)), "started over: {a:?}");
+        let a = execute(&gpu, &replicas, "n".into(), request(7, part(4, vec![3; 4]))).await;
+        let Ok(Reply::Buffer(b)) = a.result else {
+            panic!("{a:?}")
+        };
+        assert_eq!(
+            gpu.copy_from_device(b, 0, 8).await.unwrap().as_bytes(),
+            &[2, 2, 2, 2, 3, 3, 3, 3]
+        );
         rt.shutdown().await;
     }
 }
