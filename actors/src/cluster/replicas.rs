@@ -20,7 +20,7 @@ use hipvisor_core::task::{ReplicatedBuffer, ReplicatedModule, Task};
 use hipvisor_core::{BufferHandle, InvalidReason, ModuleHandle, ModuleSource, Op, OpKind, Payload, TaskOp};
 
 use super::remote::RemoteDevice;
-use super::state::{Inner, Replica, counts_of};
+use super::state::{Inner, Known, Replica, counts_of};
 use super::wire::{Description, PEER_DURABLE_BASE, RemoteDeviceMsg};
 use crate::error::RuntimeError;
 use crate::state::DeviceState;
@@ -137,20 +137,14 @@ impl Inner {
     /// Whether device `slot` holds every replica and module `task` names (what
     /// [`localize`](Self::localize) needs, without making the task).
     fn can_run(&self, task: &TaskOp, slot: u32) -> bool {
-        lock(&self.known).get(slot as usize).is_some_and(|k| {
-            task.durable_buffers().all(|b| k.held.contains(&b.id))
-                && task.launches.iter().all(|l| k.modules.contains_key(&l.module.id))
-        })
+        lock(&self.known).get(slot as usize).is_some_and(|k| holds_all(k, task))
     }
 
     /// `task` (bound to [`CLUSTER_DEVICE`]) for device `slot`: its index, its modules' ids;
     /// `None` when the device lacks a replica or module it names.
     pub(super) fn localize(&self, task: &TaskOp, slot: u32) -> Option<TaskOp> {
         let known = lock(&self.known);
-        let k = known.get(slot as usize)?;
-        if !task.durable_buffers().all(|b| k.held.contains(&b.id)) {
-            return None;
-        }
+        let k = known.get(slot as usize).filter(|k| holds_all(k, task))?;
         let mut op = task.clone();
         for l in &mut op.launches {
             l.module.id = *k.modules.get(&l.module.id)?;
@@ -159,6 +153,12 @@ impl Inner {
         op.source = None;
         Some(op)
     }
+}
+
+/// Whether the device `k` describes holds every replica and module `task` names.
+fn holds_all(k: &Known, task: &TaskOp) -> bool {
+    task.durable_buffers().all(|b| k.held.contains(&b.id))
+        && task.launches.iter().all(|l| k.modules.contains_key(&l.module.id))
 }
 
 /// `task` bound to [`CLUSTER_DEVICE`].
@@ -305,9 +305,15 @@ impl Inner {
     /// Where a task goes: the least-loaded ready device (else a restarting one) of a live
     /// node that holds what it names, not in `tried`; the task for that device.
     fn place(self: &Arc<Self>, task: &TaskOp, tried: &[u32]) -> Option<(RemoteDevice, TaskOp)> {
-        let device = self.least_loaded(|slot| !tried.contains(&slot) && self.can_run(task, slot))?;
-        let op = self.localize(task, device.slot)?;
-        Some((device, op))
+        let mut skip = tried.to_vec();
+        loop {
+            let device = self.least_loaded(|slot| !skip.contains(&slot) && self.can_run(task, slot))?;
+            // (What a device holds can change between the two looks: the next one, then.)
+            match self.localize(task, device.slot) {
+                Some(op) => return Some((device, op)),
+                None => skip.push(device.slot),
+            }
+        }
     }
 }
 
