@@ -156,7 +156,7 @@ impl Drop for Gate<'_> {
     fn drop(&mut self) {
         let mut gates = lock(&self.replicas.gates);
         // Ours and the map's: nobody waits for it (a clone is taken under this lock).
-        if Arc::strong_count(&self.gate) == 2 {
+        if Arc::strong_count(&self.gate) == 2 && gates.get(&self.d).is_some_and(|g| Arc::ptr_eq(g, &self.gate)) {
             gates.remove(&self.d);
         }
     }
