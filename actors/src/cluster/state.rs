@@ -137,7 +137,6 @@ pub(super) fn reachable(actor: &ActorRef<RemoteDeviceMsg>) -> bool {
     )
 }
 
-/// A node's counts, asked of one of its device servers.
 /// The device servers of the other processes in the group (this process's own, if it serves
 /// too, left out).
 pub(super) fn remote_servers() -> impl Iterator<Item = ActorRef<RemoteDeviceMsg>> {
@@ -158,6 +157,7 @@ pub(super) async fn describe(server: &ActorRef<RemoteDeviceMsg>, wait: std::time
     }
 }
 
+/// A node's counts, asked of one of its device servers.
 pub(super) async fn counts_of(server: &ActorRef<RemoteDeviceMsg>) -> Option<NodeCounts> {
     match server.call(RemoteDeviceMsg::Counts, Some(JOIN_TIMEOUT)).await {
         Ok(CallResult::Success(bytes)) => decode::<Counted>(&bytes, "counts")
