@@ -42,6 +42,12 @@ pub(crate) struct Labels {
     pub(crate) buckets: &'static [f64],
 }
 
+/// The duration a bucket stands for: its upper bound (of `bounds`), and beyond the last
+/// bound, twice it.
+pub(crate) fn bucket_bound(bounds: &[f64], bucket: usize) -> f64 {
+    bounds.get(bucket).copied().unwrap_or(2.0 * bounds[bounds.len() - 1])
+}
+
 /// Device states, least to most severe (the worst of a second is the most severe).
 const SEVERITY: [&str; 4] = ["ready", "restarting", "lost", "failed"];
 
@@ -383,15 +389,12 @@ impl History {
     /// The upper bound (ms) of the bucket where the `q` quantile of `count` durations falls.
     fn percentile_ms(&self, counts: &[u64], count: u64, q: f64) -> f64 {
         let rank = ((count as f64) * q).ceil().max(1.0) as u64;
-        let b = self.labels.buckets;
         let mut seen = 0;
-        for (i, n) in counts.iter().enumerate() {
+        let bucket = counts.iter().position(|n| {
             seen += n;
-            if seen >= rank {
-                return 1e3 * b.get(i).copied().unwrap_or(2.0 * b[b.len() - 1]);
-            }
-        }
-        1e3 * 2.0 * b[b.len() - 1]
+            seen >= rank
+        });
+        1e3 * bucket_bound(self.labels.buckets, bucket.unwrap_or(counts.len()))
     }
 }
 

@@ -523,7 +523,7 @@ impl Instruments {
                 .build(),
             retry_attempt: meter
                 .u64_histogram("gpu.retry.attempt")
-                .with_description("The attempt on which a GPU operation succeeded (1 = first try)")
+                .with_description(ATTEMPT_HELP)
                 .with_boundaries(attempt_bounds(max_retries))
                 .build(),
             ops: meter
@@ -533,7 +533,7 @@ impl Instruments {
             duration: meter
                 .f64_histogram("gpu.op.duration")
                 .with_unit("s")
-                .with_description("Time from submission to answer of GPU operations")
+                .with_description(DURATION_HELP)
                 .with_boundaries(DURATION_BUCKETS.to_vec())
                 .build(),
             restarts: meter
@@ -567,6 +567,12 @@ impl Instruments {
         }
     }
 }
+
+/// The help of the op-duration histogram (on the meter and on hipvisor's endpoint).
+pub(crate) const DURATION_HELP: &str = "Time from submission to answer of GPU operations";
+
+/// The help of the attempt histogram (on the meter and on hipvisor's endpoint).
+pub(crate) const ATTEMPT_HELP: &str = "The attempt on which a GPU operation succeeded (1 = first try)";
 
 /// The attempt histogram's bucket bounds: 1 (the first try) to `max_retries + 1`.
 fn attempt_bounds(max_retries: u32) -> Vec<f64> {
@@ -785,11 +791,8 @@ fn record_histograms(histograms: Option<&BucketHistograms>, ins: &Instruments, d
     for (k, op) in OpKind::ALL.iter().enumerate() {
         let attrs = [dev.clone(), KeyValue::new("op", op.as_str())];
         for (b, n) in d.durations[k].iter().enumerate() {
-            // The bucket's upper bound lands in that bucket (beyond the last: twice it).
-            let value = DURATION_BUCKETS
-                .get(b)
-                .copied()
-                .unwrap_or(2.0 * DURATION_BUCKETS[NB - 2]);
+            // The bucket's upper bound lands in that bucket.
+            let value = crate::history::bucket_bound(&DURATION_BUCKETS, b);
             for _ in 0..*n {
                 ins.duration.record(value, &attrs);
             }

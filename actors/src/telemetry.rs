@@ -622,16 +622,12 @@ fn histogram_families(histograms: &BucketHistograms) -> Vec<prometheus::proto::M
         if !duration.is_empty() {
             out.push(family(
                 "gpu_op_duration_seconds",
-                "Time from submission to answer of GPU operations",
+                crate::metrics::DURATION_HELP,
                 duration,
             ));
         }
         if !attempt.is_empty() {
-            out.push(family(
-                "gpu_retry_attempt",
-                "The attempt on which a GPU operation succeeded (1 = first try)",
-                attempt,
-            ));
+            out.push(family("gpu_retry_attempt", crate::metrics::ATTEMPT_HELP, attempt));
         }
         out
     })
