@@ -387,6 +387,16 @@ mod tests {
         }
     }
 
+    /// The part at `offset` of replica `id`, `len` bytes in all.
+    fn part(id: u64, len: u64, offset: u64, bytes: Vec<u8>) -> Call {
+        Call::DurablePart {
+            id,
+            len,
+            offset,
+            data: bytes.into(),
+        }
+    }
+
     fn durable(id: u64, bytes: &[u8]) -> Call {
         Call::Op(Op::Durable {
             id,
@@ -471,15 +481,10 @@ mod tests {
         let gpu = rt.device(0).unwrap();
         let replicas = Replicas::default();
         let id = PEER_DURABLE_BASE + 7;
-        let part = |offset: u64, bytes: Vec<u8>| Call::DurablePart {
-            id,
-            len: 8,
-            offset,
-            data: bytes.into(),
-        };
-        let a = execute(&gpu, &replicas, "n".into(), request(1, part(0, vec![1, 2, 3, 4]))).await;
+        let send = |n, call| execute(&gpu, &replicas, "n".into(), request(n, call));
+        let a = send(1, part(id, 8, 0, vec![1, 2, 3, 4])).await;
         assert!(matches!(a.result, Ok(Reply::Done)) && !a.counted, "{a:?}");
-        let a = execute(&gpu, &replicas, "n".into(), request(2, part(4, vec![5, 6, 7, 8]))).await;
+        let a = send(2, part(id, 8, 4, vec![5, 6, 7, 8])).await;
         let Ok(Reply::Buffer(b)) = a.result else {
             panic!("{a:?}")
         };
@@ -491,30 +496,18 @@ mod tests {
         assert!(lock(&replicas.staged).is_empty(), "nothing left staged");
         // Out of order, or past the end: refused, and nothing staged is kept.
         let other = PEER_DURABLE_BASE + 8;
-        let part = |offset: u64, len: u64, bytes: Vec<u8>| Call::DurablePart {
-            id: other,
-            len,
-            offset,
-            data: bytes.into(),
-        };
-        let a = execute(&gpu, &replicas, "n".into(), request(3, part(4, 8, vec![1; 4]))).await;
+        let a = send(3, part(other, 8, 4, vec![1; 4])).await;
         assert!(matches!(a.result, Err(RuntimeError::Remote { .. })), "{a:?}");
-        let a = execute(&gpu, &replicas, "n".into(), request(4, part(6, 8, vec![1; 4]))).await;
+        let a = send(4, part(other, 8, 6, vec![1; 4])).await;
         assert!(matches!(a.result, Err(RuntimeError::Remote { .. })), "{a:?}");
         assert!(lock(&replicas.staged).is_empty());
         // A try given up halfway, sent again from the start: made from the second try.
         let again = PEER_DURABLE_BASE + 10;
-        let part = |offset: u64, bytes: Vec<u8>| Call::DurablePart {
-            id: again,
-            len: 8,
-            offset,
-            data: bytes.into(),
-        };
-        let a = execute(&gpu, &replicas, "n".into(), request(5, part(0, vec![1; 4]))).await;
+        let a = send(5, part(again, 8, 0, vec![1; 4])).await;
         assert!(matches!(a.result, Ok(Reply::Done)), "{a:?}");
-        let a = execute(&gpu, &replicas, "n".into(), request(6, part(0, vec![2; 4]))).await;
+        let a = send(6, part(again, 8, 0, vec![2; 4])).await;
         assert!(matches!(a.result, Ok(Reply::Done)), "started over: {a:?}");
-        let a = execute(&gpu, &replicas, "n".into(), request(7, part(4, vec![3; 4]))).await;
+        let a = send(7, part(again, 8, 4, vec![3; 4])).await;
         let Ok(Reply::Buffer(b)) = a.result else {
             panic!("{a:?}")
         };
