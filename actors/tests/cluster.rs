@@ -872,6 +872,13 @@ async fn run_join_finishes_its_ops_when_a_node_is_killed_mid_run() {
             n["addr"]
         );
     }
+    // The killed node's device, lost with it.
+    assert!(
+        finals
+            .iter()
+            .any(|d| d["node"] == dead[0]["addr"] && d["state"] == "lost" && d["live"] == false),
+        "the dead node in devices_final: {report}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -119,8 +119,8 @@ pub(crate) struct ClusterEnd {
     pub(crate) consistent: bool,
     /// `[{"addr", "node", "devices", "ops", ...}]`, one per node seen.
     pub(crate) nodes: serde_json::Value,
-    /// The nodes' devices (`node`, `id`, `state`, `live`) as each node last reported them
-    /// (none for a node that gave no counts): the run's `devices_final`.
+    /// The nodes' devices (`node`, `id`, `state`, `live`) as each live node reports them
+    /// now; a lost node's, `lost`: the run's `devices_final`.
     pub(crate) devices: serde_json::Value,
 }
 
@@ -140,8 +140,14 @@ impl ClusterEnd {
         let s = &mut end.snapshot;
         let (mut nodes, mut devices) = (Vec::new(), Vec::new());
         for r in cluster.report().await {
-            for (id, state) in r.counts.iter().flat_map(|c| c.devices.iter().enumerate()) {
-                devices.push(serde_json::json!({"node": r.addr, "id": id, "state": state.as_str(), "live": r.live}));
+            // A node without counts now (lost, or not answering) has its devices seen listed
+            // too: lost with it, or of a state not known.
+            let states: Vec<&str> = match &r.counts {
+                Some(c) => c.devices.iter().map(|d| d.as_str()).collect(),
+                None => vec![if r.live { "unknown" } else { "lost" }; r.devices as usize],
+            };
+            for (id, state) in states.into_iter().enumerate() {
+                devices.push(serde_json::json!({"node": r.addr, "id": id, "state": state, "live": r.live}));
             }
             let verdict = r.consistent();
             let checked = verdict.is_some();
