@@ -40,12 +40,15 @@ pub(crate) const RATIOS: [(&str, &str, &str); 3] = [
 ];
 
 /// A node process, killed when dropped.
-struct NodeProcess(Child);
+struct NodeProcess(Option<Child>);
 
 impl Drop for NodeProcess {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            // Reaped on a thread of its own: this drop runs on a tokio worker.
+            std::thread::spawn(move || child.wait());
+        }
     }
 }
 
@@ -75,7 +78,7 @@ fn start_node(
         .spawn()
         .map_err(|e| format!("cannot start a node: {e}"))?;
     let stderr = child.stderr.take().ok_or("no stderr")?;
-    let node = NodeProcess(child);
+    let node = NodeProcess(Some(child));
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -96,12 +99,12 @@ pub(crate) async fn remote(config: &RuntimeConfig, ops: u64, copy_bytes: usize) 
         std::process::id(),
         rand::random::<u32>()
     ));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let cookie = format!("{:032x}", rand::random::<u128>());
     // (Blocking: files, a process, and a wait for its first line — off the tokio workers.)
     let started = {
-        let (config, dir, cookie) = (config.clone(), dir.clone(), cookie.clone());
+        let (config, cookie) = (config.clone(), cookie.clone());
         tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
             let started = start_node(&config, &dir, &cookie);
             let _ = std::fs::remove_dir_all(&dir);
             started
