@@ -120,6 +120,7 @@ pub(crate) struct Event {
 ///
 /// ```text
 /// { "interval_s": 1, "started_ms": <unix ms>, "now_ms": <unix ms>, "seconds": <samples>,
+///   "max_events": <events kept of each kind on each device>,
 ///   "samples": [ { "t": <unix s>,
 ///                  "ops": { "<outcome>": n, ... },          // every outcome
 ///                  "retries": { "attempts": n, "succeeded": n, "exhausted": n },
@@ -145,6 +146,8 @@ pub struct HistoryView {
     started_ms: u64,
     now_ms: u64,
     seconds: usize,
+    /// [`MAX_EVENTS`]: a client that merges polls keeps as many.
+    max_events: usize,
     #[serde(serialize_with = "shared")]
     samples: Vec<Arc<Sample>>,
     #[serde(serialize_with = "shared")]
@@ -381,6 +384,7 @@ impl History {
             started_ms: self.started_ms,
             now_ms,
             seconds: samples.len(),
+            max_events: MAX_EVENTS,
             samples,
             events,
         }

@@ -677,6 +677,7 @@ async fn api_history_serves_per_second_samples_that_add_up_and_the_restart_with_
     };
     let samples = h["samples"].as_array().unwrap();
     assert_eq!(h["seconds"].as_u64().unwrap() as usize, samples.len());
+    assert_eq!(h["max_events"], 1000, "the cap the page keeps to: {h}");
     let t: Vec<u64> = samples.iter().map(|s| s["t"].as_u64().unwrap()).collect();
     assert!(t.windows(2).all(|w| w[1] == w[0] + 1), "one sample a second: {t:?}");
     assert!(samples.iter().all(|s| s["devices"].as_array().unwrap().len() == 2));
