@@ -224,6 +224,38 @@ async fn a_lost_device_sheds_movable_work_and_returns() {
     assert_eq!(s.devices[1].state, DeviceState::Ready);
 }
 
+/// A device gone for good is still `Lost` in the final snapshot: its probe, woken while the
+/// runtime shuts down, stops probing without saying the device came back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_gone_for_good_is_still_lost_after_shutdown() {
+    let mut c = config(2);
+    // Probes every millisecond: several wake while the runtime shuts down.
+    c.supervisor.lost_probe_interval_ms = 1;
+    c.sim.faults.push(fault(|f| {
+        f.device = Some(0);
+        f.after = Some(1);
+        f.code = Some(100);
+    }));
+    // An op that hangs on device 1 keeps the shutdown waiting while the probes wake.
+    c.sim.faults.push(fault(|f| {
+        f.op = "memset".into();
+        f.device = Some(1);
+        f.nth = Some(1);
+        f.hang_ms = Some(300);
+    }));
+    let rt = start(c).await;
+    let moved = answered(T, rt.device(0).unwrap().alloc(64)).await.unwrap();
+    assert_eq!(moved.device, 1);
+    assert_eq!(rt.states()[0], DeviceState::Lost);
+    let gpu1 = rt.device(1).unwrap();
+    let watch = gpu1.clone();
+    let hung = tokio::spawn(async move { gpu1.memset(moved, 0, 64, 1).await });
+    eventually(T, "the memset is in flight", || async { watch.in_flight() > 0 }).await;
+    let s = rt.shutdown().await;
+    let _ = hung.await;
+    assert_eq!(s.devices[0].state, DeviceState::Lost, "{:?}", s.devices);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_device_actor_is_restarted() {
     let rt = start(config(2)).await;

@@ -83,6 +83,9 @@ pub enum SupervisorMsg {
     },
     /// A lost device answered its probe.
     DeviceReturned(u32),
+    /// A lost device's probe stopped without an answer: the device is no longer lost (it was
+    /// restarted or failed) or the runtime is closing. The device's state stays as it is.
+    ProbeStopped(u32),
     /// The restart backoff of a device's executor has passed (`true`: a restart, counted in
     /// the metrics; `false`: another attempt to open a lost device).
     RestartExecutor(u32, bool),

@@ -191,6 +191,7 @@ impl Actor for Supervisor {
                 }
                 OpenFailureAction::FailDevice => st.fail(device, format!("could not open a context: {error}")),
             },
+            SupervisorMsg::ProbeStopped(device) => st.devices[device as usize].probing = false,
             SupervisorMsg::DeviceReturned(device) => {
                 st.devices[device as usize].probing = false;
                 if st.shared.cores[device as usize].state.get() == DeviceState::Lost {
@@ -571,7 +572,7 @@ impl SupervisorState {
                 tokio::time::sleep(every).await;
                 let core = &shared.cores[device as usize];
                 if shared.closing.load(std::sync::atomic::Ordering::Acquire) || core.state.get() != DeviceState::Lost {
-                    let _ = me.cast(SupervisorMsg::DeviceReturned(device));
+                    let _ = me.cast(SupervisorMsg::ProbeStopped(device));
                     return;
                 }
                 if shared.runtime_op(device, Op::MemInfo).await.is_ok() {
