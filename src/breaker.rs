@@ -6,6 +6,9 @@
 //! - **Open**: calls are rejected for `open_ms`; then the breaker is half-open.
 //! - **HalfOpen**: up to `half_open_probes` calls are admitted as probes. When all of them
 //!   succeed the breaker closes (with a fresh window); any probe failure opens it again.
+//!   Answers are not told apart by how their calls were admitted: a call admitted while the
+//!   breaker was closed that succeeds once it is half-open counts as a successful probe (the
+//!   device did answer), and one that fails opens it again.
 //!
 //! What counts as a failure is the caller's decision (the runtime counts transient and
 //! sticky errors and device losses, never invalid requests).

@@ -37,7 +37,8 @@ async fn sticky_fault_and_restart(rt: &Runtime, gpu: &DeviceHandle) {
     let e = answered(T, gpu.synchronize()).await.unwrap_err();
     assert_eq!(e.class(), Some(ErrorClass::Sticky), "{e}");
     eventually(T, "the device is back", || async {
-        rt.worker_pid(gpu.index()) != before && rt.states()[gpu.index() as usize] == DeviceState::Ready
+        rt.worker_pid(gpu.index()).is_some_and(|p| Some(p) != before)
+            && rt.states()[gpu.index() as usize] == DeviceState::Ready
     })
     .await;
 }

@@ -22,10 +22,15 @@ async fn a_sticky_fault_in_thread_isolation_fails_every_device_counts_one_fault_
     for d in 0..4 {
         let gpu = rt.device(d).unwrap();
         tasks.push(tokio::spawn(async move {
+            // Busy until the fault reaches them (however late the launch below comes), with
+            // a cap so that a fault that never comes cannot keep them busy for ever.
             let mut results: Vec<OpResult> = Vec::new();
-            for _ in 0..50 {
+            for _ in 0..10_000 {
                 results.push(gpu.submit(Op::Alloc { bytes: 1024 }).await);
                 results.push(gpu.submit(Op::MemInfo).await);
+                if results.iter().rev().take(2).any(Result::is_err) {
+                    break;
+                }
             }
             results
         }));
@@ -192,7 +197,8 @@ async fn a_lost_device_sheds_movable_work_and_returns() {
         f.device = Some(1);
         f.after = Some(2);
         f.code = Some(100);
-        f.duration_ms = Some(300);
+        // Long enough that the checks below run while it is gone, even on a loaded machine.
+        f.duration_ms = Some(3_000);
     }));
     let rt = start(c).await;
     let mut changes = rt.subscribe();

@@ -136,7 +136,9 @@ async fn per_op_override_is_honoured() {
 async fn an_out_of_memory_alloc_waits_for_free_memory() {
     let mut c = config(1);
     c.sim.memory_bytes = 1000;
-    c.retry.max_retries = 50;
+    // Retries enough that the op's deadline (10 s), not the backoff, ends a wait that the
+    // test below is too slow to end.
+    c.retry.max_retries = 2_000;
     c.retry.initial_delay_ms = 5;
     c.retry.max_delay_ms = 5;
     let rt = start(c).await;
@@ -287,15 +289,19 @@ async fn the_breaker_opens_admits_a_probe_and_closes() {
     c.retry.max_retries = 0;
     c.breaker.enabled = true;
     c.breaker.consecutive_failures = 3;
-    c.breaker.open_ms = 100;
+    // Open long enough that the checks below run while it is open, even on a loaded machine.
+    c.breaker.open_ms = 1_000;
     c.breaker.half_open_probes = 1;
-    // Memsets fail for 300 ms from the first failure, then work again.
-    c.sim.faults.push(fault(|f| {
-        f.op = "memset".into();
-        f.after = Some(1);
-        f.code = Some(600);
-        f.duration_ms = Some(300);
-    }));
+    // The first four memsets that reach the device fail, then they work: three open the
+    // breaker, the fourth is the first half-open probe (it fails: the breaker opens again),
+    // the fifth is the probe that closes it. Counted by the simulator, not by the clock.
+    for nth in 1..=4 {
+        c.sim.faults.push(fault(|f| {
+            f.op = "memset".into();
+            f.nth = Some(nth);
+            f.code = Some(600);
+        }));
+    }
     let rt = start(c).await;
     let gpu = rt.device(0).unwrap();
     let b = gpu.alloc(8).await.unwrap();
@@ -310,15 +316,15 @@ async fn the_breaker_opens_admits_a_probe_and_closes() {
         Err(RuntimeError::CircuitOpen { device: 0, .. })
     ));
     assert_eq!(rt.snapshot().await.unwrap().devices[0].breaker, BreakerState::Open);
-    // Keep trying: probes fail while the fault lasts (the breaker opens again), then one
-    // succeeds and the breaker closes.
+    // Keep trying: the first probe fails (the breaker opens again), the next one succeeds and
+    // the breaker closes.
     eventually(T, "a probe succeeds", || async { gpu.memset(b, 0, 8, 1).await.is_ok() }).await;
     gpu.memset(b, 0, 8, 1).await.unwrap();
     let s = rt.shutdown().await;
     assert_eq!(s.devices[0].breaker, BreakerState::Closed);
     assert!(
-        s.breaker_transitions >= 3,
-        "closed→open→half_open→closed: {}",
+        s.breaker_transitions >= 5,
+        "closed→open→half_open→open→half_open→closed: {}",
         s.breaker_transitions
     );
 }

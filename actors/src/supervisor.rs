@@ -169,6 +169,10 @@ impl Actor for Supervisor {
                     st.shared.set_state(device, DeviceState::Ready, None);
                 }
             }
+            // A start that failed while the runtime closes (it refuses new workers, and ends
+            // those starting): the closing's doing, not the device's; its state stays.
+            SupervisorMsg::OpenFailed { .. }
+                if st.shutting_down || st.shared.closing.load(std::sync::atomic::Ordering::Acquire) => {}
             SupervisorMsg::OpenFailed {
                 device,
                 epoch: _,
@@ -191,7 +195,17 @@ impl Actor for Supervisor {
                 }
                 OpenFailureAction::FailDevice => st.fail(device, format!("could not open a context: {error}")),
             },
-            SupervisorMsg::ProbeStopped(device) => st.devices[device as usize].probing = false,
+            SupervisorMsg::ProbeStopped(device) => {
+                st.devices[device as usize].probing = false;
+                // The device may have been lost again between the probe's last look and
+                // this message (its `probe` call found one still running): probe it anew.
+                if st.shared.cores[device as usize].state.get() == DeviceState::Lost
+                    && !st.shutting_down
+                    && !st.shared.closing.load(std::sync::atomic::Ordering::Acquire)
+                {
+                    st.probe(&me, device);
+                }
+            }
             SupervisorMsg::DeviceReturned(device) => {
                 st.devices[device as usize].probing = false;
                 if st.shared.cores[device as usize].state.get() == DeviceState::Lost {

@@ -896,12 +896,13 @@ mod tests {
         let silent = connect(srv.addr);
         // A kept-alive connection, idle after its response.
         let mut kept = connect(srv.addr);
+        // Before the request: the server's idle clock starts at its response, after this.
+        let sent = Instant::now();
         send_get(&mut kept, "/");
         assert_eq!(read_ok_response(&mut kept), 200);
-        let answered = Instant::now();
         let after = closed_within(&silent, t0, Duration::from_secs(10)).expect("silent: closed");
         assert!(after >= Duration::from_millis(250), "silent: closed after {after:?}");
-        let after = closed_within(&kept, answered, Duration::from_secs(10)).expect("kept alive: closed");
+        let after = closed_within(&kept, sent, Duration::from_secs(10)).expect("kept alive: closed");
         assert!(
             after >= Duration::from_millis(250),
             "kept alive: closed after {after:?}"

@@ -360,7 +360,9 @@ async fn readyz_is_503_while_every_device_is_lost_and_200_when_one_returns() {
     let mut c = config(vec![FaultSpec {
         after: Some(1),
         code: Some(100),
-        duration_ms: Some(500),
+        // Long enough that the first look below comes while it is gone, even on a loaded
+        // machine.
+        duration_ms: Some(3_000),
         ..FaultSpec::default()
     }]);
     c.sim.devices = 1;
