@@ -181,8 +181,11 @@ impl CircuitBreaker {
         Duration::from_millis(self.config.open_ms)
     }
 
-    /// Moves an expired open breaker to half-open; returns the transition if any.
-    fn refresh(&mut self, now: Instant) -> Option<Transition> {
+    /// Moves an open breaker whose time is up to half-open; returns the transition if any.
+    /// [`admit`](Self::admit) and the `record_*` calls do this first themselves, but return
+    /// only their last transition: a caller that reports every transition calls this before
+    /// them, so that a call that both expires the open time and answers reports both.
+    pub fn expire(&mut self, now: Instant) -> Option<Transition> {
         if self.state == BreakerState::Open && self.state(now) == BreakerState::HalfOpen {
             self.probes_out = 0;
             self.probes_ok = 0;
@@ -200,7 +203,7 @@ impl CircuitBreaker {
     /// Asks whether a call may proceed at `now`. A probe admitted here must be answered with
     /// [`record_success`](Self::record_success) or [`record_failure`](Self::record_failure).
     pub fn admit(&mut self, now: Instant) -> (Admission, Option<Transition>) {
-        let t = self.refresh(now);
+        let t = self.expire(now);
         let a = match self.state {
             BreakerState::Closed => Admission::Allowed,
             BreakerState::Open => Admission::Rejected {
@@ -221,7 +224,7 @@ impl CircuitBreaker {
 
     /// Records a successful call.
     pub fn record_success(&mut self, now: Instant) -> Option<Transition> {
-        let t = self.refresh(now);
+        let t = self.expire(now);
         match self.state {
             BreakerState::Closed => {
                 self.consecutive = 0;
@@ -256,7 +259,7 @@ impl CircuitBreaker {
 
     /// Records a failed call.
     pub fn record_failure(&mut self, now: Instant) -> Option<Transition> {
-        let t = self.refresh(now);
+        let t = self.expire(now);
         match self.state {
             BreakerState::Closed => {
                 self.consecutive += 1;

@@ -35,12 +35,15 @@ impl Shared {
         let now = Instant::now();
         let (r, transitions) = {
             let mut b = lock(breaker);
+            // Its own step, so that an answer that comes after the open time reports the
+            // half-open transition as well as its own.
+            let expired = b.expire(now);
             let pending = core.breaker_successes.swap(0, Ordering::AcqRel);
             let earlier = b.record_successes(pending, now);
             let (r, t) = f(&mut b, now);
             core.breaker_closed
                 .store(b.state(now) == hipvisor_core::BreakerState::Closed, Ordering::Release);
-            (r, [earlier, t])
+            (r, [expired, earlier, t])
         };
         for t in transitions.into_iter().flatten() {
             self.metrics_event(MetricsEvent::Breaker {
@@ -635,6 +638,26 @@ mod tests {
             shared_mem_bytes: 0,
             args: Vec::new(),
         }
+    }
+
+    #[tokio::test]
+    async fn an_answer_after_the_open_time_reports_the_half_open_transition_too() {
+        let s = shared(1, |c| {
+            c.breaker.enabled = true;
+            c.breaker.consecutive_failures = 1;
+            c.breaker.open_ms = 1;
+        })
+        .await;
+        let core = &s.cores[0];
+        s.breaker_result(core, false);
+        // Past the open time (at least this long: a longer sleep changes nothing).
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        // The answer of a call admitted before it opened, first to come after the open time:
+        // half-open, then open again.
+        s.breaker_result(core, false);
+        let snap = s.snapshot().await.unwrap();
+        assert_eq!(snap.breaker_transitions, 3, "closed→open→half_open→open");
+        assert_eq!(snap.devices[0].breaker, hipvisor_core::BreakerState::Open);
     }
 
     #[tokio::test]

@@ -169,10 +169,17 @@ impl Actor for Supervisor {
                     st.shared.set_state(device, DeviceState::Ready, None);
                 }
             }
-            // A start that failed while the runtime closes (it refuses new workers, and ends
-            // those starting): the closing's doing, not the device's; its state stays.
-            SupervisorMsg::OpenFailed { .. }
-                if st.shutting_down || st.shared.closing.load(std::sync::atomic::Ordering::Acquire) => {}
+            // A worker that could not start while the runtime closes (it refuses new workers,
+            // and ends those starting): the closing's doing, not the device's; its state
+            // stays. A start that failed on its own (a GPU error from the worker, or in
+            // thread isolation any error) is decided as always.
+            SupervisorMsg::OpenFailed {
+                device,
+                error: error @ GpuError::WorkerUnavailable { .. },
+                ..
+            } if st.shutting_down || st.shared.closing.load(std::sync::atomic::Ordering::Acquire) => {
+                tracing::debug!(device, error = %error, "a worker's start ended by the closing runtime");
+            }
             SupervisorMsg::OpenFailed {
                 device,
                 epoch: _,

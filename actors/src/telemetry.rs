@@ -894,14 +894,15 @@ mod tests {
         let srv = server(limits(LONG, Duration::from_millis(300), 16));
         let t0 = Instant::now();
         let silent = connect(srv.addr);
-        // A kept-alive connection, idle after its response.
+        let after = closed_within(&silent, t0, Duration::from_secs(10)).expect("silent: closed");
+        assert!(after >= Duration::from_millis(250), "silent: closed after {after:?}");
+        // A kept-alive connection, idle after its response; timed from before the request
+        // (the server's idle clock starts at its response, after this), and only once the
+        // silent one is closed, so that a close right after the response would be seen.
         let mut kept = connect(srv.addr);
-        // Before the request: the server's idle clock starts at its response, after this.
         let sent = Instant::now();
         send_get(&mut kept, "/");
         assert_eq!(read_ok_response(&mut kept), 200);
-        let after = closed_within(&silent, t0, Duration::from_secs(10)).expect("silent: closed");
-        assert!(after >= Duration::from_millis(250), "silent: closed after {after:?}");
         let after = closed_within(&kept, sent, Duration::from_secs(10)).expect("kept alive: closed");
         assert!(
             after >= Duration::from_millis(250),
