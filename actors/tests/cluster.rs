@@ -331,13 +331,12 @@ async fn a_frozen_node_is_detected_within_the_heartbeat_timeout() {
     let cluster = Cluster::join(&[n.addr], "f", &config_for_kill()).await.unwrap();
     let gpu = cluster.devices().await.pop().expect("one device");
     gpu.submit(Op::MemInfo).await.expect("served while running");
-    let pid = nix::unistd::Pid::from_raw(n.child.id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let pid = freeze(&n);
     let started = Instant::now();
     // The process is alive (its socket open) but answers nothing: only the heartbeats tell.
     match gpu.submit(Op::MemInfo).await {
         Err(RuntimeError::NodeLost { .. }) => {}
-        other => panic!("expected NodeLost, got {other:?}"),
+        other => panic!("expected NodeLost, got {other:?} after {:?}", started.elapsed()),
     }
     let waited = started.elapsed();
     assert!(
@@ -397,12 +396,11 @@ async fn a_frozen_node_that_resumes_serves_again() {
     let n = node(&cookie, 1);
     let cluster = Cluster::join(&[n.addr], "z", &config()).await.unwrap();
     let gpu = cluster.devices().await.pop().expect("one device");
-    let pid = nix::unistd::Pid::from_raw(n.child.id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
-    assert!(matches!(
-        gpu.submit(Op::MemInfo).await,
-        Err(RuntimeError::NodeLost { .. })
-    ));
+    let pid = freeze(&n);
+    match gpu.submit(Op::MemInfo).await {
+        Err(RuntimeError::NodeLost { .. }) => {}
+        other => panic!("expected NodeLost, got {other:?}"),
+    }
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
     let again = serving_again(&cluster, None).await;
     assert_eq!(again.node(), gpu.node(), "the same node, rejoined");
@@ -524,8 +522,7 @@ async fn tasks_run_on_every_node_and_move_when_theirs_is_killed_or_frozen() {
     a.child.kill().unwrap();
     a.child.wait().unwrap();
     until("300 more tasks served", || served.load(Ordering::Relaxed) >= 600).await;
-    let b_pid = nix::unistd::Pid::from_raw(b.child.id() as i32);
-    nix::sys::signal::kill(b_pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let b_pid = freeze(&b);
     until("300 more tasks served", || served.load(Ordering::Relaxed) >= 900).await;
     // The frozen node is lost by its heartbeats; what it held moved on.
     within("the frozen node is lost", 30, || {
@@ -689,10 +686,22 @@ async fn run_join_uses_three_nodes_survives_a_sigkill_and_uses_the_node_restarte
     );
 }
 
-/// SIGSTOPs `n` and waits (30 s at most) until `cluster` has lost a node; its pid.
-async fn freeze_until_lost(cluster: &Cluster, n: &Node) -> nix::unistd::Pid {
+/// SIGSTOPs `n` and returns its pid once every thread of it has stopped: kill(2) only
+/// queues the signal, and until the group stop is complete the node may still serve a
+/// request sent after it. (`WUNTRACED` reports the stop without reaping the child.)
+fn freeze(n: &Node) -> nix::unistd::Pid {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
     let pid = nix::unistd::Pid::from_raw(n.child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    match waitpid(pid, Some(WaitPidFlag::WUNTRACED)) {
+        Ok(WaitStatus::Stopped(_, nix::sys::signal::Signal::SIGSTOP)) => pid,
+        other => panic!("the node stops: {other:?}"),
+    }
+}
+
+/// [`freeze`]s `n` and waits (30 s at most) until `cluster` has lost a node; its pid.
+async fn freeze_until_lost(cluster: &Cluster, n: &Node) -> nix::unistd::Pid {
+    let pid = freeze(n);
     within("the frozen node is lost", 30, || {
         !cluster.nodes().iter().all(|n| n.live)
     })
