@@ -39,6 +39,36 @@ fn scratch(tag: &str) -> PathBuf {
     dir
 }
 
+/// An executable script `name` in `dir` with `text` (its `#!` line included).
+fn script(dir: &Path, name: &str, text: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// Kills device 0's worker and lets an op find it dead (the op waits for the new one), waits
+/// until `what` holds, and shuts the runtime down: the final snapshot's device 0, once that
+/// op is answered (by the shutdown).
+async fn crash_and_shut_down_once(
+    rt: Runtime,
+    what: &str,
+    cond: impl Fn(&Runtime) -> bool,
+) -> hipvisor::metrics::DeviceSnapshot {
+    ipc::kill(rt.worker_pid(0).unwrap());
+    let gpu = rt.device(0).unwrap();
+    let waiting = tokio::spawn(async move { gpu.mem_info().await });
+    eventually(T, what, || async { cond(&rt) }).await;
+    assert_eq!(rt.states()[0], DeviceState::Restarting);
+    let s = rt.shutdown().await;
+    match answered(T, waiting).await.unwrap() {
+        Err(RuntimeError::ShuttingDown) => {}
+        other => panic!("expected ShuttingDown, got {other:?}"),
+    }
+    s.devices[0].clone()
+}
+
 /// A copy of the worker program of this test's own: its processes are told apart from
 /// other tests' by their executable, and it can be deleted.
 fn worker_copy(tag: &str) -> PathBuf {
@@ -193,14 +223,11 @@ async fn a_worker_that_hangs_in_its_start_is_killed_within_the_start_timeout() {
     // A "worker" that never answers its handshake; it notes its process id first.
     let dir = scratch("hang");
     let pids = dir.join("pids");
-    let program = dir.join("hanging-worker");
-    std::fs::write(
-        &program,
-        format!("#!/bin/sh\necho $$ >> '{}'\nexec sleep 60\n", pids.display()),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let program = script(
+        &dir,
+        "hanging-worker",
+        &format!("#!/bin/sh\necho $$ >> '{}'\nexec sleep 60\n", pids.display()),
+    );
     let timeout_ms = 800;
     let mut c = process_config(1);
     c.supervisor.worker_start_timeout_ms = timeout_ms;
@@ -284,18 +311,15 @@ async fn a_worker_ended_in_its_start_by_shutdown_leaves_its_device_restarting_no
     // A worker program whose every start but the first waits (in bash itself: no child
     // process holds the worker's pipes) before it becomes the real worker.
     let dir = scratch("slow-restart");
-    let program = dir.join("slow-restart-worker");
-    std::fs::write(
-        &program,
-        format!(
+    let program = script(
+        &dir,
+        "slow-restart-worker",
+        &format!(
             "#!/bin/bash\ncd '{dir}'\nif [ -e started ]; then touch waiting; mkfifo fifo; read -t 60 <> fifo; fi\ntouch started\nexec '{worker}' \"$@\"\n",
             dir = dir.display(),
             worker = WORKER,
         ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     let mut c = process_config(1);
     c.runtime.shutdown_timeout_ms = 200;
     let rt = Runtime::builder()
@@ -304,21 +328,9 @@ async fn a_worker_ended_in_its_start_by_shutdown_leaves_its_device_restarting_no
         .start()
         .await
         .expect("runtime starts");
-    ipc::kill(rt.worker_pid(0).unwrap());
-    // The next op finds the worker dead; it waits for the new one.
-    let gpu = rt.device(0).unwrap();
-    let waiting = tokio::spawn(async move { gpu.mem_info().await });
-    eventually(T, "the new worker is in its start", || async {
-        dir.join("waiting").exists()
-    })
-    .await;
-    assert_eq!(rt.states()[0], DeviceState::Restarting);
-    let s = rt.shutdown().await;
-    assert!(matches!(
-        answered(T, waiting).await.unwrap(),
-        Err(RuntimeError::ShuttingDown | RuntimeError::DeviceRestarted { .. })
-    ));
-    assert_eq!(s.devices[0].state, DeviceState::Restarting, "{:?}", s.devices[0]);
+    let waiting = dir.join("waiting");
+    let d = crash_and_shut_down_once(rt, "the new worker is in its start", |_| waiting.exists()).await;
+    assert_eq!(d.state, DeviceState::Restarting, "{d:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -332,20 +344,11 @@ async fn a_restart_refused_by_a_closing_runtime_leaves_its_device_restarting_not
     c.supervisor.restart_backoff_max_ms = 1_500;
     c.runtime.shutdown_timeout_ms = 3_000;
     let rt = start_with_worker(c).await;
-    ipc::kill(rt.worker_pid(0).unwrap());
-    // The next op finds the worker dead and waits for the new one: the drain waits for it.
-    let gpu = rt.device(0).unwrap();
-    let waiting = tokio::spawn(async move { gpu.mem_info().await });
-    eventually(T, "the device is restarting", || async {
+    let d = crash_and_shut_down_once(rt, "the device is restarting", |rt| {
         rt.states()[0] == DeviceState::Restarting
     })
     .await;
-    let s = rt.shutdown().await;
-    assert!(matches!(
-        answered(T, waiting).await.unwrap(),
-        Err(RuntimeError::ShuttingDown)
-    ));
-    assert_eq!(s.devices[0].state, DeviceState::Restarting, "{:?}", s.devices[0]);
+    assert_eq!(d.state, DeviceState::Restarting, "{d:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
