@@ -4,7 +4,8 @@
 //! or `saxpy`, download, verify against a CPU result, free. They message the device actors
 //! with `DeviceMsg::Submit` through `ractor`'s call, as an application's own actors would.
 //! `--ops N` counts device operations submitted (a started iteration is finished, so the
-//! count can exceed N by less than one iteration per actor).
+//! count can exceed N by less than one iteration per actor); with `--workload inference`, it
+//! is exactly N requests (each request actor claims one before it sends it).
 //!
 //! Exit status: 1 when a reply is missing, a result is wrong, the metrics' op counts differ
 //! from what the actors observed, or the job could not run (`--ops` above 0 and no device
@@ -127,10 +128,48 @@ struct Observed {
     late: u64,
 }
 
+/// The job's op budget (`--ops`): the ops submitted so far, against the limit.
+struct Budget {
+    limit: u64,
+    submitted: AtomicU64,
+}
+
+impl Budget {
+    fn new(limit: u64) -> Budget {
+        Budget {
+            limit,
+            submitted: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts an op submitted whatever the limit (the ops workload finishes an iteration it
+    /// started, so it may go past the limit by less than one iteration per actor).
+    fn count(&self) {
+        self.submitted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes one op of the limit, `false` once it is spent. One atomic step, so that request
+    /// actors that look at once never submit more than the limit between them.
+    fn claim(&self) -> bool {
+        self.submitted
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < self.limit).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn spent(&self) -> bool {
+        self.submitted() >= self.limit
+    }
+
+    fn submitted(&self) -> u64 {
+        self.submitted.load(Ordering::Relaxed)
+    }
+}
+
 struct Job {
     target: Target,
-    budget: u64,
-    submitted: AtomicU64,
+    budget: Budget,
     observed: Mutex<Observed>,
     progress: ProgressBar,
     op_deadline: Duration,
@@ -151,7 +190,7 @@ impl Job {
         if self.stopped() {
             return None;
         }
-        self.submitted.fetch_add(1, Ordering::Relaxed);
+        self.budget.count();
         self.progress.inc(1);
         let started = Instant::now();
         let result = self.submit(device, op).await;
@@ -160,12 +199,12 @@ impl Job {
     }
 
     /// Runs one task (a request of the inference workload) where the runtime places it, and
-    /// waits for its answer; `None` as for [`Job::op`].
+    /// waits for its answer, once it has claimed one op of the budget; `None` as for
+    /// [`Job::op`], and when the budget is spent (nothing submitted).
     async fn task(&self, task: &hipvisor::Task) -> Option<Result<Vec<hipvisor::Payload>, RuntimeError>> {
-        if self.stopped() {
+        if self.stopped() || !self.budget.claim() {
             return None;
         }
-        self.submitted.fetch_add(1, Ordering::Relaxed);
         self.progress.inc(1);
         let started = Instant::now();
         let result = tokio::time::timeout(self.op_deadline + REPLY_MARGIN, self.target.run(task))
@@ -230,7 +269,7 @@ impl Job {
     }
 
     fn exhausted(&self) -> bool {
-        self.stopped() || self.submitted.load(Ordering::Relaxed) >= self.budget
+        self.stopped() || self.budget.spent()
     }
 
     fn stopped(&self) -> bool {
@@ -666,8 +705,7 @@ async fn drive(
     );
     let job = Arc::new(Job {
         target,
-        budget: args.ops,
-        submitted: AtomicU64::new(0),
+        budget: Budget::new(args.ops),
         observed: Mutex::new(Observed::default()),
         progress: progress.clone(),
         op_deadline,
@@ -712,7 +750,7 @@ async fn drive(
     // Interrupted: a signal stopped the job before it had submitted its ops.
     let interrupted = match stop.load(Ordering::Relaxed) {
         0 => None,
-        _ if job.submitted.load(Ordering::Relaxed) >= job.budget => None,
+        _ if job.budget.spent() => None,
         s => Some(s),
     };
     Ok((job, elapsed, interrupted))
@@ -750,7 +788,7 @@ async fn finish(job: Arc<Job>, end: RunEnd) -> ExitCode {
         return ExitCode::FAILURE;
     };
     let o = hipvisor_core::sync::into_inner(job.observed);
-    let submitted = job.submitted.load(Ordering::Relaxed);
+    let submitted = job.budget.submitted();
     let answered = o.succeeded + o.failed;
     // What the metrics say was answered and succeeded, against what was observed.
     let (snapshot, (metric_answered, metric_succeeded), (answered, succeeded), nodes, verdict) = match job.target {
@@ -809,7 +847,7 @@ async fn finish(job: Arc<Job>, end: RunEnd) -> ExitCode {
             .join("; ")
     };
     // A job asked to submit ops that could not run is a failure, not an empty success.
-    let could_not_run = if job.budget == 0 {
+    let could_not_run = if job.budget.limit == 0 {
         None
     } else if !ever_ready && o.succeeded == 0 {
         Some(format!("no device became ready: {}", device_states()))
@@ -964,5 +1002,51 @@ async fn finish(job: Arc<Job>, end: RunEnd) -> ExitCode {
         ExitCode::from(128 + signal as u8)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Budget;
+    use std::sync::Barrier;
+
+    /// Claims `budget` from `threads` threads let go at once, each until refused: the claims
+    /// each thread made.
+    fn claim_at_once(budget: &Budget, threads: usize) -> Vec<u64> {
+        let start = Barrier::new(threads);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|_| {
+                    s.spawn(|| {
+                        start.wait();
+                        let mut mine = 0u64;
+                        while budget.claim() {
+                            mine += 1;
+                        }
+                        mine
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|t| t.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn request_actors_claiming_at_once_never_take_more_than_the_budget() {
+        // The last claims are where a look-then-count would let two through: many rounds of
+        // a budget of one, and one long round.
+        for round in 0..1_500 {
+            let budget = Budget::new(1);
+            let claims = claim_at_once(&budget, 4);
+            assert_eq!(claims.iter().sum::<u64>(), 1, "round {round}: {claims:?}");
+            assert_eq!(budget.submitted(), 1);
+        }
+        let budget = Budget::new(10_000);
+        assert_eq!(claim_at_once(&budget, 8).iter().sum::<u64>(), 10_000);
+        assert!(budget.spent() && !budget.claim());
+        // Counting (the ops workload) goes past it; claiming still refuses.
+        budget.count();
+        assert_eq!(budget.submitted(), 10_001);
+        assert!(!budget.claim());
     }
 }
