@@ -48,15 +48,18 @@ fn script(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
-/// Kills device 0's worker and lets an op find it dead (the op waits for the new one), waits
-/// until `what` holds, and shuts the runtime down: the final snapshot's device 0, once that
-/// op is answered (by the shutdown).
+/// Kills device 0's worker and, once it is dead, lets an op find it so (the op waits for the
+/// new one), waits until `what` holds, and shuts the runtime down: the final snapshot's
+/// device 0, once that op is answered (by the shutdown).
 async fn crash_and_shut_down_once(
     rt: Runtime,
     what: &str,
     cond: impl Fn(&Runtime) -> bool,
 ) -> hipvisor::metrics::DeviceSnapshot {
-    ipc::kill(rt.worker_pid(0).unwrap());
+    let pid = rt.worker_pid(0).unwrap();
+    ipc::kill(pid);
+    // kill(2) only sends the signal: until the worker is gone it could still answer the op.
+    eventually(T, "the worker is dead", || async { !alive(pid) }).await;
     let gpu = rt.device(0).unwrap();
     let waiting = tokio::spawn(async move { gpu.mem_info().await });
     eventually(T, what, || async { cond(&rt) }).await;
