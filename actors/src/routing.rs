@@ -650,8 +650,13 @@ mod tests {
         .await;
         let core = &s.cores[0];
         s.breaker_result(core, false);
-        // Past the open time (at least this long: a longer sleep changes nothing).
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        // Until its open time is up, as the breaker reads its clock (without moving it).
+        let breaker = core.breaker.as_ref().unwrap();
+        let give_up = Instant::now() + std::time::Duration::from_secs(10);
+        while lock(breaker).state(Instant::now()) != hipvisor_core::BreakerState::HalfOpen {
+            assert!(Instant::now() < give_up, "the breaker's open time never ended");
+            tokio::task::yield_now().await;
+        }
         // The answer of a call admitted before it opened, first to come after the open time:
         // half-open, then open again.
         s.breaker_result(core, false);
