@@ -227,6 +227,13 @@ impl CounterDelta {
         self.late
     }
 
+    /// Whether it holds anything of op kind `k`'s durations: a bucket count, or
+    /// nanoseconds alone (a flush can take an op's bucket and leave its nanoseconds for the
+    /// next).
+    fn has_durations(&self, k: usize) -> bool {
+        self.durations[k].iter().any(|n| *n > 0) || self.duration_ns[k] > 0
+    }
+
     /// Nothing counted. Every field is looked at: a flush can split one op's counts between
     /// two deltas, and a delta holding only a duration or an attempt must still be applied.
     fn is_empty(&self) -> bool {
@@ -771,8 +778,7 @@ fn record_histograms(histograms: Option<&BucketHistograms>, ins: &Instruments, d
     if let Some(h) = histograms {
         let mut b = lock(&h.0);
         for (k, op) in OpKind::ALL.iter().enumerate() {
-            // (A flush can take an op's bucket and leave its nanoseconds for the next.)
-            if d.durations[k].iter().any(|n| *n > 0) || d.duration_ns[k] > 0 {
+            if d.has_durations(k) {
                 let (counts, sum) = b.duration.entry((device, *op)).or_insert_with(|| (vec![0; NB], 0.0));
                 counts.iter_mut().zip(&d.durations[k]).for_each(|(c, n)| *c += n);
                 *sum += d.duration_ns[k] as f64 / 1e9;
@@ -843,7 +849,7 @@ impl MetricsState {
                 );
             }
             let count: u64 = d.durations[k].iter().sum();
-            if count > 0 || d.duration_ns[k] > 0 {
+            if d.has_durations(k) {
                 let stats = s.durations.entry(*op).or_insert_with(|| DurationStats {
                     buckets: vec![0; NB],
                     ..DurationStats::default()

@@ -177,7 +177,7 @@ impl Actor for Supervisor {
                 device,
                 error: error @ GpuError::WorkerUnavailable { .. },
                 ..
-            } if st.shutting_down || st.shared.closing.load(std::sync::atomic::Ordering::Acquire) => {
+            } if st.closing() => {
                 tracing::debug!(device, error = %error, "a worker's start ended by the closing runtime");
             }
             SupervisorMsg::OpenFailed {
@@ -206,10 +206,7 @@ impl Actor for Supervisor {
                 st.devices[device as usize].probing = false;
                 // The device may have been lost again between the probe's last look and
                 // this message (its `probe` call found one still running): probe it anew.
-                if st.shared.cores[device as usize].state.get() == DeviceState::Lost
-                    && !st.shutting_down
-                    && !st.shared.closing.load(std::sync::atomic::Ordering::Acquire)
-                {
+                if st.shared.cores[device as usize].state.get() == DeviceState::Lost {
                     st.probe(&me, device);
                 }
             }
@@ -578,8 +575,17 @@ impl SupervisorState {
         }
     }
 
-    /// Probes a lost device until it answers.
+    /// Whether the runtime is closing (set before the supervisor hears `Shutdown`, so this
+    /// covers `shutting_down` too).
+    fn closing(&self) -> bool {
+        self.shared.closing.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Probes a lost device until it answers (nothing once the runtime is closing).
     fn probe(&mut self, me: &ActorRef<SupervisorMsg>, device: u32) {
+        if self.closing() {
+            return;
+        }
         let dev = &mut self.devices[device as usize];
         if dev.probing {
             return;
