@@ -39,17 +39,13 @@ fn process_config(devices: u32) -> RuntimeConfig {
 fn proxy_program(mode: &str, breaks: Option<OpKind>) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("hipvisor-hardening-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("proxy-{mode}"));
     let exe = std::env::current_exe().unwrap();
     let breaks = breaks.map_or(String::new(), |k| format!("{BREAKS}={k} "));
     let script = format!(
         "#!/bin/sh\n{MODE}={mode} {breaks}exec '{}' --exact proxy_worker --nocapture --test-threads=1 -q\n",
         exe.display()
     );
-    std::fs::write(&path, script).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path
+    common::script(&dir, &format!("proxy-{mode}"), &script)
 }
 
 async fn start_with(program: &Path, c: RuntimeConfig) -> Runtime {

@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{WORKER, answered, config, eventually, fault, start_with_worker};
+use common::{WORKER, answered, config, eventually, fault, script, start_with_worker};
 use hipvisor::core::config::Isolation;
 use hipvisor::core::ipc;
 use hipvisor::{DeviceState, Runtime, RuntimeConfig, RuntimeError};
@@ -39,23 +39,14 @@ fn scratch(tag: &str) -> PathBuf {
     dir
 }
 
-/// An executable script `name` in `dir` with `text` (its `#!` line included).
-fn script(dir: &Path, name: &str, text: &str) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path
-}
-
 /// Kills device 0's worker and, once it is dead, lets an op find it so (the op waits for the
 /// new one), waits until `what` holds, and shuts the runtime down: the final snapshot's
-/// device 0, once that op is answered (by the shutdown).
+/// device 0, once that op is answered (by the shutdown), and how long the shutdown took.
 async fn crash_and_shut_down_once(
     rt: Runtime,
     what: &str,
     cond: impl Fn(&Runtime) -> bool,
-) -> hipvisor::metrics::DeviceSnapshot {
+) -> (hipvisor::metrics::DeviceSnapshot, Duration) {
     let pid = rt.worker_pid(0).unwrap();
     ipc::kill(pid);
     // kill(2) only sends the signal: until the worker is gone it could still answer the op.
@@ -64,12 +55,14 @@ async fn crash_and_shut_down_once(
     let waiting = tokio::spawn(async move { gpu.mem_info().await });
     eventually(T, what, || async { cond(&rt) }).await;
     assert_eq!(rt.states()[0], DeviceState::Restarting);
+    let began = Instant::now();
     let s = rt.shutdown().await;
+    let took = began.elapsed();
     match answered(T, waiting).await.unwrap() {
         Err(RuntimeError::ShuttingDown) => {}
         other => panic!("expected ShuttingDown, got {other:?}"),
     }
-    s.devices[0].clone()
+    (s.devices[0].clone(), took)
 }
 
 /// A copy of the worker program of this test's own: its processes are told apart from
@@ -332,7 +325,7 @@ async fn a_worker_ended_in_its_start_by_shutdown_leaves_its_device_restarting_no
         .await
         .expect("runtime starts");
     let waiting = dir.join("waiting");
-    let d = crash_and_shut_down_once(rt, "the new worker is in its start", |_| waiting.exists()).await;
+    let (d, _) = crash_and_shut_down_once(rt, "the new worker is in its start", |_| waiting.exists()).await;
     assert_eq!(d.state, DeviceState::Restarting, "{d:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -347,10 +340,13 @@ async fn a_restart_refused_by_a_closing_runtime_leaves_its_device_restarting_not
     c.supervisor.restart_backoff_max_ms = 1_500;
     c.runtime.shutdown_timeout_ms = 3_000;
     let rt = start_with_worker(c).await;
-    let d = crash_and_shut_down_once(rt, "the device is restarting", |rt| {
+    let (d, took) = crash_and_shut_down_once(rt, "the device is restarting", |rt| {
         rt.states()[0] == DeviceState::Restarting
     })
     .await;
+    // The shutdown began after the crash was seen and lasted past the backoff: the restart
+    // came due while the runtime was closing.
+    assert!(took >= Duration::from_millis(1_500), "the shutdown took {took:?}");
     assert_eq!(d.state, DeviceState::Restarting, "{d:?}");
 }
 

@@ -117,7 +117,9 @@ fn sum_of(text: &str, name: &str, labels: &[&str]) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scraped_counters_equal_the_snapshot_and_the_exposition_is_well_formed() {
-    let rt = start(config(vec![transient(0.2)])).await;
+    let c = config(vec![transient(0.2)]);
+    let max_retries = c.retry.max_retries;
+    let rt = start(c).await;
     let addr = rt.metrics_addr().expect("an endpoint");
     work(&rt, 200).await;
     let snapshot = rt.snapshot().await.unwrap();
@@ -178,7 +180,7 @@ async fn scraped_counters_equal_the_snapshot_and_the_exposition_is_well_formed()
     let by_attempt = |a: u32| snapshot.retries.success_by_attempt.get(&a).copied().unwrap_or(0);
     assert!(by_attempt(2) > 0, "{:?}", snapshot.retries.success_by_attempt);
     // Every bound, 1 to max_retries + 1: the ops that succeeded by that attempt.
-    for le in 1..=config(vec![]).retry.max_retries + 1 {
+    for le in 1..=max_retries + 1 {
         assert_eq!(
             sample("gpu_retry_attempt_bucket", &[&format!("le=\"{le}\"")]),
             (0..=le).map(by_attempt).sum::<u64>() as f64,

@@ -85,3 +85,12 @@ pub async fn answered<T>(within: Duration, f: impl Future<Output = T>) -> T {
         .await
         .expect("an op was not answered in time (hang)")
 }
+
+/// An executable script `name` in `dir` with `text` (its `#!` line included).
+pub fn script(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
